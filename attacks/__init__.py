@@ -1,0 +1,12 @@
+"""Adversarial attacks on any callable ``model(x) -> logits`` with inputs in [0, 1].
+
+This package knows nothing of :mod:`robust`: our PGD engine lives in :mod:`attacks.pgd`, the
+name -> attack registry (which also wraps torchattacks) in :mod:`attacks.registry`.
+"""
+
+from .pgd import L2Ball, LinfBall, THREATS, ce_loss, cw_margin_loss, fgsm_rs, get_threat, pgd, pgd_restarts
+
+__all__ = [
+    "L2Ball", "LinfBall", "THREATS", "ce_loss", "cw_margin_loss", "fgsm_rs", "get_threat", "pgd",
+    "pgd_restarts",
+]

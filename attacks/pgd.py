@@ -1,0 +1,152 @@
+"""Projected gradient descent (Madry et al. 2018) and FGSM with random start (Wong et al. 2020).
+
+The only contract with the model is ``model(x) -> logits`` with x in [0, 1]; eps is in pixel
+units. A threat model (:class:`LinfBall`, :class:`L2Ball`) owns the random start, the ascent step
+and the projection; one PGD loop uses them. The caller chooses train/eval mode and precision.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LinfBall:
+    """The L-infinity ball of radius eps: sign-gradient steps, clamping projection."""
+
+    name = "linf"
+
+    @staticmethod
+    def random_start(x: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch.empty_like(x).uniform_(-eps, eps)
+
+    @staticmethod
+    def step(grad: torch.Tensor, alpha: float) -> torch.Tensor:
+        return alpha * grad.sign()
+
+    @staticmethod
+    def project(delta: torch.Tensor, eps: float) -> torch.Tensor:
+        return delta.clamp(-eps, eps)
+
+    @staticmethod
+    def distance(delta: torch.Tensor) -> torch.Tensor:
+        return delta.flatten(1).abs().amax(dim=1)
+
+
+class L2Ball:
+    """The L2 ball of radius eps: normalized-gradient steps, rescaling projection."""
+
+    name = "l2"
+
+    @staticmethod
+    def _norm(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+    @classmethod
+    def random_start(cls, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """A uniform radius in [0, eps] along a uniformly random direction."""
+        direction = torch.randn_like(x)
+        radius = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+        return direction / cls._norm(direction) * radius * eps
+
+    @classmethod
+    def step(cls, grad: torch.Tensor, alpha: float) -> torch.Tensor:
+        return alpha * grad / cls._norm(grad)
+
+    @classmethod
+    def project(cls, delta: torch.Tensor, eps: float) -> torch.Tensor:
+        return delta * (eps / cls._norm(delta)).clamp(max=1.0)
+
+    @staticmethod
+    def distance(delta: torch.Tensor) -> torch.Tensor:
+        return delta.flatten(1).norm(dim=1)
+
+
+THREATS = {"linf": LinfBall, "l2": L2Ball}
+
+
+def get_threat(name: str):
+    """The threat model class for ``name`` ('linf' or 'l2')."""
+    try:
+        return THREATS[name]
+    except KeyError:
+        raise ValueError(f"unknown threat model {name!r}; valid: {', '.join(THREATS)}") from None
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy, so the per-example gradient does not shrink with the batch size."""
+    return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed Carlini-Wagner margin: best wrong logit minus the true logit."""
+    logits = logits.float()
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    return (wrong - true).sum()
+
+
+LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_margin_loss}
+
+
+def pgd(
+    model: Model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    threat: str = "linf",
+    random_start: bool = True,
+    loss: str | LossFn = "ce",
+) -> torch.Tensor:
+    """Untargeted PGD: ``steps`` ascent steps of size ``alpha`` on ``loss`` inside the eps ball.
+
+    Returns ``x_adv`` (detached) with ``||x_adv - x|| <= eps`` and ``x_adv`` in [0, 1].
+    Gradients are taken w.r.t. the input only (``autograd.grad``), so no parameter gradient is
+    computed or accumulated. eps = 0 or steps = 0 without random start returns ``x`` itself.
+    """
+    ball = get_threat(threat)
+    loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
+    x = x.detach()
+    if eps == 0:
+        return x.clone()
+    delta = ball.random_start(x, eps) if random_start else torch.zeros_like(x)
+    x_adv = (x + delta).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        grad, = torch.autograd.grad(loss_fn(model(x_adv), y), x_adv)
+        delta = ball.project(x_adv.detach() + ball.step(grad, alpha) - x, eps)
+        x_adv = (x + delta).clamp(0, 1)
+    return x_adv.detach()
+
+
+def fgsm_rs(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None) -> torch.Tensor:
+    """FGSM with a uniform random start, step ``1.25 * eps`` ("fast" AT, Wong et al. 2020)."""
+    return pgd(model, x, y, eps, 1.25 * eps if alpha is None else alpha, steps=1, random_start=True)
+
+
+def pgd_restarts(
+    model: Model, x: torch.Tensor, y: torch.Tensor, restarts: int = 1, **kwargs
+) -> torch.Tensor:
+    """PGD run ``restarts`` times; each example keeps the first restart that fools the model."""
+    best = pgd(model, x, y, **kwargs)
+    if restarts <= 1:
+        return best
+    with torch.no_grad():
+        fooled = model(best).argmax(1) != y
+    for _ in range(restarts - 1):
+        if bool(fooled.all()):
+            break
+        candidate = pgd(model, x, y, **kwargs)
+        with torch.no_grad():
+            now_fooled = model(candidate).argmax(1) != y
+        take = now_fooled & ~fooled
+        best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), candidate, best)
+        fooled |= now_fooled
+    return best

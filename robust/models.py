@@ -1,0 +1,173 @@
+"""PreAct ResNets and WRN-34-10 with pluggable (dual-route) norms.
+
+Every model takes inputs in [0, 1] and normalizes them inside (``InputNormalization``), so eps
+is in pixel units and any attack library works on it unchanged. Blocks receive ``norm_layer``,
+a callable ``f(num_features)`` from :func:`robust.norms.make_norm_layer`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .norms import make_norm_layer
+
+NormLayer = Callable[[int], nn.Module]
+
+# The reference normalizes CIFAR-10 with ImageNet statistics.
+REFERENCE_MEAN = (0.485, 0.456, 0.406)
+REFERENCE_STD = (0.229, 0.224, 0.225)
+
+_ARCHS: dict[str, Callable[..., nn.Module]] = {}
+ARCH_DEFAULT_WIDTH: dict[str, int] = {}
+
+
+def register_arch(name: str, default_width: int):
+    """Decorator: make a model constructor buildable by name through :func:`build_model`."""
+
+    def wrap(fn):
+        _ARCHS[name] = fn
+        ARCH_DEFAULT_WIDTH[name] = default_width
+        return fn
+
+    return wrap
+
+
+def available_archs() -> list[str]:
+    return sorted(_ARCHS)
+
+
+class InputNormalization(nn.Module):
+    """``(x - mean) / std`` per channel, so the model's public input space is [0, 1]."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class PreActBlock(nn.Module):
+    """norm -> relu -> conv3x3 -> norm -> relu -> conv3x3, shortcut from the first activation."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm_layer: NormLayer) -> None:
+        super().__init__()
+        self.bn1 = norm_layer(cin)
+        self.conv1 = conv3x3(cin, cout, stride)
+        self.bn2 = norm_layer(cout)
+        self.conv2 = conv3x3(cout, cout)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet (He et al. 2016) as used by the SaBN reference and Rice et al."""
+
+    def __init__(
+        self,
+        stage_blocks: Sequence[int],
+        stage_widths: Sequence[int],
+        stem_width: int,
+        norm_layer: NormLayer,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        mean: Sequence[float] = REFERENCE_MEAN,
+        std: Sequence[float] = REFERENCE_STD,
+    ) -> None:
+        super().__init__()
+        self.normalize = InputNormalization(mean, std)
+        self.stem = conv3x3(in_channels, stem_width)
+        blocks, cin = [], stem_width
+        for i, (n, cout) in enumerate(zip(stage_blocks, stage_widths)):
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(PreActBlock(cin, cout, stride, norm_layer))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.final_norm = norm_layer(cin)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks(self.stem(self.normalize(x)))
+        return F.relu(self.final_norm(out))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_arch("preact_resnet18", default_width=64)
+def preact_resnet18(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
+    """PreAct ResNet-18; ``width`` is the first stage's channels (64 gives 64-128-256-512)."""
+    return PreActResNet([2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], width, norm_layer, **kwargs)
+
+
+@register_arch("preact_resnet34", default_width=64)
+def preact_resnet34(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
+    """PreAct ResNet-34 (3-4-6-3 blocks)."""
+    return PreActResNet([3, 4, 6, 3], [width, 2 * width, 4 * width, 8 * width], width, norm_layer, **kwargs)
+
+
+@register_arch("wide_resnet34_10", default_width=160)
+def wide_resnet34_10(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
+    """WRN-34-10 (Zagoruyko & Komodakis; the Madry/TRADES benchmark model).
+
+    A 16-channel stem, three groups of five pre-activation blocks; ``width`` is the first
+    group's channels (160 = 16 x widen factor 10 gives 160-320-640).
+    """
+    return PreActResNet([5, 5, 5], [width, 2 * width, 4 * width], 16, norm_layer, **kwargs)
+
+
+def default_mean_std(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The reference's ImageNet statistics for RGB inputs, (0.5, 0.5) otherwise."""
+    if in_channels == 3:
+        return REFERENCE_MEAN, REFERENCE_STD
+    return (0.5,) * in_channels, (0.5,) * in_channels
+
+
+def build_model(
+    arch: str = "preact_resnet18",
+    norm: str = "sabn",
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
+    """Build a model by name. The arguments are kept as ``model.build_args`` for checkpoints."""
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}")
+    norm_layer = make_norm_layer(norm)
+    width = ARCH_DEFAULT_WIDTH[arch] if width is None else int(width)
+    if width < 1 or num_classes < 2 or in_channels < 1:
+        raise ValueError(f"need width >= 1, num_classes >= 2, in_channels >= 1 (got {width}, {num_classes}, {in_channels})")
+    default_mean, default_std = default_mean_std(in_channels)
+    mean = tuple(float(m) for m in (mean if mean is not None else default_mean))
+    std = tuple(float(s) for s in (std if std is not None else default_std))
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std need {in_channels} values each, got {len(mean)} and {len(std)}")
+    model = _ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    model.build_args = dict(
+        arch=arch, norm=norm, num_classes=num_classes, in_channels=in_channels,
+        width=width, mean=list(mean), std=list(std),
+    )
+    return model

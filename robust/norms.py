@@ -1,0 +1,283 @@
+"""Dual-route batch norms and the context managers that choose their route.
+
+A route is state on the norm layers, never an argument of ``forward``: models keep
+``forward(x) -> logits`` so any attack library, DDP or torch.compile sees an ordinary model.
+
+Norm kinds (built by :func:`make_norm_layer` from a name):
+
+- ``bn``    :class:`SharedBatchNorm2d`, one BatchNorm2d shared by both routes.
+- ``auxbn`` :class:`DualBatchNorm2d`, a full BatchNorm2d (statistics and affine) per route.
+- ``sabn``  :class:`SandwichBatchNorm2d`, per-route statistics, one shared affine, then the
+  route's own affine: ``y = g_r * (g_s * x_hat_r + b_s) + b_r`` (Gong et al., WACV 2022).
+
+Every kind also supports a *split* mode for the fused training step: one forward over a
+concatenated batch whose first ``n`` rows take route ``clean`` and the rest route ``adv``, each
+normalized with its own batch statistics, exactly as two separate forwards would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROUTES = ("clean", "adv")
+NORMS = ("bn", "auxbn", "sabn")
+DEFAULT_ROUTE = "adv"
+
+
+def check_route(route: str) -> str:
+    """Return ``route`` if it names a route, else raise ValueError listing the valid ones."""
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
+    return route
+
+
+def check_norm(norm: str) -> str:
+    """Return ``norm`` if it names a norm kind, else raise ValueError listing the valid ones."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+    return norm
+
+
+class RoutedNorm(nn.Module):
+    """Mixin state for route-aware norms: the active route and the optional split point."""
+
+    def _init_route_state(self) -> None:
+        self.route: str = DEFAULT_ROUTE
+        self.split_at: int | None = None
+
+    def normalize(self, x: torch.Tensor, route: str) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split_at is None:
+            return self.normalize(x, self.route)
+        n = self.split_at
+        return torch.cat([self.normalize(x[:n], "clean"), self.normalize(x[n:], "adv")])
+
+    def export_route(self, route: str) -> nn.BatchNorm2d:  # pragma: no cover
+        """A plain BatchNorm2d equal to this layer in ``route`` (eval mode)."""
+        raise NotImplementedError
+
+
+class SharedBatchNorm2d(RoutedNorm, nn.BatchNorm2d):
+    """One BatchNorm2d for both routes (the paper's BN baseline).
+
+    Its state_dict is a plain BatchNorm2d's. In split mode each half is normalized with its own
+    batch statistics and updates the running statistics once, like two separate forwards.
+    """
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        nn.BatchNorm2d.__init__(self, num_features, **kwargs)
+        self._init_route_state()
+
+    def normalize(self, x: torch.Tensor, route: str) -> torch.Tensor:
+        return nn.BatchNorm2d.forward(self, x)
+
+    def export_route(self, route: str) -> nn.BatchNorm2d:
+        check_route(route)
+        plain = nn.BatchNorm2d(self.num_features, eps=self.eps, momentum=self.momentum)
+        plain.load_state_dict(self.state_dict())
+        return plain
+
+
+class DualBatchNorm2d(RoutedNorm):
+    """AuxBN / dual BN (AdvProp): a full BatchNorm2d, statistics and affine, per route."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self._init_route_state()
+        self.num_features = num_features
+        self.bns = nn.ModuleDict({r: nn.BatchNorm2d(num_features, eps, momentum) for r in ROUTES})
+
+    def normalize(self, x: torch.Tensor, route: str) -> torch.Tensor:
+        return self.bns[route](x)
+
+    def export_route(self, route: str) -> nn.BatchNorm2d:
+        return copy.deepcopy(self.bns[check_route(route)])
+
+
+class SandwichBatchNorm2d(RoutedNorm):
+    """Sandwich BN with per-route statistics ("SaAuxBN" in the reference code).
+
+    ``y_r = g_r * (g_s * x_hat_r + b_s) + b_r``: ``x_hat_r`` comes from the route's own
+    BatchNorm2d without affine (so SyncBatchNorm conversion can reach it), ``g_s, b_s`` are shared
+    by both routes, ``g_r, b_r`` belong to route ``r``. The two affines fold into one,
+    ``g = g_r*g_s, b = g_r*b_s + b_r``, which is how a route exports to a plain BatchNorm2d.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self._init_route_state()
+        self.num_features = num_features
+        self.stats = nn.ModuleDict(
+            {r: nn.BatchNorm2d(num_features, eps, momentum, affine=False) for r in ROUTES}
+        )
+        self.shared_weight = nn.Parameter(torch.empty(num_features))
+        self.shared_bias = nn.Parameter(torch.empty(num_features))
+        self.route_weight = nn.ParameterDict({r: nn.Parameter(torch.empty(num_features)) for r in ROUTES})
+        self.route_bias = nn.ParameterDict({r: nn.Parameter(torch.empty(num_features)) for r in ROUTES})
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference init: every gamma ~ N(1, 0.02), every beta = 0."""
+        for w in [self.shared_weight, *self.route_weight.values()]:
+            nn.init.normal_(w, 1.0, 0.02)
+        for b in [self.shared_bias, *self.route_bias.values()]:
+            nn.init.zeros_(b)
+
+    def folded_affine(self, route: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The composite affine of ``route`` as one (weight, bias) pair."""
+        g_r, b_r = self.route_weight[route], self.route_bias[route]
+        return g_r * self.shared_weight, g_r * self.shared_bias + b_r
+
+    def normalize(self, x: torch.Tensor, route: str) -> torch.Tensor:
+        weight, bias = self.folded_affine(route)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(bias.view(shape), self.stats[route](x), weight.view(shape))
+
+    def export_route(self, route: str) -> nn.BatchNorm2d:
+        stats = self.stats[check_route(route)]
+        plain = nn.BatchNorm2d(self.num_features, eps=stats.eps, momentum=stats.momentum)
+        weight, bias = self.folded_affine(route)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            plain.bias.copy_(bias)
+        plain.running_mean.copy_(stats.running_mean)
+        plain.running_var.copy_(stats.running_var)
+        plain.num_batches_tracked.copy_(stats.num_batches_tracked)
+        return plain.to(weight.device)
+
+
+_NORM_CLASSES: dict[str, type[RoutedNorm]] = {
+    "bn": SharedBatchNorm2d,
+    "auxbn": DualBatchNorm2d,
+    "sabn": SandwichBatchNorm2d,
+}
+
+
+def make_norm_layer(norm: str) -> Callable[[int], nn.Module]:
+    """The norm factory: a name becomes a callable ``f(num_features) -> module``."""
+    return _NORM_CLASSES[check_norm(norm)]
+
+
+def routed_norms(model: nn.Module) -> Iterator[RoutedNorm]:
+    """Every route-aware norm layer of ``model``."""
+    return (m for m in model.modules() if isinstance(m, RoutedNorm))
+
+
+def is_dual_route(model: nn.Module) -> bool:
+    """True when the model's norms keep separate statistics per route (auxbn, sabn)."""
+    return any(not isinstance(m, SharedBatchNorm2d) for m in routed_norms(model))
+
+
+@contextlib.contextmanager
+def _set_norm_state(model: nn.Module, route: str, split_at: int | None) -> Iterator[nn.Module]:
+    layers = list(routed_norms(model))
+    saved = [(m.route, m.split_at) for m in layers]
+    try:
+        for m in layers:
+            m.route, m.split_at = route, split_at
+        yield model
+    finally:
+        for m, (r, s) in zip(layers, saved):
+            m.route, m.split_at = r, s
+
+
+def use_route(model: nn.Module, route: str):
+    """Context manager: every norm layer of ``model`` uses ``route`` ('clean' or 'adv').
+
+    Restores the previous route on exit, also on exceptions and when nested. Independent of
+    train/eval mode, so an attack library that calls ``model.eval()`` attacks the chosen route.
+    """
+    return _set_norm_state(model, check_route(route), None)
+
+
+def split_routes(model: nn.Module, n_clean: int):
+    """Context manager: rows ``[:n_clean]`` of each batch take route clean, the rest route adv.
+
+    Each part is normalized with its own batch statistics, so one forward over
+    ``torch.cat([x, x_adv])`` equals a clean-route forward of x and an adv-route forward of x_adv.
+    """
+    if n_clean < 0:
+        raise ValueError(f"n_clean must be >= 0, got {n_clean}")
+    return _set_norm_state(model, DEFAULT_ROUTE, n_clean)
+
+
+def _replace_modules(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace each submodule for which ``convert`` returns a module; the root may be replaced too."""
+    root = convert(model)
+    if root is not None:
+        return root
+    for name, child in model.named_children():
+        setattr(model, name, _replace_modules(child, convert))
+    return model
+
+
+def convert_norms(model: nn.Module, norm: str) -> nn.Module:
+    """Turn every BatchNorm2d of any torch model into the dual-route norm ``norm``, in place.
+
+    The model's function is preserved: both routes start from the original running statistics,
+    and for sabn the original affine becomes the shared affine with identity route affines.
+    """
+    cls = make_norm_layer(norm)
+
+    def convert(m: nn.Module) -> nn.Module | None:
+        if type(m) is not nn.BatchNorm2d and not isinstance(m, nn.SyncBatchNorm):
+            return None
+        new = cls(m.num_features, eps=m.eps, momentum=m.momentum)
+        _copy_plain_bn_into(m, new)
+        return new.to(m.running_mean.device if m.running_mean is not None else "cpu")
+
+    return _replace_modules(model, convert)
+
+
+def _copy_plain_bn_into(bn: nn.BatchNorm2d, new: RoutedNorm) -> None:
+    with torch.no_grad():
+        if isinstance(new, SharedBatchNorm2d):
+            new.load_state_dict(bn.state_dict())
+            return
+        targets = new.bns.values() if isinstance(new, DualBatchNorm2d) else new.stats.values()
+        for t in targets:
+            if bn.track_running_stats:
+                t.running_mean.copy_(bn.running_mean)
+                t.running_var.copy_(bn.running_var)
+                t.num_batches_tracked.copy_(bn.num_batches_tracked)
+            if t.affine and bn.affine:
+                t.weight.copy_(bn.weight)
+                t.bias.copy_(bn.bias)
+        if isinstance(new, SandwichBatchNorm2d):
+            if bn.affine:
+                new.shared_weight.copy_(bn.weight)
+                new.shared_bias.copy_(bn.bias)
+            else:
+                new.shared_weight.fill_(1.0)
+                new.shared_bias.zero_()
+            for r in ROUTES:
+                new.route_weight[r].fill_(1.0)
+                new.route_bias[r].zero_()
+
+
+def export_route(model: nn.Module, route: str) -> nn.Module:
+    """A copy of ``model`` whose norms are plain BatchNorm2d equal to ``route``.
+
+    Affines are folded (``g = g_r*g_s, b = g_r*b_s + b_r``) and the route's running statistics
+    copied, so in eval mode the copy's logits equal the dual-route model's in that route. Its
+    state_dict loads into the same architecture built with ``norm="bn"``.
+    """
+    check_route(route)
+    exported = copy.deepcopy(model)
+
+    def convert(m: nn.Module) -> nn.Module | None:
+        return m.export_route(route).train(m.training) if isinstance(m, RoutedNorm) else None
+
+    exported = _replace_modules(exported, convert)
+    build_args = getattr(model, "build_args", None)
+    if build_args is not None:
+        exported.build_args = {**build_args, "norm": "bn", "exported_route": route}
+    return exported
