@@ -1,0 +1,1 @@
+"""The `robust` command line: a thin layer over :mod:`robust` and :mod:`attacks`."""

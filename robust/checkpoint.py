@@ -1,0 +1,112 @@
+"""The one place that writes and reads checkpoints.
+
+A checkpoint is a dict of tensors and plain Python values, written atomically (temporary file,
+fsync, os.replace: a kill at any moment leaves the previous file intact) and read with
+``torch.load(weights_only=True)``, which never runs code from the file. It carries the model's
+build arguments, so a model is rebuilt from the file alone.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .models import build_model
+
+FORMAT = "robust-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """The file is missing, unreadable, not one of ours, or unsafe; the message says which."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def build_checkpoint(model: nn.Module, **fields: Any) -> dict[str, Any]:
+    """The checkpoint dict: model weights and build arguments plus any extra ``fields``."""
+    model = unwrap(model)
+    build_args = getattr(model, "build_args", None)
+    if build_args is None:
+        raise CheckpointError("the model has no build_args; build it with robust.build_model")
+    state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+    return {"format": FORMAT, "version": VERSION, "model_args": dict(build_args), "model": state, **fields}
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically; no partial file is ever visible at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(checkpoint, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A file as is; a run folder means its best.pt (last.pt when there is no best.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path} holds no best.pt or last.pt; pass a checkpoint file or a run folder")
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass a checkpoint file or a run folder")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint safely (weights_only=True); raise CheckpointError with the reason."""
+    path = resolve_checkpoint_path(path)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(f"{path} wants to run code when loaded and was refused; only load checkpoints written by robust") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated: {type(exc).__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a robust checkpoint; write one with `robust train` or `robust export`")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    args = dict(checkpoint["model_args"])
+    args.pop("exported_route", None)
+    try:
+        model = build_model(**args)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint describes a model we cannot build: {exc}") from None
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise CheckpointError(f"checkpoint weights do not fit its architecture ({first})") from None
+    model.build_args = dict(checkpoint["model_args"])
+    return model
