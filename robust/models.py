@@ -66,12 +66,16 @@ class PreActBlock(nn.Module):
         self.bn2 = norm_layer(cout)
         self.conv2 = conv3x3(cout, cout)
         self.shortcut = None
+        self.stride = stride
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+            # A strided 1x1 conv equals a 1x1 conv of the subsampled input. We subsample first
+            # because torch 2.14's CPU backward of a strided 1x1 channels_last conv with fewer
+            # than 8 input channels crashes (segfault); the weights are the same either way.
+            self.shortcut = nn.Conv2d(cin, cout, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        shortcut = x if self.shortcut is None else self.shortcut(out[..., ::self.stride, ::self.stride])
         out = self.conv1(out)
         out = self.conv2(F.relu(self.bn2(out)))
         return out + shortcut
@@ -165,6 +169,8 @@ def build_model(
     std = tuple(float(s) for s in (std if std is not None else default_std))
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"mean/std need {in_channels} values each, got {len(mean)} and {len(std)}")
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {list(std)}")
     model = _ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
     model.build_args = dict(
         arch=arch, norm=norm, num_classes=num_classes, in_channels=in_channels,

@@ -55,9 +55,14 @@ class RoutedNorm(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.split_at is None:
-            return self.normalize(x, self.route)
         n = self.split_at
+        if n is None:
+            return self.normalize(x, self.route)
+        # An empty part is skipped: normalizing it would still count a batch in its statistics.
+        if n == 0:
+            return self.normalize(x, "adv")
+        if n >= x.shape[0]:
+            return self.normalize(x, "clean")
         return torch.cat([self.normalize(x[:n], "clean"), self.normalize(x[n:], "adv")])
 
     def export_route(self, route: str) -> nn.BatchNorm2d:  # pragma: no cover
@@ -81,25 +86,28 @@ class SharedBatchNorm2d(RoutedNorm, nn.BatchNorm2d):
 
     def export_route(self, route: str) -> nn.BatchNorm2d:
         check_route(route)
-        plain = nn.BatchNorm2d(self.num_features, eps=self.eps, momentum=self.momentum)
-        plain.load_state_dict(self.state_dict())
-        return plain
+        return _plain_copy(self)
 
 
 class DualBatchNorm2d(RoutedNorm):
     """AuxBN / dual BN (AdvProp): a full BatchNorm2d, statistics and affine, per route."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+        track_running_stats: bool = True,
+    ) -> None:
         super().__init__()
         self._init_route_state()
         self.num_features = num_features
-        self.bns = nn.ModuleDict({r: nn.BatchNorm2d(num_features, eps, momentum) for r in ROUTES})
+        self.bns = nn.ModuleDict(
+            {r: nn.BatchNorm2d(num_features, eps, momentum, track_running_stats=track_running_stats) for r in ROUTES}
+        )
 
     def normalize(self, x: torch.Tensor, route: str) -> torch.Tensor:
         return self.bns[route](x)
 
     def export_route(self, route: str) -> nn.BatchNorm2d:
-        return copy.deepcopy(self.bns[check_route(route)])
+        return _plain_copy(self.bns[check_route(route)])
 
 
 class SandwichBatchNorm2d(RoutedNorm):
@@ -111,13 +119,17 @@ class SandwichBatchNorm2d(RoutedNorm):
     ``g = g_r*g_s, b = g_r*b_s + b_r``, which is how a route exports to a plain BatchNorm2d.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+        track_running_stats: bool = True,
+    ) -> None:
         super().__init__()
         self._init_route_state()
         self.num_features = num_features
-        self.stats = nn.ModuleDict(
-            {r: nn.BatchNorm2d(num_features, eps, momentum, affine=False) for r in ROUTES}
-        )
+        self.stats = nn.ModuleDict({
+            r: nn.BatchNorm2d(num_features, eps, momentum, affine=False, track_running_stats=track_running_stats)
+            for r in ROUTES
+        })
         self.shared_weight = nn.Parameter(torch.empty(num_features))
         self.shared_bias = nn.Parameter(torch.empty(num_features))
         self.route_weight = nn.ParameterDict({r: nn.Parameter(torch.empty(num_features)) for r in ROUTES})
@@ -143,15 +155,38 @@ class SandwichBatchNorm2d(RoutedNorm):
 
     def export_route(self, route: str) -> nn.BatchNorm2d:
         stats = self.stats[check_route(route)]
-        plain = nn.BatchNorm2d(self.num_features, eps=stats.eps, momentum=stats.momentum)
-        weight, bias = self.folded_affine(route)
+        plain = nn.BatchNorm2d(
+            self.num_features, eps=stats.eps, momentum=stats.momentum,
+            track_running_stats=stats.track_running_stats,
+        ).to(**_device_dtype(self))
         with torch.no_grad():
+            weight, bias = self.folded_affine(route)
             plain.weight.copy_(weight)
             plain.bias.copy_(bias)
-        plain.running_mean.copy_(stats.running_mean)
-        plain.running_var.copy_(stats.running_var)
-        plain.num_batches_tracked.copy_(stats.num_batches_tracked)
-        return plain.to(weight.device)
+            if stats.track_running_stats:
+                plain.running_mean.copy_(stats.running_mean)
+                plain.running_var.copy_(stats.running_var)
+                plain.num_batches_tracked.copy_(stats.num_batches_tracked)
+        return plain
+
+
+def _plain_copy(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """An exact nn.BatchNorm2d twin of ``bn`` (which may be a subclass, e.g. a synchronized BN)."""
+    plain = nn.BatchNorm2d(
+        bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+        track_running_stats=bn.track_running_stats,
+    ).to(**_device_dtype(bn))
+    plain.load_state_dict(bn.state_dict())
+    return plain
+
+
+def _device_dtype(module: nn.Module) -> dict:
+    """Where ``module``'s floating tensors live (device, dtype), so a replacement goes there too.
+
+    Parameters come first; a norm without affine is placed by its running statistics.
+    """
+    tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+    return {"device": tensors[0].device, "dtype": tensors[0].dtype} if tensors else {}
 
 
 _NORM_CLASSES: dict[str, type[RoutedNorm]] = {
@@ -224,15 +259,21 @@ def convert_norms(model: nn.Module, norm: str) -> nn.Module:
 
     The model's function is preserved: both routes start from the original running statistics,
     and for sabn the original affine becomes the shared affine with identity route affines.
+    Norms that are already routed are left as they are, so converting twice changes nothing.
     """
     cls = make_norm_layer(norm)
 
     def convert(m: nn.Module) -> nn.Module | None:
+        if isinstance(m, RoutedNorm):
+            return m  # already routed: keep it, and never convert the plain BNs inside it
         if type(m) is not nn.BatchNorm2d and not isinstance(m, nn.SyncBatchNorm):
             return None
-        new = cls(m.num_features, eps=m.eps, momentum=m.momentum)
+        kwargs = dict(eps=m.eps, momentum=m.momentum, track_running_stats=m.track_running_stats)
+        if cls is SharedBatchNorm2d:
+            kwargs["affine"] = m.affine
+        new = cls(m.num_features, **kwargs)
         _copy_plain_bn_into(m, new)
-        return new.to(m.running_mean.device if m.running_mean is not None else "cpu")
+        return new.to(**_device_dtype(m)).train(m.training)
 
     return _replace_modules(model, convert)
 

@@ -1,0 +1,134 @@
+"""The training step's losses, checkpoints (round trip, atomic writes) and exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robust import build_model, use_route
+from robust.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
+from robust.config import ConfigError, TrainConfig
+from robust.data import ImageData
+from robust.trainer import StepSettings, Trainer, step_loss
+
+
+def _settings(method: str, dual: bool = True, fused: bool = True, w: float = 0.5) -> StepSettings:
+    return StepSettings(method=method, dual=dual, eps=0.1, alpha=0.025, steps=2, clean_weight=w,
+                        attack_train_mode=True, fused=fused, amp=None, device=torch.device("cpu"))
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(6, 1, 12, 12, generator=g)
+    return x, (x + 0.05).clamp(0, 1), torch.randint(0, 10, (6,), generator=g)
+
+
+def _model(norm: str):
+    torch.manual_seed(0)
+    return build_model(norm=norm, width=4, in_channels=1).train()
+
+
+@pytest.mark.parametrize("norm", ["bn", "auxbn", "sabn"])
+def test_hybrid_loss_is_weighted_sum_of_route_losses(norm):
+    x, x_adv, y = _batch()
+    reference = _model(norm)
+    with use_route(reference, "clean"):
+        clean = F.cross_entropy(reference(x), y)
+    with use_route(reference, "adv"):
+        adv = F.cross_entropy(reference(x_adv), y)
+    for fused in (True, False):
+        loss, _ = step_loss(_model(norm), x, x_adv, y, _settings("hybrid", dual=norm != "bn", fused=fused, w=0.3))
+        assert loss.item() == pytest.approx(0.3 * clean.item() + 0.7 * adv.item(), abs=1e-5)
+
+
+def test_pgd_and_fast_losses():
+    x, x_adv, y = _batch()
+    reference = _model("sabn")
+    with use_route(reference, "adv"):
+        adv = F.cross_entropy(reference(x_adv), y).item()
+    loss, _ = step_loss(_model("sabn"), x, x_adv, y, _settings("pgd"))
+    assert loss.item() == pytest.approx(adv, abs=1e-6)
+    loss, _ = step_loss(_model("bn"), x, x_adv, y, _settings("fast", dual=False))  # bn: adversarial only
+    with use_route(_model("bn"), "adv") as bn:
+        assert loss.item() == pytest.approx(F.cross_entropy(bn(x_adv), y).item(), abs=1e-6)
+    hybrid, _ = step_loss(_model("sabn"), x, x_adv, y, _settings("fast"))  # dual: hybrid loss
+    assert hybrid.item() != pytest.approx(adv, abs=1e-4)
+
+
+def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
+    model = _model("sabn")
+    model(torch.rand(8, 1, 12, 12))
+    model.eval()
+    path = save_checkpoint(build_checkpoint(model, dataset="fashion-mnist", eps=0.1, epoch=3), tmp_path / "m.pt")
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and state["model_args"]["norm"] == "sabn" and state["model_args"]["width"] == 4
+    rebuilt = model_from_checkpoint(state).eval()
+    x = torch.rand(4, 1, 12, 12)
+    for route in ("clean", "adv"):
+        with use_route(model, route), use_route(rebuilt, route):
+            assert torch.equal(model(x), rebuilt(x))
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    model = _model("bn")
+    path = save_checkpoint(build_checkpoint(model, epoch=1), tmp_path / "last.pt")
+
+    def crash(obj, fh):
+        fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(build_checkpoint(model, epoch=2), path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def _tiny_config(out, **kw) -> TrainConfig:
+    base = dict(dataset="fashion-mnist", width=4, epochs=2, batch_size=64, limit=256, steps=2, eps="0.1",
+                val_split=0.1, val_limit=64, val_steps=2, lr=0.05, warmup_steps=5, out=str(out), quiet=True,
+                schedule="cosine", seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _tiny_data(fmnist_small) -> ImageData:
+    d = fmnist_small
+    return ImageData(d.name, d.train_x[:1000], d.train_y[:1000], d.test_x[:100], d.test_y[:100])
+
+
+def test_resume_gives_identical_weights(tmp_path, fmnist_small):
+    data = _tiny_data(fmnist_small)
+    straight = Trainer(_tiny_config(tmp_path / "a"), data=data, log=lambda m: None).fit()
+    first = Trainer(_tiny_config(tmp_path / "b", epochs=1), data=data, log=lambda m: None).fit()
+    assert first["epoch"] == 1
+    resumed = Trainer(_tiny_config(tmp_path / "b"), data=data, resume=True, log=lambda m: None).fit()
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert resumed["val_adv_robust"] == straight["val_adv_robust"]
+    lines = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    assert {"lr", "train_loss", "val_clean_clean", "val_clean_robust", "val_adv_clean", "val_adv_robust",
+            "seconds", "images_per_s"} <= set(lines[0])
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["norm"] == "sabn" and saved["eps"] == "0.1"
+    best = load_checkpoint(tmp_path / "b" / "best.pt")
+    assert best["epoch"] + 1 == max(lines, key=lambda l: l["val_adv_robust"])["epoch"]
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, fmnist_small):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="--resume.*--force"):
+        Trainer(_tiny_config(out), data=_tiny_data(fmnist_small))
+    with pytest.raises(ConfigError, match="cannot resume"):
+        Trainer(_tiny_config(tmp_path / "new"), data=_tiny_data(fmnist_small), resume=True)
+    assert (out / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists()
