@@ -1,4 +1,9 @@
-"""`robust train`: every flag is a field of TrainConfig, generated from the dataclass."""
+"""`robust train`: every flag is a field of TrainConfig, generated from the dataclass.
+
+Multi-process training: ``robust train --nproc N ...`` (one machine) or torchrun started by hand,
+``torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT
+--rdzv-id JOB -m cli train ...`` on every node (several machines).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ from typing import Any
 
 import click
 
+from robust import distributed
 from robust.config import ConfigError, TrainConfig, load_toml
+
+from .common import BAD_INPUT_ERRORS, BadInput
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -53,26 +61,121 @@ def resolve_config(flags: dict[str, Any], config_file: str | None, resume: bool)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config fields; flags override it")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last.pt")
 @click.option("--force", is_flag=True, help="replace an existing run folder")
+@click.option("--nproc", type=int, default=None,
+              help="train with N processes on this machine (starts torchrun --standalone); --batch-size stays the global batch")
+@click.option("--sync-bn/--no-sync-bn", "sync_bn", default=None,
+              help="route-aware SyncBatchNorm: each route's BN statistics over all processes  [default: off; --resume keeps the run's choice]")
+@click.option("--save-every", type=float, default=600.0, show_default=True,
+              help="also write last.pt inside an epoch at most every this many seconds (0: at epoch ends only)")
 @config_options
-def train(config_file: str | None, resume: bool, force: bool, **flags: Any) -> None:
+def train(config_file: str | None, resume: bool, force: bool, nproc: int | None, sync_bn: bool | None,
+          save_every: float, **flags: Any) -> None:
     """PGD adversarial training; defaults reproduce the SaBN reference recipe on CIFAR-10.
 
     Writes config.json, metrics.jsonl (one line per epoch), last.pt (for --resume) and best.pt
-    (best adv-route validation robust accuracy) into the run folder.
+    (best adv-route validation robust accuracy) into the run folder. Ctrl-C (SIGINT) or SIGTERM
+    finishes the current step, writes last.pt and exits 130 / 143; --resume continues from there.
 
     \b
     Examples:
       robust train --norm sabn --eps 8/255
       robust train --dataset fashion-mnist --eps 0.1 --width 16 --epochs 5 --limit 10000
       robust train --out runs/a --resume --epochs 300
+      robust train --nproc 4 --sync-bn                    DDP on 4 GPUs (or CPU processes)
+      torchrun --nproc-per-node 4 -m cli train --sync-bn  the same, started by torchrun
     """
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other; pick one")
-    from robust.trainer import Trainer
+    if nproc is not None and nproc < 1:
+        raise BadInput(f"--nproc must be >= 1, got {nproc}; pass the number of processes to start")
+    if nproc is not None and nproc > 1 and distributed.env_world_size() > 1:
+        raise BadInput("--nproc cannot be used inside torchrun (WORLD_SIZE is already set); drop --nproc")
+    if save_every < 0:
+        raise BadInput(f"--save-every must be >= 0 seconds, got {save_every:g}")
+    try:
+        config = resolve_config(flags, config_file, resume)
+    except BAD_INPUT_ERRORS as exc:
+        _fail(exc, 2)
+    if nproc is not None and nproc > 1:
+        argv = forward_args(flags, config_file=config_file, resume=resume, force=force, sync_bn=sync_bn,
+                            save_every=save_every)
+        raise SystemExit(launch(nproc, argv))
+    try:
+        result = run_training(config, resume=resume, force=force, sync_bn=sync_bn, save_every=save_every)
+    finally:
+        distributed.shutdown()
+    if distributed.env_rank() == 0:
+        click.echo(summary_table(result))
 
-    config = resolve_config(flags, config_file, resume)
-    result = Trainer(config, resume=resume, force=force).fit()
-    click.echo(summary_table(result))
+
+def run_training(config: TrainConfig, resume: bool, force: bool, sync_bn: bool | None, save_every: float) -> dict[str, Any]:
+    """Train; turn the trainer's failures into one message from rank 0 and the right exit code."""
+    from robust.trainer import CheckpointWriteError, NonFiniteLoss, Trainer, TrainingInterrupted
+
+    try:
+        return Trainer(config, resume=resume, force=force, sync_bn=sync_bn, save_every_s=save_every or None).fit()
+    except BAD_INPUT_ERRORS as exc:
+        _fail(exc, 2)
+    except distributed.PeerFailed as exc:
+        _fail(exc, 2 if exc.bad_input else 1)
+    except TrainingInterrupted as exc:
+        if distributed.env_rank() == 0:
+            click.echo(str(exc), err=True)
+        raise SystemExit(exc.exit_code) from None
+    except (NonFiniteLoss, CheckpointWriteError) as exc:
+        _fail(exc, 1)
+
+
+def _fail(exc: Exception, code: int):
+    """Rank 0 prints one ``Error: ...`` line; other ranks (and empty messages) exit quietly."""
+    message = str(exc)
+    if distributed.env_rank() != 0 or not message:
+        raise SystemExit(code)
+    error = BadInput(message) if code == 2 else click.ClickException(message)
+    error.exit_code = code
+    raise error from None
+
+
+def forward_args(flags: dict[str, Any], **options: Any) -> list[str]:
+    """The command line that reproduces these options and the flags given (for the workers)."""
+    argv: list[str] = []
+    if options.get("config_file"):
+        argv.append(f"--config={options['config_file']}")
+    argv += [f"--{name}" for name in ("resume", "force") if options.get(name)]
+    if options.get("sync_bn") is not None:
+        argv.append("--sync-bn" if options["sync_bn"] else "--no-sync-bn")
+    argv.append(f"--save-every={options.get('save_every', 600.0)}")
+    for name, value in flags.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        argv.append((flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag}={value}")
+    return argv
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m cli train ARGV`` in ``nproc`` processes through torch.distributed.run; its exit code.
+
+    The same launcher as ``torchrun --standalone --nproc-per-node N -m cli train ...``; a worker's
+    exit code comes back (2 bad input, 130/143 stopped by a signal after writing last.pt).
+    """
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "cli", "train", *argv])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        rank, failure = min(exc.failures.items())
+        if failure.exitcode < 0:  # killed by a signal before it could save
+            click.echo(f"Error: worker rank {rank} was killed by signal {-failure.exitcode}; "
+                       "the last saved last.pt is intact: rerun with --resume", err=True)
+            return 128 - failure.exitcode
+        return failure.exitcode
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
 
 
 def summary_table(result: dict[str, Any]) -> str:

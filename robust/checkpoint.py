@@ -55,6 +55,7 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as fh:
             torch.save(checkpoint, fh)
             fh.flush()
@@ -64,6 +65,12 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -88,7 +95,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise CheckpointError(f"{path} wants to run code when loaded and was refused; only load checkpoints written by robust") from None
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError) as exc:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, IndexError,
+            KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated: {type(exc).__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a robust checkpoint; write one with `robust train` or `robust export`")

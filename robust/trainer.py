@@ -9,13 +9,28 @@ Methods:
 Training attacks run through the adv route with the model in train mode by default
 (``attack_bn="train"``, as the reference: the attack's forwards also update the adv route's
 running statistics); ``attack_bn="eval"`` generates them with frozen statistics instead.
+
+Distributed (torchrun, see :mod:`robust.distributed`): ``batch_size`` is the global batch. Every
+rank draws the same global batch (same permutation and augmentation) and trains on its own
+contiguous part, so N ranks see exactly the batches one process would; the loss is weighted by
+the part's share so DDP's gradient average is the global batch's mean. Attacks run on the
+unwrapped module; only rank 0 writes files; metrics are summed over ranks.
+
+Faults: SIGINT/SIGTERM finish the current step, write last.pt (with the position inside the
+epoch) and raise :class:`TrainingInterrupted`; a non-finite loss raises :class:`NonFiniteLoss`
+naming the epoch and step, before anything is saved over the last good checkpoint; every file is
+written atomically, so a kill -9 at any moment leaves a loadable last.pt.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +43,39 @@ import torch.nn.functional as F
 from attacks import fgsm_rs, pgd
 
 from . import checkpoint as ckpt
+from . import distributed as dist_
 from .config import ConfigError, TrainConfig
 from .data import BatchLoader, ImageData, load_dataset, split_train_val, to_float
-from .engine import autocast, autocast_dtype, bn_mode, lr_at, resolve_device
+from .engine import autocast, autocast_dtype, bn_mode, lr_at
 from .models import build_model
 from .norms import ROUTES, is_dual_route, split_routes, use_route
+
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
 class RunExistsError(ConfigError):
     """The run folder already holds a run; pass --resume or --force."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the epoch and step."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or log could not be written (disk full, folder gone); the previous last.pt is kept."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a step; last.pt holds the position to resume from."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signum
 
 
 @dataclass
@@ -88,18 +127,31 @@ def step_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.T
         return loss, adv_logits
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, x: torch.Tensor, y: torch.Tensor, s: StepSettings):
-    """One optimizer step; returns the loss and the adv-route logits, both still on the device."""
-    x_adv = make_adversarial(model, x, y, s)
+def _without_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
+               s: StepSettings, attack_model: nn.Module | None = None, loss_scale: float = 1.0):
+    """One optimizer step; returns the loss and the adv-route logits, both still on the device.
+
+    ``model`` computes the loss (a DDP wrapper in distributed runs); the attack runs on
+    ``attack_model`` (default: ``model`` without its DDP wrapper, so the attack's forwards and
+    input gradients never touch DDP's hooks). ``loss_scale`` weights this rank's part of the
+    global batch; the returned loss is unscaled.
+    """
+    attack_model = attack_model if attack_model is not None else _without_ddp(model)
+    x_adv = make_adversarial(attack_model, x, y, s)
     model.train()
     loss, adv_logits = step_loss(model, x, x_adv, y, s)
     optimizer.zero_grad(set_to_none=True)
+    objective = loss * loss_scale if loss_scale != 1.0 else loss
     if scaler is not None:
-        scaler.scale(loss).backward()
+        scaler.scale(objective).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
+        objective.backward()
         optimizer.step()
     return loss.detach(), adv_logits.detach()
 
@@ -109,24 +161,36 @@ def _count_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).sum()
 
 
-def evaluate_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, route: str, eps: float, alpha: float,
-                   steps: int, batch_size: int, device: torch.device, amp: torch.dtype | None = None,
-                   channels_last: bool = False) -> dict[str, float]:
-    """Clean and PGD robust accuracy (%) of one route, attacked and scored through that route in eval mode."""
-    correct_clean = torch.zeros((), device=device, dtype=torch.long)
-    correct_adv = torch.zeros((), device=device, dtype=torch.long)
+def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, route: str, eps: float, alpha: float,
+                         steps: int, batch_size: int, device: torch.device, amp: torch.dtype | None = None,
+                         channels_last: bool = False) -> torch.Tensor:
+    """``[clean correct, PGD correct]`` counts (a device tensor) of one route, in eval mode."""
+    counts = torch.zeros(2, device=device, dtype=torch.long)
     with use_route(model, route), bn_mode(model, False):
         for i in range(0, len(y), batch_size):
             xb = to_float(x[i:i + batch_size].to(device), channels_last)
             yb = y[i:i + batch_size].to(device)
             with autocast(device, amp):
                 with torch.no_grad():
-                    correct_clean += _count_correct(model(xb), yb)
+                    counts[0] += _count_correct(model(xb), yb)
                 x_adv = pgd(model, xb, yb, eps, alpha, steps, random_start=True)
                 with torch.no_grad():
-                    correct_adv += _count_correct(model(x_adv), yb)
+                    counts[1] += _count_correct(model(x_adv), yb)
+    return counts
+
+
+def evaluate_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, route: str, eps: float, alpha: float,
+                   steps: int, batch_size: int, device: torch.device, amp: torch.dtype | None = None,
+                   channels_last: bool = False) -> dict[str, float]:
+    """Clean and PGD robust accuracy (%) of one route, attacked and scored through that route in eval mode."""
+    counts = route_correct_counts(model, x, y, route, eps, alpha, steps, batch_size, device, amp, channels_last)
     n = max(len(y), 1)
-    return {"clean": 100.0 * correct_clean.item() / n, "robust": 100.0 * correct_adv.item() / n}
+    return {"clean": 100.0 * counts[0].item() / n, "robust": 100.0 * counts[1].item() / n}
+
+
+def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """The RNG seed of one step's attack: a resumed run draws the same random starts as an uninterrupted one."""
+    return (((seed * 1_000_003 + epoch) * 1_000_033 + batch) * 1_009 + rank) % (2 ** 63 - 1)
 
 
 class Progress:
@@ -149,37 +213,176 @@ class Progress:
             self.bar.close()
 
 
+class EpochTally:
+    """Running sums of one epoch (loss, adv-route correct, examples), kept on the device."""
+
+    def __init__(self, device: torch.device, loss_sum: float = 0.0, correct: int = 0, seen: int = 0,
+                 seconds: float = 0.0) -> None:
+        self.loss_sum = torch.tensor(float(loss_sum), device=device)
+        self.correct = torch.tensor(int(correct), device=device, dtype=torch.long)
+        self.seen, self.seconds_before = int(seen), float(seconds)
+
+    def add(self, loss: torch.Tensor, adv_logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss * len(y)
+        self.correct += _count_correct(adv_logits, y)
+        self.seen += len(y)
+
+    def totals(self, ctx: dist_.DistContext) -> dict[str, float]:
+        """The sums over all ranks (a collective when distributed); the tally itself is unchanged."""
+        t = torch.stack([self.loss_sum.double(), self.correct.double(),
+                         torch.tensor(float(self.seen), device=self.loss_sum.device, dtype=torch.float64)])
+        dist_.all_reduce_sum(t, ctx)
+        loss_sum, correct, seen = t.tolist()
+        return {"loss_sum": loss_sum, "correct": int(round(correct)), "seen": int(round(seen))}
+
+
+class FiniteWatch:
+    """Finds the first step with a non-finite loss without a host sync per step.
+
+    On the device it keeps "all losses finite so far" and the count of leading finite steps;
+    :meth:`first_bad` reads them (one sync) at the trainer's check points.
+    """
+
+    def __init__(self, device: torch.device, batch: int, step: int) -> None:
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        self.good = torch.zeros((), dtype=torch.long, device=device)
+        self.restart(batch, step)
+
+    def restart(self, batch: int, step: int) -> None:
+        self.ok.fill_(True)
+        self.good.zero_()
+        self.count, self.batch, self.step = 0, batch, step
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.ok.logical_and_(torch.isfinite(loss))
+        self.good += self.ok
+        self.count += 1
+
+    def first_bad(self) -> int | None:
+        """The epoch batch index of the first non-finite loss since the last restart, or None."""
+        if self.count == 0:
+            return None
+        good = int(self.good.item())
+        return None if good == self.count else self.batch + good
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and os.replace (a normal file mode, unlike mkstemp's 0600)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+    try:
+        with open(tmp, "x") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line; on failure cut the file back, so no half line is ever left."""
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        if path.exists():
+            os.truncate(path, size)
+        raise
+
+
+def _line_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; infinity for a line that is not one (dropped on resume)."""
+    try:
+        return float(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _silent(msg: str) -> None:
+    return None
+
+
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 class Trainer:
     """Adversarial training from a :class:`TrainConfig`: ``Trainer(config).fit()`` returns the final metrics.
 
     ``data`` may be passed to skip loading (tests, notebooks); ``resume`` continues from the run
-    folder's last.pt; ``force`` replaces an existing run folder's files.
+    folder's last.pt (also from inside an epoch); ``force`` replaces an existing run folder's
+    files. Under torchrun the trainer joins the process group itself. Keyword-only options:
+    ``sync_bn`` (route-aware SyncBatchNorm; None keeps the resumed checkpoint's choice),
+    ``save_every_s`` (also write last.pt inside an epoch at most this often; None: only at epoch
+    ends), ``check_every`` (steps between non-finite-loss checks), ``handle_signals`` (turn
+    SIGINT/SIGTERM into a checkpoint and :class:`TrainingInterrupted` while fit() runs).
     """
 
     def __init__(self, config: TrainConfig, data: ImageData | None = None, resume: bool = False,
-                 force: bool = False, log: Callable[[str], None] | None = None) -> None:
+                 force: bool = False, log: Callable[[str], None] | None = None, *, sync_bn: bool | None = None,
+                 save_every_s: float | None = 600.0, check_every: int = 50, handle_signals: bool = True) -> None:
         self.config = config.validate()
         self.resume, self.force = resume, force
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.run_dir = config.run_dir
-        self._check_run_dir()
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
-        self.amp = autocast_dtype(config.precision, self.device)
-        self.data = data if data is not None else load_dataset(config.dataset, config.data_dir)
-        self._build()
+        self.save_every_s, self.check_every, self.handle_signals = save_every_s, max(1, int(check_every)), handle_signals
+        self.dist, self.device = dist_.setup(config.device)
+        self.log = (log or _to_stderr) if self.dist.is_main else _silent
+        self._signal, self._last_save_time = 0, time.monotonic()
+        error = None
+        try:
+            self._setup(data, sync_bn)
+        except Exception as exc:  # every rank must learn of a failure on any rank, or the others hang
+            if not self.dist.enabled:
+                raise
+            error = exc
+        dist_.agree(self.dist, error)
+        self._wrap()
+
+    def _wrap(self) -> None:
+        """DDP around the loss model (a collective: it broadcasts rank 0's weights)."""
+        if self.dist.enabled:  # pgd on a dual model never uses the clean route's affine
+            find_unused = self.settings.method == "pgd" and self.settings.dual
+            self.loss_model = dist_.wrap_ddp(self.forward_model, self.dist, self.device, find_unused)
 
     # ---- setup ------------------------------------------------------------------------------
+    def _setup(self, data: ImageData | None, sync_bn: bool | None) -> None:
+        """Everything local to this rank (no collectives: a rank that fails here must not strand the others)."""
+        c = self.config
+        self._check_run_dir()
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        if c.batch_size < self.dist.world_size:
+            raise ConfigError(f"batch-size {c.batch_size} is the global batch and must be >= the {self.dist.world_size} ranks; raise --batch-size")
+        self.amp = autocast_dtype(c.precision, self.device)
+        # a bad last.pt is reported before the (slower) data loading
+        state = ckpt.load_checkpoint(self.run_dir / "last.pt", map_location=self.device) if self.resume else None
+        self.data = data if data is not None else load_dataset(c.dataset, c.data_dir)
+        self._build(sync_bn, state)
+        if self.dist.is_main:
+            self._check_writable()
+
     def _check_run_dir(self) -> None:
-        exists = self.run_dir.exists() and any(self.run_dir.iterdir())
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"--out {self.run_dir} is a file, not a folder; pass a folder path")
         if self.resume:
             if not (self.run_dir / "last.pt").is_file():
-                raise ConfigError(f"cannot resume: {self.run_dir}/last.pt does not exist; start a new run without --resume")
-        elif exists and not self.force:
+                raise ConfigError(f"cannot resume: {self.run_dir}/last.pt does not exist; start a new run without --resume "
+                                  "(with --force if the folder exists)")
+        elif self.dist.is_main and self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.force:
             raise RunExistsError(f"run folder {self.run_dir} already exists; pass --resume to continue it, --force to replace it, or --out NEW")
 
-    def _build(self) -> None:
+    def _build(self, sync_bn: bool | None, state: dict[str, Any] | None = None) -> None:
         c, d = self.config, self.data
         (train_x, train_y), val = split_train_val(d, c.val_split, c.seed)
         if c.limit:
@@ -187,118 +390,150 @@ class Trainer:
         if val is not None and c.val_limit:
             val = (val[0][: c.val_limit], val[1][: c.val_limit])
         self.val = val
+        # Every rank iterates the same global batches; _local_part takes this rank's rows.
         self.loader = BatchLoader(train_x.to(self.device), train_y.to(self.device), c.batch_size, augment=True,
                                   flip=d.flip, seed=c.seed, channels_last=c.channels_last)
         torch.manual_seed(c.seed)
         model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std).to(self.device)
+        if state is not None:
+            self._load_weights(model, state)
+        saved_sync = bool((state or {}).get("distributed", {}).get("sync_bn", False))
+        self.sync_bn = bool(sync_bn) if sync_bn is not None else saved_sync or bool(getattr(c, "sync_bn", False))
+        if self.sync_bn:
+            dist_.convert_sync_batchnorm(model)
         if c.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum,
                                          weight_decay=c.weight_decay, foreach=True)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
-        self.forward_model = torch.compile(model) if c.compile else model
+        self.forward_model = torch.compile(model) if c.compile else model  # attacks run on this (no DDP)
+        dual = is_dual_route(model)
+        self.loss_model = self.forward_model  # wrapped in DDP by _wrap, after every rank set up
         self.settings = StepSettings(
-            method=c.resolved_method, dual=is_dual_route(model), eps=c.eps_value, alpha=c.step_size_value,
+            method=c.resolved_method, dual=dual, eps=c.eps_value, alpha=c.step_size_value,
             steps=c.steps, clean_weight=c.clean_weight, attack_train_mode=c.attack_bn == "train",
             fused=c.fused, amp=self.amp, device=self.device,
         )
-        self.start_epoch, self.step, self.best = 0, 0, None
-        if self.resume:
-            self._load_state(ckpt.load_checkpoint(self.run_dir / "last.pt", map_location=self.device))
+        self.start_epoch, self.start_batch, self.step, self.best = 0, 0, 0, None
+        self.resume_tally: dict[str, float] | None = None
+        self.last_saved = "nothing yet"
+        if state is not None:
+            self._load_state(state)
 
-    # ---- checkpoints --------------------------------------------------------------------------
-    def _checkpoint(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    def _load_weights(self, model: nn.Module, state: dict[str, Any]) -> None:
+        c, path = self.config, self.run_dir / "last.pt"
+        saved = state.get("model_args", {})
+        asked = {"arch": c.arch, "norm": c.norm}
+        differ = [f"{k} {saved.get(k)!r} (asked: {v!r})" for k, v in asked.items() if saved.get(k) != v]
+        if c.width is not None and saved.get("width") not in (None, c.width):
+            differ.append(f"width {saved.get('width')} (asked: {c.width})")
+        if differ:
+            raise ckpt.CheckpointError(f"{path} holds another model: {', '.join(differ)}; drop those flags to resume it, or start a new run with --out NEW")
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError, TypeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ckpt.CheckpointError(f"{path} does not fit the configured model ({first}); resume with the run's own settings or start a new run") from None
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        path = self.run_dir / "last.pt"
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.step = int(state["scheduler"]["step"])
+            completed = int(state["epoch"]) + 1
+            self.best = state.get("best")
+            position = state.get("position")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"{path} lacks training state ({type(exc).__name__}: {exc}); it is not a last.pt of robust train, start a new run") from None
+        if position:
+            self.start_epoch, self.start_batch = int(position["epoch"]), int(position["batch"])
+            self.resume_tally = position
+        else:
+            self.start_epoch, self.start_batch = completed, 0
+        self.last_saved = self._describe(self.start_epoch, self.start_batch)
+        where = f", step {self.start_batch}" if self.start_batch else ""
+        self.log(f"resumed {self.run_dir} at epoch {self.start_epoch + 1}{where}")
+
+    def _checkpoint_bytes(self) -> int:
+        """About one checkpoint's size: the weights plus the optimizer's momentum buffers."""
+        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return weights + params
+
+    def _check_writable(self) -> None:
+        """Refuse before training when the run folder cannot take our files (probe write, free space)."""
+        base = _nearest_existing(self.run_dir)
+        if not base.is_dir():
+            raise ConfigError(f"cannot create run folder {self.run_dir}: {base} is a file; pass --out to a folder path")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".robust-probe-", dir=base)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"cannot write to {base} ({exc.strerror or exc}); pass --out to a writable folder") from None
+        need = 3 * self._checkpoint_bytes() + (1 << 20)  # last.pt, best.pt and one temporary copy
+        free = shutil.disk_usage(base).free
+        if free < need:
+            raise ConfigError(f"{base} has {free / 1e6:.1f} MB free but the checkpoints need about {need / 1e6:.1f} MB; free space or pass --out on another disk")
+
+    # ---- files (rank 0 writes, every rank agrees) ----------------------------------------------------
+    def _on_main(self, write: Callable[[], None], what: str) -> None:
+        """Run ``write`` on rank 0 only; a failed write becomes CheckpointWriteError on every rank."""
+        error = None
+        if self.dist.is_main:
+            try:
+                write()
+            except OSError as exc:
+                kept = (f"{self.run_dir / 'last.pt'} ({self.last_saved}) is kept"
+                        if (self.run_dir / "last.pt").is_file() else "no last.pt was written yet")
+                error = CheckpointWriteError(f"could not write {what} in {self.run_dir}: {exc.strerror or exc}; {kept}; "
+                                             "free space or fix the folder, then rerun with --resume")
+        dist_.agree(self.dist, error)
+
+    def _prepare_run_dir(self) -> None:
+        run = self.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        for name in ("last.pt", "best.pt", "metrics.jsonl", "config.json"):
+            for stale in run.glob(f".{name}.*.tmp"):  # the temporary file of a write a kill -9 interrupted
+                stale.unlink(missing_ok=True)
+        if not self.resume:
+            for name in ("metrics.jsonl", "last.pt", "best.pt"):
+                (run / name).unlink(missing_ok=True)
+        else:  # drop metric lines of epochs after the checkpoint (a crash between the two writes)
+            path = run / "metrics.jsonl"
+            if path.exists():
+                lines = [l for l in path.read_text().splitlines() if _line_epoch(l) <= self.start_epoch]
+                _write_text_atomic(path, "".join(l + "\n" for l in lines))
+        _write_text_atomic(run / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+    def _checkpoint(self, completed_epoch: int, metrics: dict[str, Any] | None,
+                    position: dict[str, Any] | None) -> dict[str, Any]:
         c = self.config
         return ckpt.build_checkpoint(
             self.model, optimizer=self.optimizer.state_dict(),
-            scheduler={"step": self.step}, epoch=epoch, best=self.best, metrics=metrics,
+            scheduler={"step": self.step}, epoch=completed_epoch, best=self.best, metrics=metrics,
             config=c.to_dict(), dataset=c.dataset, eps=c.eps_value, method=c.resolved_method,
-            rng={"torch": torch.get_rng_state()},
-            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            scaler=self.scaler.state_dict() if self.scaler is not None else None, position=position,
+            distributed={"world_size": self.dist.world_size, "sync_bn": self.sync_bn},
         )
 
-    def _load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["scheduler"]["step"])
-        self.start_epoch = int(state["epoch"]) + 1
-        self.best = state.get("best")
-        torch.set_rng_state(state["rng"]["torch"])
-        self.log(f"resumed {self.run_dir} at epoch {self.start_epoch + 1}")
+    @staticmethod
+    def _describe(epoch: int, batch: int) -> str:
+        """Where a last.pt stands, in words: before epoch ``epoch`` (0-based) batch ``batch``."""
+        if batch:
+            return f"epoch {epoch + 1}, step {batch}"
+        return f"end of epoch {epoch}" if epoch else "start of training"
 
-    def _prepare_run_dir(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.resume:
-            for name in ("metrics.jsonl", "last.pt", "best.pt"):
-                (self.run_dir / name).unlink(missing_ok=True)
-        else:  # drop metric lines of epochs after the checkpoint (a crash between the two writes)
-            path = self.run_dir / "metrics.jsonl"
-            if path.exists():
-                lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] <= self.start_epoch]
-                path.write_text("".join(l + "\n" for l in lines))
-        (self.run_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-
-    # ---- training -----------------------------------------------------------------------------
-    def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training set; returns loss, adv accuracy, images/s, seconds."""
-        c, model = self.config, self.forward_model
-        self.loader.set_epoch(epoch)
-        torch.manual_seed(c.seed * 100_003 + epoch)  # attack starts: same on resume as uninterrupted
-        steps_per_epoch = len(self.loader)
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = 0
-        progress = Progress(steps_per_epoch, f"epoch {epoch + 1}/{c.epochs}", not c.quiet)
-        start = time.perf_counter()
-        for i, (x, y) in enumerate(self.loader):
-            lr = lr_at(self.step, c, steps_per_epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            loss, adv_logits = train_step(model, self.optimizer, self.scaler, x, y, self.settings)
-            loss_sum += loss * len(y)
-            correct += _count_correct(adv_logits, y)
-            seen += len(y)
-            self.step += 1
-            if progress.bar is not None and (i % 10 == 0 or i == steps_per_epoch - 1):
-                progress.bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", adv_acc=f"{100 * correct.item() / seen:.1f}",
-                                         img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
-            progress.update()
-        progress.close()
-        if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}; lower --lr or use --precision fp32 (last good checkpoint kept)")
-        seconds = time.perf_counter() - start
-        return {"lr": lr, "train_loss": loss_sum.item() / seen, "train_adv_acc": 100.0 * correct.item() / seen,
-                "seconds": seconds, "images_per_s": seen / seconds}
-
-    def validate(self) -> dict[str, float]:
-        """Clean and PGD-``val_steps`` accuracy of every route on the validation split."""
-        if self.val is None:
-            return {}
-        c, s = self.config, self.settings
-        routes = ROUTES if s.dual else ("adv",)
-        out = {}
-        for route in routes:
-            acc = evaluate_route(self.model, self.val[0], self.val[1], route, s.eps, s.alpha, c.val_steps,
-                                 max(c.batch_size, 256), self.device, self.amp, c.channels_last)
-            out[f"val_{route}_clean"], out[f"val_{route}_robust"] = acc["clean"], acc["robust"]
-        return out
-
-    def fit(self) -> dict[str, Any]:
-        """Train to ``config.epochs``; write config.json, metrics.jsonl, last.pt, best.pt; return the final metrics."""
-        c = self.config
-        self._prepare_run_dir()
-        self.log(f"training {c.arch} ({c.norm}, width {self.model.build_args['width']}) on {c.dataset} "
-                 f"[{len(self.loader.y)} examples], method {c.resolved_method}, eps {c.eps}, device {self.device}, "
-                 f"precision {self.amp or 'fp32'} -> {self.run_dir}")
-        metrics: dict[str, Any] = {}
-        for epoch in range(self.start_epoch, c.epochs):
-            metrics = {"epoch": epoch + 1, **self.train_one_epoch(epoch), **self.validate()}
-            self._save_epoch(epoch, metrics)
-            self.log(format_epoch(metrics))
-        return {"run_dir": str(self.run_dir), "best": self.best, **metrics}
+    def _save_position(self, epoch: int, batch: int, tally: EpochTally, elapsed: float) -> None:
+        """last.pt at a point inside epoch ``epoch`` (0-based) before batch ``batch``."""
+        position = {"epoch": epoch, "batch": batch, **tally.totals(self.dist), "seconds": elapsed}
+        state = self._checkpoint(epoch - 1, None, position) if self.dist.is_main else None
+        self._on_main(lambda: ckpt.save_checkpoint(state, self.run_dir / "last.pt"), "last.pt")
+        self.last_saved = self._describe(epoch, batch)
+        self._last_save_time = time.monotonic()
 
     def _save_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         key = "val_adv_robust"
@@ -306,12 +541,173 @@ class Trainer:
         if improved:
             self.best = {"epoch": epoch + 1, "metric": key if key in metrics else "last_epoch",
                          "value": metrics.get(key, float(epoch + 1))}
-        state = self._checkpoint(epoch, metrics)
-        if improved:
-            ckpt.save_checkpoint(state, self.run_dir / "best.pt")
-        ckpt.save_checkpoint(state, self.run_dir / "last.pt")
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
+        state = self._checkpoint(epoch, metrics, None) if self.dist.is_main else None
+
+        def write() -> None:  # metrics first: a crash before last.pt redoes the epoch, and resume drops the line
+            log = self.run_dir / "metrics.jsonl"
+            size = log.stat().st_size if log.exists() else 0
+            _append_line(log, json.dumps(metrics) + "\n")
+            try:
+                if improved:
+                    ckpt.save_checkpoint(state, self.run_dir / "best.pt")
+                ckpt.save_checkpoint(state, self.run_dir / "last.pt")
+            except OSError:
+                os.truncate(log, size)  # keep metrics.jsonl in step with last.pt
+                raise
+
+        self._on_main(write, f"the epoch {epoch + 1} checkpoint")
+        self.last_saved = self._describe(epoch + 1, 0)
+        self._last_save_time = time.monotonic()
+
+    # ---- signals --------------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        self._signal, self._signal_count, self._saved_handlers = 0, 0, {}
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in SIGNAL_NAMES:
+            self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        """Note the signal; the loop stops after the current step. A third signal stops at once.
+
+        (torchrun forwards the signal a terminal already sent to every worker, so two are normal.)
+        """
+        self._signal_count += 1
+        if self._signal_count >= 3:
+            self._restore_signal_handlers()
+            raise KeyboardInterrupt
+        self._signal = self._signal or signum
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in getattr(self, "_saved_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._saved_handlers = {}
+
+    # ---- training -----------------------------------------------------------------------------
+    def _local_part(self, x: torch.Tensor, y: torch.Tensor):
+        """This rank's rows of the global batch and its loss weight; None when a rank would get no row."""
+        if not self.dist.enabled:
+            return x, y, 1.0
+        n = len(y)
+        if n < self.dist.world_size:
+            return None
+        rows = dist_.shard_rows(n, self.dist)
+        return x[rows], y[rows], (rows.stop - rows.start) * self.dist.world_size / n
+
+    def _check_finite(self, epoch: int, steps: int, watch: FiniteWatch, next_batch: int) -> None:
+        """Raise NonFiniteLoss naming the first bad step (on every rank); restart the watch otherwise."""
+        bad = watch.first_bad()
+        if self.dist.enabled:  # the earliest bad step of any rank, through a max over (big - step)
+            big = 1 << 40
+            worst = dist_.control_max([big - bad if bad is not None else 0], self.dist)[0]
+            bad = big - worst if worst else None
+        if bad is not None:
+            global_step = watch.step + (bad - watch.batch) + 1
+            raise NonFiniteLoss(
+                f"non-finite training loss at epoch {epoch + 1}, step {bad + 1} of {steps} (global step {global_step}); "
+                f"training stopped and {self.run_dir / 'last.pt'} ({self.last_saved}) is kept; "
+                "lower --lr, use --precision fp32, or check the data")
+        watch.restart(next_batch, self.step)
+
+    def _between_steps(self, epoch: int, next_batch: int, steps: int, tally: EpochTally, watch: FiniteWatch,
+                       elapsed: float) -> None:
+        """Agree on stop/save across ranks, check the loss every ``check_every`` steps, act."""
+        due = (self.dist.is_main and self.save_every_s is not None and next_batch < steps
+               and time.monotonic() - self._last_save_time >= self.save_every_s)
+        signum, save = dist_.control_max([self._signal, int(due)], self.dist)
+        if signum or save or watch.count >= self.check_every:
+            self._check_finite(epoch, steps, watch, next_batch)
+        if signum or save:
+            self._save_position(epoch, next_batch, tally, elapsed)
+        if signum:
+            name = SIGNAL_NAMES.get(signum, f"signal {signum}")
+            launcher = f" --nproc {self.dist.world_size}" if self.dist.enabled else ""
+            raise TrainingInterrupted(signum, (
+                f"stopped by {name} at epoch {epoch + 1}, step {next_batch} of {steps}; saved {self.run_dir / 'last.pt'}. "
+                f"Resume with: robust train --out {self.run_dir} --resume{launcher}"))
+
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set; returns loss, adv accuracy, images/s, seconds."""
+        c = self.config
+        self.loader.set_epoch(epoch)
+        steps = len(self.loader)
+        first = self.start_batch if epoch == self.start_epoch else 0
+        saved = self.resume_tally if epoch == self.start_epoch and self.resume_tally and self.dist.is_main else {}
+        tally = EpochTally(self.device, saved.get("loss_sum", 0.0), saved.get("correct", 0), saved.get("seen", 0),
+                           saved.get("seconds", 0.0) if epoch == self.start_epoch and self.resume_tally else 0.0)
+        watch = FiniteWatch(self.device, first, self.step)
+        progress = Progress(steps - first, f"epoch {epoch + 1}/{c.epochs}", not c.quiet and self.dist.is_main)
+        start = time.perf_counter()
+        lr = lr_at(self.step, c, steps)
+        for i, (x, y) in enumerate(self.loader):
+            if i < first:  # resuming inside the epoch: the loader replays its batches, we skip them
+                continue
+            part = self._local_part(x, y)
+            if part is None:
+                break
+            x, y, weight = part
+            lr = lr_at(self.step, c, steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(step_seed(c.seed, epoch, i, self.dist.rank))
+            loss, adv_logits = train_step(self.loss_model, self.optimizer, self.scaler, x, y, self.settings,
+                                          attack_model=self.forward_model, loss_scale=weight)
+            tally.add(loss, adv_logits, y)
+            watch.update(loss)
+            self.step += 1
+            if progress.bar is not None and (i % 10 == 0 or i == steps - 1):
+                progress.bar.set_postfix(loss=f"{tally.loss_sum.item() / tally.seen:.3f}",
+                                         adv_acc=f"{100 * tally.correct.item() / tally.seen:.1f}", refresh=False)
+            progress.update()
+            self._between_steps(epoch, i + 1, steps, tally, watch, tally.seconds_before + time.perf_counter() - start)
+        progress.close()
+        self._check_finite(epoch, steps, watch, steps)
+        totals = tally.totals(self.dist)
+        dist_.average_running_stats(self.model, self.dist)
+        seconds = tally.seconds_before + time.perf_counter() - start
+        seen = max(totals["seen"], 1)
+        return {"lr": lr, "train_loss": totals["loss_sum"] / seen, "train_adv_acc": 100.0 * totals["correct"] / seen,
+                "seconds": seconds, "images_per_s": totals["seen"] / max(seconds, 1e-9)}
+
+    def validate(self) -> dict[str, float]:
+        """Clean and PGD-``val_steps`` accuracy of every route on the validation split (sharded over ranks)."""
+        if self.val is None:
+            return {}
+        c, s = self.config, self.settings
+        routes = ROUTES if s.dual else ("adv",)
+        rows = slice(self.dist.rank, None, self.dist.world_size)
+        x, y = self.val[0][rows], self.val[1][rows]
+        counts = torch.stack([route_correct_counts(self.model, x, y, route, s.eps, s.alpha, c.val_steps,
+                                                   max(c.batch_size, 256), self.device, self.amp, c.channels_last)
+                              for route in routes])
+        counts = dist_.all_reduce_sum(counts, self.dist).tolist()
+        n = max(len(self.val[1]), 1)
+        out = {}
+        for route, (clean, robust) in zip(routes, counts):
+            out[f"val_{route}_clean"], out[f"val_{route}_robust"] = 100.0 * clean / n, 100.0 * robust / n
+        return out
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``config.epochs``; write config.json, metrics.jsonl, last.pt, best.pt; return the final metrics."""
+        c = self.config
+        self._install_signal_handlers()
+        try:
+            self._on_main(self._prepare_run_dir, "config.json")
+            ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
+            self.log(f"training {c.arch} ({c.norm}, width {self.model.build_args['width']}) on {c.dataset} "
+                     f"[{len(self.loader.y)} examples], method {c.resolved_method}, eps {c.eps}, device {self.device}{ranks}, "
+                     f"precision {self.amp or 'fp32'} -> {self.run_dir}")
+            self._last_save_time = time.monotonic()
+            if not self.resume:  # from now on a loadable last.pt always exists
+                self._save_position(0, 0, EpochTally(self.device), 0.0)
+            metrics: dict[str, Any] = {}
+            for epoch in range(self.start_epoch, c.epochs):
+                metrics = {"epoch": epoch + 1, **self.train_one_epoch(epoch), **self.validate()}
+                self._save_epoch(epoch, metrics)
+                self.log(format_epoch(metrics))
+            return {"run_dir": str(self.run_dir), "best": self.best, **metrics}
+        finally:
+            self._restore_signal_handlers()
 
 
 def format_epoch(m: dict[str, Any]) -> str:

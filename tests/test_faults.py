@@ -1,0 +1,284 @@
+"""Faults: SIGINT/SIGTERM, kill -9 at random moments, a non-finite loss, a full or unwritable disk.
+
+Every interrupted run must leave a loadable last.pt from which --resume finishes with exactly the
+weights of an uninterrupted run (each step's attack is seeded by (seed, epoch, step, rank), and the
+position inside the epoch is saved).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import robust.trainer as trainer_module
+from cli.main import cli
+from robust.checkpoint import CheckpointError, load_checkpoint
+from robust.config import TrainConfig
+from robust.data import ImageData
+from robust.trainer import NonFiniteLoss, Trainer, TrainingInterrupted
+
+
+def _config(out: Path, **kw) -> TrainConfig:
+    base = dict(dataset="fashion-mnist", width=4, epochs=2, batch_size=32, limit=96, steps=1, eps="0.1",
+                val_split=0.1, val_limit=32, val_steps=1, lr=0.05, warmup_steps=0, schedule="cosine", seed=5,
+                channels_last=False, quiet=True, out=str(out))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _cli_args(out: Path, *extra: str) -> list[str]:
+    return ["train", "--dataset", "fashion-mnist", "--width", "4", "--epochs", "2", "--batch-size", "32",
+            "--limit", "96", "--steps", "1", "--eps", "0.1", "--val-split", "0.1", "--val-limit", "32",
+            "--val-steps", "1", "--no-channels-last", "--quiet", "--seed", "5", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def data(fmnist) -> ImageData:
+    return ImageData("fashion-mnist", fmnist.train_x[:200], fmnist.train_y[:200], fmnist.test_x[:10], fmnist.test_y[:10])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def _signal_at_step(monkeypatch, step: int, signum: int) -> None:
+    """Make the process receive ``signum`` while training step ``step`` (1-based, over the run) runs."""
+    original, calls = trainer_module.train_step, {"n": 0}
+
+    def stepping(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", stepping)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_finishes_the_step_saves_and_resume_matches_an_uninterrupted_run(tmp_path, data, monkeypatch, signum):
+    Trainer(_config(tmp_path / "straight"), data=data, log=lambda m: None).fit()
+    handler_before = signal.getsignal(signum)
+    _signal_at_step(monkeypatch, 5, signum)  # epoch 2, step 2 of 3
+    with pytest.raises(TrainingInterrupted) as info:
+        Trainer(_config(tmp_path / "cut"), data=data, log=lambda m: None).fit()
+    monkeypatch.undo()
+    assert info.value.exit_code == 128 + signum
+    assert "epoch 2, step 2 of 3" in str(info.value) and "--resume" in str(info.value)
+    saved = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert saved["position"]["epoch"] == 1 and saved["position"]["batch"] == 2 and saved["scheduler"]["step"] == 5
+    assert signal.getsignal(signum) == handler_before  # fit() put the previous handler back
+    result = Trainer(_config(tmp_path / "cut"), data=data, resume=True, log=lambda m: None).fit()
+    _assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "cut" / "last.pt")
+    straight = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    cut = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in cut] == [1, 2]
+    assert cut[1]["train_loss"] == pytest.approx(straight[1]["train_loss"], abs=1e-6)  # the tally survived
+    assert result["val_adv_robust"] == straight[1]["val_adv_robust"]
+
+
+def test_cli_exits_130_on_sigint_with_a_resume_hint(tmp_path, monkeypatch):
+    _signal_at_step(monkeypatch, 2, signal.SIGINT)
+    result = CliRunner().invoke(cli, _cli_args(tmp_path / "run"))
+    assert result.exit_code == 130, result.output
+    assert "stopped by SIGINT at epoch 1, step 2 of 3" in result.output
+    assert f"robust train --out {tmp_path / 'run'} --resume" in result.output
+    assert "Traceback" not in result.output
+    monkeypatch.undo()
+    resumed = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "run"), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
+
+
+def test_sigterm_from_outside_stops_a_real_process_with_143(tmp_path):
+    """A real `robust train` process, signalled from outside while it trains."""
+    out = tmp_path / "run"
+    args = _cli_args(out)
+    args[args.index("--epochs") + 1] = "500"
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--save-every", "0"], cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        header = proc.stderr.readline()
+        while header and not header.startswith("training preact_resnet18"):
+            header = proc.stderr.readline()
+        assert header, "the trainer never started"
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:  # wait for a finished epoch
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 143, rest
+    finally:
+        proc.kill()
+    assert "stopped by SIGTERM" in rest and "--resume" in rest and "Traceback" not in rest
+    saved = load_checkpoint(out / "last.pt")
+    assert saved["position"]["epoch"] >= 1  # saved inside the epoch the signal interrupted
+    assert not list(out.glob(".*.tmp"))
+
+
+def _train_in_child(config: TrainConfig, data: ImageData, resume: bool) -> None:
+    torch.set_num_threads(1)
+    Trainer(config, data=data, resume=resume, force=not resume, save_every_s=0.0, log=lambda m: None).fit()
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def _wait_for_saves(path: Path, saves: int, child, timeout: float = 60.0) -> None:
+    """Wait until ``path`` has been replaced ``saves`` times (or the child ended)."""
+    seen, last, deadline = 0, _mtime(path), time.monotonic() + timeout
+    while seen < saves and child.is_alive() and time.monotonic() < deadline:
+        now = _mtime(path)
+        if now != last:
+            seen, last = seen + 1, now
+        time.sleep(0.002)
+
+
+def test_kill_9_at_random_moments_always_leaves_a_loadable_last_pt(tmp_path, data):
+    """SIGKILL at random moments (last.pt is rewritten after every step), then resume; the end equals an uninterrupted run."""
+    ctx = multiprocessing.get_context("fork")
+    config = _config(tmp_path / "killed", epochs=4, limit=192)  # 6 steps per epoch, 24 in all
+    last = tmp_path / "killed" / "last.pt"
+    reference = ctx.Process(target=_train_in_child, args=(_config(tmp_path / "straight", epochs=4, limit=192), data, False))
+    reference.start()
+    reference.join(timeout=180)
+    assert reference.exitcode == 0
+    rng = random.Random(1234)
+    progress = []
+    for _ in range(3):
+        child = ctx.Process(target=_train_in_child, args=(config, data, last.is_file()))
+        child.start()
+        _wait_for_saves(last, 2, child)
+        time.sleep(rng.uniform(0.0, 0.03))  # anywhere in a step or in a checkpoint write
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=30)
+        assert child.exitcode == -signal.SIGKILL
+        progress.append(load_checkpoint(last)["scheduler"]["step"])  # never a half-written file
+    assert progress == sorted(set(progress)) and 0 < progress[-1] < 24  # kept progress, killed mid-run
+    final = ctx.Process(target=_train_in_child, args=(config, data, True))
+    final.start()
+    final.join(timeout=180)
+    assert final.exitcode == 0
+    _assert_same_weights(tmp_path / "straight" / "last.pt", last)
+    lines = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2, 3, 4]
+    assert not list((tmp_path / "killed").glob(".*.tmp"))
+
+
+def _nan_at_step(monkeypatch, step: int) -> None:
+    original, calls = trainer_module.step_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, logits = original(*args, **kwargs)
+        return (loss * float("nan"), logits) if calls["n"] == step else (loss, logits)
+
+    monkeypatch.setattr(trainer_module, "step_loss", poisoned)
+
+
+def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
+    _nan_at_step(monkeypatch, 5)  # epoch 2, step 2 of 3; checked at the end of the epoch (no sync per step)
+    trainer = Trainer(_config(tmp_path / "run"), data=data, log=lambda m: None)
+    assert trainer.check_every > 3
+    with pytest.raises(NonFiniteLoss, match=r"epoch 2, step 2 of 3 \(global step 5\).*end of epoch 1\) is kept"):
+        trainer.fit()
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert saved["epoch"] == 0 and saved["position"] is None
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_non_finite_loss_through_the_cli_is_one_line_exit_1(tmp_path, monkeypatch):
+    _nan_at_step(monkeypatch, 2)
+    result = CliRunner().invoke(cli, _cli_args(tmp_path / "run"))
+    assert result.exit_code == 1
+    errors = [l for l in result.output.splitlines() if l.startswith("Error:")]
+    assert len(errors) == 1 and "non-finite training loss at epoch 1, step 2 of 3" in errors[0]
+    assert "Traceback" not in result.output
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_full_disk_is_refused_before_training_and_nothing_is_written(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(cli, _cli_args(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "MB free but the checkpoints need about" in result.output and "--out" in result.output
+    assert "Traceback" not in result.output and _tree(tmp_path) == before
+
+
+def test_unwritable_output_folder_is_refused_before_training(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    before = _tree(tmp_path)
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        result = CliRunner().invoke(cli, _cli_args(out))
+        assert result.exit_code == 2 and "is a file" in result.output and "Traceback" not in result.output
+    assert _tree(tmp_path) == before
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(trainer_module.tempfile, "mkstemp", refuse)  # what a read-only folder answers
+    result = CliRunner().invoke(cli, _cli_args(tmp_path / "run"))
+    assert result.exit_code == 2 and "cannot write to" in result.output and "Permission denied" in result.output
+    assert _tree(tmp_path) == before
+
+
+def test_disk_full_during_training_keeps_the_previous_checkpoint_and_no_partial_file(tmp_path, monkeypatch):
+    real_save, calls = torch.save, {"n": 0}
+
+    def save(obj, fh, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # start + epoch 1 (best.pt, last.pt) succeed; epoch 2 finds the disk full
+            fh.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, fh, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    result = CliRunner().invoke(cli, _cli_args(tmp_path / "run"))
+    monkeypatch.undo()
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output and "end of epoch 1) is kept" in result.output
+    assert "Traceback" not in result.output
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 0
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    resumed = CliRunner().invoke(cli, ["train", "--out", str(run), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, data):
+    Trainer(_config(tmp_path / "run", epochs=1), data=data, log=lambda m: None).fit()
+    with pytest.raises(CheckpointError, match="another model: norm 'sabn' \\(asked: 'auxbn'\\)"):
+        Trainer(_config(tmp_path / "run", epochs=2, norm="auxbn"), data=data, resume=True)
+    with pytest.raises(CheckpointError, match=r"width 4 \(asked: 8\)"):
+        Trainer(_config(tmp_path / "run", epochs=2, width=8), data=data, resume=True)
