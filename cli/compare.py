@@ -1,0 +1,192 @@
+"""`robust compare`, `robust plot`, `robust analyze`: the paper's comparison, learning curves, gradient analysis."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+
+from robust.config import ConfigError, TrainConfig, load_toml, parse_eps
+
+from .train import config_options
+
+COMPARE_KEYS = ("norms", "attacks", "eval_limit", "eval_batch_size")
+
+
+def _split(text: str | list | tuple | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    return tuple(p.strip().lower() for p in parts if str(p).strip())
+
+
+def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any], config_file: str | None,
+                             resume: bool):
+    """Defaults <- the saved compare.json (with --resume) <- TOML file <- flags given on the command line."""
+    from robust.compare import CompareSettings, load_settings
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    toml = load_toml(config_file) if config_file else {}
+    extra = {k: toml.pop(k) for k in COMPARE_KEYS if k in toml}
+    extra.update({k: v for k, v in compare_flags.items() if v is not None})
+    values: dict[str, Any] = {}
+    saved: dict[str, Any] = {}
+    out = given.get("out") or toml.get("out") or f"runs/compare-{given.get('dataset') or toml.get('dataset') or 'cifar10'}"
+    if resume:
+        saved = load_settings(out)
+        values.update(saved.get("config", {}))
+    values.update(toml)
+    values.update(given)
+    values["out"] = str(out)
+    defaults = CompareSettings(TrainConfig())
+    return CompareSettings(
+        TrainConfig.from_dict(values),
+        norms=_split(extra.get("norms")) or tuple(saved.get("norms", defaults.norms)),
+        attacks=_split(extra.get("attacks")) or tuple(saved.get("attacks", defaults.attacks)),
+        eval_limit=extra.get("eval_limit", saved.get("eval_limit")),
+        eval_batch_size=int(extra.get("eval_batch_size", saved.get("eval_batch_size", defaults.eval_batch_size))),
+    ).validate()
+
+
+def command_line(flags: dict[str, Any], compare_flags: dict[str, Any], config_file: str | None, resume: bool) -> str:
+    """The command as given, rebuilt from the parsed options (recorded in results.md)."""
+    words = ["robust", "compare"]
+    if config_file:
+        words += ["--config", config_file]
+    for name, value in [*compare_flags.items(), *flags.items()]:
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words += [flag, str(value)]
+    if resume:
+        words.append("--resume")
+    return shlex.join(words)
+
+
+@click.command()
+@click.option("--norms", default=None, help="comma-separated norm kinds to compare  [default: bn,auxbn,sabn]")
+@click.option("--attacks", default=None, help="comma-separated test attacks; add autoattack for its column  [default: pgd10,pgd20]")
+@click.option("--eval-limit", type=int, default=None, help="evaluate on the first N test examples  [default: all]")
+@click.option("--eval-batch-size", type=int, default=None, help="evaluation batch size  [default: 256]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config fields (and norms, attacks, eval_limit); flags override it")
+@click.option("--resume", is_flag=True, help="continue the comparison in --out: finished runs are kept, partial ones resumed")
+@click.option("--force", is_flag=True, help="retrain every norm in an existing --out folder")
+@config_options
+def compare(norms: str | None, attacks: str | None, eval_limit: int | None, eval_batch_size: int | None,
+            config_file: str | None, resume: bool, force: bool, **flags: Any) -> None:
+    """Train one model per norm with the same seed, split and budget; evaluate every route.
+
+    Takes every `robust train` option (except --norm). Every norm trains with the hybrid loss
+    (as the paper's BN baseline does) unless --method is given. Writes into --out (default
+    runs/compare-<dataset>): <norm>/ run folders, results.md (settings + table shaped like the
+    paper's), results.json (every figure), curves.png (validation accuracy per epoch).
+
+    \b
+    Examples:
+      robust compare --dataset fashion-mnist --eps 0.1 --width 16 --epochs 5 --limit 10000
+      robust compare --norms auxbn,sabn --attacks pgd10,pgd20,autoattack --out runs/cmp
+      robust compare --out runs/cmp --resume
+    """
+    if flags.get("norm") is not None:
+        raise click.UsageError("compare trains every norm of --norms; drop --norm")
+    if resume and force:
+        raise click.UsageError("--resume and --force exclude each other; pick one")
+    from robust.compare import markdown_table, run_compare
+
+    compare_flags = {"norms": norms, "attacks": attacks, "eval_limit": eval_limit, "eval_batch_size": eval_batch_size}
+    settings = resolve_compare_settings(flags, compare_flags, config_file, resume)
+    results = run_compare(settings, resume=resume, force=force, log=lambda msg: click.echo(msg, err=True),
+                          command=command_line(flags, compare_flags, config_file, resume))
+    click.echo(markdown_table(results["rows"], tuple(results["settings"]["attacks"])))
+    click.echo(f"results: {settings.out / 'results.md'}, {settings.out / 'results.json'}, {settings.out / 'curves.png'}")
+
+
+@click.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("-o", "--output", default="curves.png", show_default=True, type=click.Path(dir_okay=False), help="PNG to write")
+@click.option("--title", default=None, help="figure title")
+def plot(run_dirs: tuple[str, ...], output: str, title: str | None) -> None:
+    """Learning curves of runs from their metrics.jsonl: validation clean and robust accuracy per epoch.
+
+    One line per run and route (adv solid, clean dashed).
+
+    \b
+    Example:
+      robust plot runs/cmp/bn runs/cmp/auxbn runs/cmp/sabn -o curves.png
+    """
+    from robust.plots import CurveRun, plot_learning_curves, read_metrics, run_labels
+
+    runs = [CurveRun(label, read_metrics(d)) for label, d in zip(run_labels(run_dirs), run_dirs)]
+    click.echo(f"wrote {plot_learning_curves(runs, output, title=title)}")
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def analysis_table(analysis: dict[str, Any]) -> str:
+    """The per-layer figures as a plain text table, then the means over layers."""
+    header = f"{'layer':<22}{'shared|g_clean|':>16}{'shared|g_adv|':>15}{'clean-rt|g|':>13}{'adv-rt|g|':>11}{'cosine':>9}"
+    lines = [header]
+    for row in analysis["layers"]:
+        lines.append(f"{row['layer']:<22}{_num(row['shared_clean']):>16}{_num(row['shared_adv']):>15}"
+                     f"{_num(row['route_clean']):>13}{_num(row['route_adv']):>11}{_num(row['cosine'], 3):>9}")
+    s = analysis["summary"]
+    lines.append(f"{'mean':<22}{_num(s['shared_clean']):>16}{_num(s['shared_adv']):>15}"
+                 f"{_num(s['route_clean']):>13}{_num(s['route_adv']):>11}{_num(s['cosine'], 3):>9}")
+    ratios = [f"{part} adv/clean norm ratio {_num(s[f'{part}_ratio'], 3)}" for part in ("shared", "route")
+              if s.get(f"{part}_ratio") is not None]
+    lines.append(f"norm {analysis['norm']}; cosine of the {analysis['cosine_of']}; " + "; ".join(ratios))
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--batches", default=4, show_default=True, type=int, help="training batches to average over")
+@click.option("--batch-size", default=None, type=int, help="batch size  [default: the run's]")
+@click.option("--eps", default=None, help="attack radius, e.g. 8/255  [default: the run's]")
+@click.option("--steps", default=None, type=int, help="PGD steps of the attack  [default: the run's]")
+@click.option("--data-dir", default=None, help="folder with the dataset files")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=None, type=int, help="batch order, augmentation and attack starts  [default: the run's]")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="folder for analysis.json and gradients.png")
+@click.option("-o", "--output", "png", default=None, type=click.Path(dir_okay=False), help="PNG to write (without --out)")
+def analyze(checkpoint: str, batches: int, batch_size: int | None, eps: str | None, steps: int | None,
+            data_dir: str | None, device: str, seed: int | None, out_dir: str | None, png: str | None) -> None:
+    """Per norm layer: gradient norms of the clean and adversarial losses and their cosine.
+
+    The clean loss goes through the clean route on x, the adversarial loss through the adv route
+    on PGD examples made through the adv route (train-mode BN, as in training). Reported: norms
+    w.r.t. the shared affine (bn, sabn) and each route's affine (auxbn, sabn), and the cosine
+    between the clean and adversarial gradients of the shared affine. auxbn has no shared affine:
+    its cosine is between the two routes' affine gradients.
+
+    \b
+    Examples:
+      robust analyze runs/cmp/sabn --batches 4 --out runs/cmp/sabn/analysis
+      robust analyze runs/cmp/bn/best.pt -o bn_gradients.png
+    """
+    from robust.analysis import analyze_checkpoint
+    from robust.plots import plot_gradient_analysis
+
+    eps_value = parse_eps(eps) if eps is not None else None
+    for name, value in (("batch-size", batch_size), ("steps", steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    result = analyze_checkpoint(checkpoint, batches=batches, batch_size=batch_size, eps=eps_value, steps=steps,
+                                data_dir=data_dir, device=device, seed=seed)
+    click.echo(analysis_table(result))
+    if out_dir:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {folder / 'analysis.json'}, {plot_gradient_analysis(result, png or folder / 'gradients.png')}")
+    elif png:
+        click.echo(f"wrote {plot_gradient_analysis(result, png)}")
+

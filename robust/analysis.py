@@ -1,0 +1,211 @@
+"""Gradient analysis of the norm layers: makes the paper's "balanced norms, diverse directions" checkable.
+
+For a few training batches, with PGD examples made through the adv route (as in training), we
+take two losses, each through its own route:
+
+- the clean loss ``CE(clean route on x)`` and
+- the adversarial loss ``CE(adv route on x_adv)``,
+
+and, per norm layer, the gradient of each w.r.t. the layer's affine parameters (weight and bias
+together as one vector):
+
+- ``shared_clean`` / ``shared_adv``: norms of the two gradients w.r.t. the shared affine
+  (sabn: ``g_s, b_s``; bn: the one BatchNorm's affine). None for auxbn, which has no shared affine.
+- ``route_clean`` / ``route_adv``: the norm of the clean loss's gradient w.r.t. the clean route's
+  affine and of the adversarial loss's gradient w.r.t. the adv route's affine (sabn: ``g_r, b_r``;
+  auxbn: each route's BatchNorm affine). None for bn, which has no per-route affine.
+- ``cosine``: cosine similarity between the clean and adversarial gradients of the shared affine
+  (bn, sabn). auxbn has no shared parameter both losses reach, so its ``cosine`` is the cosine
+  between the two routes' affine gradients (clean loss on the clean affine vs adversarial loss on
+  the adv affine): the directions in which each route moves its own copy. ``cosine_of`` says which.
+- ``route_cosine``: that route-vs-route cosine for auxbn and sabn (None for bn).
+
+Every figure is computed per batch and averaged over batches (a norm of the optimizer's view of
+one step, not of a gradient summed over the batches). The losses use batch statistics (train
+mode) and the attack runs in the run's ``attack_bn`` mode, as in a training step; the model is
+analysed on a copy, so the caller's running statistics are not touched. The hybrid weights are not applied: these are the raw losses.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attacks import pgd
+
+from .engine import bn_mode
+from .norms import DualBatchNorm2d, RoutedNorm, SandwichBatchNorm2d, SharedBatchNorm2d, use_route
+
+FIGURES = ("shared_clean", "shared_adv", "route_clean", "route_adv", "cosine", "route_cosine")
+
+
+def affine_groups(layer: RoutedNorm) -> dict[str, list[nn.Parameter]]:
+    """The affine parameters of a norm layer, grouped as 'shared', 'clean', 'adv' (where they exist)."""
+    if isinstance(layer, SandwichBatchNorm2d):
+        groups = {"shared": [layer.shared_weight, layer.shared_bias]}
+        groups.update({r: [layer.route_weight[r], layer.route_bias[r]] for r in ("clean", "adv")})
+        return groups
+    if isinstance(layer, DualBatchNorm2d):
+        return {r: [p for p in (layer.bns[r].weight, layer.bns[r].bias) if p is not None] for r in ("clean", "adv")}
+    if isinstance(layer, SharedBatchNorm2d):
+        return {"shared": [p for p in (layer.weight, layer.bias) if p is not None]}
+    raise TypeError(f"not a routed norm layer: {type(layer).__name__}")
+
+
+def norm_layers(model: nn.Module) -> list[tuple[str, RoutedNorm]]:
+    """(qualified name, layer) of every routed norm layer with affine parameters, in model order."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, RoutedNorm) and all(affine_groups(m).values())]
+
+
+def _flat_grads(loss: torch.Tensor, params: list[nn.Parameter]) -> dict[int, torch.Tensor]:
+    """d loss / d p for every parameter (zeros where the loss does not reach it), keyed by id."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return {id(p): (torch.zeros_like(p) if g is None else g).detach().flatten() for p, g in zip(params, grads)}
+
+
+def _vector(grads: dict[int, torch.Tensor], params: list[nn.Parameter]) -> torch.Tensor:
+    return torch.cat([grads[id(p)] for p in params]).double()
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity, 0 when either vector is zero; clamped to [-1, 1] against rounding."""
+    denom = a.norm() * b.norm()
+    if denom == 0:
+        return 0.0
+    return float((a @ b / denom).clamp(-1.0, 1.0))
+
+
+def layer_figures(groups: dict[str, list[nn.Parameter]], g_clean: dict[int, torch.Tensor],
+                  g_adv: dict[int, torch.Tensor]) -> dict[str, float | None]:
+    """The figures of one layer for one batch, from the clean and adversarial gradients."""
+    out: dict[str, float | None] = dict.fromkeys(FIGURES)
+    if "shared" in groups:
+        sc, sa = _vector(g_clean, groups["shared"]), _vector(g_adv, groups["shared"])
+        out.update(shared_clean=float(sc.norm()), shared_adv=float(sa.norm()), cosine=_cosine(sc, sa))
+    if "clean" in groups:
+        rc, ra = _vector(g_clean, groups["clean"]), _vector(g_adv, groups["adv"])
+        out.update(route_clean=float(rc.norm()), route_adv=float(ra.norm()), route_cosine=_cosine(rc, ra))
+        if "shared" not in groups:
+            out["cosine"] = out["route_cosine"]
+    return out
+
+
+def batch_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+                 attack_train_mode: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean-route loss on ``x`` and the adv-route loss on PGD examples made through the adv route.
+
+    The losses use batch statistics (train mode) as a training step does; the attack runs in
+    train mode too unless ``attack_train_mode`` is False (a run trained with ``attack_bn=eval``).
+    """
+    with use_route(model, "adv"), bn_mode(model, attack_train_mode):
+        x_adv = pgd(model, x, y, eps, alpha, steps, random_start=True)
+    with bn_mode(model, True):
+        with use_route(model, "adv"):
+            adv_loss = F.cross_entropy(model(x_adv), y)
+        with use_route(model, "clean"):
+            clean_loss = F.cross_entropy(model(x), y)
+    return clean_loss, adv_loss
+
+
+def gradient_analysis(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eps: float,
+                      alpha: float | None = None, steps: int = 7, attack_train_mode: bool = True) -> dict[str, Any]:
+    """Per-layer gradient norms and cosines of the clean and adversarial losses, averaged over ``batches``.
+
+    Returns ``{"norm", "cosine_of", "settings", "layers": [{"layer", **figures}], "summary"}``; the
+    figures are described in the module docstring. ``model`` itself is not modified.
+    """
+    model = copy.deepcopy(model)
+    alpha = eps / 4 if alpha is None else alpha
+    layers = norm_layers(model)
+    if not layers:
+        raise ValueError("the model has no routed norm layers with affine parameters; build it with robust.build_model")
+    groups = [affine_groups(m) for _, m in layers]
+    params = [p for g in groups for ps in g.values() for p in ps]
+    sums: list[dict[str, float]] = [dict.fromkeys(FIGURES, 0.0) for _ in layers]
+    n_batches = 0
+    for x, y in batches:
+        clean_loss, adv_loss = batch_losses(model, x, y, eps, alpha, steps, attack_train_mode)
+        g_clean, g_adv = _flat_grads(clean_loss, params), _flat_grads(adv_loss, params)
+        for total, g in zip(sums, groups):
+            for key, value in layer_figures(g, g_clean, g_adv).items():
+                total[key] = None if value is None else total[key] + value
+        n_batches += 1
+    if n_batches == 0:
+        raise ValueError("no batches to analyse")
+    rows = [{"layer": name, **{k: (None if v is None else v / n_batches) for k, v in total.items()}}
+            for (name, _), total in zip(layers, sums)]
+    norm = _norm_kind(layers[0][1])
+    return {
+        "norm": norm,
+        "cosine_of": "route affines (clean vs adv)" if norm == "auxbn" else "shared affine (clean vs adv loss)",
+        "settings": {"batches": n_batches, "batch_size": int(len(y)), "eps": float(eps), "alpha": float(alpha),
+                     "steps": int(steps), "attack_bn": "train" if attack_train_mode else "eval"},
+        "layers": rows,
+        "summary": summarize(rows),
+    }
+
+
+def _norm_kind(layer: RoutedNorm) -> str:
+    if isinstance(layer, SandwichBatchNorm2d):
+        return "sabn"
+    return "auxbn" if isinstance(layer, DualBatchNorm2d) else "bn"
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Means over layers, plus the mean adv/clean gradient-norm ratio (1 = balanced)."""
+    out: dict[str, float | None] = {}
+    for key in FIGURES:
+        values = [r[key] for r in rows if r[key] is not None]
+        out[key] = sum(values) / len(values) if values else None
+    for part in ("shared", "route"):
+        ratios = [r[f"{part}_adv"] / r[f"{part}_clean"] for r in rows
+                  if r[f"{part}_clean"] is not None and r[f"{part}_clean"] > 0]
+        out[f"{part}_ratio"] = sum(ratios) / len(ratios) if ratios else None
+    return out
+
+
+def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | None = None, eps: float | None = None,
+                       steps: int | None = None, data=None, data_dir: str | None = None, device: str = "auto",
+                       seed: int | None = None) -> dict[str, Any]:
+    """:func:`gradient_analysis` of a checkpoint on its own training data, attack and batch size.
+
+    Dataset, split, eps, step size, steps and batch size default to the checkpoint's training
+    config; the first ``batches`` augmented training batches of epoch 0 are used.
+    """
+    from . import checkpoint as ckpt
+    from .config import ConfigError, TrainConfig
+    from .data import BatchLoader, load_dataset, split_train_val
+    from .engine import resolve_device
+
+    if batches < 1:
+        raise ConfigError(f"batches must be >= 1, got {batches}")
+    state = ckpt.load_checkpoint(path)
+    model = ckpt.model_from_checkpoint(state)
+    config = TrainConfig.from_dict(state["config"]) if isinstance(state.get("config"), dict) else None
+    dataset = state.get("dataset") or (config.dataset if config else None)
+    if dataset is None:
+        raise ConfigError(f"{path} does not say which dataset it was trained on; analyse the run's own checkpoint (best.pt)")
+    eps = float(eps if eps is not None else state.get("eps") or (config.eps_value if config else 8 / 255))
+    alpha = config.step_size_value * eps / config.eps_value if config else eps / 4  # the run's step/eps ratio
+    steps = steps or (config.steps if config else 7)
+    batch_size = batch_size or (config.batch_size if config else 128)
+    seed = seed if seed is not None else (config.seed if config else 0)
+    if data is None:
+        data = load_dataset(dataset, data_dir or (config.data_dir if config else None))
+    (train_x, train_y), _ = split_train_val(data, config.val_split if config else 0.1, seed)
+    dev = resolve_device(device)
+    loader = BatchLoader(train_x, train_y, batch_size, augment=True, flip=data.flip, seed=seed)
+    model = model.to(dev)
+    torch.manual_seed(seed)
+    chosen = [(x.to(dev), y.to(dev)) for _, (x, y) in zip(range(batches), loader)]
+    attack_train = config.attack_bn == "train" if config else True
+    result = gradient_analysis(model, chosen, eps, alpha, steps, attack_train_mode=attack_train)
+    result["checkpoint"] = str(ckpt.resolve_checkpoint_path(path))
+    result["settings"].update(dataset=dataset, seed=seed)
+    return result

@@ -1,0 +1,380 @@
+"""The paper's comparison: train one model per norm kind with one shared config, evaluate every route.
+
+``run_compare(CompareSettings(config, norms=("bn", "auxbn", "sabn")))`` trains each norm into
+``<out>/<norm>/`` with :class:`robust.trainer.Trainer` (same seed, data split and budget; only the
+norm differs), evaluates each route of each run's best.pt on the test set, and writes into
+``<out>``: results.md (the settings above a table shaped like the paper's), results.json (every
+figure) and curves.png (validation accuracy per epoch, one line per norm and route).
+
+Method: unless the config names one, every norm trains with the hybrid loss
+(``w*CE(clean route, x) + (1-w)*CE(adv route, x_adv)``). The paper's BN baseline uses that same
+loss through one shared BN, so the comparison changes the norm only (``robust train`` alone
+defaults bn to plain PGD-AT).
+
+Folder states (what ``resume`` does):
+- a new or empty ``out`` starts every run; an existing non-empty one is an error unless
+  ``resume`` (continue) or ``force`` (retrain every norm from scratch) is given;
+- with ``resume``, a norm whose last.pt reached the final epoch is not trained again (only
+  evaluated, and its evaluation is reused from eval.json when nothing changed), a norm with a
+  partial last.pt continues with ``Trainer(resume=True)``, a norm without last.pt starts over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ConfigError, TrainConfig
+from .norms import NORMS, check_norm
+
+SETTINGS_FILE = "compare.json"
+RESULT_FILES = ("results.md", "results.json", "curves.png")
+EVAL_CACHE = "eval.json"
+DEFAULT_ATTACKS = ("pgd10", "pgd20")
+NORM_TITLES = {"bn": "BN", "auxbn": "AuxBN", "sabn": "SaBN"}
+
+# The reference's CIFAR-10 table (PreAct ResNet-18, Linf 8/255, 200 epochs; its README), quoted
+# for comparison only. None means the paper reports no figure.
+PAPER_CIFAR10 = {
+    "source": "Gong et al., Sandwich Batch Normalization (WACV 2022), reference code README: "
+              "CIFAR-10, PreAct ResNet-18, Linf eps 8/255, hybrid loss, 200 epochs",
+    "rows": [
+        {"norm": "bn", "route": "shared", "clean": 84.84, "pgd10": 41.57, "pgd20": 40.02},
+        {"norm": "auxbn", "route": "adv", "clean": 83.42, "pgd10": 43.05, "pgd20": 41.60},
+        {"norm": "sabn", "route": "adv", "clean": 84.08, "pgd10": 44.93, "pgd20": 43.14},
+        {"norm": "auxbn", "route": "clean", "clean": 94.47, "pgd10": None, "pgd20": None},
+        {"norm": "sabn", "route": "clean", "clean": 94.62, "pgd10": None, "pgd20": None},
+    ],
+}
+
+
+class CompareExistsError(ConfigError):
+    """The compare folder already holds results; pass --resume or --force."""
+
+
+@dataclass
+class CompareSettings:
+    """A comparison: the shared training config plus which norms and how to evaluate them.
+
+    ``config.norm`` is ignored (each norm replaces it) and ``config.out`` is the compare folder
+    (default ``runs/compare-<dataset>``).
+    """
+
+    config: TrainConfig
+    norms: tuple[str, ...] = NORMS
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS
+    eval_limit: int | None = None
+    eval_batch_size: int = 256
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out or f"runs/compare-{self.config.dataset}")
+
+    @property
+    def method(self) -> str:
+        return self.config.method or "hybrid"
+
+    def norm_config(self, norm: str) -> TrainConfig:
+        """The config of one norm's run: the shared one with norm, method and out replaced."""
+        return dataclasses.replace(self.config, norm=norm, method=self.method, out=str(self.out / norm))
+
+    def validate(self) -> "CompareSettings":
+        """Raise ConfigError naming the first bad value; check attack names before any training."""
+        from .evaluate import check_attack_names
+
+        self.config.validate()
+        if not self.norms:
+            raise ConfigError("no norms given; pass e.g. --norms bn,auxbn,sabn")
+        for norm in self.norms:
+            try:
+                check_norm(norm)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if len(set(self.norms)) != len(self.norms):
+            raise ConfigError(f"norms {','.join(self.norms)} repeat a name; list each once")
+        self.attacks = tuple(a for a in check_attack_names(self.attacks) if a != "clean") or DEFAULT_ATTACKS
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"eval-limit must be >= 1, got {self.eval_limit}")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "norms": list(self.norms), "attacks": list(self.attacks),
+                "eval_limit": self.eval_limit, "eval_batch_size": self.eval_batch_size}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "CompareSettings":
+        try:
+            return cls(TrainConfig.from_dict(values["config"]), tuple(values["norms"]), tuple(values["attacks"]),
+                       values.get("eval_limit"), int(values.get("eval_batch_size", 256)))
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"compare settings are incomplete ({exc}); start a new comparison with --force") from None
+
+
+def load_settings(out: str | Path) -> dict[str, Any]:
+    """The saved settings of the comparison in ``out`` (for resuming), as a plain dict."""
+    path = Path(out) / SETTINGS_FILE
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} does not exist; start a new comparison without --resume")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} is not valid JSON; start a new comparison with --force") from None
+
+
+def check_compare_dir(out: Path, resume: bool, force: bool) -> None:
+    """Refuse to overwrite an existing comparison unless told to continue or replace it."""
+    if resume and force:
+        raise ConfigError("resume and force exclude each other; pick one")
+    if resume:
+        load_settings(out)
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise CompareExistsError(f"compare folder {out} already exists; pass --resume to continue it, "
+                                 "--force to retrain every norm, or --out NEW")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def run_state(config: TrainConfig) -> str:
+    """'done' (last.pt at the final epoch), 'partial' (an earlier epoch) or 'new' (no last.pt)."""
+    from . import checkpoint as ckpt
+
+    last = config.run_dir / "last.pt"
+    if not last.is_file():
+        return "new"
+    finished_epochs = int(ckpt.load_checkpoint(last)["epoch"]) + 1
+    return "done" if finished_epochs >= config.epochs and (config.run_dir / "best.pt").is_file() else "partial"
+
+
+def train_norm(config: TrainConfig, state: str, data, log: Callable[[str], None]) -> None:
+    """Train (or continue) one norm's run; a finished run is left as it is."""
+    from .trainer import Trainer
+
+    if state == "done":
+        log(f"{config.norm}: {config.run_dir} is complete ({config.epochs} epochs); not training it again")
+        return
+    (config.run_dir / EVAL_CACHE).unlink(missing_ok=True)  # a new best.pt needs a new evaluation
+    Trainer(config, data=data, resume=state == "partial", force=state == "new", log=log).fit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_key(settings: CompareSettings, config: TrainConfig, best: dict[str, Any] | None) -> dict[str, Any]:
+    """What an evaluation depends on; a cached evaluation is reused only when all of it matches."""
+    return {"attacks": list(settings.attacks), "eps": config.eps_value, "limit": settings.eval_limit,
+            "batch_size": settings.eval_batch_size, "seed": config.seed, "best": best, "dataset": config.dataset}
+
+
+def evaluate_run(settings: CompareSettings, config: TrainConfig, data, log: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """(best, evaluation): every route of the run's best.pt on the test set (eval.json reused when unchanged)."""
+    from .evaluate import evaluate, model_from, read_checkpoint
+
+    state = read_checkpoint(config.run_dir / "best.pt")
+    best = state.get("best")
+    key = eval_key(settings, config, best)
+    cache = config.run_dir / EVAL_CACHE
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("key") == key:
+            log(f"{config.norm}: reusing the evaluation in {cache}")
+            return best, saved["result"]
+    log(f"{config.norm}: evaluating {config.run_dir / 'best.pt'} ({', '.join(settings.attacks)}, eps {config.eps})")
+    result = evaluate(model_from(state), (data.test_x, data.test_y), attacks=list(settings.attacks),
+                      eps=config.eps_value, route="both", batch_size=settings.eval_batch_size,
+                      limit=settings.eval_limit, device=config.device, seed=config.seed)
+    cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    return best, result
+
+
+def run_summary(config: TrainConfig) -> dict[str, Any]:
+    """Training facts of one run from its metrics.jsonl: epochs, seconds, final validation figures."""
+    from .plots import read_metrics
+
+    metrics = read_metrics(config.run_dir)
+    final = metrics[-1] if metrics else {}
+    return {"epochs": len(metrics), "train_seconds": sum(m.get("seconds", 0.0) for m in metrics),
+            "final_val": {k: v for k, v in final.items() if k.startswith("val_")}, "metrics": metrics}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def attack_title(name: str) -> str:
+    """Column heading of an attack, as the paper writes it: pgd20 -> PGD-20, autoattack -> AutoAttack."""
+    special = {"autoattack": "AutoAttack", "fgsm": "FGSM", "square": "Square", "fab": "FAB", "fab-t": "FAB-T"}
+    if name in special:
+        return special[name]
+    for prefix in ("pgd", "cw"):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return f"{prefix.upper()}-{name[len(prefix):]}"
+    return name.upper()
+
+
+def table_rows(runs: dict[str, dict[str, Any]], attacks: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One row per norm and route, in the paper's order: adv (and shared) routes first, then clean.
+
+    A bn model has one route (the shared BN, scored as 'adv'); it is labelled 'shared'.
+    """
+    rows = []
+    for route in ("adv", "clean"):
+        for norm, run in runs.items():
+            accs = run["eval"]["routes"].get(route)
+            if accs is None:
+                continue
+            label = "shared" if norm == "bn" else route
+            rows.append({"norm": norm, "route": label, "clean": accs["clean"],
+                         **{a: accs.get(a) for a in attacks}, "worst_case": accs.get("worst_case")})
+    return rows
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], attacks: tuple[str, ...], worst_case: bool = True,
+                   norm_titles: dict[str, str] = NORM_TITLES) -> str:
+    """A markdown table: norm, route, clean, one column per attack (and the per-example worst case)."""
+    columns = ["clean", *attacks] + (["worst_case"] if worst_case else [])
+    titles = ["clean", *(attack_title(a) for a in attacks)] + (["worst case"] if worst_case else [])
+    lines = ["| norm | route | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(titles)]
+    for row in rows:
+        cells = [_cell(row.get(c)) for c in columns]
+        lines.append(f"| {norm_titles.get(row['norm'], row['norm'])} | {row['route']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paper_table_markdown() -> str:
+    """The paper's CIFAR-10 table, labelled as the paper's (for README and results.md)."""
+    titles = {**NORM_TITLES, "sabn": "SaAuxBN (SaBN)"}
+    table = markdown_table(PAPER_CIFAR10["rows"], ("pgd10", "pgd20"), worst_case=False, norm_titles=titles)
+    return f"The paper's figures, not measured here ({PAPER_CIFAR10['source']}):\n\n{table}"
+
+
+def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: int) -> list[str]:
+    """The run's settings in plain words, for above the table."""
+    c = settings.config
+    arch = f"{c.arch}, width {c.width or 'default'}"
+    steps_per_epoch = -(-n_train // c.batch_size)
+    warm = min(c.warmup_steps, steps_per_epoch)  # the trainer warms up within the first epoch only
+    warmup = f"linear warm-up from lr/10 over {warm} steps" if warm else "no warm-up"
+    method = f"{settings.method} for every norm"
+    if settings.method == "hybrid":
+        method += (f" (loss {c.clean_weight:g}*CE(clean route, x) + {1 - c.clean_weight:g}*CE(adv route, x_adv); "
+                   "the paper's BN baseline uses the same hybrid loss through one shared BN)")
+    return [
+        f"- dataset: {c.dataset}; {n_train} training examples, {n_val} validation examples (seed {c.seed}), "
+        f"test: the first {n_eval} test examples",
+        f"- model: {arch}; norms: {', '.join(settings.norms)} (only the norm differs between runs)",
+        f"- training: {c.epochs} epochs of {steps_per_epoch} steps, batch {c.batch_size}, SGD lr {c.lr:g} ({c.schedule}, "
+        f"milestones {c.milestones}, {warmup}), momentum {c.momentum:g}, weight decay {c.weight_decay:g}",
+        f"- method: {method}",
+        f"- training attack: Linf PGD-{c.steps}, eps {_eps_text(c)}, step {c.step_size_value:.4g}, "
+        f"random start, through the adv route, BN in {c.attack_bn} mode",
+        f"- checkpoint: best.pt of each run (best adv-route validation PGD-{c.val_steps} accuracy"
+        f"{f' on {c.val_limit} validation examples' if c.val_limit else ''})",
+        f"- evaluation: Linf eps {c.eps_value:.4g}, attacks {', '.join(settings.attacks)}, each route attacked and "
+        f"scored through itself in eval mode; 'worst case' = per-example worst over all attacks",
+    ]
+
+
+def _eps_text(c: TrainConfig) -> str:
+    """eps as written, with its value when the text is a fraction (8/255 = 0.03137)."""
+    return c.eps if str(c.eps) == f"{c.eps_value:g}" else f"{c.eps} = {c.eps_value:.4g}"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """results.md: title, command, settings, the measured table, training facts, the paper's table."""
+    settings = CompareSettings.from_dict(results["settings"])
+    attacks = tuple(results["settings"]["attacks"])
+    c = settings.config
+    parts = [f"# Norm comparison on {c.dataset} (eps {c.eps})", ""]
+    if results.get("command"):
+        parts += ["Command:", "", "```", results["command"], "```", ""]
+    if results.get("resumed_with"):
+        parts += ["Resumed with:", "", "```", *results["resumed_with"], "```", ""]
+    parts += ["Settings:", "", *settings_lines(settings, results["n_train"], results["n_val"], results["n_eval"]), ""]
+    parts += [f"Test accuracy (%) on {results['n_eval']} examples:", "", markdown_table(results["rows"], attacks), ""]
+    parts += ["Runs:", ""]
+    for norm, run in results["runs"].items():
+        best = run.get("best") or {}
+        parts.append(f"- {norm}: {run['run_dir']}, {run['epochs']} epochs in {run['train_seconds']:.0f} s, "
+                     f"best.pt from epoch {best.get('epoch', '?')}, evaluation {run['eval']['seconds']:.0f} s")
+    parts += ["", "Learning curves: curves.png", "", paper_table_markdown(), ""]
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole comparison
+
+
+def run_compare(settings: CompareSettings, resume: bool = False, force: bool = False, data=None,
+                log: Callable[[str], None] | None = None, command: str | None = None) -> dict[str, Any]:
+    """Train, evaluate and report every norm of ``settings``; return the results written to results.json.
+
+    ``data`` (an ImageData) skips loading the dataset; ``command`` is recorded in results.md (a
+    resumed comparison keeps the first command and lists the resuming ones after it).
+    """
+    from .data import load_dataset, split_train_val
+    from .plots import CurveRun, plot_learning_curves
+
+    log = log or (lambda msg: None)
+    settings.validate()
+    out = settings.out
+    check_compare_dir(out, resume, force)
+    if data is None:
+        data = load_dataset(settings.config.dataset, settings.config.data_dir)
+    history = _command_history(out, resume, command)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+    (out / SETTINGS_FILE).write_text(json.dumps({**settings.to_dict(), **history}, indent=2) + "\n")
+    start = time.perf_counter()
+    runs: dict[str, dict[str, Any]] = {}
+    for norm in settings.norms:
+        config = settings.norm_config(norm)
+        state = "new" if force else run_state(config)
+        train_norm(config, state, data, log)
+        best, evaluation = evaluate_run(settings, config, data, log)
+        runs[norm] = {"run_dir": str(config.run_dir), **run_summary(config), "best": best, "eval": evaluation}
+    (train_x, _), val = split_train_val(data, settings.config.val_split, settings.config.seed)
+    n_eval = next(iter(runs.values()))["eval"]["n"]
+    results = {
+        **history,
+        "settings": settings.to_dict(),
+        "method": settings.method,
+        "n_train": min(len(train_x), settings.config.limit or len(train_x)),
+        "n_val": 0 if val is None else min(len(val[1]), settings.config.val_limit or len(val[1])),
+        "n_eval": n_eval,
+        "rows": table_rows(runs, settings.attacks),
+        "runs": runs,
+        "paper_cifar10": PAPER_CIFAR10,
+        "seconds": time.perf_counter() - start,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(results_markdown(results))
+    curves = [CurveRun(NORM_TITLES.get(norm, norm), run["metrics"]) for norm, run in runs.items()]
+    if any(run["metrics"] and settings.config.val_split > 0 for run in runs.values()):
+        plot_learning_curves(curves, out / "curves.png", title=f"{settings.config.dataset}, eps {settings.config.eps}")
+    return results
+
+
+def _command_history(out: Path, resume: bool, command: str | None) -> dict[str, Any]:
+    """The first command of a comparison and, when resumed, every resuming command after it."""
+    if not resume:
+        return {"command": command, "resumed_with": []}
+    saved = load_settings(out)
+    resumed = [*saved.get("resumed_with", []), *([command] if command else [])]
+    return {"command": saved.get("command"), "resumed_with": resumed}

@@ -1,0 +1,142 @@
+"""Figures: learning curves from metrics.jsonl and the per-layer gradient analysis.
+
+matplotlib is imported inside the functions and used through ``matplotlib.figure.Figure``
+(no pyplot, no global backend state), so the figures render headless (Agg) and importing
+:mod:`robust` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class CurveRun:
+    """One run's per-epoch metrics and the label its lines carry in a figure."""
+
+    label: str
+    metrics: list[dict[str, Any]]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch metric dicts of a run folder, in epoch order.
+
+    A malformed line (a run killed while appending) is skipped rather than failing the plot.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no {METRICS_FILE}; pass a run folder written by `robust train`")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "epoch" in row:
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["epoch"])
+
+
+def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
+    """Short, distinct labels for run folders: their names, or their paths when names repeat."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    return [str(d) for d in run_dirs]
+
+
+def routes_in(metrics: list[dict[str, Any]]) -> list[str]:
+    """The routes that have validation figures in ``metrics`` (adv first, as the paper's table)."""
+    return [r for r in ("adv", "clean") if any(f"val_{r}_clean" in m for m in metrics)]
+
+
+def curve_series(run: CurveRun, kind: str) -> list[tuple[str, list[int], list[float]]]:
+    """(label, epochs, values) per route of ``run`` for ``kind`` 'clean' or 'robust' accuracy."""
+    series = []
+    routes = routes_in(run.metrics)
+    for route in routes:
+        key = f"val_{route}_{kind}"
+        points = [(m["epoch"], m[key]) for m in run.metrics if m.get(key) is not None]
+        if points:
+            label = run.label if len(routes) == 1 else f"{run.label} {route}"
+            series.append((label, [p[0] for p in points], [p[1] for p in points]))
+    return series
+
+
+def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str | None = None) -> Path:
+    """Validation clean and robust accuracy per epoch: one line per run and route, two panels.
+
+    Each run keeps one colour; the adv route is drawn solid, the clean route dashed.
+    """
+    from matplotlib.figure import Figure
+
+    if not any(routes_in(r.metrics) for r in runs):
+        raise ConfigError("no validation figures to plot; the runs were trained with --val-split 0 or have no finished epoch")
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, kind, ylabel in zip(axes, ("clean", "robust"), ("validation clean accuracy (%)", "validation PGD accuracy (%)")):
+        for run, colour in zip(runs, colours):
+            for label, epochs, values in curve_series(run, kind):
+                style = "--" if label.endswith(" clean") else "-"
+                ax.plot(epochs, values, style, color=colour, marker="o", markersize=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        epochs = sorted({m["epoch"] for run in runs for m in run.metrics})
+        if len(epochs) <= 20:  # few epochs: one tick each, no fractional epochs
+            ax.set_xticks(epochs)
+    axes[1].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_gradient_analysis(analysis: dict[str, Any], path: str | Path) -> Path:
+    """Per norm layer (x axis): gradient norms of the clean and adversarial losses, and their cosine."""
+    from matplotlib.figure import Figure
+
+    layers = analysis["layers"]
+    x = list(range(len(layers)))
+    fig = Figure(figsize=(max(8.0, 0.42 * len(layers) + 3), 7), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    lines = [
+        ("shared_clean", "shared affine, clean loss", "C0", "-"),
+        ("shared_adv", "shared affine, adv loss", "C3", "-"),
+        ("route_clean", "clean-route affine, clean loss", "C0", "--"),
+        ("route_adv", "adv-route affine, adv loss", "C3", "--"),
+    ]
+    for key, label, colour, style in lines:
+        values = [layer[key] for layer in layers]
+        if all(v is not None for v in values):
+            top.plot(x, values, style, color=colour, marker="o", markersize=3, label=label)
+    top.set_yscale("log")
+    top.set_ylabel("gradient norm (mean over batches)")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.plot(x, [layer["cosine"] for layer in layers], color="C2", marker="o", markersize=3,
+                label=analysis.get("cosine_of", "cosine"))
+    bottom.axhline(0.0, color="grey", linewidth=0.8)
+    bottom.set_ylim(-1.05, 1.05)
+    bottom.set_ylabel("cosine(clean grad, adv grad)")
+    bottom.legend(fontsize=8)
+    bottom.grid(alpha=0.3)
+    bottom.set_xticks(x)
+    bottom.set_xticklabels([layer["layer"] for layer in layers], rotation=70, fontsize=7)
+    bottom.set_xlabel("norm layer")
+    fig.suptitle(f"gradient analysis: norm={analysis['norm']}, {analysis['settings']['batches']} batches, eps {analysis['settings']['eps']:.4g}")
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
