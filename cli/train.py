@@ -63,13 +63,8 @@ def resolve_config(flags: dict[str, Any], config_file: str | None, resume: bool)
 @click.option("--force", is_flag=True, help="replace an existing run folder")
 @click.option("--nproc", type=int, default=None,
               help="train with N processes on this machine (starts torchrun --standalone); --batch-size stays the global batch")
-@click.option("--sync-bn/--no-sync-bn", "sync_bn", default=None,
-              help="route-aware SyncBatchNorm: each route's BN statistics over all processes  [default: off; --resume keeps the run's choice]")
-@click.option("--save-every", type=float, default=600.0, show_default=True,
-              help="also write last.pt inside an epoch at most every this many seconds (0: at epoch ends only)")
 @config_options
-def train(config_file: str | None, resume: bool, force: bool, nproc: int | None, sync_bn: bool | None,
-          save_every: float, **flags: Any) -> None:
+def train(config_file: str | None, resume: bool, force: bool, nproc: int | None, **flags: Any) -> None:
     """PGD adversarial training; defaults reproduce the SaBN reference recipe on CIFAR-10.
 
     Writes config.json, metrics.jsonl (one line per epoch), last.pt (for --resume) and best.pt
@@ -90,30 +85,28 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
         raise BadInput(f"--nproc must be >= 1, got {nproc}; pass the number of processes to start")
     if nproc is not None and nproc > 1 and distributed.env_world_size() > 1:
         raise BadInput("--nproc cannot be used inside torchrun (WORLD_SIZE is already set); drop --nproc")
-    if save_every < 0:
-        raise BadInput(f"--save-every must be >= 0 seconds, got {save_every:g}")
     try:
         config = resolve_config(flags, config_file, resume)
     except BAD_INPUT_ERRORS as exc:
         _fail(exc, 2)
     if nproc is not None and nproc > 1:
-        argv = forward_args(flags, config_file=config_file, resume=resume, force=force, sync_bn=sync_bn,
-                            save_every=save_every)
+        argv = forward_args(flags, config_file=config_file, resume=resume, force=force)
         raise SystemExit(launch(nproc, argv))
     try:
-        result = run_training(config, resume=resume, force=force, sync_bn=sync_bn, save_every=save_every)
+        result = run_training(config, resume=resume, force=force)
     finally:
         distributed.shutdown()
     if distributed.env_rank() == 0:
         click.echo(summary_table(result))
 
 
-def run_training(config: TrainConfig, resume: bool, force: bool, sync_bn: bool | None, save_every: float) -> dict[str, Any]:
+def run_training(config: TrainConfig, resume: bool, force: bool) -> dict[str, Any]:
     """Train; turn the trainer's failures into one message from rank 0 and the right exit code."""
     from robust.trainer import CheckpointWriteError, NonFiniteLoss, Trainer, TrainingInterrupted
 
     try:
-        return Trainer(config, resume=resume, force=force, sync_bn=sync_bn, save_every_s=save_every or None).fit()
+        return Trainer(config, resume=resume, force=force, sync_bn=config.sync_bn,
+                       save_every_s=config.save_every or None).fit()
     except BAD_INPUT_ERRORS as exc:
         _fail(exc, 2)
     except distributed.PeerFailed as exc:
@@ -142,9 +135,6 @@ def forward_args(flags: dict[str, Any], **options: Any) -> list[str]:
     if options.get("config_file"):
         argv.append(f"--config={options['config_file']}")
     argv += [f"--{name}" for name in ("resume", "force") if options.get(name)]
-    if options.get("sync_bn") is not None:
-        argv.append("--sync-bn" if options["sync_bn"] else "--no-sync-bn")
-    argv.append(f"--save-every={options.get('save_every', 600.0)}")
     for name, value in flags.items():
         if value is None:
             continue

@@ -90,6 +90,8 @@ class TrainConfig:
     channels_last: bool = _f(True, "channels_last memory format")
     compile: bool = _f(False, "torch.compile the model")
     fused: bool = _f(True, "hybrid/fast: one forward over the concatenated clean+adv batch (split routes)")
+    sync_bn: bool = _f(False, "distributed: route-aware SyncBatchNorm, each route's statistics over all processes")
+    save_every: float = _f(600.0, "also write last.pt inside an epoch at most every this many seconds (0: epoch ends only)")
     seed: int = _f(0, "random seed (data split, order, augmentation, attack starts)")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
     # output
@@ -140,6 +142,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.save_every < 0:
+            raise ConfigError(f"save-every must be >= 0 seconds, got {self.save_every:g}")
         if not 0 <= self.val_split < 1:
             raise ConfigError(f"val-split must be in [0, 1), got {self.val_split}")
         if not 0 <= self.clean_weight <= 1:

@@ -77,7 +77,7 @@ def test_train_refuses_unknown_names(tmp_path, flag, value, valid):
 
 
 @pytest.mark.parametrize("args, problem", [
-    (["--nproc", "0"], "--nproc must be >= 1"), (["--save-every", "-1"], "--save-every must be >= 0"),
+    (["--nproc", "0"], "--nproc must be >= 1"), (["--save-every", "-1"], "save-every must be >= 0"),
     (["--limit", "0"], "limit must be >= 1"),
 ])
 def test_train_refuses_bad_launch_options(tmp_path, args, problem):
