@@ -247,7 +247,6 @@ class BatchLoader:
         self.batch_size, self.augment, self.flip, self.pad = batch_size, augment, flip, pad
         self.seed, self.channels_last, self.drop_last = seed, channels_last, drop_last
         self.rank, self.world = shard
-        self.padded = torch.nn.functional.pad(x, (pad,) * 4) if augment and pad else x
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -271,9 +270,9 @@ class BatchLoader:
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.x.device)
             if self.augment:
-                xb = self.padded[idx]
-                if self.pad:
-                    xb = random_crop(xb, self.x.shape[-2:], generator)
+                xb = self.x[idx]
+                if self.pad:  # pad the batch, not the dataset: no second, larger copy of the data
+                    xb = random_crop(torch.nn.functional.pad(xb, (self.pad,) * 4), self.x.shape[-2:], generator)
                 if self.flip:
                     xb = random_flip(xb, generator)
             else:

@@ -1,0 +1,177 @@
+"""`robust eval`: clean and robust accuracy per route, a table on stdout, optional JSON and plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from .common import BadInput
+
+
+def refuse_overwrite(path: str | None, force: bool, flag: str) -> None:
+    """BadInput when ``path`` exists and --force was not given (checked before any work)."""
+    if path and Path(path).exists() and not force:
+        raise BadInput(f"{path} already exists; pass --force to overwrite it or choose another {flag}")
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """One row per route: clean, each attack, and the worst case when several attacks ran."""
+    attacks = list(result["attacks"])
+    columns = ["clean", *attacks] + (["worst_case"] if len(attacks) > 1 else [])
+    width = max(10, *(len(c) + 2 for c in columns))
+    lines = [f"{'route':<8}" + "".join(f"{c:>{width}}" for c in columns)]
+    for route, acc in result["routes"].items():
+        lines.append(f"{route:<8}" + "".join(f"{acc[c]:>{width}.2f}" for c in columns))
+    return "\n".join(lines)
+
+
+def describe_eps(eps: float, threat: str) -> str:
+    pixels = f" (= {eps * 255:.3g}/255)" if threat == "linf" else ""
+    return f"{threat} eps {eps:.6g}{pixels}"
+
+
+def format_sweep(sweep: Sequence[dict[str, Any]]) -> str:
+    """Worst-case accuracy per route (columns) at each eps (rows)."""
+    routes = list(sweep[0]["routes"])
+    lines = [f"{'eps':>12}" + "".join(f"{r:>10}" for r in routes)]
+    for s in sweep:
+        lines.append(f"{s['eps']:>12.6g}" + "".join(f"{s['routes'][r]['worst_case']:>10.2f}" for r in routes))
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep: Sequence[dict[str, Any]], path: str, title: str) -> None:
+    """Accuracy (worst case over the attacks) against eps, one line per route, written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    eps = [s["eps"] for s in sweep]
+    for route in sweep[0]["routes"]:
+        ax.plot(eps, [s["routes"][route]["worst_case"] for s in sweep], marker="o", label=f"{route} route")
+    ax.set_xlabel(f"eps ({sweep[0]['threat']})")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_checks(checks) -> None:
+    """Passed checks as OK lines on stdout, failed ones as warnings on stderr."""
+    for c in checks:
+        if c.passed:
+            click.echo(f"  ok    {c.name}: {c.detail}")
+        else:
+            click.echo(f"WARNING {c.name} failed: {c.detail}", err=True)
+
+
+@click.command("eval")
+@click.argument("checkpoint")
+@click.option("--attack", "attacks", default="pgd20", show_default=True,
+              help="comma-separated attacks: clean, fgsm, pgdN, cwN, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, autoattack")
+@click.option("--eps", default=None, help="attack radius in pixel units, e.g. 8/255  [default: the checkpoint's training eps]")
+@click.option("--route", type=click.Choice(["clean", "adv", "both"]), default=None,
+              help="route to attack and score  [default: both for dual-route models]")
+@click.option("--threat", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="threat model")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N test examples only")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the attacks' random starts")
+@click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True, help="random restarts per attack")
+@click.option("--queries", type=click.IntRange(min=1), default=5000, show_default=True, help="Square: query budget")
+@click.option("--data-dir", default=None, help="folder with the dataset files")
+@click.option("--sanity", is_flag=True, help="run the honesty checks of evaluation.md and warn on failures")
+@click.option("--eps-sweep", default=None, help="comma-separated eps values, e.g. 0,2/255,4/255,8/255,16/255")
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="with --eps-sweep: write accuracy vs eps as PNG")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write every figure to this JSON file")
+@click.option("--force", is_flag=True, help="overwrite existing --json / --plot files")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str,
+                     limit: int | None, batch_size: int, device: str, seed: int, restarts: int, queries: int,
+                     data_dir: str | None, sanity: bool, eps_sweep: str | None, plot: str | None,
+                     json_path: str | None, force: bool, quiet: bool) -> None:
+    """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
+
+    Each route is attacked and scored through itself, with the model in eval mode; with several
+    attacks the worst case per example is reported too. An attack that returns an input outside
+    the eps ball or outside [0, 1] stops the run with an error (exit code 1).
+
+    \b
+    Examples:
+      robust eval runs/fashion-mnist-sabn-hybrid --attack pgd20 --limit 1000
+      robust eval model.pt --attack pgd20,autoattack --eps 8/255 --json eval.json
+      robust eval runs/a --eps-sweep 0,2/255,4/255,8/255,16/255 --plot curve.png
+    """
+    from attacks.registry import PerturbationError
+
+    try:
+        run_eval(checkpoint, attacks, eps, route, threat, limit, batch_size, device, seed, restarts, queries,
+                 data_dir, sanity, eps_sweep, plot, json_path, force, quiet)
+    except PerturbationError as exc:
+        raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
+
+
+def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str, limit: int | None,
+             batch_size: int, device: str, seed: int, restarts: int, queries: int, data_dir: str | None,
+             sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
+             quiet: bool) -> None:
+    """The body of `robust eval` (see its help)."""
+    from robust.data import load_dataset
+    from robust.evaluate import (
+        check_attack_names, eps_monotonic_checks, eps_sweep as run_sweep, evaluate, model_from,
+        parse_eps_list, read_checkpoint, resolve_eps, sanity_checks,
+    )
+
+    if plot and not eps_sweep:
+        raise BadInput("--plot needs --eps-sweep, e.g. --eps-sweep 0,2/255,4/255,8/255 --plot curve.png")
+    refuse_overwrite(json_path, force, "--json")
+    refuse_overwrite(plot, force, "--plot")
+    names = check_attack_names(attacks)
+    sweep_values = parse_eps_list(eps_sweep, threat) if eps_sweep else None
+    state = read_checkpoint(checkpoint)
+    if eps is None and "eps" not in state:
+        raise BadInput(f"{checkpoint} records no training eps; pass --eps, e.g. --eps 8/255")
+    eps_value = resolve_eps(eps if eps is not None else state["eps"], threat)
+    if "dataset" not in state:
+        raise BadInput(f"{checkpoint} records no dataset; re-export it with `robust export`")
+    model = model_from(state)
+    data = load_dataset(state["dataset"], data_dir)
+    options = dict(route=route, batch_size=batch_size, limit=limit, device=device, seed=seed, threat=threat,
+                   restarts=restarts, queries=queries, progress=not quiet and sys.stderr.isatty())
+
+    result = evaluate(model, (data.test_x, data.test_y), attacks=names, eps=eps_value, **options)
+    args = model.build_args
+    click.echo(f"{checkpoint}: {args['arch']} ({args['norm']}, width {args['width']}), {state['dataset']} test, "
+               f"{result['n']} examples, {describe_eps(eps_value, threat)}, seed {seed}")
+    click.echo(format_table(result))
+    click.echo(f"{result['seconds']:.1f} s")
+    report: dict[str, Any] = {"checkpoint": str(checkpoint), "dataset": state["dataset"], "model": args, **result}
+
+    checks = []
+    if sanity:
+        click.echo("sanity checks:")
+        checks = sanity_checks(model, (data.test_x, data.test_y), eps_value, reuse=result, **options)
+    if sweep_values:
+        sweep = run_sweep(model, (data.test_x, data.test_y), sweep_values, attacks=names, **options)
+        click.echo("eps sweep (worst case over the attacks, %):")
+        click.echo(format_sweep(sweep))
+        report["eps_sweep"] = sweep
+        checks += eps_monotonic_checks(sweep)
+        if plot:
+            plot_sweep(sweep, plot, f"{Path(checkpoint).name}: {', '.join(names)}")
+            click.echo(f"wrote {plot}")
+    if checks:
+        print_checks(checks)
+        report["checks"] = [c._asdict() for c in checks]
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
