@@ -6,7 +6,12 @@ import click
 
 from robust import __version__
 
+from .bench import bench
 from .common import BAD_INPUT_ERRORS, BadInput
+from .compare import analyze, compare, plot
+from .demo import demo
+from .evaluate import evaluate_command
+from .export import export_command
 from .train import train
 
 
@@ -32,6 +37,13 @@ def cli() -> None:
 
 
 cli.add_command(train)
+cli.add_command(bench)
+cli.add_command(compare)
+cli.add_command(plot)
+cli.add_command(analyze)
+cli.add_command(evaluate_command)
+cli.add_command(export_command)
+cli.add_command(demo)
 
 
 def main() -> None:
