@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
@@ -239,7 +240,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
 
 
 def _progress_bar(total: int, enabled: bool):
-    if not enabled:
+    """A tqdm bar on a terminal only: redirected output gets the final table, not bar frames."""
+    if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
