@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .common import BadInput
@@ -37,6 +39,8 @@ def demo(out: str, force: bool, eval_limit: int, data_dir: str | None, quiet: bo
 
     if eval_limit < 1:
         raise BadInput(f"--eval-limit must be >= 1, got {eval_limit}")
+    if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
+        raise BadInput(f"run folder {out} already exists; pass --force to replace it or --out NEW")
     config = TrainConfig(**DEMO_TRAIN, data_dir=data_dir, out=out, quiet=quiet)
     data = load_dataset(config.dataset, data_dir)
     Trainer(config, data=data, force=force).fit()
