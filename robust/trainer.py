@@ -203,9 +203,12 @@ class Progress:
 
             self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
-    def update(self, **postfix: Any) -> None:
+    def show(self, **postfix: Any) -> None:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
+
+    def update(self) -> None:
+        if self.bar is not None:
             self.bar.update(1)
 
     def close(self) -> None:
@@ -656,8 +659,8 @@ class Trainer:
             watch.update(loss)
             self.step += 1
             if progress.bar is not None and (i % 10 == 0 or i == steps - 1):
-                progress.bar.set_postfix(loss=f"{tally.loss_sum.item() / tally.seen:.3f}",
-                                         adv_acc=f"{100 * tally.correct.item() / tally.seen:.1f}", refresh=False)
+                progress.show(loss=f"{tally.loss_sum.item() / tally.seen:.3f}",
+                              adv_acc=f"{100 * tally.correct.item() / tally.seen:.1f}")
             progress.update()
             self._between_steps(epoch, i + 1, steps, tally, watch, tally.seconds_before + time.perf_counter() - start)
         progress.close()

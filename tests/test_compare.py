@@ -38,19 +38,6 @@ def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on this shared 2-core machine it is several times faster than two.
-
-    channels_last stays off in these runs: torch 2.14's CPU backward of a 1x1 stride-2 conv
-    with fewer than 8 input channels (width 4) corrupts the heap in channels_last.
-    """
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fmnist")

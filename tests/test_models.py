@@ -26,15 +26,6 @@ FINAL_ADV_VAR = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny models run fastest on one thread; two threads on a shared, loaded CPU run ~30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every norm affine and running statistic a distinct random value, so that the two routes
     of a dual model differ (as after training) and no check can pass by the identity init."""

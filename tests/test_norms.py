@@ -16,15 +16,6 @@ C = 3
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny models run fastest on one thread; two threads on a shared, loaded CPU run ~30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def randomized(layer: nn.Module, seed: int = 0) -> nn.Module:
     """Give every affine parameter and running statistic of ``layer`` a distinct random value,
     so that a formula or a route mix-up cannot hide behind the identity init."""
