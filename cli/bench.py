@@ -74,10 +74,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"{c['arch']} {c['norm']} width {c['width']}, {c['method']} PGD-{c['steps']}, batch {c['batch_size']}, "
         f"device {r['device']}, project precision {r['precision']}, {c['repeats']} runs x {c['iters']} steps per variant",
     ]
-    peak = r.get("matmul_peak_gflops")
-    if peak:
-        lines.append(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
-    header = f"{'variant':<10}{'img/s (median)':>16}{'runs':>28}{'GFLOP/step':>12}{'GFLOP/s':>10}{'of peak':>9}{'peak mem MiB':>14}{'step mem MiB':>14}"
+    peaks = r.get("matmul_peak_gflops") or {}
+    if peaks:
+        lines.append("matmul peak: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in peaks.items())
+                     + " (each variant's 'of peak' is against the peak of its own precision)")
+    header = f"{'variant':<10}{'precision':>10}{'img/s (median)':>16}{'runs':>28}{'GFLOP/step':>12}{'GFLOP/s':>10}{'of peak':>9}{'peak mem MiB':>14}{'step mem MiB':>14}"
     lines.append(header)
     for name, v in r["variants"].items():
         runs = ", ".join(_rate(x) for x in v["images_per_s"])
@@ -87,7 +88,7 @@ def format_report(r: dict[str, Any]) -> str:
         mem = v.get("memory") or {}
         peak_mem = f"{mem['peak_mb']:.0f}" if mem else "-"
         step_mem = f"{mem['step_mb']:.0f}" if mem else "-"
-        lines.append(f"{name:<10}{_rate(v['median_images_per_s']):>16}{runs[:27]:>28}{flops:>12}{gfs:>10}{frac:>9}{peak_mem:>14}{step_mem:>14}")
+        lines.append(f"{name:<10}{v.get('precision', '-'):>10}{_rate(v['median_images_per_s']):>16}{runs[:27]:>28}{flops:>12}{gfs:>10}{frac:>9}{peak_mem:>14}{step_mem:>14}")
     if r["variants"]["project"].get("memory"):
         lines.append(f"memory: {r['variants']['project']['memory']['kind']}")
     lines.append(f"speedup: {r['speedup']:.2f}x")

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from robust.config import PRECISIONS
+
 from .common import BadInput
 
 DEMO_TRAIN = dict(
     dataset="fashion-mnist", eps="0.1", norm="sabn", arch="preact_resnet18", width=8,
     limit=10000, epochs=3, steps=4, batch_size=128, lr=0.1, schedule="onecycle",
-    val_limit=500, val_steps=10, seed=0,
+    val_limit=500, val_steps=10,
 )
 
 
@@ -20,8 +22,11 @@ DEMO_TRAIN = dict(
 @click.option("--force", is_flag=True, help="replace an existing demo run folder")
 @click.option("--eval-limit", default=1000, show_default=True, help="test images scored with PGD-20")
 @click.option("--data-dir", default=None, help="folder with the Fashion-MNIST files (default: the Debian package's)")
+@click.option("--seed", default=0, show_default=True, help="random seed (split, order, augmentation, attack starts)")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="training precision: auto = bf16 on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def demo(out: str, force: bool, eval_limit: int, data_dir: str | None, quiet: bool) -> None:
+def demo(out: str, force: bool, eval_limit: int, data_dir: str | None, seed: int, precision: str, quiet: bool) -> None:
     """Train a small SaBN model on real Fashion-MNIST, then report clean and PGD-20 accuracy.
 
     \b
@@ -41,7 +46,7 @@ def demo(out: str, force: bool, eval_limit: int, data_dir: str | None, quiet: bo
         raise BadInput(f"--eval-limit must be >= 1, got {eval_limit}")
     if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
         raise BadInput(f"run folder {out} already exists; pass --force to replace it or --out NEW")
-    config = TrainConfig(**DEMO_TRAIN, data_dir=data_dir, out=out, quiet=quiet)
+    config = TrainConfig(**DEMO_TRAIN, data_dir=data_dir, out=out, quiet=quiet, seed=seed, precision=precision)
     data = load_dataset(config.dataset, data_dir)
     Trainer(config, data=data, force=force).fit()
     model = load_model(out)

@@ -105,8 +105,7 @@ def run_training(config: TrainConfig, resume: bool, force: bool) -> dict[str, An
     from robust.trainer import CheckpointWriteError, NonFiniteLoss, Trainer, TrainingInterrupted
 
     try:
-        return Trainer(config, resume=resume, force=force, sync_bn=config.sync_bn,
-                       save_every_s=config.save_every or None).fit()
+        return Trainer(config, resume=resume, force=force, sync_bn=config.sync_bn).fit()
     except BAD_INPUT_ERRORS as exc:
         _fail(exc, 2)
     except distributed.PeerFailed as exc:

@@ -26,8 +26,12 @@ that process; both the whole-process peak and its rise over the resident size ri
 
 Achieved GFLOP/s: the FLOPs of one step of each variant are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products, forward and
-backward; elementwise work is not counted) and divided by that variant's median step time; the
-machine's peak is the best time of a large fp32 matmul on the same device.
+backward; elementwise work is not counted) and divided by that variant's median step time. "Of
+peak" divides by the machine's peak **in the precision the variant ran**: the best time of a large
+matmul in that dtype on the same device (fp32 for the textbook loop; bf16 when the project variant
+autocasts to bf16, whose peak on AMX CPUs is several times the fp32 one).
+
+On CUDA the clock is CUDA events around the steps (recorded on the stream, read after a synchronize).
 """
 
 from __future__ import annotations
@@ -258,8 +262,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_run(step: Callable[[], None], iters: int, device: torch.device) -> float:
-    """Seconds for ``iters`` steps, synchronized at both ends."""
+    """Seconds for ``iters`` steps: CUDA events on a GPU, a synchronized wall clock elsewhere."""
     synchronize(device)
+    if device.type == "cuda":
+        start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start_event.record()
+        for _ in range(iters):
+            step()
+        end_event.record()
+        end_event.synchronize()
+        return start_event.elapsed_time(end_event) / 1000.0
     start = time.perf_counter()
     for _ in range(iters):
         step()
@@ -296,18 +308,14 @@ def count_step_flops(step: Callable[[], None]) -> int:
     return counter.total
 
 
-def matmul_peak_gflops(device: torch.device, n: int = 1024, tries: int = 5) -> float:
-    """The machine's measured fp32 matmul rate: best of ``tries`` timings of an n x n product."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, tries: int = 5) -> float:
+    """The machine's measured matmul rate in ``dtype``: best of ``tries`` timings of an n x n product."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     a @ b
     best = float("inf")
     for _ in range(tries):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time_run(lambda: a @ b, 1, device))
     return 2 * n ** 3 / best / 1e9
 
 
@@ -397,7 +405,8 @@ class VariantResult:
     median_step_s: float = 0.0
     flops_per_step: int | None = None
     achieved_gflops: float | None = None
-    peak_fraction: float | None = None
+    peak_fraction: float | None = None  # of the matmul peak in this variant's precision
+    precision: str = "fp32"
     memory: dict[str, Any] | None = None
 
 
@@ -419,14 +428,17 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             seconds = time_run(runners[name], config.iters, device)
             results[name].images_per_s.append(config.iters * config.batch_size / seconds)
             say(f"run {r + 1}/{config.repeats} {name}: {results[name].images_per_s[-1]:.1f} img/s")
-    peak = matmul_peak_gflops(device) if config.flops else None
+    precision = {"project": _precision_name(config, device), "textbook": "fp32"}
+    peaks = ({p: matmul_peak_gflops(device, PEAK_DTYPES[p]) for p in sorted(set(precision.values()))}
+             if config.flops else {})
     for name, res in results.items():
+        res.precision = precision[name]
         res.median_images_per_s = statistics.median(res.images_per_s)
         res.median_step_s = config.batch_size / res.median_images_per_s
         if config.flops:
             res.flops_per_step = count_step_flops(runners[name])
             res.achieved_gflops = res.flops_per_step / res.median_step_s / 1e9
-            res.peak_fraction = res.achieved_gflops / peak
+            res.peak_fraction = res.achieved_gflops / peaks[res.precision]
     runners.clear()
     if config.memory:
         for name in VARIANTS:
@@ -437,11 +449,14 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "config": asdict(config),
         "device": str(device),
         "machine": machine_description(device),
-        "precision": _precision_name(config, device),
-        "matmul_peak_gflops": peak,
+        "precision": precision["project"],
+        "matmul_peak_gflops": peaks,
         "variants": {name: asdict(res) for name, res in results.items()},
         "speedup": speedup,
     }
+
+
+PEAK_DTYPES = {"fp32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _precision_name(config: BenchConfig, device: torch.device) -> str:

@@ -349,14 +349,15 @@ def run_compare(settings: CompareSettings, resume: bool = False, force: bool = F
         train_norm(config, state, data, log)
         best, evaluation = evaluate_run(settings, config, data, log)
         runs[norm] = {"run_dir": str(config.run_dir), **run_summary(config), "best": best, "eval": evaluation}
-    (train_x, _), val = split_train_val(data, settings.config.val_split, settings.config.seed)
+    c = settings.config
+    (train_x, _), val = split_train_val(data, c.val_split, c.seed, c.limit, c.val_limit)
     n_eval = next(iter(runs.values()))["eval"]["n"]
     results = {
         **history,
         "settings": settings.to_dict(),
         "method": settings.method,
-        "n_train": min(len(train_x), settings.config.limit or len(train_x)),
-        "n_val": 0 if val is None else min(len(val[1]), settings.config.val_limit or len(val[1])),
+        "n_train": len(train_x),
+        "n_val": 0 if val is None else len(val[1]),
         "n_eval": n_eval,
         "rows": table_rows(runs, settings.attacks),
         "runs": runs,

@@ -193,15 +193,22 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     raise DataError(f"{name} not found; looked in: {'; '.join(looked)}. Pass --data-dir FOLDER with the dataset files{hint}")
 
 
-def split_train_val(data: ImageData, val_fraction: float, seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-    """A seeded random split of the training set into (train, validation) tensors."""
-    n = len(data.train_y)
+def split_train_val(data: ImageData, val_fraction: float, seed: int, limit: int | None = None,
+                    val_limit: int | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """A run's (train, validation) tensors: a seeded ``val_fraction`` of the first ``limit`` training examples.
+
+    Validation is drawn from the limited set, so a quick ``--limit`` run validates in proportion
+    to what it trains on; ``val_limit`` caps the validation part further.
+    """
+    x, y = (data.train_x, data.train_y) if not limit else (data.train_x[:limit], data.train_y[:limit])
     if val_fraction <= 0:
-        return (data.train_x, data.train_y), None
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(n * val_fraction)))
+        return (x, y), None
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(len(y) * val_fraction)))
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
-    return (data.train_x[train_idx], data.train_y[train_idx]), (data.train_x[val_idx], data.train_y[val_idx])
+    if val_limit:
+        val_idx = val_idx[:val_limit]
+    return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])
 
 
 # ---------------------------------------------------------------------------------------------

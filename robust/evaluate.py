@@ -25,6 +25,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, parse_eps, parse_fraction
 from .data import ImageData, to_float
 from .engine import bn_mode, resolve_device
+from .metrics import correct_under_attack
 from .norms import ROUTES, export_route, is_dual_route, use_route
 
 THREATS = ("linf", "l2")
@@ -166,6 +167,15 @@ def versions() -> dict[str, str]:
 # Evaluation
 
 
+def _checked(attack, eps: float, threat: str):
+    """``attack`` that also verifies its examples lie in the eps ball and in [0, 1]."""
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = attack(x, y)
+        check_perturbation(x, x_adv, eps, threat, name=attack.name)
+        return x_adv
+    return run
+
+
 def _score_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Sequence[str],
                  eps: float, threat: str, settings: dict[str, Any], batch_size: int, device: torch.device,
                  seed: int, bar) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
@@ -182,13 +192,7 @@ def _score_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Sequ
             correct["clean"] += int(alive.sum())
             worst = alive.clone()
             for attack in attacks:
-                robust = alive.clone()
-                idx = alive.nonzero().squeeze(1)
-                if len(idx):
-                    x_adv = attack(xb[idx], yb[idx])
-                    check_perturbation(xb[idx], x_adv, eps, threat, name=attack.name)
-                    with torch.no_grad():
-                        robust[idx] = model(x_adv).argmax(1) == yb[idx]
+                _, robust = correct_under_attack(model, xb, yb, _checked(attack, eps, threat), clean=alive)
                 correct[attack.name] += int(robust.sum())
                 worst &= robust
             correct["worst_case"] += int(worst.sum())

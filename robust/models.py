@@ -82,7 +82,11 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    """Pre-activation ResNet (He et al. 2016) as used by the SaBN reference and Rice et al."""
+    """Pre-activation ResNet (He et al. 2016) as used by the SaBN reference and Rice et al.
+
+    ``final_norm`` adds a norm + ReLU before the pooling (fast_adversarial's variant); the
+    default matches the SaBN reference (11,171,146 parameters for PreAct-18 with BN on CIFAR-10).
+    """
 
     def __init__(
         self,
@@ -94,6 +98,7 @@ class PreActResNet(nn.Module):
         in_channels: int = 3,
         mean: Sequence[float] = REFERENCE_MEAN,
         std: Sequence[float] = REFERENCE_STD,
+        final_norm: bool = False,
     ) -> None:
         super().__init__()
         self.normalize = InputNormalization(mean, std)
@@ -105,12 +110,13 @@ class PreActResNet(nn.Module):
                 blocks.append(PreActBlock(cin, cout, stride, norm_layer))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
-        self.final_norm = norm_layer(cin)
+        # The SaBN reference ends layer4 -> avg pool -> linear; fast_adversarial's PreAct adds norm + ReLU.
+        self.final_norm = norm_layer(cin) if final_norm else None
         self.fc = nn.Linear(cin, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.blocks(self.stem(self.normalize(x)))
-        return F.relu(self.final_norm(out))
+        return out if self.final_norm is None else F.relu(self.final_norm(out))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
@@ -138,6 +144,7 @@ def wide_resnet34_10(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNe
     A 16-channel stem, three groups of five pre-activation blocks; ``width`` is the first
     group's channels (160 = 16 x widen factor 10 gives 160-320-640).
     """
+    kwargs.setdefault("final_norm", True)  # TRADES's WideResNet ends with BN + ReLU
     return PreActResNet([5, 5, 5], [width, 2 * width, 4 * width], 16, norm_layer, **kwargs)
 
 
@@ -156,8 +163,13 @@ def build_model(
     width: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    final_norm: bool | None = None,
 ) -> nn.Module:
-    """Build a model by name. The arguments are kept as ``model.build_args`` for checkpoints."""
+    """Build a model by name. The arguments are kept as ``model.build_args`` for checkpoints.
+
+    ``final_norm`` adds a norm + ReLU before the pooling; None takes the architecture's own choice
+    (PreAct ResNets: none, as the SaBN reference; WRN-34-10: one, as TRADES's WideResNet).
+    """
     if arch not in _ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}")
     norm_layer = make_norm_layer(norm)
@@ -171,9 +183,11 @@ def build_model(
         raise ValueError(f"mean/std need {in_channels} values each, got {len(mean)} and {len(std)}")
     if min(std) <= 0:
         raise ValueError(f"std must be positive, got {list(std)}")
-    model = _ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    options = {} if final_norm is None else {"final_norm": bool(final_norm)}
+    model = _ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+                         **options)
     model.build_args = dict(
         arch=arch, norm=norm, num_classes=num_classes, in_channels=in_channels,
-        width=width, mean=list(mean), std=list(std),
+        width=width, mean=list(mean), std=list(std), final_norm=model.final_norm is not None,
     )
     return model

@@ -47,6 +47,7 @@ from . import distributed as dist_
 from .config import ConfigError, TrainConfig
 from .data import BatchLoader, ImageData, load_dataset, split_train_val, to_float
 from .engine import autocast, autocast_dtype, bn_mode, lr_at
+from .metrics import correct_under_attack
 from .models import build_model
 from .norms import ROUTES, is_dual_route, split_routes, use_route
 
@@ -164,18 +165,20 @@ def _count_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, route: str, eps: float, alpha: float,
                          steps: int, batch_size: int, device: torch.device, amp: torch.dtype | None = None,
                          channels_last: bool = False) -> torch.Tensor:
-    """``[clean correct, PGD correct]`` counts (a device tensor) of one route, in eval mode."""
+    """``[clean correct, robust]`` counts (a device tensor) of one route under PGD, in eval mode.
+
+    Robust is :func:`robust.metrics.correct_under_attack`'s definition, the same as ``robust.evaluate``'s.
+    """
     counts = torch.zeros(2, device=device, dtype=torch.long)
     with use_route(model, route), bn_mode(model, False):
         for i in range(0, len(y), batch_size):
             xb = to_float(x[i:i + batch_size].to(device), channels_last)
             yb = y[i:i + batch_size].to(device)
             with autocast(device, amp):
-                with torch.no_grad():
-                    counts[0] += _count_correct(model(xb), yb)
-                x_adv = pgd(model, xb, yb, eps, alpha, steps, random_start=True)
-                with torch.no_grad():
-                    counts[1] += _count_correct(model(x_adv), yb)
+                clean, robust = correct_under_attack(
+                    model, xb, yb, lambda xa, ya: pgd(model, xa, ya, eps, alpha, steps, random_start=True))
+            counts[0] += clean.sum()
+            counts[1] += robust.sum()
     return counts
 
 
@@ -327,18 +330,18 @@ class Trainer:
     folder's last.pt (also from inside an epoch); ``force`` replaces an existing run folder's
     files. Under torchrun the trainer joins the process group itself. Keyword-only options:
     ``sync_bn`` (route-aware SyncBatchNorm; None keeps the resumed checkpoint's choice),
-    ``save_every_s`` (also write last.pt inside an epoch at most this often; None: only at epoch
-    ends), ``check_every`` (steps between non-finite-loss checks), ``handle_signals`` (turn
+    ``check_every`` (steps between non-finite-loss checks), ``handle_signals`` (turn
     SIGINT/SIGTERM into a checkpoint and :class:`TrainingInterrupted` while fit() runs).
     """
 
     def __init__(self, config: TrainConfig, data: ImageData | None = None, resume: bool = False,
                  force: bool = False, log: Callable[[str], None] | None = None, *, sync_bn: bool | None = None,
-                 save_every_s: float | None = 600.0, check_every: int = 50, handle_signals: bool = True) -> None:
+                 check_every: int = 50, handle_signals: bool = True) -> None:
         self.config = config.validate()
         self.resume, self.force = resume, force
         self.run_dir = config.run_dir
-        self.save_every_s, self.check_every, self.handle_signals = save_every_s, max(1, int(check_every)), handle_signals
+        self.save_every_s = config.save_every or None  # the config is the one source of a run's settings
+        self.check_every, self.handle_signals = max(1, int(check_every)), handle_signals
         self.dist, self.device = dist_.setup(config.device)
         self.log = (log or _to_stderr) if self.dist.is_main else _silent
         self._signal, self._last_save_time = 0, time.monotonic()
@@ -387,12 +390,7 @@ class Trainer:
 
     def _build(self, sync_bn: bool | None, state: dict[str, Any] | None = None) -> None:
         c, d = self.config, self.data
-        (train_x, train_y), val = split_train_val(d, c.val_split, c.seed)
-        if c.limit:
-            train_x, train_y = train_x[: c.limit], train_y[: c.limit]
-        if val is not None and c.val_limit:
-            val = (val[0][: c.val_limit], val[1][: c.val_limit])
-        self.val = val
+        (train_x, train_y), self.val = split_train_val(d, c.val_split, c.seed, c.limit, c.val_limit)
         # Every rank iterates the same global batches; _local_part takes this rank's rows.
         self.loader = BatchLoader(train_x.to(self.device), train_y.to(self.device), c.batch_size, augment=True,
                                   flip=d.flip, seed=c.seed, channels_last=c.channels_last)
@@ -698,7 +696,7 @@ class Trainer:
             self._on_main(self._prepare_run_dir, "config.json")
             ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
             self.log(f"training {c.arch} ({c.norm}, width {self.model.build_args['width']}) on {c.dataset} "
-                     f"[{len(self.loader.y)} examples], method {c.resolved_method}, eps {c.eps}, device {self.device}{ranks}, "
+                     f"[{len(self.loader.y)} training, {0 if self.val is None else len(self.val[1])} validation examples], method {c.resolved_method}, eps {c.eps}, device {self.device}{ranks}, "
                      f"precision {self.amp or 'fp32'} -> {self.run_dir}")
             self._last_save_time = time.monotonic()
             if not self.resume:  # from now on a loadable last.pt always exists

@@ -16,7 +16,7 @@ from robust.norms import use_route
 
 # Width 8, not 4: torch 2.14's CPU weight gradient of a 1x1 stride-2 channels_last conv with 4 or 6
 # input channels crashes with one thread (see the bench report); 8 channels are fine.
-TINY = dict(width=8, batch_size=8, steps=1, iters=1, repeats=1, images=32, memory=False)
+TINY = dict(width=8, batch_size=8, steps=1, iters=1, repeats=1, images=32, memory=False, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,13 @@ def test_both_variants_are_timed_and_speedup_is_the_ratio_of_medians(tiny_result
 
 def test_flops_are_counted_and_the_textbook_attack_costs_more(tiny_result):
     proj, book = tiny_result["variants"]["project"], tiny_result["variants"]["textbook"]
-    assert tiny_result["matmul_peak_gflops"] > 0
+    assert set(tiny_result["matmul_peak_gflops"]) == {"fp32"}  # both variants ran fp32 (pinned)
+    assert tiny_result["matmul_peak_gflops"]["fp32"] > 0
     # Same forwards, same final backward; the textbook attack step also computes weight gradients.
     assert book["flops_per_step"] > proj["flops_per_step"] > 0
     assert proj["achieved_gflops"] == pytest.approx(proj["flops_per_step"] / proj["median_step_s"] / 1e9)
-    assert proj["peak_fraction"] == pytest.approx(proj["achieved_gflops"] / tiny_result["matmul_peak_gflops"])
+    assert proj["precision"] == book["precision"] == "fp32"
+    assert proj["peak_fraction"] == pytest.approx(proj["achieved_gflops"] / tiny_result["matmul_peak_gflops"]["fp32"])
 
 
 def test_flop_count_of_a_linear_layer_forward_and_backward():
@@ -89,7 +91,7 @@ def test_bad_options_are_one_line_errors():
 
 
 def test_cli_prints_speedup_last():
-    args = ["bench", "--width", "8", "--batch-size", "8", "--steps", "1", "--iters", "1", "--repeats", "1",
+    args = ["bench", "--precision", "fp32", "--width", "8", "--batch-size", "8", "--steps", "1", "--iters", "1", "--repeats", "1",
             "--images", "16", "--no-memory", "--no-flops", "--quiet"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output

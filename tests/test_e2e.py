@@ -11,7 +11,7 @@ from cli.main import cli
 
 TRAIN = ["train", "--dataset", "fashion-mnist", "--eps", "0.1", "--width", "8", "--limit", "3000", "--epochs", "2",
          "--steps", "2", "--batch-size", "64", "--schedule", "onecycle", "--val-limit", "200", "--val-steps", "3",
-         "--quiet", "--seed", "0"]
+         "--quiet", "--seed", "0", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")

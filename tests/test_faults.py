@@ -7,6 +7,8 @@ position inside the epoch is saved).
 
 from __future__ import annotations
 
+import dataclasses
+
 import errno
 import json
 import multiprocessing
@@ -34,7 +36,7 @@ from robust.trainer import NonFiniteLoss, Trainer, TrainingInterrupted
 def _config(out: Path, **kw) -> TrainConfig:
     base = dict(dataset="fashion-mnist", width=4, epochs=2, batch_size=32, limit=96, steps=1, eps="0.1",
                 val_split=0.1, val_limit=32, val_steps=1, lr=0.05, warmup_steps=0, schedule="cosine", seed=5,
-                channels_last=False, quiet=True, out=str(out))
+                channels_last=False, quiet=True, out=str(out), precision="fp32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -42,7 +44,8 @@ def _config(out: Path, **kw) -> TrainConfig:
 def _cli_args(out: Path, *extra: str) -> list[str]:
     return ["train", "--dataset", "fashion-mnist", "--width", "4", "--epochs", "2", "--batch-size", "32",
             "--limit", "96", "--steps", "1", "--eps", "0.1", "--val-split", "0.1", "--val-limit", "32",
-            "--val-steps", "1", "--no-channels-last", "--quiet", "--seed", "5", "--out", str(out), *extra]
+            "--val-steps", "1", "--no-channels-last", "--quiet", "--seed", "5", "--precision", "fp32", "--out", str(out),
+            *extra]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +140,8 @@ def test_sigterm_from_outside_stops_a_real_process_with_143(tmp_path):
 
 def _train_in_child(config: TrainConfig, data: ImageData, resume: bool) -> None:
     torch.set_num_threads(1)
-    Trainer(config, data=data, resume=resume, force=not resume, save_every_s=0.0, log=lambda m: None).fit()
+    every_step = dataclasses.replace(config, save_every=1e-9)  # last.pt after every step: kill -9 lands anywhere
+    Trainer(every_step, data=data, resume=resume, force=not resume, log=lambda m: None).fit()
 
 
 def _mtime(path: Path) -> int:

@@ -19,10 +19,10 @@ from robust.norms import (
 
 SMALL = dict(arch="preact_resnet18", num_classes=10, in_channels=3, width=4)
 STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
-FINAL_ADV_VAR = {
-    "bn": "final_norm.running_var",
-    "auxbn": "final_norm.bns.adv.running_var",
-    "sabn": "final_norm.stats.adv.running_var",
+FINAL_ADV_VAR = {  # the last norm of PreAct-18 (the reference has none after the last block)
+    "bn": "blocks.7.bn2.running_var",
+    "auxbn": "blocks.7.bn2.bns.adv.running_var",
+    "sabn": "blocks.7.bn2.stats.adv.running_var",
 }
 
 
@@ -73,7 +73,7 @@ def routes_and_modes(model: nn.Module) -> tuple[set[str], list[bool]]:
 # ---------------------------------------------------------------- architectures
 
 
-@pytest.mark.parametrize("arch, norm_layers", [("preact_resnet18", 17), ("preact_resnet34", 33), ("wide_resnet34_10", 31)])
+@pytest.mark.parametrize("arch, norm_layers", [("preact_resnet18", 16), ("preact_resnet34", 32), ("wide_resnet34_10", 31)])
 @pytest.mark.parametrize("norm", NORMS)
 def test_every_arch_runs_on_one_channel_28x28_inputs(arch, norm_layers, norm):
     model = build_model(arch, norm=norm, num_classes=10, in_channels=1, width=4).eval()
@@ -81,7 +81,8 @@ def test_every_arch_runs_on_one_channel_28x28_inputs(arch, norm_layers, norm):
     assert logits.shape == (2, 10) and bool(torch.isfinite(logits).all())
     assert len(list(routed_norms(model))) == norm_layers
     assert model.build_args == dict(
-        arch=arch, norm=norm, num_classes=10, in_channels=1, width=4, mean=[0.5], std=[0.5]
+        arch=arch, norm=norm, num_classes=10, in_channels=1, width=4, mean=[0.5], std=[0.5],
+        final_norm=arch == "wide_resnet34_10",  # TRADES's WRN ends with BN + ReLU; the reference PreAct does not
     )
     assert is_dual_route(model) == (norm != "bn")
 
@@ -92,8 +93,11 @@ def parameter_count(**kwargs) -> int:
 
 
 def test_full_size_parameter_counts_match_the_reference_architectures():
-    # PreAct ResNet-18 of Rice et al. / the SaBN reference (kuangliu's 11,171,146 + the final BN).
-    assert parameter_count(arch="preact_resnet18", norm="bn") == 11_172_170
+    # PreAct ResNet-18 of the SaBN reference (layer4 -> avg pool -> linear): 11,171,146 with BN,
+    # 11,184,714 with SaAuxBN (its README); fast_adversarial's variant adds a final BN (+1,024).
+    assert parameter_count(arch="preact_resnet18", norm="bn") == 11_171_146
+    assert parameter_count(arch="preact_resnet18", norm="sabn") == 11_184_714
+    assert parameter_count(arch="preact_resnet18", norm="bn", final_norm=True) == 11_172_170
     # WRN-34-10 of Madry et al. / TRADES: 46.16M parameters.
     assert parameter_count(arch="wide_resnet34_10", norm="bn") == 46_160_474
 
@@ -233,7 +237,7 @@ def test_export_equals_the_route_and_loads_into_a_bn_model(norm, route):
 
     exported = export_route(model, route).eval()
     norm_like = [m for m in exported.modules() if isinstance(m, (RoutedNorm, nn.modules.batchnorm._NormBase))]
-    assert len(norm_like) == len(list(routed_norms(model))) == 17
+    assert len(norm_like) == len(list(routed_norms(model))) == 16
     assert all(type(m) is nn.BatchNorm2d for m in norm_like)
     assert not is_dual_route(exported)
     assert (exported(x) - expected).abs().max().item() <= 1e-5
@@ -244,7 +248,7 @@ def test_export_equals_the_route_and_loads_into_a_bn_model(norm, route):
     plain.eval()
     assert (plain(x) - expected).abs().max().item() <= 1e-5
     # The source model is untouched by the export.
-    assert len(list(routed_norms(model))) == 17 and not model.training
+    assert len(list(routed_norms(model))) == 16 and not model.training
 
 
 def test_export_of_the_two_routes_differs_for_a_dual_model():
@@ -304,9 +308,25 @@ def test_torchattacks_with_train_mode_batchnorms_only_moves_the_adv_statistics()
     for key, value in route_stats(model, "clean").items():
         assert torch.equal(value, clean_before[key]), key
     adv_after = route_stats(model, "adv")
-    key = "final_norm.bns.adv.num_batches_tracked"
+    key = "blocks.7.bn2.bns.adv.num_batches_tracked"
     assert int(adv_after[key]) == int(adv_before[key]) + 4  # one count per PGD step
     assert model.training and {m.route for m in routed_norms(model)} == {"adv"}
+
+
+def test_a_checkpoint_written_before_the_final_norm_option_still_loads():
+    """Models of robust 0.1 always had the final norm and their model_args do not name it."""
+    from robust.checkpoint import build_checkpoint, model_from_checkpoint
+
+    old = small_model("sabn", final_norm=True).eval()
+    state = build_checkpoint(old)
+    del state["model_args"]["final_norm"]
+    rebuilt = model_from_checkpoint(state).eval()
+    assert rebuilt.final_norm is not None
+    x = images(2, seed=3)
+    assert torch.equal(rebuilt(x), old(x))
+    plain = build_checkpoint(small_model("sabn"))
+    del plain["model_args"]["final_norm"]
+    assert model_from_checkpoint(plain).final_norm is None
 
 
 # ---------------------------------------------------------------- bring your own architecture

@@ -91,7 +91,7 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
 def _tiny_config(out, **kw) -> TrainConfig:
     base = dict(dataset="fashion-mnist", width=4, epochs=2, batch_size=64, limit=256, steps=2, eps="0.1",
                 val_split=0.1, val_limit=64, val_steps=2, lr=0.05, warmup_steps=5, out=str(out), quiet=True,
-                schedule="cosine", seed=7)
+                schedule="cosine", seed=7, precision="fp32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -101,12 +101,13 @@ def _tiny_data(fmnist_small) -> ImageData:
     return ImageData(d.name, d.train_x[:1000], d.train_y[:1000], d.test_x[:100], d.test_y[:100])
 
 
-def test_resume_gives_identical_weights(tmp_path, fmnist_small):
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16)])
+def test_resume_gives_identical_weights(tmp_path, fmnist_small, precision):
     data = _tiny_data(fmnist_small)
-    straight = Trainer(_tiny_config(tmp_path / "a"), data=data, log=lambda m: None).fit()
-    first = Trainer(_tiny_config(tmp_path / "b", epochs=1), data=data, log=lambda m: None).fit()
+    straight = Trainer(_tiny_config(tmp_path / "a", precision=precision), data=data, log=lambda m: None).fit()
+    first = Trainer(_tiny_config(tmp_path / "b", epochs=1, precision=precision), data=data, log=lambda m: None).fit()
     assert first["epoch"] == 1
-    resumed = Trainer(_tiny_config(tmp_path / "b"), data=data, resume=True, log=lambda m: None).fit()
+    resumed = Trainer(_tiny_config(tmp_path / "b", precision=precision), data=data, resume=True, log=lambda m: None).fit()
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
