@@ -23,6 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import robust.outputs as outputs
 import robust.trainer as trainer_module
 from cli.main import cli
 from robust.checkpoint import CheckpointError, load_checkpoint
@@ -226,7 +227,7 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
 
 def test_full_disk_is_refused_before_training_and_nothing_is_written(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     before = _tree(tmp_path)
     result = CliRunner().invoke(cli, _cli_args(tmp_path / "run"))
     assert result.exit_code == 2
@@ -245,7 +246,7 @@ def test_unwritable_output_folder_is_refused_before_training(tmp_path, monkeypat
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(trainer_module.tempfile, "mkstemp", refuse)  # what a read-only folder answers
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", refuse)  # what a read-only folder answers
     result = CliRunner().invoke(cli, _cli_args(tmp_path / "run"))
     assert result.exit_code == 2 and "cannot write to" in result.output and "Permission denied" in result.output
     assert _tree(tmp_path) == before
