@@ -105,7 +105,7 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
 
     \b
     Examples:
-      robust eval runs/fashion-mnist-sabn-hybrid --attack pgd20 --limit 1000
+      robust eval runs/fashion-mnist-sabn-hybrid-s0 --attack pgd20 --limit 1000
       robust eval model.pt --attack pgd20,autoattack --eps 8/255 --json eval.json
       robust eval runs/a --eps-sweep 0,2/255,4/255,8/255,16/255 --plot curve.png
     """

@@ -25,7 +25,8 @@ def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
 
     \b
     Example:
-      robust export runs/cifar10-sabn-hybrid --route adv -o sabn_adv.pt
+      robust export runs/cifar10-sabn-hybrid-s0 --route adv -o sabn_adv.pt
+      robust export runs/a -o exports/                    writes exports/a-adv.pt
     """
     from robust.checkpoint import build_checkpoint, save_checkpoint
     from robust.evaluate import model_from, read_checkpoint

@@ -62,7 +62,7 @@ class CompareSettings:
     """A comparison: the shared training config plus which norms and how to evaluate them.
 
     ``config.norm`` is ignored (each norm replaces it) and ``config.out`` is the compare folder
-    (default ``runs/compare-<dataset>``).
+    (default ``runs/compare-<dataset>-s<seed>``).
     """
 
     config: TrainConfig
