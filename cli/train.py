@@ -47,7 +47,8 @@ def resolve_config(flags: dict[str, Any], config_file: str | None, resume: bool)
     given = {k: v for k, v in flags.items() if v is not None}
     if config_file:
         values.update(load_toml(config_file))
-    check_fields(TrainConfig, {**values, **given}, partial=True)  # typed before any of it is used
+    for source in (values, given):  # typed before any of it is used (a flag overriding a bad TOML value too)
+        check_fields(TrainConfig, source, partial=True)
     if resume:
         out = given.get("out") or values.get("out") or TrainConfig(**{**values, **given}).run_dir
         values = {**read_saved_config(Path(out) / "config.json"), **values}
