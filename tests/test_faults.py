@@ -401,3 +401,14 @@ def test_two_real_train_processes_on_one_folder_one_writer_wins_whole(tmp_path):
     assert [json.loads(l)["epoch"] for l in (tmp_path / "same" / "metrics.jsonl").read_text().splitlines()] == [1]
     assert load_checkpoint(tmp_path / "same" / "last.pt")["config"]["seed"] == winner
     assert not (tmp_path / "same" / ".lock").exists()
+
+
+def test_an_output_that_appeared_during_the_work_is_not_replaced_without_force(tmp_path):
+    target = tmp_path / "e.json"
+    with pytest.raises(outputs.OutputError, match="appeared while we worked"):
+        with outputs.atomic_output(target, overwrite=False) as fh:
+            fh.write(b"new")
+            target.write_text("someone else's")  # written by another program meanwhile
+    assert target.read_text() == "someone else's"
+    kept = [p for p in tmp_path.iterdir() if p.name != "e.json"]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"new" and not kept[0].name.startswith(".")
