@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import click
 
-from robust.config import DEVICES, METHODS, PRECISIONS
+from robust.config import DEVICES, METHODS, PRECISIONS, TrainConfig, check_fields
 from robust.models import available_archs
 from robust.norms import NORMS
 
@@ -33,9 +31,11 @@ from robust.norms import NORMS
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch [default: torch's choice]")
 @click.option("--memory/--no-memory", default=True, show_default=True, help="measure peak memory (a subprocess per variant on the CPU)")
 @click.option("--flops/--no-flops", default=True, show_default=True, help="count FLOPs and time the matmul peak")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="also write every figure to this JSON file ('-' for stdout)")
+@click.option("--json", "json_path", default=None,
+              help="also write every figure to this JSON file ('-' for stdout; a folder ending in / gets bench.json)")
+@click.option("--force", is_flag=True, help="overwrite an existing --json file")
 @click.option("--quiet", is_flag=True, help="no per-run progress lines")
-def bench(threads: int | None, json_path: str | None, quiet: bool, **options: Any) -> None:
+def bench(threads: int | None, json_path: str | None, force: bool, quiet: bool, **options: Any) -> None:
     """Images/s, peak memory and GFLOP/s of our trainer step vs a textbook adversarial-training loop.
 
     Both variants train the same model with the same batch and attack steps on synthetic data;
@@ -50,16 +50,19 @@ def bench(threads: int | None, json_path: str | None, quiet: bool, **options: An
     import torch
 
     from robust.bench import BenchConfig, run_bench
+    from robust.outputs import check_output, write_output
 
+    json_file = check_output(json_path, "--json", force, "bench.json") if json_path not in (None, "-") else None
+    check_fields(TrainConfig, {"threads": threads}, partial=True)
+    config = BenchConfig(**options).validate()
     if threads:
         torch.set_num_threads(threads)
-    config = BenchConfig(**options).validate()
     progress = None if quiet else (lambda msg: click.echo(msg, err=True))
     result = run_bench(config, progress=progress)
     if json_path == "-":
         click.echo(json.dumps(result, indent=2))
-    elif json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    elif json_file:
+        write_output(json_file, json.dumps(result, indent=2) + "\n", overwrite=force)
     if json_path != "-":
         click.echo(format_report(result))
     else:

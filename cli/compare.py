@@ -4,23 +4,32 @@ from __future__ import annotations
 
 import json
 import shlex
-from pathlib import Path
 from typing import Any
 
 import click
 
-from robust.config import ConfigError, TrainConfig, load_toml, parse_eps
+from robust.config import ConfigError, TrainConfig, check_fields, load_toml, parse_eps
 
+from .common import SEED, model_file
 from .train import config_options
 
 COMPARE_KEYS = ("norms", "attacks", "eval_limit", "eval_batch_size")
 
 
-def _split(text: str | list | tuple | None) -> tuple[str, ...] | None:
+def _split(name: str, text: str | list | tuple | None) -> tuple[str, ...] | None:
+    """A comma-separated text or a list of names as a tuple; given but empty is an error, not the default."""
     if text is None:
         return None
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    return tuple(p.strip().lower() for p in parts if str(p).strip())
+    if isinstance(text, str):
+        parts = text.split(",")
+    elif isinstance(text, (list, tuple)) and all(isinstance(p, str) for p in text):
+        parts = list(text)
+    else:
+        raise ConfigError(f"{name} must be comma-separated names or a list of names, got {text!r}; e.g. {name} = \"bn,sabn\"")
+    names = tuple(p.strip().lower() for p in parts if p.strip())
+    if not names:
+        raise ConfigError(f"{name} is empty; give at least one name, or leave it out for the default")
+    return names
 
 
 def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any], config_file: str | None,
@@ -32,9 +41,12 @@ def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any
     toml = load_toml(config_file) if config_file else {}
     extra = {k: toml.pop(k) for k in COMPARE_KEYS if k in toml}
     extra.update({k: v for k, v in compare_flags.items() if v is not None})
+    for source in (toml, given):  # typed before any of it is used
+        check_fields(TrainConfig, source, partial=True)
+    norms, attacks = _split("norms", extra.get("norms")), _split("attacks", extra.get("attacks"))
     values: dict[str, Any] = {}
     saved: dict[str, Any] = {}
-    out = given.get("out") or toml.get("out") or f"runs/compare-{given.get('dataset') or toml.get('dataset') or 'cifar10'}"
+    out = given.get("out") or toml.get("out") or default_out({**toml, **given})
     if resume:
         saved = load_settings(out)
         values.update(saved.get("config", {}))
@@ -44,11 +56,16 @@ def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any
     defaults = CompareSettings(TrainConfig())
     return CompareSettings(
         TrainConfig.from_dict(values),
-        norms=_split(extra.get("norms")) or tuple(saved.get("norms", defaults.norms)),
-        attacks=_split(extra.get("attacks")) or tuple(saved.get("attacks", defaults.attacks)),
+        norms=norms or tuple(saved.get("norms", defaults.norms)),
+        attacks=attacks or tuple(saved.get("attacks", defaults.attacks)),
         eval_limit=extra.get("eval_limit", saved.get("eval_limit")),
-        eval_batch_size=int(extra.get("eval_batch_size", saved.get("eval_batch_size", defaults.eval_batch_size))),
+        eval_batch_size=extra.get("eval_batch_size", saved.get("eval_batch_size", defaults.eval_batch_size)),
     ).validate()
+
+
+def default_out(values: dict[str, Any]) -> str:
+    """runs/compare-<dataset>-s<seed>: comparisons with other seeds never share a folder."""
+    return f"runs/compare-{values.get('dataset', 'cifar10')}-s{values.get('seed', 0)}"
 
 
 def command_line(flags: dict[str, Any], compare_flags: dict[str, Any], config_file: str | None, resume: bool) -> str:
@@ -84,7 +101,7 @@ def compare(norms: str | None, attacks: str | None, eval_limit: int | None, eval
 
     Takes every `robust train` option (except --norm). Every norm trains with the hybrid loss
     (as the paper's BN baseline does) unless --method is given. Writes into --out (default
-    runs/compare-<dataset>): <norm>/ run folders, results.md (settings + table shaped like the
+    runs/compare-<dataset>-s<seed>): <norm>/ run folders, results.md (settings + table shaped like the
     paper's), results.json (every figure), curves.png (validation accuracy per epoch).
 
     \b
@@ -109,9 +126,10 @@ def compare(norms: str | None, attacks: str | None, eval_limit: int | None, eval
 
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("-o", "--output", default="curves.png", show_default=True, type=click.Path(dir_okay=False), help="PNG to write")
+@click.option("-o", "--output", default="curves.png", show_default=True, help="PNG to write (a folder ending in / gets curves.png)")
 @click.option("--title", default=None, help="figure title")
-def plot(run_dirs: tuple[str, ...], output: str, title: str | None) -> None:
+@click.option("--force", is_flag=True, help="overwrite an existing PNG")
+def plot(run_dirs: tuple[str, ...], output: str, title: str | None, force: bool) -> None:
     """Learning curves of runs from their metrics.jsonl: validation clean and robust accuracy per epoch.
 
     One line per run and route (adv solid, clean dashed).
@@ -120,10 +138,12 @@ def plot(run_dirs: tuple[str, ...], output: str, title: str | None) -> None:
     Example:
       robust plot runs/cmp/bn runs/cmp/auxbn runs/cmp/sabn -o curves.png
     """
+    from robust.outputs import check_output
     from robust.plots import CurveRun, plot_learning_curves, read_metrics, run_labels
 
+    path = check_output(output, "-o", force, "curves.png")
     runs = [CurveRun(label, read_metrics(d)) for label, d in zip(run_labels(run_dirs), run_dirs)]
-    click.echo(f"wrote {plot_learning_curves(runs, output, title=title)}")
+    click.echo(f"wrote {plot_learning_curves(runs, path, title=title, overwrite=force)}")
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -154,11 +174,13 @@ def analysis_table(analysis: dict[str, Any]) -> str:
 @click.option("--steps", default=None, type=int, help="PGD steps of the attack  [default: the run's]")
 @click.option("--data-dir", default=None, help="folder with the dataset files")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", default=None, type=int, help="batch order, augmentation and attack starts  [default: the run's]")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False), help="folder for analysis.json and gradients.png")
-@click.option("-o", "--output", "png", default=None, type=click.Path(dir_okay=False), help="PNG to write (without --out)")
+@click.option("--seed", default=None, type=SEED, help="batch order, augmentation and attack starts  [default: the run's]")
+@click.option("--out", "out_dir", default=None, help="folder for analysis.json and gradients.png")
+@click.option("-o", "--output", "png", default=None, help="PNG to write (a folder ending in / gets gradients.png)")
+@click.option("--force", is_flag=True, help="overwrite existing output files")
 def analyze(checkpoint: str, batches: int, batch_size: int | None, eps: str | None, steps: int | None,
-            data_dir: str | None, device: str, seed: int | None, out_dir: str | None, png: str | None) -> None:
+            data_dir: str | None, device: str, seed: int | None, out_dir: str | None, png: str | None,
+            force: bool) -> None:
     """Per norm layer: gradient norms of the clean and adversarial losses and their cosine.
 
     The clean loss goes through the clean route on x, the adversarial loss through the adv route
@@ -173,20 +195,28 @@ def analyze(checkpoint: str, batches: int, batch_size: int | None, eps: str | No
       robust analyze runs/cmp/bn/best.pt -o bn_gradients.png
     """
     from robust.analysis import analyze_checkpoint
+    from robust.outputs import check_output, check_output_dir, write_output
     from robust.plots import plot_gradient_analysis
 
+    json_file = png_file = None
+    if out_dir is not None:
+        folder = check_output_dir(out_dir, "--out")
+        json_file = check_output(folder / "analysis.json", "--out", force)
+        png_file = check_output(folder / "gradients.png", "--out", force) if png is None else None
+    if png is not None:
+        png_file = check_output(png, "-o", force, "gradients.png")
     eps_value = parse_eps(eps) if eps is not None else None
-    for name, value in (("batch-size", batch_size), ("steps", steps)):
+    for name, value in (("batches", batches), ("batch-size", batch_size), ("steps", steps)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    result = analyze_checkpoint(checkpoint, batches=batches, batch_size=batch_size, eps=eps_value, steps=steps,
-                                data_dir=data_dir, device=device, seed=seed)
+    result = analyze_checkpoint(model_file(checkpoint), batches=batches, batch_size=batch_size, eps=eps_value,
+                                steps=steps, data_dir=data_dir, device=device, seed=seed)
     click.echo(analysis_table(result))
-    if out_dir:
-        folder = Path(out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
-        click.echo(f"wrote {folder / 'analysis.json'}, {plot_gradient_analysis(result, png or folder / 'gradients.png')}")
-    elif png:
-        click.echo(f"wrote {plot_gradient_analysis(result, png)}")
+    written = []
+    if json_file:
+        written.append(write_output(json_file, json.dumps(result, indent=2) + "\n", overwrite=force))
+    if png_file:
+        written.append(plot_gradient_analysis(result, png_file, overwrite=force))
+    if written:
+        click.echo(f"wrote {', '.join(map(str, written))}")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from robust.config import PRECISIONS
@@ -38,13 +36,14 @@ def demo(out: str, force: bool, eval_limit: int, data_dir: str | None, seed: int
     from robust.config import TrainConfig
     from robust.data import load_dataset
     from robust.evaluate import evaluate, load_model
+    from robust.outputs import holds_files
     from robust.trainer import Trainer
 
     from .evaluate import format_table
 
     if eval_limit < 1:
         raise BadInput(f"--eval-limit must be >= 1, got {eval_limit}")
-    if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
+    if holds_files(out) and not force:
         raise BadInput(f"run folder {out} already exists; pass --force to replace it or --out NEW")
     config = TrainConfig(**DEMO_TRAIN, data_dir=data_dir, out=out, quiet=quiet, seed=seed, precision=precision)
     data = load_dataset(config.dataset, data_dir)

@@ -9,13 +9,7 @@ from typing import Any, Sequence
 
 import click
 
-from .common import BadInput
-
-
-def refuse_overwrite(path: str | None, force: bool, flag: str) -> None:
-    """BadInput when ``path`` exists and --force was not given (checked before any work)."""
-    if path and Path(path).exists() and not force:
-        raise BadInput(f"{path} already exists; pass --force to overwrite it or choose another {flag}")
+from .common import SEED, BadInput, model_file
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -43,14 +37,14 @@ def format_sweep(sweep: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(sweep: Sequence[dict[str, Any]], path: str, title: str) -> None:
-    """Accuracy (worst case over the attacks) against eps, one line per route, written as PNG."""
-    import matplotlib
+def plot_sweep(sweep: Sequence[dict[str, Any]], path: str | Path, title: str, overwrite: bool = True) -> None:
+    """Accuracy (worst case over the attacks) against eps, one line per route, written as PNG (atomically)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from robust.outputs import atomic_output
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     eps = [s["eps"] for s in sweep]
     for route in sweep[0]["routes"]:
         ax.plot(eps, [s["routes"][route]["worst_case"] for s in sweep], marker="o", label=f"{route} route")
@@ -61,8 +55,8 @@ def plot_sweep(sweep: Sequence[dict[str, Any]], path: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with atomic_output(path, overwrite) as fh:
+        fig.savefig(fh, format="png", dpi=120)
 
 
 def print_checks(checks) -> None:
@@ -85,14 +79,14 @@ def print_checks(checks) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N test examples only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of the attacks' random starts")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="seed of the attacks' random starts")
 @click.option("--restarts", type=click.IntRange(min=1), default=1, show_default=True, help="random restarts per attack")
 @click.option("--queries", type=click.IntRange(min=1), default=5000, show_default=True, help="Square: query budget")
 @click.option("--data-dir", default=None, help="folder with the dataset files")
 @click.option("--sanity", is_flag=True, help="run the honesty checks of evaluation.md and warn on failures")
 @click.option("--eps-sweep", default=None, help="comma-separated eps values, e.g. 0,2/255,4/255,8/255,16/255")
-@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="with --eps-sweep: write accuracy vs eps as PNG")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write every figure to this JSON file")
+@click.option("--plot", default=None, help="with --eps-sweep: write accuracy vs eps as PNG (a folder ending in / gets eps_sweep.png)")
+@click.option("--json", "json_path", default=None, help="write every figure to this JSON file (a folder ending in / gets eval.json)")
 @click.option("--force", is_flag=True, help="overwrite existing --json / --plot files")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str,
@@ -101,13 +95,17 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
                      json_path: str | None, force: bool, quiet: bool) -> None:
     """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
 
+    The output files are checked before any attack runs and written atomically at the end;
+    existing ones are kept unless --force. --threat l2 needs an explicit --eps (the checkpoint's
+    eps is a Linf radius).
+
     Each route is attacked and scored through itself, with the model in eval mode; with several
     attacks the worst case per example is reported too. An attack that returns an input outside
     the eps ball or outside [0, 1] stops the run with an error (exit code 1).
 
     \b
     Examples:
-      robust eval runs/fashion-mnist-sabn-hybrid --attack pgd20 --limit 1000
+      robust eval runs/fashion-mnist-sabn-hybrid-s0 --attack pgd20 --limit 1000
       robust eval model.pt --attack pgd20,autoattack --eps 8/255 --json eval.json
       robust eval runs/a --eps-sweep 0,2/255,4/255,8/255,16/255 --plot curve.png
     """
@@ -130,16 +128,22 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
         check_attack_names, eps_monotonic_checks, eps_sweep as run_sweep, evaluate, model_from,
         parse_eps_list, read_checkpoint, resolve_eps, sanity_checks,
     )
+    from robust.outputs import check_output, write_output
 
-    if plot and not eps_sweep:
+    if plot is not None and eps_sweep is None:
         raise BadInput("--plot needs --eps-sweep, e.g. --eps-sweep 0,2/255,4/255,8/255 --plot curve.png")
-    refuse_overwrite(json_path, force, "--json")
-    refuse_overwrite(plot, force, "--plot")
+    json_file = check_output(json_path, "--json", force, "eval.json") if json_path is not None else None
+    plot_file = check_output(plot, "--plot", force, "eps_sweep.png") if plot is not None else None
     names = check_attack_names(attacks)
-    sweep_values = parse_eps_list(eps_sweep, threat) if eps_sweep else None
-    state = read_checkpoint(checkpoint)
+    sweep_values = parse_eps_list(eps_sweep, threat) if eps_sweep is not None else None
+    scored = model_file(checkpoint)
+    state = read_checkpoint(scored)
+    trained_threat = state.get("threat", "linf")
     if eps is None and "eps" not in state:
         raise BadInput(f"{checkpoint} records no training eps; pass --eps, e.g. --eps 8/255")
+    if eps is None and threat != trained_threat:
+        raise BadInput(f"{checkpoint} was trained with a {trained_threat} eps of {state['eps']:.6g}, which is no {threat} radius; "
+                       f"pass --eps for --threat {threat}, e.g. --eps 0.5")
     eps_value = resolve_eps(eps if eps is not None else state["eps"], threat)
     if "dataset" not in state:
         raise BadInput(f"{checkpoint} records no dataset; re-export it with `robust export`")
@@ -150,11 +154,11 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
 
     result = evaluate(model, (data.test_x, data.test_y), attacks=names, eps=eps_value, **options)
     args = model.build_args
-    click.echo(f"{checkpoint}: {args['arch']} ({args['norm']}, width {args['width']}), {state['dataset']} test, "
+    click.echo(f"{scored}: {args['arch']} ({args['norm']}, width {args['width']}), {state['dataset']} test, "
                f"{result['n']} examples, {describe_eps(eps_value, threat)}, seed {seed}")
     click.echo(format_table(result))
     click.echo(f"{result['seconds']:.1f} s")
-    report: dict[str, Any] = {"checkpoint": str(checkpoint), "dataset": state["dataset"], "model": args, **result}
+    report: dict[str, Any] = {"checkpoint": str(scored), "dataset": state["dataset"], "model": args, **result}
 
     checks = []
     if sanity:
@@ -166,12 +170,12 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
         click.echo(format_sweep(sweep))
         report["eps_sweep"] = sweep
         checks += eps_monotonic_checks(sweep)
-        if plot:
-            plot_sweep(sweep, plot, f"{Path(checkpoint).name}: {', '.join(names)}")
-            click.echo(f"wrote {plot}")
+        if plot_file:
+            plot_sweep(sweep, plot_file, f"{Path(checkpoint).name}: {', '.join(names)}", overwrite=force)
+            click.echo(f"wrote {plot_file}")
     if checks:
         print_checks(checks)
         report["checks"] = [c._asdict() for c in checks]
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-        click.echo(f"wrote {json_path}")
+    if json_file:
+        write_output(json_file, json.dumps(report, indent=2) + "\n", overwrite=force)
+        click.echo(f"wrote {json_file}")

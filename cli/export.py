@@ -6,14 +6,15 @@ from pathlib import Path
 
 import click
 
-from .common import BadInput
+from .common import BadInput, model_file
 
 
 @click.command("export")
 @click.argument("checkpoint")
 @click.option("--route", type=click.Choice(["clean", "adv"]), default="adv", show_default=True,
-              help="the route to keep (adv is the robust one)")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="the model file to write")
+              help="the route to keep (adv is the robust one; a bn model has only that one)")
+@click.option("-o", "--out", required=True,
+              help="the model file to write (a folder ending in / gets <run>-<route>.pt)")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
     """Write ROUTE of CHECKPOINT (a file or run folder) as a plain single-route model.
@@ -24,14 +25,16 @@ def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
 
     \b
     Example:
-      robust export runs/cifar10-sabn-hybrid --route adv -o sabn_adv.pt
+      robust export runs/cifar10-sabn-hybrid-s0 --route adv -o sabn_adv.pt
+      robust export runs/a -o exports/                    writes exports/a-adv.pt
     """
     from robust.checkpoint import build_checkpoint, save_checkpoint
     from robust.evaluate import model_from, read_checkpoint
+    from robust.outputs import check_output
 
-    if Path(out).exists() and not force:
-        raise BadInput(f"{out} already exists; pass --force to overwrite it or choose another -o")
-    state = read_checkpoint(checkpoint)
+    source = model_file(checkpoint)
+    out_file = check_output(out, "-o", force, f"{_stem(source)}-{route}.pt")
+    state = read_checkpoint(source)
     if state.get("kind") == "export":
         raise BadInput(f"{checkpoint} is already an export ({state.get('route')} route); export from the training checkpoint")
     model = model_from(state)
@@ -40,11 +43,17 @@ def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
     if gap > 1e-3:
         raise click.ClickException(f"the exported {route} route differs from the checkpoint by {gap:.3g} in the logits; not written")
     meta = {k: state[k] for k in ("dataset", "eps", "method", "epoch", "metrics") if k in state}
-    save_checkpoint(build_checkpoint(exported, kind="export", route=route, source=str(checkpoint), **meta), out)
+    save_checkpoint(build_checkpoint(exported, kind="export", route=route, source=str(source), **meta), out_file,
+                    overwrite=force)
     args = exported.build_args
-    click.echo(f"wrote {out}: {args['arch']} (width {args['width']}), {route} route of a {model.build_args['norm']} model, "
+    click.echo(f"wrote {out_file}: {args['arch']} (width {args['width']}), {route} route of a {model.build_args['norm']} model, "
                f"plain BatchNorm; inputs in [0, 1] (N, {args['in_channels']}, H, W), {args['num_classes']} logits out "
                f"(largest logit gap to the checkpoint's route: {gap:.2g})")
+
+
+def _stem(source: Path) -> str:
+    """A name for the export: the run folder's for best.pt / last.pt, else the file's own."""
+    return source.parent.name if source.name in ("best.pt", "last.pt") else source.stem
 
 
 def _max_logit_gap(model, exported, route: str) -> float:

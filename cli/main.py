@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import click
 
 from robust import __version__
@@ -16,13 +18,48 @@ from .train import train
 
 
 class RobustGroup(click.Group):
-    """A click group whose subcommands report bad input in one line, never with a traceback."""
+    """A click group whose subcommands report bad input in one line, never with a traceback.
+
+    Also, for every subcommand: an empty value (``--out ''``) is bad input rather than a silent
+    default, and Ctrl-C exits 130 (as `robust train` does) instead of click's "Aborted!" with 1.
+    """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.callback = _refusing_empty_values(cmd, cmd.callback)
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
+        from robust.trainer import TrainingInterrupted
+
         try:
             return super().invoke(ctx)
         except BAD_INPUT_ERRORS as exc:
             raise BadInput(str(exc)) from None
+        except TrainingInterrupted as exc:  # a Trainer inside another command (compare, demo)
+            click.echo(str(exc), err=True)
+            raise click.exceptions.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            click.echo("Aborted (SIGINT).", err=True)
+            raise click.exceptions.Exit(130) from None
+
+
+def _refusing_empty_values(cmd: click.Command, callback):
+    """``callback`` that first refuses an empty or blank text value of any of ``cmd``'s parameters."""
+    if callback is None or getattr(callback, "refuses_empty", False):
+        return callback
+
+    @functools.wraps(callback)
+    def checked(**params):
+        for param in cmd.params:
+            value = params.get(param.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, str) and not v.strip() for v in values):
+                name = "/".join(param.opts) if isinstance(param, click.Option) else param.human_readable_name
+                raise BadInput(f"{name} is empty; give a value, or leave the option out for its default")
+        return callback(**params)
+
+    checked.refuses_empty = True
+    return checked
 
 
 @click.group(cls=RobustGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from robust import distributed
-from robust.config import ConfigError, TrainConfig, load_toml
+from robust.config import ConfigError, TrainConfig, check_fields, load_toml
 
 from .common import BAD_INPUT_ERRORS, BadInput
 
@@ -47,14 +47,27 @@ def resolve_config(flags: dict[str, Any], config_file: str | None, resume: bool)
     given = {k: v for k, v in flags.items() if v is not None}
     if config_file:
         values.update(load_toml(config_file))
+    for source in (values, given):  # typed before any of it is used (a flag overriding a bad TOML value too)
+        check_fields(TrainConfig, source, partial=True)
     if resume:
         out = given.get("out") or values.get("out") or TrainConfig(**{**values, **given}).run_dir
-        saved = Path(out) / "config.json"
-        if not saved.is_file():
-            raise ConfigError(f"cannot resume: {saved} does not exist; start a new run without --resume")
-        values = {**json.loads(saved.read_text()), **values}
+        values = {**read_saved_config(Path(out) / "config.json"), **values}
     values.update(given)
     return TrainConfig.from_dict(values).validate()
+
+
+def read_saved_config(path: Path) -> dict[str, Any]:
+    """The config.json of a run to resume, as a dict (ConfigError when missing or unreadable)."""
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} does not exist; start a new run without --resume")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot resume: {path} is unreadable ({type(exc).__name__}); "
+                          "start a new run with --force, or restore the file") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"cannot resume: {path} is not a config of robust train; start a new run with --force")
+    return saved
 
 
 @click.command()

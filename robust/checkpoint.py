@@ -8,9 +8,7 @@ build arguments, so a model is rebuilt from the file alone.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .models import build_model
+from .outputs import atomic_output
 
 FORMAT = "robust-checkpoint"
 VERSION = 1
@@ -49,28 +48,15 @@ def build_checkpoint(model: nn.Module, **fields: Any) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "model_args": dict(build_args), "model": state, **fields}
 
 
-def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically; no partial file is ever visible at ``path``."""
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path, overwrite: bool = True) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically; no partial file is ever visible at ``path``.
+
+    ``overwrite=False`` never replaces a file that exists when the write completes.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(checkpoint, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, overwrite=overwrite) as fh:
+        torch.save(checkpoint, fh)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:

@@ -24,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, check_fields
 from .norms import NORMS, check_norm
+from .outputs import FolderLock, check_output_dir, holds_files, write_output
 
 SETTINGS_FILE = "compare.json"
 RESULT_FILES = ("results.md", "results.json", "curves.png")
@@ -61,18 +62,18 @@ class CompareSettings:
     """A comparison: the shared training config plus which norms and how to evaluate them.
 
     ``config.norm`` is ignored (each norm replaces it) and ``config.out`` is the compare folder
-    (default ``runs/compare-<dataset>``).
+    (default ``runs/compare-<dataset>-s<seed>``).
     """
 
     config: TrainConfig
     norms: tuple[str, ...] = NORMS
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
-    eval_limit: int | None = None
-    eval_batch_size: int = 256
+    eval_limit: int | None = field(default=None, metadata={"min": 1})
+    eval_batch_size: int = field(default=256, metadata={"min": 1})
 
     @property
     def out(self) -> Path:
-        return Path(self.config.out or f"runs/compare-{self.config.dataset}")
+        return Path(self.config.out or f"runs/compare-{self.config.dataset}-s{self.config.seed}")
 
     @property
     def method(self) -> str:
@@ -87,6 +88,7 @@ class CompareSettings:
         from .evaluate import check_attack_names
 
         self.config.validate()
+        check_fields(CompareSettings, self.__dict__)
         if not self.norms:
             raise ConfigError("no norms given; pass e.g. --norms bn,auxbn,sabn")
         for norm in self.norms:
@@ -97,10 +99,6 @@ class CompareSettings:
         if len(set(self.norms)) != len(self.norms):
             raise ConfigError(f"norms {','.join(self.norms)} repeat a name; list each once")
         self.attacks = tuple(a for a in check_attack_names(self.attacks) if a != "clean") or DEFAULT_ATTACKS
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ConfigError(f"eval-limit must be >= 1, got {self.eval_limit}")
-        if self.eval_batch_size < 1:
-            raise ConfigError(f"eval-batch-size must be >= 1, got {self.eval_batch_size}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +109,7 @@ class CompareSettings:
     def from_dict(cls, values: dict[str, Any]) -> "CompareSettings":
         try:
             return cls(TrainConfig.from_dict(values["config"]), tuple(values["norms"]), tuple(values["attacks"]),
-                       values.get("eval_limit"), int(values.get("eval_batch_size", 256)))
+                       values.get("eval_limit"), values.get("eval_batch_size", 256))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"compare settings are incomplete ({exc}); start a new comparison with --force") from None
 
@@ -133,7 +131,7 @@ def check_compare_dir(out: Path, resume: bool, force: bool) -> None:
         raise ConfigError("resume and force exclude each other; pick one")
     if resume:
         load_settings(out)
-    elif out.exists() and any(out.iterdir()) and not force:
+    elif holds_files(out) and not force:
         raise CompareExistsError(f"compare folder {out} already exists; pass --resume to continue it, "
                                  "--force to retrain every norm, or --out NEW")
 
@@ -194,7 +192,7 @@ def evaluate_run(settings: CompareSettings, config: TrainConfig, data, log: Call
     result = evaluate(model_from(state), (data.test_x, data.test_y), attacks=list(settings.attacks),
                       eps=config.eps_value, route="both", batch_size=settings.eval_batch_size,
                       limit=settings.eval_limit, device=config.device, seed=config.seed)
-    cache.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    write_output(cache, json.dumps({"key": key, "result": result}, indent=2) + "\n")
     return best, result
 
 
@@ -327,20 +325,31 @@ def run_compare(settings: CompareSettings, resume: bool = False, force: bool = F
     ``data`` (an ImageData) skips loading the dataset; ``command`` is recorded in results.md (a
     resumed comparison keeps the first command and lists the resuming ones after it).
     """
-    from .data import load_dataset, split_train_val
-    from .plots import CurveRun, plot_learning_curves
-
     log = log or (lambda msg: None)
     settings.validate()
     out = settings.out
     check_compare_dir(out, resume, force)
+    check_output_dir(out, "--out")
+    lock = FolderLock(out, what="compare folder").acquire()  # one writer; each norm's run folder has its own lock
+    try:
+        check_compare_dir(out, resume, force)  # again, now that no one else can change it
+        return _compare_locked(settings, out, resume, force, data, log, command)
+    finally:
+        lock.release()
+
+
+def _compare_locked(settings: CompareSettings, out: Path, resume: bool, force: bool, data,
+                    log: Callable[[str], None], command: str | None) -> dict[str, Any]:
+    from .data import load_dataset, split_train_val
+    from .plots import CurveRun, plot_learning_curves
+
     if data is None:
         data = load_dataset(settings.config.dataset, settings.config.data_dir)
     history = _command_history(out, resume, command)
     out.mkdir(parents=True, exist_ok=True)
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
-    (out / SETTINGS_FILE).write_text(json.dumps({**settings.to_dict(), **history}, indent=2) + "\n")
+    write_output(out / SETTINGS_FILE, json.dumps({**settings.to_dict(), **history}, indent=2) + "\n")
     start = time.perf_counter()
     runs: dict[str, dict[str, Any]] = {}
     for norm in settings.norms:
@@ -364,8 +373,8 @@ def run_compare(settings: CompareSettings, resume: bool = False, force: bool = F
         "paper_cifar10": PAPER_CIFAR10,
         "seconds": time.perf_counter() - start,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(results_markdown(results))
+    write_output(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_output(out / "results.md", results_markdown(results))
     curves = [CurveRun(NORM_TITLES.get(norm, norm), run["metrics"]) for norm, run in runs.items()]
     if any(run["metrics"] and settings.config.val_split > 0 for run in runs.values()):
         plot_learning_curves(curves, out / "curves.png", title=f"{settings.config.dataset}, eps {settings.config.eps}")

@@ -8,11 +8,13 @@ Defaults reproduce the SaBN reference recipe on CIFAR-10.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .models import available_archs
 from .norms import NORMS
@@ -50,7 +52,116 @@ def parse_eps(text: str | float | int, name: str = "eps", allow_zero: bool = Fal
 
 
 def _f(default: Any, help: str, **extra: Any):
+    """A field with its help text and checks: ``choices``, ``min``/``max`` (inclusive), ``above``/``below``
+    (exclusive; ``max`` may be a callable), ``kind`` ("path": a path string, "fraction": text like 8/255 or a number)."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+MAX_SEED = 2 ** 63 - 1
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    return f"{value!r} ({_TYPE_WORDS.get(type(value), type(value).__name__)})"
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true/false", list: "a list", dict: "a table"}
+
+
+def _looks_like(text: str, kind: type) -> bool:
+    try:
+        kind(text.strip())
+        return True
+    except ValueError:
+        return False
+
+
+def check_value(name: str, annotation: Any, meta: Mapping[str, Any], value: Any) -> Any:
+    """``value`` checked against a field's annotation (``int``, ``float``, ``str``, ``bool``, ``X | None``) and
+    metadata; returns it (a path-like as str) or raises ConfigError naming the field, the value and the fix.
+
+    Integers must be integers (not 1.5, not "3"), numbers finite, booleans true/false, strings
+    non-empty; types it does not know are passed through unchecked.
+    """
+    label = name.replace("_", "-")
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    parts = {p.strip() for p in text.split("|")}
+    base = next(iter(parts - {"None"}), None) if len(parts - {"None"}) == 1 else None
+    if value is None:
+        if "None" in parts or base is None:
+            return None
+        raise ConfigError(f"{label} needs a value; give one or leave it out for the default")
+    kind = meta.get("kind")
+    if kind == "path" and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{label} must be true or false, got {_describe(value)}; write true or false without quotes")
+    if base == "int" and not (number and isinstance(value, int)):
+        fix = "write it without quotes" if isinstance(value, str) and _looks_like(value, int) else "write a whole number"
+        raise ConfigError(f"{label} must be a whole number, got {_describe(value)}; {fix}")
+    if base == "float" and not number:
+        fix = "write it without quotes" if isinstance(value, str) and _looks_like(value, float) else "write a number"
+        raise ConfigError(f"{label} must be a number, got {_describe(value)}; {fix}")
+    if base == "str":
+        if kind == "fraction" and number:
+            pass
+        elif not isinstance(value, str):
+            what = "a path (text)" if kind == "path" else "text"
+            raise ConfigError(f"{label} must be {what}, got {_describe(value)}; quote it")
+        elif not value.strip():
+            raise ConfigError(f"{label} is empty; give a value or leave it out for the default")
+    if number and not math.isfinite(value):
+        raise ConfigError(f"{label} must be a finite number, got {value}; give a real value")
+    if number and base in ("int", "float"):
+        _check_range(label, value, meta)
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(choices)}")
+    return value
+
+
+def _check_range(label: str, value: float, meta: Mapping[str, Any]) -> None:
+    low, high = meta.get("min"), meta.get("max")
+    above, below = meta.get("above"), meta.get("below")
+    high = high() if callable(high) else high
+    note = f" ({meta['max_note']})" if meta.get("max_note") and high is not None and value > high else ""
+    ok = ((low is None or value >= low) and (high is None or value <= high)
+          and (above is None or value > above) and (below is None or value < below))
+    if ok:
+        return
+    lo = f"[{low}" if low is not None else f"({above}" if above is not None else None
+    hi = f"{high}]" if high is not None else f"{below})" if below is not None else None
+    if lo and hi:
+        bound = f"in {lo}, {hi}"
+    elif lo:
+        bound = f">= {low}" if low is not None else f"> {above}"
+    else:
+        bound = f"<= {high}" if high is not None else f"< {below}"
+    raise ConfigError(f"{label} must be {bound}{note}, got {value}")
+
+
+def check_fields(cls: type, values: Mapping[str, Any], partial: bool = False) -> dict[str, Any]:
+    """Check ``values`` against the fields of dataclass ``cls``; return the checked values.
+
+    Unknown names are refused; with ``partial`` only the names given are checked (a TOML file,
+    the flags given), otherwise every field of ``cls`` must be in ``values``.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(map(str, unknown))}; see `robust train --help`")
+    names = [n for n in fields if n in values] if partial else list(fields)
+    return {n: check_value(n, fields[n].type, fields[n].metadata, values[n]) for n in names}
 
 
 @dataclass
@@ -59,31 +170,31 @@ class TrainConfig:
 
     # data
     dataset: str = _f("cifar10", "dataset name", choices=DATASETS)
-    data_dir: str | None = _f(None, "folder with the dataset files (looked up before system folders and download)")
-    val_split: float = _f(0.1, "fraction of the training set held out for validation (0 disables it)")
-    limit: int | None = _f(None, "train on the first N examples only (quick runs)")
+    data_dir: str | None = _f(None, "folder with the dataset files (looked up before system folders and download)", kind="path")
+    val_split: float = _f(0.1, "fraction of the training set held out for validation (0 disables it)", min=0, below=1)
+    limit: int | None = _f(None, "train on the first N examples only (quick runs)", min=1)
     # model
     arch: str = _f("preact_resnet18", "architecture", choices=tuple(available_archs()))
     norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN)", choices=NORMS)
-    width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)")
+    width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)", min=1)
     # optimization
-    epochs: int = _f(200, "training epochs")
-    batch_size: int = _f(128, "training batch size")
-    lr: float = _f(0.1, "peak learning rate (SGD)")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(5e-4, "SGD weight decay")
+    epochs: int = _f(200, "training epochs", min=1)
+    batch_size: int = _f(128, "training batch size", min=1)
+    lr: float = _f(0.1, "peak learning rate (SGD)", above=0)
+    momentum: float = _f(0.9, "SGD momentum", min=0)
+    weight_decay: float = _f(5e-4, "SGD weight decay", min=0)
     schedule: str = _f("multistep", "learning-rate schedule", choices=SCHEDULES)
     milestones: str = _f("50,150", "multistep: epochs at which lr is multiplied by 0.1")
-    warmup_steps: int = _f(200, "steps of linear warm-up from lr/10 in the first epoch (0 disables)")
+    warmup_steps: int = _f(200, "steps of linear warm-up from lr/10 in the first epoch (0 disables)", min=0)
     # adversarial training
     method: str | None = _f(None, "pgd (adversarial loss only), hybrid (clean + adv routes), fast (FGSM-RS); default hybrid for auxbn/sabn, pgd for bn", choices=METHODS)
-    clean_weight: float = _f(0.5, "hybrid: weight w of the clean-route loss, (1-w) for the adv route")
-    eps: str = _f("8/255", "Linf radius in pixel units, e.g. 8/255 or 0.031")
-    step_size: str | None = _f(None, "PGD step size (default eps/4, i.e. 2/255 for eps 8/255)")
-    steps: int = _f(7, "PGD steps for training examples")
+    clean_weight: float = _f(0.5, "hybrid: weight w of the clean-route loss, (1-w) for the adv route", min=0, max=1)
+    eps: str = _f("8/255", "Linf radius in pixel units, e.g. 8/255 or 0.031", kind="fraction")
+    step_size: str | None = _f(None, "PGD step size (default eps/4, i.e. 2/255 for eps 8/255)", kind="fraction")
+    steps: int = _f(7, "PGD steps for training examples", min=1)
     attack_bn: str = _f("train", "BN mode while training attacks run: train (reference; updates adv-route statistics) or eval", choices=ATTACK_BN_MODES)
-    val_steps: int = _f(10, "PGD steps of the per-epoch validation attack")
-    val_limit: int | None = _f(None, "score at most N validation examples per epoch")
+    val_steps: int = _f(10, "PGD steps of the per-epoch validation attack", min=1)
+    val_limit: int | None = _f(None, "score at most N validation examples per epoch", min=1)
     # engine
     device: str = _f("auto", "auto picks CUDA when present", choices=DEVICES)
     precision: str = _f("auto", "autocast precision: auto = bf16 where supported, else fp32", choices=PRECISIONS)
@@ -91,11 +202,12 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     fused: bool = _f(True, "hybrid/fast: one forward over the concatenated clean+adv batch (split routes)")
     sync_bn: bool = _f(False, "distributed: route-aware SyncBatchNorm, each route's statistics over all processes")
-    save_every: float = _f(600.0, "also write last.pt inside an epoch at most every this many seconds (0: epoch ends only)")
-    seed: int = _f(0, "random seed (data split, order, augmentation, attack starts)")
-    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)")
+    save_every: float = _f(600.0, "also write last.pt inside an epoch at most every this many seconds (0: epoch ends only)", min=0)
+    seed: int = _f(0, "random seed (data split, order, augmentation, attack starts)", min=0, max=MAX_SEED)
+    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", min=1, max=available_cpus,
+                             max_note="the CPUs available here")
     # output
-    out: str | None = _f(None, "run folder (default runs/<dataset>-<norm>-<method>)")
+    out: str | None = _f(None, "run folder (default runs/<dataset>-<norm>-<method>-s<seed>)", kind="path")
     quiet: bool = _f(False, "no progress bars")
 
     # ---- derived values -------------------------------------------------------------------
@@ -125,31 +237,17 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.dataset}-{self.norm}-{self.resolved_method}")
+        """``out``, or ``runs/<dataset>-<norm>-<method>-s<seed>`` (runs differing only in seed never share a folder)."""
+        return Path(self.out or f"runs/{self.dataset}-{self.norm}-{self.resolved_method}-s{self.seed}")
 
     def validate(self) -> "TrainConfig":
-        """Raise ConfigError naming the first invalid field; return self when all are valid."""
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise ConfigError(f"unknown {f.name} {value!r}; valid: {', '.join(choices)}")
-        positive = ("epochs", "batch_size", "steps", "val_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("limit", "val_limit", "width", "threads"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.save_every < 0:
-            raise ConfigError(f"save-every must be >= 0 seconds, got {self.save_every:g}")
-        if not 0 <= self.val_split < 1:
-            raise ConfigError(f"val-split must be in [0, 1), got {self.val_split}")
-        if not 0 <= self.clean_weight <= 1:
-            raise ConfigError(f"clean-weight must be in [0, 1], got {self.clean_weight}")
-        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ConfigError("lr must be > 0; momentum, weight-decay and warmup-steps >= 0")
+        """Raise ConfigError naming the first invalid field; return self when all are valid.
+
+        Every field is checked against its annotation and metadata (:func:`check_fields`), so a
+        value is typed and in range whether it came from a flag, a TOML file or Python.
+        """
+        for name, value in check_fields(type(self), self.__dict__).items():
+            setattr(self, name, value)
         self.eps_value, self.step_size_value, self.milestone_epochs  # noqa: B018 (parse to validate)
         return self
 
@@ -158,10 +256,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}; see `robust train --help`")
+        check_fields(cls, values, partial=True)
         return cls(**values)
 
 
@@ -171,7 +266,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(f"config file {path} does not exist; pass the path of a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path} ({exc.strerror or exc}); pass a readable TOML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}; fix that line") from None
     return {k.replace("-", "_"): v for k, v in data.items()}

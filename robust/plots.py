@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import ConfigError
+from .outputs import atomic_output
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -70,7 +71,8 @@ def curve_series(run: CurveRun, kind: str) -> list[tuple[str, list[int], list[fl
     return series
 
 
-def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str | None = None) -> Path:
+def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str | None = None,
+                         overwrite: bool = True) -> Path:
     """Validation clean and robust accuracy per epoch: one line per run and route, two panels.
 
     Each run keeps one colour; the adv route is drawn solid, the clean route dashed.
@@ -96,10 +98,10 @@ def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str 
     axes[1].legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, overwrite)
 
 
-def plot_gradient_analysis(analysis: dict[str, Any], path: str | Path) -> Path:
+def plot_gradient_analysis(analysis: dict[str, Any], path: str | Path, overwrite: bool = True) -> Path:
     """Per norm layer (x axis): gradient norms of the clean and adversarial losses, and their cosine."""
     from matplotlib.figure import Figure
 
@@ -132,11 +134,11 @@ def plot_gradient_analysis(analysis: dict[str, Any], path: str | Path) -> Path:
     bottom.set_xticklabels([layer["layer"] for layer in layers], rotation=70, fontsize=7)
     bottom.set_xlabel("norm layer")
     fig.suptitle(f"gradient analysis: norm={analysis['norm']}, {analysis['settings']['batches']} batches, eps {analysis['settings']['eps']:.4g}")
-    return _save(fig, path)
+    return _save(fig, path, overwrite)
 
 
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+def _save(fig, path: str | Path, overwrite: bool) -> Path:
+    """Write the figure as PNG atomically (``overwrite=False`` never replaces an existing file)."""
+    with atomic_output(path, overwrite) as fh:
+        fig.savefig(fh, format="png", dpi=120)
+    return Path(path)

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from attacks import fgsm_rs, pgd
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
+from . import outputs
 from .config import ConfigError, TrainConfig
 from .data import BatchLoader, ImageData, load_dataset, split_train_val, to_float
 from .engine import autocast, autocast_dtype, bn_mode, lr_at
@@ -308,13 +307,6 @@ def _line_epoch(line: str) -> float:
         return float("inf")
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _silent(msg: str) -> None:
     return None
 
@@ -345,6 +337,7 @@ class Trainer:
         self.dist, self.device = dist_.setup(config.device)
         self.log = (log or _to_stderr) if self.dist.is_main else _silent
         self._signal, self._last_save_time = 0, time.monotonic()
+        self._lock: outputs.FolderLock | None = None  # taken by fit(): constructing a Trainer writes nothing
         error = None
         try:
             self._setup(data, sync_bn)
@@ -372,6 +365,7 @@ class Trainer:
             raise ConfigError(f"batch-size {c.batch_size} is the global batch and must be >= the {self.dist.world_size} ranks; raise --batch-size")
         self.amp = autocast_dtype(c.precision, self.device)
         # a bad last.pt is reported before the (slower) data loading
+        self._resumed_stamp = self._stamp() if self.resume else None
         state = ckpt.load_checkpoint(self.run_dir / "last.pt", map_location=self.device) if self.resume else None
         self.data = data if data is not None else load_dataset(c.dataset, c.data_dir)
         self._build(sync_bn, state)
@@ -379,14 +373,42 @@ class Trainer:
             self._check_writable()
 
     def _check_run_dir(self) -> None:
+        """Refuse a folder we must not write: checked at setup, and again by fit() once it holds the lock."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ConfigError(f"--out {self.run_dir} is a file, not a folder; pass a folder path")
         if self.resume:
             if not (self.run_dir / "last.pt").is_file():
                 raise ConfigError(f"cannot resume: {self.run_dir}/last.pt does not exist; start a new run without --resume "
                                   "(with --force if the folder exists)")
-        elif self.dist.is_main and self.run_dir.exists() and any(self.run_dir.iterdir()) and not self.force:
+        elif self.dist.is_main and outputs.holds_files(self.run_dir) and not self.force:
             raise RunExistsError(f"run folder {self.run_dir} already exists; pass --resume to continue it, --force to replace it, or --out NEW")
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        """What identifies the last.pt this trainer resumed from (inode, size, mtime)."""
+        try:
+            st = (self.run_dir / "last.pt").stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _lock_run_dir(self) -> None:
+        """Become the folder's only writer (rank 0), then re-check it: another run may have used it since setup."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self._lock = (self._lock or outputs.FolderLock(self.run_dir)).acquire()
+                self._check_run_dir()
+                if self.resume and self._stamp() != self._resumed_stamp:
+                    raise ConfigError(f"{self.run_dir / 'last.pt'} changed after this run read it (another process wrote it); "
+                                      "start the resume again")
+            except Exception as exc:
+                self._unlock()
+                error = exc
+        dist_.agree(self.dist, error)
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _build(self, sync_bn: bool | None, state: dict[str, Any] | None = None) -> None:
         c, d = self.config, self.data
@@ -466,19 +488,8 @@ class Trainer:
 
     def _check_writable(self) -> None:
         """Refuse before training when the run folder cannot take our files (probe write, free space)."""
-        base = _nearest_existing(self.run_dir)
-        if not base.is_dir():
-            raise ConfigError(f"cannot create run folder {self.run_dir}: {base} is a file; pass --out to a folder path")
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".robust-probe-", dir=base)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            raise ConfigError(f"cannot write to {base} ({exc.strerror or exc}); pass --out to a writable folder") from None
         need = 3 * self._checkpoint_bytes() + (1 << 20)  # last.pt, best.pt and one temporary copy
-        free = shutil.disk_usage(base).free
-        if free < need:
-            raise ConfigError(f"{base} has {free / 1e6:.1f} MB free but the checkpoints need about {need / 1e6:.1f} MB; free space or pass --out on another disk")
+        outputs.probe_folder(self.run_dir, "--out", need, what="the checkpoints")
 
     # ---- files (rank 0 writes, every rank agrees) ----------------------------------------------------
     def _on_main(self, write: Callable[[], None], what: str) -> None:
@@ -691,6 +702,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``config.epochs``; write config.json, metrics.jsonl, last.pt, best.pt; return the final metrics."""
         c = self.config
+        self._lock_run_dir()  # nothing is written before this process is the folder's only writer
         self._install_signal_handlers()
         try:
             self._on_main(self._prepare_run_dir, "config.json")
@@ -709,6 +721,7 @@ class Trainer:
             return {"run_dir": str(self.run_dir), "best": self.best, **metrics}
         finally:
             self._restore_signal_handlers()
+            self._unlock()
 
 
 def format_epoch(m: dict[str, Any]) -> str:

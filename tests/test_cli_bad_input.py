@@ -4,12 +4,17 @@ fix, no traceback, and nothing written or overwritten (the folder tree is compar
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
+import signal
+import time
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -249,3 +254,395 @@ def test_train_refuses_a_truncated_gzip_file(tmp_path):
         else:
             os.symlink(f, folder / f.name)
     _refused(tmp_path, [*TRAIN, "--data-dir", "data", "--out", "run"], "cannot read", "--data-dir")
+
+
+# =================================================================================================
+# Round two (issue 14): outputs checked before the work, no silent overwrite, typed configs, exit codes.
+# Every case goes through `_refused`: exit 2, one `Error:` line, no traceback, the folder unchanged.
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, fmnist) -> Path:
+    """A real (tiny) run folder: config.json, metrics.jsonl, last.pt, best.pt."""
+    from robust.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    config = TrainConfig(dataset="fashion-mnist", width=4, epochs=1, limit=64, batch_size=32, steps=1, val_limit=16,
+                         val_steps=1, warmup_steps=0, channels_last=False, precision="fp32", quiet=True, out=str(out))
+    Trainer(config, data=fmnist, log=lambda m: None).fit()
+    return out
+
+
+@pytest.fixture()
+def run(tmp_path, trained_run) -> Path:
+    """A copy of the trained run as ``run`` in the test's folder (where the CLI runs)."""
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def _work_must_not_start(monkeypatch) -> None:
+    """Make every command's real work fail loudly: a refusal must come before it."""
+    import importlib
+
+    def started(*args, **kwargs):
+        raise AssertionError("the work started before the output was checked")
+
+    for module, name in [("robust.evaluate", "evaluate"), ("robust.evaluate", "model_from"),
+                         ("robust.analysis", "analyze_checkpoint"), ("robust.bench", "run_bench"),
+                         ("robust.plots", "plot_learning_curves"), ("robust.data", "load_dataset"),
+                         ("robust.trainer", "train_step")]:
+        monkeypatch.setattr(importlib.import_module(module), name, started)
+
+
+COMPARE = ["compare", "--dataset", "fashion-mnist", "--width", "4", "--epochs", "1", "--limit", "64", "--steps", "1",
+           "--norms", "bn", "--eval-limit", "8", "--no-channels-last", "--quiet"]
+
+# command -> (arguments with {P} for the output path, the output's file name)
+OUTPUT_COMMANDS = {
+    "eval --json": (["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "{P}"], "e.json"),
+    "eval --plot": (["eval", "run", "--attack", "fgsm", "--limit", "8", "--eps-sweep", "0,0.1", "--plot", "{P}"], "sweep.png"),
+    "analyze --out": (["analyze", "run", "--batches", "1", "--out", "{P}"], "grads"),
+    "analyze -o": (["analyze", "run", "--batches", "1", "-o", "{P}"], "g.png"),
+    "bench --json": (["bench", "--width", "4", "--batch-size", "8", "--iters", "1", "--repeats", "1", "--json", "{P}"], "b.json"),
+    "plot -o": (["plot", "run", "-o", "{P}"], "curves.png"),
+    "export -o": (["export", "run", "-o", "{P}"], "m.pt"),
+    "compare --out": ([*COMPARE, "--out", "{P}"], "cmp"),
+    "train --out": ([*TRAIN, "--out", "{P}"], "newrun"),
+}
+
+
+def _with_path(args: list[str], path: str) -> list[str]:
+    return [a.replace("{P}", path) for a in args]
+
+
+def _read_only(monkeypatch) -> None:
+    """What a read-only folder answers to creating a file (we run as root in CI, where chmod does not stop writes)."""
+    import robust.outputs
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(robust.outputs.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(robust.outputs.os, "open", refuse)
+
+
+def _full_disk(monkeypatch) -> None:
+    import robust.outputs
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(robust.outputs.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+
+
+@pytest.mark.parametrize("command", list(OUTPUT_COMMANDS))
+@pytest.mark.parametrize("fault, problem", [
+    ("read-only folder", "Read-only file system"), ("path through a file", "is a file"), ("full disk", "MB free"),
+])
+def test_outputs_are_checked_before_the_work(tmp_path, run, monkeypatch, command, fault, problem):
+    args, name = OUTPUT_COMMANDS[command]
+    (tmp_path / "afile").write_text("a file, not a folder")
+    path = f"afile/{name}" if fault == "path through a file" else f"new/{name}"
+    _work_must_not_start(monkeypatch)
+    if fault == "read-only folder":
+        _read_only(monkeypatch)
+    elif fault == "full disk":
+        _full_disk(monkeypatch)
+    _refused(tmp_path, _with_path(args, path), problem)
+
+
+def test_a_real_read_only_folder_is_refused_before_the_evaluation(tmp_path, run, monkeypatch):
+    if os.access("/sys", os.W_OK) and not _probe_fails("/sys"):
+        pytest.skip("/sys is writable here")
+    _work_must_not_start(monkeypatch)
+    _refused(tmp_path, ["eval", "run", "--attack", "autoattack", "--json", "/sys/robust-e.json"], "cannot write to /sys")
+
+
+def _probe_fails(folder: str) -> bool:
+    try:
+        Path(folder, ".robust-test-probe").touch()
+    except OSError:
+        return True
+    Path(folder, ".robust-test-probe").unlink()
+    return False
+
+
+# ---- no silent overwrite ---------------------------------------------------------------------------
+
+FILE_COMMANDS = [c for c in OUTPUT_COMMANDS if c not in ("compare --out", "train --out")]
+
+
+@pytest.mark.parametrize("command", FILE_COMMANDS)
+def test_an_existing_output_file_is_kept_without_force(tmp_path, run, monkeypatch, command):
+    args, name = OUTPUT_COMMANDS[command]
+    if command == "analyze --out":  # a folder output: its analysis.json exists
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "analysis.json").write_text("mine")
+    else:
+        (tmp_path / name).write_text("mine")
+    _work_must_not_start(monkeypatch)
+    _refused(tmp_path, _with_path(args, name), "already exists", "--force")
+
+
+def _ok(folder: Path, args: list[str]):
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        result = CliRunner().invoke(cli, args)
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_force_replaces_an_existing_plot(tmp_path, run):
+    (tmp_path / "keep.png").write_text("mine")
+    _ok(tmp_path, ["plot", "run", "-o", "keep.png", "--force"])
+    assert (tmp_path / "keep.png").read_bytes().startswith(b"\x89PNG")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("command, written", [
+    ("export -o", "newdir/run-adv.pt"), ("plot -o", "newdir/curves.png"), ("eval --json", "newdir/eval.json"),
+])
+def test_an_output_path_ending_in_a_separator_is_a_folder(tmp_path, run, command, written):
+    args, _ = OUTPUT_COMMANDS[command]
+    _ok(tmp_path, _with_path(args, "newdir/"))
+    assert (tmp_path / written).is_file() and not (tmp_path / "newdir").is_file()
+    if written.endswith(".pt"):
+        from robust.evaluate import load_model
+
+        assert load_model(tmp_path / written).build_args["norm"] == "bn"
+
+
+def test_an_existing_folder_as_output_gets_the_default_name(tmp_path, run):
+    (tmp_path / "figs").mkdir()
+    _ok(tmp_path, ["plot", "run", "-o", "figs"])
+    assert (tmp_path / "figs" / "curves.png").is_file()
+    _refused(tmp_path, ["plot", "run", "-o", "figs/"], "figs/curves.png already exists", "--force")
+
+
+def test_a_failed_final_write_keeps_the_previous_file_and_leaves_no_partial_one(tmp_path, run, monkeypatch):
+    import robust.outputs
+
+    (tmp_path / "e.json").write_text("previous")
+    real = robust.outputs.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(robust.outputs.os, "fsync", lambda fd: real(fd) if monkeypatch_state["probe"] else full(fd))
+    monkeypatch_state = {"probe": True}
+    original_probe = robust.outputs.probe_folder
+
+    def probe(*args, **kwargs):
+        result = original_probe(*args, **kwargs)
+        monkeypatch_state["probe"] = False  # the disk fills up during the evaluation
+        return result
+
+    monkeypatch.setattr(robust.outputs, "probe_folder", probe)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(cli, ["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json", "--force"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code != 0
+    assert (tmp_path / "e.json").read_text() == "previous"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ---- typed, validated configs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("toml, problem", [
+    ('epochs = "3"', "epochs must be a whole number, got the text '3'; write it without quotes"),
+    ('lr = "0.1"', "lr must be a number, got the text '0.1'; write it without quotes"),
+    ('seed = "abc"', "seed must be a whole number"),
+    ("out = 5", "out must be a path (text), got 5"),
+    ("epochs = 1.5", "epochs must be a whole number, got 1.5"),
+    ("width = 4.5", "width must be a whole number, got 4.5"),
+    ("lr = nan", "lr must be a finite number"),
+    ("clean_weight = inf", "clean-weight must be a finite number"),
+    ('quiet = "yes"', "quiet must be true or false"),
+    ("data_dir = 5", "data-dir must be a path"),
+    ("seed = -1", "seed must be in [0, 9223372036854775807], got -1"),
+    ("seed = 9223372036854775808", "seed must be in [0, 9223372036854775807]"),
+    ("threads = 100000", "the CPUs available here"),
+    ('out = ""', "out is empty"),
+    ('eps = ""', "eps is empty"),
+    ("milestones = 50", "milestones must be text"),
+    ("[model]\nwidth = 4", "unknown config field(s): model"),
+])
+def test_train_refuses_mistyped_toml_values(tmp_path, toml, problem):
+    (tmp_path / "run.toml").write_text(toml + "\n")
+    _refused(tmp_path, ["train", "--config", "run.toml", "--dataset", "fashion-mnist"], problem)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_refuses_a_toml_file_that_is_not_utf8(tmp_path):
+    (tmp_path / "run.toml").write_bytes('dataset = "fashion-mnist"\n# caf\xe9\n'.encode("latin-1"))
+    _refused(tmp_path, ["train", "--config", "run.toml"], "run.toml is not UTF-8", "save it as UTF-8")
+
+
+def test_train_refuses_an_unreadable_toml_file(tmp_path, monkeypatch):
+    import robust.config
+
+    (tmp_path / "run.toml").write_text('dataset = "fashion-mnist"\n')
+
+    def denied(*args, **kwargs):  # root reads a chmod 000 file, so the refusal is simulated
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(robust.config, "open", denied, raising=False)
+    _refused(tmp_path, ["train", "--config", "run.toml"], "cannot read config file run.toml (Permission denied)")
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--lr", "inf"], "lr must be a finite number"),
+    (["--momentum", "-inf"], "momentum must be a finite number"),
+    (["--val-split", "nan"], "val-split must be a finite number"),
+    (["--save-every", "inf"], "save-every must be a finite number"),
+    (["--seed", "-1"], "seed must be in [0, 9223372036854775807], got -1"),
+    (["--seed", str(2**63)], "seed must be in [0, 9223372036854775807]"),
+    (["--threads", "100000"], "threads must be in [1, "),
+    (["--out", ""], "--out is empty"),
+    (["--out", " "], "--out is empty"),
+    (["--data-dir", ""], "--data-dir is empty"),
+    (["--eps", ""], "--eps is empty"),
+    (["--milestones", ""], "--milestones is empty"),
+    (["--config", ""], "--config is empty"),
+])
+def test_train_refuses_bad_values_before_writing(tmp_path, args, problem):
+    _refused(tmp_path, [*TRAIN, *args], problem)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("width", 4.5, "width must be a whole number"), ("epochs", 1.5, "epochs must be a whole number"),
+    ("out", 5, "out must be a path"), ("lr", float("nan"), "lr must be a finite number"), ("epochs", True, "epochs"),
+])
+def test_python_configs_are_validated_before_anything_is_written(tmp_path, fmnist, field, value, problem):
+    from robust.config import ConfigError
+    from robust.trainer import Trainer
+
+    config = TrainConfig(dataset="fashion-mnist", width=4, epochs=1, limit=32, out=str(tmp_path / "run"))
+    setattr(config, field, value)
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        Trainer(config, data=fmnist)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--norms", ""], "--norms is empty"),
+    (["--norms", ","], "norms is empty"),
+    (["--attacks", ""], "--attacks is empty"),
+    (["--attacks", " , "], "attacks is empty"),
+    (["--eval-limit", "0"], "eval-limit must be >= 1, got 0"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--seed", "-1"], "seed must be in [0,"),
+])
+def test_compare_refuses_bad_values(tmp_path, args, problem):
+    base = [a for a in COMPARE if a not in ("--norms", "bn")]
+    _refused(tmp_path, [*base, *args, "--out", "cmp"], problem)
+
+
+@pytest.mark.parametrize("toml, problem", [
+    ("norms = 5", "norms must be comma-separated names or a list of names"),
+    ('norms = ""', "norms is empty"),
+    ('eval_limit = "5"', "eval-limit must be a whole number"),
+    ("eval_batch_size = 0", "eval-batch-size must be >= 1, got 0"),
+    ('epochs = "3"', "epochs must be a whole number"),
+])
+def test_compare_refuses_mistyped_toml_values(tmp_path, toml, problem):
+    (tmp_path / "cmp.toml").write_text(toml + "\n")
+    _refused(tmp_path, ["compare", "--config", "cmp.toml", "--dataset", "fashion-mnist", "--out", "cmp"], problem)
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--eps-sweep", ""], "--eps-sweep is empty"),
+    (["--eps-sweep", ","], "eps list ',' is empty"),
+    (["--attack", ""], "--attack is empty"),
+    (["--json", ""], "--json is empty"),
+    (["--data-dir", ""], "--data-dir is empty"),
+    (["--seed", "-1"], "-1"),
+    (["--threat", "l2"], "pass --eps for --threat l2"),
+])
+def test_eval_refuses_more_bad_flags(tmp_path, run, monkeypatch, args, problem):
+    _work_must_not_start(monkeypatch)
+    _refused(tmp_path, ["eval", "run", "--limit", "8", *args], problem)
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["analyze", "run", "--seed", "-1"], "-1"), (["analyze", "run", "--batches", "0"], "batches must be >= 1"),
+    (["bench", "--threads", "100000"], "the CPUs available here"), (["bench", "--json", ""], "--json is empty"),
+    (["eval", ""], "CHECKPOINT is empty"), (["export", "run", "-o", ""], "-o/--out is empty"),
+    (["plot", "run", "-o", " "], "-o/--output is empty"),
+])
+def test_other_commands_refuse_empty_and_out_of_range_values(tmp_path, run, monkeypatch, args, problem):
+    _work_must_not_start(monkeypatch)
+    _refused(tmp_path, args, problem)
+
+
+def test_resume_refuses_an_unreadable_config_json(tmp_path, run):
+    (run / "config.json").write_text("{not json")
+    _refused(tmp_path, ["train", "--out", "run", "--resume"], "run/config.json is unreadable", "--force")
+
+
+# ---- exit codes and what is said ---------------------------------------------------------------------
+
+
+def _interrupt(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)  # the KeyboardInterrupt arrives here
+    raise AssertionError("SIGINT was not delivered")
+
+
+@pytest.mark.parametrize("args, work", [
+    (["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json"], ("robust.evaluate", "evaluate")),
+    (["analyze", "run", "--batches", "1", "--out", "grads"], ("robust.analysis", "analyze_checkpoint")),
+    (["bench", "--width", "4", "--json", "b.json"], ("robust.bench", "run_bench")),
+    (["export", "run", "-o", "m.pt"], ("robust.evaluate", "model_from")),
+])
+def test_sigint_exits_130_everywhere_and_writes_nothing(tmp_path, run, monkeypatch, args, work):
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(work[0]), work[1], _interrupt)
+    before = _snapshot(tmp_path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(cli, args)
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 130, result.output
+    assert "Aborted (SIGINT)" in result.output and "Traceback" not in result.output
+    assert _snapshot(tmp_path) == before
+
+
+def test_eval_says_which_file_it_scored(tmp_path, run):
+    (run / "best.pt").unlink()
+    result = _ok(tmp_path, ["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json"])
+    assert "run has no best.pt" in result.output and "using run/last.pt" in result.output
+    assert result.output.count("run/last.pt:") == 1  # the table's header names the file
+    assert json.loads((tmp_path / "e.json").read_text())["checkpoint"] == "run/last.pt"
+
+
+def test_eval_l2_with_an_explicit_eps_runs(tmp_path, run):
+    result = _ok(tmp_path, ["eval", "run", "--attack", "pgd2", "--limit", "8", "--threat", "l2", "--eps", "0.5"])
+    assert "l2 eps 0.5" in result.output
+
+
+@pytest.fixture()
+def bn_checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = build_model("preact_resnet18", "bn", 10, 1, 4, (0.286,), (0.353,))
+    return save_checkpoint(build_checkpoint(model, dataset="fashion-mnist", eps=0.1), tmp_path / "bn.pt")
+
+
+def test_a_route_a_model_lacks_is_refused_by_eval_export_and_load_model_alike(tmp_path, bn_checkpoint):
+    from robust.config import ConfigError
+    from robust.evaluate import load_model
+
+    rule = "this model has a single route (adv)"
+    _refused(tmp_path, ["eval", "bn.pt", "--route", "clean", "--limit", "8"], rule)
+    _refused(tmp_path, ["export", "bn.pt", "--route", "clean", "-o", "bn_clean.pt"], rule)
+    with pytest.raises(ConfigError, match=re.escape(rule)):
+        load_model(bn_checkpoint, route="clean")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -69,3 +70,25 @@ def test_cosine_and_onecycle_schedules():
     assert lr_at(0, c, 100) == 0.0
     assert lr_at(400, c, 100) == pytest.approx(0.1)
     assert lr_at(700, c, 100) == pytest.approx(0.05)
+
+
+def test_field_checks_come_from_the_annotation_and_metadata_so_new_fields_are_covered():
+    """A field added later (say by a new dataset or architecture option) is typed and range-checked with no new code."""
+    import dataclasses
+
+    from robust.config import _f
+
+    @dataclasses.dataclass
+    class Extended(TrainConfig):
+        depth: int = _f(3, "blocks per stage", min=1)
+        label_smoothing: float = _f(0.0, "label smoothing", min=0, below=1)
+        teacher: str | None = _f(None, "a teacher checkpoint", kind="path")
+
+    assert Extended(depth=2, label_smoothing=0.1, teacher="t.pt").validate().depth == 2
+    for field, value, problem in [("depth", 2.5, "depth must be a whole number"), ("depth", "2", "without quotes"),
+                                  ("depth", 0, "depth must be >= 1, got 0"),
+                                  ("label_smoothing", float("nan"), "label-smoothing must be a finite number"),
+                                  ("label_smoothing", 1, "label-smoothing must be in [0, 1), got 1"),
+                                  ("teacher", 5, "teacher must be a path"), ("teacher", "", "teacher is empty")]:
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            Extended(**{field: value}).validate()

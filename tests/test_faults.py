@@ -25,10 +25,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import robust.outputs as outputs
 import robust.trainer as trainer_module
 from cli.main import cli
 from robust.checkpoint import CheckpointError, load_checkpoint
-from robust.config import TrainConfig
+from robust.config import ConfigError, TrainConfig
 from robust.data import ImageData
 from robust.trainer import NonFiniteLoss, Trainer, TrainingInterrupted
 
@@ -230,7 +231,7 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
 
 def test_full_disk_is_refused_before_training_and_nothing_is_written(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     before = _tree(tmp_path)
     result = CliRunner().invoke(cli, _cli_args(tmp_path / "run"))
     assert result.exit_code == 2
@@ -249,7 +250,7 @@ def test_unwritable_output_folder_is_refused_before_training(tmp_path, monkeypat
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(trainer_module.tempfile, "mkstemp", refuse)  # what a read-only folder answers
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", refuse)  # what a read-only folder answers
     result = CliRunner().invoke(cli, _cli_args(tmp_path / "run"))
     assert result.exit_code == 2 and "cannot write to" in result.output and "Permission denied" in result.output
     assert _tree(tmp_path) == before
@@ -286,3 +287,132 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, data):
         Trainer(_config(tmp_path / "run", epochs=2, norm="auxbn"), data=data, resume=True)
     with pytest.raises(CheckpointError, match=r"width 4 \(asked: 8\)"):
         Trainer(_config(tmp_path / "run", epochs=2, width=8), data=data, resume=True)
+
+
+# ---- one writer per run folder ------------------------------------------------------------------------
+
+
+def _hold_lock_in_child(folder: Path, ready) -> None:
+    lock = outputs.FolderLock(folder).acquire()  # held while the object lives
+    ready.set()
+    time.sleep(600)
+    lock.release()
+
+
+def test_the_folder_lock_excludes_a_second_writer_and_dies_with_its_process(tmp_path):
+    first = outputs.FolderLock(tmp_path / "a" / "run").acquire()
+    assert (tmp_path / "a" / "run" / ".lock").is_file()
+    with pytest.raises(outputs.FolderBusy, match=rf"run folder .*run is in use by another process \(pid {os.getpid()} "):
+        outputs.FolderLock(tmp_path / "a" / "run").acquire()  # a second open file: flock excludes it in-process too
+    first.release()
+    assert not (tmp_path / "a").exists()  # the folders the lock created, still empty, are gone again
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=_hold_lock_in_child, args=(tmp_path / "run", ready))
+    child.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(outputs.FolderBusy, match=f"pid {child.pid} "):
+            outputs.FolderLock(tmp_path / "run").acquire()
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=30)
+    assert (tmp_path / "run" / ".lock").is_file()  # the file stays after kill -9, but it is no lock any more
+    with outputs.FolderLock(tmp_path / "run"):
+        pass
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+@pytest.mark.parametrize("extra", [[], ["--force"], ["--resume"]])
+def test_train_resume_and_force_are_refused_while_another_process_writes_the_folder(tmp_path, data, extra):
+    run = tmp_path / "run"
+    if extra:  # --force / --resume on a finished run; a plain run on a folder another run has just started
+        Trainer(_config(run, epochs=1), data=data, log=lambda m: None).fit()
+    before = _tree(run) if extra else {}
+    with outputs.FolderLock(run):
+        result = CliRunner().invoke(cli, _cli_args(run, *extra))
+    assert result.exit_code == 2, result.output
+    errors = [l for l in result.output.splitlines() if l.startswith("Error:")]
+    assert len(errors) == 1 and "is in use by another process" in errors[0] and "--out NEW" in errors[0]
+    assert "Traceback" not in result.output
+    assert {k: v for k, v in _tree(run).items() if k != ".lock"} == before
+    assert not run.exists() or not (run / ".lock").exists()  # the holder's lock went with it
+
+
+def test_compare_is_refused_while_another_process_writes_its_folder(tmp_path):
+    (tmp_path / "cmp").mkdir()
+    with outputs.FolderLock(tmp_path / "cmp", what="compare folder"):
+        result = CliRunner().invoke(cli, ["compare", "--dataset", "fashion-mnist", "--norms", "bn", "--epochs", "1",
+                                          "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 2 and "compare folder" in result.output and "in use by another process" in result.output
+    assert list((tmp_path / "cmp").iterdir()) == []
+
+
+def test_a_run_that_finished_while_we_set_up_is_not_overwritten(tmp_path, data):
+    late = Trainer(_config(tmp_path / "run", epochs=1), data=data, log=lambda m: None)  # set up: the folder is free
+    Trainer(_config(tmp_path / "run", epochs=1, seed=6), data=data, log=lambda m: None).fit()  # another run takes it
+    before = _tree(tmp_path / "run")
+    with pytest.raises(trainer_module.RunExistsError, match="already exists"):
+        late.fit()  # re-checked under the lock
+    assert _tree(tmp_path / "run") == before
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 6
+
+
+def test_a_resume_whose_last_pt_changed_after_setup_is_refused(tmp_path, data):
+    Trainer(_config(tmp_path / "run", epochs=1), data=data, log=lambda m: None).fit()
+    late = Trainer(_config(tmp_path / "run", epochs=2), data=data, resume=True, log=lambda m: None)
+    Trainer(_config(tmp_path / "run", epochs=2), data=data, resume=True, log=lambda m: None).fit()
+    before = _tree(tmp_path / "run")
+    with pytest.raises(ConfigError, match="changed after this run read it"):
+        late.fit()
+    assert _tree(tmp_path / "run") == before
+
+
+def test_constructing_a_trainer_writes_nothing_and_a_finished_run_leaves_no_lock(tmp_path, data):
+    trainer = Trainer(_config(tmp_path / "run", epochs=1), data=data, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+    trainer.fit()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+
+
+def test_a_left_over_lock_file_does_not_make_a_folder_a_run(tmp_path, data):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text("pid 1 (killed with -9)\n")
+    Trainer(_config(tmp_path / "run", epochs=1), data=data, log=lambda m: None).fit()
+    assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_default_run_folders_differ_by_seed():
+    folders = {TrainConfig(dataset="fashion-mnist", seed=s).run_dir for s in (0, 1, 2**63 - 1)}
+    assert folders == {Path(f"runs/fashion-mnist-sabn-hybrid-s{s}") for s in (0, 1, 2**63 - 1)}
+
+
+def test_two_real_train_processes_on_one_folder_one_writer_wins_whole(tmp_path):
+    """The issue's case, `for s in 0 1; do robust train ... --seed $s & done`, with one --out for both."""
+    args = ["train", "--dataset", "fashion-mnist", "--limit", "64", "--width", "4", "--epochs", "1", "--val-limit", "16",
+            "--val-steps", "1", "--steps", "1", "--batch-size", "32", "--no-channels-last", "--quiet", "--out", "same"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "cli", *args, "--seed", str(s)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for s in (0, 1)]
+    same = {s: (p.communicate(timeout=300)[0], p.returncode) for s, p in enumerate(procs)}
+    assert sorted(code for _, code in same.values()) == [0, 2], same
+    winner = next(s for s, (_, code) in same.items() if code == 0)
+    loser_text = same[1 - winner][0]
+    assert "Traceback" not in loser_text
+    # the loser met the lock, or (if it set up after the winner had finished) the finished run
+    assert ("in use by another process" in loser_text) or ("already exists" in loser_text), loser_text
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["seed"] == winner  # the winner's run, whole
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "same" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert load_checkpoint(tmp_path / "same" / "last.pt")["config"]["seed"] == winner
+    assert not (tmp_path / "same" / ".lock").exists()
+
+
+def test_an_output_that_appeared_during_the_work_is_not_replaced_without_force(tmp_path):
+    target = tmp_path / "e.json"
+    with pytest.raises(outputs.OutputError, match="appeared while we worked"):
+        with outputs.atomic_output(target, overwrite=False) as fh:
+            fh.write(b"new")
+            target.write_text("someone else's")  # written by another program meanwhile
+    assert target.read_text() == "someone else's"
+    kept = [p for p in tmp_path.iterdir() if p.name != "e.json"]
+    assert len(kept) == 1 and kept[0].read_bytes() == b"new" and not kept[0].name.startswith(".")
