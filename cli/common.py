@@ -23,6 +23,22 @@ BAD_INPUT_ERRORS = (ConfigError, DataError, CheckpointError)
 SEED = click.IntRange(0, MAX_SEED)  # what torch.manual_seed and our step seeds accept
 
 
+RUNS = Path("runs")
+
+
+def newest_run(runs: Path = RUNS) -> str:
+    """The run folder under ``runs`` whose checkpoint was written last (what `robust eval` scores by default)."""
+    candidates = []
+    for folder in (runs.iterdir() if runs.is_dir() else []):
+        written = [f.stat().st_mtime for f in (folder / "best.pt", folder / "last.pt") if f.is_file()]
+        if written:
+            candidates.append((max(written), str(folder)))
+    if not candidates:
+        raise BadInput(f"no CHECKPOINT given and no run folder with a checkpoint under ./{runs}; "
+                       f"pass a checkpoint file or run folder, e.g. robust eval {runs}/NAME")
+    return max(candidates)[1]
+
+
 def model_file(path: str) -> Path:
     """The checkpoint file a CHECKPOINT argument means; says so when a run folder without best.pt gives last.pt."""
     resolved = resolve_checkpoint_path(path)

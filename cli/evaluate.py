@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import click
 
-from .common import SEED, BadInput, model_file
+from .common import SEED, BadInput, model_file, newest_run
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -69,7 +69,7 @@ def print_checks(checks) -> None:
 
 
 @click.command("eval")
-@click.argument("checkpoint")
+@click.argument("checkpoint", required=False)
 @click.option("--attack", "attacks", default="pgd20", show_default=True,
               help="comma-separated attacks: clean, fgsm, pgdN, cwN, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, autoattack")
 @click.option("--eps", default=None, help="attack radius in pixel units, e.g. 8/255  [default: the checkpoint's training eps]")
@@ -95,6 +95,8 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
                      json_path: str | None, force: bool, quiet: bool) -> None:
     """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
 
+    Without CHECKPOINT, the newest run folder under ./runs is scored (and named).
+
     The output files are checked before any attack runs and written atomically at the end;
     existing ones are kept unless --force. --threat l2 needs an explicit --eps (the checkpoint's
     eps is a Linf radius).
@@ -111,6 +113,9 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
     """
     from attacks.registry import PerturbationError
 
+    if checkpoint is None:
+        checkpoint = newest_run()
+        click.echo(f"no CHECKPOINT given: evaluating the newest run, {checkpoint}", err=True)
     try:
         run_eval(checkpoint, attacks, eps, route, threat, limit, batch_size, device, seed, restarts, queries,
                  data_dir, sanity, eps_sweep, plot, json_path, force, quiet)

@@ -323,3 +323,21 @@ def test_cli_refuses_to_overwrite_json(ckpt_path, tmp_path):
     assert out.read_text() == "keep me"
     done = CliRunner().invoke(cli, ["eval", str(ckpt_path), "--limit", "8", "--attack", "fgsm", "--json", str(out), "--force", "--quiet"])
     assert done.exit_code == 0 and json.loads(out.read_text())["n"] == 8
+
+
+def test_eval_without_a_checkpoint_scores_the_newest_run_and_names_it(ckpt_path, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["eval", "--attack", "pgd20"])
+    assert missing.exit_code == 2 and "no CHECKPOINT given" in missing.output and "robust eval runs/NAME" in missing.output
+    for name, age in (("older", 100), ("newer", 10)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        shutil.copy(ckpt_path, tmp_path / "runs" / name / "best.pt")
+        os.utime(tmp_path / "runs" / name / "best.pt", (1e9 - age, 1e9 - age))
+    (tmp_path / "runs" / "empty").mkdir()  # a folder without a checkpoint is never chosen
+    done = runner.invoke(cli, ["eval", "--attack", "fgsm", "--limit", "16", "--quiet"])
+    assert done.exit_code == 0, done.output
+    assert "evaluating the newest run, runs/newer" in done.output and "runs/newer/best.pt" in done.output

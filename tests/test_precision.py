@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from robust import build_model, use_route
 from robust.bench import BenchConfig, run_bench
 from robust.config import ConfigError, TrainConfig
-from robust.data import ImageData, to_float
+from robust.data import to_float
 from robust.engine import autocast, autocast_dtype, cpu_has_native_bf16
 from robust.trainer import StepSettings, Trainer, train_step
 

@@ -133,3 +133,9 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, fmnist_small):
     with pytest.raises(ConfigError, match="cannot resume"):
         Trainer(_tiny_config(tmp_path / "new"), data=_tiny_data(fmnist_small), resume=True)
     assert (out / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists()
+
+
+def test_the_trainer_takes_save_every_from_the_config(tmp_path, fmnist_small):
+    data = _tiny_data(fmnist_small)
+    assert Trainer(_tiny_config(tmp_path / "a", save_every=5.0), data=data).save_every_s == 5.0
+    assert Trainer(_tiny_config(tmp_path / "b", save_every=0.0), data=data).save_every_s is None  # epoch ends only
