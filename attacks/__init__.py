@@ -1,12 +1,15 @@
 """Adversarial attacks on any callable ``model(x) -> logits`` with inputs in [0, 1].
 
-This package knows nothing of :mod:`robust`: our PGD engine lives in :mod:`attacks.pgd`, the
+This package knows nothing of the rest of :mod:`robust` (installed, it is ``robust.attacks``): our PGD engine lives in :mod:`attacks.pgd`, the
 name -> attack registry (which also wraps torchattacks) in :mod:`attacks.registry`.
 """
 
-from .pgd import L2Ball, LinfBall, THREATS, ce_loss, cw_margin_loss, fgsm_rs, get_threat, pgd, pgd_restarts
+from .pgd import (
+    L2Ball, LinfBall, THREATS, ce_loss, cw_margin_loss, fgsm_rs, gaussian_start, get_threat, kl_loss_from, nfgsm,
+    pgd, pgd_restarts,
+)
 
 __all__ = [
-    "L2Ball", "LinfBall", "THREATS", "ce_loss", "cw_margin_loss", "fgsm_rs", "get_threat", "pgd",
-    "pgd_restarts",
+    "L2Ball", "LinfBall", "THREATS", "ce_loss", "cw_margin_loss", "fgsm_rs", "gaussian_start", "get_threat",
+    "kl_loss_from", "nfgsm", "pgd", "pgd_restarts",
 ]

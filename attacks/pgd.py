@@ -1,4 +1,5 @@
-"""Projected gradient descent (Madry et al. 2018) and FGSM with random start (Wong et al. 2020).
+"""Projected gradient descent (Madry et al. 2018), FGSM with random start (Wong et al. 2020) and
+N-FGSM (de Jorge et al. 2022), plus the KL loss TRADES's attack ascends (Zhang et al. 2019).
 
 The only contract with the model is ``model(x) -> logits`` with x in [0, 1]; eps is in pixel
 units. A threat model (:class:`LinfBall`, :class:`L2Ball`) owns the random start, the ascent step
@@ -104,19 +105,25 @@ def pgd(
     threat: str = "linf",
     random_start: bool = True,
     loss: str | LossFn = "ce",
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Untargeted PGD: ``steps`` ascent steps of size ``alpha`` on ``loss`` inside the eps ball.
 
     Returns ``x_adv`` (detached) with ``||x_adv - x|| <= eps`` and ``x_adv`` in [0, 1].
     Gradients are taken w.r.t. the input only (``autograd.grad``), so no parameter gradient is
     computed or accumulated. eps = 0 or steps = 0 without random start returns ``x`` itself.
+    ``start`` is an initial perturbation (TRADES and MART start from ``0.001 * N(0, 1)``); it
+    replaces the threat model's random start.
     """
     ball = get_threat(threat)
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     x = x.detach()
     if eps == 0:
         return x.clone()
-    delta = ball.random_start(x, eps) if random_start else torch.zeros_like(x)
+    if start is not None:
+        delta = start.detach()
+    else:
+        delta = ball.random_start(x, eps) if random_start else torch.zeros_like(x)
     x_adv = (x + delta).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -129,6 +136,39 @@ def pgd(
 def fgsm_rs(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float | None = None) -> torch.Tensor:
     """FGSM with a uniform random start, step ``1.25 * eps`` ("fast" AT, Wong et al. 2020)."""
     return pgd(model, x, y, eps, 1.25 * eps if alpha is None else alpha, steps=1, random_start=True)
+
+
+def gaussian_start(x: torch.Tensor, scale: float = 0.001) -> torch.Tensor:
+    """The small Gaussian start of TRADES's and MART's attacks: ``scale * N(0, 1)`` per pixel."""
+    return scale * torch.randn_like(x)
+
+
+def kl_loss_from(clean_logits: torch.Tensor) -> LossFn:
+    """TRADES's attack loss: ``sum KL(softmax(clean_logits) || softmax(logits))`` (labels unused).
+
+    The clean distribution is fixed (detached): the attack moves only the adversarial input.
+    """
+    p = F.softmax(clean_logits.detach().float(), dim=1)
+    log_p = F.log_softmax(clean_logits.detach().float(), dim=1)
+
+    def kl(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (p * (log_p - F.log_softmax(logits.float(), dim=1))).sum()
+
+    return kl
+
+
+def nfgsm(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, noise: float | None = None,
+          alpha: float | None = None) -> torch.Tensor:
+    """N-FGSM (de Jorge et al. 2022): noise ``U[-noise, noise]`` (default 2 eps), one signed step of
+    ``alpha`` (default eps) on the cross-entropy, and **no** projection back to the eps ball: the
+    result may lie up to ``noise + alpha`` (3 eps) from x. Only [0, 1] is enforced.
+    """
+    noise = 2 * eps if noise is None else noise
+    alpha = eps if alpha is None else alpha
+    x = x.detach()
+    x_start = (x + torch.empty_like(x).uniform_(-noise, noise)).clamp(0, 1).requires_grad_(True)
+    grad, = torch.autograd.grad(ce_loss(model(x_start), y), x_start)
+    return (x_start.detach() + alpha * grad.sign()).clamp(0, 1)
 
 
 def pgd_restarts(

@@ -1,5 +1,5 @@
-"""`python -m cli ...` (also what torchrun starts: `torchrun --nproc_per_node N -m cli train ...`)."""
+"""`python -m robust.cli ...` (also what torchrun starts: `torchrun --nproc_per_node N -m robust.cli train ...`)."""
 
-from cli.main import main
+from .main import main
 
 main()

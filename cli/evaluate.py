@@ -111,7 +111,7 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
       robust eval model.pt --attack pgd20,autoattack --eps 8/255 --json eval.json
       robust eval runs/a --eps-sweep 0,2/255,4/255,8/255,16/255 --plot curve.png
     """
-    from attacks.registry import PerturbationError
+    from robust.attacks.registry import PerturbationError
 
     if checkpoint is None:
         checkpoint = newest_run()

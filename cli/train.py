@@ -2,7 +2,7 @@
 
 Multi-process training: ``robust train --nproc N ...`` (one machine) or torchrun started by hand,
 ``torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT
---rdzv-id JOB -m cli train ...`` on every node (several machines).
+--rdzv-id JOB -m robust.cli train ...`` on every node (several machines).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
       robust train --dataset fashion-mnist --eps 0.1 --width 16 --epochs 5 --limit 10000
       robust train --out runs/a --resume --epochs 300
       robust train --nproc 4 --sync-bn                    DDP on 4 GPUs (or CPU processes)
-      torchrun --nproc-per-node 4 -m cli train --sync-bn  the same, started by torchrun
+      torchrun --nproc-per-node 4 -m robust.cli train --sync-bn  the same, started by torchrun
     """
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other; pick one")
@@ -156,16 +156,16 @@ def forward_args(flags: dict[str, Any], **options: Any) -> list[str]:
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """Run ``python -m cli train ARGV`` in ``nproc`` processes through torch.distributed.run; its exit code.
+    """Run ``python -m robust.cli train ARGV`` in ``nproc`` processes through torch.distributed.run; its exit code.
 
-    The same launcher as ``torchrun --standalone --nproc-per-node N -m cli train ...``; a worker's
+    The same launcher as ``torchrun --standalone --nproc-per-node N -m robust.cli train ...``; a worker's
     exit code comes back (2 bad input, 130/143 stopped by a signal after writing last.pt).
     """
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "cli", "train", *argv])
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "robust.cli", "train", *argv])
     try:
         run(args)
     except ChildFailedError as exc:

@@ -1,4 +1,15 @@
-"""robust: PGD adversarial training with dual-route Sandwich Batch Normalization."""
+"""robust: PGD adversarial training with dual-route Sandwich Batch Normalization.
+
+Layout: the attacks (``attacks/``) and the command line (``cli/``) sit at the top of the source
+tree but are subpackages of ``robust``: installed, they are ``robust/attacks`` and ``robust/cli``
+(pyproject's package-dir), so ``pip install`` claims no generic top-level name. In a source
+checkout the two lines below let ``robust.attacks`` and ``robust.cli`` resolve to those folders.
+"""
+
+import os as _os
+
+if not _os.path.isdir(_os.path.join(__path__[0], "attacks")):  # a source checkout, not an installed wheel
+    __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
 from .analysis import analyze_checkpoint, gradient_analysis
 from .checkpoint import load_checkpoint, save_checkpoint

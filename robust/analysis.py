@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks import pgd
+from .attacks import pgd
 
 from .engine import bn_mode
 from .norms import DualBatchNorm2d, RoutedNorm, SandwichBatchNorm2d, SharedBatchNorm2d, use_route

@@ -19,7 +19,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from attacks.registry import build_attack, check_perturbation, parse_attack_name
+from .attacks.registry import build_attack, check_perturbation, parse_attack_name
 
 from . import checkpoint as ckpt
 from .config import ConfigError, parse_eps, parse_fraction

@@ -280,7 +280,7 @@ class FolderLock:
 
 
 def _command() -> str:
-    """This process's command line, short (``python -m cli`` and the console script both read as robust)."""
+    """This process's command line, short (``python -m robust.cli`` and the console script both read as robust)."""
     name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
     text = " ".join(["robust" if name in ("__main__.py", "robust") else name, *sys.argv[1:]])
     return text if len(text) <= 200 else text[:197] + "..."

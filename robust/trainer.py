@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks import fgsm_rs, pgd
+from .attacks import fgsm_rs, pgd
 
 from . import checkpoint as ckpt
 from . import distributed as dist_

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attacks import L2Ball, LinfBall, cw_margin_loss, fgsm_rs, pgd, pgd_restarts
-from attacks.registry import (
+from robust.attacks import L2Ball, LinfBall, cw_margin_loss, fgsm_rs, pgd, pgd_restarts
+from robust.attacks.registry import (
     PerturbationError, available_attacks, build_attack, check_perturbation, parse_attack_name,
 )
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import cli
+from robust.cli.main import cli
 from robust.bench import BenchConfig, count_step_flops, run_bench, synthetic_data, textbook_pgd, textbook_runner
 from robust.config import ConfigError
 from robust.models import build_model

@@ -21,7 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import cli
+from robust.cli.main import cli
 from robust import build_model
 from robust.checkpoint import build_checkpoint, save_checkpoint
 from robust.config import TrainConfig

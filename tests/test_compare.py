@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import cli
+from robust.cli.main import cli
 from robust import build_model
 from robust.analysis import gradient_analysis, norm_layers
 from robust.compare import PAPER_CIFAR10, attack_title, paper_table_markdown

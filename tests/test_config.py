@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cli.train import resolve_config
+from robust.cli.train import resolve_config
 from robust.config import ConfigError, TrainConfig, parse_eps
 from robust.engine import lr_at
 

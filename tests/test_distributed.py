@@ -25,7 +25,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import cli
+from robust.cli.main import cli
 
 from robust import build_model, split_routes, use_route
 from robust.checkpoint import load_checkpoint
@@ -225,7 +225,7 @@ def test_nproc_launcher_stops_every_rank_on_sigterm_and_a_single_process_resumes
             "--val-limit", "16", "--val-steps", "1", "--no-channels-last", "--quiet", "--precision", "fp32",
             "--out", str(out)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "robust.cli", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180

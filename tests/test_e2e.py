@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from robust.cli.main import cli
 
 TRAIN = ["train", "--dataset", "fashion-mnist", "--eps", "0.1", "--width", "8", "--limit", "3000", "--epochs", "2",
          "--steps", "2", "--batch-size", "64", "--schedule", "onecycle", "--val-limit", "200", "--val-steps", "3",

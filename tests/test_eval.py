@@ -12,10 +12,10 @@ import torchattacks
 from click.testing import CliRunner
 
 import robust
-from attacks import fgsm_rs
-from attacks import registry
-from attacks.registry import Attack, PerturbationError
-from cli.main import cli
+from robust.attacks import fgsm_rs
+from robust.attacks import registry
+from robust.attacks.registry import Attack, PerturbationError
+from robust.cli.main import cli
 from robust.checkpoint import build_checkpoint, save_checkpoint
 from robust.data import to_float
 from robust.evaluate import (

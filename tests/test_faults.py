@@ -27,7 +27,7 @@ from click.testing import CliRunner
 
 import robust.outputs as outputs
 import robust.trainer as trainer_module
-from cli.main import cli
+from robust.cli.main import cli
 from robust.checkpoint import CheckpointError, load_checkpoint
 from robust.config import ConfigError, TrainConfig
 from robust.data import ImageData
@@ -118,7 +118,7 @@ def test_sigterm_from_outside_stops_a_real_process_with_143(tmp_path):
     out = tmp_path / "run"
     args = _cli_args(out)
     args[args.index("--epochs") + 1] = "500"
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--save-every", "0"], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "robust.cli", *args, "--save-every", "0"], cwd=tmp_path,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         header = proc.stderr.readline()
@@ -392,7 +392,7 @@ def test_two_real_train_processes_on_one_folder_one_writer_wins_whole(tmp_path):
     args = ["train", "--dataset", "fashion-mnist", "--limit", "64", "--width", "4", "--epochs", "1", "--val-limit", "16",
             "--val-steps", "1", "--steps", "1", "--batch-size", "32", "--no-channels-last", "--quiet", "--out", "same"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "cli", *args, "--seed", str(s)], cwd=tmp_path, env=env,
+    procs = [subprocess.Popen([sys.executable, "-m", "robust.cli", *args, "--seed", str(s)], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for s in (0, 1)]
     same = {s: (p.communicate(timeout=300)[0], p.returncode) for s, p in enumerate(procs)}
     assert sorted(code for _, code in same.values()) == [0, 2], same
