@@ -1,0 +1,80 @@
+"""Building a training run from its config and in-memory data: no file is read or written here.
+
+:func:`build_training` returns the data loader, the validation split, the model (weights from a
+checkpoint when resuming), the optimizer, the gradient scaler and the step settings: everything
+:class:`robust.trainer.Trainer` trains and ``robust bench`` times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from . import distributed as dist_
+from .config import TrainConfig
+from .data import BatchLoader, ImageData, split_train_val
+from .models import build_model
+from .step import StepSettings
+
+
+@dataclass
+class TrainingParts:
+    """What a run trains with. ``forward_model`` is ``model`` (or its torch.compile wrapper): attacks run on it."""
+
+    loader: BatchLoader
+    val: tuple[torch.Tensor, torch.Tensor] | None
+    model: nn.Module
+    forward_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    settings: StepSettings
+    sync_bn: bool
+
+
+def build_training(config: TrainConfig, data: ImageData, device: torch.device, amp: torch.dtype | None,
+                   state: dict[str, Any] | None = None, sync_bn: bool | None = None,
+                   source: Path | None = None) -> TrainingParts:
+    """The run's parts on ``device``. ``state`` is a last.pt to take the weights from (``source`` names it in errors)."""
+    c, d = config, data
+    (train_x, train_y), val = split_train_val(d, c.val_split, c.seed, c.limit, c.val_limit)
+    # Every rank iterates the same global batches; the trainer takes this rank's rows.
+    loader = BatchLoader(train_x.to(device), train_y.to(device), c.batch_size, augment=True,
+                         flip=d.flip, seed=c.seed, channels_last=c.channels_last)
+    torch.manual_seed(c.seed)
+    model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std).to(device)
+    if state is not None:
+        load_weights(model, state, c, source or Path("last.pt"))
+    saved_sync = bool((state or {}).get("distributed", {}).get("sync_bn", False))
+    sync = bool(sync_bn) if sync_bn is not None else saved_sync or bool(c.sync_bn)
+    if sync:
+        dist_.convert_sync_batchnorm(model)
+    if c.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                foreach=True)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    forward_model = torch.compile(model) if c.compile else model
+    return TrainingParts(loader, val, model, forward_model, optimizer, scaler,
+                         StepSettings.from_config(c, amp, device), sync)
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """Load a checkpoint's weights, refusing one of another model (arch, norm, width)."""
+    c = config
+    saved = state.get("model_args", {})
+    asked = {"arch": c.arch, "norm": c.norm}
+    differ = [f"{k} {saved.get(k)!r} (asked: {v!r})" for k, v in asked.items() if saved.get(k) != v]
+    if c.width is not None and saved.get("width") not in (None, c.width):
+        differ.append(f"width {saved.get('width')} (asked: {c.width})")
+    if differ:
+        raise ckpt.CheckpointError(f"{path} holds another model: {', '.join(differ)}; drop those flags to resume it, or start a new run with --out NEW")
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ckpt.CheckpointError(f"{path} does not fit the configured model ({first}); resume with the run's own settings or start a new run") from None

@@ -1,0 +1,23 @@
+"""``fast``: FGSM with a random start (Wong et al. 2020, "Fast is better than free").
+
+Uniform start in the eps ball, one signed step of 1.25 eps, projected back to the ball; CE loss.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..attacks import fgsm_rs
+from . import Objective, register
+
+
+@register
+class Fast(Objective):
+    name = "fast"
+    one_step = True
+
+    def examples(self, model, x, y):
+        return fgsm_rs(model, x, y, self.eps)
+
+    def loss(self, adv_logits, y, natural_logits=None):
+        return F.cross_entropy(adv_logits.float(), y)

@@ -1,0 +1,24 @@
+"""``nfgsm``: N-FGSM (de Jorge et al. 2022, "Make some noise", pdejorge/N-FGSM).
+
+Noise ``U[-2 eps, 2 eps]``, one signed step of size eps and **no** projection back to the eps
+ball (the example may lie up to 3 eps away; only [0, 1] is enforced); CE loss.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..attacks import nfgsm
+from . import Objective, register
+
+
+@register
+class NFGSM(Objective):
+    name = "nfgsm"
+    one_step = True
+
+    def examples(self, model, x, y):
+        return nfgsm(model, x, y, self.eps, noise=2 * self.eps, alpha=self.eps)
+
+    def loss(self, adv_logits, y, natural_logits=None):
+        return F.cross_entropy(adv_logits.float(), y)

@@ -1,0 +1,133 @@
+"""The one adversarial training step, used by the trainer, ``robust analyze`` and ``robust bench``.
+
+A step reads as: make examples (the objective's attack, adv route), loss, backward, optimizer step.
+
+``loss = w * CE(clean route, x) + (1 - w) * objective(adv route)`` with ``w`` the clean weight
+(``--clean-weight``); with ``w = 0`` the clean route is not run at all. The objective's forwards
+run entirely in the adv route. With ``fused`` (and ``w > 0``) the clean route's forward shares one
+forward with an adv-route forward through :func:`robust.norms.split_routes` (each half normalized
+by its own route's batch statistics, so the result equals separate forwards up to float
+summation order): ``[x | x_adv]`` for objectives whose loss only needs ``f(x_adv)`` (pgd, fast,
+nfgsm), ``[x | x]`` followed by a separate ``f(x_adv)`` for those that also need the adv route's
+``f(x)`` (trades, mart: their ``f(x)`` and ``f(x_adv)`` stay separate forwards, as in the official code).
+
+AWP (:mod:`robust.awp`), when on, perturbs the weights between the attack and the loss and puts
+them back exactly before the optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .awp import weight_perturbation
+from .engine import autocast, bn_mode
+from .norms import split_routes, use_route
+from .objectives import Objective, get_objective, objective_from_config
+
+
+@dataclass
+class StepSettings:
+    """What one training step needs to know, resolved once from the config."""
+
+    objective: Objective
+    clean_weight: float = 0.0
+    attack_train_mode: bool = True
+    fused: bool = True
+    amp: torch.dtype | None = None
+    device: torch.device = torch.device("cpu")
+    awp_gamma: float = 0.0
+
+    @classmethod
+    def from_config(cls, config, amp: torch.dtype | None, device: torch.device) -> "StepSettings":
+        return cls(objective=objective_from_config(config), clean_weight=config.resolved_clean_weight,
+                   attack_train_mode=config.resolved_attack_bn == "train", fused=config.fused, amp=amp, device=device,
+                   awp_gamma=config.awp_gamma)
+
+    @classmethod
+    def of(cls, method: str, eps: float, alpha: float | None = None, steps: int = 7, beta: float = 6.0,
+           attack_bn: str | None = None, **fields) -> "StepSettings":
+        """Settings from plain values (tests, notebooks); ``attack_bn`` defaults to the objective's."""
+        kind = get_objective(method)
+        objective = kind(eps, eps / 4 if alpha is None else alpha, steps, beta)
+        if method == "hybrid":
+            fields.setdefault("clean_weight", 0.5)
+        return cls(objective=objective, attack_train_mode=(attack_bn or kind.attack_bn) == "train", **fields)
+
+
+def make_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: StepSettings) -> torch.Tensor:
+    """The objective's training examples, made through the adv route in the configured BN mode."""
+    with use_route(model, "adv"), bn_mode(model, s.attack_train_mode), autocast(s.device, s.amp):
+        return s.objective.examples(model, x, y)
+
+
+def step_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, s: StepSettings):
+    """The step's loss and the adv-route logits of ``x_adv`` (for the running accuracy)."""
+    w, objective, n = s.clean_weight, s.objective, len(x)
+    clean_logits = natural_logits = None
+    with autocast(s.device, s.amp):
+        if w > 0 and s.fused:
+            with split_routes(model, n):
+                both = model(torch.cat([x, x if objective.uses_natural else x_adv]))
+            clean_logits, second = both[:n], both[n:]
+            if objective.uses_natural:
+                natural_logits = second
+                with use_route(model, "adv"):
+                    adv_logits = model(x_adv)
+            else:
+                adv_logits = second
+        else:
+            if w > 0:
+                with use_route(model, "clean"):
+                    clean_logits = model(x)
+            with use_route(model, "adv"):
+                if objective.uses_natural:
+                    natural_logits = model(x)
+                adv_logits = model(x_adv)
+        loss = objective.loss(adv_logits, y, natural_logits)
+        if w > 0:
+            loss = w * F.cross_entropy(clean_logits.float(), y) + (1 - w) * loss
+    return loss, adv_logits
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
+               s: StepSettings, attack_model: nn.Module | None = None, loss_scale: float = 1.0, awp: bool = False,
+               reduce: Callable[[list[torch.Tensor]], None] | None = None):
+    """One optimizer step; returns the loss and the adv-route logits, both still on the device.
+
+    ``model`` computes the loss (a DDP wrapper in distributed runs); the attack (and AWP's ascent)
+    runs on ``attack_model`` (default: ``model`` without its DDP wrapper, so their forwards and
+    gradients never touch DDP's hooks). ``loss_scale`` weights this rank's part of the global
+    batch; the returned loss is unscaled. ``awp`` turns the weight perturbation on for this step
+    (``s.awp_gamma`` > 0); ``reduce`` averages AWP's ascent gradients over ranks.
+    """
+    attack_model = attack_model if attack_model is not None else unwrap_ddp(model)
+    x_adv = make_adversarial(attack_model, x, y, s)                                   # 1. examples
+    model.train()
+    perturbation = None
+    if awp and s.awp_gamma > 0:
+        perturbation = weight_perturbation(
+            attack_model, lambda: step_loss(attack_model, x, x_adv, y, s)[0] * loss_scale, s.awp_gamma, reduce).apply()
+    loss, adv_logits = step_loss(model, x, x_adv, y, s)                               # 2. loss
+    optimizer.zero_grad(set_to_none=True)
+    objective = loss * loss_scale if loss_scale != 1.0 else loss
+    if scaler is not None:                                                            # 3. backward, 4. step
+        scaler.scale(objective).backward()
+        if perturbation is not None:
+            perturbation.restore()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        objective.backward()
+        if perturbation is not None:
+            perturbation.restore()
+        optimizer.step()
+    return loss.detach(), adv_logits.detach()
