@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from robust.config import DEVICES, METHODS, PRECISIONS, TrainConfig, check_fields
+from robust.bench import BENCH_METHODS
+from robust.config import DEVICES, PRECISIONS, TrainConfig, check_fields
 from robust.models import available_archs
 from robust.norms import NORMS
 
@@ -18,7 +19,8 @@ from robust.norms import NORMS
 @click.option("--width", type=click.IntRange(min=1), default=16, show_default=True, help="channels of the first stage")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=7, show_default=True, help="PGD attack steps (both variants)")
-@click.option("--method", type=click.Choice(METHODS), default="hybrid", show_default=True)
+@click.option("--method", type=click.Choice(BENCH_METHODS), default="hybrid", show_default=True,
+              help="methods the textbook loop also implements")
 @click.option("--eps", default="8/255", show_default=True, help="Linf radius; PGD step is eps/4")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="the project variant's precision (the textbook loop is always fp32)")

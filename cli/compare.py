@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from robust.config import ConfigError, TrainConfig, check_fields, load_toml, parse_eps
+from robust.config import ConfigError, TrainConfig, check_fields, load_toml, parse_eps, upgrade_saved
 
 from .common import SEED, model_file
 from .train import config_options
@@ -49,7 +49,7 @@ def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any
     out = given.get("out") or toml.get("out") or default_out({**toml, **given})
     if resume:
         saved = load_settings(out)
-        values.update(saved.get("config", {}))
+        values.update(upgrade_saved(saved.get("config", {})))
     values.update(toml)
     values.update(given)
     values["out"] = str(out)

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from robust import distributed
-from robust.config import ConfigError, TrainConfig, check_fields, load_toml
+from robust.config import ConfigError, TrainConfig, check_fields, load_toml, upgrade_saved
 
 from .common import BAD_INPUT_ERRORS, BadInput
 
@@ -26,7 +26,7 @@ def _field_option(f: dataclasses.Field):
     """A click option for one TrainConfig field; its default is None so we see what was passed."""
     flag = "--" + f.name.replace("_", "-")
     help_text = f"{f.metadata['help']}  [default: {f.default}]"
-    if f.type == "bool":
+    if f.type in ("bool", "bool | None"):
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
     choices = f.metadata.get("choices")
     base = f.type.replace(" | None", "")
@@ -67,7 +67,7 @@ def read_saved_config(path: Path) -> dict[str, Any]:
                           "start a new run with --force, or restore the file") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"cannot resume: {path} is not a config of robust train; start a new run with --force")
-    return saved
+    return upgrade_saved(saved)  # an older run resumes with the loss it trained with
 
 
 @click.command()

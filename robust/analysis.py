@@ -1,10 +1,11 @@
 """Gradient analysis of the norm layers: makes the paper's "balanced norms, diverse directions" checkable.
 
-For a few training batches, with PGD examples made through the adv route (as in training), we
+For a few training batches, with the run's own training examples made through the adv route by the
+training step's :func:`robust.step.make_adversarial` (PGD for pgd/hybrid), we
 take two losses, each through its own route:
 
 - the clean loss ``CE(clean route on x)`` and
-- the adversarial loss ``CE(adv route on x_adv)``,
+- the adversarial loss, the objective's loss in the adv route (``CE(adv route on x_adv)`` for pgd),
 
 and, per norm layer, the gradient of each w.r.t. the layer's affine parameters (weight and bias
 together as one vector):
@@ -29,6 +30,7 @@ analysed on a copy, so the caller's running statistics are not touched. The hybr
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,10 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import pgd
-
 from .engine import bn_mode
 from .norms import DualBatchNorm2d, RoutedNorm, SandwichBatchNorm2d, SharedBatchNorm2d, use_route
+from .step import StepSettings, make_adversarial, step_loss
 
 FIGURES = ("shared_clean", "shared_adv", "route_clean", "route_adv", "cosine", "route_cosine")
 
@@ -96,32 +97,33 @@ def layer_figures(groups: dict[str, list[nn.Parameter]], g_clean: dict[int, torc
     return out
 
 
-def batch_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
-                 attack_train_mode: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean-route loss on ``x`` and the adv-route loss on PGD examples made through the adv route.
+def batch_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean-route loss on ``x`` and the objective's adv-route loss on its own examples.
 
-    The losses use batch statistics (train mode) as a training step does; the attack runs in
-    train mode too unless ``attack_train_mode`` is False (a run trained with ``attack_bn=eval``).
+    The examples come from the training step's own :func:`robust.step.make_adversarial` (the
+    run's objective and ``attack_bn`` mode); the losses use batch statistics (train mode) as a
+    training step does. For ``pgd`` the adversarial loss is ``CE(adv route, x_adv)``.
     """
-    with use_route(model, "adv"), bn_mode(model, attack_train_mode):
-        x_adv = pgd(model, x, y, eps, alpha, steps, random_start=True)
+    x_adv = make_adversarial(model, x, y, settings)
     with bn_mode(model, True):
-        with use_route(model, "adv"):
-            adv_loss = F.cross_entropy(model(x_adv), y)
+        adv_loss, _ = step_loss(model, x, x_adv, y, dataclasses.replace(settings, clean_weight=0.0))
         with use_route(model, "clean"):
             clean_loss = F.cross_entropy(model(x), y)
     return clean_loss, adv_loss
 
 
 def gradient_analysis(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eps: float,
-                      alpha: float | None = None, steps: int = 7, attack_train_mode: bool = True) -> dict[str, Any]:
+                      alpha: float | None = None, steps: int = 7, attack_train_mode: bool = True,
+                      method: str = "pgd", beta: float = 6.0) -> dict[str, Any]:
     """Per-layer gradient norms and cosines of the clean and adversarial losses, averaged over ``batches``.
 
+    ``method`` (and ``beta``) choose the objective whose examples and loss are the adversarial side.
     Returns ``{"norm", "cosine_of", "settings", "layers": [{"layer", **figures}], "summary"}``; the
     figures are described in the module docstring. ``model`` itself is not modified.
     """
     model = copy.deepcopy(model)
     alpha = eps / 4 if alpha is None else alpha
+    settings = StepSettings.of(method, eps, alpha, steps, beta, attack_bn="train" if attack_train_mode else "eval")
     layers = norm_layers(model)
     if not layers:
         raise ValueError("the model has no routed norm layers with affine parameters; build it with robust.build_model")
@@ -130,7 +132,7 @@ def gradient_analysis(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
     sums: list[dict[str, float]] = [dict.fromkeys(FIGURES, 0.0) for _ in layers]
     n_batches = 0
     for x, y in batches:
-        clean_loss, adv_loss = batch_losses(model, x, y, eps, alpha, steps, attack_train_mode)
+        clean_loss, adv_loss = batch_losses(model, x, y, settings)
         g_clean, g_adv = _flat_grads(clean_loss, params), _flat_grads(adv_loss, params)
         for total, g in zip(sums, groups):
             for key, value in layer_figures(g, g_clean, g_adv).items():
@@ -144,7 +146,7 @@ def gradient_analysis(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
     return {
         "norm": norm,
         "cosine_of": "route affines (clean vs adv)" if norm == "auxbn" else "shared affine (clean vs adv loss)",
-        "settings": {"batches": n_batches, "batch_size": int(len(y)), "eps": float(eps), "alpha": float(alpha),
+        "settings": {"method": method, "batches": n_batches, "batch_size": int(len(y)), "eps": float(eps), "alpha": float(alpha),
                      "steps": int(steps), "attack_bn": "train" if attack_train_mode else "eval"},
         "layers": rows,
         "summary": summarize(rows),
@@ -187,7 +189,7 @@ def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | Non
         raise ConfigError(f"batches must be >= 1, got {batches}")
     state = ckpt.load_checkpoint(path)
     model = ckpt.model_from_checkpoint(state)
-    config = TrainConfig.from_dict(state["config"]) if isinstance(state.get("config"), dict) else None
+    config = TrainConfig.from_saved(state["config"]) if isinstance(state.get("config"), dict) else None
     dataset = state.get("dataset") or (config.dataset if config else None)
     if dataset is None:
         raise ConfigError(f"{path} does not say which dataset it was trained on; analyse the run's own checkpoint (best.pt)")
@@ -204,8 +206,10 @@ def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | Non
     model = model.to(dev)
     torch.manual_seed(seed)
     chosen = [(x.to(dev), y.to(dev)) for _, (x, y) in zip(range(batches), loader)]
-    attack_train = config.attack_bn == "train" if config else True
-    result = gradient_analysis(model, chosen, eps, alpha, steps, attack_train_mode=attack_train)
+    attack_train = config.resolved_attack_bn == "train" if config else True
+    result = gradient_analysis(model, chosen, eps, alpha, steps, attack_train_mode=attack_train,
+                               method=config.objective_name if config else "pgd",
+                               beta=config.resolved_beta if config else 6.0)
     result["checkpoint"] = str(ckpt.resolve_checkpoint_path(path))
     result["settings"].update(dataset=dataset, seed=seed)
     return result

@@ -3,10 +3,10 @@
 Two variants train the same model (same architecture, width, init seed), on the same batch size,
 with the same attack steps:
 
-- ``project``  the trainer's own pieces: :class:`robust.trainer.Trainer` builds the data loader
+- ``project``  the trainer's own pieces: :func:`robust.build.build_training` builds the data loader
   (uint8 tensors on the device, batched crop/flip), the channels_last model, the foreach SGD and
-  the step settings; each step is :func:`robust.trainer.train_step` (input-only attack gradients,
-  fused split-route hybrid forward, one backward, the configured precision).
+  the step settings, as for a run; each step is :func:`robust.step.train_step`, the trainer's
+  (input-only attack gradients, fused split-route hybrid forward, one backward, the configured precision).
 - ``textbook`` written the way research code does it: fp32, NCHW, a ``torch.utils.data.DataLoader``
   over a Dataset that turns each image into a PIL image and applies torchvision's
   RandomCrop(padding 4) + RandomHorizontalFlip + ToTensor, a plain PGD loop that calls
@@ -43,10 +43,8 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -59,9 +57,10 @@ from .config import ConfigError, TrainConfig, parse_eps
 from .data import DATASET_INFO, ImageData
 from .engine import resolve_device
 from .models import build_model
-from .norms import is_dual_route, use_route
+from .norms import use_route
 
 VARIANTS = ("project", "textbook")
+BENCH_METHODS = ("pgd", "hybrid", "fast")  # what the textbook loop implements
 # name: (channels, height, width, training-set size)
 DATASET_SHAPES = {
     "cifar10": (3, 32, 32, 50_000),
@@ -95,6 +94,9 @@ class BenchConfig:
     seed: int = 0
 
     def validate(self) -> "BenchConfig":
+        if self.method not in BENCH_METHODS:
+            raise ConfigError(f"bench compares methods its textbook loop also has: {', '.join(BENCH_METHODS)}; "
+                              f"got {self.method!r}, pass one of those")
         if self.dataset not in DATASET_SHAPES:
             raise ConfigError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASET_SHAPES)}")
         for name in ("batch_size", "steps", "iters", "repeats"):
@@ -148,24 +150,26 @@ def _endless(loader, set_epoch: Callable[[int], None] | None = None) -> Iterator
 
 
 def project_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], None], nn.Module]:
-    """A closure running one training step exactly as ``Trainer.train_one_epoch`` does."""
-    from .trainer import Trainer, _count_correct, train_step
+    """A closure running one training step exactly as ``Trainer.train_one_epoch`` does (no run folder)."""
+    from .build import build_training
+    from .engine import autocast_dtype
+    from .step import train_step
 
-    out = Path(tempfile.gettempdir()) / f"robust-bench-{time.time_ns()}"  # never written: fit() is not called
-    trainer = Trainer(config.train_config(str(out)), data=data, log=lambda msg: None)
-    batches = _endless(trainer.loader, trainer.loader.set_epoch)
-    device = trainer.device
+    tc = config.train_config()
+    device = resolve_device(config.device)
+    parts = build_training(tc, data, device, autocast_dtype(tc.precision, device))
+    batches = _endless(parts.loader, parts.loader.set_epoch)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
 
     def step() -> None:
         nonlocal loss_sum, correct
         x, y = next(batches)
-        loss, adv_logits = train_step(trainer.forward_model, trainer.optimizer, trainer.scaler, x, y, trainer.settings)
+        loss, adv_logits = train_step(parts.forward_model, parts.optimizer, parts.scaler, x, y, parts.settings)
         loss_sum += loss * len(y)
-        correct += _count_correct(adv_logits, y)
+        correct += (adv_logits.argmax(1) == y).sum()
 
-    return step, trainer.model
+    return step, parts.model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +229,8 @@ def textbook_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], 
     optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
     batches = _endless(textbook_loader(data, tc.batch_size, tc.seed))
     eps = tc.eps_value
-    method, dual = tc.resolved_method, is_dual_route(model)
-    steps, alpha = (1, 1.25 * eps) if method == "fast" else (tc.steps, tc.step_size_value)
-    hybrid = method == "hybrid" or (method == "fast" and dual)
+    steps, alpha = (1, 1.25 * eps) if tc.objective_name == "fast" else (tc.steps, tc.step_size_value)
+    w = tc.resolved_clean_weight
 
     def step() -> None:
         x, y = next(batches)
@@ -236,10 +239,10 @@ def textbook_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], 
         with use_route(model, "adv"):
             x_adv = textbook_pgd(model, x, y, eps, alpha, steps)
             adv_loss = F.cross_entropy(model(x_adv), y)
-        if hybrid:
+        if w > 0:
             with use_route(model, "clean"):
                 clean_loss = F.cross_entropy(model(x), y)
-            loss = tc.clean_weight * clean_loss + (1 - tc.clean_weight) * adv_loss
+            loss = w * clean_loss + (1 - w) * adv_loss
         else:
             loss = adv_loss
         optimizer.zero_grad()

@@ -79,9 +79,15 @@ class CompareSettings:
     def method(self) -> str:
         return self.config.method or "hybrid"
 
+    @property
+    def clean_weight(self) -> float:
+        """The same loss for every norm: the config's clean-weight, else the reference's 0.5 (bn too)."""
+        return 0.5 if self.config.clean_weight is None else float(self.config.clean_weight)
+
     def norm_config(self, norm: str) -> TrainConfig:
-        """The config of one norm's run: the shared one with norm, method and out replaced."""
-        return dataclasses.replace(self.config, norm=norm, method=self.method, out=str(self.out / norm))
+        """The config of one norm's run: the shared one with norm, method, clean-weight and out replaced."""
+        return dataclasses.replace(self.config, norm=norm, method=self.method, clean_weight=self.clean_weight,
+                                   out=str(self.out / norm))
 
     def validate(self) -> "CompareSettings":
         """Raise ConfigError naming the first bad value; check attack names before any training."""
@@ -108,7 +114,7 @@ class CompareSettings:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CompareSettings":
         try:
-            return cls(TrainConfig.from_dict(values["config"]), tuple(values["norms"]), tuple(values["attacks"]),
+            return cls(TrainConfig.from_saved(values["config"]), tuple(values["norms"]), tuple(values["attacks"]),
                        values.get("eval_limit"), values.get("eval_batch_size", 256))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"compare settings are incomplete ({exc}); start a new comparison with --force") from None
@@ -268,9 +274,11 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
     steps_per_epoch = -(-n_train // c.batch_size)
     warm = min(c.warmup_steps, steps_per_epoch)  # the trainer warms up within the first epoch only
     warmup = f"linear warm-up from lr/10 over {warm} steps" if warm else "no warm-up"
+    w, objective = settings.clean_weight, settings.norm_config("bn").objective_name
     method = f"{settings.method} for every norm"
-    if settings.method == "hybrid":
-        method += (f" (loss {c.clean_weight:g}*CE(clean route, x) + {1 - c.clean_weight:g}*CE(adv route, x_adv); "
+    if w > 0:
+        objective = "CE(adv route, x_adv)" if objective == "pgd" else f"{objective}(adv route)"
+        method += (f" (loss {w:g}*CE(clean route, x) + {1 - w:g}*{objective}; "
                    "the paper's BN baseline uses the same hybrid loss through one shared BN)")
     return [
         f"- dataset: {c.dataset}; {n_train} training examples, {n_val} validation examples (seed {c.seed}), "
@@ -280,7 +288,7 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
         f"milestones {c.milestones}, {warmup}), momentum {c.momentum:g}, weight decay {c.weight_decay:g}",
         f"- method: {method}",
         f"- training attack: Linf PGD-{c.steps}, eps {_eps_text(c)}, step {c.step_size_value:.4g}, "
-        f"random start, through the adv route, BN in {c.attack_bn} mode",
+        f"random start, through the adv route, BN in {c.resolved_attack_bn} mode",
         f"- checkpoint: best.pt of each run (best adv-route validation PGD-{c.val_steps} accuracy"
         f"{f' on {c.val_limit} validation examples' if c.val_limit else ''})",
         f"- evaluation: Linf eps {c.eps_value:.4g}, attacks {', '.join(settings.attacks)}, each route attacked and "

@@ -19,7 +19,9 @@ from typing import Any, Mapping
 from .models import available_archs
 from .norms import NORMS
 
-METHODS = ("pgd", "hybrid", "fast")
+METHODS = ("pgd", "hybrid", "trades", "mart", "fast", "nfgsm")  # the objectives of robust.objectives (+ the hybrid alias)
+ONE_STEP_METHODS = ("fast", "nfgsm")  # the catastrophic-overfitting guard is on by default for these
+DEFAULT_BETA = 6.0  # TRADES's and MART's official default
 SCHEDULES = ("multistep", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -187,12 +189,16 @@ class TrainConfig:
     milestones: str = _f("50,150", "multistep: epochs at which lr is multiplied by 0.1")
     warmup_steps: int = _f(200, "steps of linear warm-up from lr/10 in the first epoch (0 disables)", min=0)
     # adversarial training
-    method: str | None = _f(None, "pgd (adversarial loss only), hybrid (clean + adv routes), fast (FGSM-RS); default hybrid for auxbn/sabn, pgd for bn", choices=METHODS)
-    clean_weight: float = _f(0.5, "hybrid: weight w of the clean-route loss, (1-w) for the adv route", min=0, max=1)
+    method: str | None = _f(None, "training objective: pgd (Madry), trades, mart, fast (FGSM-RS), nfgsm (N-FGSM); hybrid = pgd with clean-weight 0.5 [default: pgd]", choices=METHODS)
+    clean_weight: float | None = _f(None, "w in w*CE(clean route, x) + (1-w)*objective(adv route) [default: 0.5 for auxbn/sabn and hybrid, 0 for bn]", min=0, max=1)
+    beta: float | None = _f(None, "trades/mart: weight of the KL term [default: 6, the official codes']", min=0)
+    awp_gamma: float = _f(0.0, "adversarial weight perturbation (AWP): per-layer size gamma*||w|| (0 = off; the AWP paper uses 0.005-0.01)", min=0, below=1)
+    awp_warmup: int = _f(0, "AWP: epochs before the weight perturbation starts", min=0)
+    co_guard: bool | None = _f(None, "catastrophic-overfitting guard: stop when PGD accuracy on a training batch collapses [default: on for fast, nfgsm]")
     eps: str = _f("8/255", "Linf radius in pixel units, e.g. 8/255 or 0.031", kind="fraction")
     step_size: str | None = _f(None, "PGD step size (default eps/4, i.e. 2/255 for eps 8/255)", kind="fraction")
     steps: int = _f(7, "PGD steps for training examples", min=1)
-    attack_bn: str = _f("train", "BN mode while training attacks run: train (reference; updates adv-route statistics) or eval", choices=ATTACK_BN_MODES)
+    attack_bn: str | None = _f(None, "BN mode while training attacks run: train (updates adv-route statistics) or eval [default: train for pgd/fast/nfgsm as the SaBN reference, eval for trades/mart as their official code]", choices=ATTACK_BN_MODES)
     val_steps: int = _f(10, "PGD steps of the per-epoch validation attack", min=1)
     val_limit: int | None = _f(None, "score at most N validation examples per epoch", min=1)
     # engine
@@ -200,7 +206,7 @@ class TrainConfig:
     precision: str = _f("auto", "autocast precision: auto = bf16 where supported, else fp32", choices=PRECISIONS)
     channels_last: bool = _f(True, "channels_last memory format")
     compile: bool = _f(False, "torch.compile the model")
-    fused: bool = _f(True, "hybrid/fast: one forward over the concatenated clean+adv batch (split routes)")
+    fused: bool = _f(True, "with clean-weight > 0: one forward over the concatenated clean+adv-route batch (split routes)")
     sync_bn: bool = _f(False, "distributed: route-aware SyncBatchNorm, each route's statistics over all processes")
     save_every: float = _f(600.0, "also write last.pt inside an epoch at most every this many seconds (0: epoch ends only)", min=0)
     seed: int = _f(0, "random seed (data split, order, augmentation, attack starts)", min=0, max=MAX_SEED)
@@ -213,7 +219,33 @@ class TrainConfig:
     # ---- derived values -------------------------------------------------------------------
     @property
     def resolved_method(self) -> str:
-        return self.method or ("pgd" if self.norm == "bn" else "hybrid")
+        """The method as asked (``hybrid`` kept, for the run name and the checkpoint); default ``pgd``."""
+        return self.method or "pgd"
+
+    @property
+    def objective_name(self) -> str:
+        """The objective that trains: ``hybrid`` is ``pgd`` (with clean-weight 0.5 by default)."""
+        return "pgd" if self.resolved_method == "hybrid" else self.resolved_method
+
+    @property
+    def resolved_clean_weight(self) -> float:
+        if self.clean_weight is not None:
+            return float(self.clean_weight)
+        return 0.5 if self.resolved_method == "hybrid" or self.norm != "bn" else 0.0
+
+    @property
+    def resolved_beta(self) -> float:
+        return DEFAULT_BETA if self.beta is None else float(self.beta)
+
+    @property
+    def resolved_attack_bn(self) -> str:
+        if self.attack_bn is not None:
+            return self.attack_bn
+        return "eval" if self.objective_name in ("trades", "mart") else "train"
+
+    @property
+    def resolved_co_guard(self) -> bool:
+        return self.objective_name in ONE_STEP_METHODS if self.co_guard is None else bool(self.co_guard)
 
     @property
     def eps_value(self) -> float:
@@ -258,6 +290,30 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
         check_fields(cls, values, partial=True)
         return cls(**values)
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config.json (or a checkpoint's config) of any version, with its original meaning."""
+        return cls.from_dict(upgrade_saved(values))
+
+
+def upgrade_saved(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config as this version reads it: the same training as when it was written.
+
+    Before the objectives (no ``awp_gamma`` key), ``clean_weight`` was always written (0.5) but
+    only the hybrid loss used it: ``pgd`` trained on the adversarial loss alone, and so did
+    ``fast`` on bn; the default method was hybrid for auxbn/sabn and pgd for bn. Now every method
+    takes clean-weight, so those runs get the weight they actually trained with.
+    """
+    if not isinstance(values, dict) or "awp_gamma" in values:
+        return values
+    values = dict(values)
+    method, dual = values.get("method"), values.get("norm", "sabn") != "bn"
+    hybrid = method == "hybrid" or (method is None and dual) or (method == "fast" and dual)
+    values["clean_weight"] = float(values.get("clean_weight", 0.5)) if hybrid else 0.0
+    if method is None:
+        values["method"] = "hybrid" if dual else "pgd"
+    return values
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -1,14 +1,16 @@
-"""PGD adversarial training of dual-route models: one step, one epoch, one validation.
+"""Adversarial training of dual-route models: ``Trainer(config).fit()``.
 
-Methods:
-- ``pgd``    Madry et al.: cross-entropy of the adv route on PGD examples only.
-- ``hybrid`` the SaBN reference: ``w * CE(clean route, x) + (1 - w) * CE(adv route, x_adv)``.
-- ``fast``   FGSM with random start (Wong et al. 2020); hybrid loss for auxbn/sabn,
-             adversarial loss only for bn.
+Where things live (each a short module):
 
-Training attacks run through the adv route with the model in train mode by default
-(``attack_bn="train"``, as the reference: the attack's forwards also update the adv route's
-running statistics); ``attack_bn="eval"`` generates them with frozen statistics instead.
+- :mod:`robust.objectives` — the methods (pgd, trades, mart, fast, nfgsm): examples and loss.
+- :mod:`robust.step`       — the one training step (examples, loss, backward, optimizer step), shared
+  with ``robust analyze`` and ``robust bench``; the clean weight and the fused forward live there.
+- :mod:`robust.awp`        — adversarial weight perturbation, an option of every objective.
+- :mod:`robust.co_guard`   — the catastrophic-overfitting guard of one-step methods.
+- :mod:`robust.build`      — config + data -> loader, model, optimizer, step settings (no IO).
+- :mod:`robust.rundir`     — the run folder: config.json, metrics.jsonl, last.pt, best.pt, the lock.
+- :mod:`robust.faults`     — signals, non-finite losses, the in-epoch save timer.
+- this module               — the loop: :meth:`Trainer.fit` -> :meth:`Trainer.train_one_epoch` -> ``train_step``.
 
 Distributed (torchrun, see :mod:`robust.distributed`): ``batch_size`` is the global batch. Every
 rank draws the same global batch (same permutation and augmentation) and trains on its own
@@ -16,144 +18,42 @@ contiguous part, so N ranks see exactly the batches one process would; the loss 
 the part's share so DDP's gradient average is the global batch's mean. Attacks run on the
 unwrapped module; only rank 0 writes files; metrics are summed over ranks.
 
-Faults: SIGINT/SIGTERM finish the current step, write last.pt (with the position inside the
-epoch) and raise :class:`TrainingInterrupted`; a non-finite loss raises :class:`NonFiniteLoss`
-naming the epoch and step, before anything is saved over the last good checkpoint; every file is
-written atomically, so a kill -9 at any moment leaves a loadable last.pt.
+Exact resume: each step's attack is seeded by (seed, epoch, step, rank) and last.pt holds the
+position inside the epoch, so a resumed run ends with the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import os
-import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-from .attacks import fgsm_rs, pgd
 
 from . import checkpoint as ckpt
 from . import distributed as dist_
-from . import outputs
+from .attacks import pgd
+from .build import build_training
+from .co_guard import COGuard
 from .config import ConfigError, TrainConfig
-from .data import BatchLoader, ImageData, load_dataset, split_train_val, to_float
+from .data import ImageData, load_dataset, to_float
 from .engine import autocast, autocast_dtype, bn_mode, lr_at
+from .faults import (  # noqa: F401  (re-exported: robust.trainer is where callers have found them)
+    SIGNAL_NAMES, CheckpointWriteError, FiniteWatch, NonFiniteLoss, SaveTimer, SignalCatcher, TrainingInterrupted,
+)
 from .metrics import correct_under_attack
-from .models import build_model
-from .norms import ROUTES, is_dual_route, split_routes, use_route
-
-SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
-
-
-class RunExistsError(ConfigError):
-    """The run folder already holds a run; pass --resume or --force."""
+from .norms import ROUTES, is_dual_route, use_route
+from .rundir import RunExistsError, RunFolder, append_line, describe  # noqa: F401
+from .step import StepSettings, make_adversarial, step_loss, train_step  # noqa: F401
 
 
-class NonFiniteLoss(FloatingPointError):
-    """The training loss became NaN or infinite; the message names the epoch and step."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint or log could not be written (disk full, folder gone); the previous last.pt is kept."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after a step; last.pt holds the position to resume from."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        """The shell convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
-        return 128 + self.signum
-
-
-@dataclass
-class StepSettings:
-    """What one training step needs to know, resolved once from the config."""
-
-    method: str
-    dual: bool
-    eps: float
-    alpha: float
-    steps: int
-    clean_weight: float
-    attack_train_mode: bool
-    fused: bool
-    amp: torch.dtype | None
-    device: torch.device
-
-    @property
-    def hybrid_loss(self) -> bool:
-        return self.method == "hybrid" or (self.method == "fast" and self.dual)
-
-
-def make_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: StepSettings) -> torch.Tensor:
-    """Training examples through the adv route, in the configured BN mode."""
-    with use_route(model, "adv"), bn_mode(model, s.attack_train_mode), autocast(s.device, s.amp):
-        if s.method == "fast":
-            return fgsm_rs(model, x, y, s.eps)
-        return pgd(model, x, y, s.eps, s.alpha, s.steps, random_start=True)
-
-
-def step_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, s: StepSettings):
-    """The method's loss and the adv-route logits of ``x_adv`` (for the running accuracy)."""
-    with autocast(s.device, s.amp):
-        if not s.hybrid_loss:
-            with use_route(model, "adv"):
-                adv_logits = model(x_adv)
-            return F.cross_entropy(adv_logits.float(), y), adv_logits
-        if s.fused:  # one forward over [x; x_adv], each half normalized by its own route
-            with split_routes(model, len(x)):
-                logits = model(torch.cat([x, x_adv]))
-            clean_logits, adv_logits = logits[: len(x)], logits[len(x):]
-        else:
-            with use_route(model, "clean"):
-                clean_logits = model(x)
-            with use_route(model, "adv"):
-                adv_logits = model(x_adv)
-        w = s.clean_weight
-        loss = w * F.cross_entropy(clean_logits.float(), y) + (1 - w) * F.cross_entropy(adv_logits.float(), y)
-        return loss, adv_logits
-
-
-def _without_ddp(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
-               s: StepSettings, attack_model: nn.Module | None = None, loss_scale: float = 1.0):
-    """One optimizer step; returns the loss and the adv-route logits, both still on the device.
-
-    ``model`` computes the loss (a DDP wrapper in distributed runs); the attack runs on
-    ``attack_model`` (default: ``model`` without its DDP wrapper, so the attack's forwards and
-    input gradients never touch DDP's hooks). ``loss_scale`` weights this rank's part of the
-    global batch; the returned loss is unscaled.
-    """
-    attack_model = attack_model if attack_model is not None else _without_ddp(model)
-    x_adv = make_adversarial(attack_model, x, y, s)
-    model.train()
-    loss, adv_logits = step_loss(model, x, x_adv, y, s)
-    optimizer.zero_grad(set_to_none=True)
-    objective = loss * loss_scale if loss_scale != 1.0 else loss
-    if scaler is not None:
-        scaler.scale(objective).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        objective.backward()
-        optimizer.step()
-    return loss.detach(), adv_logits.detach()
+# ---- small parts of the loop ---------------------------------------------------------------------
+def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """The RNG seed of one step's attack: a resumed run draws the same random starts as an uninterrupted one."""
+    return (((seed * 1_000_003 + epoch) * 1_000_033 + batch) * 1_009 + rank) % (2 ** 63 - 1)
 
 
 @torch.no_grad()
@@ -188,11 +88,6 @@ def evaluate_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, route: st
     counts = route_correct_counts(model, x, y, route, eps, alpha, steps, batch_size, device, amp, channels_last)
     n = max(len(y), 1)
     return {"clean": 100.0 * counts[0].item() / n, "robust": 100.0 * counts[1].item() / n}
-
-
-def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
-    """The RNG seed of one step's attack: a resumed run draws the same random starts as an uninterrupted one."""
-    return (((seed * 1_000_003 + epoch) * 1_000_033 + batch) * 1_009 + rank) % (2 ** 63 - 1)
 
 
 class Progress:
@@ -241,72 +136,6 @@ class EpochTally:
         return {"loss_sum": loss_sum, "correct": int(round(correct)), "seen": int(round(seen))}
 
 
-class FiniteWatch:
-    """Finds the first step with a non-finite loss without a host sync per step.
-
-    On the device it keeps "all losses finite so far" and the count of leading finite steps;
-    :meth:`first_bad` reads them (one sync) at the trainer's check points.
-    """
-
-    def __init__(self, device: torch.device, batch: int, step: int) -> None:
-        self.ok = torch.ones((), dtype=torch.bool, device=device)
-        self.good = torch.zeros((), dtype=torch.long, device=device)
-        self.restart(batch, step)
-
-    def restart(self, batch: int, step: int) -> None:
-        self.ok.fill_(True)
-        self.good.zero_()
-        self.count, self.batch, self.step = 0, batch, step
-
-    def update(self, loss: torch.Tensor) -> None:
-        self.ok.logical_and_(torch.isfinite(loss))
-        self.good += self.ok
-        self.count += 1
-
-    def first_bad(self) -> int | None:
-        """The epoch batch index of the first non-finite loss since the last restart, or None."""
-        if self.count == 0:
-            return None
-        good = int(self.good.item())
-        return None if good == self.count else self.batch + good
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and os.replace (a normal file mode, unlike mkstemp's 0600)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        with open(tmp, "x") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _append_line(path: Path, line: str) -> None:
-    """Append one line; on failure cut the file back, so no half line is ever left."""
-    size = path.stat().st_size if path.exists() else 0
-    try:
-        with open(path, "a") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError:
-        if path.exists():
-            os.truncate(path, size)
-        raise
-
-
-def _line_epoch(line: str) -> float:
-    """The epoch of a metrics.jsonl line; infinity for a line that is not one (dropped on resume)."""
-    try:
-        return float(json.loads(line)["epoch"])
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
-
-
 def _silent(msg: str) -> None:
     return None
 
@@ -324,20 +153,20 @@ class Trainer:
     ``sync_bn`` (route-aware SyncBatchNorm; None keeps the resumed checkpoint's choice),
     ``check_every`` (steps between non-finite-loss checks), ``handle_signals`` (turn
     SIGINT/SIGTERM into a checkpoint and :class:`TrainingInterrupted` while fit() runs).
+    Constructing a Trainer writes nothing.
     """
 
     def __init__(self, config: TrainConfig, data: ImageData | None = None, resume: bool = False,
                  force: bool = False, log: Callable[[str], None] | None = None, *, sync_bn: bool | None = None,
                  check_every: int = 50, handle_signals: bool = True) -> None:
         self.config = config.validate()
-        self.resume, self.force = resume, force
-        self.run_dir = config.run_dir
-        self.save_every_s = config.save_every or None  # the config is the one source of a run's settings
-        self.check_every, self.handle_signals = max(1, int(check_every)), handle_signals
+        self.resume = resume
+        self.check_every = max(1, int(check_every))
         self.dist, self.device = dist_.setup(config.device)
         self.log = (log or _to_stderr) if self.dist.is_main else _silent
-        self._signal, self._last_save_time = 0, time.monotonic()
-        self._lock: outputs.FolderLock | None = None  # taken by fit(): constructing a Trainer writes nothing
+        self.folder = RunFolder(config.run_dir, self.dist, resume, force)
+        self.signals = SignalCatcher(handle_signals)
+        self.saves = SaveTimer(config.save_every)  # the config is the one source of a run's settings
         error = None
         try:
             self._setup(data, sync_bn)
@@ -346,121 +175,52 @@ class Trainer:
                 raise
             error = exc
         dist_.agree(self.dist, error)
-        self._wrap()
+        if self.dist.enabled:  # DDP around the loss model (a collective: it broadcasts rank 0's weights)
+            unused = self.settings.clean_weight == 0 and is_dual_route(self.model)  # the clean route is idle
+            self.loss_model = dist_.wrap_ddp(self.forward_model, self.dist, self.device, unused)
 
-    def _wrap(self) -> None:
-        """DDP around the loss model (a collective: it broadcasts rank 0's weights)."""
-        if self.dist.enabled:  # pgd on a dual model never uses the clean route's affine
-            find_unused = self.settings.method == "pgd" and self.settings.dual
-            self.loss_model = dist_.wrap_ddp(self.forward_model, self.dist, self.device, find_unused)
+    @property
+    def run_dir(self):
+        return self.folder.path
 
-    # ---- setup ------------------------------------------------------------------------------
+    @property
+    def save_every_s(self) -> float | None:
+        return self.saves.every_s
+
+    # ---- setup (local to this rank: no collectives, a rank that fails must not strand the others) ---
     def _setup(self, data: ImageData | None, sync_bn: bool | None) -> None:
-        """Everything local to this rank (no collectives: a rank that fails here must not strand the others)."""
         c = self.config
-        self._check_run_dir()
+        self.folder.check()
         if c.threads:
             torch.set_num_threads(c.threads)
         if c.batch_size < self.dist.world_size:
             raise ConfigError(f"batch-size {c.batch_size} is the global batch and must be >= the {self.dist.world_size} ranks; raise --batch-size")
         self.amp = autocast_dtype(c.precision, self.device)
-        # a bad last.pt is reported before the (slower) data loading
-        self._resumed_stamp = self._stamp() if self.resume else None
-        state = ckpt.load_checkpoint(self.run_dir / "last.pt", map_location=self.device) if self.resume else None
+        state = self.folder.read_last(self.device) if self.resume else None  # a bad last.pt before the slow data
         self.data = data if data is not None else load_dataset(c.dataset, c.data_dir)
-        self._build(sync_bn, state)
-        if self.dist.is_main:
-            self._check_writable()
-
-    def _check_run_dir(self) -> None:
-        """Refuse a folder we must not write: checked at setup, and again by fit() once it holds the lock."""
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ConfigError(f"--out {self.run_dir} is a file, not a folder; pass a folder path")
-        if self.resume:
-            if not (self.run_dir / "last.pt").is_file():
-                raise ConfigError(f"cannot resume: {self.run_dir}/last.pt does not exist; start a new run without --resume "
-                                  "(with --force if the folder exists)")
-        elif self.dist.is_main and outputs.holds_files(self.run_dir) and not self.force:
-            raise RunExistsError(f"run folder {self.run_dir} already exists; pass --resume to continue it, --force to replace it, or --out NEW")
-
-    def _stamp(self) -> tuple[int, int, int] | None:
-        """What identifies the last.pt this trainer resumed from (inode, size, mtime)."""
-        try:
-            st = (self.run_dir / "last.pt").stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
-
-    def _lock_run_dir(self) -> None:
-        """Become the folder's only writer (rank 0), then re-check it: another run may have used it since setup."""
-        error = None
-        if self.dist.is_main:
-            try:
-                self._lock = (self._lock or outputs.FolderLock(self.run_dir)).acquire()
-                self._check_run_dir()
-                if self.resume and self._stamp() != self._resumed_stamp:
-                    raise ConfigError(f"{self.run_dir / 'last.pt'} changed after this run read it (another process wrote it); "
-                                      "start the resume again")
-            except Exception as exc:
-                self._unlock()
-                error = exc
-        dist_.agree(self.dist, error)
-
-    def _unlock(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-
-    def _build(self, sync_bn: bool | None, state: dict[str, Any] | None = None) -> None:
-        c, d = self.config, self.data
-        (train_x, train_y), self.val = split_train_val(d, c.val_split, c.seed, c.limit, c.val_limit)
-        # Every rank iterates the same global batches; _local_part takes this rank's rows.
-        self.loader = BatchLoader(train_x.to(self.device), train_y.to(self.device), c.batch_size, augment=True,
-                                  flip=d.flip, seed=c.seed, channels_last=c.channels_last)
-        torch.manual_seed(c.seed)
-        model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std).to(self.device)
-        if state is not None:
-            self._load_weights(model, state)
-        saved_sync = bool((state or {}).get("distributed", {}).get("sync_bn", False))
-        self.sync_bn = bool(sync_bn) if sync_bn is not None else saved_sync or bool(getattr(c, "sync_bn", False))
-        if self.sync_bn:
-            dist_.convert_sync_batchnorm(model)
-        if c.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum,
-                                         weight_decay=c.weight_decay, foreach=True)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
-        self.forward_model = torch.compile(model) if c.compile else model  # attacks run on this (no DDP)
-        dual = is_dual_route(model)
-        self.loss_model = self.forward_model  # wrapped in DDP by _wrap, after every rank set up
-        self.settings = StepSettings(
-            method=c.resolved_method, dual=dual, eps=c.eps_value, alpha=c.step_size_value,
-            steps=c.steps, clean_weight=c.clean_weight, attack_train_mode=c.attack_bn == "train",
-            fused=c.fused, amp=self.amp, device=self.device,
-        )
+        parts = build_training(c, self.data, self.device, self.amp, state, sync_bn, self.folder.last_pt)
+        self.loader, self.val, self.model, self.forward_model = parts.loader, parts.val, parts.model, parts.forward_model
+        self.optimizer, self.scaler, self.settings, self.sync_bn = parts.optimizer, parts.scaler, parts.settings, parts.sync_bn
+        self.loss_model = self.forward_model
+        self.guard = self._make_guard() if c.resolved_co_guard else None
         self.start_epoch, self.start_batch, self.step, self.best = 0, 0, 0, None
         self.resume_tally: dict[str, float] | None = None
-        self.last_saved = "nothing yet"
+        self._good: dict[str, Any] | None = None  # the last good epoch, while the guard is on
         if state is not None:
             self._load_state(state)
+            if self.guard is not None and not self.start_batch:  # resumed at an epoch end: that epoch is the last good one
+                self._keep_good(state.get("metrics"))
+        if self.dist.is_main:
+            self.folder.check_room(self._checkpoint_bytes())
 
-    def _load_weights(self, model: nn.Module, state: dict[str, Any]) -> None:
-        c, path = self.config, self.run_dir / "last.pt"
-        saved = state.get("model_args", {})
-        asked = {"arch": c.arch, "norm": c.norm}
-        differ = [f"{k} {saved.get(k)!r} (asked: {v!r})" for k, v in asked.items() if saved.get(k) != v]
-        if c.width is not None and saved.get("width") not in (None, c.width):
-            differ.append(f"width {saved.get('width')} (asked: {c.width})")
-        if differ:
-            raise ckpt.CheckpointError(f"{path} holds another model: {', '.join(differ)}; drop those flags to resume it, or start a new run with --out NEW")
-        try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError, TypeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ckpt.CheckpointError(f"{path} does not fit the configured model ({first}); resume with the run's own settings or start a new run") from None
+    def _make_guard(self) -> COGuard:
+        """The guard's fixed batch: the first training images, as they are (not augmented)."""
+        n = min(self.config.batch_size, 512, len(self.loader.y))
+        x = to_float(self.loader.x[:n], self.config.channels_last)
+        return COGuard(x, self.loader.y[:n], self.config.eps_value)
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        path = self.run_dir / "last.pt"
+        path = self.folder.last_pt
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scaler is not None and state.get("scaler"):
@@ -471,12 +231,19 @@ class Trainer:
             position = state.get("position")
         except (KeyError, TypeError, ValueError) as exc:
             raise ckpt.CheckpointError(f"{path} lacks training state ({type(exc).__name__}: {exc}); it is not a last.pt of robust train, start a new run") from None
+        stopped = state.get("stopped")
+        if stopped and self.guard is not None:
+            raise ConfigError(f"cannot resume: {self.run_dir} stopped at epoch {stopped['epoch']} by the catastrophic-"
+                              f"overfitting guard (PGD accuracy {stopped['previous']:.1f}% -> {stopped['pgd_acc']:.1f}%); "
+                              "pass --no-co-guard to train on past it, or start a new run")
+        if self.guard is not None:
+            self.guard.previous = (state.get("co_guard") or {}).get("previous")
         if position:
             self.start_epoch, self.start_batch = int(position["epoch"]), int(position["batch"])
             self.resume_tally = position
         else:
             self.start_epoch, self.start_batch = completed, 0
-        self.last_saved = self._describe(self.start_epoch, self.start_batch)
+        self.folder.last_saved = describe(self.start_epoch, self.start_batch)
         where = f", step {self.start_batch}" if self.start_batch else ""
         self.log(f"resumed {self.run_dir} at epoch {self.start_epoch + 1}{where}")
 
@@ -486,66 +253,27 @@ class Trainer:
         params = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return weights + params
 
-    def _check_writable(self) -> None:
-        """Refuse before training when the run folder cannot take our files (probe write, free space)."""
-        need = 3 * self._checkpoint_bytes() + (1 << 20)  # last.pt, best.pt and one temporary copy
-        outputs.probe_folder(self.run_dir, "--out", need, what="the checkpoints")
-
-    # ---- files (rank 0 writes, every rank agrees) ----------------------------------------------------
-    def _on_main(self, write: Callable[[], None], what: str) -> None:
-        """Run ``write`` on rank 0 only; a failed write becomes CheckpointWriteError on every rank."""
-        error = None
-        if self.dist.is_main:
-            try:
-                write()
-            except OSError as exc:
-                kept = (f"{self.run_dir / 'last.pt'} ({self.last_saved}) is kept"
-                        if (self.run_dir / "last.pt").is_file() else "no last.pt was written yet")
-                error = CheckpointWriteError(f"could not write {what} in {self.run_dir}: {exc.strerror or exc}; {kept}; "
-                                             "free space or fix the folder, then rerun with --resume")
-        dist_.agree(self.dist, error)
-
-    def _prepare_run_dir(self) -> None:
-        run = self.run_dir
-        run.mkdir(parents=True, exist_ok=True)
-        for name in ("last.pt", "best.pt", "metrics.jsonl", "config.json"):
-            for stale in run.glob(f".{name}.*.tmp"):  # the temporary file of a write a kill -9 interrupted
-                stale.unlink(missing_ok=True)
-        if not self.resume:
-            for name in ("metrics.jsonl", "last.pt", "best.pt"):
-                (run / name).unlink(missing_ok=True)
-        else:  # drop metric lines of epochs after the checkpoint (a crash between the two writes)
-            path = run / "metrics.jsonl"
-            if path.exists():
-                lines = [l for l in path.read_text().splitlines() if _line_epoch(l) <= self.start_epoch]
-                _write_text_atomic(path, "".join(l + "\n" for l in lines))
-        _write_text_atomic(run / "config.json", json.dumps(self.config.to_dict(), indent=2) + "\n")
-
+    # ---- checkpoints ------------------------------------------------------------------------------
     def _checkpoint(self, completed_epoch: int, metrics: dict[str, Any] | None,
-                    position: dict[str, Any] | None) -> dict[str, Any]:
+                    position: dict[str, Any] | None, **extra: Any) -> dict[str, Any] | None:
+        """The last.pt / best.pt dict (built on rank 0 only; None elsewhere)."""
+        if not self.dist.is_main:
+            return None
         c = self.config
+        guard = {"previous": self.guard.previous} if self.guard is not None else None
         return ckpt.build_checkpoint(
             self.model, optimizer=self.optimizer.state_dict(),
             scheduler={"step": self.step}, epoch=completed_epoch, best=self.best, metrics=metrics,
             config=c.to_dict(), dataset=c.dataset, eps=c.eps_value, method=c.resolved_method,
             scaler=self.scaler.state_dict() if self.scaler is not None else None, position=position,
-            distributed={"world_size": self.dist.world_size, "sync_bn": self.sync_bn},
+            distributed={"world_size": self.dist.world_size, "sync_bn": self.sync_bn}, co_guard=guard, **extra,
         )
-
-    @staticmethod
-    def _describe(epoch: int, batch: int) -> str:
-        """Where a last.pt stands, in words: before epoch ``epoch`` (0-based) batch ``batch``."""
-        if batch:
-            return f"epoch {epoch + 1}, step {batch}"
-        return f"end of epoch {epoch}" if epoch else "start of training"
 
     def _save_position(self, epoch: int, batch: int, tally: EpochTally, elapsed: float) -> None:
         """last.pt at a point inside epoch ``epoch`` (0-based) before batch ``batch``."""
         position = {"epoch": epoch, "batch": batch, **tally.totals(self.dist), "seconds": elapsed}
-        state = self._checkpoint(epoch - 1, None, position) if self.dist.is_main else None
-        self._on_main(lambda: ckpt.save_checkpoint(state, self.run_dir / "last.pt"), "last.pt")
-        self.last_saved = self._describe(epoch, batch)
-        self._last_save_time = time.monotonic()
+        self.folder.save_position(self._checkpoint(epoch - 1, None, position), epoch, batch)
+        self.saves.saved()
 
     def _save_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         key = "val_adv_robust"
@@ -553,49 +281,19 @@ class Trainer:
         if improved:
             self.best = {"epoch": epoch + 1, "metric": key if key in metrics else "last_epoch",
                          "value": metrics.get(key, float(epoch + 1))}
-        state = self._checkpoint(epoch, metrics, None) if self.dist.is_main else None
+        self.folder.save_epoch(self._checkpoint(epoch, metrics, None), epoch, metrics, improved)
+        self.saves.saved()
+        if self.guard is not None:
+            self._keep_good(metrics)
 
-        def write() -> None:  # metrics first: a crash before last.pt redoes the epoch, and resume drops the line
-            log = self.run_dir / "metrics.jsonl"
-            size = log.stat().st_size if log.exists() else 0
-            _append_line(log, json.dumps(metrics) + "\n")
-            try:
-                if improved:
-                    ckpt.save_checkpoint(state, self.run_dir / "best.pt")
-                ckpt.save_checkpoint(state, self.run_dir / "last.pt")
-            except OSError:
-                os.truncate(log, size)  # keep metrics.jsonl in step with last.pt
-                raise
+    def _keep_good(self, metrics: dict[str, Any] | None) -> None:
+        """Remember the state a collapse in the next epoch goes back to (a copy: training moves on)."""
+        self._good = {"model": copy.deepcopy(self.model.state_dict()),
+                      "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                      "scaler": copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None,
+                      "step": self.step, "best": copy.deepcopy(self.best), "metrics": metrics or {}}
 
-        self._on_main(write, f"the epoch {epoch + 1} checkpoint")
-        self.last_saved = self._describe(epoch + 1, 0)
-        self._last_save_time = time.monotonic()
-
-    # ---- signals --------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        self._signal, self._signal_count, self._saved_handlers = 0, 0, {}
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return
-        for sig in SIGNAL_NAMES:
-            self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame) -> None:
-        """Note the signal; the loop stops after the current step. A third signal stops at once.
-
-        (torchrun forwards the signal a terminal already sent to every worker, so two are normal.)
-        """
-        self._signal_count += 1
-        if self._signal_count >= 3:
-            self._restore_signal_handlers()
-            raise KeyboardInterrupt
-        self._signal = self._signal or signum
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in getattr(self, "_saved_handlers", {}).items():
-            signal.signal(sig, handler)
-        self._saved_handlers = {}
-
-    # ---- training -----------------------------------------------------------------------------
+    # ---- the loop ---------------------------------------------------------------------------------
     def _local_part(self, x: torch.Tensor, y: torch.Tensor):
         """This rank's rows of the global batch and its loss weight; None when a rank would get no row."""
         if not self.dist.enabled:
@@ -606,27 +304,32 @@ class Trainer:
         rows = dist_.shard_rows(n, self.dist)
         return x[rows], y[rows], (rows.stop - rows.start) * self.dist.world_size / n
 
+    def _reduce_awp(self, grads: list[torch.Tensor]) -> None:
+        """AWP's ascent gradients averaged over ranks (each already weighted by its part's share)."""
+        if not self.dist.enabled:
+            return
+        flat = dist_.all_reduce_sum(torch.cat([g.flatten() for g in grads]), self.dist) / self.dist.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def _check_finite(self, epoch: int, steps: int, watch: FiniteWatch, next_batch: int) -> None:
         """Raise NonFiniteLoss naming the first bad step (on every rank); restart the watch otherwise."""
-        bad = watch.first_bad()
-        if self.dist.enabled:  # the earliest bad step of any rank, through a max over (big - step)
-            big = 1 << 40
-            worst = dist_.control_max([big - bad if bad is not None else 0], self.dist)[0]
-            bad = big - worst if worst else None
+        bad = watch.first_bad_on_any_rank(self.dist)
         if bad is not None:
             global_step = watch.step + (bad - watch.batch) + 1
             raise NonFiniteLoss(
                 f"non-finite training loss at epoch {epoch + 1}, step {bad + 1} of {steps} (global step {global_step}); "
-                f"training stopped and {self.run_dir / 'last.pt'} ({self.last_saved}) is kept; "
+                f"training stopped and {self.folder.last_pt} ({self.folder.last_saved}) is kept; "
                 "lower --lr, use --precision fp32, or check the data")
         watch.restart(next_batch, self.step)
 
     def _between_steps(self, epoch: int, next_batch: int, steps: int, tally: EpochTally, watch: FiniteWatch,
                        elapsed: float) -> None:
         """Agree on stop/save across ranks, check the loss every ``check_every`` steps, act."""
-        due = (self.dist.is_main and self.save_every_s is not None and next_batch < steps
-               and time.monotonic() - self._last_save_time >= self.save_every_s)
-        signum, save = dist_.control_max([self._signal, int(due)], self.dist)
+        due = self.dist.is_main and next_batch < steps and self.saves.due()
+        signum, save = dist_.control_max([self.signals.signum, int(due)], self.dist)
         if signum or save or watch.count >= self.check_every:
             self._check_finite(epoch, steps, watch, next_batch)
         if signum or save:
@@ -635,7 +338,7 @@ class Trainer:
             name = SIGNAL_NAMES.get(signum, f"signal {signum}")
             launcher = f" --nproc {self.dist.world_size}" if self.dist.enabled else ""
             raise TrainingInterrupted(signum, (
-                f"stopped by {name} at epoch {epoch + 1}, step {next_batch} of {steps}; saved {self.run_dir / 'last.pt'}. "
+                f"stopped by {name} at epoch {epoch + 1}, step {next_batch} of {steps}; saved {self.folder.last_pt}. "
                 f"Resume with: robust train --out {self.run_dir} --resume{launcher}"))
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
@@ -643,12 +346,14 @@ class Trainer:
         c = self.config
         self.loader.set_epoch(epoch)
         steps = len(self.loader)
+        resuming = epoch == self.start_epoch and bool(self.resume_tally)
         first = self.start_batch if epoch == self.start_epoch else 0
-        saved = self.resume_tally if epoch == self.start_epoch and self.resume_tally and self.dist.is_main else {}
+        saved = self.resume_tally if resuming and self.dist.is_main else {}  # other ranks' sums start at 0
         tally = EpochTally(self.device, saved.get("loss_sum", 0.0), saved.get("correct", 0), saved.get("seen", 0),
-                           saved.get("seconds", 0.0) if epoch == self.start_epoch and self.resume_tally else 0.0)
+                           saved.get("seconds", 0.0))
         watch = FiniteWatch(self.device, first, self.step)
         progress = Progress(steps - first, f"epoch {epoch + 1}/{c.epochs}", not c.quiet and self.dist.is_main)
+        awp = c.awp_gamma > 0 and epoch >= c.awp_warmup
         start = time.perf_counter()
         lr = lr_at(self.step, c, steps)
         for i, (x, y) in enumerate(self.loader):
@@ -663,7 +368,8 @@ class Trainer:
                 group["lr"] = lr
             torch.manual_seed(step_seed(c.seed, epoch, i, self.dist.rank))
             loss, adv_logits = train_step(self.loss_model, self.optimizer, self.scaler, x, y, self.settings,
-                                          attack_model=self.forward_model, loss_scale=weight)
+                                          attack_model=self.forward_model, loss_scale=weight, awp=awp,
+                                          reduce=self._reduce_awp if self.dist.enabled else None)
             tally.add(loss, adv_logits, y)
             watch.update(loss)
             self.step += 1
@@ -685,11 +391,11 @@ class Trainer:
         """Clean and PGD-``val_steps`` accuracy of every route on the validation split (sharded over ranks)."""
         if self.val is None:
             return {}
-        c, s = self.config, self.settings
-        routes = ROUTES if s.dual else ("adv",)
+        c = self.config
+        routes = ROUTES if is_dual_route(self.model) else ("adv",)
         rows = slice(self.dist.rank, None, self.dist.world_size)
         x, y = self.val[0][rows], self.val[1][rows]
-        counts = torch.stack([route_correct_counts(self.model, x, y, route, s.eps, s.alpha, c.val_steps,
+        counts = torch.stack([route_correct_counts(self.model, x, y, route, c.eps_value, c.step_size_value, c.val_steps,
                                                    max(c.batch_size, 256), self.device, self.amp, c.channels_last)
                               for route in routes])
         counts = dist_.all_reduce_sum(counts, self.dist).tolist()
@@ -699,29 +405,78 @@ class Trainer:
             out[f"val_{route}_clean"], out[f"val_{route}_robust"] = 100.0 * clean / n, 100.0 * robust / n
         return out
 
+    def _guard_check(self, epoch: int) -> dict[str, Any]:
+        """The catastrophic-overfitting check after ``epoch`` (same verdict on every rank: same batch, seed, weights)."""
+        report = self.guard.check(self.model, step_seed(self.config.seed, epoch, len(self.loader), 0), self.amp)
+        return {"co_guard_pgd_acc": report["pgd_acc"], **({"co_guard": report} if report["collapsed"] else {})}
+
+    def _stop_collapsed(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Catastrophic overfitting in ``epoch``: back to the last good epoch, say so, write it down."""
+        good, report = self._good, metrics["co_guard"]
+        kept = epoch if good is not None else epoch + 1  # resumed inside this epoch: the previous one is not in memory
+        stopped = {"epoch": epoch + 1, "kept_epoch": kept, "pgd_acc": report["pgd_acc"], "previous": report["previous"]}
+        metrics["co_guard"] = {**report, "stopped": True, "kept_epoch": kept}
+        if good is None:
+            good = {"metrics": metrics}
+        else:
+            self.model.load_state_dict(good["model"])
+            self.optimizer.load_state_dict(good["optimizer"])
+            if self.scaler is not None and good["scaler"] is not None:
+                self.scaler.load_state_dict(good["scaler"])
+            self.step, self.best = good["step"], good["best"]
+        state = self._checkpoint(kept - 1, good["metrics"], None, stopped=stopped)
+
+        def write() -> None:  # the collapsed epoch's line, and last.pt back at the last good epoch
+            append_line(self.run_dir / "metrics.jsonl", json.dumps(metrics) + "\n")
+            ckpt.save_checkpoint(state, self.folder.last_pt)
+
+        self.folder.on_main(write, f"the epoch {kept} checkpoint")
+        self.folder.last_saved = describe(kept, 0)
+        self.log(f"catastrophic overfitting at epoch {epoch + 1}: PGD-5 accuracy on a training batch fell from "
+                 f"{report['previous']:.1f}% to {report['pgd_acc']:.1f}%; stopped, the result is epoch {kept} "
+                 f"({self.folder.last_pt}; --no-co-guard trains on)")
+        return {"run_dir": str(self.run_dir), "best": self.best, **good["metrics"], "stopped": stopped}
+
     def fit(self) -> dict[str, Any]:
         """Train to ``config.epochs``; write config.json, metrics.jsonl, last.pt, best.pt; return the final metrics."""
         c = self.config
-        self._lock_run_dir()  # nothing is written before this process is the folder's only writer
-        self._install_signal_handlers()
+        self.folder.lock()  # nothing is written before this process is the folder's only writer
+        self.signals.install()
         try:
-            self._on_main(self._prepare_run_dir, "config.json")
-            ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
-            self.log(f"training {c.arch} ({c.norm}, width {self.model.build_args['width']}) on {c.dataset} "
-                     f"[{len(self.loader.y)} training, {0 if self.val is None else len(self.val[1])} validation examples], method {c.resolved_method}, eps {c.eps}, device {self.device}{ranks}, "
-                     f"precision {self.amp or 'fp32'} -> {self.run_dir}")
-            self._last_save_time = time.monotonic()
+            self.folder.prepare(c.to_dict(), self.start_epoch)
+            self.log(self._header())
+            self.saves.saved()
             if not self.resume:  # from now on a loadable last.pt always exists
                 self._save_position(0, 0, EpochTally(self.device), 0.0)
             metrics: dict[str, Any] = {}
             for epoch in range(self.start_epoch, c.epochs):
-                metrics = {"epoch": epoch + 1, **self.train_one_epoch(epoch), **self.validate()}
+                metrics = {"epoch": epoch + 1, **self.train_one_epoch(epoch)}
+                if self.guard is not None:
+                    metrics.update(self._guard_check(epoch))
+                    if "co_guard" in metrics:
+                        return self._stop_collapsed(epoch, metrics)
+                metrics.update(self.validate())
                 self._save_epoch(epoch, metrics)
                 self.log(format_epoch(metrics))
             return {"run_dir": str(self.run_dir), "best": self.best, **metrics}
         finally:
-            self._restore_signal_handlers()
-            self._unlock()
+            self.signals.restore()
+            self.folder.unlock()
+
+    def _header(self) -> str:
+        c = self.config
+        ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
+        extras = [f"clean-weight {self.settings.clean_weight:g}"]
+        if c.objective_name in ("trades", "mart"):
+            extras.append(f"beta {c.resolved_beta:g}")
+        if c.awp_gamma > 0:
+            extras.append(f"AWP gamma {c.awp_gamma:g} from epoch {c.awp_warmup + 1}")
+        if self.guard is not None:
+            extras.append("CO guard")
+        return (f"training {c.arch} ({c.norm}, width {self.model.build_args['width']}) on {c.dataset} "
+                f"[{len(self.loader.y)} training, {0 if self.val is None else len(self.val[1])} validation examples], "
+                f"method {c.resolved_method} ({', '.join(extras)}), eps {c.eps}, device {self.device}{ranks}, "
+                f"precision {self.amp or 'fp32'} -> {self.run_dir}")
 
 
 def format_epoch(m: dict[str, Any]) -> str:
@@ -730,5 +485,7 @@ def format_epoch(m: dict[str, Any]) -> str:
     for route in ROUTES:
         if f"val_{route}_clean" in m:
             parts.append(f"val {route}: clean {m[f'val_{route}_clean']:.1f}% robust {m[f'val_{route}_robust']:.1f}%")
+    if "co_guard_pgd_acc" in m:
+        parts.append(f"guard PGD-5 {m['co_guard_pgd_acc']:.1f}%")
     parts.append(f"{m['images_per_s']:.0f} img/s, {m['seconds']:.0f}s")
     return " | ".join(parts)

@@ -75,7 +75,7 @@ def test_train_refuses_non_positive_counts(tmp_path, flag, value):
 
 @pytest.mark.parametrize("flag, value, valid", [
     ("--norm", "groupnorm", "'bn', 'auxbn', 'sabn'"), ("--arch", "resnet9000", "'preact_resnet18'"),
-    ("--method", "trades", "'pgd', 'hybrid', 'fast'"), ("--dataset", "imagenet", "'cifar10'"),
+    ("--method", "madry", "'pgd', 'hybrid', 'trades', 'mart', 'fast', 'nfgsm'"), ("--dataset", "imagenet", "'cifar10'"),
 ])
 def test_train_refuses_unknown_names(tmp_path, flag, value, valid):
     _refused(tmp_path, ["train", flag, value, "--out", "run"], f"'{value}' is not one of", valid)

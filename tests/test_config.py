@@ -29,14 +29,16 @@ def test_defaults_are_the_reference_recipe():
     assert (c.lr, c.momentum, c.weight_decay, c.batch_size, c.epochs) == (0.1, 0.9, 5e-4, 128, 200)
     assert c.milestone_epochs == [50, 150] and c.warmup_steps == 200
     assert c.eps_value == 8 / 255 and c.step_size_value == pytest.approx(2 / 255) and c.steps == 7
-    assert c.resolved_method == "hybrid" and c.clean_weight == 0.5 and c.attack_bn == "train"
-    assert TrainConfig(norm="bn").resolved_method == "pgd"
+    assert c.resolved_method == "pgd" and c.resolved_clean_weight == 0.5 and c.resolved_attack_bn == "train"
+    assert TrainConfig(norm="bn").resolved_method == "pgd" and TrainConfig(norm="bn").resolved_clean_weight == 0.0
+    assert TrainConfig(norm="bn", method="hybrid").resolved_clean_weight == 0.5  # the old hybrid, on every norm
 
 
 @pytest.mark.parametrize("field,value", [("batch_size", 0), ("epochs", -1), ("steps", 0), ("val_split", 1.0),
-                                         ("norm", "gn"), ("method", "trades"), ("clean_weight", 1.5)])
+                                         ("norm", "gn"), ("method", "madry"), ("clean_weight", 1.5),
+                                         ("beta", -1.0), ("awp_gamma", 1.0), ("awp_warmup", -1)])
 def test_invalid_fields_are_named(field, value):
-    with pytest.raises(ConfigError, match=field.replace("_", "-") if field in ("batch_size", "val_split", "clean_weight") else field):
+    with pytest.raises(ConfigError, match=field.replace("_", "-") if field in ("batch_size", "val_split", "clean_weight", "awp_gamma", "awp_warmup") else field):
         TrainConfig(**{field: value}).validate()
 
 

@@ -83,8 +83,9 @@ def _jobs(tmp_path: Path) -> list[dict]:
         # three steps, then resumed for a second epoch under DDP; logs from rank 0 only
         dict(name="run1", config=_config(runs / "run", limit=96), resume=False, sync_bn=True, log=True),
         dict(name="run2", config=_config(runs / "run", limit=96, epochs=2), resume=True, sync_bn=None, log=True),
-        # pgd on a dual-route model leaves the clean route unused (find_unused_parameters), no SyncBN
-        dict(name="pgd", config=_config(runs / "pgd", norm="auxbn", method="pgd"), resume=False, sync_bn=False, log=False),
+        # clean-weight 0 on a dual-route model leaves the clean route unused (find_unused_parameters), no SyncBN
+        dict(name="pgd", config=_config(runs / "pgd", norm="auxbn", method="pgd", clean_weight=0.0), resume=False,
+             sync_bn=False, log=False),
         # the non-fused hybrid step: two DDP forwards before one backward
         dict(name="twofwd", config=_config(runs / "twofwd", fused=False, norm="bn", method="hybrid"), resume=False,
              sync_bn=True, log=False),

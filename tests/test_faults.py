@@ -26,6 +26,7 @@ import torch
 from click.testing import CliRunner
 
 import robust.outputs as outputs
+import robust.step as step_module
 import robust.trainer as trainer_module
 from robust.cli.main import cli
 from robust.checkpoint import CheckpointError, load_checkpoint
@@ -194,14 +195,14 @@ def test_kill_9_at_random_moments_always_leaves_a_loadable_last_pt(tmp_path, dat
 
 
 def _nan_at_step(monkeypatch, step: int) -> None:
-    original, calls = trainer_module.step_loss, {"n": 0}
+    original, calls = step_module.step_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss, logits = original(*args, **kwargs)
         return (loss * float("nan"), logits) if calls["n"] == step else (loss, logits)
 
-    monkeypatch.setattr(trainer_module, "step_loss", poisoned)
+    monkeypatch.setattr(step_module, "step_loss", poisoned)
 
 
 def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
@@ -384,7 +385,7 @@ def test_a_left_over_lock_file_does_not_make_a_folder_a_run(tmp_path, data):
 
 def test_default_run_folders_differ_by_seed():
     folders = {TrainConfig(dataset="fashion-mnist", seed=s).run_dir for s in (0, 1, 2**63 - 1)}
-    assert folders == {Path(f"runs/fashion-mnist-sabn-hybrid-s{s}") for s in (0, 1, 2**63 - 1)}
+    assert folders == {Path(f"runs/fashion-mnist-sabn-pgd-s{s}") for s in (0, 1, 2**63 - 1)}
 
 
 def test_two_real_train_processes_on_one_folder_one_writer_wins_whole(tmp_path):

@@ -18,7 +18,8 @@ from robust.bench import BenchConfig, run_bench
 from robust.config import ConfigError, TrainConfig
 from robust.data import to_float
 from robust.engine import autocast, autocast_dtype, cpu_has_native_bf16
-from robust.trainer import StepSettings, Trainer, train_step
+from robust.step import StepSettings, train_step
+from robust.trainer import Trainer
 
 CPU = torch.device("cpu")
 
@@ -47,8 +48,8 @@ def test_the_run_says_its_precision_and_validation_size(tmp_path, fmnist_small):
 
 def _one_step(model, x, y, amp):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    s = StepSettings(method="hybrid", dual=True, eps=0.1, alpha=0.025, steps=3, clean_weight=0.5,
-                     attack_train_mode=True, fused=True, amp=amp, device=CPU)
+    s = StepSettings.of("hybrid", eps=0.1, alpha=0.025, steps=3, clean_weight=0.5, attack_bn="train", fused=True,
+                        amp=amp, device=CPU)
     torch.manual_seed(100)
     loss, _ = train_step(model, opt, None, x, y, s)
     return loss.item()

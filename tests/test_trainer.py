@@ -12,12 +12,12 @@ from robust import build_model, use_route
 from robust.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from robust.config import ConfigError, TrainConfig
 from robust.data import ImageData
-from robust.trainer import StepSettings, Trainer, step_loss
+from robust.step import StepSettings, step_loss
+from robust.trainer import Trainer
 
 
-def _settings(method: str, dual: bool = True, fused: bool = True, w: float = 0.5) -> StepSettings:
-    return StepSettings(method=method, dual=dual, eps=0.1, alpha=0.025, steps=2, clean_weight=w,
-                        attack_train_mode=True, fused=fused, amp=None, device=torch.device("cpu"))
+def _settings(method: str, fused: bool = True, w: float = 0.5) -> StepSettings:
+    return StepSettings.of(method, eps=0.1, alpha=0.025, steps=2, clean_weight=w, fused=fused)
 
 
 def _batch(seed: int = 0):
@@ -40,22 +40,25 @@ def test_hybrid_loss_is_weighted_sum_of_route_losses(norm):
     with use_route(reference, "adv"):
         adv = F.cross_entropy(reference(x_adv), y)
     for fused in (True, False):
-        loss, _ = step_loss(_model(norm), x, x_adv, y, _settings("hybrid", dual=norm != "bn", fused=fused, w=0.3))
+        loss, _ = step_loss(_model(norm), x, x_adv, y, _settings("hybrid", fused=fused, w=0.3))
         assert loss.item() == pytest.approx(0.3 * clean.item() + 0.7 * adv.item(), abs=1e-5)
 
 
-def test_pgd_and_fast_losses():
+def test_pgd_and_fast_losses_with_and_without_the_clean_route():
     x, x_adv, y = _batch()
     reference = _model("sabn")
     with use_route(reference, "adv"):
         adv = F.cross_entropy(reference(x_adv), y).item()
-    loss, _ = step_loss(_model("sabn"), x, x_adv, y, _settings("pgd"))
-    assert loss.item() == pytest.approx(adv, abs=1e-6)
-    loss, _ = step_loss(_model("bn"), x, x_adv, y, _settings("fast", dual=False))  # bn: adversarial only
+    with use_route(reference, "clean"):
+        clean = F.cross_entropy(reference(x), y).item()
+    for method in ("pgd", "fast", "nfgsm"):  # clean-weight 0: the adversarial loss alone
+        loss, _ = step_loss(_model("sabn"), x, x_adv, y, _settings(method, w=0.0))
+        assert loss.item() == pytest.approx(adv, abs=1e-6)
+        loss, _ = step_loss(_model("sabn"), x, x_adv, y, _settings(method, w=0.5))
+        assert loss.item() == pytest.approx(0.5 * clean + 0.5 * adv, abs=1e-5)
+    loss, _ = step_loss(_model("bn"), x, x_adv, y, _settings("fast", w=0.0))
     with use_route(_model("bn"), "adv") as bn:
         assert loss.item() == pytest.approx(F.cross_entropy(bn(x_adv), y).item(), abs=1e-6)
-    hybrid, _ = step_loss(_model("sabn"), x, x_adv, y, _settings("fast"))  # dual: hybrid loss
-    assert hybrid.item() != pytest.approx(adv, abs=1e-4)
 
 
 def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
