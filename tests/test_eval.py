@@ -12,8 +12,8 @@ import torchattacks
 from click.testing import CliRunner
 
 import robust
-from robust.attacks import fgsm_rs
 from robust.attacks import registry
+from robust.step import StepSettings, train_step
 from robust.attacks.registry import Attack, PerturbationError
 from robust.cli.main import cli
 from robust.checkpoint import build_checkpoint, save_checkpoint
@@ -38,25 +38,14 @@ def train_tiny(fmnist, norm: str, steps: int = TRAIN_STEPS, seed: int = 0) -> to
     model = robust.build_model(norm=norm, num_classes=10, in_channels=1, width=WIDTH, mean=fmnist.mean, std=fmnist.std)
     x_all, y_all = fmnist.train_x[:2000], fmnist.train_y[:2000]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    dual = robust.is_dual_route(model)
+    # the trainer's own step: FGSM-RS examples (attacked in eval mode), clean-weight 0.5 when dual-route
+    settings = StepSettings.of("fast", EPS, clean_weight=0.5 if robust.is_dual_route(model) else 0.0, attack_bn="eval")
     for step in range(steps):
         idx = torch.randint(0, len(y_all), (BATCH,))
         x, y = to_float(x_all[idx]), y_all[idx]
-        with use_route(model, "adv"):
-            model.eval()
-            x_adv = fgsm_rs(model, x, y, EPS)
-        model.train()
         for g in opt.param_groups:
             g["lr"] = 0.1 * min(1.0, (step + 1) / 20) * (0.1 if step > 0.8 * steps else 1.0)
-        if dual:
-            with split_routes(model, len(x)):
-                logits = model(torch.cat([x, x_adv]))
-            loss = 0.5 * F.cross_entropy(logits[:BATCH], y) + 0.5 * F.cross_entropy(logits[BATCH:], y)
-        else:
-            loss = F.cross_entropy(model(x_adv), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, opt, None, x, y, settings)
     return model.eval()
 
 
