@@ -78,7 +78,7 @@ def read_saved_config(path: Path) -> dict[str, Any]:
               help="train with N processes on this machine (starts torchrun --standalone); --batch-size stays the global batch")
 @config_options
 def train(config_file: str | None, resume: bool, force: bool, nproc: int | None, **flags: Any) -> None:
-    """PGD adversarial training; defaults reproduce the SaBN reference recipe on CIFAR-10.
+    """Adversarial training (--method pgd, trades, mart, fast, nfgsm); defaults reproduce the SaBN reference recipe on CIFAR-10.
 
     Writes config.json, metrics.jsonl (one line per epoch), last.pt (for --resume) and best.pt
     (best adv-route validation robust accuracy) into the run folder. Ctrl-C (SIGINT) or SIGTERM
@@ -88,6 +88,8 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
     Examples:
       robust train --norm sabn --eps 8/255
       robust train --dataset fashion-mnist --eps 0.1 --width 16 --epochs 5 --limit 10000
+      robust train --method trades --beta 6 --awp-gamma 0.005 --awp-warmup 10
+      robust train --method nfgsm --clean-weight 0.5     (the catastrophic-overfitting guard is on)
       robust train --out runs/a --resume --epochs 300
       robust train --nproc 4 --sync-bn                    DDP on 4 GPUs (or CPU processes)
       torchrun --nproc-per-node 4 -m robust.cli train --sync-bn  the same, started by torchrun

@@ -17,6 +17,7 @@ from .compare import CompareSettings, run_compare
 from .config import TrainConfig, parse_eps
 from .evaluate import evaluate, load_model
 from .models import available_archs, build_model
+from .objectives import OBJECTIVES, Objective, get_objective
 from .norms import (
     NORMS, ROUTES, DualBatchNorm2d, SandwichBatchNorm2d, SharedBatchNorm2d, convert_norms,
     export_route, is_dual_route, make_norm_layer, split_routes, use_route,
