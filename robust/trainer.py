@@ -45,7 +45,7 @@ from . import distributed as dist_
 from . import outputs
 from .config import ConfigError, TrainConfig
 from .data import BatchLoader, ImageData, load_dataset, split_train_val, to_float
-from .engine import autocast, autocast_dtype, bn_mode, lr_at
+from .engine import autocast, autocast_dtype, bn_mode, lr_at, precision_name
 from .metrics import correct_under_attack
 from .models import build_model
 from .norms import ROUTES, is_dual_route, split_routes, use_route
@@ -709,7 +709,7 @@ class Trainer:
             ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
             self.log(f"training {c.arch} ({c.norm}, width {self.model.build_args['width']}) on {c.dataset} "
                      f"[{len(self.loader.y)} training, {0 if self.val is None else len(self.val[1])} validation examples], method {c.resolved_method}, eps {c.eps}, device {self.device}{ranks}, "
-                     f"precision {self.amp or 'fp32'} -> {self.run_dir}")
+                     f"precision {precision_name(self.amp)} -> {self.run_dir}")
             self._last_save_time = time.monotonic()
             if not self.resume:  # from now on a loadable last.pt always exists
                 self._save_position(0, 0, EpochTally(self.device), 0.0)
