@@ -459,11 +459,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     }
 
 
-PEAK_DTYPES = {"fp32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _precision_name(config: BenchConfig, device: torch.device) -> str:
-    from .engine import autocast_dtype
+    from .engine import autocast_dtype, precision_name
 
-    dtype = autocast_dtype(config.precision, device)
-    return "fp32" if dtype is None else str(dtype).replace("torch.", "")
+    return precision_name(autocast_dtype(config.precision, device))

@@ -63,6 +63,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The --precision name of an autocast dtype (None: plain fp32)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """An autocast context for ``dtype`` (a no-op context when dtype is None)."""
     if dtype is None:

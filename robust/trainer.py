@@ -40,7 +40,7 @@ from .build import build_training
 from .co_guard import COGuard
 from .config import ConfigError, TrainConfig
 from .data import ImageData, load_dataset, to_float
-from .engine import autocast, autocast_dtype, bn_mode, lr_at
+from .engine import autocast, autocast_dtype, bn_mode, lr_at, precision_name
 from .faults import (  # noqa: F401  (re-exported: robust.trainer is where callers have found them)
     SIGNAL_NAMES, CheckpointWriteError, FiniteWatch, NonFiniteLoss, SaveTimer, SignalCatcher, TrainingInterrupted,
 )
@@ -476,7 +476,7 @@ class Trainer:
         return (f"training {c.arch} ({c.norm}, width {self.model.build_args['width']}) on {c.dataset} "
                 f"[{len(self.loader.y)} training, {0 if self.val is None else len(self.val[1])} validation examples], "
                 f"method {c.resolved_method} ({', '.join(extras)}), eps {c.eps}, device {self.device}{ranks}, "
-                f"precision {self.amp or 'fp32'} -> {self.run_dir}")
+                f"precision {precision_name(self.amp)} -> {self.run_dir}")
 
 
 def format_epoch(m: dict[str, Any]) -> str:

@@ -117,4 +117,4 @@ def test_bench_on_cuda_is_timed_with_cuda_events(monkeypatch):
     assert r["device"].startswith("cuda") and created and all(k.get("enable_timing") for k in created)
     assert r["variants"]["project"]["median_images_per_s"] > 0
     assert r["variants"]["project"]["memory"]["kind"] == "cuda max_memory_allocated"
-    assert set(r["matmul_peak_gflops"]) == {"fp32", "bfloat16"}
+    assert set(r["matmul_peak_gflops"]) == {"fp32", "bf16"}
