@@ -7,6 +7,7 @@ import click
 from robust.checkpoint import CheckpointError
 from robust.config import ConfigError
 from robust.data import DataError
+from robust.external import ModelError
 
 
 class BadInput(click.ClickException):
@@ -16,4 +17,4 @@ class BadInput(click.ClickException):
 
 
 # Library errors that mean "the user gave us something we cannot use".
-BAD_INPUT_ERRORS = (ConfigError, DataError, CheckpointError)
+BAD_INPUT_ERRORS = (ConfigError, DataError, CheckpointError, ModelError)
