@@ -66,7 +66,7 @@ distributed.shutdown()
 def _config(out: Path, **kw) -> dict:
     base = dict(dataset="fashion-mnist", width=4, epochs=1, batch_size=32, limit=32, steps=2, eps="1e-6",
                 val_split=0.25, val_limit=32, val_steps=1, lr=0.05, warmup_steps=0, schedule="cosine", seed=3,
-                channels_last=False, quiet=True, out=str(out))
+                channels_last=False, quiet=True, out=str(out), precision="fp32")  # auto is bf16 on AVX512-BF16 CPUs
     base.update(kw)
     return base
 
