@@ -119,15 +119,25 @@ def read_batches(images: "LazyImages", batches: Sequence[np.ndarray], workers: i
         return
     loader = torch.utils.data.DataLoader(
         _Reads(images), batch_size=None, sampler=list(batches), num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=prefetch, worker_init_fn=_one_thread)
+        prefetch_factor=prefetch, worker_init_fn=_worker_init)
     for batch in loader:
         if isinstance(batch, ReadFailure):
             raise DataError(batch.message)
         yield batch
 
 
-def _one_thread(_: int) -> None:
+def _worker_init(_: int) -> None:
+    """One thread per worker; SIGINT/SIGTERM are the training process's to handle.
+
+    A terminal's Ctrl-C or a ``kill`` of the process group reaches the workers too; dying there
+    would make the DataLoader raise in the middle of the step the trainer is finishing before it
+    writes last.pt. The workers end when the training process closes the loader or exits.
+    """
+    import signal
+
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class LazyImages:

@@ -288,3 +288,30 @@ def test_external_model_state_dict_is_the_library_models():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
     assert isinstance(model.net.bn1, nn.Module) and model.normalize.mean.flatten().tolist() == pytest.approx(
         [0.485, 0.456, 0.406])
+
+
+def test_sigterm_to_the_process_group_stops_a_streaming_run_cleanly(tmp_path, fmnist):
+    """kill -TERM of the whole group (a terminal, a job scheduler) also reaches the DataLoader workers."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_folder(tmp_path / "f", fmnist, per_class=16, test_per_class=2)
+    args = ["train", "--dataset", "imagefolder", "--data-dir", "f", "--data-mode", "stream", "--workers", "2",
+            "--width", "4", "--epochs", "500", "--steps", "1", "--eps", "0.1", "--batch-size", "8", "--val-split", "0",
+            "--precision", "fp32", "--no-channels-last", "--quiet", "--save-every", "0", "--out", "run"]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 143, rest
+    finally:
+        proc.kill()
+    assert "stopped by SIGTERM" in rest and "Traceback" not in rest, rest
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["position"]["epoch"] >= 1
