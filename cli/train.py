@@ -89,6 +89,8 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
       robust train --norm sabn --eps 8/255
       robust train --dataset fashion-mnist --eps 0.1 --width 16 --epochs 5 --limit 10000
       robust train --out runs/a --resume --epochs 300
+      robust train --dataset imagefolder --data-dir pets --image-size 64 --arch torchvision:resnet18
+      robust train --dataset tensors --data-dir mine.npz --eps 4/255
       robust train --nproc 4 --sync-bn                    DDP on 4 GPUs (or CPU processes)
       torchrun --nproc-per-node 4 -m cli train --sync-bn  the same, started by torchrun
     """

@@ -44,7 +44,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_
 from . import outputs
 from .config import ConfigError, TrainConfig
-from .data import BatchLoader, ImageData, load_dataset, split_train_val, to_float
+from .data import BatchLoader, ImageData, augmentation_for, load_dataset, memory_budget, split_train_val, to_float
 from .engine import autocast, autocast_dtype, bn_mode, lr_at, precision_name
 from .metrics import correct_under_attack
 from .models import build_model
@@ -367,7 +367,9 @@ class Trainer:
         # a bad last.pt is reported before the (slower) data loading
         self._resumed_stamp = self._stamp() if self.resume else None
         state = ckpt.load_checkpoint(self.run_dir / "last.pt", map_location=self.device) if self.resume else None
-        self.data = data if data is not None else load_dataset(c.dataset, c.data_dir)
+        self.data = data if data is not None else load_dataset(
+            c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, budget=memory_budget(self.device),
+            workers=c.workers)
         self._build(sync_bn, state)
         if self.dist.is_main:
             self._check_writable()
@@ -414,8 +416,11 @@ class Trainer:
         c, d = self.config, self.data
         (train_x, train_y), self.val = split_train_val(d, c.val_split, c.seed, c.limit, c.val_limit)
         # Every rank iterates the same global batches; _local_part takes this rank's rows.
-        self.loader = BatchLoader(train_x.to(self.device), train_y.to(self.device), c.batch_size, augment=True,
-                                  flip=d.flip, seed=c.seed, channels_last=c.channels_last)
+        # In-memory images move to the device once; streamed ones are read batch by batch.
+        train_x = train_x.to(self.device) if isinstance(train_x, torch.Tensor) else train_x
+        self.loader = BatchLoader(train_x, train_y.to(self.device), c.batch_size, augment=True, flip=d.flip,
+                                  seed=c.seed, channels_last=c.channels_last, device=self.device,
+                                  workers=getattr(train_x, "workers", 0), **augmentation_for(*train_x.shape[-2:]))
         torch.manual_seed(c.seed)
         model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std).to(self.device)
         if state is not None:
@@ -527,7 +532,7 @@ class Trainer:
         return ckpt.build_checkpoint(
             self.model, optimizer=self.optimizer.state_dict(),
             scheduler={"step": self.step}, epoch=completed_epoch, best=self.best, metrics=metrics,
-            config=c.to_dict(), dataset=c.dataset, eps=c.eps_value, method=c.resolved_method,
+            config=c.to_dict(), dataset=c.dataset, data=self.data.record(), eps=c.eps_value, method=c.resolved_method,
             scaler=self.scaler.state_dict() if self.scaler is not None else None, position=position,
             distributed={"world_size": self.dist.world_size, "sync_bn": self.sync_bn},
         )
@@ -641,9 +646,9 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns loss, adv accuracy, images/s, seconds."""
         c = self.config
-        self.loader.set_epoch(epoch)
         steps = len(self.loader)
         first = self.start_batch if epoch == self.start_epoch else 0
+        self.loader.set_epoch(epoch, skip=first)  # resuming inside the epoch: skipped batches are not read
         saved = self.resume_tally if epoch == self.start_epoch and self.resume_tally and self.dist.is_main else {}
         tally = EpochTally(self.device, saved.get("loss_sum", 0.0), saved.get("correct", 0), saved.get("seen", 0),
                            saved.get("seconds", 0.0) if epoch == self.start_epoch and self.resume_tally else 0.0)
@@ -652,7 +657,7 @@ class Trainer:
         start = time.perf_counter()
         lr = lr_at(self.step, c, steps)
         for i, (x, y) in enumerate(self.loader):
-            if i < first:  # resuming inside the epoch: the loader replays its batches, we skip them
+            if i < first:  # resuming inside the epoch: the loader yields (None, None) for these
                 continue
             part = self._local_part(x, y)
             if part is None:
@@ -707,8 +712,12 @@ class Trainer:
         try:
             self._on_main(self._prepare_run_dir, "config.json")
             ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
-            self.log(f"training {c.arch} ({c.norm}, width {self.model.build_args['width']}) on {c.dataset} "
-                     f"[{len(self.loader.y)} training, {0 if self.val is None else len(self.val[1])} validation examples], method {c.resolved_method}, eps {c.eps}, device {self.device}{ranks}, "
+            width = f", width {self.model.build_args['width']}" if self.model.build_args.get("width") else ""
+            streamed = f", streamed by {self.loader.workers} workers" if self.loader.streamed else ""
+            n_val = 0 if self.val is None else len(self.val[1])
+            self.log(f"training {c.arch} ({c.norm}{width}) on {c.dataset} "
+                     f"[{len(self.loader.y)} training, {n_val} validation examples, {'x'.join(map(str, self.loader.x.shape[1:]))}{streamed}], "
+                     f"method {c.resolved_method}, eps {c.eps}, device {self.device}{ranks}, "
                      f"precision {precision_name(self.amp)} -> {self.run_dir}")
             self._last_save_time = time.monotonic()
             if not self.resume:  # from now on a loadable last.pt always exists

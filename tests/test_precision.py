@@ -42,7 +42,7 @@ def test_the_run_says_its_precision_and_validation_size(tmp_path, fmnist_small):
     config = TrainConfig(dataset="fashion-mnist", width=4, epochs=1, limit=200, steps=1, eps="0.1", val_split=0.1,
                          val_steps=1, precision="fp32", channels_last=False, quiet=True, out=str(tmp_path / "r"))
     Trainer(config, data=fmnist_small, log=lines.append).fit()
-    assert "[180 training, 20 validation examples]" in lines[0] and "precision fp32" in lines[0]
+    assert "[180 training, 20 validation examples, 1x28x28]" in lines[0] and "precision fp32" in lines[0]
 
 
 def _one_step(model, x, y, amp):
