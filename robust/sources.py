@@ -19,7 +19,10 @@ modes get the same numbers.
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
+import weakref
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -120,10 +123,35 @@ def read_batches(images: "LazyImages", batches: Sequence[np.ndarray], workers: i
     loader = torch.utils.data.DataLoader(
         _Reads(images), batch_size=None, sampler=list(batches), num_workers=workers, pin_memory=pin_memory,
         prefetch_factor=prefetch, worker_init_fn=_worker_init)
-    for batch in loader:
-        if isinstance(batch, ReadFailure):
-            raise DataError(batch.message)
-        yield batch
+    # Workers start with SIGINT/SIGTERM blocked (inherited), so a signal to the process group that
+    # lands between their fork and _worker_init cannot kill them; ours stays pending until unblocked.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        iterator = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    _LIVE_READERS.add(iterator)
+    try:
+        for batch in iterator:
+            if isinstance(batch, ReadFailure):
+                raise DataError(batch.message)
+            yield batch
+    finally:
+        iterator._shutdown_workers()
+
+
+# Readers whose workers are still up. The workers ignore SIGTERM (see _worker_init), so they must be
+# told to stop: a generator left suspended by an exception (Ctrl-C, SIGTERM) may outlive the
+# program's last line, and multiprocessing's own exit handler would SIGTERM and then wait on them
+# forever. This handler, registered after multiprocessing's, runs before it and stops them cleanly.
+_LIVE_READERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_readers() -> None:
+    for iterator in list(_LIVE_READERS):
+        iterator._shutdown_workers()
 
 
 def _worker_init(_: int) -> None:
@@ -133,11 +161,10 @@ def _worker_init(_: int) -> None:
     would make the DataLoader raise in the middle of the step the trainer is finishing before it
     writes last.pt. The workers end when the training process closes the loader or exits.
     """
-    import signal
-
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # blocked at fork; now ignored
 
 
 class LazyImages:
