@@ -202,7 +202,7 @@ class TrainConfig:
     val_limit: int | None = _f(None, "score at most N validation examples per epoch", min=1)
     # engine
     device: str = _f("auto", "auto picks CUDA when present", choices=DEVICES)
-    precision: str = _f("auto", "autocast precision: auto = bf16 where supported, else fp32", choices=PRECISIONS)
+    precision: str = _f("auto", "autocast precision: auto = bf16 (fp16 without bf16) on CUDA, bf16 on CPUs with AMX, else fp32", choices=PRECISIONS)
     channels_last: bool = _f(True, "channels_last memory format")
     compile: bool = _f(False, "torch.compile the model")
     fused: bool = _f(True, "hybrid/fast: one forward over the concatenated clean+adv batch (split routes)")

@@ -56,7 +56,7 @@ def _one_step(model, x, y, amp):
 
 @pytest.mark.bf16
 def test_a_bf16_training_step_tracks_the_fp32_step(fmnist_small):
-    """Measured on an Intel Xeon (AMX), seeds 0-2: loss within 0.15% of fp32, the weight update's
+    """Measured on an Intel Xeon (AVX512-BF16, no AMX), seeds 0-2: loss within 0.15% of fp32, the weight update's
     cosine with fp32's 0.88-0.93 and its norm within 1.5% (PGD's sign steps flip where bf16 rounds
     the input gradient differently, so the adversarial examples differ slightly)."""
     x, y = to_float(fmnist_small.train_x[:64]), fmnist_small.train_y[:64]
