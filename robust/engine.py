@@ -49,6 +49,11 @@ def cpu_supports_bf16() -> bool:
     forced = os.environ.get("ROBUST_CPU_BF16", "").strip()
     if forced in ("0", "1"):
         return forced == "1"
+    return cpu_has_amx()
+
+
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX bf16 matrix units (Intel Sapphire Rapids and later)."""
     return "amx_bf16" in _cpu_flags()
 
 

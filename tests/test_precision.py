@@ -17,19 +17,19 @@ from robust import build_model, use_route
 from robust.bench import BenchConfig, run_bench
 from robust.config import ConfigError, TrainConfig
 from robust.data import to_float
-from robust.engine import autocast, autocast_dtype, cpu_has_native_bf16
+from robust.engine import autocast, autocast_dtype, cpu_has_amx
 from robust.trainer import StepSettings, Trainer, train_step
 
 CPU = torch.device("cpu")
 
 
-def test_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
-    monkeypatch.setenv("ROBUST_CPU_BF16", "1")  # an Intel Xeon with AMX / AVX512-BF16
+def test_auto_is_bf16_exactly_where_the_cpu_has_amx(monkeypatch):
+    monkeypatch.setenv("ROBUST_CPU_BF16", "1")  # as on an Intel Xeon with AMX
     assert autocast_dtype("auto", CPU) == torch.bfloat16
-    monkeypatch.setenv("ROBUST_CPU_BF16", "0")  # an AMD EPYC with AVX2 only
+    monkeypatch.setenv("ROBUST_CPU_BF16", "0")  # as on an AMD EPYC (AVX2) or a Xeon with AVX512-BF16 only
     assert autocast_dtype("auto", CPU) is None
     monkeypatch.delenv("ROBUST_CPU_BF16")  # this machine's own flags decide
-    assert autocast_dtype("auto", CPU) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert autocast_dtype("auto", CPU) == (torch.bfloat16 if cpu_has_amx() else None)
     for setting in ("1", "0"):  # explicit precisions never depend on the machine
         monkeypatch.setenv("ROBUST_CPU_BF16", setting)
         assert autocast_dtype("fp32", CPU) is None and autocast_dtype("bf16", CPU) == torch.bfloat16
