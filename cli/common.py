@@ -9,6 +9,7 @@ import click
 from robust.checkpoint import CheckpointError, resolve_checkpoint_path
 from robust.config import MAX_SEED, ConfigError
 from robust.data import DataError
+from robust.external import ModelError
 
 
 class BadInput(click.ClickException):
@@ -18,7 +19,7 @@ class BadInput(click.ClickException):
 
 
 # Library errors that mean "the user gave us something we cannot use".
-BAD_INPUT_ERRORS = (ConfigError, DataError, CheckpointError)
+BAD_INPUT_ERRORS = (ConfigError, DataError, CheckpointError, ModelError)
 
 SEED = click.IntRange(0, MAX_SEED)  # what torch.manual_seed and our step seeds accept
 

@@ -22,7 +22,7 @@ DEMO_TRAIN = dict(
 @click.option("--data-dir", default=None, help="folder with the Fashion-MNIST files (default: the Debian package's)")
 @click.option("--seed", default=0, show_default=True, help="random seed (split, order, augmentation, attack starts)")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="training precision: auto = bf16 on CPUs with native bf16 (AMX/AVX512-BF16), else fp32")
+              help="training precision: auto = bf16 on CUDA and on CPUs with AMX, else fp32")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def demo(out: str, force: bool, eval_limit: int, data_dir: str | None, seed: int, precision: str, quiet: bool) -> None:
     """Train a small SaBN model on real Fashion-MNIST, then report clean and PGD-20 accuracy.

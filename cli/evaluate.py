@@ -123,12 +123,33 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
 
 
+def load_test_split(state: dict[str, Any], data_dir: str | None, limit: int | None):
+    """The test images and labels of the checkpoint's dataset (your own data: from where it was trained).
+
+    Streamed data is read here, only the first ``limit`` images of it.
+    """
+    import torch
+
+    from robust.data import CUSTOM_DATASETS, load_dataset
+
+    record = state.get("data") or {}
+    custom = state["dataset"] in CUSTOM_DATASETS
+    data = load_dataset(state["dataset"], data_dir or record.get("data_dir"), image_size=record.get("image_size"),
+                        mode="stream" if custom else "memory")
+    if record.get("classes") and list(data.info.classes or []) != list(record["classes"]):
+        raise BadInput(f"the classes of {data.source['data_dir']} ({', '.join(data.info.classes or [])}) differ from "
+                       f"the checkpoint's ({', '.join(record['classes'])}); pass --data-dir with the data it was trained on")
+    x, y = data.test_x, data.test_y
+    if not isinstance(x, torch.Tensor):
+        x, y = x[:limit].load(), y[:limit]
+    return x, y
+
+
 def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str, limit: int | None,
              batch_size: int, device: str, seed: int, restarts: int, queries: int, data_dir: str | None,
              sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
              quiet: bool) -> None:
     """The body of `robust eval` (see its help)."""
-    from robust.data import load_dataset
     from robust.evaluate import (
         check_attack_names, eps_monotonic_checks, eps_sweep as run_sweep, evaluate, model_from,
         parse_eps_list, read_checkpoint, resolve_eps, sanity_checks,
@@ -153,13 +174,14 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     if "dataset" not in state:
         raise BadInput(f"{checkpoint} records no dataset; re-export it with `robust export`")
     model = model_from(state)
-    data = load_dataset(state["dataset"], data_dir)
+    test = load_test_split(state, data_dir, limit)
     options = dict(route=route, batch_size=batch_size, limit=limit, device=device, seed=seed, threat=threat,
                    restarts=restarts, queries=queries, progress=not quiet and sys.stderr.isatty())
 
-    result = evaluate(model, (data.test_x, data.test_y), attacks=names, eps=eps_value, **options)
+    result = evaluate(model, test, attacks=names, eps=eps_value, **options)
     args = model.build_args
-    click.echo(f"{scored}: {args['arch']} ({args['norm']}, width {args['width']}), {state['dataset']} test, "
+    width = f", width {args['width']}" if args.get("width") else ""
+    click.echo(f"{scored}: {args['arch']} ({args['norm']}{width}), {state['dataset']} test, "
                f"{result['n']} examples, {describe_eps(eps_value, threat)}, seed {seed}")
     click.echo(format_table(result))
     click.echo(f"{result['seconds']:.1f} s")
@@ -168,9 +190,9 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     checks = []
     if sanity:
         click.echo("sanity checks:")
-        checks = sanity_checks(model, (data.test_x, data.test_y), eps_value, reuse=result, **options)
+        checks = sanity_checks(model, test, eps_value, reuse=result, **options)
     if sweep_values:
-        sweep = run_sweep(model, (data.test_x, data.test_y), sweep_values, attacks=names, **options)
+        sweep = run_sweep(model, test, sweep_values, attacks=names, **options)
         click.echo("eps sweep (worst case over the attacks, %):")
         click.echo(format_sweep(sweep))
         report["eps_sweep"] = sweep

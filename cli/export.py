@@ -30,6 +30,7 @@ def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
     """
     from robust.checkpoint import build_checkpoint, save_checkpoint
     from robust.evaluate import model_from, read_checkpoint
+    from robust.external import constructor_call, is_external
     from robust.outputs import check_output
 
     source = model_file(checkpoint)
@@ -39,16 +40,24 @@ def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
         raise BadInput(f"{checkpoint} is already an export ({state.get('route')} route); export from the training checkpoint")
     model = model_from(state)
     exported = model_from(state, route)
-    gap = _max_logit_gap(model, exported, route)
+    input_size = (state.get("data") or {}).get("input_size")
+    gap = _max_logit_gap(model, exported, route, input_size)
     if gap > 1e-3:
         raise click.ClickException(f"the exported {route} route differs from the checkpoint by {gap:.3g} in the logits; not written")
-    meta = {k: state[k] for k in ("dataset", "eps", "method", "epoch", "metrics") if k in state}
+    meta = {k: state[k] for k in ("dataset", "data", "eps", "method", "epoch", "metrics") if k in state}
+    args = exported.build_args
+    if is_external(args["arch"]):  # the file also says how to use the weights without robust
+        meta["constructor"] = constructor_call(args["arch"], args["num_classes"], args["in_channels"])
+        meta["input_normalization"] = {"mean": list(args["mean"]), "std": list(args["std"])}
     save_checkpoint(build_checkpoint(exported, kind="export", route=route, source=str(source), **meta), out_file,
                     overwrite=force)
-    args = exported.build_args
-    click.echo(f"wrote {out_file}: {args['arch']} (width {args['width']}), {route} route of a {model.build_args['norm']} model, "
+    what = f"{args['arch']} (width {args['width']})" if args.get("width") else args["arch"]
+    click.echo(f"wrote {out_file}: {what}, {route} route of a {model.build_args['norm']} model, "
                f"plain BatchNorm; inputs in [0, 1] (N, {args['in_channels']}, H, W), {args['num_classes']} logits out "
                f"(largest logit gap to the checkpoint's route: {gap:.2g})")
+    if "constructor" in meta:
+        click.echo(f"its state_dict (the file's 'model') loads into {meta['constructor']}; "
+                   f"apply (x - mean) / std first, mean {_short(args['mean'])}, std {_short(args['std'])}")
 
 
 def _stem(source: Path) -> str:
@@ -56,13 +65,17 @@ def _stem(source: Path) -> str:
     return source.parent.name if source.name in ("best.pt", "last.pt") else source.stem
 
 
-def _max_logit_gap(model, exported, route: str) -> float:
+def _short(values) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+
+
+def _max_logit_gap(model, exported, route: str, input_size=None) -> float:
     """Largest logit difference between the model's route and the export on a random batch (eval mode)."""
     import torch
 
     from robust.norms import use_route
 
-    side = 32
-    x = torch.rand(8, model.build_args["in_channels"], side, side, generator=torch.Generator().manual_seed(0))
+    channels, height, width = input_size or (model.build_args["in_channels"], 32, 32)
+    x = torch.rand(8, channels, height, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), use_route(model, route):
         return (model.eval()(x) - exported.eval()(x)).abs().max().item()

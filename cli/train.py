@@ -91,6 +91,8 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
       robust train --method trades --beta 6 --awp-gamma 0.005 --awp-warmup 10
       robust train --method nfgsm --clean-weight 0.5     (the catastrophic-overfitting guard is on)
       robust train --out runs/a --resume --epochs 300
+      robust train --dataset imagefolder --data-dir pets --image-size 64 --arch torchvision:resnet18
+      robust train --dataset tensors --data-dir mine.npz --eps 4/255
       robust train --nproc 4 --sync-bn                    DDP on 4 GPUs (or CPU processes)
       torchrun --nproc-per-node 4 -m robust.cli train --sync-bn  the same, started by torchrun
     """

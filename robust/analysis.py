@@ -199,7 +199,8 @@ def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | Non
     batch_size = batch_size or (config.batch_size if config else 128)
     seed = seed if seed is not None else (config.seed if config else 0)
     if data is None:
-        data = load_dataset(dataset, data_dir or (config.data_dir if config else None))
+        data = load_dataset(dataset, data_dir or (config.data_dir if config else None),
+                            image_size=config.image_size if config else None)
     (train_x, train_y), _ = split_train_val(data, config.val_split if config else 0.1, seed, config.limit if config else None)
     dev = resolve_device(device)
     loader = BatchLoader(train_x, train_y, batch_size, augment=True, flip=data.flip, seed=seed)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import distributed as dist_
 from .config import TrainConfig
-from .data import BatchLoader, ImageData, split_train_val
+from .data import BatchLoader, ImageData, augmentation_for, split_train_val
 from .models import build_model
 from .step import StepSettings
 
@@ -43,8 +43,11 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
     c, d = config, data
     (train_x, train_y), val = split_train_val(d, c.val_split, c.seed, c.limit, c.val_limit)
     # Every rank iterates the same global batches; the trainer takes this rank's rows.
-    loader = BatchLoader(train_x.to(device), train_y.to(device), c.batch_size, augment=True,
-                         flip=d.flip, seed=c.seed, channels_last=c.channels_last)
+    # In-memory images move to the device once; streamed ones are read batch by batch.
+    train_x = train_x.to(device) if isinstance(train_x, torch.Tensor) else train_x
+    loader = BatchLoader(train_x, train_y.to(device), c.batch_size, augment=True, flip=d.flip, seed=c.seed,
+                         channels_last=c.channels_last, device=device, workers=getattr(train_x, "workers", 0),
+                         **augmentation_for(*train_x.shape[-2:]))
     torch.manual_seed(c.seed)
     model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std).to(device)
     if state is not None:

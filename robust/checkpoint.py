@@ -93,7 +93,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     """Rebuild the model a checkpoint describes and load its weights."""
     args = dict(checkpoint["model_args"])
     args.pop("exported_route", None)
-    if "final_norm" not in args:  # written before the option existed: every model then had the final norm
+    if "final_norm" not in args and ":" not in str(args.get("arch")):  # written before the option existed: every model then had it
         args["final_norm"] = any(k.startswith("final_norm.") for k in checkpoint.get("model", {}))
     try:
         model = build_model(**args)

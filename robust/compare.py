@@ -352,7 +352,8 @@ def _compare_locked(settings: CompareSettings, out: Path, resume: bool, force: b
     from .plots import CurveRun, plot_learning_curves
 
     if data is None:
-        data = load_dataset(settings.config.dataset, settings.config.data_dir)
+        c = settings.config
+        data = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, workers=c.workers)
     history = _command_history(out, resume, command)
     out.mkdir(parents=True, exist_ok=True)
     for name in RESULT_FILES:

@@ -26,7 +26,8 @@ SCHEDULES = ("multistep", "cosine", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTACK_BN_MODES = ("train", "eval")
-DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist")
+DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "imagefolder", "tensors")
+DATA_MODES = ("auto", "memory", "stream")
 
 
 class ConfigError(ValueError):
@@ -171,12 +172,16 @@ class TrainConfig:
     """Everything that defines a training run; saved as config.json with every run."""
 
     # data
-    dataset: str = _f("cifar10", "dataset name", choices=DATASETS)
-    data_dir: str | None = _f(None, "folder with the dataset files (looked up before system folders and download)", kind="path")
+    dataset: str = _f("cifar10", "dataset name; imagefolder and tensors read your own data from --data-dir", choices=DATASETS)
+    data_dir: str | None = _f(None, "folder with the dataset files (looked up before system folders and download); "
+                                    "imagefolder: DIR with train/<class>/ (and test/ or val/); tensors: FILE.npz or .pt", kind="path")
+    image_size: int | None = _f(None, "imagefolder: resize images to N x N (shorter side to N, centre crop); needed when the files differ in size", min=1)
+    data_mode: str = _f("auto", "imagefolder/tensors: memory (read once), stream (read from disk each epoch by DataLoader workers) or auto (memory when it fits)", choices=DATA_MODES)
+    workers: int | None = _f(None, "imagefolder/tensors: processes reading images (0: the training process; default: CPUs, at most 8)", min=0)
     val_split: float = _f(0.1, "fraction of the training set held out for validation (0 disables it)", min=0, below=1)
     limit: int | None = _f(None, "train on the first N examples only (quick runs)", min=1)
     # model
-    arch: str = _f("preact_resnet18", "architecture", choices=tuple(available_archs()))
+    arch: str = _f("preact_resnet18", f"architecture: {', '.join(available_archs())}, torchvision:NAME or timm:NAME (e.g. torchvision:resnet18)")
     norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN)", choices=NORMS)
     width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)", min=1)
     # optimization
@@ -203,7 +208,7 @@ class TrainConfig:
     val_limit: int | None = _f(None, "score at most N validation examples per epoch", min=1)
     # engine
     device: str = _f("auto", "auto picks CUDA when present", choices=DEVICES)
-    precision: str = _f("auto", "autocast precision: auto = bf16 where supported, else fp32", choices=PRECISIONS)
+    precision: str = _f("auto", "autocast precision: auto = bf16 (fp16 without bf16) on CUDA, bf16 on CPUs with AMX, else fp32", choices=PRECISIONS)
     channels_last: bool = _f(True, "channels_last memory format")
     compile: bool = _f(False, "torch.compile the model")
     fused: bool = _f(True, "with clean-weight > 0: one forward over the concatenated clean+adv-route batch (split routes)")
@@ -281,6 +286,7 @@ class TrainConfig:
         for name, value in check_fields(type(self), self.__dict__).items():
             setattr(self, name, value)
         self.eps_value, self.step_size_value, self.milestone_epochs  # noqa: B018 (parse to validate)
+        _check_data_and_arch(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,6 +320,28 @@ def upgrade_saved(values: dict[str, Any]) -> dict[str, Any]:
     if method is None:
         values["method"] = "hybrid" if dual else "pgd"
     return values
+
+
+def _check_data_and_arch(c: TrainConfig) -> None:
+    """The architecture name (ours, torchvision:NAME, timm:NAME) and the custom-data fields."""
+    if ":" in str(c.arch):
+        from .external import ModelError, check_arch
+
+        try:
+            check_arch(c.arch)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
+        if c.width is not None:
+            raise ConfigError(f"--width applies to our own architectures, not to {c.arch}; drop --width")
+    elif c.arch not in available_archs():
+        raise ConfigError(f"unknown arch {c.arch!r}; valid: {', '.join(available_archs())}, torchvision:NAME, timm:NAME")
+    if c.dataset in ("imagefolder", "tensors") and not c.data_dir:
+        what = "DIR with train/<class>/ images" if c.dataset == "imagefolder" else "FILE.npz (or .pt) with arrays x and y"
+        raise ConfigError(f"--dataset {c.dataset} needs --data-dir {what}")
+    if c.image_size is not None and c.image_size < 1:
+        raise ConfigError(f"image-size must be >= 1, got {c.image_size}")
+    if c.workers is not None and c.workers < 0:
+        raise ConfigError(f"workers must be >= 0 (0 reads in the training process), got {c.workers}")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

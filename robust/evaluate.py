@@ -122,6 +122,8 @@ def as_tensors(data: Any, limit: int | None = None) -> tuple[torch.Tensor, torch
     """(x, y) from a tuple or an ImageData (its test split), checked and cut to ``limit`` examples."""
     if isinstance(data, ImageData):
         x, y = data.test_x, data.test_y
+        if not isinstance(x, torch.Tensor):  # streamed data: read the images to score now
+            x, y = x[:limit].load(), y[:limit]
     else:
         try:
             x, y = data

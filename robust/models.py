@@ -43,10 +43,10 @@ def available_archs() -> list[str]:
 class InputNormalization(nn.Module):
     """``(x - mean) / std`` per channel, so the model's public input space is [0, 1]."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], persistent: bool = True) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=persistent)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=persistent)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -169,12 +169,17 @@ def build_model(
 
     ``final_norm`` adds a norm + ReLU before the pooling; None takes the architecture's own choice
     (PreAct ResNets: none, as the SaBN reference; WRN-34-10: one, as TRADES's WideResNet).
+    ``arch`` is one of :func:`available_archs` or ``torchvision:NAME`` / ``timm:NAME`` (see
+    :mod:`robust.external`; ``width`` and ``final_norm`` do not apply to those).
     """
-    if arch not in _ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}")
+    external = ":" in str(arch)
+    if not external and arch not in _ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}, torchvision:NAME, timm:NAME")
     norm_layer = make_norm_layer(norm)
-    width = ARCH_DEFAULT_WIDTH[arch] if width is None else int(width)
-    if width < 1 or num_classes < 2 or in_channels < 1:
+    if external and width is not None:
+        raise ValueError(f"width applies to our own architectures, not to {arch}; drop --width")
+    width = None if external else ARCH_DEFAULT_WIDTH[arch] if width is None else int(width)
+    if (width is not None and width < 1) or num_classes < 2 or in_channels < 1:
         raise ValueError(f"need width >= 1, num_classes >= 2, in_channels >= 1 (got {width}, {num_classes}, {in_channels})")
     default_mean, default_std = default_mean_std(in_channels)
     mean = tuple(float(m) for m in (mean if mean is not None else default_mean))
@@ -183,11 +188,18 @@ def build_model(
         raise ValueError(f"mean/std need {in_channels} values each, got {len(mean)} and {len(std)}")
     if min(std) <= 0:
         raise ValueError(f"std must be positive, got {list(std)}")
-    options = {} if final_norm is None else {"final_norm": bool(final_norm)}
-    model = _ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
-                         **options)
+    if external:
+        from .external import build_external
+
+        model = build_external(arch, norm, num_classes, in_channels, mean, std)
+    else:
+        options = {} if final_norm is None else {"final_norm": bool(final_norm)}
+        model = _ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+                             **options)
     model.build_args = dict(
         arch=arch, norm=norm, num_classes=num_classes, in_channels=in_channels,
-        width=width, mean=list(mean), std=list(std), final_norm=model.final_norm is not None,
+        width=width, mean=list(mean), std=list(std),
     )
+    if not external:
+        model.build_args["final_norm"] = model.final_norm is not None
     return model

@@ -39,7 +39,7 @@ from .attacks import pgd
 from .build import build_training
 from .co_guard import COGuard
 from .config import ConfigError, TrainConfig
-from .data import ImageData, load_dataset, to_float
+from .data import ImageData, load_dataset, memory_budget, to_float
 from .engine import autocast, autocast_dtype, bn_mode, lr_at, precision_name
 from .faults import (  # noqa: F401  (re-exported: robust.trainer is where callers have found them)
     SIGNAL_NAMES, CheckpointWriteError, FiniteWatch, NonFiniteLoss, SaveTimer, SignalCatcher, TrainingInterrupted,
@@ -197,7 +197,9 @@ class Trainer:
             raise ConfigError(f"batch-size {c.batch_size} is the global batch and must be >= the {self.dist.world_size} ranks; raise --batch-size")
         self.amp = autocast_dtype(c.precision, self.device)
         state = self.folder.read_last(self.device) if self.resume else None  # a bad last.pt before the slow data
-        self.data = data if data is not None else load_dataset(c.dataset, c.data_dir)
+        self.data = data if data is not None else load_dataset(
+            c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, budget=memory_budget(self.device),
+            workers=c.workers)
         parts = build_training(c, self.data, self.device, self.amp, state, sync_bn, self.folder.last_pt)
         self.loader, self.val, self.model, self.forward_model = parts.loader, parts.val, parts.model, parts.forward_model
         self.optimizer, self.scaler, self.settings, self.sync_bn = parts.optimizer, parts.scaler, parts.settings, parts.sync_bn
@@ -216,7 +218,10 @@ class Trainer:
     def _make_guard(self) -> COGuard:
         """The guard's fixed batch: the first training images, as they are (not augmented)."""
         n = min(self.config.batch_size, 512, len(self.loader.y))
-        x = to_float(self.loader.x[:n], self.config.channels_last)
+        x = self.loader.x[:n]  # in memory: a view of the images already on the device
+        if not isinstance(x, torch.Tensor):  # streamed (LazyImages): read these n images here, no worker processes
+            x = x.load(workers=0).to(self.device)
+        x = to_float(x, self.config.channels_last)
         return COGuard(x, self.loader.y[:n], self.config.eps_value)
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -264,7 +269,7 @@ class Trainer:
         return ckpt.build_checkpoint(
             self.model, optimizer=self.optimizer.state_dict(),
             scheduler={"step": self.step}, epoch=completed_epoch, best=self.best, metrics=metrics,
-            config=c.to_dict(), dataset=c.dataset, eps=c.eps_value, method=c.resolved_method,
+            config=c.to_dict(), dataset=c.dataset, data=self.data.record(), eps=c.eps_value, method=c.resolved_method,
             scaler=self.scaler.state_dict() if self.scaler is not None else None, position=position,
             distributed={"world_size": self.dist.world_size, "sync_bn": self.sync_bn}, co_guard=guard, **extra,
         )
@@ -344,10 +349,10 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns loss, adv accuracy, images/s, seconds."""
         c = self.config
-        self.loader.set_epoch(epoch)
         steps = len(self.loader)
         resuming = epoch == self.start_epoch and bool(self.resume_tally)
         first = self.start_batch if epoch == self.start_epoch else 0
+        self.loader.set_epoch(epoch, skip=first)  # resuming inside the epoch: skipped batches are not read
         saved = self.resume_tally if resuming and self.dist.is_main else {}  # other ranks' sums start at 0
         tally = EpochTally(self.device, saved.get("loss_sum", 0.0), saved.get("correct", 0), saved.get("seen", 0),
                            saved.get("seconds", 0.0))
@@ -357,7 +362,7 @@ class Trainer:
         start = time.perf_counter()
         lr = lr_at(self.step, c, steps)
         for i, (x, y) in enumerate(self.loader):
-            if i < first:  # resuming inside the epoch: the loader replays its batches, we skip them
+            if i < first:  # resuming inside the epoch: the loader yields (None, None) for these
                 continue
             part = self._local_part(x, y)
             if part is None:
@@ -460,6 +465,7 @@ class Trainer:
                 self.log(format_epoch(metrics))
             return {"run_dir": str(self.run_dir), "best": self.best, **metrics}
         finally:
+            self.loader.close()  # a streamed epoch's reading workers end here, whatever stopped the loop
             self.signals.restore()
             self.folder.unlock()
 
@@ -473,8 +479,12 @@ class Trainer:
             extras.append(f"AWP gamma {c.awp_gamma:g} from epoch {c.awp_warmup + 1}")
         if self.guard is not None:
             extras.append("CO guard")
-        return (f"training {c.arch} ({c.norm}, width {self.model.build_args['width']}) on {c.dataset} "
-                f"[{len(self.loader.y)} training, {0 if self.val is None else len(self.val[1])} validation examples], "
+        width = f", width {self.model.build_args['width']}" if self.model.build_args.get("width") else ""
+        shape = "x".join(map(str, self.loader.x.shape[1:]))
+        streamed = f", streamed by {self.loader.workers} workers" if self.loader.streamed else ""
+        n_val = 0 if self.val is None else len(self.val[1])
+        return (f"training {c.arch} ({c.norm}{width}) on {c.dataset} "
+                f"[{len(self.loader.y)} training, {n_val} validation examples, {shape}{streamed}], "
                 f"method {c.resolved_method} ({', '.join(extras)}), eps {c.eps}, device {self.device}{ranks}, "
                 f"precision {precision_name(self.amp)} -> {self.run_dir}")
 

@@ -17,6 +17,7 @@ import time
 from collections import namedtuple
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -74,11 +75,16 @@ def test_train_refuses_non_positive_counts(tmp_path, flag, value):
 
 
 @pytest.mark.parametrize("flag, value, valid", [
-    ("--norm", "groupnorm", "'bn', 'auxbn', 'sabn'"), ("--arch", "resnet9000", "'preact_resnet18'"),
+    ("--norm", "groupnorm", "'bn', 'auxbn', 'sabn'"),
     ("--method", "madry", "'pgd', 'hybrid', 'trades', 'mart', 'fast', 'nfgsm'"), ("--dataset", "imagenet", "'cifar10'"),
 ])
 def test_train_refuses_unknown_names(tmp_path, flag, value, valid):
     _refused(tmp_path, ["train", flag, value, "--out", "run"], f"'{value}' is not one of", valid)
+
+
+def test_train_refuses_an_unknown_arch(tmp_path):  # not a click choice: torchvision:NAME and timm:NAME are open
+    _refused(tmp_path, ["train", "--arch", "resnet9000", "--out", "run"], "unknown arch 'resnet9000'",
+             "preact_resnet18", "torchvision:NAME")
 
 
 @pytest.mark.parametrize("args, problem", [
@@ -646,3 +652,106 @@ def test_a_route_a_model_lacks_is_refused_by_eval_export_and_load_model_alike(tm
     _refused(tmp_path, ["export", "bn.pt", "--route", "clean", "-o", "bn_clean.pt"], rule)
     with pytest.raises(ConfigError, match=re.escape(rule)):
         load_model(bn_checkpoint, route="clean")
+
+
+# ---- your own data and model ------------------------------------------------------------------------
+
+OWN = ["train", "--width", "4", "--epochs", "1", "--limit", "16", "--steps", "1", "--no-channels-last", "--quiet",
+       "--workers", "0", "--out", "run"]
+
+
+def _folder(root: Path, sizes=((28, 28),), classes=("a", "b"), test_classes=None, per_class: int = 3) -> Path:
+    """DIR/train/<class>/*.png (and DIR/test/...) of small gray images, sizes cycling through ``sizes``."""
+    from PIL import Image
+
+    folder = root / "imgs"
+    for split, names in (("train", classes), ("test", test_classes)):
+        for name in names or ():
+            (folder / split / name).mkdir(parents=True)
+            for j in range(per_class):
+                w, h = sizes[j % len(sizes)]
+                Image.new("L", (w, h), color=40 * j).save(folder / split / name / f"{j}.png")
+    return folder
+
+
+def test_train_refuses_an_empty_image_folder(tmp_path):
+    (tmp_path / "imgs" / "train").mkdir(parents=True)
+    _refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"], "imgs/train is empty", "one folder of images per class")
+
+
+def test_train_refuses_class_folders_that_differ(tmp_path):
+    _folder(tmp_path, classes=("a", "b", "c"), test_classes=("a", "b", "d"))
+    _refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"],
+             "class folders differ between train/ and test/", "only in train/: c", "only in test/: d")
+
+
+@pytest.mark.parametrize("damage, problem", [("truncated", "truncated"), ("text", "cannot identify image file")])
+def test_train_refuses_a_damaged_image(tmp_path, damage, problem):
+    folder = _folder(tmp_path, test_classes=("a", "b"))
+    bad = folder / "train" / "b" / "1.png"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:-30])
+    else:
+        bad.write_text("not an image")
+    _refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"], f"cannot read image {bad.relative_to(tmp_path)}",
+             problem, "remove or replace the file")
+
+
+def test_train_refuses_mixed_sizes_without_image_size(tmp_path):
+    _folder(tmp_path, sizes=((28, 28), (32, 32)))
+    _refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"], "differ in size", "28x28 (4 files)",
+             "32x32 (2 files)", "--image-size N")
+
+
+def test_train_refuses_imagefolder_without_data_dir(tmp_path):
+    _refused(tmp_path, [*OWN, "--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir")
+
+
+@pytest.mark.parametrize("arrays, problem", [
+    (dict(x=np.zeros((4, 8, 8, 1), np.uint8), y=np.array([0, 1, 2, -1])), "label -1 is out of range"),
+    (dict(x=np.zeros((4, 1, 8, 8), np.uint8), y=np.array([0, 1, 2, 3]), classes=np.array(["a", "b", "c"])),
+     "label 3 is out of range (labels must be 0..2"),
+    (dict(x=np.zeros((4, 1, 8, 8), np.uint8), y=np.array([0, 1, 0])), "y has 3 labels but x has 4 images"),
+    (dict(x=np.zeros((4, 1, 8, 8), np.float32), y=np.array([0, 1, 0, 1])), "x must be uint8 images"),
+    (dict(x=np.zeros((4, 1, 8, 8), np.uint8), y=np.array([0, 1, 0, 1]), x_test=np.zeros((2, 1, 8, 8), np.uint8)),
+     "x_test without y_test"),
+    (dict(images=np.zeros((4, 1, 8, 8), np.uint8)), "it needs x (images) and y (labels)"),
+])
+def test_train_refuses_bad_tensor_files(tmp_path, arrays, problem):
+    np.savez(tmp_path / "data.npz", **arrays)
+    _refused(tmp_path, [*OWN, "--dataset", "tensors", "--data-dir", "data.npz"], "data.npz", problem)
+
+
+@pytest.mark.parametrize("arch, problem", [
+    ("torchvision:resnet19", "torchvision has no classification model 'resnet19' (did you mean resnet18"),
+    ("torchvision:vit_b_16", "cannot be made dual-route: LayerNorm x25"),
+    ("keras:resnet18", "write torchvision:NAME or timm:NAME"),
+])
+def test_train_refuses_unbuildable_architectures(tmp_path, arch, problem):
+    _folder(tmp_path, test_classes=("a", "b"))
+    _refused(tmp_path, [*OWN[:1], *OWN[3:], "--dataset", "imagefolder", "--data-dir", "imgs", "--arch", arch], problem)
+
+
+def test_train_says_how_to_get_timm(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
+    _refused(tmp_path, [*OWN[:1], *OWN[3:], "--dataset", "fashion-mnist", "--arch", "timm:resnet18"],
+             "needs timm, which is not installed", "pip install 'robust[timm]'")
+
+
+def test_a_damaged_image_found_while_streaming_stops_in_one_line(tmp_path):
+    folder = _folder(tmp_path, test_classes=("a", "b"), per_class=8)
+    bad = folder / "train" / "a" / "5.png"
+    bad.write_bytes(bad.read_bytes()[:-30])  # the header still reads: found only when decoded
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(cli, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs", "--data-mode", "stream",
+                                          "--workers", "1", "--val-split", "0"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [l for l in result.output.splitlines() if l.startswith("Error:")]
+    assert len(errors) == 1 and "cannot read image imgs/train/a/5.png" in errors[0], result.output

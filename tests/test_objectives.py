@@ -337,7 +337,10 @@ def test_the_flags_exist_with_their_names():
 def test_the_package_claims_no_generic_top_level_names():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     tool = meta["tool"]["setuptools"]
-    assert tool["packages"] == ["robust", "robust.attacks", "robust.cli"]
+    assert tool["packages"] == ["robust", "robust.objectives", "robust.attacks", "robust.cli"]
+    # every package folder under robust/ ships in a wheel (an explicit list does not find subpackages itself)
+    subpackages = {f"robust.{p.parent.name}" for p in (ROOT / "robust").glob("*/__init__.py")}
+    assert subpackages <= set(tool["packages"]), subpackages - set(tool["packages"])
     assert tool["package-dir"] == {"robust.attacks": "attacks", "robust.cli": "cli"}
     assert meta["project"]["scripts"] == {"robust": "robust.cli.main:main"}
     import robust.attacks

@@ -17,20 +17,20 @@ from robust import build_model, use_route
 from robust.bench import BenchConfig, run_bench
 from robust.config import ConfigError, TrainConfig
 from robust.data import to_float
-from robust.engine import autocast, autocast_dtype, cpu_has_native_bf16
+from robust.engine import autocast, autocast_dtype, cpu_has_amx
 from robust.step import StepSettings, train_step
 from robust.trainer import Trainer
 
 CPU = torch.device("cpu")
 
 
-def test_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(monkeypatch):
-    monkeypatch.setenv("ROBUST_CPU_BF16", "1")  # an Intel Xeon with AMX / AVX512-BF16
+def test_auto_is_bf16_exactly_where_the_cpu_has_amx(monkeypatch):
+    monkeypatch.setenv("ROBUST_CPU_BF16", "1")  # as on an Intel Xeon with AMX
     assert autocast_dtype("auto", CPU) == torch.bfloat16
-    monkeypatch.setenv("ROBUST_CPU_BF16", "0")  # an AMD EPYC with AVX2 only
+    monkeypatch.setenv("ROBUST_CPU_BF16", "0")  # as on an AMD EPYC (AVX2) or a Xeon with AVX512-BF16 only
     assert autocast_dtype("auto", CPU) is None
     monkeypatch.delenv("ROBUST_CPU_BF16")  # this machine's own flags decide
-    assert autocast_dtype("auto", CPU) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    assert autocast_dtype("auto", CPU) == (torch.bfloat16 if cpu_has_amx() else None)
     for setting in ("1", "0"):  # explicit precisions never depend on the machine
         monkeypatch.setenv("ROBUST_CPU_BF16", setting)
         assert autocast_dtype("fp32", CPU) is None and autocast_dtype("bf16", CPU) == torch.bfloat16
@@ -43,7 +43,7 @@ def test_the_run_says_its_precision_and_validation_size(tmp_path, fmnist_small):
     config = TrainConfig(dataset="fashion-mnist", width=4, epochs=1, limit=200, steps=1, eps="0.1", val_split=0.1,
                          val_steps=1, precision="fp32", channels_last=False, quiet=True, out=str(tmp_path / "r"))
     Trainer(config, data=fmnist_small, log=lines.append).fit()
-    assert "[180 training, 20 validation examples]" in lines[0] and "precision fp32" in lines[0]
+    assert "[180 training, 20 validation examples, 1x28x28]" in lines[0] and "precision fp32" in lines[0]
 
 
 def _one_step(model, x, y, amp):
@@ -57,7 +57,7 @@ def _one_step(model, x, y, amp):
 
 @pytest.mark.bf16
 def test_a_bf16_training_step_tracks_the_fp32_step(fmnist_small):
-    """Measured on an Intel Xeon (AMX), seeds 0-2: loss within 0.15% of fp32, the weight update's
+    """Measured on an Intel Xeon (AVX512-BF16, no AMX), seeds 0-2: loss within 0.15% of fp32, the weight update's
     cosine with fp32's 0.88-0.93 and its norm within 1.5% (PGD's sign steps flip where bf16 rounds
     the input gradient differently, so the adversarial examples differ slightly)."""
     x, y = to_float(fmnist_small.train_x[:64]), fmnist_small.train_y[:64]

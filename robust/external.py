@@ -1,0 +1,185 @@
+"""torchvision and timm classifiers as dual-route models: ``--arch torchvision:NAME`` / ``timm:NAME``.
+
+The library's own model is built with ``num_classes`` (and ``in_channels``) adapted, every
+BatchNorm2d becomes the chosen dual-route norm through :func:`robust.norms.convert_norms`, and
+input normalization sits in front as for our architectures, so the model takes [0, 1] inputs.
+
+The wrapper is invisible in the state_dict: its keys are the library model's own (``conv1.weight``,
+``bn1.stats.adv.running_mean``, ...), and the normalization's mean/std live in the build arguments
+(``model.build_args``), not in the weights. So an exported route (plain BatchNorm2d) loads
+unchanged into ``torchvision.models.NAME(num_classes=...)`` or ``timm.create_model(NAME,
+num_classes=...)``, with ``(x - mean) / std`` applied by the caller.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from collections import Counter
+from typing import Sequence
+
+import torch.nn as nn
+
+from .models import InputNormalization
+from .norms import RoutedNorm, convert_norms
+
+LIBRARIES = ("torchvision", "timm")
+
+
+class ModelError(ValueError):
+    """The requested architecture cannot be built; the message says what was found and what to pass."""
+
+
+def split_arch(arch: str) -> tuple[str | None, str]:
+    """``"torchvision:resnet18"`` -> ``("torchvision", "resnet18")``; our own names -> ``(None, name)``."""
+    library, sep, name = str(arch).partition(":")
+    return (library, name) if sep else (None, str(arch))
+
+
+def is_external(arch: str) -> bool:
+    return split_arch(arch)[0] is not None
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def check_arch(arch: str) -> str:
+    """Return ``arch`` when it names a buildable torchvision/timm classifier, else raise ModelError."""
+    library, name = split_arch(arch)
+    if library not in LIBRARIES:
+        raise ModelError(f"unknown architecture library {library!r} in {arch!r}; write torchvision:NAME or timm:NAME")
+    if not name:
+        raise ModelError(f"{arch!r} names no model; write e.g. {library}:resnet18")
+    if library == "torchvision":
+        import torchvision.models as tvm
+
+        known = tvm.list_models(module=tvm)  # the classification models
+        if name not in known:
+            raise ModelError(f"torchvision has no classification model {name!r}{_suggest(name, known)}; "
+                             "see torchvision.models.list_models()")
+    else:
+        if importlib.util.find_spec("timm") is None:
+            raise ModelError(f"--arch {arch} needs timm, which is not installed; pip install 'robust[timm]' "
+                             "(or pip install timm), or use a torchvision:NAME architecture")
+        import timm
+
+        if not timm.is_model(name):
+            raise ModelError(f"timm has no model {name!r}{_suggest(name, timm.list_models())}; see timm.list_models()")
+    return arch
+
+
+def _first_rgb_conv(net: nn.Module) -> tuple[nn.Module, str, nn.Conv2d] | None:
+    """(parent, attribute, conv) of the first Conv2d that reads 3 channels: the stem."""
+    for parent in net.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Conv2d) and child.in_channels == 3:
+                return parent, attr, child
+    return None
+
+
+def _torchvision_net(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision.models as tvm
+
+    net = tvm.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        found = _first_rgb_conv(net)
+        if found is None:
+            raise ModelError(f"torchvision:{name} has no 3-channel stem convolution to adapt to {in_channels} channels")
+        parent, attr, conv = found
+        setattr(parent, attr, nn.Conv2d(
+            in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode))
+    return net
+
+
+def _timm_net(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    kinds = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+    return isinstance(m, kinds) or "Norm" in type(m).__name__
+
+
+def unconverted_norms(net: nn.Module) -> Counter:
+    """Norm layers outside our routed norms, by class name (what convert_norms could not convert)."""
+    inside = {id(sub) for m in net.modules() if isinstance(m, RoutedNorm) for sub in m.modules()}
+    return Counter(type(m).__name__ for m in net.modules() if id(m) not in inside and _is_norm(m))
+
+
+def _strip_wrapper(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: ``net.x`` -> ``x``; the input normalization is not a weight."""
+    inner = prefix + "net."
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        value = state_dict.pop(key)
+        if key.startswith(inner):
+            state_dict[prefix + key[len(inner):]] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        for key in [k for k in metadata if k.startswith(inner) or k == inner[:-1]]:
+            metadata[prefix + key[len(inner):] if key.startswith(inner) else prefix[:-1]] = metadata.pop(key)
+
+
+def _add_wrapper(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: ``x`` -> ``net.x``, the inverse of :func:`_strip_wrapper`."""
+    inner = prefix + "net."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+class ExternalModel(nn.Module):
+    """A torchvision/timm classifier with our input normalization in front: ``net((x - mean) / std)``.
+
+    ``state_dict()`` holds the classifier's own keys only (see the module docstring) and
+    ``load_state_dict`` takes them; mean and std come from the build arguments.
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.normalize = InputNormalization(mean, std, persistent=False)  # build arguments, not weights
+        self.net = net
+        self.register_state_dict_post_hook(_strip_wrapper)
+        self.register_load_state_dict_pre_hook(_add_wrapper)
+
+    def forward(self, x):
+        return self.net(self.normalize(x))
+
+
+def build_external(arch: str, norm: str, num_classes: int, in_channels: int, mean: Sequence[float],
+                   std: Sequence[float]) -> ExternalModel:
+    """The torchvision/timm model ``arch`` with dual-route ``norm`` layers and input normalization."""
+    library, name = split_arch(check_arch(arch))
+    build = _torchvision_net if library == "torchvision" else _timm_net
+    try:
+        net = build(name, num_classes, in_channels)
+    except ModelError:
+        raise
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{arch} cannot be built with num_classes={num_classes}, in_channels={in_channels}: {first}") from None
+    net = convert_norms(net, norm)
+    left = unconverted_norms(net)
+    if left:
+        found = ", ".join(f"{kind} x{count}" for kind, count in left.most_common())
+        raise ModelError(f"{arch} has norm layers that cannot be made dual-route: {found} (only plain BatchNorm2d "
+                         "converts); pick a BatchNorm2d architecture such as torchvision:resnet18 or timm:resnet18")
+    if not any(isinstance(m, RoutedNorm) for m in net.modules()):
+        raise ModelError(f"{arch} has no BatchNorm2d layer to make dual-route; pick a BatchNorm2d architecture "
+                         "such as torchvision:resnet18")
+    return ExternalModel(net, mean, std)
+
+
+def constructor_call(arch: str, num_classes: int, in_channels: int) -> str:
+    """The library call whose model takes an exported state_dict, in words (recorded in export files)."""
+    library, name = split_arch(arch)
+    if library == "timm":
+        chans = f", in_chans={in_channels}" if in_channels != 3 else ""
+        return f"timm.create_model({name!r}, num_classes={num_classes}{chans})"
+    call = f"torchvision.models.{name}(num_classes={num_classes})"
+    if in_channels != 3:
+        call += f" with its first 3-channel Conv2d replaced by one taking {in_channels} channels"
+    return call
