@@ -37,15 +37,20 @@ def _snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*"))}
 
 
-def _refused(folder: Path, args: list[str], *expected: str) -> str:
-    """Run the CLI in ``folder``; assert the bad-input contract; return the error line."""
-    before = _snapshot(folder)
+def _invoke_in(folder: Path, args: list[str]):
+    """Run the CLI with ``folder`` as the working directory (relative paths in ``args`` resolve there)."""
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        result = CliRunner().invoke(cli, args)
+        return CliRunner().invoke(cli, args)
     finally:
         os.chdir(cwd)
+
+
+def _refused(folder: Path, args: list[str], *expected: str) -> str:
+    """Run the CLI in ``folder``; assert the bad-input contract; return the error line."""
+    before = _snapshot(folder)
+    result = _invoke_in(folder, args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -388,12 +393,7 @@ def test_an_existing_output_file_is_kept_without_force(tmp_path, run, monkeypatc
 
 
 def _ok(folder: Path, args: list[str]):
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        result = CliRunner().invoke(cli, args)
-    finally:
-        os.chdir(cwd)
+    result = _invoke_in(folder, args)
     assert result.exit_code == 0, result.output
     return result
 
@@ -444,12 +444,7 @@ def test_a_failed_final_write_keeps_the_previous_file_and_leaves_no_partial_one(
         return result
 
     monkeypatch.setattr(robust.outputs, "probe_folder", probe)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        result = CliRunner().invoke(cli, ["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json", "--force"])
-    finally:
-        os.chdir(cwd)
+    result = _invoke_in(tmp_path, ["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json", "--force"])
     assert result.exit_code != 0
     assert (tmp_path / "e.json").read_text() == "previous"
     assert not list(tmp_path.glob(".*.tmp"))
@@ -612,12 +607,7 @@ def test_sigint_exits_130_everywhere_and_writes_nothing(tmp_path, run, monkeypat
 
     monkeypatch.setattr(importlib.import_module(work[0]), work[1], _interrupt)
     before = _snapshot(tmp_path)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        result = CliRunner().invoke(cli, args)
-    finally:
-        os.chdir(cwd)
+    result = _invoke_in(tmp_path, args)
     assert result.exit_code == 130, result.output
     assert "Aborted (SIGINT)" in result.output and "Traceback" not in result.output
     assert _snapshot(tmp_path) == before
@@ -745,13 +735,8 @@ def test_a_damaged_image_found_while_streaming_stops_in_one_line(tmp_path):
     folder = _folder(tmp_path, test_classes=("a", "b"), per_class=8)
     bad = folder / "train" / "a" / "5.png"
     bad.write_bytes(bad.read_bytes()[:-30])  # the header still reads: found only when decoded
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        result = CliRunner().invoke(cli, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs", "--data-mode", "stream",
-                                          "--workers", "1", "--val-split", "0"])
-    finally:
-        os.chdir(cwd)
+    result = _invoke_in(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs", "--data-mode", "stream",
+                                   "--workers", "1", "--val-split", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [l for l in result.output.splitlines() if l.startswith("Error:")]
     assert len(errors) == 1 and "cannot read image imgs/train/a/5.png" in errors[0], result.output
