@@ -515,7 +515,7 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
         f"test: the first {n_eval} test examples",
         f"- model: {arch}; norms: {', '.join(settings.norms)} (only the norm differs between runs)",
         f"- training: {c.epochs} epochs of {steps_per_epoch} steps, batch {c.batch_size}, SGD lr {c.lr:g} ({c.schedule}, "
-        f"milestones {c.milestones}, {warmup}), momentum {c.momentum:g}, weight decay {c.weight_decay:g}",
+        f"milestones {c.milestones}{_milestone_note(c)}, {warmup}), momentum {c.momentum:g}, weight decay {c.weight_decay:g}",
         f"- method: {method}",
         f"- training attack: Linf PGD-{c.steps}, eps {_eps_text(c)}, step {c.step_size_value:.4g}, "
         f"random start, through the adv route, BN in {c.resolved_attack_bn} mode",
@@ -525,6 +525,11 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
         f"- evaluation: Linf eps {c.eps_value:.4g}, attacks {', '.join(settings.attacks)}, each route attacked and "
         f"scored through itself in eval mode; 'worst case' = per-example worst over all attacks",
     ]
+
+
+def _milestone_note(c: TrainConfig) -> str:
+    """' = epochs 50,150' when the milestones are fractions of the epochs."""
+    return f" = epochs {','.join(map(str, c.milestone_epochs))}" if "." in str(c.milestones) else ""
 
 
 def _eps_text(c: TrainConfig) -> str:

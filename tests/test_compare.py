@@ -332,3 +332,44 @@ def test_seed_and_select_bad_input_is_one_line_and_writes_nothing(tmp_path, data
     result = invoke(tiny_args(data_dir, out) + extra)
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("milestones, epochs, expected", [
+    ("0.25,0.75", 200, [50, 150]),  # the reference's 50/150 of 200
+    ("0.25,0.75", 6, [2, 5]),  # 1.5 -> 2 and 4.5 -> 5: rounded half up
+    ("0.5", 3, [2]),
+    ("50,150", 200, [50, 150]),  # integers stay epochs
+    ("2", 3, [2]),
+])
+def test_fractional_milestones_resolve_to_epochs(milestones, epochs, expected):
+    from robust.config import TrainConfig
+    from robust.engine import lr_at
+
+    c = TrainConfig(milestones=milestones, epochs=epochs).validate()
+    assert c.milestone_epochs == expected
+    steps = 10  # per epoch: the lr drops by 10x at the first step of each milestone epoch
+    assert lr_at(expected[0] * steps - 1, c, steps) == pytest.approx(0.1)
+    assert lr_at(expected[0] * steps, c, steps) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("milestones, message", [
+    ("0.5,2", "a fraction of the epochs must be > 0 and < 1, got 2"),
+    ("0.75,0.25", "must be ascending"),
+    ("0.0,0.5", "got 0"),
+    ("0.5,x", "fractions of the epochs"),
+])
+def test_bad_fractional_milestones_are_one_line_errors(tmp_path, data_dir, milestones, message):
+    out = tmp_path / "never"
+    result = invoke(tiny_args(data_dir, out) + ["--milestones", milestones])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_compare_states_fractional_milestones_as_epochs(tmp_path, data_dir):
+    out = tmp_path / "frac"
+    result = invoke(tiny_args(data_dir, out) + ["--norms", "bn", "--eval-limit", "16", "--epochs", "2",
+                                                 "--milestones", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "milestones 0.5 = epochs 1," in (out / "results.md").read_text()
+    lrs = [json.loads(l)["lr"] for l in (out / "bn" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.01)
