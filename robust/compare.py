@@ -642,26 +642,29 @@ def _compare_locked(settings: CompareSettings, out: Path, resume: bool, force: b
     }
     write_output(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_output(out / "results.md", results_markdown(results))
-    curves = [CurveRun(NORM_TITLES.get(norm, norm), mean_metrics([r["metrics"] for r in per_seed.values()]))
+    curves = [CurveRun(NORM_TITLES.get(norm, norm), *mean_metrics([r["metrics"] for r in per_seed.values()]))
               for norm, per_seed in runs.items()]
     if any(run["metrics"] and settings.config.val_split > 0 for per_seed in runs.values() for run in per_seed.values()):
         plot_learning_curves(curves, out / "curves.png", title=f"{settings.config.dataset}, eps {settings.config.eps}"
-                             + (f", mean of {len(settings.seed_list)} seeds" if len(settings.seed_list) > 1 else ""))
+                             + (f", mean of {len(settings.seed_list)} seeds (band: min-max)" if len(settings.seed_list) > 1 else ""))
     return results
 
 
-def mean_metrics(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per epoch, the mean over seeds of each validation figure (epochs every seed reached)."""
+def mean_metrics(per_seed: list[list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], dict[str, dict[int, tuple[float, float]]] | None]:
+    """(curve, band): per epoch the mean over seeds of each validation figure, and its min-max over
+    seeds (epochs every seed reached); one seed is its own curve, without a band."""
     if len(per_seed) == 1:
-        return per_seed[0]
+        return per_seed[0], None
     by_epoch = [{m["epoch"]: m for m in metrics} for metrics in per_seed]
     epochs = sorted(set.intersection(*(set(e) for e in by_epoch)))
-    merged = []
+    merged, band = [], {}
     for epoch in epochs:
         rows = [e[epoch] for e in by_epoch]
         keys = [k for k in rows[0] if k.startswith("val_") and all(isinstance(r.get(k), (int, float)) for r in rows)]
         merged.append({"epoch": epoch, **{k: sum(r[k] for r in rows) / len(rows) for k in keys}})
-    return merged
+        for k in keys:
+            band.setdefault(k, {})[epoch] = (min(r[k] for r in rows), max(r[k] for r in rows))
+    return merged, band
 
 
 def _command_history(out: Path, resume: bool, command: str | None) -> dict[str, Any]:

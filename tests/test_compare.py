@@ -373,3 +373,14 @@ def test_compare_states_fractional_milestones_as_epochs(tmp_path, data_dir):
     assert "milestones 0.5 = epochs 1," in (out / "results.md").read_text()
     lrs = [json.loads(l)["lr"] for l in (out / "bn" / "metrics.jsonl").read_text().splitlines()]
     assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.01)
+
+
+def test_mean_curve_over_seeds_and_its_band():
+    from robust.compare import mean_metrics
+
+    seed0 = [{"epoch": 1, "val_adv_clean": 10.0, "val_adv_robust": 4.0}, {"epoch": 2, "val_adv_clean": 20.0, "val_adv_robust": 6.0}]
+    seed1 = [{"epoch": 1, "val_adv_clean": 30.0, "val_adv_robust": 2.0}]  # stopped after epoch 1
+    curve, band = mean_metrics([seed0, seed1])
+    assert curve == [{"epoch": 1, "val_adv_clean": 20.0, "val_adv_robust": 3.0}]
+    assert band == {"val_adv_clean": {1: (10.0, 30.0)}, "val_adv_robust": {1: (2.0, 4.0)}}
+    assert mean_metrics([seed0]) == (seed0, None)
