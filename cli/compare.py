@@ -67,7 +67,7 @@ def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any
         eval_limit=extra.get("eval_limit", saved.get("eval_limit")),
         eval_batch_size=extra.get("eval_batch_size", saved.get("eval_batch_size", defaults.eval_batch_size)),
         seeds=seeds,
-        baseline=extra.get("baseline", saved.get("baseline")),
+        baseline=str(extra["baseline"]).strip().lower() if extra.get("baseline") is not None else saved.get("baseline"),
         select=extra.get("select", saved.get("select", defaults.select)),
     ).validate()
 

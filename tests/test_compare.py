@@ -101,6 +101,9 @@ def test_compare_writes_results_md_json_and_curves(compared):
     text = (compared / "results.md").read_text()
     assert "| norm | route | clean | PGD-10 | PGD-20 | worst case |" in text
     assert "hybrid for every norm" in text and "robust compare" in text and "84.84" in text
+    # one seed: the differences against bn are listed, but nothing is ranked
+    assert {(p["norm"], p["n"], p["sd"], p["low"]) for p in results["paired"]} == {("auxbn", 1, None, None), ("sabn", 1, None, None)}
+    assert text.count("a single seed cannot rank them.") == len(results["paired"]) == 16  # 2 norms x 2 routes x 4 figures
     assert (compared / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -384,3 +387,29 @@ def test_mean_curve_over_seeds_and_its_band():
     assert curve == [{"epoch": 1, "val_adv_clean": 20.0, "val_adv_robust": 3.0}]
     assert band == {"val_adv_clean": {1: (10.0, 30.0)}, "val_adv_robust": {1: (2.0, 4.0)}}
     assert mean_metrics([seed0]) == (seed0, None)
+
+
+def test_seed_statistics_pair_routes_with_the_baselines_routes():
+    from robust.compare import seed_statistics
+
+    def run(adv, clean=None):
+        routes = {"adv": {"clean": adv, "pgd10": adv - 10, "pgd20": adv - 11, "worst_case": adv - 12}}
+        if clean is not None:
+            routes["clean"] = {"clean": clean, "pgd10": 1.0, "pgd20": 0.5, "worst_case": 0.0}
+        return {"eval": {"routes": routes}}
+
+    runs = {"bn": {"0": run(50.0), "1": run(54.0)}, "sabn": {"0": run(60.0, 70.0), "1": run(61.0, 72.0)}}
+    rows, paired = seed_statistics(runs, ("pgd10", "pgd20"), baseline="sabn")
+    bn = next(r for r in rows if r["norm"] == "bn")
+    assert (bn["route"], bn["n"], bn["clean"], bn["sd"]["clean"]) == ("shared", 2, 52.0, pytest.approx(math.sqrt(8)))
+    assert [(p["norm"], p["route"], p["baseline_route"]) for p in paired] == [("bn", "shared", "adv")] * 4
+    clean = next(p for p in paired if p["metric"] == "clean")  # bn - sabn adv: -10 and -7
+    assert clean["diffs"] == {"0": -10.0, "1": -7.0} and clean["mean"] == -8.5
+    assert clean["sd"] == pytest.approx(1.5 * math.sqrt(2))  # ((1.5^2 + 1.5^2) / 1) ** 0.5
+    # sd / sqrt(2) = 1.5: the interval -8.5 ± 12.706 * 1.5 = [-27.56, 10.56] contains 0
+    assert (clean["low"], clean["high"]) == (pytest.approx(-8.5 - 19.059), pytest.approx(-8.5 + 19.059))
+    assert clean["verdict"] == "no significant difference"
+    rows, paired = seed_statistics(runs, ("pgd10", "pgd20"), baseline="bn")
+    assert [(p["norm"], p["route"], p["baseline_route"]) for p in paired] == [("sabn", "adv", "shared")] * 4 + [("sabn", "clean", "shared")] * 4
+    adv = next(p for p in paired if p["metric"] == "clean" and p["route"] == "adv")
+    assert adv["mean"] == 8.5 and adv["verdict"] == "no significant difference"
