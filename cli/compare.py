@@ -115,8 +115,10 @@ def compare(norms: str | None, attacks: str | None, eval_limit: int | None, eval
 
     Takes every `robust train` option (except --norm). Every norm trains with the hybrid loss
     (as the paper's BN baseline does) unless --method is given. Writes into --out (default
-    runs/compare-<dataset>-s<seed>): <norm>/ run folders, results.md (settings + table shaped like the
-    paper's), results.json (every figure), curves.png (validation accuracy per epoch).
+    runs/compare-<dataset>-s<seed>): <norm>/ run folders (<norm>/seed<k>/ with --seeds), results.md
+    (settings + table shaped like the paper's; with several seeds mean ± sd and the paired differences
+    against --baseline with 95% t intervals), results.json (every figure), curves.png (validation
+    accuracy per epoch; with several seeds the mean and a min-max band).
 
     \b
     Examples:
