@@ -13,7 +13,7 @@ from robust.config import ConfigError, TrainConfig, check_fields, load_toml, par
 from .common import SEED, model_file
 from .train import config_options
 
-COMPARE_KEYS = ("norms", "attacks", "eval_limit", "eval_batch_size")
+COMPARE_KEYS = ("norms", "attacks", "eval_limit", "eval_batch_size", "seeds", "baseline", "select")
 
 
 def _split(name: str, text: str | list | tuple | None) -> tuple[str, ...] | None:
@@ -35,7 +35,7 @@ def _split(name: str, text: str | list | tuple | None) -> tuple[str, ...] | None
 def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any], config_file: str | None,
                              resume: bool):
     """Defaults <- the saved compare.json (with --resume) <- TOML file <- flags given on the command line."""
-    from robust.compare import CompareSettings, load_settings
+    from robust.compare import CompareSettings, load_settings, parse_seeds
 
     given = {k: v for k, v in flags.items() if v is not None}
     toml = load_toml(config_file) if config_file else {}
@@ -44,12 +44,18 @@ def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any
     for source in (toml, given):  # typed before any of it is used
         check_fields(TrainConfig, source, partial=True)
     norms, attacks = _split("norms", extra.get("norms")), _split("attacks", extra.get("attacks"))
+    seeds = None if extra.get("seeds") is None else parse_seeds(extra["seeds"])
     values: dict[str, Any] = {}
     saved: dict[str, Any] = {}
-    out = given.get("out") or toml.get("out") or default_out({**toml, **given})
+    out = given.get("out") or toml.get("out") or default_out({**toml, **given}, seeds)
     if resume:
         saved = load_settings(out)
         values.update(upgrade_saved(saved.get("config", {})))
+        if seeds is not None and saved.get("seeds") is None:
+            raise ConfigError(f"{out} was compared without --seeds (runs in <norm>/, not <norm>/seed<k>/); "
+                              "start a new comparison with --seeds and another --out")
+        if seeds is None and saved.get("seeds") is not None:
+            seeds = tuple(saved["seeds"])
     values.update(toml)
     values.update(given)
     values["out"] = str(out)
@@ -60,12 +66,16 @@ def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any
         attacks=attacks or tuple(saved.get("attacks", defaults.attacks)),
         eval_limit=extra.get("eval_limit", saved.get("eval_limit")),
         eval_batch_size=extra.get("eval_batch_size", saved.get("eval_batch_size", defaults.eval_batch_size)),
+        seeds=seeds,
+        baseline=str(extra["baseline"]).strip().lower() if extra.get("baseline") is not None else saved.get("baseline"),
+        select=extra.get("select", saved.get("select", defaults.select)),
     ).validate()
 
 
-def default_out(values: dict[str, Any]) -> str:
-    """runs/compare-<dataset>-s<seed>: comparisons with other seeds never share a folder."""
-    return f"runs/compare-{values.get('dataset', 'cifar10')}-s{values.get('seed', 0)}"
+def default_out(values: dict[str, Any], seeds: tuple[int, ...] | None = None) -> str:
+    """runs/compare-<dataset>-s<seed> (with --seeds: -s0-1-2): comparisons with other seeds never share a folder."""
+    seed = "-".join(map(str, seeds)) if seeds else values.get("seed", 0)
+    return f"runs/compare-{values.get('dataset', 'cifar10')}-s{seed}"
 
 
 def command_line(flags: dict[str, Any], compare_flags: dict[str, Any], config_file: str | None, resume: bool) -> str:
@@ -91,36 +101,47 @@ def command_line(flags: dict[str, Any], compare_flags: dict[str, Any], config_fi
 @click.option("--attacks", default=None, help="comma-separated test attacks; add autoattack for its column  [default: pgd10,pgd20]")
 @click.option("--eval-limit", type=int, default=None, help="evaluate on the first N test examples  [default: all]")
 @click.option("--eval-batch-size", type=int, default=None, help="evaluation batch size  [default: 256]")
+@click.option("--seeds", default=None, help="comma-separated seeds: every norm trains once per seed into <norm>/seed<k>/; "
+              "results give mean ± sd and paired differences  [default: --seed only, runs in <norm>/]")
+@click.option("--baseline", default=None, help="norm the others are paired against, seed by seed  [default: bn, else the first norm]")
+@click.option("--select", default=None, help="checkpoint evaluated: best (best validation robust accuracy) or last  [default: best]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config fields (and norms, attacks, eval_limit); flags override it")
 @click.option("--resume", is_flag=True, help="continue the comparison in --out: finished runs are kept, partial ones resumed")
 @click.option("--force", is_flag=True, help="retrain every norm in an existing --out folder")
 @config_options
 def compare(norms: str | None, attacks: str | None, eval_limit: int | None, eval_batch_size: int | None,
-            config_file: str | None, resume: bool, force: bool, **flags: Any) -> None:
+            seeds: str | None, baseline: str | None, select: str | None, config_file: str | None, resume: bool, force: bool, **flags: Any) -> None:
     """Train one model per norm with the same seed, split and budget; evaluate every route.
 
     Takes every `robust train` option (except --norm). Every norm trains with the hybrid loss
     (as the paper's BN baseline does) unless --method is given. Writes into --out (default
-    runs/compare-<dataset>-s<seed>): <norm>/ run folders, results.md (settings + table shaped like the
-    paper's), results.json (every figure), curves.png (validation accuracy per epoch).
+    runs/compare-<dataset>-s<seed>): <norm>/ run folders (<norm>/seed<k>/ with --seeds), results.md
+    (settings + table shaped like the paper's; with several seeds mean ± sd and the paired differences
+    against --baseline with 95% t intervals), results.json (every figure), curves.png (validation
+    accuracy per epoch; with several seeds the mean and a min-max band).
 
     \b
     Examples:
       robust compare --dataset fashion-mnist --eps 0.1 --width 16 --epochs 5 --limit 10000
       robust compare --norms auxbn,sabn --attacks pgd10,pgd20,autoattack --out runs/cmp
+      robust compare --seeds 0,1,2 --baseline bn --out runs/cmp3
       robust compare --out runs/cmp --resume
     """
     if flags.get("norm") is not None:
         raise click.UsageError("compare trains every norm of --norms; drop --norm")
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other; pick one")
-    from robust.compare import markdown_table, run_compare
+    from robust.compare import markdown_table, mean_sd_table, run_compare
 
-    compare_flags = {"norms": norms, "attacks": attacks, "eval_limit": eval_limit, "eval_batch_size": eval_batch_size}
+    compare_flags = {"norms": norms, "attacks": attacks, "eval_limit": eval_limit, "eval_batch_size": eval_batch_size,
+                     "seeds": seeds, "baseline": baseline, "select": select}
     settings = resolve_compare_settings(flags, compare_flags, config_file, resume)
     results = run_compare(settings, resume=resume, force=force, log=lambda msg: click.echo(msg, err=True),
                           command=command_line(flags, compare_flags, config_file, resume))
-    click.echo(markdown_table(results["rows"], tuple(results["settings"]["attacks"])))
+    if len(results["seeds"]) == 1:
+        click.echo(markdown_table(results["rows"], tuple(results["settings"]["attacks"])))
+    else:
+        click.echo(mean_sd_table(results["rows"], tuple(results["settings"]["attacks"])))
     click.echo(f"results: {settings.out / 'results.md'}, {settings.out / 'results.json'}, {settings.out / 'curves.png'}")
 
 

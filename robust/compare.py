@@ -6,6 +6,13 @@ norm differs), evaluates each route of each run's best.pt on the test set, and w
 ``<out>``: results.md (the settings above a table shaped like the paper's), results.json (every
 figure) and curves.png (validation accuracy per epoch, one line per norm and route).
 
+Seeds: with ``seeds`` (``--seeds 0,1,2``) every norm trains once per seed into
+``<out>/<norm>/seed<k>/`` (each seed its own split, the same for every norm); without it the one
+run per norm stays in ``<out>/<norm>/``. results.json then holds every per-seed figure, per norm
+and route the mean and sample standard deviation over seeds, and per seed pair the difference of
+each norm against the baseline norm with a 95% t interval; results.md says per comparison whether
+the interval excludes 0. ``select`` picks the checkpoint evaluated: best.pt (default) or last.pt.
+
 Method: unless the config names one, every norm trains with the hybrid loss
 (``w*CE(clean route, x) + (1-w)*CE(adv route, x_adv)``). The paper's BN baseline uses that same
 loss through one shared BN, so the comparison changes the norm only (``robust train`` alone
@@ -23,12 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, TrainConfig, check_fields
+from .config import MAX_SEED, ConfigError, TrainConfig, check_fields
 from .norms import NORMS, check_norm
 from .outputs import FolderLock, check_output_dir, holds_files, write_output
 
@@ -70,6 +78,21 @@ class CompareSettings:
     attacks: tuple[str, ...] = DEFAULT_ATTACKS
     eval_limit: int | None = field(default=None, metadata={"min": 1})
     eval_batch_size: int = field(default=256, metadata={"min": 1})
+    seeds: tuple[int, ...] | None = None
+    baseline: str | None = None
+    select: str = "best"
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds trained: --seeds, else the config's one seed."""
+        return list(self.seeds) if self.seeds is not None else [self.config.seed]
+
+    @property
+    def baseline_norm(self) -> str:
+        """The norm every other is paired against: --baseline, else bn when compared, else the first norm."""
+        if self.baseline is not None:
+            return self.baseline
+        return "bn" if "bn" in self.norms else self.norms[0]
 
     @property
     def out(self) -> Path:
@@ -84,10 +107,18 @@ class CompareSettings:
         """The same loss for every norm: the config's clean-weight, else the reference's 0.5 (bn too)."""
         return 0.5 if self.config.clean_weight is None else float(self.config.clean_weight)
 
-    def norm_config(self, norm: str) -> TrainConfig:
-        """The config of one norm's run: the shared one with norm, method, clean-weight and out replaced."""
+    def norm_config(self, norm: str, seed: int | None = None) -> TrainConfig:
+        """The config of one run: the shared one with norm, method, clean-weight, seed and out replaced.
+
+        Without --seeds a run is ``<out>/<norm>/`` (the config's seed); with --seeds it is
+        ``<out>/<norm>/seed<k>/``.
+        """
+        if self.seeds is None:
+            return dataclasses.replace(self.config, norm=norm, method=self.method, clean_weight=self.clean_weight,
+                                       out=str(self.out / norm))
+        seed = self.seed_list[0] if seed is None else seed
         return dataclasses.replace(self.config, norm=norm, method=self.method, clean_weight=self.clean_weight,
-                                   out=str(self.out / norm))
+                                   seed=seed, out=str(self.out / norm / f"seed{seed}"))
 
     def validate(self) -> "CompareSettings":
         """Raise ConfigError naming the first bad value; check attack names before any training."""
@@ -105,19 +136,66 @@ class CompareSettings:
         if len(set(self.norms)) != len(self.norms):
             raise ConfigError(f"norms {','.join(self.norms)} repeat a name; list each once")
         self.attacks = tuple(a for a in check_attack_names(self.attacks) if a != "clean") or DEFAULT_ATTACKS
+        if self.seeds is not None:
+            self.seeds = parse_seeds(self.seeds)
+        if self.baseline is not None and self.baseline not in self.norms:
+            raise ConfigError(f"baseline {self.baseline!r} is not one of the norms {','.join(self.norms)}; "
+                              "pass one of them to --baseline")
+        parse_select(self.select)
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "norms": list(self.norms), "attacks": list(self.attacks),
-                "eval_limit": self.eval_limit, "eval_batch_size": self.eval_batch_size}
+                "eval_limit": self.eval_limit, "eval_batch_size": self.eval_batch_size,
+                "seeds": None if self.seeds is None else list(self.seeds), "baseline": self.baseline,
+                "select": self.select}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CompareSettings":
         try:
+            seeds = values.get("seeds")
             return cls(TrainConfig.from_saved(values["config"]), tuple(values["norms"]), tuple(values["attacks"]),
-                       values.get("eval_limit"), values.get("eval_batch_size", 256))
+                       values.get("eval_limit"), values.get("eval_batch_size", 256),
+                       None if seeds is None else tuple(seeds), values.get("baseline"), values.get("select", "best"))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"compare settings are incomplete ({exc}); start a new comparison with --force") from None
+
+
+def parse_seeds(text: str | list | tuple) -> tuple[int, ...]:
+    """--seeds 0,1,2 (or a list of ints) as a tuple of distinct non-negative seeds, in the order given."""
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(",")]
+        if not text.strip() or any(not p for p in parts):
+            raise ConfigError(f"seeds {text!r} must be comma-separated non-negative integers, e.g. 0,1,2")
+        try:
+            seeds = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ConfigError(f"seeds {text!r} must be comma-separated non-negative integers, e.g. 0,1,2") from None
+    elif isinstance(text, (list, tuple)) and text and all(isinstance(p, int) and not isinstance(p, bool) for p in text):
+        seeds = tuple(text)
+    else:
+        raise ConfigError(f"seeds {text!r} must be comma-separated non-negative integers, e.g. 0,1,2")
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seeds must be >= 0 and <= {MAX_SEED}, got {seed}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds {','.join(map(str, seeds))} repeat a seed; list each once")
+    return seeds
+
+
+def parse_select(text: str) -> str:
+    """--select best|last: which checkpoint of each run is evaluated; returns its file name."""
+    if text == "best":
+        return "best.pt"
+    if text == "last":
+        return "last.pt"
+    if isinstance(text, str) and text.startswith("epoch:"):
+        number = text[len("epoch:"):]
+        if not number.isdigit() or int(number) < 1:
+            raise ConfigError(f"select {text!r}: epoch:N needs a whole epoch number >= 1, e.g. epoch:5")
+        raise ConfigError(f"select {text!r}: the trainer keeps no per-epoch checkpoints (only last.pt and best.pt); "
+                          "use --select best or last")
+    raise ConfigError(f"select {text!r} must be best or last")
 
 
 def load_settings(out: str | Path) -> dict[str, Any]:
@@ -172,19 +250,26 @@ def train_norm(config: TrainConfig, state: str, data, log: Callable[[str], None]
 # Evaluation
 
 
-def eval_key(settings: CompareSettings, config: TrainConfig, best: dict[str, Any] | None) -> dict[str, Any]:
+def eval_key(settings: CompareSettings, config: TrainConfig, best: dict[str, Any] | None,
+             checkpoint: str = "best.pt", epoch: int | None = None) -> dict[str, Any]:
     """What an evaluation depends on; a cached evaluation is reused only when all of it matches."""
-    return {"attacks": list(settings.attacks), "eps": config.eps_value, "limit": settings.eval_limit,
-            "batch_size": settings.eval_batch_size, "seed": config.seed, "best": best, "dataset": config.dataset}
+    key = {"attacks": list(settings.attacks), "eps": config.eps_value, "limit": settings.eval_limit,
+           "batch_size": settings.eval_batch_size, "seed": config.seed, "best": best, "dataset": config.dataset}
+    if checkpoint != "best.pt":  # best.pt keys stay as before, so older eval.json files are reused
+        key.update(checkpoint=checkpoint, epoch=epoch)
+    return key
 
 
 def evaluate_run(settings: CompareSettings, config: TrainConfig, data, log: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """(best, evaluation): every route of the run's best.pt on the test set (eval.json reused when unchanged)."""
+    """(best, evaluation): every route of the run's selected checkpoint (--select: best.pt or last.pt)
+    on the test set (eval.json reused when unchanged)."""
     from .evaluate import evaluate, model_from, read_checkpoint
 
-    state = read_checkpoint(config.run_dir / "best.pt")
+    name = parse_select(settings.select)
+    state = read_checkpoint(config.run_dir / name)
     best = state.get("best")
-    key = eval_key(settings, config, best)
+    epoch = None if state.get("epoch") is None else int(state["epoch"]) + 1
+    key = eval_key(settings, config, best, name, epoch)
     cache = config.run_dir / EVAL_CACHE
     if cache.is_file():
         try:
@@ -194,12 +279,100 @@ def evaluate_run(settings: CompareSettings, config: TrainConfig, data, log: Call
         if saved.get("key") == key:
             log(f"{config.norm}: reusing the evaluation in {cache}")
             return best, saved["result"]
-    log(f"{config.norm}: evaluating {config.run_dir / 'best.pt'} ({', '.join(settings.attacks)}, eps {config.eps})")
+    log(f"{config.norm}: evaluating {config.run_dir / name} ({', '.join(settings.attacks)}, eps {config.eps})")
     result = evaluate(model_from(state), (data.test_x, data.test_y), attacks=list(settings.attacks),
                       eps=config.eps_value, route="both", batch_size=settings.eval_batch_size,
                       limit=settings.eval_limit, device=config.device, seed=config.seed)
     write_output(cache, json.dumps({"key": key, "result": result}, indent=2) + "\n")
     return best, result
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics over seeds
+
+METRICS = ("clean", "pgd10", "pgd20", "worst_case")
+
+# t_{0.975, df}: the two-sided 95% quantile of Student's t for df = 1..30 (standard tables, 3 decimals).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042}
+
+
+def t_quantile(df: int) -> float:
+    """t_{0.975, df} from the table; above 30 degrees of freedom the normal's 1.960 (within 2% of t)."""
+    if df < 1:
+        raise ValueError(f"t quantile needs df >= 1, got {df}")
+    return T975.get(df, 1.960)
+
+
+def mean_sd(values: list[float]) -> dict[str, Any]:
+    """n, mean and sample standard deviation (n-1; None for one value) of ``values``."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "sd": sd}
+
+
+def paired_difference(diffs: list[float]) -> dict[str, Any]:
+    """mean, sd and the 95% t interval mean ± t_{0.975, n-1} sd / sqrt(n) of paired differences."""
+    stats = mean_sd(diffs)
+    if stats["n"] < 2:
+        return {**stats, "t": None, "low": None, "high": None, "verdict": "a single seed cannot rank"}
+    t = t_quantile(stats["n"] - 1)
+    half = t * stats["sd"] / math.sqrt(stats["n"])
+    low, high = stats["mean"] - half, stats["mean"] + half
+    verdict = "supported" if low > 0 or high < 0 else "no significant difference"
+    return {**stats, "t": t, "low": low, "high": high, "verdict": verdict}
+
+
+def seed_rows(runs: dict[str, dict[str, dict[str, Any]]], attacks: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every per-seed figure: one row per seed, norm and route."""
+    rows = []
+    for norm, per_seed in runs.items():
+        for seed, run in per_seed.items():
+            for row in table_rows({norm: run}, attacks):
+                rows.append({"seed": int(seed), **row})
+    return rows
+
+
+def seed_statistics(runs: dict[str, dict[str, dict[str, Any]]], attacks: tuple[str, ...],
+                    baseline: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows, paired): per norm and route the mean (and sd, n) of each figure over seeds; the paired
+    difference of every other norm's routes against the baseline's, seed by seed.
+
+    A route is paired with the baseline's same route, else with the baseline's adv route (bn's shared BN).
+    """
+    metrics = ("clean", *attacks, "worst_case")
+    by_seed = {}
+    for row in seed_rows(runs, attacks):
+        by_seed.setdefault((row["norm"], row["route"]), {})[row["seed"]] = row
+    rows = []
+    for (norm, route), per_seed in by_seed.items():
+        row: dict[str, Any] = {"norm": norm, "route": route, "n": len(per_seed), "sd": {}}
+        for m in metrics:
+            values = [r[m] for r in per_seed.values() if r.get(m) is not None]
+            stats = mean_sd(values) if values else {"mean": None, "sd": None}
+            row[m], row["sd"][m] = stats["mean"], stats["sd"]
+        rows.append(row)
+    base_routes = {route: per_seed for (norm, route), per_seed in by_seed.items() if norm == baseline}
+    base_adv = base_routes.get("adv", base_routes.get("shared"))
+    paired = []
+    for (norm, route), per_seed in by_seed.items():
+        if norm == baseline or not base_routes:
+            continue
+        base_route = route if route in base_routes else ("adv" if "adv" in base_routes else "shared")
+        base = base_routes.get(route, base_adv)
+        seeds = [s for s in per_seed if s in base]
+        for m in metrics:
+            diffs = {s: per_seed[s][m] - base[s][m] for s in seeds
+                     if per_seed[s].get(m) is not None and base[s].get(m) is not None}
+            if not diffs:
+                continue
+            paired.append({"norm": norm, "route": route, "baseline": baseline, "baseline_route": base_route,
+                           "metric": m, "diffs": {str(s): d for s, d in diffs.items()},
+                           **paired_difference(list(diffs.values()))})
+    return rows, paired
 
 
 def run_summary(config: TrainConfig) -> dict[str, Any]:
@@ -267,6 +440,62 @@ def paper_table_markdown() -> str:
     return f"The paper's figures, not measured here ({PAPER_CIFAR10['source']}):\n\n{table}"
 
 
+def mean_sd_table(rows: list[dict[str, Any]], attacks: tuple[str, ...]) -> str:
+    """The mean table: mean ± sd per cell and each row's n."""
+    columns = ["clean", *attacks, "worst_case"]
+    titles = ["clean", *(attack_title(a) for a in attacks), "worst case"]
+    lines = ["| norm | route | n | " + " | ".join(titles) + " |", "|---|---|---|" + "---|" * len(titles)]
+    for row in rows:
+        cells = []
+        for col in columns:
+            mean, sd = row.get(col), row.get("sd", {}).get(col)
+            cells.append(_cell(mean) if sd is None or mean is None else f"{mean:.2f} ± {sd:.2f}")
+        lines.append(f"| {NORM_TITLES.get(row['norm'], row['norm'])} | {row['route']} | {row['n']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_table(rows: list[dict[str, Any]], attacks: tuple[str, ...]) -> str:
+    """Every per-seed figure: seed, norm, route, clean, attacks, worst case."""
+    columns = ["clean", *attacks, "worst_case"]
+    titles = ["clean", *(attack_title(a) for a in attacks), "worst case"]
+    lines = ["| seed | norm | route | " + " | ".join(titles) + " |", "|---|---|---|" + "---|" * len(titles)]
+    for row in sorted(rows, key=lambda r: r["seed"]):
+        lines.append(f"| {row['seed']} | {NORM_TITLES.get(row['norm'], row['norm'])} | {row['route']} | "
+                     + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def paired_markdown(results: dict[str, Any], attacks: tuple[str, ...], n_seeds: int) -> list[str]:
+    """The paired differences against the baseline: a table with 95% t intervals and one sentence each."""
+    paired = results.get("paired") or []
+    if not paired:
+        return []
+    title = lambda n: NORM_TITLES.get(n, n)  # noqa: E731
+    baseline = results["baseline"]
+    lines = [f"Paired difference against {title(baseline)} (percentage points, seed by seed; 95% interval "
+             "mean ± t(0.975, n-1)·sd/√n):", "",
+             "| norm | route | vs | figure | n | mean | sd | 95% interval | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    sentences = []
+    for p in paired:
+        what = "clean" if p["metric"] == "clean" else ("worst case" if p["metric"] == "worst_case" else attack_title(p["metric"]))
+        sd = "-" if p["sd"] is None else f"{p['sd']:.2f}"
+        interval = "-" if p["low"] is None else f"[{p['low']:.2f}, {p['high']:.2f}]"
+        lines.append(f"| {title(p['norm'])} | {p['route']} | {title(baseline)} {p['baseline_route']} | {what} | "
+                     f"{p['n']} | {p['mean']:+.2f} | {sd} | {interval} | {p['verdict']} |")
+        head = f"{title(p['norm'])} {p['route']} vs {title(baseline)} {p['baseline_route']}, {what}"
+        if p["low"] is None:
+            sentences.append(f"- {head}: {p['mean']:+.2f} points on one seed; a single seed cannot rank them.")
+        elif p["verdict"] == "supported":
+            sentences.append(f"- {head}: {p['mean']:+.2f} points, interval [{p['low']:.2f}, {p['high']:.2f}] excludes 0 "
+                             f"(n = {p['n']}): supported.")
+        else:
+            sentences.append(f"- {head}: {p['mean']:+.2f} points, interval [{p['low']:.2f}, {p['high']:.2f}] contains 0 "
+                             f"(n = {p['n']}): no significant difference.")
+    return [*lines, "", *sentences, ""]
+
+
 def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: int) -> list[str]:
     """The run's settings in plain words, for above the table."""
     c = settings.config
@@ -281,19 +510,26 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
         method += (f" (loss {w:g}*CE(clean route, x) + {1 - w:g}*{objective}; "
                    "the paper's BN baseline uses the same hybrid loss through one shared BN)")
     return [
-        f"- dataset: {c.dataset}; {n_train} training examples, {n_val} validation examples (seed {c.seed}), "
+        f"- dataset: {c.dataset}; {n_train} training examples, {n_val} validation examples "
+        f"({'seed ' + str(c.seed) if settings.seeds is None else 'seeds ' + ','.join(map(str, settings.seed_list)) + ', each its own split and run'}), "
         f"test: the first {n_eval} test examples",
         f"- model: {arch}; norms: {', '.join(settings.norms)} (only the norm differs between runs)",
         f"- training: {c.epochs} epochs of {steps_per_epoch} steps, batch {c.batch_size}, SGD lr {c.lr:g} ({c.schedule}, "
-        f"milestones {c.milestones}, {warmup}), momentum {c.momentum:g}, weight decay {c.weight_decay:g}",
+        f"milestones {c.milestones}{_milestone_note(c)}, {warmup}), momentum {c.momentum:g}, weight decay {c.weight_decay:g}",
         f"- method: {method}",
         f"- training attack: Linf PGD-{c.steps}, eps {_eps_text(c)}, step {c.step_size_value:.4g}, "
         f"random start, through the adv route, BN in {c.resolved_attack_bn} mode",
-        f"- checkpoint: best.pt of each run (best adv-route validation PGD-{c.val_steps} accuracy"
-        f"{f' on {c.val_limit} validation examples' if c.val_limit else ''})",
+        (f"- checkpoint (--select best): best.pt of each run (best adv-route validation PGD-{c.val_steps} accuracy"
+         f"{f' on {c.val_limit} validation examples' if c.val_limit else ''})" if settings.select == "best" else
+         "- checkpoint (--select last): last.pt of each run (the final epoch)"),
         f"- evaluation: Linf eps {c.eps_value:.4g}, attacks {', '.join(settings.attacks)}, each route attacked and "
         f"scored through itself in eval mode; 'worst case' = per-example worst over all attacks",
     ]
+
+
+def _milestone_note(c: TrainConfig) -> str:
+    """' = epochs 50,150' when the milestones are fractions of the epochs."""
+    return f" = epochs {','.join(map(str, c.milestone_epochs))}" if "." in str(c.milestones) else ""
 
 
 def _eps_text(c: TrainConfig) -> str:
@@ -312,12 +548,26 @@ def results_markdown(results: dict[str, Any]) -> str:
     if results.get("resumed_with"):
         parts += ["Resumed with:", "", "```", *results["resumed_with"], "```", ""]
     parts += ["Settings:", "", *settings_lines(settings, results["n_train"], results["n_val"], results["n_eval"]), ""]
-    parts += [f"Test accuracy (%) on {results['n_eval']} examples:", "", markdown_table(results["rows"], attacks), ""]
+    seeds = results.get("seeds", [c.seed])
+    if len(seeds) == 1:
+        parts += [f"Test accuracy (%) on {results['n_eval']} examples (seed {seeds[0]}):", "",
+                  markdown_table(results["rows"], attacks), ""]
+    else:
+        parts += [f"Test accuracy (%) on {results['n_eval']} examples: mean ± sample standard deviation over "
+                  f"n = {len(seeds)} seeds ({', '.join(map(str, seeds))}; per-seed figures below and in results.json):",
+                  "", mean_sd_table(results["rows"], attacks), ""]
+    parts += paired_markdown(results, attacks, len(seeds))
     parts += ["Runs:", ""]
-    for norm, run in results["runs"].items():
-        best = run.get("best") or {}
-        parts.append(f"- {norm}: {run['run_dir']}, {run['epochs']} epochs in {run['train_seconds']:.0f} s, "
-                     f"best.pt from epoch {best.get('epoch', '?')}, evaluation {run['eval']['seconds']:.0f} s")
+    name = parse_select(settings.select)
+    for norm, per_seed in results["runs"].items():
+        for seed, run in per_seed.items():
+            best = run.get("best") or {}
+            picked = (f"best.pt from epoch {best.get('epoch', '?')}" if name == "best.pt"
+                      else f"last.pt (epoch {run['epochs']})")
+            parts.append(f"- {norm}, seed {seed}: {run['run_dir']}, {run['epochs']} epochs in {run['train_seconds']:.0f} s, "
+                         f"{picked}, evaluation {run['eval']['seconds']:.0f} s")
+    if len(seeds) > 1:
+        parts += ["", "Per seed:", "", seed_table(results["seed_rows"], attacks)]
     parts += ["", "Learning curves: curves.png", "", paper_table_markdown(), ""]
     return "\n".join(parts)
 
@@ -360,34 +610,61 @@ def _compare_locked(settings: CompareSettings, out: Path, resume: bool, force: b
         (out / name).unlink(missing_ok=True)
     write_output(out / SETTINGS_FILE, json.dumps({**settings.to_dict(), **history}, indent=2) + "\n")
     start = time.perf_counter()
-    runs: dict[str, dict[str, Any]] = {}
-    for norm in settings.norms:
-        config = settings.norm_config(norm)
-        state = "new" if force else run_state(config)
-        train_norm(config, state, data, log)
-        best, evaluation = evaluate_run(settings, config, data, log)
-        runs[norm] = {"run_dir": str(config.run_dir), **run_summary(config), "best": best, "eval": evaluation}
+    runs: dict[str, dict[str, dict[str, Any]]] = {norm: {} for norm in settings.norms}
+    for seed in settings.seed_list:  # seed by seed: a stopped grid has whole seeds done
+        for norm in settings.norms:
+            config = settings.norm_config(norm, seed)
+            state = "new" if force else run_state(config)
+            train_norm(config, state, data, log)
+            best, evaluation = evaluate_run(settings, config, data, log)
+            runs[norm][str(seed)] = {"run_dir": str(config.run_dir), **run_summary(config), "best": best,
+                                     "eval": evaluation}
     c = settings.config
-    (train_x, _), val = split_train_val(data, c.val_split, c.seed, c.limit, c.val_limit)
-    n_eval = next(iter(runs.values()))["eval"]["n"]
+    (train_x, _), val = split_train_val(data, c.val_split, settings.seed_list[0], c.limit, c.val_limit)
+    n_eval = next(iter(runs.values()))[str(settings.seed_list[0])]["eval"]["n"]
+    rows, paired = seed_statistics(runs, settings.attacks, settings.baseline_norm)
     results = {
         **history,
         "settings": settings.to_dict(),
         "method": settings.method,
+        "seeds": settings.seed_list,
+        "select": settings.select,
+        "baseline": settings.baseline_norm,
         "n_train": len(train_x),
         "n_val": 0 if val is None else len(val[1]),
         "n_eval": n_eval,
-        "rows": table_rows(runs, settings.attacks),
+        "rows": rows,
+        "seed_rows": seed_rows(runs, settings.attacks),
+        "paired": paired,
         "runs": runs,
         "paper_cifar10": PAPER_CIFAR10,
         "seconds": time.perf_counter() - start,
     }
     write_output(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_output(out / "results.md", results_markdown(results))
-    curves = [CurveRun(NORM_TITLES.get(norm, norm), run["metrics"]) for norm, run in runs.items()]
-    if any(run["metrics"] and settings.config.val_split > 0 for run in runs.values()):
-        plot_learning_curves(curves, out / "curves.png", title=f"{settings.config.dataset}, eps {settings.config.eps}")
+    curves = [CurveRun(NORM_TITLES.get(norm, norm), *mean_metrics([r["metrics"] for r in per_seed.values()]))
+              for norm, per_seed in runs.items()]
+    if any(run["metrics"] and settings.config.val_split > 0 for per_seed in runs.values() for run in per_seed.values()):
+        plot_learning_curves(curves, out / "curves.png", title=f"{settings.config.dataset}, eps {settings.config.eps}"
+                             + (f", mean of {len(settings.seed_list)} seeds (band: min-max)" if len(settings.seed_list) > 1 else ""))
     return results
+
+
+def mean_metrics(per_seed: list[list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], dict[str, dict[int, tuple[float, float]]] | None]:
+    """(curve, band): per epoch the mean over seeds of each validation figure, and its min-max over
+    seeds (epochs every seed reached); one seed is its own curve, without a band."""
+    if len(per_seed) == 1:
+        return per_seed[0], None
+    by_epoch = [{m["epoch"]: m for m in metrics} for metrics in per_seed]
+    epochs = sorted(set.intersection(*(set(e) for e in by_epoch)))
+    merged, band = [], {}
+    for epoch in epochs:
+        rows = [e[epoch] for e in by_epoch]
+        keys = [k for k in rows[0] if k.startswith("val_") and all(isinstance(r.get(k), (int, float)) for r in rows)]
+        merged.append({"epoch": epoch, **{k: sum(r[k] for r in rows) / len(rows) for k in keys}})
+        for k in keys:
+            band.setdefault(k, {})[epoch] = (min(r[k] for r in rows), max(r[k] for r in rows))
+    return merged, band
 
 
 def _command_history(out: Path, resume: bool, command: str | None) -> dict[str, Any]:

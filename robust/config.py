@@ -191,7 +191,7 @@ class TrainConfig:
     momentum: float = _f(0.9, "SGD momentum", min=0)
     weight_decay: float = _f(5e-4, "SGD weight decay", min=0)
     schedule: str = _f("multistep", "learning-rate schedule", choices=SCHEDULES)
-    milestones: str = _f("50,150", "multistep: epochs at which lr is multiplied by 0.1")
+    milestones: str = _f("50,150", "multistep: epochs at which lr is multiplied by 0.1, or fractions of the epochs (0.25,0.75)")
     warmup_steps: int = _f(200, "steps of linear warm-up from lr/10 in the first epoch (0 disables)", min=0)
     # adversarial training
     method: str | None = _f(None, "training objective: pgd (Madry), trades, mart, fast (FGSM-RS), nfgsm (N-FGSM); hybrid = pgd with clean-weight 0.5 [default: pgd]", choices=METHODS)
@@ -267,10 +267,27 @@ class TrainConfig:
 
     @property
     def milestone_epochs(self) -> list[int]:
+        """The multistep milestones in epochs: integers are epochs (50,150); values with a '.' are
+        fractions of the run's epochs (0.25,0.75 -> 50,150 of 200, rounded half up), each in (0, 1), ascending."""
+        parts = [m.strip() for m in str(self.milestones).split(",") if m.strip()]
+        if any("." in m for m in parts):
+            try:
+                fractions = [float(m) for m in parts]
+            except ValueError:
+                raise ConfigError(f"milestones {self.milestones!r} must be comma-separated fractions of the epochs, "
+                                  "e.g. 0.25,0.75") from None
+            for f in fractions:
+                if not 0 < f < 1:
+                    raise ConfigError(f"milestones {self.milestones!r}: a fraction of the epochs must be > 0 and < 1, "
+                                      f"got {f:g}; write epochs as integers (50,150) or fractions (0.25,0.75), not both")
+            if fractions != sorted(set(fractions)):
+                raise ConfigError(f"milestones {self.milestones!r} must be ascending and distinct, e.g. 0.25,0.75")
+            return [math.floor(f * self.epochs + 0.5) for f in fractions]
         try:
-            return [int(m) for m in str(self.milestones).split(",") if m.strip()]
+            return [int(m) for m in parts]
         except ValueError:
-            raise ConfigError(f"milestones {self.milestones!r} must be comma-separated epochs, e.g. 50,150") from None
+            raise ConfigError(f"milestones {self.milestones!r} must be comma-separated epochs, e.g. 50,150, "
+                              "or fractions of the epochs, e.g. 0.25,0.75") from None
 
     @property
     def run_dir(self) -> Path:

@@ -24,6 +24,8 @@ class CurveRun:
 
     label: str
     metrics: list[dict[str, Any]]
+    # several seeds: per metric key, per epoch, the (lowest, highest) value over seeds; drawn as a band
+    band: dict[str, dict[int, tuple[float, float]]] | None = None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -89,6 +91,12 @@ def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str 
             for label, epochs, values in curve_series(run, kind):
                 style = "--" if label.endswith(" clean") else "-"
                 ax.plot(epochs, values, style, color=colour, marker="o", markersize=3, label=label)
+            for route in routes_in(run.metrics) if run.band else ():
+                spread = run.band.get(f"val_{route}_{kind}") or {}
+                epochs = sorted(spread)
+                if epochs:
+                    ax.fill_between(epochs, [spread[e][0] for e in epochs], [spread[e][1] for e in epochs],
+                                    color=colour, alpha=0.15, linewidth=0)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

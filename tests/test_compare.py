@@ -80,7 +80,10 @@ def test_compare_writes_results_md_json_and_curves(compared):
     # validation is 10% of the 128 limited examples (13), the rest trains
     assert results["n_train"] == 115 and results["n_val"] == 13 and results["n_eval"] == 32
     assert results["paper_cifar10"] == PAPER_CIFAR10
-    for norm, run in results["runs"].items():
+    assert results["seeds"] == [0] and results["select"] == "best" and results["baseline"] == "bn"
+    for norm, per_seed in results["runs"].items():
+        assert list(per_seed) == ["0"]  # without --seeds: one seed, runs in <out>/<norm>/
+        run = per_seed["0"]
         assert run["epochs"] == 1 and (compared / norm / "best.pt").is_file()
         assert set(run["eval"]["routes"]) == ({"adv"} if norm == "bn" else {"clean", "adv"})
         cfg = json.loads((compared / norm / "config.json").read_text())
@@ -98,6 +101,9 @@ def test_compare_writes_results_md_json_and_curves(compared):
     text = (compared / "results.md").read_text()
     assert "| norm | route | clean | PGD-10 | PGD-20 | worst case |" in text
     assert "hybrid for every norm" in text and "robust compare" in text and "84.84" in text
+    # one seed: the differences against bn are listed, but nothing is ranked
+    assert {(p["norm"], p["n"], p["sd"], p["low"]) for p in results["paired"]} == {("auxbn", 1, None, None), ("sabn", 1, None, None)}
+    assert text.count("a single seed cannot rank them.") == len(results["paired"]) == 16  # 2 norms x 2 routes x 4 figures
     assert (compared / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -125,7 +131,7 @@ def test_resume_continues_a_partial_run(tmp_path, data_dir):
     metrics = [json.loads(l) for l in (out / "sabn" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
     results = json.loads((out / "results.json").read_text())
-    assert results["runs"]["sabn"]["epochs"] == 2 and results["n_eval"] == 16
+    assert results["runs"]["sabn"]["0"]["epochs"] == 2 and results["n_eval"] == 16
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -207,3 +213,203 @@ def test_paper_table_is_labelled_and_attack_titles_follow_the_paper():
     assert table.startswith("The paper's figures, not measured here")
     assert "| SaAuxBN (SaBN) | adv | 84.08 | 44.93 | 43.14 |" in table and "| AuxBN | clean | 94.47 | - | - |" in table
     assert [attack_title(a) for a in ("pgd10", "pgd20", "autoattack", "apgd-ce")] == ["PGD-10", "PGD-20", "AutoAttack", "APGD-CE"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Several seeds: --seeds, the statistics over seeds, --select, resuming a partial grid
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, data_dir) -> Path:
+    out = tmp_path_factory.mktemp("grid") / "run"
+    result = invoke(tiny_args(data_dir, out) + ["--norms", "bn,sabn", "--seeds", "0,1", "--eval-limit", "16"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_seed_grid_writes_every_run_and_per_seed_figures(grid):
+    results = json.loads((grid / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and results["baseline"] == "bn" and results["settings"]["seeds"] == [0, 1]
+    for norm in ("bn", "sabn"):
+        assert sorted(results["runs"][norm]) == ["0", "1"]
+        for seed in (0, 1):
+            cfg = json.loads((grid / norm / f"seed{seed}" / "config.json").read_text())
+            assert (cfg["norm"], cfg["seed"], cfg["out"]) == (norm, seed, str(grid / norm / f"seed{seed}"))
+            assert (grid / norm / f"seed{seed}" / "best.pt").is_file()
+    # bn: one row (shared) per seed; sabn: adv and clean per seed
+    assert sorted((r["seed"], r["norm"], r["route"]) for r in results["seed_rows"]) == [
+        (0, "bn", "shared"), (0, "sabn", "adv"), (0, "sabn", "clean"),
+        (1, "bn", "shared"), (1, "sabn", "adv"), (1, "sabn", "clean")]
+    for row in results["seed_rows"]:
+        run = results["runs"][row["norm"]][str(row["seed"])]
+        route = "adv" if row["route"] == "shared" else row["route"]
+        assert row["pgd20"] == run["eval"]["routes"][route]["pgd20"]
+    text = (grid / "results.md").read_text()
+    assert "mean ± sample standard deviation over n = 2 seeds (0, 1" in text and "| norm | route | n |" in text
+    assert "Per seed:" in text and "--select best" in text and (grid / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seed_statistics_equal_a_hand_computation(grid):
+    results = json.loads((grid / "results.json").read_text())
+    figures = {(r["norm"], r["route"], r["seed"]): r for r in results["seed_rows"]}
+    rows = {(r["norm"], r["route"]): r for r in results["rows"]}
+    for (norm, route), row in rows.items():
+        assert row["n"] == 2
+        for m in ("clean", "pgd10", "pgd20", "worst_case"):
+            a, b = figures[(norm, route, 0)][m], figures[(norm, route, 1)][m]
+            assert row[m] == pytest.approx((a + b) / 2)
+            assert row["sd"][m] == pytest.approx(abs(a - b) / math.sqrt(2))  # n-1 = 1: sqrt(((a-b)/2)^2 * 2)
+    paired = {(p["route"], p["metric"]): p for p in results["paired"]}
+    assert {p["norm"] for p in results["paired"]} == {"sabn"} and len(paired) == 8  # 2 routes x 4 figures
+    for (route, m), p in paired.items():
+        assert (p["baseline"], p["baseline_route"]) == ("bn", "shared")
+        d0 = figures[("sabn", route, 0)][m] - figures[("bn", "shared", 0)][m]
+        d1 = figures[("sabn", route, 1)][m] - figures[("bn", "shared", 1)][m]
+        mean, sd = (d0 + d1) / 2, abs(d0 - d1) / math.sqrt(2)
+        assert p["diffs"] == {"0": pytest.approx(d0), "1": pytest.approx(d1)}
+        assert (p["n"], p["mean"], p["sd"], p["t"]) == (2, pytest.approx(mean), pytest.approx(sd), 12.706)
+        assert p["low"] == pytest.approx(mean - 12.706 * sd / math.sqrt(2))
+        assert p["high"] == pytest.approx(mean + 12.706 * sd / math.sqrt(2))
+        assert p["verdict"] == ("supported" if p["low"] > 0 or p["high"] < 0 else "no significant difference")
+    text = (grid / "results.md").read_text()
+    assert "Paired difference against BN" in text
+    assert text.count(": supported.") + text.count(": no significant difference.") == 8
+
+
+def test_paired_difference_and_t_table():
+    from robust.compare import mean_sd, paired_difference, t_quantile
+
+    assert mean_sd([1.0, 2.0, 6.0]) == {"n": 3, "mean": 3.0, "sd": pytest.approx(math.sqrt(7))}  # (4+1+9)/2
+    p = paired_difference([1.0, 2.0, 6.0])
+    assert p["t"] == 4.303 and p["low"] == pytest.approx(3 - 4.303 * math.sqrt(7) / math.sqrt(3))
+    assert p["verdict"] == "no significant difference"  # 3 - 6.57 < 0
+    assert paired_difference([2.0, 2.2, 1.8])["verdict"] == "supported"  # 2 ± 4.303 * 0.2 / sqrt(3)
+    assert paired_difference([-2.0, -2.2, -1.8])["verdict"] == "supported"
+    single = paired_difference([1.5])
+    assert (single["sd"], single["low"], single["verdict"]) == (None, None, "a single seed cannot rank")
+    assert (t_quantile(1), t_quantile(9), t_quantile(30), t_quantile(100)) == (12.706, 2.262, 2.042, 1.960)
+
+
+def test_extending_the_seeds_trains_only_the_new_seed(grid, data_dir, tmp_path):
+    out = tmp_path / "grid"
+    import shutil
+    shutil.copytree(grid, out)
+    for path in out.rglob("*"):  # the copied runs name the old folder; point them at the copy
+        if path.name in ("config.json", "compare.json"):
+            path.write_text(path.read_text().replace(str(grid), str(out)))
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/last.pt")}
+    shutil.rmtree(out / "sabn" / "seed1")  # a partial grid: one run missing
+    resumed = invoke(["compare", "--out", str(out), "--resume", "--seeds", "0,1,2", "--data-dir", str(data_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.output.count("not training it again") == 3  # bn seeds 0, 1 and sabn seed 0
+    kept = {p: s for p, s in stamps.items() if "sabn/seed1" not in str(p)}
+    assert len(kept) == 3 and {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert all((out / n / f"seed{k}" / "best.pt").is_file() for n in ("bn", "sabn") for k in (0, 1, 2))
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1, 2] and all(sorted(r) == ["0", "1", "2"] for r in results["runs"].values())
+    assert all(r["n"] == 3 for r in results["rows"]) and all(p["t"] == 4.303 for p in results["paired"])
+
+
+def test_select_last_evaluates_last_pt(tmp_path, data_dir):
+    out = tmp_path / "last"
+    result = invoke(tiny_args(data_dir, out) + ["--norms", "bn", "--eval-limit", "16", "--select", "last"])
+    assert result.exit_code == 0, result.output
+    assert "evaluating " + str(out / "bn" / "last.pt") in result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["select"] == "last" and results["paired"] == []
+    assert "--select last" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", ""], "--seeds is empty"),
+    (["--seeds", "-1"], "seeds must be >= 0"),
+    (["--seeds", "0,x"], "seeds '0,x' must be comma-separated"),
+    (["--seeds", "1,1"], "repeat a seed"),
+    (["--select", "epoch:x"], "epoch:N needs a whole epoch number"),
+    (["--select", "epoch:3"], "keeps no per-epoch checkpoints"),
+    (["--select", "worst"], "must be best or last"),
+    (["--baseline", "auxbn", "--norms", "bn,sabn"], "baseline 'auxbn' is not one of the norms"),
+])
+def test_seed_and_select_bad_input_is_one_line_and_writes_nothing(tmp_path, data_dir, extra, message):
+    out = tmp_path / "never"
+    result = invoke(tiny_args(data_dir, out) + extra)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("milestones, epochs, expected", [
+    ("0.25,0.75", 200, [50, 150]),  # the reference's 50/150 of 200
+    ("0.25,0.75", 6, [2, 5]),  # 1.5 -> 2 and 4.5 -> 5: rounded half up
+    ("0.5", 3, [2]),
+    ("50,150", 200, [50, 150]),  # integers stay epochs
+    ("2", 3, [2]),
+])
+def test_fractional_milestones_resolve_to_epochs(milestones, epochs, expected):
+    from robust.config import TrainConfig
+    from robust.engine import lr_at
+
+    c = TrainConfig(milestones=milestones, epochs=epochs).validate()
+    assert c.milestone_epochs == expected
+    steps = 10  # per epoch: the lr drops by 10x at the first step of each milestone epoch
+    assert lr_at(expected[0] * steps - 1, c, steps) == pytest.approx(0.1)
+    assert lr_at(expected[0] * steps, c, steps) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("milestones, message", [
+    ("0.5,2", "a fraction of the epochs must be > 0 and < 1, got 2"),
+    ("0.75,0.25", "must be ascending"),
+    ("0.0,0.5", "got 0"),
+    ("0.5,x", "fractions of the epochs"),
+])
+def test_bad_fractional_milestones_are_one_line_errors(tmp_path, data_dir, milestones, message):
+    out = tmp_path / "never"
+    result = invoke(tiny_args(data_dir, out) + ["--milestones", milestones])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_compare_states_fractional_milestones_as_epochs(tmp_path, data_dir):
+    out = tmp_path / "frac"
+    result = invoke(tiny_args(data_dir, out) + ["--norms", "bn", "--eval-limit", "16", "--epochs", "2",
+                                                 "--milestones", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "milestones 0.5 = epochs 1," in (out / "results.md").read_text()
+    lrs = [json.loads(l)["lr"] for l in (out / "bn" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.01)
+
+
+def test_mean_curve_over_seeds_and_its_band():
+    from robust.compare import mean_metrics
+
+    seed0 = [{"epoch": 1, "val_adv_clean": 10.0, "val_adv_robust": 4.0}, {"epoch": 2, "val_adv_clean": 20.0, "val_adv_robust": 6.0}]
+    seed1 = [{"epoch": 1, "val_adv_clean": 30.0, "val_adv_robust": 2.0}]  # stopped after epoch 1
+    curve, band = mean_metrics([seed0, seed1])
+    assert curve == [{"epoch": 1, "val_adv_clean": 20.0, "val_adv_robust": 3.0}]
+    assert band == {"val_adv_clean": {1: (10.0, 30.0)}, "val_adv_robust": {1: (2.0, 4.0)}}
+    assert mean_metrics([seed0]) == (seed0, None)
+
+
+def test_seed_statistics_pair_routes_with_the_baselines_routes():
+    from robust.compare import seed_statistics
+
+    def run(adv, clean=None):
+        routes = {"adv": {"clean": adv, "pgd10": adv - 10, "pgd20": adv - 11, "worst_case": adv - 12}}
+        if clean is not None:
+            routes["clean"] = {"clean": clean, "pgd10": 1.0, "pgd20": 0.5, "worst_case": 0.0}
+        return {"eval": {"routes": routes}}
+
+    runs = {"bn": {"0": run(50.0), "1": run(54.0)}, "sabn": {"0": run(60.0, 70.0), "1": run(61.0, 72.0)}}
+    rows, paired = seed_statistics(runs, ("pgd10", "pgd20"), baseline="sabn")
+    bn = next(r for r in rows if r["norm"] == "bn")
+    assert (bn["route"], bn["n"], bn["clean"], bn["sd"]["clean"]) == ("shared", 2, 52.0, pytest.approx(math.sqrt(8)))
+    assert [(p["norm"], p["route"], p["baseline_route"]) for p in paired] == [("bn", "shared", "adv")] * 4
+    clean = next(p for p in paired if p["metric"] == "clean")  # bn - sabn adv: -10 and -7
+    assert clean["diffs"] == {"0": -10.0, "1": -7.0} and clean["mean"] == -8.5
+    assert clean["sd"] == pytest.approx(1.5 * math.sqrt(2))  # ((1.5^2 + 1.5^2) / 1) ** 0.5
+    # sd / sqrt(2) = 1.5: the interval -8.5 ± 12.706 * 1.5 = [-27.56, 10.56] contains 0
+    assert (clean["low"], clean["high"]) == (pytest.approx(-8.5 - 19.059), pytest.approx(-8.5 + 19.059))
+    assert clean["verdict"] == "no significant difference"
+    rows, paired = seed_statistics(runs, ("pgd10", "pgd20"), baseline="bn")
+    assert [(p["norm"], p["route"], p["baseline_route"]) for p in paired] == [("sabn", "adv", "shared")] * 4 + [("sabn", "clean", "shared")] * 4
+    adv = next(p for p in paired if p["metric"] == "clean" and p["route"] == "adv")
+    assert adv["mean"] == 8.5 and adv["verdict"] == "no significant difference"
