@@ -596,13 +596,24 @@ def _interrupt(*args, **kwargs):
     raise AssertionError("SIGINT was not delivered")
 
 
+@pytest.fixture()
+def ctrl_c():
+    """Python's own SIGINT handler for the test, as a terminal gives it: a process started in the
+    background by a non-interactive shell (some CI runners) inherits SIGINT as ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("args, work", [
     (["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json"], ("robust.evaluate", "evaluate")),
     (["analyze", "run", "--batches", "1", "--out", "grads"], ("robust.analysis", "analyze_checkpoint")),
     (["bench", "--width", "4", "--json", "b.json"], ("robust.bench", "run_bench")),
     (["export", "run", "-o", "m.pt"], ("robust.evaluate", "model_from")),
 ])
-def test_sigint_exits_130_everywhere_and_writes_nothing(tmp_path, run, monkeypatch, args, work):
+def test_sigint_exits_130_everywhere_and_writes_nothing(tmp_path, run, monkeypatch, ctrl_c, args, work):
     import importlib
 
     monkeypatch.setattr(importlib.import_module(work[0]), work[1], _interrupt)
