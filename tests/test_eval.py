@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchattacks
 from click.testing import CliRunner
 
@@ -21,7 +20,7 @@ from robust.data import to_float
 from robust.evaluate import (
     SanityCheck, eps_monotonic_checks, evaluate, load_model, sanity_checks, sanity_verdicts,
 )
-from robust.norms import split_routes, use_route
+from robust.norms import use_route
 
 # robust/__init__ exports the function evaluate, which hides the module of the same name.
 evaluation = importlib.import_module("robust.evaluate")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import tomllib
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from robust.data import ImageData
 from robust.objectives import OBJECTIVES, get_objective
 from robust.objectives.mart import MART
 from robust.objectives.trades import TRADES, batch_kl
-from robust.step import StepSettings, make_adversarial, step_loss, train_step
+from robust.step import StepSettings, step_loss, train_step
 from robust.trainer import Trainer
 
 EPS = 0.1
@@ -311,13 +310,9 @@ def test_old_configs_keep_the_loss_they_trained_with(old, weight, method):
     (["--clean-weight", "2"], "clean-weight must be in [0, 1], got 2.0"),
     (["--method", "madry"], "'madry' is not one of 'pgd', 'hybrid', 'trades', 'mart', 'fast', 'nfgsm'"),
 ])
-def test_bad_method_values_are_one_line_errors_and_nothing_is_written(tmp_path, args, problem):
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        result = CliRunner().invoke(cli, ["train", "--dataset", "fashion-mnist", "--epochs", "1", *args, "--out", "run"])
-    finally:
-        os.chdir(cwd)
+def test_bad_method_values_are_one_line_errors_and_nothing_is_written(tmp_path, monkeypatch, args, problem):
+    monkeypatch.chdir(tmp_path)  # pytest restores the working directory
+    result = CliRunner().invoke(cli, ["train", "--dataset", "fashion-mnist", "--epochs", "1", *args, "--out", "run"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [l for l in result.output.splitlines() if l.startswith("Error:")]
     assert len(errors) == 1 and problem in errors[0], result.output
