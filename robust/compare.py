@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import MAX_SEED, ConfigError, TrainConfig, check_fields
+from .config import MAX_SEED, METHODS, ConfigError, TrainConfig, available_cpus, check_fields
 from .norms import NORMS, check_norm
 from .outputs import FolderLock, check_output_dir, holds_files, write_output
 
@@ -81,6 +81,7 @@ class CompareSettings:
     seeds: tuple[int, ...] | None = None
     baseline: str | None = None
     select: str = "best"
+    methods: tuple[str, ...] | None = None
 
     @property
     def seed_list(self) -> list[int]:
@@ -103,22 +104,32 @@ class CompareSettings:
         return self.config.method or "hybrid"
 
     @property
+    def method_list(self) -> list[str]:
+        """The methods trained: --methods, else the one --method (default hybrid)."""
+        return list(self.methods) if self.methods is not None else [self.method]
+
+    @property
     def clean_weight(self) -> float:
         """The same loss for every norm: the config's clean-weight, else the reference's 0.5 (bn too)."""
         return 0.5 if self.config.clean_weight is None else float(self.config.clean_weight)
 
-    def norm_config(self, norm: str, seed: int | None = None) -> TrainConfig:
+    def norm_config(self, norm: str, seed: int | None = None, method: str | None = None) -> TrainConfig:
         """The config of one run: the shared one with norm, method, clean-weight, seed and out replaced.
 
         Without --seeds a run is ``<out>/<norm>/`` (the config's seed); with --seeds it is
-        ``<out>/<norm>/seed<k>/``.
+        ``<out>/<norm>/seed<k>/``; with --methods every path has the method above the norm
+        (``<out>/<method>/<norm>/...``). With --select epoch:N the run keeps epochN.pt.
         """
+        method = method or self.method_list[0]
+        base = self.out / method if self.methods is not None else self.out
+        keep = select_epoch(self.select)
+        extra = {"keep_epochs": str(keep)} if keep is not None else {}
         if self.seeds is None:
-            return dataclasses.replace(self.config, norm=norm, method=self.method, clean_weight=self.clean_weight,
-                                       out=str(self.out / norm))
+            return dataclasses.replace(self.config, norm=norm, method=method, clean_weight=self.clean_weight,
+                                       out=str(base / norm), **extra)
         seed = self.seed_list[0] if seed is None else seed
-        return dataclasses.replace(self.config, norm=norm, method=self.method, clean_weight=self.clean_weight,
-                                   seed=seed, out=str(self.out / norm / f"seed{seed}"))
+        return dataclasses.replace(self.config, norm=norm, method=method, clean_weight=self.clean_weight,
+                                   seed=seed, out=str(base / norm / f"seed{seed}"), **extra)
 
     def validate(self) -> "CompareSettings":
         """Raise ConfigError naming the first bad value; check attack names before any training."""
@@ -142,21 +153,34 @@ class CompareSettings:
             raise ConfigError(f"baseline {self.baseline!r} is not one of the norms {','.join(self.norms)}; "
                               "pass one of them to --baseline")
         parse_select(self.select)
+        keep = select_epoch(self.select)
+        if keep is not None and keep > self.config.epochs:
+            raise ConfigError(f"select {self.select!r}: the runs train {self.config.epochs} epochs; pick an epoch "
+                              f"in 1..{self.config.epochs}")
+        if self.methods is not None:
+            if self.config.method is not None:
+                raise ConfigError("give --method (one method) or --methods (a grid), not both")
+            for method in self.methods:
+                if method not in METHODS:
+                    raise ConfigError(f"unknown method {method!r} in methods; valid: {', '.join(METHODS)}")
+            if len(set(self.methods)) != len(self.methods):
+                raise ConfigError(f"methods {','.join(self.methods)} repeat a name; list each once")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "norms": list(self.norms), "attacks": list(self.attacks),
                 "eval_limit": self.eval_limit, "eval_batch_size": self.eval_batch_size,
                 "seeds": None if self.seeds is None else list(self.seeds), "baseline": self.baseline,
-                "select": self.select}
+                "select": self.select, "methods": None if self.methods is None else list(self.methods)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CompareSettings":
         try:
-            seeds = values.get("seeds")
+            seeds, methods = values.get("seeds"), values.get("methods")
             return cls(TrainConfig.from_saved(values["config"]), tuple(values["norms"]), tuple(values["attacks"]),
                        values.get("eval_limit"), values.get("eval_batch_size", 256),
-                       None if seeds is None else tuple(seeds), values.get("baseline"), values.get("select", "best"))
+                       None if seeds is None else tuple(seeds), values.get("baseline"), values.get("select", "best"),
+                       None if methods is None else tuple(methods))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"compare settings are incomplete ({exc}); start a new comparison with --force") from None
 
@@ -184,7 +208,8 @@ def parse_seeds(text: str | list | tuple) -> tuple[int, ...]:
 
 
 def parse_select(text: str) -> str:
-    """--select best|last: which checkpoint of each run is evaluated; returns its file name."""
+    """--select best|last|epoch:N: which checkpoint of each run is evaluated; returns its file name
+    (epoch:N -> epochN.pt, which the runs keep through --keep-epochs)."""
     if text == "best":
         return "best.pt"
     if text == "last":
@@ -193,9 +218,14 @@ def parse_select(text: str) -> str:
         number = text[len("epoch:"):]
         if not number.isdigit() or int(number) < 1:
             raise ConfigError(f"select {text!r}: epoch:N needs a whole epoch number >= 1, e.g. epoch:5")
-        raise ConfigError(f"select {text!r}: the trainer keeps no per-epoch checkpoints (only last.pt and best.pt); "
-                          "use --select best or last")
-    raise ConfigError(f"select {text!r} must be best or last")
+        return f"epoch{int(number)}.pt"
+    raise ConfigError(f"select {text!r} must be best, last or epoch:N (e.g. epoch:5)")
+
+
+def select_epoch(text: str) -> int | None:
+    """N of --select epoch:N, else None."""
+    name = parse_select(text)
+    return int(name[len("epoch"):-len(".pt")]) if name.startswith("epoch") else None
 
 
 def load_settings(out: str | Path) -> dict[str, Any]:
@@ -266,6 +296,9 @@ def evaluate_run(settings: CompareSettings, config: TrainConfig, data, log: Call
     from .evaluate import evaluate, model_from, read_checkpoint
 
     name = parse_select(settings.select)
+    if name.startswith("epoch") and not (config.run_dir / name).is_file():
+        raise ConfigError(f"{config.run_dir / name} does not exist: that run was trained without keeping epoch "
+                          f"{name[5:-3]}; retrain it (--force) or pick --select best or last")
     state = read_checkpoint(config.run_dir / name)
     best = state.get("best")
     epoch = None if state.get("epoch") is None else int(state["epoch"]) + 1
@@ -503,10 +536,12 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
     steps_per_epoch = -(-n_train // c.batch_size)
     warm = min(c.warmup_steps, steps_per_epoch)  # the trainer warms up within the first epoch only
     warmup = f"linear warm-up from lr/10 over {warm} steps" if warm else "no warm-up"
-    w, objective = settings.clean_weight, settings.norm_config("bn").objective_name
-    method = f"{settings.method} for every norm"
+    w = settings.clean_weight
+    method = f"{', '.join(settings.method_list)} for every norm"
     if w > 0:
-        objective = "CE(adv route, x_adv)" if objective == "pgd" else f"{objective}(adv route)"
+        objectives = [settings.norm_config("bn", method=m).objective_name for m in settings.method_list]
+        objective = "objective(adv route)" if len(objectives) > 1 else (
+            "CE(adv route, x_adv)" if objectives[0] == "pgd" else f"{objectives[0]}(adv route)")
         method += (f" (loss {w:g}*CE(clean route, x) + {1 - w:g}*{objective}; "
                    "the paper's BN baseline uses the same hybrid loss through one shared BN)")
     return [
@@ -516,15 +551,25 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
         f"- model: {arch}; norms: {', '.join(settings.norms)} (only the norm differs between runs)",
         f"- training: {c.epochs} epochs of {steps_per_epoch} steps, batch {c.batch_size}, SGD lr {c.lr:g} ({c.schedule}, "
         f"milestones {c.milestones}{_milestone_note(c)}, {warmup}), momentum {c.momentum:g}, weight decay {c.weight_decay:g}",
-        f"- method: {method}",
+        f"- method{'s' if len(settings.method_list) > 1 else ''}: {method}",
         f"- training attack: Linf PGD-{c.steps}, eps {_eps_text(c)}, step {c.step_size_value:.4g}, "
         f"random start, through the adv route, BN in {c.resolved_attack_bn} mode",
-        (f"- checkpoint (--select best): best.pt of each run (best adv-route validation PGD-{c.val_steps} accuracy"
-         f"{f' on {c.val_limit} validation examples' if c.val_limit else ''})" if settings.select == "best" else
-         "- checkpoint (--select last): last.pt of each run (the final epoch)"),
+        _select_line(settings),
         f"- evaluation: Linf eps {c.eps_value:.4g}, attacks {', '.join(settings.attacks)}, each route attacked and "
         f"scored through itself in eval mode; 'worst case' = per-example worst over all attacks",
     ]
+
+
+def _select_line(settings: CompareSettings) -> str:
+    c = settings.config
+    if settings.select == "best":
+        return (f"- checkpoint (--select best): best.pt of each run (best adv-route validation PGD-{c.val_steps} accuracy"
+                f"{f' on {c.val_limit} validation examples' if c.val_limit else ''})")
+    if settings.select == "last":
+        return "- checkpoint (--select last): last.pt of each run (the final epoch)"
+    n = select_epoch(settings.select)
+    return (f"- checkpoint (--select {settings.select}): epoch{n}.pt of each run (the model after epoch {n} of "
+            f"{c.epochs}, a fixed epoch as the reference evaluates 190 of 200)")
 
 
 def _milestone_note(c: TrainConfig) -> str:
@@ -538,9 +583,10 @@ def _eps_text(c: TrainConfig) -> str:
 
 
 def results_markdown(results: dict[str, Any]) -> str:
-    """results.md: title, command, settings, the measured table, training facts, the paper's table."""
+    """results.md: title, command, settings, the measured table(s), training facts, the paper's table.
+
+    With --methods, one section per method (each its own table and paired differences)."""
     settings = CompareSettings.from_dict(results["settings"])
-    attacks = tuple(results["settings"]["attacks"])
     c = settings.config
     parts = [f"# Norm comparison on {c.dataset} (eps {c.eps})", ""]
     if results.get("command"):
@@ -548,28 +594,41 @@ def results_markdown(results: dict[str, Any]) -> str:
     if results.get("resumed_with"):
         parts += ["Resumed with:", "", "```", *results["resumed_with"], "```", ""]
     parts += ["Settings:", "", *settings_lines(settings, results["n_train"], results["n_val"], results["n_eval"]), ""]
-    seeds = results.get("seeds", [c.seed])
-    if len(seeds) == 1:
-        parts += [f"Test accuracy (%) on {results['n_eval']} examples (seed {seeds[0]}):", "",
-                  markdown_table(results["rows"], attacks), ""]
+    if settings.methods is None:
+        parts += _method_markdown(results, settings, results)
+        parts += ["", "Learning curves: curves.png"]
     else:
-        parts += [f"Test accuracy (%) on {results['n_eval']} examples: mean ± sample standard deviation over "
-                  f"n = {len(seeds)} seeds ({', '.join(map(str, seeds))}; per-seed figures below and in results.json):",
-                  "", mean_sd_table(results["rows"], attacks), ""]
-    parts += paired_markdown(results, attacks, len(seeds))
+        for method, part in results["by_method"].items():
+            parts += [f"## Method {method}", "", *_method_markdown(results, settings, part),
+                      "", f"Learning curves: curves-{method}.png", ""]
+    parts += ["", paper_table_markdown(), ""]
+    return "\n".join(parts)
+
+
+def _method_markdown(results: dict[str, Any], settings: CompareSettings, part: dict[str, Any]) -> list[str]:
+    """One method's tables: mean (or single-seed) figures, paired differences, runs, per-seed figures."""
+    attacks = tuple(results["settings"]["attacks"])
+    seeds = results.get("seeds", [settings.config.seed])
+    if len(seeds) == 1:
+        parts = [f"Test accuracy (%) on {results['n_eval']} examples (seed {seeds[0]}):", "",
+                 markdown_table(part["rows"], attacks), ""]
+    else:
+        parts = [f"Test accuracy (%) on {results['n_eval']} examples: mean ± sample standard deviation over "
+                 f"n = {len(seeds)} seeds ({', '.join(map(str, seeds))}; per-seed figures below and in results.json):",
+                 "", mean_sd_table(part["rows"], attacks), ""]
+    parts += paired_markdown({"paired": part["paired"], "baseline": results["baseline"]}, attacks, len(seeds))
     parts += ["Runs:", ""]
     name = parse_select(settings.select)
-    for norm, per_seed in results["runs"].items():
+    for norm, per_seed in part["runs"].items():
         for seed, run in per_seed.items():
             best = run.get("best") or {}
             picked = (f"best.pt from epoch {best.get('epoch', '?')}" if name == "best.pt"
-                      else f"last.pt (epoch {run['epochs']})")
+                      else f"last.pt (epoch {run['epochs']})" if name == "last.pt" else name)
             parts.append(f"- {norm}, seed {seed}: {run['run_dir']}, {run['epochs']} epochs in {run['train_seconds']:.0f} s, "
                          f"{picked}, evaluation {run['eval']['seconds']:.0f} s")
     if len(seeds) > 1:
-        parts += ["", "Per seed:", "", seed_table(results["seed_rows"], attacks)]
-    parts += ["", "Learning curves: curves.png", "", paper_table_markdown(), ""]
-    return "\n".join(parts)
+        parts += ["", "Per seed:", "", seed_table(part["seed_rows"], attacks)]
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,77 +636,188 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 
 def run_compare(settings: CompareSettings, resume: bool = False, force: bool = False, data=None,
-                log: Callable[[str], None] | None = None, command: str | None = None) -> dict[str, Any]:
-    """Train, evaluate and report every norm of ``settings``; return the results written to results.json.
+                log: Callable[[str], None] | None = None, command: str | None = None, jobs: int = 1) -> dict[str, Any]:
+    """Train, evaluate and report every norm (and method) of ``settings``; return the results written to results.json.
 
     ``data`` (an ImageData) skips loading the dataset; ``command`` is recorded in results.md (a
-    resumed comparison keeps the first command and lists the resuming ones after it).
+    resumed comparison keeps the first command and lists the resuming ones after it). ``jobs`` > 1
+    trains the runs in that many processes side by side, each with CPUs/jobs torch threads (unless
+    the config sets --threads): on a small CPU model that is faster than one process with every thread.
     """
     log = log or (lambda msg: None)
     settings.validate()
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"jobs must be a whole number >= 1, got {jobs!r}")
     out = settings.out
     check_compare_dir(out, resume, force)
     check_output_dir(out, "--out")
     lock = FolderLock(out, what="compare folder").acquire()  # one writer; each norm's run folder has its own lock
     try:
         check_compare_dir(out, resume, force)  # again, now that no one else can change it
-        return _compare_locked(settings, out, resume, force, data, log, command)
+        return _compare_locked(settings, out, resume, force, data, log, command, jobs)
     finally:
         lock.release()
 
 
-def _compare_locked(settings: CompareSettings, out: Path, resume: bool, force: bool, data,
-                    log: Callable[[str], None], command: str | None) -> dict[str, Any]:
-    from .data import load_dataset, split_train_val
-    from .plots import CurveRun, plot_learning_curves
+@dataclass
+class GridRun:
+    """One run of the grid: its method, seed, norm, config and state ('new', 'partial' or 'done')."""
 
-    if data is None:
-        c = settings.config
+    method: str
+    seed: int
+    norm: str
+    config: TrainConfig
+    state: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.norm} seed {self.seed}"
+
+
+def grid_runs(settings: CompareSettings, force: bool) -> list[GridRun]:
+    """Every run, seed by seed (a stopped grid has whole seeds done), then method, then norm."""
+    runs = []
+    for seed in settings.seed_list:
+        for method in settings.method_list:
+            for norm in settings.norms:
+                config = settings.norm_config(norm, seed, method)
+                runs.append(GridRun(method, seed, norm, config, "new" if force else run_state(config)))
+    return runs
+
+
+def check_selectable(settings: CompareSettings, runs: list[GridRun]) -> None:
+    """--select epoch:N on finished runs that did not keep epochN.pt is refused before any work."""
+    name = parse_select(settings.select)
+    for run in runs:
+        path = run.config.run_dir / name
+        if name.startswith("epoch") and run.state == "done" and not path.is_file():
+            raise ConfigError(f"{path} does not exist: that run was trained without keeping epoch "
+                              f"{name[5:-3]}; retrain it (--force) or pick --select best or last")
+
+
+def train_and_evaluate(settings: CompareSettings, run: GridRun, data, log: Callable[[str], None]):
+    """(best, evaluation) of one run: train it (unless done), then evaluate the selected checkpoint."""
+    train_norm(run.config, run.state, data, log)
+    return evaluate_run(settings, run.config, data, log)
+
+
+def run_grid(settings: CompareSettings, runs: list[GridRun], data, log: Callable[[str], None], jobs: int) -> list:
+    """(best, evaluation) per run, in order: one after another, or in ``jobs`` processes side by side."""
+    if jobs == 1 or len(runs) == 1:
+        return [train_and_evaluate(settings, run, data, log) for run in runs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = settings.config.threads or max(1, available_cpus() // jobs)
+    log(f"{len(runs)} runs in {min(jobs, len(runs))} processes side by side, {threads} torch thread(s) each")
+    runs = [dataclasses.replace(r, config=dataclasses.replace(r.config, threads=threads, quiet=True)) for r in runs]
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(threads, data))
+    try:
+        futures = [pool.submit(_worker_run, settings, run) for run in runs]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER_DATA: dict[str, Any] = {}
+
+
+def _start_worker(threads: int, data) -> None:
+    """A grid worker process: its torch threads, and the data when the caller passed it in."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if data is not None:
+        _WORKER_DATA["data"] = data
+
+
+def _worker_run(settings: CompareSettings, run: GridRun):
+    """One run in a worker process; its messages go to stderr, prefixed with the run."""
+    import sys
+
+    from .data import load_dataset
+
+    if "data" not in _WORKER_DATA:
+        c = run.config
+        _WORKER_DATA["data"] = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode,
+                                            workers=c.workers)
+    log = lambda msg: print(f"[{run.label}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    return train_and_evaluate(settings, run, _WORKER_DATA["data"], log)
+
+
+def method_results(settings: CompareSettings, runs: list[GridRun], outcomes: list, method: str) -> dict[str, Any]:
+    """One method's part of the results: per-seed runs, mean rows and paired differences."""
+    per_norm: dict[str, dict[str, dict[str, Any]]] = {norm: {} for norm in settings.norms}
+    for run, (best, evaluation) in zip(runs, outcomes):
+        if run.method == method:
+            per_norm[run.norm][str(run.seed)] = {"run_dir": str(run.config.run_dir), **run_summary(run.config),
+                                                 "best": best, "eval": evaluation}
+    rows, paired = seed_statistics(per_norm, settings.attacks, settings.baseline_norm)
+    return {"rows": rows, "seed_rows": seed_rows(per_norm, settings.attacks), "paired": paired, "runs": per_norm}
+
+
+def _compare_locked(settings: CompareSettings, out: Path, resume: bool, force: bool, data,
+                    log: Callable[[str], None], command: str | None, jobs: int = 1) -> dict[str, Any]:
+    from .data import load_dataset, split_train_val
+
+    c = settings.config
+    if data is None and jobs == 1:
         data = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, workers=c.workers)
+    runs = grid_runs(settings, force)
+    check_selectable(settings, runs)  # before anything in the folder changes
     history = _command_history(out, resume, command)
     out.mkdir(parents=True, exist_ok=True)
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
+    for stale in out.glob("curves-*.png"):
+        stale.unlink(missing_ok=True)
     write_output(out / SETTINGS_FILE, json.dumps({**settings.to_dict(), **history}, indent=2) + "\n")
     start = time.perf_counter()
-    runs: dict[str, dict[str, dict[str, Any]]] = {norm: {} for norm in settings.norms}
-    for seed in settings.seed_list:  # seed by seed: a stopped grid has whole seeds done
-        for norm in settings.norms:
-            config = settings.norm_config(norm, seed)
-            state = "new" if force else run_state(config)
-            train_norm(config, state, data, log)
-            best, evaluation = evaluate_run(settings, config, data, log)
-            runs[norm][str(seed)] = {"run_dir": str(config.run_dir), **run_summary(config), "best": best,
-                                     "eval": evaluation}
-    c = settings.config
+    outcomes = run_grid(settings, runs, data, log, jobs)
+    by_method = {m: method_results(settings, runs, outcomes, m) for m in settings.method_list}
+    if data is None:
+        data = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, workers=c.workers)
     (train_x, _), val = split_train_val(data, c.val_split, settings.seed_list[0], c.limit, c.val_limit)
-    n_eval = next(iter(runs.values()))[str(settings.seed_list[0])]["eval"]["n"]
-    rows, paired = seed_statistics(runs, settings.attacks, settings.baseline_norm)
+    first = by_method[settings.method_list[0]]
     results = {
         **history,
         "settings": settings.to_dict(),
-        "method": settings.method,
+        "method": settings.method_list[0] if settings.methods is None else None,
+        "methods": settings.method_list,
         "seeds": settings.seed_list,
         "select": settings.select,
         "baseline": settings.baseline_norm,
         "n_train": len(train_x),
         "n_val": 0 if val is None else len(val[1]),
-        "n_eval": n_eval,
-        "rows": rows,
-        "seed_rows": seed_rows(runs, settings.attacks),
-        "paired": paired,
-        "runs": runs,
+        "n_eval": next(iter(first["runs"].values()))[str(settings.seed_list[0])]["eval"]["n"],
+        **({"rows": first["rows"], "seed_rows": first["seed_rows"], "paired": first["paired"], "runs": first["runs"]}
+           if settings.methods is None else {"by_method": by_method}),
         "paper_cifar10": PAPER_CIFAR10,
         "seconds": time.perf_counter() - start,
+        "jobs": jobs,
     }
     write_output(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_output(out / "results.md", results_markdown(results))
+    for method, part in by_method.items():
+        name = "curves.png" if settings.methods is None else f"curves-{method}.png"
+        write_curves(settings, part["runs"], out / name, method if settings.methods is not None else None)
+    return results
+
+
+def write_curves(settings: CompareSettings, runs: dict[str, dict[str, dict[str, Any]]], path: Path,
+                 method: str | None) -> None:
+    """curves.png: validation accuracy per epoch per norm (mean and min-max band over seeds)."""
+    from .plots import CurveRun, plot_learning_curves
+
+    if not any(run["metrics"] and settings.config.val_split > 0 for per_seed in runs.values() for run in per_seed.values()):
+        return
     curves = [CurveRun(NORM_TITLES.get(norm, norm), *mean_metrics([r["metrics"] for r in per_seed.values()]))
               for norm, per_seed in runs.items()]
-    if any(run["metrics"] and settings.config.val_split > 0 for per_seed in runs.values() for run in per_seed.values()):
-        plot_learning_curves(curves, out / "curves.png", title=f"{settings.config.dataset}, eps {settings.config.eps}"
-                             + (f", mean of {len(settings.seed_list)} seeds (band: min-max)" if len(settings.seed_list) > 1 else ""))
-    return results
+    title = f"{settings.config.dataset}, eps {settings.config.eps}" + (f", {method}" if method else "")
+    if len(settings.seed_list) > 1:
+        title += f", mean of {len(settings.seed_list)} seeds (band: min-max)"
+    plot_learning_curves(curves, path, title=title)
 
 
 def mean_metrics(per_seed: list[list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], dict[str, dict[int, tuple[float, float]]] | None]:

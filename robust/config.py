@@ -206,6 +206,8 @@ class TrainConfig:
     attack_bn: str | None = _f(None, "BN mode while training attacks run: train (updates adv-route statistics) or eval [default: train for pgd/fast/nfgsm as the SaBN reference, eval for trades/mart as their official code]", choices=ATTACK_BN_MODES)
     val_steps: int = _f(10, "PGD steps of the per-epoch validation attack", min=1)
     val_limit: int | None = _f(None, "score at most N validation examples per epoch", min=1)
+    keep_epochs: str | None = _f(None, "also keep the checkpoint after these epochs as epoch<N>.pt (comma-separated, e.g. 190; "
+                                       "robust compare --select epoch:N sets it)")
     # engine
     device: str = _f("auto", "auto picks CUDA when present", choices=DEVICES)
     precision: str = _f("auto", "autocast precision: auto = bf16 (fp16 without bf16) on CUDA, bf16 on CPUs with AMX, else fp32", choices=PRECISIONS)
@@ -290,6 +292,19 @@ class TrainConfig:
                               "or fractions of the epochs, e.g. 0.25,0.75") from None
 
     @property
+    def kept_epochs(self) -> list[int]:
+        """--keep-epochs as sorted epoch numbers, each in [1, epochs]."""
+        if self.keep_epochs is None:
+            return []
+        parts = [p.strip() for p in str(self.keep_epochs).split(",")]
+        if any(not p.isdigit() for p in parts):
+            raise ConfigError(f"keep-epochs {self.keep_epochs!r} must be comma-separated epoch numbers, e.g. 5 or 50,190")
+        epochs = sorted({int(p) for p in parts})
+        if epochs[0] < 1 or epochs[-1] > self.epochs:
+            raise ConfigError(f"keep-epochs {self.keep_epochs!r}: every epoch must be in [1, {self.epochs}] (the run's epochs)")
+        return epochs
+
+    @property
     def run_dir(self) -> Path:
         """``out``, or ``runs/<dataset>-<norm>-<method>-s<seed>`` (runs differing only in seed never share a folder)."""
         return Path(self.out or f"runs/{self.dataset}-{self.norm}-{self.resolved_method}-s{self.seed}")
@@ -302,7 +317,7 @@ class TrainConfig:
         """
         for name, value in check_fields(type(self), self.__dict__).items():
             setattr(self, name, value)
-        self.eps_value, self.step_size_value, self.milestone_epochs  # noqa: B018 (parse to validate)
+        self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs  # noqa: B018 (parse to validate)
         _check_data_and_arch(self)
         return self
 

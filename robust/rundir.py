@@ -107,9 +107,9 @@ class RunFolder:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
-    def check_room(self, checkpoint_bytes: int) -> None:
+    def check_room(self, checkpoint_bytes: int, kept: int = 0) -> None:
         """Refuse before training when the folder cannot take our files (probe write, free space)."""
-        need = 3 * checkpoint_bytes + (1 << 20)  # last.pt, best.pt and one temporary copy
+        need = (3 + kept) * checkpoint_bytes + (1 << 20)  # last.pt, best.pt, kept epochs and one temporary copy
         outputs.probe_folder(self.path, "--out", need, what="the checkpoints")
 
     def lock(self) -> None:
@@ -152,9 +152,13 @@ class RunFolder:
             for name in ("last.pt", "best.pt", "metrics.jsonl", "config.json"):
                 for stale in run.glob(f".{name}.*.tmp"):  # the temporary file of a write a kill -9 interrupted
                     stale.unlink(missing_ok=True)
+            for stale in run.glob(".epoch*.pt.*.tmp"):
+                stale.unlink(missing_ok=True)
             if not self.resume:
                 for name in ("metrics.jsonl", "last.pt", "best.pt"):
                     (run / name).unlink(missing_ok=True)
+                for kept in run.glob("epoch*.pt"):  # a replaced run's kept epochs
+                    kept.unlink(missing_ok=True)
             else:  # drop metric lines of epochs after the checkpoint (a crash between the two writes)
                 path = run / "metrics.jsonl"
                 if path.exists():
@@ -169,8 +173,10 @@ class RunFolder:
         self.on_main(lambda: ckpt.save_checkpoint(state, self.last_pt), "last.pt")
         self.last_saved = describe(epoch, batch)
 
-    def save_epoch(self, state: dict[str, Any] | None, epoch: int, metrics: dict[str, Any], best: bool) -> None:
-        """The end of epoch ``epoch`` (0-based): its metrics line, then best.pt (if ``best``) and last.pt."""
+    def save_epoch(self, state: dict[str, Any] | None, epoch: int, metrics: dict[str, Any], best: bool,
+                   keep: bool = False) -> None:
+        """The end of epoch ``epoch`` (0-based): its metrics line, then best.pt (if ``best``), epoch<N>.pt
+        (if ``keep``: --keep-epochs) and last.pt."""
         def write() -> None:  # metrics first: a crash before last.pt redoes the epoch, and resume drops the line
             log = self.path / "metrics.jsonl"
             size = log.stat().st_size if log.exists() else 0
@@ -178,6 +184,8 @@ class RunFolder:
             try:
                 if best:
                     ckpt.save_checkpoint(state, self.path / "best.pt")
+                if keep:
+                    ckpt.save_checkpoint(state, self.path / f"epoch{epoch + 1}.pt")
                 ckpt.save_checkpoint(state, self.last_pt)
             except OSError:
                 os.truncate(log, size)  # keep metrics.jsonl in step with last.pt

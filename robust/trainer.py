@@ -213,7 +213,7 @@ class Trainer:
             if self.guard is not None and not self.start_batch:  # resumed at an epoch end: that epoch is the last good one
                 self._keep_good(state.get("metrics"))
         if self.dist.is_main:
-            self.folder.check_room(self._checkpoint_bytes())
+            self.folder.check_room(self._checkpoint_bytes(), len(self.config.kept_epochs))
 
     def _make_guard(self) -> COGuard:
         """The guard's fixed batch: the first training images, as they are (not augmented)."""
@@ -286,7 +286,8 @@ class Trainer:
         if improved:
             self.best = {"epoch": epoch + 1, "metric": key if key in metrics else "last_epoch",
                          "value": metrics.get(key, float(epoch + 1))}
-        self.folder.save_epoch(self._checkpoint(epoch, metrics, None), epoch, metrics, improved)
+        keep = epoch + 1 in self.config.kept_epochs
+        self.folder.save_epoch(self._checkpoint(epoch, metrics, None), epoch, metrics, improved, keep)
         self.saves.saved()
         if self.guard is not None:
             self._keep_good(metrics)

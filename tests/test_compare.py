@@ -326,8 +326,12 @@ def test_select_last_evaluates_last_pt(tmp_path, data_dir):
     (["--seeds", "0,x"], "seeds '0,x' must be comma-separated"),
     (["--seeds", "1,1"], "repeat a seed"),
     (["--select", "epoch:x"], "epoch:N needs a whole epoch number"),
-    (["--select", "epoch:3"], "keeps no per-epoch checkpoints"),
-    (["--select", "worst"], "must be best or last"),
+    (["--select", "epoch:3"], "the runs train 1 epochs; pick an epoch in 1..1"),
+    (["--select", "worst"], "must be best, last or epoch:N"),
+    (["--methods", "pgd,bogus"], "unknown method 'bogus' in methods"),
+    (["--methods", "pgd,pgd"], "repeat a name"),
+    (["--methods", "pgd,trades", "--method", "pgd"], "not both"),
+    (["--methods", ","], "methods is empty"),
     (["--baseline", "auxbn", "--norms", "bn,sabn"], "baseline 'auxbn' is not one of the norms"),
 ])
 def test_seed_and_select_bad_input_is_one_line_and_writes_nothing(tmp_path, data_dir, extra, message):
@@ -413,3 +417,45 @@ def test_seed_statistics_pair_routes_with_the_baselines_routes():
     assert [(p["norm"], p["route"], p["baseline_route"]) for p in paired] == [("sabn", "adv", "shared")] * 4 + [("sabn", "clean", "shared")] * 4
     adv = next(p for p in paired if p["metric"] == "clean" and p["route"] == "adv")
     assert adv["mean"] == 8.5 and adv["verdict"] == "no significant difference"
+
+
+def _per_seed_figures(results: dict, seed: int) -> dict:
+    """{(method, norm, route): figures} of one seed, from a --methods results.json."""
+    return {(m, row["norm"], row["route"]): {k: row[k] for k in ("clean", "pgd10", "pgd20", "worst_case")}
+            for m, part in results["by_method"].items() for row in part["seed_rows"] if row["seed"] == seed}
+
+
+def test_a_methods_grid_in_two_processes_equals_the_same_runs_in_one(tmp_path, data_dir):
+    grid = ["--norms", "bn,sabn", "--methods", "pgd,trades", "--epochs", "2", "--select", "epoch:1", "--eval-limit", "16"]
+    parallel = invoke(tiny_args(data_dir, tmp_path / "par") + grid + ["--seeds", "0,1", "--jobs", "2"])
+    assert parallel.exit_code == 0, parallel.output
+    assert "8 runs in 2 processes side by side, 1 torch thread(s) each" in parallel.output
+    out = tmp_path / "par"
+    for method in ("pgd", "trades"):
+        for norm in ("bn", "sabn"):
+            for seed in (0, 1):
+                run = out / method / norm / f"seed{seed}"
+                config = json.loads((run / "config.json").read_text())
+                assert (config["method"], config["norm"], config["keep_epochs"]) == (method, norm, "1")
+                kept = torch.load(run / "epoch1.pt", map_location="cpu", weights_only=False)
+                assert kept["epoch"] == 0  # the model after epoch 1 (0-based in the checkpoint), not the last
+        assert (out / f"curves-{method}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["pgd", "trades"] and sorted(results["by_method"]) == ["pgd", "trades"]
+    assert all(len(p["diffs"]) == 2 for part in results["by_method"].values() for p in part["paired"])
+    text = (out / "results.md").read_text()
+    assert "## Method pgd" in text and "## Method trades" in text and "epoch1.pt of each run" in text
+    serial = invoke(tiny_args(data_dir, tmp_path / "one") + grid + ["--seeds", "0"])
+    assert serial.exit_code == 0, serial.output
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert _per_seed_figures(one, 0) == _per_seed_figures(results, 0)  # same runs, same figures, either way
+
+
+def test_select_epoch_refuses_a_finished_run_that_kept_no_such_epoch(tmp_path, data_dir):
+    out = tmp_path / "kept"
+    first = invoke(tiny_args(data_dir, out) + ["--norms", "bn", "--eval-limit", "16", "--epochs", "2"])
+    assert first.exit_code == 0, first.output
+    before = (out / "results.md").read_text()
+    again = invoke(["compare", "--out", str(out), "--resume", "--select", "epoch:1", "--data-dir", str(data_dir)])
+    assert again.exit_code == 2 and "epoch1.pt does not exist" in again.output and "--force" in again.output
+    assert len(again.output.strip().splitlines()) == 1 and (out / "results.md").read_text() == before
