@@ -118,7 +118,7 @@ def command_line(flags: dict[str, Any], compare_flags: dict[str, Any], config_fi
               "runs in <method>/<norm>/, one results section per method  [default: --method only]")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="runs trained side by side in this many processes, each with CPUs/jobs torch threads "
-                   "(measured on a 2-core CPU: 2 jobs trained 1.9x the images per second of 1)")
+                   "(on a 2-core CPU, two 1-thread runs side by side trained 1.9x the images/s of one 2-thread run)")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config fields (and norms, attacks, eval_limit); flags override it")
 @click.option("--resume", is_flag=True, help="continue the comparison in --out: finished runs are kept, partial ones resumed")
 @click.option("--force", is_flag=True, help="retrain every norm in an existing --out folder")

@@ -11,7 +11,13 @@ Seeds: with ``seeds`` (``--seeds 0,1,2``) every norm trains once per seed into
 run per norm stays in ``<out>/<norm>/``. results.json then holds every per-seed figure, per norm
 and route the mean and sample standard deviation over seeds, and per seed pair the difference of
 each norm against the baseline norm with a 95% t interval; results.md says per comparison whether
-the interval excludes 0. ``select`` picks the checkpoint evaluated: best.pt (default) or last.pt.
+the interval excludes 0. ``select`` picks the checkpoint evaluated: best.pt (default), last.pt or
+epochN.pt (``epoch:N``; the runs keep it through ``keep_epochs``).
+
+Methods: with ``methods`` (``--methods pgd,trades``) the grid is norms x methods x seeds, runs in
+``<out>/<method>/<norm>/...``, results per method under ``by_method``. ``jobs`` > 1 trains the
+runs in that many spawned processes side by side (fewer torch threads each); figures do not
+depend on it, only on each run's thread count (recorded in its config.json).
 
 Method: unless the config names one, every norm trains with the hybrid loss
 (``w*CE(clean route, x) + (1-w)*CE(adv route, x_adv)``). The paper's BN baseline uses that same

@@ -89,6 +89,8 @@ def _jobs(tmp_path: Path) -> list[dict]:
         # the non-fused hybrid step: two DDP forwards before one backward
         dict(name="twofwd", config=_config(runs / "twofwd", fused=False, norm="bn", method="hybrid"), resume=False,
              sync_bn=True, log=False),
+        # one AWP step: the ascent gradient is averaged over ranks, so it is the global batch's
+        dict(name="awp", config=_config(runs / "awp", awp_gamma=0.01, eps="0.1"), resume=False, sync_bn=True, log=False),
     ]
 
 
@@ -110,7 +112,7 @@ def _rank_states(folder: Path, name: str):
     return [torch.load(folder / f"{name}.rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("name", ["one", "run2", "pgd", "twofwd"])
+@pytest.mark.parametrize("name", ["one", "run2", "pgd", "twofwd", "awp"])
 def test_both_ranks_end_with_identical_weights(ddp_run, name):
     folder, _ = ddp_run
     a, b = _rank_states(folder, name)
@@ -126,7 +128,7 @@ def test_exactly_one_checkpoint_set_and_ddp_resume(ddp_run):
     folder, stderr = ddp_run
     run = folder / "runs" / "run"
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
-    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["one", "pgd", "run", "twofwd"]
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["awp", "one", "pgd", "run", "twofwd"]
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2]
     last = load_checkpoint(run / "last.pt")
@@ -141,13 +143,14 @@ def test_exactly_one_checkpoint_set_and_ddp_resume(ddp_run):
         assert torch.equal(tensor, a["model"][key]), key
 
 
-def test_one_sync_bn_ddp_step_equals_one_process_on_the_global_batch(ddp_run, fmnist, tmp_path):
+@pytest.mark.parametrize("name", ["one", "awp"])
+def test_one_sync_bn_ddp_step_equals_one_process_on_the_global_batch(ddp_run, fmnist, tmp_path, name):
     folder, _ = ddp_run
-    job = _jobs(folder)[0]
+    job = next(j for j in _jobs(folder) if j["name"] == name)
     single = Trainer(TrainConfig(**{**job["config"], "out": str(tmp_path / "single")}), data=_data(fmnist),
                      log=lambda m: None)
     single.fit()
-    ddp, _ = _rank_states(folder, "one")
+    ddp, _ = _rank_states(folder, name)
     reference = single.model.state_dict()
     for key, tensor in reference.items():
         if tensor.is_floating_point():
