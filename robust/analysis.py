@@ -214,3 +214,25 @@ def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | Non
     result["checkpoint"] = str(ckpt.resolve_checkpoint_path(path))
     result["settings"].update(dataset=dataset, seed=seed)
     return result
+
+
+SPREAD_FIGURES = ("cosine", "route_cosine", "shared_ratio", "route_ratio", "shared_clean", "shared_adv",
+                  "route_clean", "route_adv")
+
+
+def spread_by_norm(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per norm kind, over the analysed checkpoints (e.g. one per seed): n, and the mean and sample
+    standard deviation of each summary figure (None where the norm has no such figure)."""
+    from .compare import mean_sd
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault(result["norm"], []).append(result)
+    spread: dict[str, dict[str, Any]] = {}
+    for norm, group in groups.items():
+        figures: dict[str, Any] = {}
+        for key in SPREAD_FIGURES:
+            values = [r["summary"][key] for r in group if r["summary"].get(key) is not None]
+            figures[key] = mean_sd(values) if values else None
+        spread[norm] = {"n": len(group), "cosine_of": group[0]["cosine_of"], "figures": figures}
+    return spread

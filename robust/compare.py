@@ -129,7 +129,8 @@ class CompareSettings:
         method = method or self.method_list[0]
         base = self.out / method if self.methods is not None else self.out
         keep = select_epoch(self.select)
-        extra = {"keep_epochs": str(keep)} if keep is not None else {}
+        kept = sorted({*self.config.kept_epochs, keep}) if keep is not None else []  # --keep-epochs too
+        extra = {"keep_epochs": ",".join(map(str, kept))} if kept else {}
         if self.seeds is None:
             return dataclasses.replace(self.config, norm=norm, method=method, clean_weight=self.clean_weight,
                                        out=str(base / norm), **extra)

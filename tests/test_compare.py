@@ -208,6 +208,37 @@ def test_analyze_cli_on_a_compared_checkpoint(compared, data_dir, tmp_path, norm
     assert re.search(r"^blocks\.0\.bn1\s", result.output, re.M) and "cosine of the shared affine" in result.output
 
 
+def test_analyze_several_checkpoints_gives_each_norms_spread(compared, data_dir, tmp_path):
+    out = tmp_path / "several"
+    args = ["--batches", "1", "--batch-size", "32", "--data-dir", str(data_dir)]
+    result = invoke(["analyze", str(compared / "bn"), str(compared / "sabn"), str(compared / "sabn"), *args,
+                     "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "analysis.json").read_text())
+    assert [r["norm"] for r in saved["runs"]] == ["bn", "sabn", "sabn"] and not (out / "gradients.png").exists()
+    sabn = saved["by_norm"]["sabn"]
+    assert sabn["n"] == 2 and sabn["figures"]["cosine"]["sd"] == 0.0  # the same checkpoint twice
+    assert sabn["figures"]["cosine"]["mean"] == pytest.approx(saved["runs"][1]["summary"]["cosine"])
+    assert saved["by_norm"]["bn"]["figures"]["route_ratio"] is None  # bn has no per-route affine
+    assert "sabn (n = 2; cosine of the shared affine (clean vs adv loss))" in result.output
+    refused = invoke(["analyze", str(compared / "bn"), str(compared / "sabn"), *args, "-o", str(tmp_path / "g.png")])
+    assert refused.exit_code == 2 and "-o draws one checkpoint" in refused.output
+
+
+def test_spread_by_norm_equals_a_hand_computation():
+    from robust.analysis import spread_by_norm
+
+    def result(norm, cosine, ratio):
+        return {"norm": norm, "cosine_of": "shared affine", "summary": {"cosine": cosine, "shared_ratio": ratio}}
+
+    spread = spread_by_norm([result("sabn", 0.5, 1.0), result("sabn", 0.7, 1.4), result("bn", 0.2, 2.0)])
+    cosine = spread["sabn"]["figures"]["cosine"]
+    assert cosine["n"] == 2 and cosine["mean"] == pytest.approx(0.6) and cosine["sd"] == pytest.approx(math.sqrt(0.02))
+    assert spread["sabn"]["figures"]["shared_ratio"]["mean"] == pytest.approx(1.2)
+    assert spread["bn"]["figures"]["cosine"] == {"n": 1, "mean": 0.2, "sd": None}
+    assert spread["bn"]["figures"]["route_cosine"] is None
+
+
 def test_paper_table_is_labelled_and_attack_titles_follow_the_paper():
     table = paper_table_markdown()
     assert table.startswith("The paper's figures, not measured here")
