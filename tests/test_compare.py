@@ -476,6 +476,10 @@ def test_a_methods_grid_in_two_processes_equals_the_same_runs_in_one(tmp_path, d
     assert all(len(p["diffs"]) == 2 for part in results["by_method"].values() for p in part["paired"])
     text = (out / "results.md").read_text()
     assert "## Method pgd" in text and "## Method trades" in text and "epoch1.pt of each run" in text
+    resumed = invoke(["compare", "--out", str(out), "--resume", "--data-dir", str(data_dir)])
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.output.count("not training it again") == 8 and resumed.output.count("reusing the evaluation") == 8
+    assert json.loads((out / "results.json").read_text())["by_method"] == results["by_method"]
     serial = invoke(tiny_args(data_dir, tmp_path / "one") + grid + ["--seeds", "0"])
     assert serial.exit_code == 0, serial.output
     one = json.loads((tmp_path / "one" / "results.json").read_text())
