@@ -52,3 +52,47 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "bf16: needs native bf16 (a CPU with AMX/AVX512-BF16, or CUDA); skipped elsewhere")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
 
+
+
+def invoke_in(folder, args: list[str]):
+    """Run the CLI (click's test runner) with ``folder`` as the working directory, so relative
+    paths in ``args`` resolve there; the old working directory is restored afterwards."""
+    from click.testing import CliRunner
+
+    from robust.cli.main import cli
+
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return CliRunner().invoke(cli, args)
+    finally:
+        os.chdir(cwd)
+
+
+def snapshot(folder) -> dict[str, str]:
+    """Every file under ``folder`` with its sha256 (folders as "dir"): to show nothing was written."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def assert_refused(folder, args: list[str], *expected: str, one_line: bool = False) -> str:
+    """Run the CLI in ``folder``; assert the bad-input contract (exit 2, one error line naming each of
+    ``expected``, no traceback, nothing written or overwritten); return the error line.
+    ``one_line``: the whole output is that line (no usage text either)."""
+    before = snapshot(folder)
+    result = invoke_in(folder, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [l for l in result.output.splitlines() if l.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for text in expected:
+        assert text in errors[0], errors[0]
+    if one_line:
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert snapshot(folder) == before  # nothing written or overwritten
+    return errors[0]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import hashlib
 import json
 import os
 import pickle
@@ -20,46 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from robust.cli.main import cli
 from robust import build_model
 from robust.checkpoint import build_checkpoint, save_checkpoint
 from robust.config import TrainConfig
 
+from conftest import assert_refused, invoke_in, snapshot
+
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 TRAIN = ["train", "--dataset", "fashion-mnist", "--width", "4", "--epochs", "1", "--limit", "64", "--steps", "1",
          "--no-channels-last", "--quiet"]
-
-
-def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
-
-
-def _invoke_in(folder: Path, args: list[str]):
-    """Run the CLI with ``folder`` as the working directory (relative paths in ``args`` resolve there)."""
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        return CliRunner().invoke(cli, args)
-    finally:
-        os.chdir(cwd)
-
-
-def _refused(folder: Path, args: list[str], *expected: str) -> str:
-    """Run the CLI in ``folder``; assert the bad-input contract; return the error line."""
-    before = _snapshot(folder)
-    result = _invoke_in(folder, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    errors = [l for l in result.output.splitlines() if l.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for text in expected:
-        assert text in errors[0], errors[0]
-    assert _snapshot(folder) == before  # nothing written or overwritten
-    return errors[0]
 
 
 # ---- training flags -------------------------------------------------------------------------------
@@ -70,13 +39,13 @@ def _refused(folder: Path, args: list[str], *expected: str) -> str:
     ("2", "outside (0, 1]"),
 ])
 def test_train_refuses_bad_eps(tmp_path, eps, problem):
-    _refused(tmp_path, [*TRAIN, "--eps", eps, "--out", "run"], f"eps '{eps}'", problem, "8/255")
+    assert_refused(tmp_path, [*TRAIN, "--eps", eps, "--out", "run"], f"eps '{eps}'", problem, "8/255")
 
 
 @pytest.mark.parametrize("flag", ["--batch-size", "--epochs", "--steps"])
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_train_refuses_non_positive_counts(tmp_path, flag, value):
-    _refused(tmp_path, [*TRAIN, flag, value, "--out", "run"], f"{flag[2:]} must be >= 1, got {value}")
+    assert_refused(tmp_path, [*TRAIN, flag, value, "--out", "run"], f"{flag[2:]} must be >= 1, got {value}")
 
 
 @pytest.mark.parametrize("flag, value, valid", [
@@ -84,11 +53,11 @@ def test_train_refuses_non_positive_counts(tmp_path, flag, value):
     ("--method", "madry", "'pgd', 'hybrid', 'trades', 'mart', 'fast', 'nfgsm'"), ("--dataset", "imagenet", "'cifar10'"),
 ])
 def test_train_refuses_unknown_names(tmp_path, flag, value, valid):
-    _refused(tmp_path, ["train", flag, value, "--out", "run"], f"'{value}' is not one of", valid)
+    assert_refused(tmp_path, ["train", flag, value, "--out", "run"], f"'{value}' is not one of", valid)
 
 
 def test_train_refuses_an_unknown_arch(tmp_path):  # not a click choice: torchvision:NAME and timm:NAME are open
-    _refused(tmp_path, ["train", "--arch", "resnet9000", "--out", "run"], "unknown arch 'resnet9000'",
+    assert_refused(tmp_path, ["train", "--arch", "resnet9000", "--out", "run"], "unknown arch 'resnet9000'",
              "preact_resnet18", "torchvision:NAME")
 
 
@@ -97,13 +66,13 @@ def test_train_refuses_an_unknown_arch(tmp_path):  # not a click choice: torchvi
     (["--limit", "0"], "limit must be >= 1"),
 ])
 def test_train_refuses_bad_launch_options(tmp_path, args, problem):
-    _refused(tmp_path, [*TRAIN, *args, "--out", "run"], problem)
+    assert_refused(tmp_path, [*TRAIN, *args, "--out", "run"], problem)
 
 
 def test_train_refuses_to_overwrite_an_existing_run(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    _refused(tmp_path, [*TRAIN, "--out", "run"], "already exists", "--resume", "--force")
+    assert_refused(tmp_path, [*TRAIN, "--out", "run"], "already exists", "--resume", "--force")
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
@@ -185,14 +154,14 @@ def test_train_resume_refuses_bad_checkpoints(tmp_path, kind):
     problem = "last.pt does not exist" if kind == "missing" else CHECKPOINT_PROBLEMS[kind]
     if kind == "other_arch":
         problem = "does not fit the configured model"
-    _refused(tmp_path, ["train", "--out", "run", "--resume"], problem)
+    assert_refused(tmp_path, ["train", "--out", "run", "--resume"], problem)
     assert not marker.exists()  # the pickled code never ran
 
 
 def test_train_resume_refuses_a_changed_architecture(tmp_path):
     run = _resume_folder(tmp_path, "missing", tmp_path / "ran")
     save_checkpoint(_tiny_checkpoint(epoch=0, optimizer={}, scheduler={"step": 0}), run / "last.pt")
-    _refused(tmp_path, ["train", "--out", "run", "--resume", "--arch", "preact_resnet34"],
+    assert_refused(tmp_path, ["train", "--out", "run", "--resume", "--arch", "preact_resnet34"],
              "another model: arch 'preact_resnet18' (asked: 'preact_resnet34')", "drop those flags")
 
 
@@ -202,7 +171,7 @@ def test_eval_refuses_bad_checkpoints(tmp_path, kind):
     (tmp_path / "bad").mkdir()
     paths = _bad_checkpoints(tmp_path / "bad", marker)
     path = tmp_path / "bad" / "missing.pt" if kind == "missing" else paths[kind]
-    _refused(tmp_path, ["eval", str(path), "--limit", "8"], CHECKPOINT_PROBLEMS[kind])
+    assert_refused(tmp_path, ["eval", str(path), "--limit", "8"], CHECKPOINT_PROBLEMS[kind])
     assert not marker.exists()
 
 
@@ -225,7 +194,7 @@ def good_checkpoint(tmp_path) -> Path:
     (["--limit", "0"], "0"),
 ])
 def test_eval_refuses_bad_flags(tmp_path, good_checkpoint, args, problem):
-    _refused(tmp_path, ["eval", str(good_checkpoint), *args], problem)
+    assert_refused(tmp_path, ["eval", str(good_checkpoint), *args], problem)
 
 
 # ---- data folders (offline) -------------------------------------------------------------------------
@@ -253,7 +222,7 @@ def _data_folder(tmp_path: Path, damage: str) -> Path:
 ])
 def test_train_refuses_a_damaged_data_folder(tmp_path, damage, problem):
     _data_folder(tmp_path, damage)
-    _refused(tmp_path, [*TRAIN, "--data-dir", "data", "--out", "run"], problem, "data")
+    assert_refused(tmp_path, [*TRAIN, "--data-dir", "data", "--out", "run"], problem, "data")
 
 
 def test_train_refuses_a_truncated_gzip_file(tmp_path):
@@ -264,7 +233,7 @@ def test_train_refuses_a_truncated_gzip_file(tmp_path):
             (folder / f.name).write_bytes(f.read_bytes()[:1000])
         else:
             os.symlink(f, folder / f.name)
-    _refused(tmp_path, [*TRAIN, "--data-dir", "data", "--out", "run"], "cannot read", "--data-dir")
+    assert_refused(tmp_path, [*TRAIN, "--data-dir", "data", "--out", "run"], "cannot read", "--data-dir")
 
 
 # =================================================================================================
@@ -356,14 +325,17 @@ def test_outputs_are_checked_before_the_work(tmp_path, run, monkeypatch, command
         _read_only(monkeypatch)
     elif fault == "full disk":
         _full_disk(monkeypatch)
-    _refused(tmp_path, _with_path(args, path), problem)
+    assert_refused(tmp_path, _with_path(args, path), problem)
 
 
 def test_a_real_read_only_folder_is_refused_before_the_evaluation(tmp_path, run, monkeypatch):
-    if os.access("/sys", os.W_OK) and not _probe_fails("/sys"):
-        pytest.skip("/sys is writable here")
+    # /sys refuses new files for everyone (root included) on most systems; /proc refuses them everywhere on Linux
+    folder = next((f for f in ("/sys", "/proc") if Path(f).is_dir() and _probe_fails(f)), None)
+    if folder is None:
+        pytest.skip("no folder here refuses new files (neither /sys nor /proc)")
     _work_must_not_start(monkeypatch)
-    _refused(tmp_path, ["eval", "run", "--attack", "autoattack", "--json", "/sys/robust-e.json"], "cannot write to /sys")
+    assert_refused(tmp_path, ["eval", "run", "--attack", "autoattack", "--json", f"{folder}/robust-e.json"],
+             f"cannot write to {folder}")
 
 
 def _probe_fails(folder: str) -> bool:
@@ -389,11 +361,11 @@ def test_an_existing_output_file_is_kept_without_force(tmp_path, run, monkeypatc
     else:
         (tmp_path / name).write_text("mine")
     _work_must_not_start(monkeypatch)
-    _refused(tmp_path, _with_path(args, name), "already exists", "--force")
+    assert_refused(tmp_path, _with_path(args, name), "already exists", "--force")
 
 
 def _ok(folder: Path, args: list[str]):
-    result = _invoke_in(folder, args)
+    result = invoke_in(folder, args)
     assert result.exit_code == 0, result.output
     return result
 
@@ -422,7 +394,7 @@ def test_an_existing_folder_as_output_gets_the_default_name(tmp_path, run):
     (tmp_path / "figs").mkdir()
     _ok(tmp_path, ["plot", "run", "-o", "figs"])
     assert (tmp_path / "figs" / "curves.png").is_file()
-    _refused(tmp_path, ["plot", "run", "-o", "figs/"], "figs/curves.png already exists", "--force")
+    assert_refused(tmp_path, ["plot", "run", "-o", "figs/"], "figs/curves.png already exists", "--force")
 
 
 def test_a_failed_final_write_keeps_the_previous_file_and_leaves_no_partial_one(tmp_path, run, monkeypatch):
@@ -444,7 +416,7 @@ def test_a_failed_final_write_keeps_the_previous_file_and_leaves_no_partial_one(
         return result
 
     monkeypatch.setattr(robust.outputs, "probe_folder", probe)
-    result = _invoke_in(tmp_path, ["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json", "--force"])
+    result = invoke_in(tmp_path, ["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json", "--force"])
     assert result.exit_code != 0
     assert (tmp_path / "e.json").read_text() == "previous"
     assert not list(tmp_path.glob(".*.tmp"))
@@ -474,13 +446,13 @@ def test_a_failed_final_write_keeps_the_previous_file_and_leaves_no_partial_one(
 ])
 def test_train_refuses_mistyped_toml_values(tmp_path, toml, problem):
     (tmp_path / "run.toml").write_text(toml + "\n")
-    _refused(tmp_path, ["train", "--config", "run.toml", "--dataset", "fashion-mnist"], problem)
+    assert_refused(tmp_path, ["train", "--config", "run.toml", "--dataset", "fashion-mnist"], problem)
     assert not (tmp_path / "runs").exists()
 
 
 def test_train_refuses_a_toml_file_that_is_not_utf8(tmp_path):
     (tmp_path / "run.toml").write_bytes('dataset = "fashion-mnist"\n# caf\xe9\n'.encode("latin-1"))
-    _refused(tmp_path, ["train", "--config", "run.toml"], "run.toml is not UTF-8", "save it as UTF-8")
+    assert_refused(tmp_path, ["train", "--config", "run.toml"], "run.toml is not UTF-8", "save it as UTF-8")
 
 
 def test_train_refuses_an_unreadable_toml_file(tmp_path, monkeypatch):
@@ -492,7 +464,7 @@ def test_train_refuses_an_unreadable_toml_file(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(robust.config, "open", denied, raising=False)
-    _refused(tmp_path, ["train", "--config", "run.toml"], "cannot read config file run.toml (Permission denied)")
+    assert_refused(tmp_path, ["train", "--config", "run.toml"], "cannot read config file run.toml (Permission denied)")
 
 
 @pytest.mark.parametrize("args, problem", [
@@ -512,7 +484,7 @@ def test_train_refuses_an_unreadable_toml_file(tmp_path, monkeypatch):
     (["--config", ""], "--config is empty"),
 ])
 def test_train_refuses_bad_values_before_writing(tmp_path, args, problem):
-    _refused(tmp_path, [*TRAIN, *args], problem)
+    assert_refused(tmp_path, [*TRAIN, *args], problem)
     assert not (tmp_path / "runs").exists()
 
 
@@ -542,7 +514,7 @@ def test_python_configs_are_validated_before_anything_is_written(tmp_path, fmnis
 ])
 def test_compare_refuses_bad_values(tmp_path, args, problem):
     base = [a for a in COMPARE if a not in ("--norms", "bn")]
-    _refused(tmp_path, [*base, *args, "--out", "cmp"], problem)
+    assert_refused(tmp_path, [*base, *args, "--out", "cmp"], problem)
 
 
 @pytest.mark.parametrize("toml, problem", [
@@ -554,7 +526,7 @@ def test_compare_refuses_bad_values(tmp_path, args, problem):
 ])
 def test_compare_refuses_mistyped_toml_values(tmp_path, toml, problem):
     (tmp_path / "cmp.toml").write_text(toml + "\n")
-    _refused(tmp_path, ["compare", "--config", "cmp.toml", "--dataset", "fashion-mnist", "--out", "cmp"], problem)
+    assert_refused(tmp_path, ["compare", "--config", "cmp.toml", "--dataset", "fashion-mnist", "--out", "cmp"], problem)
 
 
 @pytest.mark.parametrize("args, problem", [
@@ -568,7 +540,7 @@ def test_compare_refuses_mistyped_toml_values(tmp_path, toml, problem):
 ])
 def test_eval_refuses_more_bad_flags(tmp_path, run, monkeypatch, args, problem):
     _work_must_not_start(monkeypatch)
-    _refused(tmp_path, ["eval", "run", "--limit", "8", *args], problem)
+    assert_refused(tmp_path, ["eval", "run", "--limit", "8", *args], problem)
 
 
 @pytest.mark.parametrize("args, problem", [
@@ -579,12 +551,12 @@ def test_eval_refuses_more_bad_flags(tmp_path, run, monkeypatch, args, problem):
 ])
 def test_other_commands_refuse_empty_and_out_of_range_values(tmp_path, run, monkeypatch, args, problem):
     _work_must_not_start(monkeypatch)
-    _refused(tmp_path, args, problem)
+    assert_refused(tmp_path, args, problem)
 
 
 def test_resume_refuses_an_unreadable_config_json(tmp_path, run):
     (run / "config.json").write_text("{not json")
-    _refused(tmp_path, ["train", "--out", "run", "--resume"], "run/config.json is unreadable", "--force")
+    assert_refused(tmp_path, ["train", "--out", "run", "--resume"], "run/config.json is unreadable", "--force")
 
 
 # ---- exit codes and what is said ---------------------------------------------------------------------
@@ -617,11 +589,11 @@ def test_sigint_exits_130_everywhere_and_writes_nothing(tmp_path, run, monkeypat
     import importlib
 
     monkeypatch.setattr(importlib.import_module(work[0]), work[1], _interrupt)
-    before = _snapshot(tmp_path)
-    result = _invoke_in(tmp_path, args)
+    before = snapshot(tmp_path)
+    result = invoke_in(tmp_path, args)
     assert result.exit_code == 130, result.output
     assert "Aborted (SIGINT)" in result.output and "Traceback" not in result.output
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_eval_says_which_file_it_scored(tmp_path, run):
@@ -649,8 +621,8 @@ def test_a_route_a_model_lacks_is_refused_by_eval_export_and_load_model_alike(tm
     from robust.evaluate import load_model
 
     rule = "this model has a single route (adv)"
-    _refused(tmp_path, ["eval", "bn.pt", "--route", "clean", "--limit", "8"], rule)
-    _refused(tmp_path, ["export", "bn.pt", "--route", "clean", "-o", "bn_clean.pt"], rule)
+    assert_refused(tmp_path, ["eval", "bn.pt", "--route", "clean", "--limit", "8"], rule)
+    assert_refused(tmp_path, ["export", "bn.pt", "--route", "clean", "-o", "bn_clean.pt"], rule)
     with pytest.raises(ConfigError, match=re.escape(rule)):
         load_model(bn_checkpoint, route="clean")
 
@@ -677,12 +649,12 @@ def _folder(root: Path, sizes=((28, 28),), classes=("a", "b"), test_classes=None
 
 def test_train_refuses_an_empty_image_folder(tmp_path):
     (tmp_path / "imgs" / "train").mkdir(parents=True)
-    _refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"], "imgs/train is empty", "one folder of images per class")
+    assert_refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"], "imgs/train is empty", "one folder of images per class")
 
 
 def test_train_refuses_class_folders_that_differ(tmp_path):
     _folder(tmp_path, classes=("a", "b", "c"), test_classes=("a", "b", "d"))
-    _refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"],
+    assert_refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"],
              "class folders differ between train/ and test/", "only in train/: c", "only in test/: d")
 
 
@@ -694,18 +666,18 @@ def test_train_refuses_a_damaged_image(tmp_path, damage, problem):
         bad.write_bytes(bad.read_bytes()[:-30])
     else:
         bad.write_text("not an image")
-    _refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"], f"cannot read image {bad.relative_to(tmp_path)}",
+    assert_refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"], f"cannot read image {bad.relative_to(tmp_path)}",
              problem, "remove or replace the file")
 
 
 def test_train_refuses_mixed_sizes_without_image_size(tmp_path):
     _folder(tmp_path, sizes=((28, 28), (32, 32)))
-    _refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"], "differ in size", "28x28 (4 files)",
+    assert_refused(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs"], "differ in size", "28x28 (4 files)",
              "32x32 (2 files)", "--image-size N")
 
 
 def test_train_refuses_imagefolder_without_data_dir(tmp_path):
-    _refused(tmp_path, [*OWN, "--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir")
+    assert_refused(tmp_path, [*OWN, "--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir")
 
 
 @pytest.mark.parametrize("arrays, problem", [
@@ -720,7 +692,7 @@ def test_train_refuses_imagefolder_without_data_dir(tmp_path):
 ])
 def test_train_refuses_bad_tensor_files(tmp_path, arrays, problem):
     np.savez(tmp_path / "data.npz", **arrays)
-    _refused(tmp_path, [*OWN, "--dataset", "tensors", "--data-dir", "data.npz"], "data.npz", problem)
+    assert_refused(tmp_path, [*OWN, "--dataset", "tensors", "--data-dir", "data.npz"], "data.npz", problem)
 
 
 @pytest.mark.parametrize("arch, problem", [
@@ -730,7 +702,7 @@ def test_train_refuses_bad_tensor_files(tmp_path, arrays, problem):
 ])
 def test_train_refuses_unbuildable_architectures(tmp_path, arch, problem):
     _folder(tmp_path, test_classes=("a", "b"))
-    _refused(tmp_path, [*OWN[:1], *OWN[3:], "--dataset", "imagefolder", "--data-dir", "imgs", "--arch", arch], problem)
+    assert_refused(tmp_path, [*OWN[:1], *OWN[3:], "--dataset", "imagefolder", "--data-dir", "imgs", "--arch", arch], problem)
 
 
 def test_train_says_how_to_get_timm(tmp_path, monkeypatch):
@@ -738,7 +710,7 @@ def test_train_says_how_to_get_timm(tmp_path, monkeypatch):
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name, *a))
-    _refused(tmp_path, [*OWN[:1], *OWN[3:], "--dataset", "fashion-mnist", "--arch", "timm:resnet18"],
+    assert_refused(tmp_path, [*OWN[:1], *OWN[3:], "--dataset", "fashion-mnist", "--arch", "timm:resnet18"],
              "needs timm, which is not installed", "pip install 'robust[timm]'")
 
 
@@ -746,7 +718,7 @@ def test_a_damaged_image_found_while_streaming_stops_in_one_line(tmp_path):
     folder = _folder(tmp_path, test_classes=("a", "b"), per_class=8)
     bad = folder / "train" / "a" / "5.png"
     bad.write_bytes(bad.read_bytes()[:-30])  # the header still reads: found only when decoded
-    result = _invoke_in(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs", "--data-mode", "stream",
+    result = invoke_in(tmp_path, [*OWN, "--dataset", "imagefolder", "--data-dir", "imgs", "--data-mode", "stream",
                                    "--workers", "1", "--val-split", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [l for l in result.output.splitlines() if l.startswith("Error:")]

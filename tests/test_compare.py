@@ -17,6 +17,8 @@ from robust import build_model
 from robust.analysis import gradient_analysis, norm_layers
 from robust.compare import PAPER_CIFAR10, attack_title, paper_table_markdown
 
+from conftest import assert_refused
+
 ROWS_PER_NORM = {"bn": 1, "auxbn": 2, "sabn": 2}
 
 
@@ -140,10 +142,8 @@ def test_resume_continues_a_partial_run(tmp_path, data_dir):
     (["--norm", "bn"], "drop --norm"),
 ])
 def test_compare_bad_input_is_one_line_and_writes_nothing(tmp_path, data_dir, extra, message):
-    out = tmp_path / "never"
-    result = invoke(tiny_args(data_dir, out) + extra)
-    assert result.exit_code == 2 and message in result.output
-    assert not out.exists()
+    assert_refused(tmp_path, tiny_args(data_dir, tmp_path / "never") + extra, message)
+    assert not (tmp_path / "never").exists()
 
 
 def test_plot_draws_runs_from_metrics(compared, tmp_path):
@@ -366,10 +366,8 @@ def test_select_last_evaluates_last_pt(tmp_path, data_dir):
     (["--baseline", "auxbn", "--norms", "bn,sabn"], "baseline 'auxbn' is not one of the norms"),
 ])
 def test_seed_and_select_bad_input_is_one_line_and_writes_nothing(tmp_path, data_dir, extra, message):
-    out = tmp_path / "never"
-    result = invoke(tiny_args(data_dir, out) + extra)
-    assert result.exit_code == 2 and message in result.output, result.output
-    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    assert_refused(tmp_path, tiny_args(data_dir, tmp_path / "never") + extra, message, one_line=True)
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("milestones, epochs, expected", [
@@ -397,10 +395,9 @@ def test_fractional_milestones_resolve_to_epochs(milestones, epochs, expected):
     ("0.5,x", "fractions of the epochs"),
 ])
 def test_bad_fractional_milestones_are_one_line_errors(tmp_path, data_dir, milestones, message):
-    out = tmp_path / "never"
-    result = invoke(tiny_args(data_dir, out) + ["--milestones", milestones])
-    assert result.exit_code == 2 and message in result.output, result.output
-    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    assert_refused(tmp_path, tiny_args(data_dir, tmp_path / "never") + ["--milestones", milestones], message,
+                   one_line=True)
+    assert not (tmp_path / "never").exists()
 
 
 def test_compare_states_fractional_milestones_as_epochs(tmp_path, data_dir):

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
 from PIL import Image
 
 import robust
-from robust.cli.main import cli
 from robust.checkpoint import load_checkpoint
 from robust.config import TrainConfig
 from robust.data import BatchLoader, augmentation_for, load_dataset, resized_crop_at
 from robust.norms import use_route
 from robust.sources import STATS_SAMPLE, choose_mode, decode_image
 from robust.trainer import Trainer
+
+from conftest import invoke_in
 
 CLASSES = ["bag", "coat", "trouser"]  # folder names; labels are their sorted positions
 FMNIST_LABEL = {"bag": 8, "coat": 4, "trouser": 1}
@@ -195,14 +195,7 @@ def test_stats_use_a_fixed_sample_of_large_sets():
 
 
 def _run(args: list[str], cwd: Path):
-    import os
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(cli, args)
-    finally:
-        os.chdir(old)
+    return invoke_in(cwd, args)
 
 
 def test_imagefolder_trains_and_evaluates_end_to_end(tmp_path, fmnist):
