@@ -304,8 +304,7 @@ def evaluate_run(settings: CompareSettings, config: TrainConfig, data, log: Call
 
     name = parse_select(settings.select)
     if name.startswith("epoch") and not (config.run_dir / name).is_file():
-        raise ConfigError(f"{config.run_dir / name} does not exist: that run was trained without keeping epoch "
-                          f"{name[5:-3]}; retrain it (--force) or pick --select best or last")
+        raise epoch_not_kept(config.run_dir / name)
     state = read_checkpoint(config.run_dir / name)
     best = state.get("best")
     epoch = None if state.get("epoch") is None else int(state["epoch"]) + 1
@@ -698,8 +697,13 @@ def check_selectable(settings: CompareSettings, runs: list[GridRun]) -> None:
     for run in runs:
         path = run.config.run_dir / name
         if name.startswith("epoch") and run.state == "done" and not path.is_file():
-            raise ConfigError(f"{path} does not exist: that run was trained without keeping epoch "
-                              f"{name[5:-3]}; retrain it (--force) or pick --select best or last")
+            raise epoch_not_kept(path)
+
+
+def epoch_not_kept(path: Path) -> ConfigError:
+    """The error for --select epoch:N when a run has no epochN.pt."""
+    return ConfigError(f"{path} does not exist: that run was trained without keeping epoch "
+                       f"{path.stem[len('epoch'):]}; retrain it (--force) or pick --select best or last")
 
 
 def train_and_evaluate(settings: CompareSettings, run: GridRun, data, log: Callable[[str], None]):
@@ -727,6 +731,13 @@ def run_grid(settings: CompareSettings, runs: list[GridRun], data, log: Callable
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def config_data(c: TrainConfig):
+    """The dataset a config trains on (the grid's runs share it)."""
+    from .data import load_dataset
+
+    return load_dataset(c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, workers=c.workers)
+
+
 _WORKER_DATA: dict[str, Any] = {}
 
 
@@ -743,12 +754,9 @@ def _worker_run(settings: CompareSettings, run: GridRun):
     """One run in a worker process; its messages go to stderr, prefixed with the run."""
     import sys
 
-    from .data import load_dataset
-
     if "data" not in _WORKER_DATA:
         c = run.config
-        _WORKER_DATA["data"] = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode,
-                                            workers=c.workers)
+        _WORKER_DATA["data"] = config_data(c)
     log = lambda msg: print(f"[{run.label}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     return train_and_evaluate(settings, run, _WORKER_DATA["data"], log)
 
@@ -766,11 +774,11 @@ def method_results(settings: CompareSettings, runs: list[GridRun], outcomes: lis
 
 def _compare_locked(settings: CompareSettings, out: Path, resume: bool, force: bool, data,
                     log: Callable[[str], None], command: str | None, jobs: int = 1) -> dict[str, Any]:
-    from .data import load_dataset, split_train_val
+    from .data import split_train_val
 
     c = settings.config
-    if data is None and jobs == 1:
-        data = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, workers=c.workers)
+    if data is None and jobs == 1:  # with jobs > 1 each worker loads its own
+        data = config_data(c)
     runs = grid_runs(settings, force)
     check_selectable(settings, runs)  # before anything in the folder changes
     history = _command_history(out, resume, command)
@@ -784,7 +792,7 @@ def _compare_locked(settings: CompareSettings, out: Path, resume: bool, force: b
     outcomes = run_grid(settings, runs, data, log, jobs)
     by_method = {m: method_results(settings, runs, outcomes, m) for m in settings.method_list}
     if data is None:
-        data = load_dataset(c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, workers=c.workers)
+        data = config_data(c)
     (train_x, _), val = split_train_val(data, c.val_split, settings.seed_list[0], c.limit, c.val_limit)
     first = by_method[settings.method_list[0]]
     results = {
