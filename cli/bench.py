@@ -7,10 +7,13 @@ from typing import Any
 
 import click
 
-from robust.bench import BENCH_METHODS
-from robust.config import DEVICES, PRECISIONS, TrainConfig, check_fields
-from robust.models import available_archs
-from robust.norms import NORMS
+from robust.checks import check_fields
+from robust.config import TrainConfig
+from robust.lab.bench import BENCH_METHODS, BenchConfig, run_bench
+from robust.nn.norms import NORMS
+from robust.nn.resnet import available_archs
+from robust.outputs import check_output, write_output
+from robust.runtime import DEVICES, PRECISIONS
 
 
 @click.command()
@@ -51,8 +54,6 @@ def bench(threads: int | None, json_path: str | None, force: bool, quiet: bool, 
     """
     import torch
 
-    from robust.bench import BenchConfig, run_bench
-    from robust.outputs import check_output, write_output
 
     json_file = check_output(json_path, "--json", force, "bench.json") if json_path not in (None, "-") else None
     check_fields(TrainConfig, {"threads": threads}, partial=True)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
-from robust.checkpoint import CheckpointError, resolve_checkpoint_path
-from robust.config import MAX_SEED, ConfigError
-from robust.data import DataError
-from robust.external import ModelError
+from robust.checkpoint import resolve_checkpoint_path
+from robust.checks import MAX_SEED
+from robust.errors import CheckpointError, ConfigError, DataError, ModelError
 
 
 class BadInput(click.ClickException):

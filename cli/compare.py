@@ -8,10 +8,18 @@ from typing import Any
 
 import click
 
-from robust.config import ConfigError, TrainConfig, check_fields, load_toml, parse_eps, upgrade_saved
-
-from .common import SEED, model_file
-from .train import config_options
+from robust.checks import check_fields
+from robust.cli.common import SEED, model_file
+from robust.cli.train import config_options
+from robust.config import TrainConfig, load_toml, upgrade_saved
+from robust.errors import ConfigError
+from robust.lab.analysis import analyze_checkpoint, spread_by_norm
+from robust.lab.compare.grid import run_compare
+from robust.lab.compare.report import markdown_table, mean_sd_table
+from robust.lab.compare.settings import CompareSettings, load_settings, parse_seeds
+from robust.lab.plots import CurveRun, plot_gradient_analysis, plot_learning_curves, read_metrics, run_labels
+from robust.outputs import check_output, check_output_dir, write_output
+from robust.threat import parse_eps
 
 COMPARE_KEYS = ("norms", "attacks", "eval_limit", "eval_batch_size", "seeds", "baseline", "select", "methods")
 
@@ -35,7 +43,6 @@ def _split(name: str, text: str | list | tuple | None) -> tuple[str, ...] | None
 def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any], config_file: str | None,
                              resume: bool):
     """Defaults <- the saved compare.json (with --resume) <- TOML file <- flags given on the command line."""
-    from robust.compare import CompareSettings, load_settings, parse_seeds
 
     given = {k: v for k, v in flags.items() if v is not None}
     toml = load_toml(config_file) if config_file else {}
@@ -147,7 +154,6 @@ def compare(norms: str | None, attacks: str | None, eval_limit: int | None, eval
         raise click.UsageError("compare trains every norm of --norms; drop --norm")
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other; pick one")
-    from robust.compare import markdown_table, mean_sd_table, run_compare
 
     compare_flags = {"norms": norms, "attacks": attacks, "eval_limit": eval_limit, "eval_batch_size": eval_batch_size,
                      "seeds": seeds, "baseline": baseline, "select": select, "methods": methods}
@@ -179,8 +185,6 @@ def plot(run_dirs: tuple[str, ...], output: str, title: str | None, force: bool)
     Example:
       robust plot runs/cmp/bn runs/cmp/auxbn runs/cmp/sabn -o curves.png
     """
-    from robust.outputs import check_output
-    from robust.plots import CurveRun, plot_learning_curves, read_metrics, run_labels
 
     path = check_output(output, "-o", force, "curves.png")
     runs = [CurveRun(label, read_metrics(d)) for label, d in zip(run_labels(run_dirs), run_dirs)]
@@ -260,9 +264,6 @@ def analyze(checkpoints: tuple[str, ...], batches: int, batch_size: int | None, 
       robust analyze runs/cmp/bn/best.pt -o bn_gradients.png
       robust analyze runs/cmp3/*/seed* --out runs/cmp3/analysis
     """
-    from robust.analysis import analyze_checkpoint
-    from robust.outputs import check_output, check_output_dir, write_output
-    from robust.plots import plot_gradient_analysis
 
     several = len(checkpoints) > 1
     if several and png is not None:
@@ -283,7 +284,6 @@ def analyze(checkpoints: tuple[str, ...], batches: int, batch_size: int | None, 
     results = [analyze_checkpoint(f, batches=batches, batch_size=batch_size, eps=eps_value, steps=steps,
                                   data_dir=data_dir, device=device, seed=seed) for f in files]
     if several:
-        from robust.analysis import spread_by_norm
 
         spread = spread_by_norm(results)
         click.echo(spread_table(results, spread))

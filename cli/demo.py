@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import click
 
-from robust.config import PRECISIONS
-
-from .common import BadInput
+from robust.checkpoint import load_model
+from robust.cli.common import BadInput
+from robust.cli.evaluate import format_table
+from robust.config import TrainConfig
+from robust.data.load import load_dataset
+from robust.eval.evaluation import evaluate
+from robust.outputs import holds_files
+from robust.runtime import PRECISIONS
+from robust.train.trainer import Trainer
 
 DEMO_TRAIN = dict(
     dataset="fashion-mnist", eps="0.1", norm="sabn", arch="preact_resnet18", width=8,
@@ -33,13 +39,7 @@ def demo(out: str, force: bool, eval_limit: int, data_dir: str | None, seed: int
                    --steps 4 --schedule onecycle --val-limit 500 --out runs/demo
       robust eval runs/demo --attack pgd20 --limit 1000
     """
-    from robust.config import TrainConfig
-    from robust.data import load_dataset
-    from robust.evaluate import evaluate, load_model
-    from robust.outputs import holds_files
-    from robust.trainer import Trainer
 
-    from .evaluate import format_table
 
     if eval_limit < 1:
         raise BadInput(f"--eval-limit must be >= 1, got {eval_limit}")

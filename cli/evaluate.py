@@ -9,7 +9,16 @@ from typing import Any, Sequence
 
 import click
 
-from .common import SEED, BadInput, model_file, newest_run
+from robust.attacks.registry import PerturbationError
+from robust.checkpoint import model_from, read_checkpoint
+from robust.cli.common import SEED, BadInput, model_file, newest_run
+from robust.data.load import load_dataset
+from robust.data.types import CUSTOM_DATASETS
+from robust.eval.evaluation import check_attack_names, evaluate
+from robust.eval.evaluation import eps_sweep as run_sweep
+from robust.eval.sanity import eps_monotonic_checks, sanity_checks
+from robust.outputs import atomic_output, check_output, write_output
+from robust.threat import parse_eps_list, resolve_eps
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -41,7 +50,6 @@ def plot_sweep(sweep: Sequence[dict[str, Any]], path: str | Path, title: str, ov
     """Accuracy (worst case over the attacks) against eps, one line per route, written as PNG (atomically)."""
     from matplotlib.figure import Figure
 
-    from robust.outputs import atomic_output
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
@@ -111,7 +119,6 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
       robust eval model.pt --attack pgd20,autoattack --eps 8/255 --json eval.json
       robust eval runs/a --eps-sweep 0,2/255,4/255,8/255,16/255 --plot curve.png
     """
-    from robust.attacks.registry import PerturbationError
 
     if checkpoint is None:
         checkpoint = newest_run()
@@ -130,7 +137,6 @@ def load_test_split(state: dict[str, Any], data_dir: str | None, limit: int | No
     """
     import torch
 
-    from robust.data import CUSTOM_DATASETS, load_dataset
 
     record = state.get("data") or {}
     custom = state["dataset"] in CUSTOM_DATASETS
@@ -150,11 +156,6 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
              sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
              quiet: bool) -> None:
     """The body of `robust eval` (see its help)."""
-    from robust.evaluate import (
-        check_attack_names, eps_monotonic_checks, eps_sweep as run_sweep, evaluate, model_from,
-        parse_eps_list, read_checkpoint, resolve_eps, sanity_checks,
-    )
-    from robust.outputs import check_output, write_output
 
     if plot is not None and eps_sweep is None:
         raise BadInput("--plot needs --eps-sweep, e.g. --eps-sweep 0,2/255,4/255,8/255 --plot curve.png")

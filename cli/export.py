@@ -6,7 +6,11 @@ from pathlib import Path
 
 import click
 
-from .common import BadInput, model_file
+from robust.checkpoint import build_checkpoint, model_from, read_checkpoint, save_checkpoint
+from robust.cli.common import BadInput, model_file
+from robust.nn.external import constructor_call, is_external
+from robust.nn.norms import use_route
+from robust.outputs import check_output
 
 
 @click.command("export")
@@ -28,10 +32,6 @@ def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
       robust export runs/cifar10-sabn-hybrid-s0 --route adv -o sabn_adv.pt
       robust export runs/a -o exports/                    writes exports/a-adv.pt
     """
-    from robust.checkpoint import build_checkpoint, save_checkpoint
-    from robust.evaluate import model_from, read_checkpoint
-    from robust.external import constructor_call, is_external
-    from robust.outputs import check_output
 
     source = model_file(checkpoint)
     out_file = check_output(out, "-o", force, f"{_stem(source)}-{route}.pt")
@@ -73,7 +73,6 @@ def _max_logit_gap(model, exported, route: str, input_size=None) -> float:
     """Largest logit difference between the model's route and the export on a random batch (eval mode)."""
     import torch
 
-    from robust.norms import use_route
 
     channels, height, width = input_size or (model.build_args["in_channels"], 32, 32)
     x = torch.rand(8, channels, height, width, generator=torch.Generator().manual_seed(0))

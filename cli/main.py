@@ -6,15 +6,15 @@ import functools
 
 import click
 
-from robust import __version__
-
-from .bench import bench
-from .common import BAD_INPUT_ERRORS, BadInput
-from .compare import analyze, compare, plot
-from .demo import demo
-from .evaluate import evaluate_command
-from .export import export_command
-from .train import train
+from robust.cli.bench import bench
+from robust.cli.common import BAD_INPUT_ERRORS, BadInput
+from robust.cli.compare import analyze, compare, plot
+from robust.cli.demo import demo
+from robust.cli.evaluate import evaluate_command
+from robust.cli.export import export_command
+from robust.cli.train import train
+from robust.errors import TrainingInterrupted
+from robust.runtime import __version__
 
 
 class RobustGroup(click.Group):
@@ -29,7 +29,6 @@ class RobustGroup(click.Group):
         super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
-        from robust.trainer import TrainingInterrupted
 
         try:
             return super().invoke(ctx)

@@ -14,10 +14,13 @@ from typing import Any
 
 import click
 
-from robust import distributed
-from robust.config import ConfigError, TrainConfig, check_fields, load_toml, upgrade_saved
-
-from .common import BAD_INPUT_ERRORS, BadInput
+from robust.checks import check_fields
+from robust.cli.common import BAD_INPUT_ERRORS, BadInput
+from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
+from robust.errors import CheckpointWriteError, ConfigError, NonFiniteLoss, PeerFailed, TrainingInterrupted
+from robust.objectives import Option, all_options
+from robust.train import distributed
+from robust.train.trainer import Trainer
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -29,13 +32,22 @@ def _field_option(f: dataclasses.Field):
     if f.type in ("bool", "bool | None"):
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
     choices = f.metadata.get("choices")
+    choices = choices() if callable(choices) else choices
     base = f.type.replace(" | None", "")
     kind = click.Choice(choices) if choices else _TYPES.get(base, str)
     return click.option(flag, f.name, type=kind, default=None, help=help_text)
 
 
+def _method_option(name: str, option: Option, methods: list[str]):
+    """A click option for an option some methods declare (``--beta``): a shorthand for --method-options NAME=VALUE."""
+    help_text = f"{', '.join(methods)}: {option.help} (--method-options {name}=VALUE)  [default: {option.default:g}]"
+    return click.option("--" + name.replace("_", "-"), name, type=type(option.default), default=None, help=help_text)
+
+
 def config_options(fn):
-    """Decorate ``fn`` with one option per TrainConfig field."""
+    """Decorate ``fn`` with one option per TrainConfig field and one per declared method option."""
+    for name, (option, methods) in reversed(all_options().items()):
+        fn = _method_option(name, option, methods)(fn)
     for f in reversed(dataclasses.fields(TrainConfig)):
         fn = _field_option(f)(fn)
     return fn
@@ -44,9 +56,9 @@ def config_options(fn):
 def resolve_config(flags: dict[str, Any], config_file: str | None, resume: bool) -> TrainConfig:
     """Defaults <- the run's config.json (with --resume) <- TOML file <- flags given on the command line."""
     values: dict[str, Any] = {}
-    given = {k: v for k, v in flags.items() if v is not None}
+    given = fold_method_options({k: v for k, v in flags.items() if v is not None})
     if config_file:
-        values.update(load_toml(config_file))
+        values.update(fold_method_options(load_toml(config_file)))
     for source in (values, given):  # typed before any of it is used (a flag overriding a bad TOML value too)
         check_fields(TrainConfig, source, partial=True)
     if resume:
@@ -119,13 +131,12 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
 
 def run_training(config: TrainConfig, resume: bool, force: bool) -> dict[str, Any]:
     """Train; turn the trainer's failures into one message from rank 0 and the right exit code."""
-    from robust.trainer import CheckpointWriteError, NonFiniteLoss, Trainer, TrainingInterrupted
 
     try:
         return Trainer(config, resume=resume, force=force, sync_bn=config.sync_bn).fit()
     except BAD_INPUT_ERRORS as exc:
         _fail(exc, 2)
-    except distributed.PeerFailed as exc:
+    except PeerFailed as exc:
         _fail(exc, 2 if exc.bad_input else 1)
     except TrainingInterrupted as exc:
         if distributed.env_rank() == 0:

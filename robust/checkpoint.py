@@ -16,26 +16,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .models import build_model
-from .outputs import atomic_output
+from robust import checkpoint as ckpt
+from robust.errors import CheckpointError, ConfigError
+from robust.nn.factory import build_model, unwrap
+from robust.nn.norms import ROUTES, export_route, routes_for
+from robust.outputs import atomic_output
 
 FORMAT = "robust-checkpoint"
+
+
 VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """The file is missing, unreadable, not one of ours, or unsafe; the message says which."""
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def build_checkpoint(model: nn.Module, **fields: Any) -> dict[str, Any]:
@@ -106,3 +96,41 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
         raise CheckpointError(f"checkpoint weights do not fit its architecture ({first})") from None
     model.build_args = dict(checkpoint["model_args"])
     return model
+
+
+CHECKPOINT_KINDS = ("train", "export")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training or export checkpoint (a run folder means its best.pt), checked for what eval needs."""
+    checkpoint = ckpt.load_checkpoint(path)
+    kind = checkpoint.get("kind", "train")
+    if kind not in CHECKPOINT_KINDS:
+        raise CheckpointError(f"{path} is a {kind!r} checkpoint, not a model; pass a training checkpoint, run folder or export")
+    missing = [k for k in ("model_args", "model") if not isinstance(checkpoint.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is not a model checkpoint of robust")
+    return checkpoint
+
+
+def model_from(checkpoint: dict[str, Any], route: str | None = None) -> nn.Module:
+    """The checkpoint's model in eval mode; with ``route``, the exported single-route model."""
+    model = ckpt.model_from_checkpoint(checkpoint).eval()
+    exported = checkpoint["model_args"].get("exported_route")
+    if route is None:
+        return model
+    if route not in ROUTES:
+        raise ConfigError(f"unknown route {route!r}; valid: {', '.join(ROUTES)}")
+    routes_for(model, route)  # the rule eval applies: a route the model has (bn and exports have one)
+    if exported is not None:
+        return model
+    return export_route(model, route).eval()
+
+
+def load_model(path: str | Path, route: str | None = None) -> nn.Module:
+    """Rebuild a model from a checkpoint, a run folder (its best.pt) or an export file.
+
+    With ``route`` ('clean' or 'adv') a dual-route model comes back as the plain single-route
+    model of that route (``robust.export_route``). The model is on the CPU, in eval mode.
+    """
+    return model_from(read_checkpoint(path), route)

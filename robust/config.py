@@ -1,4 +1,4 @@
-"""Training configuration: one dataclass, one eps parser, TOML loading.
+"""Training configuration: one dataclass, its typed checks, TOML loading.
 
 Every field of :class:`TrainConfig` is a flag of ``robust train`` (``--field-name``); its
 ``help`` metadata is the flag's help text, so the CLI and the library cannot drift apart.
@@ -9,162 +9,35 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import tomllib
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from .models import available_archs
-from .norms import NORMS
+from robust.checks import MAX_SEED, check_fields
+from robust.data import DATA_MODES, DATASETS
+from robust.errors import ConfigError, ModelError
+from robust.nn import NORMS, available_archs
+from robust.nn.external import check_arch
+from robust.objectives import (
+    ATTACK_BN_MODES,
+    Objective,
+    alias_settings,
+    all_options,
+    get_objective,
+    method_names,
+    parse_method_options,
+)
+from robust.runtime import DEVICES, PRECISIONS, available_cpus
+from robust.threat import parse_eps, parse_fraction
 
-METHODS = ("pgd", "hybrid", "trades", "mart", "fast", "nfgsm")  # the objectives of robust.objectives (+ the hybrid alias)
-ONE_STEP_METHODS = ("fast", "nfgsm")  # the catastrophic-overfitting guard is on by default for these
-DEFAULT_BETA = 6.0  # TRADES's and MART's official default
 SCHEDULES = ("multistep", "cosine", "onecycle")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-ATTACK_BN_MODES = ("train", "eval")
-DATASETS = ("cifar10", "cifar100", "svhn", "mnist", "fashion-mnist", "imagefolder", "tensors")
-DATA_MODES = ("auto", "memory", "stream")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
-
-
-def parse_fraction(text: str | float | int, name: str = "value") -> float:
-    """Parse ``"8/255"``, ``"0.031"`` or a number exactly (fractions, never eval)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    try:
-        return float(Fraction(str(text).strip()))
-    except (ValueError, ZeroDivisionError):
-        raise ConfigError(f"{name} {text!r} is not a number; write it like 8/255 or 0.031") from None
-
-
-def parse_eps(text: str | float | int, name: str = "eps", allow_zero: bool = False) -> float:
-    """Parse an eps in pixel units; it must lie in (0, 1] (or [0, 1] with ``allow_zero``)."""
-    eps = parse_fraction(text, name)
-    low_ok = eps >= 0 if allow_zero else eps > 0
-    if not (low_ok and eps <= 1):
-        bound = "[0, 1]" if allow_zero else "(0, 1]"
-        raise ConfigError(f"{name} {text!r} is outside {bound}; pixels are in [0, 1], e.g. 8/255")
-    return eps
 
 
 def _f(default: Any, help: str, **extra: Any):
     """A field with its help text and checks: ``choices``, ``min``/``max`` (inclusive), ``above``/``below``
     (exclusive; ``max`` may be a callable), ``kind`` ("path": a path string, "fraction": text like 8/255 or a number)."""
     return field(default=default, metadata={"help": help, **extra})
-
-
-MAX_SEED = 2 ** 63 - 1
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return f"the text {value!r}"
-    return f"{value!r} ({_TYPE_WORDS.get(type(value), type(value).__name__)})"
-
-
-_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true/false", list: "a list", dict: "a table"}
-
-
-def _looks_like(text: str, kind: type) -> bool:
-    try:
-        kind(text.strip())
-        return True
-    except ValueError:
-        return False
-
-
-def check_value(name: str, annotation: Any, meta: Mapping[str, Any], value: Any) -> Any:
-    """``value`` checked against a field's annotation (``int``, ``float``, ``str``, ``bool``, ``X | None``) and
-    metadata; returns it (a path-like as str) or raises ConfigError naming the field, the value and the fix.
-
-    Integers must be integers (not 1.5, not "3"), numbers finite, booleans true/false, strings
-    non-empty; types it does not know are passed through unchecked.
-    """
-    label = name.replace("_", "-")
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    parts = {p.strip() for p in text.split("|")}
-    base = next(iter(parts - {"None"}), None) if len(parts - {"None"}) == 1 else None
-    if value is None:
-        if "None" in parts or base is None:
-            return None
-        raise ConfigError(f"{label} needs a value; give one or leave it out for the default")
-    kind = meta.get("kind")
-    if kind == "path" and isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if base == "bool" and not isinstance(value, bool):
-        raise ConfigError(f"{label} must be true or false, got {_describe(value)}; write true or false without quotes")
-    if base == "int" and not (number and isinstance(value, int)):
-        fix = "write it without quotes" if isinstance(value, str) and _looks_like(value, int) else "write a whole number"
-        raise ConfigError(f"{label} must be a whole number, got {_describe(value)}; {fix}")
-    if base == "float" and not number:
-        fix = "write it without quotes" if isinstance(value, str) and _looks_like(value, float) else "write a number"
-        raise ConfigError(f"{label} must be a number, got {_describe(value)}; {fix}")
-    if base == "str":
-        if kind == "fraction" and number:
-            pass
-        elif not isinstance(value, str):
-            what = "a path (text)" if kind == "path" else "text"
-            raise ConfigError(f"{label} must be {what}, got {_describe(value)}; quote it")
-        elif not value.strip():
-            raise ConfigError(f"{label} is empty; give a value or leave it out for the default")
-    if number and not math.isfinite(value):
-        raise ConfigError(f"{label} must be a finite number, got {value}; give a real value")
-    if number and base in ("int", "float"):
-        _check_range(label, value, meta)
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(choices)}")
-    return value
-
-
-def _check_range(label: str, value: float, meta: Mapping[str, Any]) -> None:
-    low, high = meta.get("min"), meta.get("max")
-    above, below = meta.get("above"), meta.get("below")
-    high = high() if callable(high) else high
-    note = f" ({meta['max_note']})" if meta.get("max_note") and high is not None and value > high else ""
-    ok = ((low is None or value >= low) and (high is None or value <= high)
-          and (above is None or value > above) and (below is None or value < below))
-    if ok:
-        return
-    lo = f"[{low}" if low is not None else f"({above}" if above is not None else None
-    hi = f"{high}]" if high is not None else f"{below})" if below is not None else None
-    if lo and hi:
-        bound = f"in {lo}, {hi}"
-    elif lo:
-        bound = f">= {low}" if low is not None else f"> {above}"
-    else:
-        bound = f"<= {high}" if high is not None else f"< {below}"
-    raise ConfigError(f"{label} must be {bound}{note}, got {value}")
-
-
-def check_fields(cls: type, values: Mapping[str, Any], partial: bool = False) -> dict[str, Any]:
-    """Check ``values`` against the fields of dataclass ``cls``; return the checked values.
-
-    Unknown names are refused; with ``partial`` only the names given are checked (a TOML file,
-    the flags given), otherwise every field of ``cls`` must be in ``values``.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config field(s): {', '.join(map(str, unknown))}; see `robust train --help`")
-    names = [n for n in fields if n in values] if partial else list(fields)
-    return {n: check_value(n, fields[n].type, fields[n].metadata, values[n]) for n in names}
 
 
 @dataclass
@@ -194,9 +67,11 @@ class TrainConfig:
     milestones: str = _f("50,150", "multistep: epochs at which lr is multiplied by 0.1, or fractions of the epochs (0.25,0.75)")
     warmup_steps: int = _f(200, "steps of linear warm-up from lr/10 in the first epoch (0 disables)", min=0)
     # adversarial training
-    method: str | None = _f(None, "training objective: pgd (Madry), trades, mart, fast (FGSM-RS), nfgsm (N-FGSM); hybrid = pgd with clean-weight 0.5 [default: pgd]", choices=METHODS)
+    method: str | None = _f(None, "training method (robust.objectives' registry; docs/methods.md): pgd (Madry), hybrid (pgd with "
+                                   "clean-weight 0.5), trades, mart, fast (FGSM-RS), nfgsm (N-FGSM) [default: pgd]", choices=method_names)
     clean_weight: float | None = _f(None, "w in w*CE(clean route, x) + (1-w)*objective(adv route) [default: 0.5 for auxbn/sabn and hybrid, 0 for bn]", min=0, max=1)
-    beta: float | None = _f(None, "trades/mart: weight of the KL term [default: 6, the official codes']", min=0)
+    method_options: str | None = _f(None, "the method's own options as NAME=VALUE[,NAME=VALUE] (trades, mart: beta=6); "
+                                          "each method declares its options, defaults and ranges")
     awp_gamma: float = _f(0.0, "adversarial weight perturbation (AWP): per-layer size gamma*||w|| (0 = off; the AWP paper uses 0.005-0.01)", min=0, below=1)
     awp_warmup: int = _f(0, "AWP: epochs before the weight perturbation starts", min=0)
     co_guard: bool | None = _f(None, "catastrophic-overfitting guard: stop when PGD accuracy on a training batch collapses [default: on for fast, nfgsm]")
@@ -230,29 +105,45 @@ class TrainConfig:
         return self.method or "pgd"
 
     @property
+    def objective(self) -> type[Objective]:
+        """The objective class that trains (``hybrid`` is :class:`~robust.objectives.pgd.PGD`)."""
+        return get_objective(self.resolved_method)
+
+    @property
     def objective_name(self) -> str:
         """The objective that trains: ``hybrid`` is ``pgd`` (with clean-weight 0.5 by default)."""
-        return "pgd" if self.resolved_method == "hybrid" else self.resolved_method
+        return self.objective.name
 
     @property
     def resolved_clean_weight(self) -> float:
         if self.clean_weight is not None:
             return float(self.clean_weight)
-        return 0.5 if self.resolved_method == "hybrid" or self.norm != "bn" else 0.0
+        implied = alias_settings(self.resolved_method).get("clean_weight")
+        if implied is not None:
+            return float(implied)
+        return 0.5 if self.norm != "bn" else 0.0
 
     @property
-    def resolved_beta(self) -> float:
-        return DEFAULT_BETA if self.beta is None else float(self.beta)
+    def objective_options(self) -> dict[str, Any]:
+        """Every option of the method, as given in ``method_options`` or its declared default (checked)."""
+        given = parse_method_options(self.method_options)
+        try:
+            for name, value in given.items():  # a value out of its range is named first, whichever method declares it
+                if name in all_options():
+                    all_options()[name][0].check(name, value)
+            return self.objective.checked_options(given)
+        except ConfigError as exc:
+            raise ConfigError(f"method-options: {exc}") from None
 
     @property
     def resolved_attack_bn(self) -> str:
         if self.attack_bn is not None:
             return self.attack_bn
-        return "eval" if self.objective_name in ("trades", "mart") else "train"
+        return self.objective.attack_bn
 
     @property
     def resolved_co_guard(self) -> bool:
-        return self.objective_name in ONE_STEP_METHODS if self.co_guard is None else bool(self.co_guard)
+        return self.objective.one_step if self.co_guard is None else bool(self.co_guard)
 
     @property
     def eps_value(self) -> float:
@@ -317,7 +208,7 @@ class TrainConfig:
         """
         for name, value in check_fields(type(self), self.__dict__).items():
             setattr(self, name, value)
-        self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs  # noqa: B018 (parse to validate)
+        self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs, self.objective_options  # noqa: B018
         _check_data_and_arch(self)
         return self
 
@@ -326,6 +217,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """A config from field values; a method's option given by name (TOML ``beta = 5``) joins ``method_options``."""
+        values = fold_method_options(values)
         check_fields(cls, values, partial=True)
         return cls(**values)
 
@@ -335,17 +228,40 @@ class TrainConfig:
         return cls.from_dict(upgrade_saved(values))
 
 
+def fold_method_options(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every declared method option given by name (``beta``) moved into ``method_options``
+    (an option in both places is refused); values that are not options are left as they are."""
+    named = {k: v for k, v in values.items() if k in all_options() and v is not None}
+    if not named:
+        return {k: v for k, v in values.items() if k not in all_options()}
+    given = parse_method_options(values.get("method_options")) if isinstance(values.get("method_options"), str) else {}
+    twice = sorted(set(named) & set(given))
+    if twice:
+        raise ConfigError(f"{', '.join(twice)} given both by name and in method-options; give it once")
+    text = ",".join([*(f"{k}={v}" for k, v in given.items()), *(f"{k}={v!r}" for k, v in named.items())])
+    return {**{k: v for k, v in values.items() if k not in all_options()}, "method_options": text}
+
+
 def upgrade_saved(values: dict[str, Any]) -> dict[str, Any]:
     """A saved config as this version reads it: the same training as when it was written.
+
+    A ``beta`` field (written before each method declared its own options) becomes
+    ``method_options`` for the methods that declare it and is dropped for the others.
 
     Before the objectives (no ``awp_gamma`` key), ``clean_weight`` was always written (0.5) but
     only the hybrid loss used it: ``pgd`` trained on the adversarial loss alone, and so did
     ``fast`` on bn; the default method was hybrid for auxbn/sabn and pgd for bn. Now every method
     takes clean-weight, so those runs get the weight they actually trained with.
     """
-    if not isinstance(values, dict) or "awp_gamma" in values:
+    if not isinstance(values, dict) or ("beta" not in values and "awp_gamma" in values):
         return values
     values = dict(values)
+    if "beta" in values and "method_options" not in values:
+        beta = values.pop("beta")
+        declares = values.get("method") in ("trades", "mart")  # the methods that had beta when it was a field
+        values["method_options"] = f"beta={float(beta)!r}" if beta is not None and declares else None
+    if "awp_gamma" in values:
+        return values
     method, dual = values.get("method"), values.get("norm", "sabn") != "bn"
     hybrid = method == "hybrid" or (method is None and dual) or (method == "fast" and dual)
     values["clean_weight"] = float(values.get("clean_weight", 0.5)) if hybrid else 0.0
@@ -357,7 +273,6 @@ def upgrade_saved(values: dict[str, Any]) -> dict[str, Any]:
 def _check_data_and_arch(c: TrainConfig) -> None:
     """The architecture name (ours, torchvision:NAME, timm:NAME) and the custom-data fields."""
     if ":" in str(c.arch):
-        from .external import ModelError, check_arch
 
         try:
             check_arch(c.arch)

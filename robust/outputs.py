@@ -29,18 +29,12 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .config import ConfigError
+from robust.errors import FolderBusy, OutputError
 
 LOCK_NAME = ".lock"
+
+
 MIN_FREE_BYTES = 1 << 20  # what a small output (JSON, PNG) needs at least
-
-
-class OutputError(ConfigError):
-    """An output path cannot be written (a file in the way, read-only, full, or already there)."""
-
-
-class FolderBusy(ConfigError):
-    """Another process holds the folder's lock (it is writing there now)."""
 
 
 def nearest_existing(path: Path) -> Path:

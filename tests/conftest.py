@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from robust import engine
-from robust.data import ImageData, load_dataset
+from robust import runtime
+from robust.data.load import load_dataset
+from robust.data.types import ImageData
 
 # Precision "auto" is bf16 on Intel AMX/AVX512-BF16 CPUs and fp32 on AVX2-only AMD CPUs. The suite
 # must give the same verdicts on both kinds, so inside it (and in every process it starts, through
@@ -19,7 +20,7 @@ os.environ["ROBUST_CPU_BF16"] = "0"
 
 def pytest_collection_modifyitems(config, items):
     """bf16 tests run where bf16 is native (AMX/AVX512-BF16 CPU, or CUDA); gpu tests need CUDA."""
-    native_bf16 = engine.cpu_has_native_bf16() or torch.cuda.is_available()
+    native_bf16 = runtime.cpu_has_native_bf16() or torch.cuda.is_available()
     skip_bf16 = pytest.mark.skip(reason="needs native bf16 (a CPU with AMX/AVX512-BF16, or CUDA); "
                                         "emulated bf16 on this CPU would only be slow, not tested")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

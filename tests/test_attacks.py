@@ -9,7 +9,11 @@ import torch.nn.functional as F
 
 from robust.attacks import L2Ball, LinfBall, cw_margin_loss, fgsm_rs, pgd, pgd_restarts
 from robust.attacks.registry import (
-    PerturbationError, available_attacks, build_attack, check_perturbation, parse_attack_name,
+    PerturbationError,
+    available_attacks,
+    build_attack,
+    check_perturbation,
+    parse_attack_name,
 )
 
 

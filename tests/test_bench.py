@@ -9,10 +9,18 @@ import torch
 from click.testing import CliRunner
 
 from robust.cli.main import cli
-from robust.bench import BenchConfig, count_step_flops, run_bench, synthetic_data, textbook_pgd, textbook_runner
-from robust.config import ConfigError
-from robust.models import build_model
-from robust.norms import use_route
+from robust.errors import ConfigError
+from robust.lab.bench import (
+    BenchConfig,
+    count_step_flops,
+    peak_memory,
+    run_bench,
+    synthetic_data,
+    textbook_pgd,
+    textbook_runner,
+)
+from robust.nn.factory import build_model
+from robust.nn.norms import use_route
 
 # Width 8, not 4: torch 2.14's CPU weight gradient of a 1x1 stride-2 channels_last conv with 4 or 6
 # input channels crashes with one thread (see the bench report); 8 channels are fine.
@@ -74,7 +82,6 @@ def test_textbook_step_updates_the_model():
 
 
 def test_memory_is_measured_in_a_fresh_process():
-    from robust.bench import peak_memory
 
     mem = peak_memory("project", BenchConfig(**{**TINY, "memory": True}))
     assert mem["kind"] == "cpu peak RSS of a fresh process"

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from robust import build_model
-from robust.checkpoint import build_checkpoint, save_checkpoint
-from robust.config import TrainConfig
-
 from conftest import assert_refused, invoke_in, snapshot
+
+from robust.checkpoint import build_checkpoint, load_model, save_checkpoint
+from robust.config import TrainConfig
+from robust.errors import ConfigError
+from robust.nn.factory import build_model
+from robust.train.trainer import Trainer
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 TRAIN = ["train", "--dataset", "fashion-mnist", "--width", "4", "--epochs", "1", "--limit", "64", "--steps", "1",
@@ -244,7 +245,6 @@ def test_train_refuses_a_truncated_gzip_file(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, fmnist) -> Path:
     """A real (tiny) run folder: config.json, metrics.jsonl, last.pt, best.pt."""
-    from robust.trainer import Trainer
 
     out = tmp_path_factory.mktemp("trained") / "run"
     config = TrainConfig(dataset="fashion-mnist", width=4, epochs=1, limit=64, batch_size=32, steps=1, val_limit=16,
@@ -266,10 +266,10 @@ def _work_must_not_start(monkeypatch) -> None:
     def started(*args, **kwargs):
         raise AssertionError("the work started before the output was checked")
 
-    for module, name in [("robust.evaluate", "evaluate"), ("robust.evaluate", "model_from"),
-                         ("robust.analysis", "analyze_checkpoint"), ("robust.bench", "run_bench"),
-                         ("robust.plots", "plot_learning_curves"), ("robust.data", "load_dataset"),
-                         ("robust.trainer", "train_step")]:
+    for module, name in [("robust.cli.evaluate", "evaluate"), ("robust.cli.evaluate", "model_from"),
+                         ("robust.cli.export", "model_from"), ("robust.cli.compare", "analyze_checkpoint"),
+                         ("robust.cli.bench", "run_bench"), ("robust.cli.compare", "plot_learning_curves"),
+                         ("robust.cli.evaluate", "load_dataset"), ("robust.train.trainer", "train_step")]:
         monkeypatch.setattr(importlib.import_module(module), name, started)
 
 
@@ -385,7 +385,6 @@ def test_an_output_path_ending_in_a_separator_is_a_folder(tmp_path, run, command
     _ok(tmp_path, _with_path(args, "newdir/"))
     assert (tmp_path / written).is_file() and not (tmp_path / "newdir").is_file()
     if written.endswith(".pt"):
-        from robust.evaluate import load_model
 
         assert load_model(tmp_path / written).build_args["norm"] == "bn"
 
@@ -493,13 +492,11 @@ def test_train_refuses_bad_values_before_writing(tmp_path, args, problem):
     ("out", 5, "out must be a path"), ("lr", float("nan"), "lr must be a finite number"), ("epochs", True, "epochs"),
 ])
 def test_python_configs_are_validated_before_anything_is_written(tmp_path, fmnist, field, value, problem):
-    from robust.config import ConfigError
-    from robust.trainer import Trainer
 
     config = TrainConfig(dataset="fashion-mnist", width=4, epochs=1, limit=32, out=str(tmp_path / "run"))
     setattr(config, field, value)
     with pytest.raises(ConfigError, match=re.escape(problem)):
-        Trainer(config, data=fmnist)
+        Trainer(config, data=fmnist).setup()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -580,10 +577,10 @@ def ctrl_c():
 
 
 @pytest.mark.parametrize("args, work", [
-    (["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json"], ("robust.evaluate", "evaluate")),
-    (["analyze", "run", "--batches", "1", "--out", "grads"], ("robust.analysis", "analyze_checkpoint")),
-    (["bench", "--width", "4", "--json", "b.json"], ("robust.bench", "run_bench")),
-    (["export", "run", "-o", "m.pt"], ("robust.evaluate", "model_from")),
+    (["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json"], ("robust.cli.evaluate", "evaluate")),
+    (["analyze", "run", "--batches", "1", "--out", "grads"], ("robust.cli.compare", "analyze_checkpoint")),
+    (["bench", "--width", "4", "--json", "b.json"], ("robust.cli.bench", "run_bench")),
+    (["export", "run", "-o", "m.pt"], ("robust.cli.export", "model_from")),
 ])
 def test_sigint_exits_130_everywhere_and_writes_nothing(tmp_path, run, monkeypatch, ctrl_c, args, work):
     import importlib
@@ -617,8 +614,6 @@ def bn_checkpoint(tmp_path) -> Path:
 
 
 def test_a_route_a_model_lacks_is_refused_by_eval_export_and_load_model_alike(tmp_path, bn_checkpoint):
-    from robust.config import ConfigError
-    from robust.evaluate import load_model
 
     rule = "this model has a single route (adv)"
     assert_refused(tmp_path, ["eval", "bn.pt", "--route", "clean", "--limit", "8"], rule)

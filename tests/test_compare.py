@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_refused
 
 from robust.cli.main import cli
-from robust import build_model
-from robust.analysis import gradient_analysis, norm_layers
-from robust.compare import PAPER_CIFAR10, attack_title, paper_table_markdown
-
-from conftest import assert_refused
+from robust.config import TrainConfig
+from robust.lab.analysis import gradient_analysis, norm_layers, spread_by_norm
+from robust.lab.compare.report import attack_title, mean_metrics, paper_table_markdown, seed_statistics
+from robust.lab.reference import PAPER_CIFAR10
+from robust.lab.stats import mean_sd, paired_difference, t_quantile
+from robust.nn.factory import build_model
+from robust.train.schedule import lr_at
 
 ROWS_PER_NORM = {"bn": 1, "auxbn": 2, "sabn": 2}
 
@@ -226,7 +229,6 @@ def test_analyze_several_checkpoints_gives_each_norms_spread(compared, data_dir,
 
 
 def test_spread_by_norm_equals_a_hand_computation():
-    from robust.analysis import spread_by_norm
 
     def result(norm, cosine, ratio):
         return {"norm": norm, "cosine_of": "shared affine", "summary": {"cosine": cosine, "shared_ratio": ratio}}
@@ -308,7 +310,6 @@ def test_seed_statistics_equal_a_hand_computation(grid):
 
 
 def test_paired_difference_and_t_table():
-    from robust.compare import mean_sd, paired_difference, t_quantile
 
     assert mean_sd([1.0, 2.0, 6.0]) == {"n": 3, "mean": 3.0, "sd": pytest.approx(math.sqrt(7))}  # (4+1+9)/2
     p = paired_difference([1.0, 2.0, 6.0])
@@ -378,8 +379,6 @@ def test_seed_and_select_bad_input_is_one_line_and_writes_nothing(tmp_path, data
     ("2", 3, [2]),
 ])
 def test_fractional_milestones_resolve_to_epochs(milestones, epochs, expected):
-    from robust.config import TrainConfig
-    from robust.engine import lr_at
 
     c = TrainConfig(milestones=milestones, epochs=epochs).validate()
     assert c.milestone_epochs == expected
@@ -411,7 +410,6 @@ def test_compare_states_fractional_milestones_as_epochs(tmp_path, data_dir):
 
 
 def test_mean_curve_over_seeds_and_its_band():
-    from robust.compare import mean_metrics
 
     seed0 = [{"epoch": 1, "val_adv_clean": 10.0, "val_adv_robust": 4.0}, {"epoch": 2, "val_adv_clean": 20.0, "val_adv_robust": 6.0}]
     seed1 = [{"epoch": 1, "val_adv_clean": 30.0, "val_adv_robust": 2.0}]  # stopped after epoch 1
@@ -422,7 +420,6 @@ def test_mean_curve_over_seeds_and_its_band():
 
 
 def test_seed_statistics_pair_routes_with_the_baselines_routes():
-    from robust.compare import seed_statistics
 
     def run(adv, clean=None):
         routes = {"adv": {"clean": adv, "pgd10": adv - 10, "pgd20": adv - 11, "worst_case": adv - 12}}

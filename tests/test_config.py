@@ -8,8 +8,10 @@ import re
 import pytest
 
 from robust.cli.train import resolve_config
-from robust.config import ConfigError, TrainConfig, parse_eps
-from robust.engine import lr_at
+from robust.config import TrainConfig, _f
+from robust.errors import ConfigError
+from robust.threat import parse_eps
+from robust.train.schedule import lr_at
 
 
 @pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.031", 0.031), ("1", 1.0), (" 2/255 ", 2 / 255), (0.1, 0.1)])
@@ -36,9 +38,9 @@ def test_defaults_are_the_reference_recipe():
 
 @pytest.mark.parametrize("field,value", [("batch_size", 0), ("epochs", -1), ("steps", 0), ("val_split", 1.0),
                                          ("norm", "gn"), ("method", "madry"), ("clean_weight", 1.5),
-                                         ("beta", -1.0), ("awp_gamma", 1.0), ("awp_warmup", -1)])
+                                         ("method_options", "beta=-1"), ("awp_gamma", 1.0), ("awp_warmup", -1)])
 def test_invalid_fields_are_named(field, value):
-    with pytest.raises(ConfigError, match=field.replace("_", "-") if field in ("batch_size", "val_split", "clean_weight", "awp_gamma", "awp_warmup") else field):
+    with pytest.raises(ConfigError, match=field.replace("_", "-") if field in ("batch_size", "val_split", "clean_weight", "awp_gamma", "awp_warmup", "method_options") else field):
         TrainConfig(**{field: value}).validate()
 
 
@@ -78,7 +80,6 @@ def test_field_checks_come_from_the_annotation_and_metadata_so_new_fields_are_co
     """A field added later (say by a new dataset or architecture option) is typed and range-checked with no new code."""
     import dataclasses
 
-    from robust.config import _f
 
     @dataclasses.dataclass
     class Extended(TrainConfig):

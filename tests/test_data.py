@@ -8,7 +8,9 @@ import shutil
 import pytest
 import torch
 
-from robust.data import BatchLoader, DataError, load_dataset, random_crop, random_flip, split_train_val
+from robust.data.load import load_dataset
+from robust.data.loader import BatchLoader, random_crop, random_flip, split_train_val
+from robust.errors import DataError
 
 
 def test_fashion_mnist_loads_from_the_system_folder(fmnist):

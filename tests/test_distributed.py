@@ -25,26 +25,24 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from robust.cli.main import cli
-
-from robust import build_model, split_routes, use_route
 from robust.checkpoint import load_checkpoint
+from robust.cli.main import cli
 from robust.config import TrainConfig
-from robust.data import ImageData
-from robust.distributed import (
-    DistContext, SyncBatchNorm2d, SyncSharedBatchNorm2d, convert_sync_batchnorm, shard_rows,
-)
-from robust.norms import DualBatchNorm2d, SandwichBatchNorm2d
-from robust.trainer import Trainer
+from robust.data.types import ImageData
+from robust.nn.factory import build_model
+from robust.nn.norms import DualBatchNorm2d, SandwichBatchNorm2d, split_routes, use_route
+from robust.nn.syncbn import SyncBatchNorm2d, SyncSharedBatchNorm2d, convert_sync_batchnorm
+from robust.train.distributed import DistContext, shard_rows
+from robust.train.trainer import Trainer
 
 WORKER = '''
 import json, sys
 from pathlib import Path
 import torch, torch.distributed as dist
-from robust import distributed
+from robust.train import distributed
 from robust.config import TrainConfig
 from robust.data import ImageData, load_dataset
-from robust.trainer import Trainer
+from robust import Trainer
 
 out = Path(sys.argv[1])
 configs = json.loads(Path(sys.argv[2]).read_text())

@@ -12,18 +12,18 @@ from click.testing import CliRunner
 
 import robust
 from robust.attacks import registry
-from robust.step import StepSettings, train_step
 from robust.attacks.registry import Attack, PerturbationError
+from robust.checkpoint import build_checkpoint, load_model, save_checkpoint
 from robust.cli.main import cli
-from robust.checkpoint import build_checkpoint, save_checkpoint
-from robust.data import to_float
-from robust.evaluate import (
-    SanityCheck, eps_monotonic_checks, evaluate, load_model, sanity_checks, sanity_verdicts,
-)
-from robust.norms import use_route
+from robust.data.loader import to_float
+from robust.eval.evaluation import evaluate
+from robust.eval.sanity import SanityCheck, eps_monotonic_checks, sanity_checks, sanity_verdicts
+from robust.nn.norms import use_route
+from robust.train.step import StepSettings, train_step
 
 # robust/__init__ exports the function evaluate, which hides the module of the same name.
-evaluation = importlib.import_module("robust.evaluate")
+evaluation = importlib.import_module("robust.eval.evaluation")
+sanity = importlib.import_module("robust.eval.sanity")
 
 EPS = 0.1
 TRAIN_STEPS = 100
@@ -132,10 +132,10 @@ def test_autoattack_end_to_end_is_at_most_pgd20_and_sanity_passes(sabn, eval_dat
     monkeypatch.setattr(registry, "APGD_STEPS", 10)
     monkeypatch.setattr(registry, "FAB_STEPS", 10)
     data = (eval_data[0][:24], eval_data[1][:24])
-    result = evaluate(sabn, data, attacks=list(evaluation.SANITY_ATTACKS), eps=EPS, route="clean", queries=100)
+    result = evaluate(sabn, data, attacks=list(sanity.SANITY_ATTACKS), eps=EPS, route="clean", queries=100)
     acc = result["routes"]["clean"]
     assert acc["autoattack"] <= acc["pgd20"]
-    assert acc["worst_case"] <= min(acc[a] for a in evaluation.SANITY_ATTACKS)
+    assert acc["worst_case"] <= min(acc[a] for a in sanity.SANITY_ATTACKS)
     assert result["attacks"]["autoattack"]["parts"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     checks = sanity_checks(sabn, data, EPS, route="clean", reuse=result, queries=100)
     assert len(checks) == 7
@@ -173,7 +173,7 @@ def test_bn_model_has_one_route_and_route_choice_is_checked(fmnist, eval_data):
     bn = train_tiny(fmnist, "bn", steps=5)
     result = evaluate(bn, (eval_data[0][:16], eval_data[1][:16]), attacks=["fgsm"], eps=EPS, route="both")
     assert list(result["routes"]) == ["adv"]
-    with pytest.raises(robust.config.ConfigError, match="single route"):
+    with pytest.raises(robust.errors.ConfigError, match="single route"):
         evaluate(bn, (eval_data[0][:16], eval_data[1][:16]), attacks=["fgsm"], eps=EPS, route="clean")
 
 
@@ -181,7 +181,7 @@ def test_evaluate_restores_train_mode_and_route(sabn, eval_data):
     sabn.train()
     evaluate(sabn, (eval_data[0][:8], eval_data[1][:8]), attacks=["pgd2"], eps=EPS, route="clean")
     assert sabn.training and all(m.training for m in sabn.modules())
-    assert {m.route for m in robust.norms.routed_norms(sabn)} == {"adv"}
+    assert {m.route for m in robust.nn.norms.routed_norms(sabn)} == {"adv"}
     sabn.eval()
 
 

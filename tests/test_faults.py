@@ -8,7 +8,6 @@ position inside the epoch is saved).
 from __future__ import annotations
 
 import dataclasses
-
 import errno
 import json
 import multiprocessing
@@ -26,13 +25,15 @@ import torch
 from click.testing import CliRunner
 
 import robust.outputs as outputs
-import robust.step as step_module
-import robust.trainer as trainer_module
+import robust.train.step as step_module
+import robust.train.trainer as trainer_module
+from robust.checkpoint import load_checkpoint
 from robust.cli.main import cli
-from robust.checkpoint import CheckpointError, load_checkpoint
-from robust.config import ConfigError, TrainConfig
-from robust.data import ImageData
-from robust.trainer import NonFiniteLoss, Trainer, TrainingInterrupted
+from robust.config import TrainConfig
+from robust.data.types import ImageData
+from robust.errors import CheckpointError, ConfigError, NonFiniteLoss, RunExistsError, TrainingInterrupted
+from robust.outputs import FolderLock
+from robust.train.trainer import Trainer
 
 
 def _config(out: Path, **kw) -> TrainConfig:
@@ -285,26 +286,26 @@ def test_disk_full_during_training_keeps_the_previous_checkpoint_and_no_partial_
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, data):
     Trainer(_config(tmp_path / "run", epochs=1), data=data, log=lambda m: None).fit()
     with pytest.raises(CheckpointError, match="another model: norm 'sabn' \\(asked: 'auxbn'\\)"):
-        Trainer(_config(tmp_path / "run", epochs=2, norm="auxbn"), data=data, resume=True)
+        Trainer(_config(tmp_path / "run", epochs=2, norm="auxbn"), data=data, resume=True).setup()
     with pytest.raises(CheckpointError, match=r"width 4 \(asked: 8\)"):
-        Trainer(_config(tmp_path / "run", epochs=2, width=8), data=data, resume=True)
+        Trainer(_config(tmp_path / "run", epochs=2, width=8), data=data, resume=True).setup()
 
 
 # ---- one writer per run folder ------------------------------------------------------------------------
 
 
 def _hold_lock_in_child(folder: Path, ready) -> None:
-    lock = outputs.FolderLock(folder).acquire()  # held while the object lives
+    lock = FolderLock(folder).acquire()  # held while the object lives
     ready.set()
     time.sleep(600)
     lock.release()
 
 
 def test_the_folder_lock_excludes_a_second_writer_and_dies_with_its_process(tmp_path):
-    first = outputs.FolderLock(tmp_path / "a" / "run").acquire()
+    first = FolderLock(tmp_path / "a" / "run").acquire()
     assert (tmp_path / "a" / "run" / ".lock").is_file()
     with pytest.raises(outputs.FolderBusy, match=rf"run folder .*run is in use by another process \(pid {os.getpid()} "):
-        outputs.FolderLock(tmp_path / "a" / "run").acquire()  # a second open file: flock excludes it in-process too
+        FolderLock(tmp_path / "a" / "run").acquire()  # a second open file: flock excludes it in-process too
     first.release()
     assert not (tmp_path / "a").exists()  # the folders the lock created, still empty, are gone again
     ctx = multiprocessing.get_context("fork")
@@ -314,12 +315,12 @@ def test_the_folder_lock_excludes_a_second_writer_and_dies_with_its_process(tmp_
     try:
         assert ready.wait(60)
         with pytest.raises(outputs.FolderBusy, match=f"pid {child.pid} "):
-            outputs.FolderLock(tmp_path / "run").acquire()
+            FolderLock(tmp_path / "run").acquire()
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.join(timeout=30)
     assert (tmp_path / "run" / ".lock").is_file()  # the file stays after kill -9, but it is no lock any more
-    with outputs.FolderLock(tmp_path / "run"):
+    with FolderLock(tmp_path / "run"):
         pass
     assert not (tmp_path / "run" / ".lock").exists()
 
@@ -330,7 +331,7 @@ def test_train_resume_and_force_are_refused_while_another_process_writes_the_fol
     if extra:  # --force / --resume on a finished run; a plain run on a folder another run has just started
         Trainer(_config(run, epochs=1), data=data, log=lambda m: None).fit()
     before = _tree(run) if extra else {}
-    with outputs.FolderLock(run):
+    with FolderLock(run):
         result = CliRunner().invoke(cli, _cli_args(run, *extra))
     assert result.exit_code == 2, result.output
     errors = [l for l in result.output.splitlines() if l.startswith("Error:")]
@@ -342,7 +343,7 @@ def test_train_resume_and_force_are_refused_while_another_process_writes_the_fol
 
 def test_compare_is_refused_while_another_process_writes_its_folder(tmp_path):
     (tmp_path / "cmp").mkdir()
-    with outputs.FolderLock(tmp_path / "cmp", what="compare folder"):
+    with FolderLock(tmp_path / "cmp", what="compare folder"):
         result = CliRunner().invoke(cli, ["compare", "--dataset", "fashion-mnist", "--norms", "bn", "--epochs", "1",
                                           "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 2 and "compare folder" in result.output and "in use by another process" in result.output
@@ -350,10 +351,10 @@ def test_compare_is_refused_while_another_process_writes_its_folder(tmp_path):
 
 
 def test_a_run_that_finished_while_we_set_up_is_not_overwritten(tmp_path, data):
-    late = Trainer(_config(tmp_path / "run", epochs=1), data=data, log=lambda m: None)  # set up: the folder is free
+    late = Trainer(_config(tmp_path / "run", epochs=1), data=data, log=lambda m: None).setup()  # the folder is free
     Trainer(_config(tmp_path / "run", epochs=1, seed=6), data=data, log=lambda m: None).fit()  # another run takes it
     before = _tree(tmp_path / "run")
-    with pytest.raises(trainer_module.RunExistsError, match="already exists"):
+    with pytest.raises(RunExistsError, match="already exists"):
         late.fit()  # re-checked under the lock
     assert _tree(tmp_path / "run") == before
     assert json.loads((tmp_path / "run" / "config.json").read_text())["seed"] == 6
@@ -361,7 +362,7 @@ def test_a_run_that_finished_while_we_set_up_is_not_overwritten(tmp_path, data):
 
 def test_a_resume_whose_last_pt_changed_after_setup_is_refused(tmp_path, data):
     Trainer(_config(tmp_path / "run", epochs=1), data=data, log=lambda m: None).fit()
-    late = Trainer(_config(tmp_path / "run", epochs=2), data=data, resume=True, log=lambda m: None)
+    late = Trainer(_config(tmp_path / "run", epochs=2), data=data, resume=True, log=lambda m: None).setup()
     Trainer(_config(tmp_path / "run", epochs=2), data=data, resume=True, log=lambda m: None).fit()
     before = _tree(tmp_path / "run")
     with pytest.raises(ConfigError, match="changed after this run read it"):

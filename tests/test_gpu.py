@@ -14,12 +14,13 @@ import sys
 import pytest
 import torch
 
-from robust import build_model, use_route
-from robust.bench import BenchConfig, run_bench
 from robust.checkpoint import load_checkpoint
 from robust.config import TrainConfig
-from robust.data import ImageData
-from robust.trainer import Trainer
+from robust.data.types import ImageData
+from robust.lab.bench import BenchConfig, run_bench
+from robust.nn.factory import build_model
+from robust.nn.norms import use_route
+from robust.train.trainer import Trainer
 
 pytestmark = pytest.mark.gpu
 
@@ -36,14 +37,14 @@ def _config(out, **kw) -> TrainConfig:
 
 
 def test_fp16_trains_with_a_grad_scaler_and_resumes_it(tmp_path, fmnist):
-    trainer = Trainer(_config(tmp_path / "r", precision="fp16"), data=_data(fmnist), log=lambda m: None)
+    trainer = Trainer(_config(tmp_path / "r", precision="fp16"), data=_data(fmnist), log=lambda m: None).setup()
     assert trainer.scaler is not None and trainer.amp == torch.float16
     result = trainer.fit()
     assert torch.isfinite(torch.tensor(result["train_loss"]))
     saved = load_checkpoint(tmp_path / "r" / "last.pt")
     assert saved["scaler"] and saved["scaler"]["scale"] > 0
     resumed = Trainer(_config(tmp_path / "r", precision="fp16", epochs=2), data=_data(fmnist), resume=True,
-                      log=lambda m: None)
+                      log=lambda m: None).setup()
     assert resumed.scaler.get_scale() == pytest.approx(saved["scaler"]["scale"])
 
 
@@ -78,7 +79,7 @@ def test_compiled_training_runs_and_matches_eager_logits(tmp_path, fmnist):
 NCCL_ONE_PROCESS = """
 import torch, torch.distributed as dist
 from robust import build_model, split_routes
-from robust.distributed import convert_sync_batchnorm
+from robust.nn.syncbn import convert_sync_batchnorm
 dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29561", rank=0, world_size=1)
 torch.manual_seed(0)
 plain = build_model(norm="sabn", width=8, in_channels=1).cuda().train()

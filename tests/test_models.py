@@ -11,11 +11,20 @@ import torch.nn as nn
 import torchattacks
 import torchvision
 
-from robust.models import available_archs, build_model
-from robust.norms import (
-    NORMS, ROUTES, RoutedNorm, convert_norms, export_route, is_dual_route, routed_norms,
-    split_routes, use_route,
+from robust.checkpoint import build_checkpoint, model_from_checkpoint
+from robust.nn.factory import build_model
+from robust.nn.norms import (
+    NORMS,
+    ROUTES,
+    RoutedNorm,
+    convert_norms,
+    export_route,
+    is_dual_route,
+    routed_norms,
+    split_routes,
+    use_route,
 )
+from robust.nn.resnet import available_archs
 
 SMALL = dict(arch="preact_resnet18", num_classes=10, in_channels=3, width=4)
 STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
@@ -315,7 +324,6 @@ def test_torchattacks_with_train_mode_batchnorms_only_moves_the_adv_statistics()
 
 def test_a_checkpoint_written_before_the_final_norm_option_still_loads():
     """Models of robust 0.1 always had the final norm and their model_args do not name it."""
-    from robust.checkpoint import build_checkpoint, model_from_checkpoint
 
     old = small_model("sabn", final_norm=True).eval()
     state = build_checkpoint(old)

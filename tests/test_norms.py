@@ -7,9 +7,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robust.norms import (
-    NORMS, ROUTES, DualBatchNorm2d, SandwichBatchNorm2d, SharedBatchNorm2d, convert_norms,
-    export_route, is_dual_route, make_norm_layer, routed_norms, split_routes, use_route,
+from robust.nn.norms import (
+    NORMS,
+    ROUTES,
+    DualBatchNorm2d,
+    SandwichBatchNorm2d,
+    SharedBatchNorm2d,
+    convert_norms,
+    export_route,
+    is_dual_route,
+    make_norm_layer,
+    routed_norms,
+    split_routes,
+    use_route,
 )
 
 C = 3

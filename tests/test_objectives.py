@@ -14,21 +14,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import assert_refused
 
-from robust import build_model, use_route
-from robust.awp import perturbed_parameters, weight_perturbation
 from robust.checkpoint import load_checkpoint
 from robust.cli.main import cli
-from robust.co_guard import COGuard
-from robust.config import METHODS, ConfigError, TrainConfig, upgrade_saved
-from robust.data import ImageData
-from robust.objectives import OBJECTIVES, get_objective
+from robust.config import TrainConfig, upgrade_saved
+from robust.data.types import ImageData
+from robust.errors import ConfigError
+from robust.nn.factory import build_model
+from robust.nn.norms import use_route
+from robust.objectives import METHODS, OBJECTIVES, get_objective
 from robust.objectives.mart import MART
 from robust.objectives.trades import TRADES, batch_kl
-from robust.step import StepSettings, step_loss, train_step
-from robust.trainer import Trainer
-
-from conftest import assert_refused
+from robust.train.awp import perturbed_parameters, weight_perturbation
+from robust.train.co_guard import COGuard
+from robust.train.step import StepSettings, step_loss, train_step
+from robust.train.trainer import Trainer
 
 EPS = 0.1
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_every_objective_on_every_norm_fused_equals_unfused_and_the_hand_sum(met
     x_adv = (x + 0.05).clamp(0, 1)
     w = 0.3
     kind = OBJECTIVES[method]
-    objective = kind(EPS, EPS / 4, 2, beta=6.0)
+    objective = kind(EPS, EPS / 4, 2)  # trades, mart: beta 6 by default
     ref = _model(norm)  # separate forwards, written out: w * CE(clean route, x) + (1 - w) * objective(adv route)
     with use_route(ref, "clean"):
         clean = F.cross_entropy(ref(x), y)
@@ -257,7 +258,7 @@ def test_a_collapse_stops_training_keeps_the_last_good_epoch_and_says_so(tmp_pat
     for key, value in last["model"].items():  # the result is epoch 2's weights, in memory and on disk
         assert torch.equal(value, trainer.model.state_dict()[key].cpu()), key
     with pytest.raises(ConfigError, match="stopped at epoch 3 by the catastrophic-overfitting guard.*--no-co-guard"):
-        Trainer(_tiny(tmp_path / "run", method="nfgsm"), data=data, resume=True)
+        Trainer(_tiny(tmp_path / "run", method="nfgsm"), data=data, resume=True).setup()
     monkeypatch.undo()
     resumed = Trainer(_tiny(tmp_path / "run", method="nfgsm", co_guard=False), data=data, resume=True,
                       log=lambda m: None).fit()  # --no-co-guard trains on
@@ -281,7 +282,9 @@ def test_trades_with_awp_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path
 
 
 def test_defaults_per_method_and_norm():
-    assert TrainConfig(method="trades").resolved_beta == 6.0 and TrainConfig(method="mart", beta=5).resolved_beta == 5.0
+    assert TrainConfig(method="trades").objective_options == {"beta": 6.0}
+    assert TrainConfig(method="mart", method_options="beta=5").objective_options == {"beta": 5.0}
+    assert TrainConfig.from_dict({"method": "mart", "beta": 5}).objective_options == {"beta": 5.0}  # TOML: beta = 5
     assert TrainConfig(method="trades").resolved_attack_bn == "eval" and TrainConfig().resolved_attack_bn == "train"
     assert TrainConfig(method="fast").resolved_co_guard and TrainConfig(method="nfgsm").resolved_co_guard
     assert not TrainConfig().resolved_co_guard and TrainConfig(co_guard=True).resolved_co_guard
@@ -296,7 +299,7 @@ def test_defaults_per_method_and_norm():
 ])
 def test_old_configs_keep_the_loss_they_trained_with(old, weight, method):
     saved = {**TrainConfig().to_dict(), **old, "clean_weight": 0.5}
-    for new_key in ("beta", "awp_gamma", "awp_warmup", "co_guard"):
+    for new_key in ("method_options", "awp_gamma", "awp_warmup", "co_guard"):
         saved.pop(new_key)
     config = TrainConfig.from_saved(saved)
     assert (config.resolved_clean_weight, config.resolved_method) == (weight, method)
@@ -330,10 +333,9 @@ def test_the_flags_exist_with_their_names():
 def test_the_package_claims_no_generic_top_level_names():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     tool = meta["tool"]["setuptools"]
-    assert tool["packages"] == ["robust", "robust.objectives", "robust.attacks", "robust.cli"]
     # every package folder under robust/ ships in a wheel (an explicit list does not find subpackages itself)
-    subpackages = {f"robust.{p.parent.name}" for p in (ROOT / "robust").glob("*/__init__.py")}
-    assert subpackages <= set(tool["packages"]), subpackages - set(tool["packages"])
+    subpackages = {".".join(("robust", *p.parent.relative_to(ROOT / "robust").parts)) for p in (ROOT / "robust").rglob("__init__.py")}
+    assert set(tool["packages"]) == {"robust", *subpackages, "robust.attacks", "robust.cli"}
     assert tool["package-dir"] == {"robust.attacks": "attacks", "robust.cli": "cli"}
     assert meta["project"]["scripts"] == {"robust": "robust.cli.main:main"}
     import robust.attacks

@@ -12,17 +12,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import invoke_in
 from PIL import Image
 
 import robust
 from robust.checkpoint import load_checkpoint
 from robust.config import TrainConfig
-from robust.data import BatchLoader, augmentation_for, load_dataset, resized_crop_at
-from robust.norms import use_route
-from robust.sources import STATS_SAMPLE, choose_mode, decode_image
-from robust.trainer import Trainer
-
-from conftest import invoke_in
+from robust.data.lazy import (
+    STATS_SAMPLE,
+    ArrayReader,
+    LazyImages,
+    _worker_init,
+    channel_stats,
+    choose_mode,
+    decode_image,
+    read_batches,
+)
+from robust.data.load import load_dataset
+from robust.data.loader import BatchLoader, augmentation_for, resized_crop_at
+from robust.nn.norms import use_route
+from robust.train.trainer import Trainer
 
 CLASSES = ["bag", "coat", "trouser"]  # folder names; labels are their sorted positions
 FMNIST_LABEL = {"bag": 8, "coat": 4, "trouser": 1}
@@ -170,7 +179,7 @@ def test_the_co_guard_measures_the_same_fixed_batch_streamed_and_in_memory(tmp_p
     results = []
     for mode in ("memory", "stream"):
         trainer = Trainer(_config(tmp_path / mode, data_dir=str(tmp_path / "f"), data_mode=mode, workers=2,
-                                  method="nfgsm", val_split=0.0), log=_quiet)
+                                  method="nfgsm", val_split=0.0), log=_quiet).setup()
         assert trainer.guard is not None and trainer.loader.streamed == (mode == "stream")
         assert trainer.guard.x.dtype == torch.float32 and trainer.guard.x.shape == (16, 1, 28, 28)
         results.append((trainer.guard.x, trainer.guard.y, trainer.fit()["co_guard_pgd_acc"]))
@@ -179,7 +188,6 @@ def test_the_co_guard_measures_the_same_fixed_batch_streamed_and_in_memory(tmp_p
 
 
 def test_stats_use_a_fixed_sample_of_large_sets():
-    from robust.sources import channel_stats
 
     calls = []
 
@@ -325,7 +333,6 @@ def test_sigterm_to_the_process_group_stops_a_streaming_run_cleanly(tmp_path, fm
 
 
 def _lazy(n: int = 64, workers: int = 2):
-    from robust.sources import ArrayReader, LazyImages
 
     pixels = np.arange(n * 64, dtype=np.uint8).reshape(n, 1, 8, 8)
     return pixels, LazyImages(ArrayReader(pixels, channels_last=False), np.arange(n), (1, 8, 8), workers=workers)
@@ -336,9 +343,9 @@ def test_a_group_signal_while_reading_workers_start_does_not_kill_them(monkeypat
     import os
     import signal
 
-    import robust.sources as sources
+    import robust.data.lazy as sources
 
-    original = sources._worker_init
+    original = _worker_init
 
     def signalled_while_starting(worker_id: int) -> None:  # a kill of the process group, as the worker starts
         os.kill(os.getpid(), signal.SIGTERM)
@@ -347,7 +354,7 @@ def test_a_group_signal_while_reading_workers_start_does_not_kill_them(monkeypat
     monkeypatch.setattr(sources, "_worker_init", signalled_while_starting)
     pixels, images = _lazy()
     batches = [np.arange(i, i + 8) for i in range(0, 64, 8)]
-    read = list(sources.read_batches(images, batches, workers=2))
+    read = list(read_batches(images, batches, workers=2))
     assert all(torch.equal(b, torch.from_numpy(pixels[i])) for b, i in zip(read, batches))
 
 
@@ -358,7 +365,7 @@ def test_reading_workers_left_running_do_not_hold_up_the_exit(tmp_path):
 
     script = (
         "import numpy as np, sys\n"
-        "from robust.sources import ArrayReader, LazyImages, read_batches\n"
+        "from robust.data.lazy import ArrayReader, LazyImages, read_batches\n"
         "x = np.zeros((64, 1, 8, 8), dtype=np.uint8)\n"
         "images = LazyImages(ArrayReader(x, channels_last=False), np.arange(64), (1, 8, 8), workers=2)\n"
         "reading = read_batches(images, [np.arange(i, i + 8) for i in range(0, 64, 8)], 2)\n"

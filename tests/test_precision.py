@@ -13,13 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robust import build_model, use_route
-from robust.bench import BenchConfig, run_bench
-from robust.config import ConfigError, TrainConfig
-from robust.data import to_float
-from robust.engine import autocast, autocast_dtype, cpu_has_amx
-from robust.step import StepSettings, train_step
-from robust.trainer import Trainer
+from robust.config import TrainConfig
+from robust.data.loader import to_float
+from robust.errors import ConfigError
+from robust.lab.bench import BenchConfig, run_bench
+from robust.nn.factory import build_model
+from robust.nn.norms import use_route
+from robust.runtime import autocast, autocast_dtype, cpu_has_amx
+from robust.train.step import StepSettings, train_step
+from robust.train.trainer import Trainer
 
 CPU = torch.device("cpu")
 

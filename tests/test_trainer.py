@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robust import build_model, use_route
 from robust.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
-from robust.config import ConfigError, TrainConfig
-from robust.data import ImageData
-from robust.step import StepSettings, step_loss
-from robust.trainer import Trainer
+from robust.config import TrainConfig
+from robust.data.types import ImageData
+from robust.errors import ConfigError
+from robust.nn.factory import build_model
+from robust.nn.norms import use_route
+from robust.train.step import StepSettings, step_loss
+from robust.train.trainer import Trainer
 
 
 def _settings(method: str, fused: bool = True, w: float = 0.5) -> StepSettings:
@@ -132,9 +134,9 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, fmnist_small):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="--resume.*--force"):
-        Trainer(_tiny_config(out), data=_tiny_data(fmnist_small))
+        Trainer(_tiny_config(out), data=_tiny_data(fmnist_small)).setup()
     with pytest.raises(ConfigError, match="cannot resume"):
-        Trainer(_tiny_config(tmp_path / "new"), data=_tiny_data(fmnist_small), resume=True)
+        Trainer(_tiny_config(tmp_path / "new"), data=_tiny_data(fmnist_small), resume=True).setup()
     assert (out / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists()
 
 

@@ -15,44 +15,101 @@ fast       :mod:`robust.objectives.fast`    Wong et al. 2020: CE on FGSM with a 
 nfgsm      :mod:`robust.objectives.nfgsm`   de Jorge et al. 2022: CE on noisy, unprojected FGSM
 =========  ===============================  ==========================================================
 
-``hybrid`` (the SaBN reference) is not an objective of its own: it is ``pgd`` with clean-weight 0.5.
-A new method is one module with a subclass of :class:`Objective` decorated with :func:`register`
-(and its name in ``robust.config.METHODS``).
+Each class is the one source of its method's facts: its ``name`` and ``aliases`` (``hybrid`` is
+``pgd`` with clean-weight 0.5 by default), its ``options`` (each with a default, help text and
+checks: TRADES's and MART's ``beta``), ``one_step`` (the catastrophic-overfitting guard is on by
+default) and ``attack_bn`` (the BN mode its official code attacks in). The config's choices, the
+CLI's flags and help and the training step follow from the registry: a new method is one module
+with a subclass of :class:`Objective` decorated with :func:`register`, imported before use.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn as nn
 
+from robust.checks import check_value
+from robust.errors import ConfigError
+from robust.threat import parse_fraction
+
 OBJECTIVES: dict[str, type["Objective"]] = {}
+ALIASES: dict[str, str] = {}  # alias -> objective name
+ATTACK_BN_MODES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One hyperparameter an objective declares: its default, help text and range (as config fields have)."""
+
+    default: float | int
+    help: str
+    min: float | None = None
+    max: float | None = None
+
+    def check(self, name: str, value: Any) -> float | int:
+        """``value`` (a number, or text like ``6`` or ``1/2``) as the option's type, checked against its range."""
+        kind = type(self.default)
+        if isinstance(value, str):
+            value = parse_fraction(value, name) if kind is float else _parse_int(name, value)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        meta = {k: v for k, v in (("min", self.min), ("max", self.max)) if v is not None}
+        return check_value(name, kind.__name__, meta, value)
+
+
+def _parse_int(name: str, text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got the text {text!r}") from None
 
 
 def register(cls: type["Objective"]) -> type["Objective"]:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
+    """Class decorator: make ``cls`` available under ``cls.name`` and each of its aliases."""
+    for name in (cls.name, *cls.aliases):
+        if name in OBJECTIVES or name in ALIASES:
+            raise ValueError(f"method name {name!r} is taken")
     OBJECTIVES[cls.name] = cls
+    ALIASES.update({alias: cls.name for alias in cls.aliases})
     return cls
 
 
 class Objective:
     """One training method's adversarial examples and loss, on the adv route.
 
-    ``eps``/``alpha``/``steps`` are the attack's radius, step size and steps; ``beta`` is the
-    weight of a regularizer (TRADES, MART). Class attributes say what the training step needs:
-    ``uses_natural`` (the loss also takes the adv route's logits of the clean input x),
-    ``attack_bn`` (the BN mode its official code attacks in, used when the config leaves it open)
-    and ``one_step`` (a single-step attack: the catastrophic-overfitting guard is on by default).
+    ``eps``/``alpha``/``steps`` are the attack's radius, step size and steps; the class's declared
+    ``options`` come as keywords (missing ones take their defaults) and become attributes. Class
+    attributes say what the training step needs: ``uses_natural`` (the loss also takes the adv
+    route's logits of the clean input x), ``attack_bn`` (the BN mode its official code attacks in,
+    used when the config leaves it open), ``one_step`` (a single-step attack: the catastrophic-
+    overfitting guard is on by default) and ``aliases`` (other names, each with the step settings
+    it implies, e.g. ``{"hybrid": {"clean_weight": 0.5}}``).
     """
 
     name: ClassVar[str]
     uses_natural: ClassVar[bool] = False
     attack_bn: ClassVar[str] = "train"
     one_step: ClassVar[bool] = False
+    options: ClassVar[Mapping[str, Option]] = {}
+    aliases: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
-    def __init__(self, eps: float, alpha: float, steps: int, beta: float = 6.0) -> None:
-        self.eps, self.alpha, self.steps, self.beta = float(eps), float(alpha), int(steps), float(beta)
+    def __init__(self, eps: float, alpha: float, steps: int, **options: Any) -> None:
+        self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
+        for name, value in self.checked_options(options).items():
+            setattr(self, name, value)
+
+    @classmethod
+    def checked_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every declared option: the given value checked, or its default; ConfigError for an unknown name."""
+        unknown = sorted(set(given) - set(cls.options))
+        if unknown:
+            known = ", ".join(cls.options) or "none"
+            raise ConfigError(f"method {cls.name} has no option {', '.join(unknown)}; its options: {known}")
+        return {name: option.check(name, given[name]) if name in given else option.default
+                for name, option in cls.options.items()}
 
     def examples(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial examples of x (the caller has chosen the adv route, BN mode and precision)."""
@@ -64,24 +121,54 @@ class Objective:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(eps={self.eps:g}, alpha={self.alpha:g}, steps={self.steps}, beta={self.beta:g})"
+        extra = "".join(f", {name}={getattr(self, name):g}" for name in self.options)
+        return f"{type(self).__name__}(eps={self.eps:g}, alpha={self.alpha:g}, steps={self.steps}{extra})"
+
+
+def method_names() -> tuple[str, ...]:
+    """Every name ``--method`` takes: each objective followed by its aliases, in registration order."""
+    return tuple(n for name, cls in OBJECTIVES.items() for n in (name, *cls.aliases))
 
 
 def get_objective(name: str) -> type[Objective]:
-    """The objective class called ``name`` (``hybrid`` is ``pgd``); ValueError naming the valid ones."""
-    key = "pgd" if name == "hybrid" else name
+    """The objective class called ``name`` or aliased so (``hybrid`` is ``pgd``); ValueError naming the valid ones."""
     try:
-        return OBJECTIVES[key]
+        return OBJECTIVES[ALIASES.get(name, name)]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; valid: hybrid, {', '.join(OBJECTIVES)}") from None
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join([*ALIASES, *OBJECTIVES])}") from None
 
 
-def objective_from_config(config) -> Objective:
-    """The objective a :class:`robust.config.TrainConfig` trains with."""
-    return get_objective(config.objective_name)(config.eps_value, config.step_size_value, config.steps,
-                                                config.resolved_beta)
+def alias_settings(name: str) -> Mapping[str, Any]:
+    """The step settings a method name implies (``hybrid``: clean-weight 0.5); empty for an objective's own name."""
+    return get_objective(name).aliases.get(name, {})
 
 
-from . import pgd, trades, mart, fast, nfgsm  # noqa: E402,F401,I001  (each registers itself, in this order)
+def parse_method_options(text: str | None) -> dict[str, str]:
+    """``"beta=6,gamma=0.1"`` -> ``{"beta": "6", "gamma": "0.1"}`` (values checked by the objective)."""
+    options: dict[str, str] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, eq, value = part.partition("=")
+        if not eq or not name.strip() or not value.strip():
+            raise ConfigError(f"method-options {text!r}: write NAME=VALUE pairs separated by commas, e.g. beta=6")
+        options[name.strip().replace("-", "_")] = value.strip()
+    return options
 
-__all__ = ["OBJECTIVES", "Objective", "get_objective", "objective_from_config", "register"]
+
+def all_options() -> dict[str, tuple[Option, list[str]]]:
+    """Every option any registered objective declares, with the methods declaring it (for the CLI's flags)."""
+    out: dict[str, tuple[Option, list[str]]] = {}
+    for cls in OBJECTIVES.values():
+        for name, option in cls.options.items():
+            out.setdefault(name, (option, []))[1].append(cls.name)
+    return out
+
+
+from robust.objectives import pgd, trades, mart, fast, nfgsm  # noqa: E402, F401  # isort: skip  (each registers itself, in this order)
+
+# The order of registration is the order of --method's choices: pgd first, as the default.
+METHODS = method_names()
+
+__all__ = ["ALIASES", "ATTACK_BN_MODES", "METHODS", "OBJECTIVES", "Objective", "Option", "alias_settings",
+           "all_options", "get_objective", "method_names", "parse_method_options", "register"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..attacks import fgsm_rs
-from . import Objective, register
+from robust.attacks import fgsm_rs
+from robust.objectives import Objective, register
 
 
 @register

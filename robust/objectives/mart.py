@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attacks import gaussian_start, pgd
-from . import Objective, register
+from robust.attacks import gaussian_start, pgd
+from robust.objectives import Objective, Option, register
 
 
 def mart_loss(natural_logits: torch.Tensor, adv_logits: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -32,6 +32,7 @@ class MART(Objective):
     name = "mart"
     uses_natural = True
     attack_bn = "eval"
+    options = {"beta": Option(6.0, "weight of the KL term (the official code's default 6)", min=0)}
 
     def examples(self, model, x, y):
         return pgd(model, x, y, self.eps, self.alpha, self.steps, start=gaussian_start(x))

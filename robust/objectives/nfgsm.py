@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..attacks import nfgsm
-from . import Objective, register
+from robust.attacks import nfgsm
+from robust.objectives import Objective, register
 
 
 @register

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..attacks import pgd
-from . import Objective, register
+from robust.attacks import pgd
+from robust.objectives import Objective, register
 
 
 @register
 class PGD(Objective):
     name = "pgd"
+    aliases = {"hybrid": {"clean_weight": 0.5}}  # the SaBN reference's loss: pgd with half the weight on the clean route
 
     def examples(self, model, x, y):
         return pgd(model, x, y, self.eps, self.alpha, self.steps, random_start=True)

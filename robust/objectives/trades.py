@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attacks import gaussian_start, kl_loss_from, pgd
-from . import Objective, register
+from robust.attacks import gaussian_start, kl_loss_from, pgd
+from robust.objectives import Objective, Option, register
 
 
 def batch_kl(natural_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Tensor:
@@ -30,6 +30,7 @@ class TRADES(Objective):
     name = "trades"
     uses_natural = True
     attack_bn = "eval"
+    options = {"beta": Option(6.0, "weight of the KL term (the official code's default 6)", min=0)}
 
     def examples(self, model, x, y):
         with torch.no_grad():

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import checkpoint as ckpt
-from . import distributed as dist_
-from .config import TrainConfig
-from .data import BatchLoader, ImageData, augmentation_for, split_train_val
-from .models import build_model
-from .step import StepSettings
+from robust.config import TrainConfig
+from robust.data.loader import BatchLoader, augmentation_for, split_train_val
+from robust.data.types import ImageData
+from robust.errors import CheckpointError
+from robust.nn.factory import build_model
+from robust.nn.syncbn import convert_sync_batchnorm
+from robust.train.step import StepSettings
 
 
 @dataclass
@@ -55,7 +56,7 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
     saved_sync = bool((state or {}).get("distributed", {}).get("sync_bn", False))
     sync = bool(sync_bn) if sync_bn is not None else saved_sync or bool(c.sync_bn)
     if sync:
-        dist_.convert_sync_batchnorm(model)
+        convert_sync_batchnorm(model)
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
@@ -75,9 +76,9 @@ def load_weights(model: nn.Module, state: dict[str, Any], config: TrainConfig, p
     if c.width is not None and saved.get("width") not in (None, c.width):
         differ.append(f"width {saved.get('width')} (asked: {c.width})")
     if differ:
-        raise ckpt.CheckpointError(f"{path} holds another model: {', '.join(differ)}; drop those flags to resume it, or start a new run with --out NEW")
+        raise CheckpointError(f"{path} holds another model: {', '.join(differ)}; drop those flags to resume it, or start a new run with --out NEW")
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ckpt.CheckpointError(f"{path} does not fit the configured model ({first}); resume with the run's own settings or start a new run") from None
+        raise CheckpointError(f"{path} does not fit the configured model ({first}); resume with the run's own settings or start a new run") from None

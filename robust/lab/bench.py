@@ -53,14 +53,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import ConfigError, TrainConfig, parse_eps
-from .data import DATASET_INFO, ImageData
-from .engine import resolve_device
-from .models import build_model
-from .norms import use_route
+from robust.config import TrainConfig
+from robust.data.types import DATASET_INFO, ImageData
+from robust.errors import ConfigError
+from robust.nn.factory import build_model
+from robust.nn.norms import use_route
+from robust.runtime import autocast_dtype, precision_name, resolve_device
+from robust.threat import parse_eps
+from robust.train.build import build_training
+from robust.train.step import train_step
 
 VARIANTS = ("project", "textbook")
+
+
 BENCH_METHODS = ("pgd", "hybrid", "fast")  # what the textbook loop implements
+
+
 # name: (channels, height, width, training-set size)
 DATASET_SHAPES = {
     "cifar10": (3, 32, 32, 50_000),
@@ -122,10 +130,6 @@ class BenchConfig:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Synthetic data
-
-
 def synthetic_data(config: BenchConfig) -> ImageData:
     """Random uint8 images and labels of the dataset's shape, so the benchmark runs offline."""
     c, h, w, _ = DATASET_SHAPES[config.dataset]
@@ -145,15 +149,8 @@ def _endless(loader, set_epoch: Callable[[int], None] | None = None) -> Iterator
         epoch += 1
 
 
-# ---------------------------------------------------------------------------------------------
-# Variant (a): the project's trainer step
-
-
 def project_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], None], nn.Module]:
     """A closure running one training step exactly as ``Trainer.train_one_epoch`` does (no run folder)."""
-    from .build import build_training
-    from .engine import autocast_dtype
-    from .step import train_step
 
     tc = config.train_config()
     device = resolve_device(config.device)
@@ -170,10 +167,6 @@ def project_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], N
         correct += (adv_logits.argmax(1) == y).sum()
 
     return step, parts.model
-
-
-# ---------------------------------------------------------------------------------------------
-# Variant (b): a textbook loop
 
 
 class PILImageDataset(torch.utils.data.Dataset):
@@ -253,10 +246,6 @@ def textbook_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], 
 
 
 RUNNERS = {"project": project_runner, "textbook": textbook_runner}
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurements
 
 
 def synchronize(device: torch.device) -> None:
@@ -365,7 +354,7 @@ def peak_memory(variant: str, config: BenchConfig) -> dict[str, float]:
     """Peak memory of ``variant``: in this process on CUDA, in a fresh subprocess on the CPU."""
     if resolve_device(config.device).type == "cuda":
         return peak_memory_here(variant, config)
-    code = ("import json, sys\nfrom robust.bench import BenchConfig, peak_memory_here\n"
+    code = ("import json, sys\nfrom robust.lab.bench import BenchConfig, peak_memory_here\n"
             "cfg = BenchConfig(**json.loads(sys.stdin.read()))\n"
             f"print(json.dumps(peak_memory_here({variant!r}, cfg)))\n")
     done = subprocess.run([sys.executable, "-c", code], input=json.dumps(asdict(config)), capture_output=True,
@@ -463,6 +452,5 @@ PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 
 def _precision_name(config: BenchConfig, device: torch.device) -> str:
-    from .engine import autocast_dtype, precision_name
 
     return precision_name(autocast_dtype(config.precision, device))

@@ -16,15 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import checkpoint as ckpt
-from . import distributed as dist_
-from . import outputs
-from .config import ConfigError
-from .faults import CheckpointWriteError
-
-
-class RunExistsError(ConfigError):
-    """The run folder already holds a run; pass --resume or --force."""
+from robust import checkpoint as ckpt
+from robust.errors import CheckpointWriteError, ConfigError, RunExistsError
+from robust.outputs import FolderLock, holds_files, probe_folder
+from robust.train import distributed as dist_
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -76,7 +71,7 @@ class RunFolder:
     def __init__(self, path: Path, dist: dist_.DistContext, resume: bool, force: bool) -> None:
         self.path, self.dist, self.resume, self.force = Path(path), dist, resume, force
         self.last_saved = "nothing yet"
-        self._lock: outputs.FolderLock | None = None
+        self._lock: FolderLock | None = None
         self._resumed_stamp = None
 
     @property
@@ -92,7 +87,7 @@ class RunFolder:
             if not self.last_pt.is_file():
                 raise ConfigError(f"cannot resume: {self.path}/last.pt does not exist; start a new run without --resume "
                                   "(with --force if the folder exists)")
-        elif self.dist.is_main and outputs.holds_files(self.path) and not self.force:
+        elif self.dist.is_main and holds_files(self.path) and not self.force:
             raise RunExistsError(f"run folder {self.path} already exists; pass --resume to continue it, --force to replace it, or --out NEW")
 
     def read_last(self, device) -> dict[str, Any]:
@@ -110,14 +105,14 @@ class RunFolder:
     def check_room(self, checkpoint_bytes: int, kept: int = 0) -> None:
         """Refuse before training when the folder cannot take our files (probe write, free space)."""
         need = (3 + kept) * checkpoint_bytes + (1 << 20)  # last.pt, best.pt, kept epochs and one temporary copy
-        outputs.probe_folder(self.path, "--out", need, what="the checkpoints")
+        probe_folder(self.path, "--out", need, what="the checkpoints")
 
     def lock(self) -> None:
         """Become the folder's only writer (rank 0), then re-check it: another run may have used it since setup."""
         error = None
         if self.dist.is_main:
             try:
-                self._lock = (self._lock or outputs.FolderLock(self.path)).acquire()
+                self._lock = (self._lock or FolderLock(self.path)).acquire()
                 self.check()
                 if self.resume and self._stamp() != self._resumed_stamp:
                     raise ConfigError(f"{self.last_pt} changed after this run read it (another process wrote it); "
@@ -193,3 +188,13 @@ class RunFolder:
 
         self.on_main(write, f"the epoch {epoch + 1} checkpoint")
         self.last_saved = describe(epoch + 1, 0)
+
+    def save_stopped(self, state: dict[str, Any] | None, metrics: dict[str, Any], kept: int) -> None:
+        """A run the catastrophic-overfitting guard stopped: the collapsed epoch's metrics line, then last.pt
+        back at the kept epoch ``kept`` (1-based)."""
+        def write() -> None:
+            append_line(self.path / "metrics.jsonl", json.dumps(metrics) + "\n")
+            ckpt.save_checkpoint(state, self.last_pt)
+
+        self.on_main(write, f"the epoch {kept} checkpoint")
+        self.last_saved = describe(kept, 0)

@@ -12,17 +12,20 @@ compared on the same images and a resumed run measures exactly what an uninterru
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .attacks import pgd
-from .engine import autocast, bn_mode
-from .metrics import correct_under_attack
-from .norms import use_route
+from robust.attacks import pgd
+from robust.eval.accuracy import correct_under_attack
+from robust.nn.norms import bn_mode, use_route
+from robust.runtime import autocast
 
 GUARD_STEPS = 5
+
+
 GUARD_DROP = 20.0  # percentage points, fast_adversarial's threshold (0.2)
 
 
@@ -32,6 +35,7 @@ class COGuard:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = GUARD_STEPS,
                  drop: float = GUARD_DROP, previous: float | None = None) -> None:
         self.x, self.y, self.eps, self.steps, self.drop, self.previous = x, y, float(eps), steps, drop, previous
+        self.good: dict[str, Any] | None = None  # the last good epoch's state, once remembered
 
     def accuracy(self, model: nn.Module, seed: int, amp: torch.dtype | None = None) -> float:
         """PGD accuracy (%) of the adv route on the guard's batch; the global RNG is left as it was."""
@@ -51,3 +55,19 @@ class COGuard:
         if not collapsed:
             self.previous = acc
         return report
+
+    def remember(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, **extra: Any) -> None:
+        """Keep a copy of the state a collapse in the next epoch goes back to (training moves on), with ``extra``."""
+        self.good = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+                     "scaler": copy.deepcopy(scaler.state_dict()) if scaler is not None else None, **extra}
+
+    def roll_back(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler) -> dict[str, Any] | None:
+        """Put the remembered state back into ``model``, ``optimizer`` and ``scaler``; return it (None if none was kept)."""
+        good = self.good
+        if good is None:
+            return None
+        model.load_state_dict(good["model"])
+        optimizer.load_state_dict(good["optimizer"])
+        if scaler is not None and good["scaler"] is not None:
+            scaler.load_state_dict(good["scaler"])
+        return good

@@ -38,9 +38,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .engine import bn_mode
-from .norms import DualBatchNorm2d, RoutedNorm, SandwichBatchNorm2d, SharedBatchNorm2d, use_route
-from .step import StepSettings, make_adversarial, step_loss
+from robust import checkpoint as ckpt
+from robust.config import TrainConfig
+from robust.data.load import load_dataset
+from robust.data.loader import BatchLoader, split_train_val
+from robust.errors import ConfigError
+from robust.lab.stats import mean_sd
+from robust.nn.norms import DualBatchNorm2d, RoutedNorm, SandwichBatchNorm2d, SharedBatchNorm2d, bn_mode, use_route
+from robust.runtime import resolve_device
+from robust.train.step import StepSettings, make_adversarial, step_loss
 
 FIGURES = ("shared_clean", "shared_adv", "route_clean", "route_adv", "cosine", "route_cosine")
 
@@ -114,16 +120,16 @@ def batch_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: S
 
 def gradient_analysis(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eps: float,
                       alpha: float | None = None, steps: int = 7, attack_train_mode: bool = True,
-                      method: str = "pgd", beta: float = 6.0) -> dict[str, Any]:
+                      method: str = "pgd", options: dict | None = None) -> dict[str, Any]:
     """Per-layer gradient norms and cosines of the clean and adversarial losses, averaged over ``batches``.
 
-    ``method`` (and ``beta``) choose the objective whose examples and loss are the adversarial side.
+    ``method`` (and its ``options``, e.g. trades's beta) choose the objective whose examples and loss are the adversarial side.
     Returns ``{"norm", "cosine_of", "settings", "layers": [{"layer", **figures}], "summary"}``; the
     figures are described in the module docstring. ``model`` itself is not modified.
     """
     model = copy.deepcopy(model)
     alpha = eps / 4 if alpha is None else alpha
-    settings = StepSettings.of(method, eps, alpha, steps, beta, attack_bn="train" if attack_train_mode else "eval")
+    settings = StepSettings.of(method, eps, alpha, steps, options=options, attack_bn="train" if attack_train_mode else "eval")
     layers = norm_layers(model)
     if not layers:
         raise ValueError("the model has no routed norm layers with affine parameters; build it with robust.build_model")
@@ -180,10 +186,6 @@ def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | Non
     Dataset, split, eps, step size, steps and batch size default to the checkpoint's training
     config; the first ``batches`` augmented training batches of epoch 0 are used.
     """
-    from . import checkpoint as ckpt
-    from .config import ConfigError, TrainConfig
-    from .data import BatchLoader, load_dataset, split_train_val
-    from .engine import resolve_device
 
     if batches < 1:
         raise ConfigError(f"batches must be >= 1, got {batches}")
@@ -210,7 +212,7 @@ def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | Non
     attack_train = config.resolved_attack_bn == "train" if config else True
     result = gradient_analysis(model, chosen, eps, alpha, steps, attack_train_mode=attack_train,
                                method=config.objective_name if config else "pgd",
-                               beta=config.resolved_beta if config else 6.0)
+                               options=config.objective_options if config else None)
     result["checkpoint"] = str(ckpt.resolve_checkpoint_path(path))
     result["settings"].update(dataset=dataset, seed=seed)
     return result
@@ -223,7 +225,6 @@ SPREAD_FIGURES = ("cosine", "route_cosine", "shared_ratio", "route_ratio", "shar
 def spread_by_norm(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per norm kind, over the analysed checkpoints (e.g. one per seed): n, and the mean and sample
     standard deviation of each summary figure (None where the norm has no such figure)."""
-    from .compare import mean_sd
 
     groups: dict[str, list[dict[str, Any]]] = {}
     for result in results:

@@ -24,33 +24,33 @@ position inside the epoch, so a resumed run ends with the weights of an uninterr
 
 from __future__ import annotations
 
-import copy
-import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from . import checkpoint as ckpt
-from . import distributed as dist_
-from .attacks import pgd
-from .build import build_training
-from .co_guard import COGuard
-from .config import ConfigError, TrainConfig
-from .data import ImageData, load_dataset, memory_budget, to_float
-from .engine import autocast, autocast_dtype, bn_mode, lr_at, precision_name
-from .faults import (  # noqa: F401  (re-exported: robust.trainer is where callers have found them)
-    SIGNAL_NAMES, CheckpointWriteError, FiniteWatch, NonFiniteLoss, SaveTimer, SignalCatcher, TrainingInterrupted,
-)
-from .metrics import correct_under_attack
-from .norms import ROUTES, is_dual_route, use_route
-from .rundir import RunExistsError, RunFolder, append_line, describe  # noqa: F401
-from .step import StepSettings, make_adversarial, step_loss, train_step  # noqa: F401
+from robust import checkpoint as ckpt
+from robust.attacks import pgd
+from robust.config import TrainConfig
+from robust.data.load import load_dataset, memory_budget
+from robust.data.loader import to_float
+from robust.data.types import ImageData
+from robust.errors import CheckpointError, ConfigError, NonFiniteLoss, TrainingInterrupted
+from robust.eval.accuracy import correct_under_attack
+from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
+from robust.runtime import autocast, autocast_dtype, precision_name
+from robust.train import distributed as dist_
+from robust.train.build import build_training
+from robust.train.co_guard import COGuard
+from robust.train.faults import SIGNAL_NAMES, FiniteWatch, SaveTimer, SignalCatcher
+from robust.train.rundir import RunFolder, describe
+from robust.train.schedule import lr_at
+from robust.train.step import train_step
 
 
-# ---- small parts of the loop ---------------------------------------------------------------------
 def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     """The RNG seed of one step's attack: a resumed run draws the same random starts as an uninterrupted one."""
     return (((seed * 1_000_003 + epoch) * 1_000_033 + batch) * 1_009 + rank) % (2 ** 63 - 1)
@@ -149,27 +149,42 @@ class Trainer:
 
     ``data`` may be passed to skip loading (tests, notebooks); ``resume`` continues from the run
     folder's last.pt (also from inside an epoch); ``force`` replaces an existing run folder's
-    files. Under torchrun the trainer joins the process group itself. Keyword-only options:
-    ``sync_bn`` (route-aware SyncBatchNorm; None keeps the resumed checkpoint's choice),
-    ``check_every`` (steps between non-finite-loss checks), ``handle_signals`` (turn
-    SIGINT/SIGTERM into a checkpoint and :class:`TrainingInterrupted` while fit() runs).
-    Constructing a Trainer writes nothing.
+    files. Keyword-only options: ``sync_bn`` (route-aware SyncBatchNorm; None keeps the resumed
+    checkpoint's choice), ``check_every`` (steps between non-finite-loss checks),
+    ``handle_signals`` (turn SIGINT/SIGTERM into a checkpoint and :class:`TrainingInterrupted`
+    while fit() runs).
+
+    Constructing a Trainer only checks the config: it reads, writes and joins nothing.
+    :meth:`setup` (called by :meth:`fit`, or first by a caller that wants to look at the model)
+    joins the process group under torchrun, checks the run folder, reads last.pt, loads the data
+    and builds the model, optimizer and loader (:func:`robust.train.build.build_training`, no IO).
     """
 
     def __init__(self, config: TrainConfig, data: ImageData | None = None, resume: bool = False,
                  force: bool = False, log: Callable[[str], None] | None = None, *, sync_bn: bool | None = None,
                  check_every: int = 50, handle_signals: bool = True) -> None:
         self.config = config.validate()
-        self.resume = resume
+        self.data, self.resume, self.force, self._sync_bn_asked = data, resume, force, sync_bn
         self.check_every = max(1, int(check_every))
-        self.dist, self.device = dist_.setup(config.device)
-        self.log = (log or _to_stderr) if self.dist.is_main else _silent
-        self.folder = RunFolder(config.run_dir, self.dist, resume, force)
+        self._log = log or _to_stderr
         self.signals = SignalCatcher(handle_signals)
         self.saves = SaveTimer(config.save_every)  # the config is the one source of a run's settings
+        self.ready = False
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+    def setup(self) -> "Trainer":
+        """Join the process group, check the folder, read last.pt, load the data, build; once (fit() calls it)."""
+        if self.ready:
+            return self
+        self.dist, self.device = dist_.setup(self.config.device)
+        self.log = self._log if self.dist.is_main else _silent
+        self.folder = RunFolder(self.run_dir, self.dist, self.resume, self.force)
         error = None
         try:
-            self._setup(data, sync_bn)
+            self._setup_local()
         except Exception as exc:  # every rank must learn of a failure on any rank, or the others hang
             if not self.dist.enabled:
                 raise
@@ -178,17 +193,15 @@ class Trainer:
         if self.dist.enabled:  # DDP around the loss model (a collective: it broadcasts rank 0's weights)
             unused = self.settings.clean_weight == 0 and is_dual_route(self.model)  # the clean route is idle
             self.loss_model = dist_.wrap_ddp(self.forward_model, self.dist, self.device, unused)
-
-    @property
-    def run_dir(self):
-        return self.folder.path
+        self.ready = True
+        return self
 
     @property
     def save_every_s(self) -> float | None:
         return self.saves.every_s
 
     # ---- setup (local to this rank: no collectives, a rank that fails must not strand the others) ---
-    def _setup(self, data: ImageData | None, sync_bn: bool | None) -> None:
+    def _setup_local(self) -> None:
         c = self.config
         self.folder.check()
         if c.threads:
@@ -197,21 +210,20 @@ class Trainer:
             raise ConfigError(f"batch-size {c.batch_size} is the global batch and must be >= the {self.dist.world_size} ranks; raise --batch-size")
         self.amp = autocast_dtype(c.precision, self.device)
         state = self.folder.read_last(self.device) if self.resume else None  # a bad last.pt before the slow data
-        self.data = data if data is not None else load_dataset(
+        self.data = self.data if self.data is not None else load_dataset(
             c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, budget=memory_budget(self.device),
             workers=c.workers)
-        parts = build_training(c, self.data, self.device, self.amp, state, sync_bn, self.folder.last_pt)
+        parts = build_training(c, self.data, self.device, self.amp, state, self._sync_bn_asked, self.folder.last_pt)
         self.loader, self.val, self.model, self.forward_model = parts.loader, parts.val, parts.model, parts.forward_model
         self.optimizer, self.scaler, self.settings, self.sync_bn = parts.optimizer, parts.scaler, parts.settings, parts.sync_bn
         self.loss_model = self.forward_model
         self.guard = self._make_guard() if c.resolved_co_guard else None
         self.start_epoch, self.start_batch, self.step, self.best = 0, 0, 0, None
         self.resume_tally: dict[str, float] | None = None
-        self._good: dict[str, Any] | None = None  # the last good epoch, while the guard is on
         if state is not None:
             self._load_state(state)
             if self.guard is not None and not self.start_batch:  # resumed at an epoch end: that epoch is the last good one
-                self._keep_good(state.get("metrics"))
+                self._remember_good(state.get("metrics"))
         if self.dist.is_main:
             self.folder.check_room(self._checkpoint_bytes(), len(self.config.kept_epochs))
 
@@ -235,7 +247,7 @@ class Trainer:
             self.best = state.get("best")
             position = state.get("position")
         except (KeyError, TypeError, ValueError) as exc:
-            raise ckpt.CheckpointError(f"{path} lacks training state ({type(exc).__name__}: {exc}); it is not a last.pt of robust train, start a new run") from None
+            raise CheckpointError(f"{path} lacks training state ({type(exc).__name__}: {exc}); it is not a last.pt of robust train, start a new run") from None
         stopped = state.get("stopped")
         if stopped and self.guard is not None:
             raise ConfigError(f"cannot resume: {self.run_dir} stopped at epoch {stopped['epoch']} by the catastrophic-"
@@ -290,14 +302,10 @@ class Trainer:
         self.folder.save_epoch(self._checkpoint(epoch, metrics, None), epoch, metrics, improved, keep)
         self.saves.saved()
         if self.guard is not None:
-            self._keep_good(metrics)
+            self._remember_good(metrics)
 
-    def _keep_good(self, metrics: dict[str, Any] | None) -> None:
-        """Remember the state a collapse in the next epoch goes back to (a copy: training moves on)."""
-        self._good = {"model": copy.deepcopy(self.model.state_dict()),
-                      "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                      "scaler": copy.deepcopy(self.scaler.state_dict()) if self.scaler is not None else None,
-                      "step": self.step, "best": copy.deepcopy(self.best), "metrics": metrics or {}}
+    def _remember_good(self, metrics: dict[str, Any] | None) -> None:
+        self.guard.remember(self.model, self.optimizer, self.scaler, step=self.step, best=self.best, metrics=metrics or {})
 
     # ---- the loop ---------------------------------------------------------------------------------
     def _local_part(self, x: torch.Tensor, y: torch.Tensor):
@@ -310,15 +318,9 @@ class Trainer:
         rows = dist_.shard_rows(n, self.dist)
         return x[rows], y[rows], (rows.stop - rows.start) * self.dist.world_size / n
 
-    def _reduce_awp(self, grads: list[torch.Tensor]) -> None:
+    def _average_over_ranks(self, grads: list[torch.Tensor]) -> None:
         """AWP's ascent gradients averaged over ranks (each already weighted by its part's share)."""
-        if not self.dist.enabled:
-            return
-        flat = dist_.all_reduce_sum(torch.cat([g.flatten() for g in grads]), self.dist) / self.dist.world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        dist_.average_tensors(grads, self.dist)
 
     def _check_finite(self, epoch: int, steps: int, watch: FiniteWatch, next_batch: int) -> None:
         """Raise NonFiniteLoss naming the first bad step (on every rank); restart the watch otherwise."""
@@ -375,7 +377,7 @@ class Trainer:
             torch.manual_seed(step_seed(c.seed, epoch, i, self.dist.rank))
             loss, adv_logits = train_step(self.loss_model, self.optimizer, self.scaler, x, y, self.settings,
                                           attack_model=self.forward_model, loss_scale=weight, awp=awp,
-                                          reduce=self._reduce_awp if self.dist.enabled else None)
+                                          reduce=self._average_over_ranks if self.dist.enabled else None)
             tally.add(loss, adv_logits, y)
             watch.update(loss)
             self.step += 1
@@ -418,26 +420,16 @@ class Trainer:
 
     def _stop_collapsed(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Catastrophic overfitting in ``epoch``: back to the last good epoch, say so, write it down."""
-        good, report = self._good, metrics["co_guard"]
+        report = metrics["co_guard"]
+        good = self.guard.roll_back(self.model, self.optimizer, self.scaler)
         kept = epoch if good is not None else epoch + 1  # resumed inside this epoch: the previous one is not in memory
         stopped = {"epoch": epoch + 1, "kept_epoch": kept, "pgd_acc": report["pgd_acc"], "previous": report["previous"]}
         metrics["co_guard"] = {**report, "stopped": True, "kept_epoch": kept}
         if good is None:
             good = {"metrics": metrics}
         else:
-            self.model.load_state_dict(good["model"])
-            self.optimizer.load_state_dict(good["optimizer"])
-            if self.scaler is not None and good["scaler"] is not None:
-                self.scaler.load_state_dict(good["scaler"])
             self.step, self.best = good["step"], good["best"]
-        state = self._checkpoint(kept - 1, good["metrics"], None, stopped=stopped)
-
-        def write() -> None:  # the collapsed epoch's line, and last.pt back at the last good epoch
-            append_line(self.run_dir / "metrics.jsonl", json.dumps(metrics) + "\n")
-            ckpt.save_checkpoint(state, self.folder.last_pt)
-
-        self.folder.on_main(write, f"the epoch {kept} checkpoint")
-        self.folder.last_saved = describe(kept, 0)
+        self.folder.save_stopped(self._checkpoint(kept - 1, good["metrics"], None, stopped=stopped), metrics, kept)
         self.log(f"catastrophic overfitting at epoch {epoch + 1}: PGD-5 accuracy on a training batch fell from "
                  f"{report['previous']:.1f}% to {report['pgd_acc']:.1f}%; stopped, the result is epoch {kept} "
                  f"({self.folder.last_pt}; --no-co-guard trains on)")
@@ -445,7 +437,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.epochs``; write config.json, metrics.jsonl, last.pt, best.pt; return the final metrics."""
-        c = self.config
+        c = self.setup().config
         self.folder.lock()  # nothing is written before this process is the folder's only writer
         self.signals.install()
         try:
@@ -474,8 +466,7 @@ class Trainer:
         c = self.config
         ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
         extras = [f"clean-weight {self.settings.clean_weight:g}"]
-        if c.objective_name in ("trades", "mart"):
-            extras.append(f"beta {c.resolved_beta:g}")
+        extras += [f"{name} {value:g}" for name, value in c.objective_options.items()]
         if c.awp_gamma > 0:
             extras.append(f"AWP gamma {c.awp_gamma:g} from epoch {c.awp_warmup + 1}")
         if self.guard is not None:

@@ -1,16 +1,26 @@
-"""Device, precision, learning-rate schedule and the BN-mode context: the engine's small parts."""
+"""The machine a run meets: device, precision (autocast), CPU count and kind, and the versions that shape the numbers."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from typing import Iterator
+import platform
 
 import torch
-import torch.nn as nn
 
-from .config import ConfigError, TrainConfig
+from robust.errors import ConfigError
+
+__version__ = "0.1.0"
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -84,33 +94,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-@contextlib.contextmanager
-def bn_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
-    """Temporarily put ``model`` in train or eval mode; restore every module's mode on exit."""
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        model.train(training)
-        yield model
-    finally:
-        for m, mode in saved:
-            m.training = mode
+def versions() -> dict[str, str]:
+    """Versions of everything that shapes the numbers, stored next to them."""
+    import torchattacks
 
 
-def lr_at(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
-    """The learning rate before optimizer step ``step`` (0-based, counted over the whole run)."""
-    total = config.epochs * steps_per_epoch
-    epoch = step / steps_per_epoch
-    base = config.lr
-    if config.schedule == "multistep":
-        passed = sum(epoch >= m for m in config.milestone_epochs)
-        lr = base * (0.1 ** passed)
-    elif config.schedule == "cosine":
-        lr = 0.5 * base * (1 + math.cos(math.pi * step / total))
-    else:  # onecycle: linear up over the first 40% of steps, then linear down to 0
-        peak = 0.4 * total
-        lr = base * (step / peak if step < peak else max(0.0, (total - step) / (total - peak)))
-    if config.warmup_steps and step < min(config.warmup_steps, steps_per_epoch) and config.schedule != "onecycle":
-        # The reference warms from lr/10 to lr linearly over its first 200 steps (first epoch).
-        warm = min(config.warmup_steps, steps_per_epoch)
-        lr = base * (0.1 + 0.9 * step / warm)
-    return lr
+    return {"robust": __version__, "torch": torch.__version__, "torchattacks": torchattacks.__version__,
+            "python": platform.python_version()}

@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .awp import weight_perturbation
-from .engine import autocast, bn_mode
-from .norms import split_routes, use_route
-from .objectives import Objective, get_objective, objective_from_config
+from robust.nn.norms import bn_mode, split_routes, use_route
+from robust.objectives import Objective, alias_settings, get_objective
+from robust.runtime import autocast
+from robust.train.awp import weight_perturbation
 
 
 @dataclass
@@ -44,18 +44,19 @@ class StepSettings:
 
     @classmethod
     def from_config(cls, config, amp: torch.dtype | None, device: torch.device) -> "StepSettings":
-        return cls(objective=objective_from_config(config), clean_weight=config.resolved_clean_weight,
+        objective = config.objective(config.eps_value, config.step_size_value, config.steps, **config.objective_options)
+        return cls(objective=objective, clean_weight=config.resolved_clean_weight,
                    attack_train_mode=config.resolved_attack_bn == "train", fused=config.fused, amp=amp, device=device,
                    awp_gamma=config.awp_gamma)
 
     @classmethod
-    def of(cls, method: str, eps: float, alpha: float | None = None, steps: int = 7, beta: float = 6.0,
-           attack_bn: str | None = None, **fields) -> "StepSettings":
-        """Settings from plain values (tests, notebooks); ``attack_bn`` defaults to the objective's."""
+    def of(cls, method: str, eps: float, alpha: float | None = None, steps: int = 7, attack_bn: str | None = None,
+           options: dict | None = None, **fields) -> "StepSettings":
+        """Settings from plain values (tests, notebooks): ``options`` are the method's own (trades: beta),
+        ``attack_bn`` defaults to the objective's, an alias brings its settings (hybrid: clean-weight 0.5)."""
         kind = get_objective(method)
-        objective = kind(eps, eps / 4 if alpha is None else alpha, steps, beta)
-        if method == "hybrid":
-            fields.setdefault("clean_weight", 0.5)
+        objective = kind(eps, eps / 4 if alpha is None else alpha, steps, **(options or {}))
+        fields = {**alias_settings(method), **fields}
         return cls(objective=objective, attack_train_mode=(attack_bn or kind.attack_bn) == "train", **fields)
 
 

@@ -13,15 +13,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .norms import make_norm_layer
-
 NormLayer = Callable[[int], nn.Module]
+
 
 # The reference normalizes CIFAR-10 with ImageNet statistics.
 REFERENCE_MEAN = (0.485, 0.456, 0.406)
+
+
 REFERENCE_STD = (0.229, 0.224, 0.225)
 
+
 _ARCHS: dict[str, Callable[..., nn.Module]] = {}
+
+
 ARCH_DEFAULT_WIDTH: dict[str, int] = {}
 
 
@@ -146,60 +150,3 @@ def wide_resnet34_10(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNe
     """
     kwargs.setdefault("final_norm", True)  # TRADES's WideResNet ends with BN + ReLU
     return PreActResNet([5, 5, 5], [width, 2 * width, 4 * width], 16, norm_layer, **kwargs)
-
-
-def default_mean_std(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The reference's ImageNet statistics for RGB inputs, (0.5, 0.5) otherwise."""
-    if in_channels == 3:
-        return REFERENCE_MEAN, REFERENCE_STD
-    return (0.5,) * in_channels, (0.5,) * in_channels
-
-
-def build_model(
-    arch: str = "preact_resnet18",
-    norm: str = "sabn",
-    num_classes: int = 10,
-    in_channels: int = 3,
-    width: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    final_norm: bool | None = None,
-) -> nn.Module:
-    """Build a model by name. The arguments are kept as ``model.build_args`` for checkpoints.
-
-    ``final_norm`` adds a norm + ReLU before the pooling; None takes the architecture's own choice
-    (PreAct ResNets: none, as the SaBN reference; WRN-34-10: one, as TRADES's WideResNet).
-    ``arch`` is one of :func:`available_archs` or ``torchvision:NAME`` / ``timm:NAME`` (see
-    :mod:`robust.external`; ``width`` and ``final_norm`` do not apply to those).
-    """
-    external = ":" in str(arch)
-    if not external and arch not in _ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}, torchvision:NAME, timm:NAME")
-    norm_layer = make_norm_layer(norm)
-    if external and width is not None:
-        raise ValueError(f"width applies to our own architectures, not to {arch}; drop --width")
-    width = None if external else ARCH_DEFAULT_WIDTH[arch] if width is None else int(width)
-    if (width is not None and width < 1) or num_classes < 2 or in_channels < 1:
-        raise ValueError(f"need width >= 1, num_classes >= 2, in_channels >= 1 (got {width}, {num_classes}, {in_channels})")
-    default_mean, default_std = default_mean_std(in_channels)
-    mean = tuple(float(m) for m in (mean if mean is not None else default_mean))
-    std = tuple(float(s) for s in (std if std is not None else default_std))
-    if len(mean) != in_channels or len(std) != in_channels:
-        raise ValueError(f"mean/std need {in_channels} values each, got {len(mean)} and {len(std)}")
-    if min(std) <= 0:
-        raise ValueError(f"std must be positive, got {list(std)}")
-    if external:
-        from .external import build_external
-
-        model = build_external(arch, norm, num_classes, in_channels, mean, std)
-    else:
-        options = {} if final_norm is None else {"final_norm": bool(final_norm)}
-        model = _ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
-                             **options)
-    model.build_args = dict(
-        arch=arch, norm=norm, num_classes=num_classes, in_channels=in_channels,
-        width=width, mean=list(mean), std=list(std),
-    )
-    if not external:
-        model.build_args["final_norm"] = model.final_norm is not None
-    return model

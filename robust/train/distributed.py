@@ -1,18 +1,11 @@
-"""Multi-process training on PyTorch's own engine: torchrun's environment, DDP, route-aware SyncBN.
+"""Multi-process training on PyTorch's own engine: torchrun's environment, DDP.
 
 A process started by ``torchrun`` (or ``robust train --nproc N``) finds ``RANK``, ``WORLD_SIZE``
 and ``LOCAL_RANK`` in its environment; :func:`setup` joins the process group (nccl on CUDA, gloo on
 the CPU) and pins the rank's GPU. Everything else here is small collective helpers the trainer
 calls at agreed points, so every rank takes the same decisions (stop, save, fail) at the same step.
 
-Route-aware SyncBatchNorm: ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` would replace our
-routed norms wholesale (losing the route state and split mode), and ``nn.SyncBatchNorm`` refuses
-CPU tensors. :func:`convert_sync_batchnorm` instead swaps only the plain batch norms *inside* the
-routed norms (``DualBatchNorm2d.bns[r]``, ``SandwichBatchNorm2d.stats[r]``) for
-:class:`SyncBatchNorm2d`, so each route's statistics are synchronized separately; the shared BN
-(``SharedBatchNorm2d``, itself a BatchNorm2d) becomes :class:`SyncSharedBatchNorm2d`, which keeps
-its split mode (each half of the fused clean+adv batch is synchronized on its own). Parameter and
-buffer names do not change, so checkpoints load into unconverted models.
+The route-aware SyncBN layers are in :mod:`robust.nn.syncbn`.
 """
 
 from __future__ import annotations
@@ -26,9 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import ConfigError
-from .engine import resolve_device
-from .norms import ROUTES, DualBatchNorm2d, SandwichBatchNorm2d, SharedBatchNorm2d, routed_norms
+from robust.errors import CheckpointError, ConfigError, DataError, PeerFailed
+from robust.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -50,6 +42,8 @@ class DistContext:
 
 
 SINGLE = DistContext()
+
+
 _owned_group = False
 
 
@@ -111,15 +105,23 @@ def shutdown() -> None:
     _owned_group = False
 
 
-# ---- collectives at agreed points ---------------------------------------------------------------
-
-
 def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """``t`` summed over ranks (in place); identity for a single process."""
     if ctx.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
+
+
+def average_tensors(tensors: list[torch.Tensor], ctx: DistContext) -> None:
+    """Replace each tensor by its mean over ranks, in one collective (in place; a no-op in one process)."""
+    if not ctx.enabled:
+        return
+    flat = all_reduce_sum(torch.cat([t.flatten() for t in tensors]), ctx) / ctx.world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 def control_max(values: list[int], ctx: DistContext) -> list[int]:
     """Element-wise max of small integers over ranks, on the CPU (no GPU sync)."""
@@ -130,20 +132,7 @@ def control_max(values: list[int], ctx: DistContext) -> list[int]:
     return [int(v) for v in t]
 
 
-class PeerFailed(RuntimeError):
-    """A rank failed; rank 0 carries its message, the other ranks an empty one and stop quietly.
-
-    ``bad_input`` tells the CLI which exit code to use (2 for bad input, 1 otherwise).
-    """
-
-    def __init__(self, message: str, bad_input: bool) -> None:
-        super().__init__(message)
-        self.bad_input = bad_input
-
-
 def _is_bad_input(error: BaseException) -> bool:
-    from .checkpoint import CheckpointError
-    from .data import DataError
 
     return isinstance(error, (ConfigError, DataError, CheckpointError))
 
@@ -217,123 +206,3 @@ def shard_rows(n: int, ctx: DistContext) -> slice:
     base, extra = divmod(n, ctx.world_size)
     start = ctx.rank * base + min(ctx.rank, extra)
     return slice(start, start + base + (1 if ctx.rank < extra else 0))
-
-
-# ---- route-aware synchronized batch norm ---------------------------------------------------------
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """All-reduce (sum) whose backward all-reduces the gradient: d(sum over ranks) is shared."""
-
-    @staticmethod
-    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:  # noqa: D102
-        ctx.group = group
-        out = t.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        grad = grad.clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
-def sync_active(group=None) -> bool:
-    """True when a process group with more than one rank is up."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, group=None) -> torch.Tensor:
-    """Training-mode batch norm of ``x`` with mean and variance over the batches of all ranks.
-
-    One all-reduce of per-channel ``[sum, sum of squares, count]`` (shifted by the running mean,
-    which keeps the variance free of cancellation), differentiable through the all-reduce, so
-    the gradient is that of one big batch. Updates ``bn``'s running statistics like BatchNorm2d.
-    """
-    c = x.shape[1]
-    dims = [0] + list(range(2, x.dim()))
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    xf = x.float()
-    shift = bn.running_mean.detach().float().clone() if bn.running_mean is not None else xf.new_zeros(c)
-    centered = xf - shift.view(shape)
-    count = xf.new_full((1,), x.numel() // c)
-    total = _SumOverRanks.apply(torch.cat([centered.sum(dims), centered.square().sum(dims), count]), group)
-    n = total[-1]
-    mean_shifted = total[:c] / n
-    var = (total[c:2 * c] / n - mean_shifted.square()).clamp_min(0)
-    mean = mean_shifted + shift
-    if bn.track_running_stats and bn.running_mean is not None:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
-            unbiased = var.detach() * (n / (n - 1).clamp_min(1))
-            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
-    y = (xf - mean.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
-    if bn.weight is not None:
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
-    return y.to(x.dtype)
-
-
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm2d whose training statistics span all ranks (any device, gloo or nccl).
-
-    Same parameters and buffers as BatchNorm2d; in eval mode, or without a process group of
-    more than one rank, it is exactly BatchNorm2d.
-    """
-
-    process_group = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and sync_active(self.process_group):
-            return synced_batch_norm(self, x, self.process_group)
-        return super().forward(x)
-
-
-class SyncSharedBatchNorm2d(SharedBatchNorm2d):
-    """The shared BN with synchronized statistics, keeping the route state and split mode.
-
-    Replacing SharedBatchNorm2d with a plain SyncBatchNorm would lose the split mode of the fused
-    hybrid step (the clean half and the adv half normalized by their own statistics); here each
-    half is synchronized on its own, as two separate synchronized forwards would be.
-    """
-
-    process_group = None
-
-    def normalize(self, x: torch.Tensor, route: str) -> torch.Tensor:
-        if self.training and sync_active(self.process_group):
-            return synced_batch_norm(self, x, self.process_group)
-        return nn.BatchNorm2d.forward(self, x)
-
-
-def _sync_copy(bn: nn.BatchNorm2d, cls: type[nn.BatchNorm2d]) -> nn.BatchNorm2d:
-    new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-              track_running_stats=bn.track_running_stats)
-    if isinstance(new, SyncSharedBatchNorm2d):
-        new.route, new.split_at = bn.route, bn.split_at
-    ref = bn.running_mean if bn.running_mean is not None else bn.weight
-    new = new.to(ref.device) if ref is not None else new
-    new.load_state_dict(bn.state_dict())
-    return new.train(bn.training)
-
-
-def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
-    """Route-aware SyncBN, in place: each route's inner BN (and the shared BN) is synchronized.
-
-    Returns ``model``; the state_dict keys are unchanged.
-    """
-    for norm in list(routed_norms(model)):
-        if isinstance(norm, DualBatchNorm2d):
-            for r in ROUTES:
-                if not isinstance(norm.bns[r], SyncBatchNorm2d):
-                    norm.bns[r] = _sync_copy(norm.bns[r], SyncBatchNorm2d)
-        elif isinstance(norm, SandwichBatchNorm2d):
-            for r in ROUTES:
-                if not isinstance(norm.stats[r], SyncBatchNorm2d):
-                    norm.stats[r] = _sync_copy(norm.stats[r], SyncBatchNorm2d)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, SharedBatchNorm2d) and not isinstance(child, SyncSharedBatchNorm2d):
-                setattr(parent, name, _sync_copy(child, SyncSharedBatchNorm2d))
-    return model

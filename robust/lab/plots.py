@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import ConfigError
-from .outputs import atomic_output
+from robust.errors import ConfigError
+from robust.outputs import atomic_output
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -20,14 +20,11 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from .models import InputNormalization
-from .norms import RoutedNorm, convert_norms
+from robust.errors import ModelError
+from robust.nn.norms import RoutedNorm, convert_norms
+from robust.nn.resnet import InputNormalization
 
 LIBRARIES = ("torchvision", "timm")
-
-
-class ModelError(ValueError):
-    """The requested architecture cannot be built; the message says what was found and what to pass."""
 
 
 def split_arch(arch: str) -> tuple[str | None, str]:

@@ -16,30 +16,9 @@ import time
 
 import torch
 
-from . import distributed as dist_
+from robust.train import distributed as dist_
 
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
-
-
-class NonFiniteLoss(FloatingPointError):
-    """The training loss became NaN or infinite; the message names the epoch and step."""
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint or log could not be written (disk full, folder gone); the previous last.pt is kept."""
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after a step; last.pt holds the position to resume from."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        """The shell convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
-        return 128 + self.signum
 
 
 class SignalCatcher:

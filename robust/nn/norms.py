@@ -13,6 +13,8 @@ Norm kinds (built by :func:`make_norm_layer` from a name):
 Every kind also supports a *split* mode for the fused training step: one forward over a
 concatenated batch whose first ``n`` rows take route ``clean`` and the rest route ``adv``, each
 normalized with its own batch statistics, exactly as two separate forwards would.
+
+:func:`bn_mode` sets train/eval mode for a block of code and restores every module's mode after it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from robust.errors import ConfigError
+
+
+@contextlib.contextmanager
+def bn_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Temporarily put ``model`` in train or eval mode; restore every module's mode on exit."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(training)
+        yield model
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+def routes_for(model: nn.Module, route: str | None) -> list[str]:
+    """The routes to score: both for a dual-route model by default; a single-route model has one."""
+    if route not in (None, "both", *ROUTES):
+        raise ConfigError(f"unknown route {route!r}; valid: clean, adv, both")
+    if is_dual_route(model):
+        return list(ROUTES) if route in (None, "both") else [route]
+    only = (getattr(model, "build_args", None) or {}).get("exported_route", "adv")
+    if route in (None, "both", only):
+        return [only]
+    raise ConfigError(f"this model has a single route ({only}); drop --route or pass --route {only}")
+
+
 ROUTES = ("clean", "adv")
+
+
 NORMS = ("bn", "auxbn", "sabn")
+
+
 DEFAULT_ROUTE = "adv"
 
 

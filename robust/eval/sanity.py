@@ -1,0 +1,156 @@
+"""The sanity checks of docs/evaluation.md, each a verdict with its numbers: eps 0 equals clean accuracy,
+an unbounded eps gives about 0%, more steps never help, AutoAttack <= PGD-20, Square no stronger than
+the white-box attacks (gradient masking), non-zero input gradients, a deterministic forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+
+from robust.eval.evaluation import _batch, as_tensors, evaluate
+from robust.nn.norms import bn_mode, routes_for, use_route
+from robust.runtime import resolve_device
+from robust.threat import resolve_eps
+
+
+class SanityCheck(NamedTuple):
+    """One honesty check: its name, whether it passed, and the figures (plus the likely cause when failed)."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+def noise_points(n: int) -> float:
+    """How far (percentage points) two attacks may differ by chance: two examples, at least 0.5 points."""
+    return max(0.5, 200.0 / n)
+
+
+def sanity_verdicts(at_eps: dict[str, Any], at_zero: dict[str, Any], at_one: dict[str, Any]) -> list[SanityCheck]:
+    """Judge the figures of the --sanity runs (pure; results come from :func:`evaluate`).
+
+    ``at_eps`` holds clean, pgd10, pgd20, pgd50, autoattack and square at the evaluation eps,
+    ``at_zero`` pgd20 at eps 0, ``at_one`` pgd20 at eps 1 (Linf) or a very large L2 eps.
+    """
+    n = at_eps["n"]
+    tol = noise_points(n)
+    one_example = 100.0 / n
+    checks: list[SanityCheck] = []
+    for route, acc in at_eps["routes"].items():
+        def add(name: str, passed: bool, figures: str, cause: str) -> None:
+            checks.append(SanityCheck(f"{route}: {name}", passed, figures if passed else f"{figures}; {cause}"))
+
+        zero = at_zero["routes"][route]
+        add("eps=0 equals clean", zero["pgd20"] == zero["clean"],
+            f"pgd20 at eps 0 = {zero['pgd20']:.2f}%, clean = {zero['clean']:.2f}%",
+            "the attack changes inputs it may not change, or the forward pass is randomized")
+        steps = [(s, acc[s]) for s in ("pgd10", "pgd20", "pgd50") if s in acc]
+        falls = all(a >= b - tol for (_, a), (_, b) in zip(steps, steps[1:]))
+        add("more PGD steps never help", falls, ", ".join(f"{s} {v:.2f}%" for s, v in steps) + f" (noise {tol:.2f})",
+            "gradient masking or a randomized forward (more steps should only find more adversarial inputs)")
+        unbounded = at_one["routes"][route]["pgd20"]
+        add("unbounded eps gives ~0%", unbounded <= max(1.0, one_example),
+            f"pgd20 at eps {at_one['eps']:g} = {unbounded:.2f}%",
+            "gradient masking (obfuscated or shattered gradients) or the attack does not see the scored model")
+        if "autoattack" in acc and "pgd20" in acc:
+            add("AutoAttack <= PGD-20", acc["autoattack"] <= acc["pgd20"] + tol,
+                f"autoattack {acc['autoattack']:.2f}%, pgd20 {acc['pgd20']:.2f}%",
+                "the AutoAttack run does not attack the scored route or model mode (a route mismatch)")
+        white = {k: v for k, v in acc.items() if k in ("pgd10", "pgd20", "pgd50", "autoattack")}
+        if "square" in acc and white:
+            best_name = min(white, key=white.get)
+            margin = max(0.2, one_example)
+            add("black-box Square not stronger than white-box", acc["square"] >= white[best_name] - margin,
+                f"square {acc['square']:.2f}%, best white-box {best_name} {white[best_name]:.2f}%",
+                "gradient masking: a gradient-free attack beats the gradient attacks, so the gradients mislead")
+    return checks
+
+
+def determinism_checks(model: nn.Module, data: Any, route: str | None = None, device: str | None = None,
+                       examples: int = 32) -> list[SanityCheck]:
+    """Eval-mode forwards are deterministic and input gradients are non-zero, per route."""
+    x, y = as_tensors(data, examples)
+    dev = resolve_device("auto" if device is None else device)
+    model.to(dev)
+    xb, yb = _batch(x, dev), y.to(dev)
+    checks = []
+    with bn_mode(model, False):
+        for r in routes_for(model, route):
+            with use_route(model, r):
+                with torch.no_grad():
+                    same = torch.equal(model(xb), model(xb))
+                xg = xb.clone().requires_grad_(True)
+                grad, = torch.autograd.grad(nn.functional.cross_entropy(model(xg), yb, reduction="sum"), xg)
+            nonzero = grad.flatten(1).abs().sum(1).gt(0).float().mean().item() * 100
+            checks.append(SanityCheck(f"{r}: deterministic forward", same, "two eval forwards agree" if same else
+                                      "two eval forwards differ; a randomized forward (dropout, noise) makes attacks look weaker"))
+            checks.append(SanityCheck(f"{r}: input gradients non-zero", nonzero > 50,
+                                      f"{nonzero:.0f}% of examples have a non-zero input gradient" +
+                                      ("" if nonzero > 50 else "; gradient masking (saturated or non-differentiable layers)")))
+    return checks
+
+
+SANITY_ATTACKS = ("pgd10", "pgd20", "pgd50", "square", "autoattack")
+
+
+def sanity_checks(model: nn.Module, data: Any, eps: float | str, route: str | None = None,
+                  reuse: dict[str, Any] | None = None, **kwargs: Any) -> list[SanityCheck]:
+    """Run every --sanity check on ``model`` (evaluation.md); ``reuse`` is an earlier ``evaluate`` result.
+
+    Attacks already in ``reuse`` (same eps, threat, seed and examples) are not run again.
+    ``kwargs`` go to :func:`evaluate` (limit, batch_size, device, seed, threat, restarts, queries, progress).
+    """
+    threat = kwargs.get("threat", "linf")
+    eps = resolve_eps(eps, threat)
+    if _reusable(reuse, data, eps, kwargs):
+        at_eps = _complete(reuse, model, data, eps, route, kwargs)
+    else:
+        at_eps = evaluate(model, data, attacks=SANITY_ATTACKS, eps=eps, route=route, **kwargs)
+    at_zero = evaluate(model, data, attacks=["pgd20"], eps=0, route=route, **kwargs)
+    big = 1.0 if threat == "linf" else math.sqrt(x_size(data))
+    at_one = evaluate(model, data, attacks=["pgd20"], eps=big, route=route, **kwargs)
+    checks = sanity_verdicts(at_eps, at_zero, at_one)
+    return checks + determinism_checks(model, data, route, kwargs.get("device"))
+
+
+def _reusable(reuse: dict[str, Any] | None, data: Any, eps: float, kwargs: dict[str, Any]) -> bool:
+    """True when an earlier result was computed on the same examples, eps, threat and seed."""
+    if not reuse:
+        return False
+    n = len(as_tensors(data, kwargs.get("limit"))[1])
+    return (reuse["n"], reuse["eps"], reuse["threat"], reuse["seed"]) == (n, eps, kwargs.get("threat", "linf"), kwargs.get("seed", 0))
+
+
+def _complete(reuse: dict[str, Any], model: nn.Module, data: Any, eps: float, route: str | None,
+              kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``reuse`` plus the sanity attacks it lacks (run now), route by route."""
+    missing = [a for a in SANITY_ATTACKS if any(a not in accs for accs in reuse["routes"].values())]
+    if not missing:
+        return reuse
+    extra = evaluate(model, data, attacks=missing, eps=eps, route=route, **kwargs)
+    return {**reuse, "routes": {r: {**reuse["routes"].get(r, {}), **accs} for r, accs in extra["routes"].items()}}
+
+
+def x_size(data: Any) -> int:
+    """Values per input (C*H*W): the L2 diameter of [0, 1]^d is its square root."""
+    x, _ = as_tensors(data, 1)
+    return x[0].numel()
+
+
+def eps_monotonic_checks(sweep: Sequence[dict[str, Any]]) -> list[SanityCheck]:
+    """Worst-case accuracy never rises with eps beyond noise, per route."""
+    checks = []
+    if len(sweep) < 2:
+        return checks
+    tol = noise_points(sweep[0]["n"])
+    for r in sweep[0]["routes"]:
+        values = [(s["eps"], s["routes"][r]["worst_case"]) for s in sweep]
+        ok = all(a >= b - tol for (_, a), (_, b) in zip(values, values[1:]))
+        figures = ", ".join(f"{e:.4g}: {v:.2f}%" for e, v in values)
+        checks.append(SanityCheck(f"{r}: accuracy falls as eps grows", ok,
+                                  figures if ok else f"{figures}; gradient masking or an attack that misses the scored route"))
+    return checks

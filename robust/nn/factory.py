@@ -1,0 +1,80 @@
+"""``build_model``: the one factory for every architecture (ours by name, ``torchvision:NAME``, ``timm:NAME``)
+with the chosen norm kind, and ``unwrap`` (the model inside DDP / torch.compile wrappers).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch.nn as nn
+
+from robust.nn.external import build_external
+from robust.nn.norms import make_norm_layer
+from robust.nn.resnet import _ARCHS, ARCH_DEFAULT_WIDTH, REFERENCE_MEAN, REFERENCE_STD, available_archs
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def default_mean_std(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The reference's ImageNet statistics for RGB inputs, (0.5, 0.5) otherwise."""
+    if in_channels == 3:
+        return REFERENCE_MEAN, REFERENCE_STD
+    return (0.5,) * in_channels, (0.5,) * in_channels
+
+
+def build_model(
+    arch: str = "preact_resnet18",
+    norm: str = "sabn",
+    num_classes: int = 10,
+    in_channels: int = 3,
+    width: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    final_norm: bool | None = None,
+) -> nn.Module:
+    """Build a model by name. The arguments are kept as ``model.build_args`` for checkpoints.
+
+    ``final_norm`` adds a norm + ReLU before the pooling; None takes the architecture's own choice
+    (PreAct ResNets: none, as the SaBN reference; WRN-34-10: one, as TRADES's WideResNet).
+    ``arch`` is one of :func:`available_archs` or ``torchvision:NAME`` / ``timm:NAME`` (see
+    :mod:`robust.external`; ``width`` and ``final_norm`` do not apply to those).
+    """
+    external = ":" in str(arch)
+    if not external and arch not in _ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}, torchvision:NAME, timm:NAME")
+    norm_layer = make_norm_layer(norm)
+    if external and width is not None:
+        raise ValueError(f"width applies to our own architectures, not to {arch}; drop --width")
+    width = None if external else ARCH_DEFAULT_WIDTH[arch] if width is None else int(width)
+    if (width is not None and width < 1) or num_classes < 2 or in_channels < 1:
+        raise ValueError(f"need width >= 1, num_classes >= 2, in_channels >= 1 (got {width}, {num_classes}, {in_channels})")
+    default_mean, default_std = default_mean_std(in_channels)
+    mean = tuple(float(m) for m in (mean if mean is not None else default_mean))
+    std = tuple(float(s) for s in (std if std is not None else default_std))
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std need {in_channels} values each, got {len(mean)} and {len(std)}")
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {list(std)}")
+    if external:
+
+        model = build_external(arch, norm, num_classes, in_channels, mean, std)
+    else:
+        options = {} if final_norm is None else {"final_norm": bool(final_norm)}
+        model = _ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+                             **options)
+    model.build_args = dict(
+        arch=arch, norm=norm, num_classes=num_classes, in_channels=in_channels,
+        width=width, mean=list(mean), std=list(std),
+    )
+    if not external:
+        model.build_args["final_norm"] = model.final_norm is not None
+    return model

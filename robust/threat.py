@@ -1,0 +1,51 @@
+"""The threat model's numbers: eps and step sizes parsed exactly (fractions, never eval), per threat (linf, l2)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+from robust.errors import ConfigError
+
+
+def parse_fraction(text: str | float | int, name: str = "value") -> float:
+    """Parse ``"8/255"``, ``"0.031"`` or a number exactly (fractions, never eval)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    try:
+        return float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{name} {text!r} is not a number; write it like 8/255 or 0.031") from None
+
+
+def parse_eps(text: str | float | int, name: str = "eps", allow_zero: bool = False) -> float:
+    """Parse an eps in pixel units; it must lie in (0, 1] (or [0, 1] with ``allow_zero``)."""
+    eps = parse_fraction(text, name)
+    low_ok = eps >= 0 if allow_zero else eps > 0
+    if not (low_ok and eps <= 1):
+        bound = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ConfigError(f"{name} {text!r} is outside {bound}; pixels are in [0, 1], e.g. 8/255")
+    return eps
+
+
+THREATS = ("linf", "l2")
+
+
+def resolve_eps(eps: float | str, threat: str) -> float:
+    """eps in pixel units: [0, 1] for Linf; any value >= 0 for L2 (its ball grows with the image)."""
+    if threat not in THREATS:
+        raise ConfigError(f"unknown threat {threat!r}; valid: {', '.join(THREATS)}")
+    if threat == "linf":
+        return parse_eps(eps, allow_zero=True)
+    value = parse_fraction(eps, "eps")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"eps {eps!r} must be >= 0 for the L2 threat model")
+    return value
+
+
+def parse_eps_list(text: str, threat: str = "linf") -> list[float]:
+    """``"0,2/255,4/255"`` -> sorted eps values (each parsed like --eps)."""
+    values = [resolve_eps(part, threat) for part in text.split(",") if part.strip()]
+    if not values:
+        raise ConfigError(f"eps list {text!r} is empty; write it like 0,2/255,4/255,8/255")
+    return sorted(set(values))

@@ -1,0 +1,27 @@
+"""The learning-rate schedules: multistep (with the reference's warm-up), cosine, one-cycle."""
+
+from __future__ import annotations
+
+import math
+
+from robust.config import TrainConfig
+
+
+def lr_at(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
+    """The learning rate before optimizer step ``step`` (0-based, counted over the whole run)."""
+    total = config.epochs * steps_per_epoch
+    epoch = step / steps_per_epoch
+    base = config.lr
+    if config.schedule == "multistep":
+        passed = sum(epoch >= m for m in config.milestone_epochs)
+        lr = base * (0.1 ** passed)
+    elif config.schedule == "cosine":
+        lr = 0.5 * base * (1 + math.cos(math.pi * step / total))
+    else:  # onecycle: linear up over the first 40% of steps, then linear down to 0
+        peak = 0.4 * total
+        lr = base * (step / peak if step < peak else max(0.0, (total - step) / (total - peak)))
+    if config.warmup_steps and step < min(config.warmup_steps, steps_per_epoch) and config.schedule != "onecycle":
+        # The reference warms from lr/10 to lr linearly over its first 200 steps (first epoch).
+        warm = min(config.warmup_steps, steps_per_epoch)
+        lr = base * (0.1 + 0.9 * step / warm)
+    return lr
