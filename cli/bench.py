@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import click
+import torch
 
 from robust.checks import check_fields
 from robust.config import TrainConfig
@@ -52,7 +53,6 @@ def bench(threads: int | None, json_path: str | None, force: bool, quiet: bool, 
       robust bench --width 16 --batch-size 128 --steps 7
       robust bench --width 64 --iters 1 --repeats 2 --json bench.json
     """
-    import torch
 
 
     json_file = check_output(json_path, "--json", force, "bench.json") if json_path not in (None, "-") else None

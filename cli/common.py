@@ -9,6 +9,7 @@ import click
 from robust.checkpoint import resolve_checkpoint_path
 from robust.checks import MAX_SEED
 from robust.errors import CheckpointError, ConfigError, DataError, ModelError
+from robust.outputs import RunFiles
 
 
 class BadInput(click.ClickException):
@@ -30,7 +31,7 @@ def newest_run(runs: Path = RUNS) -> str:
     """The run folder under ``runs`` whose checkpoint was written last (what `robust eval` scores by default)."""
     candidates = []
     for folder in (runs.iterdir() if runs.is_dir() else []):
-        written = [f.stat().st_mtime for f in (folder / "best.pt", folder / "last.pt") if f.is_file()]
+        written = [f.stat().st_mtime for f in (folder / name for name in RunFiles.CHECKPOINTS) if f.is_file()]
         if written:
             candidates.append((max(written), str(folder)))
     if not candidates:
@@ -42,6 +43,6 @@ def newest_run(runs: Path = RUNS) -> str:
 def model_file(path: str) -> Path:
     """The checkpoint file a CHECKPOINT argument means; says so when a run folder without best.pt gives last.pt."""
     resolved = resolve_checkpoint_path(path)
-    if Path(path).is_dir() and resolved.name == "last.pt":
+    if Path(path).is_dir() and resolved.name == RunFiles.LAST:
         click.echo(f"note: {path} has no best.pt (no validation, or training stopped early); using {resolved}", err=True)
     return resolved

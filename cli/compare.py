@@ -17,9 +17,10 @@ from robust.lab.analysis import analyze_checkpoint, spread_by_norm
 from robust.lab.compare.grid import run_compare
 from robust.lab.compare.report import markdown_table, mean_sd_table
 from robust.lab.compare.settings import CompareSettings, load_settings, parse_seeds
-from robust.lab.plots import CurveRun, plot_gradient_analysis, plot_learning_curves, read_metrics, run_labels
+from robust.lab.plots import CurveRun, plot_gradient_analysis, plot_learning_curves, run_labels
 from robust.outputs import check_output, check_output_dir, write_output
 from robust.threat import parse_eps
+from robust.train.rundir import read_metrics
 
 COMPARE_KEYS = ("norms", "attacks", "eval_limit", "eval_batch_size", "seeds", "baseline", "select", "methods")
 

@@ -12,12 +12,11 @@ import click
 from robust.attacks.registry import PerturbationError
 from robust.checkpoint import model_from, read_checkpoint
 from robust.cli.common import SEED, BadInput, model_file, newest_run
-from robust.data.load import load_dataset
-from robust.data.types import CUSTOM_DATASETS
-from robust.eval.evaluation import check_attack_names, evaluate
+from robust.eval.evaluation import check_attack_names, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
-from robust.outputs import atomic_output, check_output, write_output
+from robust.lab.plots import plot_sweep
+from robust.outputs import check_output, write_output
 from robust.threat import parse_eps_list, resolve_eps
 
 
@@ -46,25 +45,6 @@ def format_sweep(sweep: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(sweep: Sequence[dict[str, Any]], path: str | Path, title: str, overwrite: bool = True) -> None:
-    """Accuracy (worst case over the attacks) against eps, one line per route, written as PNG (atomically)."""
-    from matplotlib.figure import Figure
-
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    eps = [s["eps"] for s in sweep]
-    for route in sweep[0]["routes"]:
-        ax.plot(eps, [s["routes"][route]["worst_case"] for s in sweep], marker="o", label=f"{route} route")
-    ax.set_xlabel(f"eps ({sweep[0]['threat']})")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_output(path, overwrite) as fh:
-        fig.savefig(fh, format="png", dpi=120)
 
 
 def print_checks(checks) -> None:
@@ -130,25 +110,6 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
 
 
-def load_test_split(state: dict[str, Any], data_dir: str | None, limit: int | None):
-    """The test images and labels of the checkpoint's dataset (your own data: from where it was trained).
-
-    Streamed data is read here, only the first ``limit`` images of it.
-    """
-    import torch
-
-
-    record = state.get("data") or {}
-    custom = state["dataset"] in CUSTOM_DATASETS
-    data = load_dataset(state["dataset"], data_dir or record.get("data_dir"), image_size=record.get("image_size"),
-                        mode="stream" if custom else "memory")
-    if record.get("classes") and list(data.info.classes or []) != list(record["classes"]):
-        raise BadInput(f"the classes of {data.source['data_dir']} ({', '.join(data.info.classes or [])}) differ from "
-                       f"the checkpoint's ({', '.join(record['classes'])}); pass --data-dir with the data it was trained on")
-    x, y = data.test_x, data.test_y
-    if not isinstance(x, torch.Tensor):
-        x, y = x[:limit].load(), y[:limit]
-    return x, y
 
 
 def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str, limit: int | None,

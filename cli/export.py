@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import torch
 
 from robust.checkpoint import build_checkpoint, model_from, read_checkpoint, save_checkpoint
 from robust.cli.common import BadInput, model_file
 from robust.nn.external import constructor_call, is_external
 from robust.nn.norms import use_route
-from robust.outputs import check_output
+from robust.outputs import RunFiles, check_output
 
 
 @click.command("export")
@@ -62,7 +63,7 @@ def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
 
 def _stem(source: Path) -> str:
     """A name for the export: the run folder's for best.pt / last.pt, else the file's own."""
-    return source.parent.name if source.name in ("best.pt", "last.pt") else source.stem
+    return source.parent.name if source.name in RunFiles.CHECKPOINTS else source.stem
 
 
 def _short(values) -> str:
@@ -71,7 +72,6 @@ def _short(values) -> str:
 
 def _max_logit_gap(model, exported, route: str, input_size=None) -> float:
     """Largest logit difference between the model's route and the export on a random batch (eval mode)."""
-    import torch
 
 
     channels, height, width = input_size or (model.build_args["in_channels"], 32, 32)

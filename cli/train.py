@@ -13,12 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import click
+from torch.distributed.elastic.multiprocessing import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import get_args_parser, run
 
 from robust.checks import check_fields
 from robust.cli.common import BAD_INPUT_ERRORS, BadInput
 from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
 from robust.errors import CheckpointWriteError, ConfigError, NonFiniteLoss, PeerFailed, TrainingInterrupted
 from robust.objectives import Option, all_options
+from robust.outputs import RunFiles
 from robust.train import distributed
 from robust.train.trainer import Trainer
 
@@ -63,7 +67,7 @@ def resolve_config(flags: dict[str, Any], config_file: str | None, resume: bool)
         check_fields(TrainConfig, source, partial=True)
     if resume:
         out = given.get("out") or values.get("out") or TrainConfig(**{**values, **given}).run_dir
-        values = {**read_saved_config(Path(out) / "config.json"), **values}
+        values = {**read_saved_config(Path(out) / RunFiles.CONFIG), **values}
     values.update(given)
     return TrainConfig.from_dict(values).validate()
 
@@ -176,9 +180,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     The same launcher as ``torchrun --standalone --nproc-per-node N -m robust.cli train ...``; a worker's
     exit code comes back (2 bad input, 130/143 stopped by a signal after writing last.pt).
     """
-    from torch.distributed.elastic.multiprocessing import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "robust.cli", "train", *argv])
     try:

@@ -26,8 +26,19 @@ from robust.eval import evaluate  # noqa: E402
 from robust.lab.analysis import analyze_checkpoint, gradient_analysis  # noqa: E402
 from robust.lab.compare import CompareSettings, run_compare  # noqa: E402
 from robust.nn import (  # noqa: E402
-    NORMS, ROUTES, DualBatchNorm2d, SandwichBatchNorm2d, SharedBatchNorm2d, available_archs, build_model,
-    convert_norms, export_route, is_dual_route, make_norm_layer, split_routes, use_route,
+    NORMS,
+    ROUTES,
+    DualBatchNorm2d,
+    SandwichBatchNorm2d,
+    SharedBatchNorm2d,
+    available_archs,
+    build_model,
+    convert_norms,
+    export_route,
+    is_dual_route,
+    make_norm_layer,
+    split_routes,
+    use_route,
 )
 from robust.objectives import OBJECTIVES, Objective, get_objective  # noqa: E402
 from robust.runtime import __version__  # noqa: E402

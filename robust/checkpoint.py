@@ -20,7 +20,7 @@ from robust import checkpoint as ckpt
 from robust.errors import CheckpointError, ConfigError
 from robust.nn.factory import build_model, unwrap
 from robust.nn.norms import ROUTES, export_route, routes_for
-from robust.outputs import atomic_output
+from robust.outputs import RunFiles, atomic_output
 
 FORMAT = "robust-checkpoint"
 
@@ -53,7 +53,7 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     """A file as is; a run folder means its best.pt (last.pt when there is no best.pt)."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
+        for name in RunFiles.CHECKPOINTS:
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(f"{path} holds no best.pt or last.pt; pass a checkpoint file or a run folder")

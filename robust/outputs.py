@@ -34,6 +34,21 @@ from robust.errors import FolderBusy, OutputError
 LOCK_NAME = ".lock"
 
 
+class RunFiles:
+    """The names of a run folder's files: ``robust train`` writes them; eval, compare, plot and export read them."""
+
+    CONFIG = "config.json"
+    METRICS = "metrics.jsonl"
+    LAST = "last.pt"
+    BEST = "best.pt"
+    CHECKPOINTS = (BEST, LAST)  # the checkpoints a run folder may hold besides kept epochs, preferred first
+
+    @staticmethod
+    def epoch(number: int) -> str:
+        """The checkpoint kept after epoch ``number`` (1-based) by --keep-epochs."""
+        return f"epoch{int(number)}.pt"
+
+
 MIN_FREE_BYTES = 1 << 20  # what a small output (JSON, PNG) needs at least
 
 

@@ -7,6 +7,7 @@ import os
 import platform
 
 import torch
+import torchattacks
 
 from robust.errors import ConfigError
 
@@ -96,7 +97,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 def versions() -> dict[str, str]:
     """Versions of everything that shapes the numbers, stored next to them."""
-    import torchattacks
 
 
     return {"robust": __version__, "torch": torch.__version__, "torchattacks": torchattacks.__version__,

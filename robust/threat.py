@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+from robust.attacks.pgd import THREATS as BALLS
 from robust.errors import ConfigError
 
 
@@ -28,7 +29,7 @@ def parse_eps(text: str | float | int, name: str = "eps", allow_zero: bool = Fal
     return eps
 
 
-THREATS = ("linf", "l2")
+THREATS = tuple(BALLS)  # the attacks' table of threat models is the one source of their names
 
 
 def resolve_eps(eps: float | str, threat: str) -> float:

@@ -16,11 +16,13 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from robust.attacks.registry import build_attack, check_perturbation, parse_attack_name
+from robust.data.load import load_dataset
 from robust.data.loader import to_float
-from robust.data.types import ImageData
-from robust.errors import ConfigError
+from robust.data.types import CUSTOM_DATASETS, ImageData
+from robust.errors import ConfigError, DataError
 from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import bn_mode, routes_for, use_route
 from robust.runtime import resolve_device, versions
@@ -162,7 +164,6 @@ def _progress_bar(total: int, enabled: bool):
     """A tqdm bar on a terminal only: redirected output gets the final table, not bar frames."""
     if not enabled or not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
 
     return tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
 
@@ -170,3 +171,23 @@ def _progress_bar(total: int, enabled: bool):
 def eps_sweep(model: nn.Module, data: Any, eps_values: Sequence[float | str], **kwargs: Any) -> list[dict[str, Any]]:
     """``evaluate`` at each eps (same attacks, seed and examples); one result per eps, in order."""
     return [evaluate(model, data, eps=e, **kwargs) for e in eps_values]
+
+
+def load_test_split(state: dict[str, Any], data_dir: str | None, limit: int | None):
+    """The test images and labels of the checkpoint's dataset (your own data: from where it was trained).
+
+    Streamed data is read here, only the first ``limit`` images of it.
+    """
+
+
+    record = state.get("data") or {}
+    custom = state["dataset"] in CUSTOM_DATASETS
+    data = load_dataset(state["dataset"], data_dir or record.get("data_dir"), image_size=record.get("image_size"),
+                        mode="stream" if custom else "memory")
+    if record.get("classes") and list(data.info.classes or []) != list(record["classes"]):
+        raise DataError(f"the classes of {data.source['data_dir']} ({', '.join(data.info.classes or [])}) differ from "
+                       f"the checkpoint's ({', '.join(record['classes'])}); pass --data-dir with the data it was trained on")
+    x, y = data.test_x, data.test_y
+    if not isinstance(x, torch.Tensor):
+        x, y = x[:limit].load(), y[:limit]
+    return x, y

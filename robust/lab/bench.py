@@ -51,7 +51,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from robust.config import TrainConfig
 from robust.data.types import DATASET_INFO, ImageData
@@ -179,7 +182,6 @@ class PILImageDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        from PIL import Image
 
         img = self.images[i]
         img = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
@@ -188,7 +190,6 @@ class PILImageDataset(torch.utils.data.Dataset):
 
 def textbook_loader(data: ImageData, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
     """A DataLoader with per-image torchvision transforms (RandomCrop pad 4, flip, ToTensor)."""
-    import torchvision.transforms as T
 
     size = tuple(data.train_x.shape[-2:])
     transform = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
@@ -283,7 +284,6 @@ class _FlopCount(TorchDispatchMode):
         self.total = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.utils.flop_counter import flop_registry
 
         kwargs = kwargs or {}
         out = func(*args, **kwargs)

@@ -7,15 +7,14 @@ matplotlib is imported inside the functions and used through ``matplotlib.figure
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from matplotlib.figure import Figure
+
 from robust.errors import ConfigError
 from robust.outputs import atomic_output
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -28,23 +27,6 @@ class CurveRun:
     band: dict[str, dict[int, tuple[float, float]]] | None = None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch metric dicts of a run folder, in epoch order.
-
-    A malformed line (a run killed while appending) is skipped rather than failing the plot.
-    """
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no {METRICS_FILE}; pass a run folder written by `robust train`")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "epoch" in row:
-            rows.append(row)
-    return sorted(rows, key=lambda r: r["epoch"])
 
 
 def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
@@ -79,7 +61,6 @@ def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str 
 
     Each run keeps one colour; the adv route is drawn solid, the clean route dashed.
     """
-    from matplotlib.figure import Figure
 
     if not any(routes_in(r.metrics) for r in runs):
         raise ConfigError("no validation figures to plot; the runs were trained with --val-split 0 or have no finished epoch")
@@ -111,7 +92,6 @@ def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str 
 
 def plot_gradient_analysis(analysis: dict[str, Any], path: str | Path, overwrite: bool = True) -> Path:
     """Per norm layer (x axis): gradient norms of the clean and adversarial losses, and their cosine."""
-    from matplotlib.figure import Figure
 
     layers = analysis["layers"]
     x = list(range(len(layers)))
@@ -150,3 +130,23 @@ def _save(fig, path: str | Path, overwrite: bool) -> Path:
     with atomic_output(path, overwrite) as fh:
         fig.savefig(fh, format="png", dpi=120)
     return Path(path)
+
+
+def plot_sweep(sweep: Sequence[dict[str, Any]], path: str | Path, title: str, overwrite: bool = True) -> None:
+    """Accuracy (worst case over the attacks) against eps, one line per route, written as PNG (atomically)."""
+
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    eps = [s["eps"] for s in sweep]
+    for route in sweep[0]["routes"]:
+        ax.plot(eps, [s["routes"][route]["worst_case"] for s in sweep], marker="o", label=f"{route} route")
+    ax.set_xlabel(f"eps ({sweep[0]['threat']})")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_output(path, overwrite) as fh:
+        fig.savefig(fh, format="png", dpi=120)

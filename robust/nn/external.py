@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Sequence
 
 import torch.nn as nn
+import torchvision.models as tvm
 
 from robust.errors import ModelError
 from robust.nn.norms import RoutedNorm, convert_norms
@@ -50,7 +51,6 @@ def check_arch(arch: str) -> str:
     if not name:
         raise ModelError(f"{arch!r} names no model; write e.g. {library}:resnet18")
     if library == "torchvision":
-        import torchvision.models as tvm
 
         known = tvm.list_models(module=tvm)  # the classification models
         if name not in known:
@@ -77,7 +77,6 @@ def _first_rgb_conv(net: nn.Module) -> tuple[nn.Module, str, nn.Conv2d] | None:
 
 
 def _torchvision_net(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    import torchvision.models as tvm
 
     net = tvm.get_model(name, weights=None, num_classes=num_classes)
     if in_channels != 3:

@@ -13,10 +13,11 @@ from robust.nn.norms import make_norm_layer
 from robust.nn.resnet import _ARCHS, ARCH_DEFAULT_WIDTH, REFERENCE_MEAN, REFERENCE_STD, available_archs
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+def unwrap(model: nn.Module, keep_compiled: bool = False) -> nn.Module:
+    """The plain model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers; with
+    ``keep_compiled`` only DDP's wrapper goes (the training attack runs through the compiled model)."""
     while True:
-        if hasattr(model, "_orig_mod"):
+        if hasattr(model, "_orig_mod") and not keep_compiled:
             model = model._orig_mod
         elif isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module

@@ -94,6 +94,7 @@ class Objective:
     attack_bn: ClassVar[str] = "train"
     one_step: ClassVar[bool] = False
     options: ClassVar[Mapping[str, Option]] = {}
+    attack_text: ClassVar[str] = "Linf PGD-{steps}"  # the training attack in words ({steps} filled in)
     aliases: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     def __init__(self, eps: float, alpha: float, steps: int, **options: Any) -> None:
@@ -110,6 +111,11 @@ class Objective:
             raise ConfigError(f"method {cls.name} has no option {', '.join(unknown)}; its options: {known}")
         return {name: option.check(name, given[name]) if name in given else option.default
                 for name, option in cls.options.items()}
+
+    @classmethod
+    def describe_attack(cls, steps: int) -> str:
+        """The training attack in words, for reports."""
+        return cls.attack_text.format(steps=steps)
 
     def examples(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Adversarial examples of x (the caller has chosen the adv route, BN mode and precision)."""

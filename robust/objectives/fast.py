@@ -15,6 +15,7 @@ from robust.objectives import Objective, register
 class Fast(Objective):
     name = "fast"
     one_step = True
+    attack_text = "FGSM with a uniform random start, step 1.25 eps, projected"
 
     def examples(self, model, x, y):
         return fgsm_rs(model, x, y, self.eps)

@@ -16,6 +16,7 @@ from robust.objectives import Objective, register
 class NFGSM(Objective):
     name = "nfgsm"
     one_step = True
+    attack_text = "N-FGSM: noise U[-2 eps, 2 eps], one step of eps, not projected"
 
     def examples(self, model, x, y):
         return nfgsm(model, x, y, self.eps, noise=2 * self.eps, alpha=self.eps)

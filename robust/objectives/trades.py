@@ -30,6 +30,7 @@ class TRADES(Objective):
     name = "trades"
     uses_natural = True
     attack_bn = "eval"
+    attack_text = "Linf PGD-{steps} on the KL to f(x), from x + 0.001 N(0, 1)"
     options = {"beta": Option(6.0, "weight of the KL term (the official code's default 6)", min=0)}
 
     def examples(self, model, x, y):

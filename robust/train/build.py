@@ -20,6 +20,7 @@ from robust.data.types import ImageData
 from robust.errors import CheckpointError
 from robust.nn.factory import build_model
 from robust.nn.syncbn import convert_sync_batchnorm
+from robust.outputs import RunFiles
 from robust.train.step import StepSettings
 
 
@@ -52,7 +53,7 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
     torch.manual_seed(c.seed)
     model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std).to(device)
     if state is not None:
-        load_weights(model, state, c, source or Path("last.pt"))
+        load_weights(model, state, c, source or Path(RunFiles.LAST))
     saved_sync = bool((state or {}).get("distributed", {}).get("sync_bn", False))
     sync = bool(sync_bn) if sync_bn is not None else saved_sync or bool(c.sync_bn)
     if sync:

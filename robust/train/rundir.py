@@ -12,28 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 from robust import checkpoint as ckpt
 from robust.errors import CheckpointWriteError, ConfigError, RunExistsError
-from robust.outputs import FolderLock, holds_files, probe_folder
+from robust.outputs import FolderLock, RunFiles, holds_files, probe_folder, write_output
 from robust.train import distributed as dist_
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and os.replace (a normal file mode, unlike mkstemp's 0600)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        with open(tmp, "x") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def append_line(path: Path, line: str) -> None:
@@ -58,6 +43,25 @@ def line_epoch(line: str) -> float:
         return float("inf")
 
 
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch metric dicts of a run folder, in epoch order.
+
+    A malformed line (a run killed while appending) is skipped rather than failing the plot.
+    """
+    path = Path(run_dir) / RunFiles.METRICS
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no {RunFiles.METRICS}; pass a run folder written by `robust train`")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "epoch" in row:
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["epoch"])
+
+
 def describe(epoch: int, batch: int) -> str:
     """Where a last.pt stands, in words: before epoch ``epoch`` (0-based) batch ``batch``."""
     if batch:
@@ -76,7 +80,7 @@ class RunFolder:
 
     @property
     def last_pt(self) -> Path:
-        return self.path / "last.pt"
+        return self.path / RunFiles.LAST
 
     # ---- before training ------------------------------------------------------------------------
     def check(self) -> None:
@@ -144,28 +148,28 @@ class RunFolder:
         def write() -> None:
             run = self.path
             run.mkdir(parents=True, exist_ok=True)
-            for name in ("last.pt", "best.pt", "metrics.jsonl", "config.json"):
+            for name in (RunFiles.LAST, RunFiles.BEST, RunFiles.METRICS, RunFiles.CONFIG):
                 for stale in run.glob(f".{name}.*.tmp"):  # the temporary file of a write a kill -9 interrupted
                     stale.unlink(missing_ok=True)
             for stale in run.glob(".epoch*.pt.*.tmp"):
                 stale.unlink(missing_ok=True)
             if not self.resume:
-                for name in ("metrics.jsonl", "last.pt", "best.pt"):
+                for name in (RunFiles.METRICS, RunFiles.LAST, RunFiles.BEST):
                     (run / name).unlink(missing_ok=True)
                 for kept in run.glob("epoch*.pt"):  # a replaced run's kept epochs
                     kept.unlink(missing_ok=True)
             else:  # drop metric lines of epochs after the checkpoint (a crash between the two writes)
-                path = run / "metrics.jsonl"
+                path = run / RunFiles.METRICS
                 if path.exists():
                     lines = [l for l in path.read_text().splitlines() if line_epoch(l) <= start_epoch]
-                    write_text_atomic(path, "".join(l + "\n" for l in lines))
-            write_text_atomic(run / "config.json", json.dumps(config, indent=2) + "\n")
+                    write_output(path, "".join(l + "\n" for l in lines))
+            write_output(run / RunFiles.CONFIG, json.dumps(config, indent=2) + "\n")
 
-        self.on_main(write, "config.json")
+        self.on_main(write, RunFiles.CONFIG)
 
     def save_position(self, state: dict[str, Any] | None, epoch: int, batch: int) -> None:
         """last.pt at a point inside epoch ``epoch`` (0-based) before batch ``batch`` (``state`` on rank 0)."""
-        self.on_main(lambda: ckpt.save_checkpoint(state, self.last_pt), "last.pt")
+        self.on_main(lambda: ckpt.save_checkpoint(state, self.last_pt), RunFiles.LAST)
         self.last_saved = describe(epoch, batch)
 
     def save_epoch(self, state: dict[str, Any] | None, epoch: int, metrics: dict[str, Any], best: bool,
@@ -173,14 +177,14 @@ class RunFolder:
         """The end of epoch ``epoch`` (0-based): its metrics line, then best.pt (if ``best``), epoch<N>.pt
         (if ``keep``: --keep-epochs) and last.pt."""
         def write() -> None:  # metrics first: a crash before last.pt redoes the epoch, and resume drops the line
-            log = self.path / "metrics.jsonl"
+            log = self.path / RunFiles.METRICS
             size = log.stat().st_size if log.exists() else 0
             append_line(log, json.dumps(metrics) + "\n")
             try:
                 if best:
-                    ckpt.save_checkpoint(state, self.path / "best.pt")
+                    ckpt.save_checkpoint(state, self.path / RunFiles.BEST)
                 if keep:
-                    ckpt.save_checkpoint(state, self.path / f"epoch{epoch + 1}.pt")
+                    ckpt.save_checkpoint(state, self.path / RunFiles.epoch(epoch + 1))
                 ckpt.save_checkpoint(state, self.last_pt)
             except OSError:
                 os.truncate(log, size)  # keep metrics.jsonl in step with last.pt
@@ -193,7 +197,7 @@ class RunFolder:
         """A run the catastrophic-overfitting guard stopped: the collapsed epoch's metrics line, then last.pt
         back at the kept epoch ``kept`` (1-based)."""
         def write() -> None:
-            append_line(self.path / "metrics.jsonl", json.dumps(metrics) + "\n")
+            append_line(self.path / RunFiles.METRICS, json.dumps(metrics) + "\n")
             ckpt.save_checkpoint(state, self.last_pt)
 
         self.on_main(write, f"the epoch {kept} checkpoint")

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from robust.nn.factory import unwrap
 from robust.nn.norms import bn_mode, split_routes, use_route
 from robust.objectives import Objective, alias_settings, get_objective
 from robust.runtime import autocast
@@ -95,10 +96,6 @@ def step_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.T
     return loss, adv_logits
 
 
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, x: torch.Tensor, y: torch.Tensor,
                s: StepSettings, attack_model: nn.Module | None = None, loss_scale: float = 1.0, awp: bool = False,
                reduce: Callable[[list[torch.Tensor]], None] | None = None):
@@ -110,7 +107,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, x: to
     batch; the returned loss is unscaled. ``awp`` turns the weight perturbation on for this step
     (``s.awp_gamma`` > 0); ``reduce`` averages AWP's ascent gradients over ranks.
     """
-    attack_model = attack_model if attack_model is not None else unwrap_ddp(model)
+    attack_model = attack_model if attack_model is not None else unwrap(model, keep_compiled=True)
     x_adv = make_adversarial(attack_model, x, y, s)                                   # 1. examples
     model.train()
     perturbation = None

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from robust import checkpoint as ckpt
 from robust.attacks import pgd
@@ -81,22 +82,12 @@ def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rou
     return counts
 
 
-def evaluate_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, route: str, eps: float, alpha: float,
-                   steps: int, batch_size: int, device: torch.device, amp: torch.dtype | None = None,
-                   channels_last: bool = False) -> dict[str, float]:
-    """Clean and PGD robust accuracy (%) of one route, attacked and scored through that route in eval mode."""
-    counts = route_correct_counts(model, x, y, route, eps, alpha, steps, batch_size, device, amp, channels_last)
-    n = max(len(y), 1)
-    return {"clean": 100.0 * counts[0].item() / n, "robust": 100.0 * counts[1].item() / n}
-
-
 class Progress:
     """A tqdm bar per epoch on a terminal; nothing per batch otherwise (the epoch line is logged)."""
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 

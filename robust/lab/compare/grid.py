@@ -59,7 +59,7 @@ from robust.lab.compare.settings import (
     parse_select,
 )
 from robust.lab.reference import PAPER_CIFAR10
-from robust.outputs import FolderLock, check_output_dir, write_output
+from robust.outputs import FolderLock, RunFiles, check_output_dir, write_output
 from robust.runtime import available_cpus
 from robust.train.trainer import Trainer
 
@@ -67,11 +67,11 @@ from robust.train.trainer import Trainer
 def run_state(config: TrainConfig) -> str:
     """'done' (last.pt at the final epoch), 'partial' (an earlier epoch) or 'new' (no last.pt)."""
 
-    last = config.run_dir / "last.pt"
+    last = config.run_dir / RunFiles.LAST
     if not last.is_file():
         return "new"
     finished_epochs = int(ckpt.load_checkpoint(last)["epoch"]) + 1
-    return "done" if finished_epochs >= config.epochs and (config.run_dir / "best.pt").is_file() else "partial"
+    return "done" if finished_epochs >= config.epochs and (config.run_dir / RunFiles.BEST).is_file() else "partial"
 
 
 def train_norm(config: TrainConfig, state: str, data, log: Callable[[str], None]) -> None:
@@ -85,11 +85,11 @@ def train_norm(config: TrainConfig, state: str, data, log: Callable[[str], None]
 
 
 def eval_key(settings: CompareSettings, config: TrainConfig, best: dict[str, Any] | None,
-             checkpoint: str = "best.pt", epoch: int | None = None) -> dict[str, Any]:
+             checkpoint: str = RunFiles.BEST, epoch: int | None = None) -> dict[str, Any]:
     """What an evaluation depends on; a cached evaluation is reused only when all of it matches."""
     key = {"attacks": list(settings.attacks), "eps": config.eps_value, "limit": settings.eval_limit,
            "batch_size": settings.eval_batch_size, "seed": config.seed, "best": best, "dataset": config.dataset}
-    if checkpoint != "best.pt":  # best.pt keys stay as before, so older eval.json files are reused
+    if checkpoint != RunFiles.BEST:  # best.pt keys stay as before, so older eval.json files are reused
         key.update(checkpoint=checkpoint, epoch=epoch)
     return key
 

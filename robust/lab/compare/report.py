@@ -7,11 +7,11 @@ from typing import Any
 
 from robust.config import TrainConfig
 from robust.lab.compare.settings import NORM_TITLES, CompareSettings, parse_select, select_epoch
-from robust.lab.plots import CurveRun, plot_learning_curves, read_metrics
+from robust.lab.plots import CurveRun, plot_learning_curves
 from robust.lab.reference import PAPER_CIFAR10
 from robust.lab.stats import mean_sd, paired_difference
-
-METRICS = ("clean", "pgd10", "pgd20", "worst_case")
+from robust.outputs import RunFiles
+from robust.train.rundir import read_metrics
 
 
 def seed_rows(runs: dict[str, dict[str, dict[str, Any]]], attacks: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -202,12 +202,30 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
         f"- training: {c.epochs} epochs of {steps_per_epoch} steps, batch {c.batch_size}, SGD lr {c.lr:g} ({c.schedule}, "
         f"milestones {c.milestones}{_milestone_note(c)}, {warmup}), momentum {c.momentum:g}, weight decay {c.weight_decay:g}",
         f"- method{'s' if len(settings.method_list) > 1 else ''}: {method}",
-        f"- training attack: Linf PGD-{c.steps}, eps {_eps_text(c)}, step {c.step_size_value:.4g}, "
-        f"random start, through the adv route, BN in {c.resolved_attack_bn} mode",
+        *_attack_lines(settings),
         _select_line(settings),
         f"- evaluation: Linf eps {c.eps_value:.4g}, attacks {', '.join(settings.attacks)}, each route attacked and "
         f"scored through itself in eval mode; 'worst case' = per-example worst over all attacks",
     ]
+
+
+def _attack_lines(settings: CompareSettings) -> list[str]:
+    """The training attack of each method (each method's own attack and BN mode)."""
+    c = settings.config
+    lines = []
+    for method in settings.method_list:
+        m = settings.norm_config("bn", method=method)
+        attack = m.objective.describe_attack(m.steps)
+        step = f", step {m.step_size_value:.4g}" if not m.objective.one_step else ""
+        label = f" ({method})" if len(settings.method_list) > 1 else ""
+        lines.append(f"- training attack{label}: {attack}, eps {_eps_text(c)}{step}, through the adv route, "
+                     f"BN in {m.resolved_attack_bn} mode")
+    return lines
+
+
+def paper_comparable(c: TrainConfig) -> bool:
+    """Whether a grid's setting is the paper's (CIFAR-10, Linf 8/255), so its table is shown beside ours."""
+    return c.dataset == "cifar10" and abs(c.eps_value - 8 / 255) < 1e-9
 
 
 def _select_line(settings: CompareSettings) -> str:
@@ -251,7 +269,10 @@ def results_markdown(results: dict[str, Any]) -> str:
         for method, part in results["by_method"].items():
             parts += [f"## Method {method}", "", *_method_markdown(results, settings, part),
                       "", f"Learning curves: curves-{method}.png", ""]
-    parts += ["", paper_table_markdown(), ""]
+    if paper_comparable(c):
+        parts += ["", paper_table_markdown(), ""]
+    else:
+        parts += ["", f"The paper's CIFAR-10 figures (Linf 8/255) are not shown: this grid is {c.dataset} at eps {c.eps}.", ""]
     return "\n".join(parts)
 
 
@@ -272,8 +293,8 @@ def _method_markdown(results: dict[str, Any], settings: CompareSettings, part: d
     for norm, per_seed in part["runs"].items():
         for seed, run in per_seed.items():
             best = run.get("best") or {}
-            picked = (f"best.pt from epoch {best.get('epoch', '?')}" if name == "best.pt"
-                      else f"last.pt (epoch {run['epochs']})" if name == "last.pt" else name)
+            picked = (f"best.pt from epoch {best.get('epoch', '?')}" if name == RunFiles.BEST
+                      else f"last.pt (epoch {run['epochs']})" if name == RunFiles.LAST else name)
             parts.append(f"- {norm}, seed {seed}: {run['run_dir']}, {run['epochs']} epochs in {run['train_seconds']:.0f} s, "
                          f"{picked}, evaluation {run['eval']['seconds']:.0f} s")
     if len(seeds) > 1:

@@ -16,7 +16,7 @@ from robust.errors import CompareExistsError, ConfigError
 from robust.eval.evaluation import check_attack_names
 from robust.nn.norms import NORMS, check_norm
 from robust.objectives import METHODS
-from robust.outputs import holds_files
+from robust.outputs import RunFiles, holds_files
 
 SETTINGS_FILE = "compare.json"
 
@@ -179,14 +179,14 @@ def parse_select(text: str) -> str:
     """--select best|last|epoch:N: which checkpoint of each run is evaluated; returns its file name
     (epoch:N -> epochN.pt, which the runs keep through --keep-epochs)."""
     if text == "best":
-        return "best.pt"
+        return RunFiles.BEST
     if text == "last":
-        return "last.pt"
+        return RunFiles.LAST
     if isinstance(text, str) and text.startswith("epoch:"):
         number = text[len("epoch:"):]
         if not number.isdigit() or int(number) < 1:
             raise ConfigError(f"select {text!r}: epoch:N needs a whole epoch number >= 1, e.g. epoch:5")
-        return f"epoch{int(number)}.pt"
+        return RunFiles.epoch(int(number))
     raise ConfigError(f"select {text!r} must be best, last or epoch:N (e.g. epoch:5)")
 
 
