@@ -5,8 +5,18 @@ name -> attack registry (which also wraps torchattacks) in :mod:`attacks.registr
 """
 
 from .pgd import (
-    L2Ball, LinfBall, THREATS, ce_loss, cw_margin_loss, fgsm_rs, gaussian_start, get_threat, kl_loss_from, nfgsm,
-    pgd, pgd_restarts,
+    THREATS,
+    L2Ball,
+    LinfBall,
+    ce_loss,
+    cw_margin_loss,
+    fgsm_rs,
+    gaussian_start,
+    get_threat,
+    kl_loss_from,
+    nfgsm,
+    pgd,
+    pgd_restarts,
 )
 
 __all__ = [

@@ -95,6 +95,23 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_margin_loss}
 
 
+def input_gradient(model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``d loss_fn(model(x), y) / dx`` for an ``x`` that requires grad, never weakened by fp16.
+
+    Under fp16 autocast the forward and backward of the attack run in fp32: the softmax gradient
+    ``p - onehot`` of a confident example lies below fp16's smallest number (6e-8), so its input
+    gradient would be exactly 0 and the example never perturbed. A loss scale would not do in
+    general: no single factor lifts a confident example's gradient without overflowing a doubtful
+    one's in the same batch, and a per-example scale changes the gradient of a train-mode (batch-
+    statistics) forward. bf16 has fp32's exponent range and is left as it is.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
+        with torch.autocast(device, enabled=False):
+            return torch.autograd.grad(loss_fn(model(x.float()), y), x)[0]
+    return torch.autograd.grad(loss_fn(model(x), y), x)[0]
+
+
 def pgd(
     model: Model,
     x: torch.Tensor,
@@ -127,7 +144,7 @@ def pgd(
     x_adv = (x + delta).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        grad, = torch.autograd.grad(loss_fn(model(x_adv), y), x_adv)
+        grad = input_gradient(model, loss_fn, x_adv, y)
         delta = ball.project(x_adv.detach() + ball.step(grad, alpha) - x, eps)
         x_adv = (x + delta).clamp(0, 1)
     return x_adv.detach()
@@ -167,7 +184,7 @@ def nfgsm(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, noise: flo
     alpha = eps if alpha is None else alpha
     x = x.detach()
     x_start = (x + torch.empty_like(x).uniform_(-noise, noise)).clamp(0, 1).requires_grad_(True)
-    grad, = torch.autograd.grad(ce_loss(model(x_start), y), x_start)
+    grad = input_gradient(model, ce_loss, x_start, y)
     return (x_start.detach() + alpha * grad.sign()).clamp(0, 1)
 
 

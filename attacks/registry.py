@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torchattacks
 
 from .pgd import get_threat, pgd, pgd_restarts
 
@@ -100,7 +101,6 @@ def _fgsm(model: nn.Module, eps: float, threat: str) -> Attack:
 def _torchattacks_attack(kind: str, model: nn.Module, eps: float, threat: str, restarts: int,
                          queries: int, seed: int, num_classes: int):
     """One torchattacks attack object with AutoAttack's standard settings."""
-    import torchattacks
 
     norm = _torchattacks_norm(threat)
     common = dict(norm=norm, eps=eps, seed=seed, verbose=False)

@@ -23,6 +23,7 @@ from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_s
 from robust.errors import CheckpointWriteError, ConfigError, NonFiniteLoss, PeerFailed, TrainingInterrupted
 from robust.objectives import Option, all_options
 from robust.outputs import RunFiles
+from robust.runtime import resolve_device
 from robust.train import distributed
 from robust.train.trainer import Trainer
 
@@ -123,6 +124,11 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
     except BAD_INPUT_ERRORS as exc:
         _fail(exc, 2)
     if nproc is not None and nproc > 1:
+        if resolve_device(config.device).type == "cuda":
+            try:
+                distributed.check_gpu_count(nproc)
+            except ConfigError as exc:
+                _fail(exc, 2)
         argv = forward_args(flags, config_file=config_file, resume=resume, force=force)
         raise SystemExit(launch(nproc, argv))
     try:

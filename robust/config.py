@@ -88,6 +88,9 @@ class TrainConfig:
     precision: str = _f("auto", "autocast precision: auto = bf16 (fp16 without bf16) on CUDA, bf16 on CPUs with AMX, else fp32", choices=PRECISIONS)
     channels_last: bool = _f(True, "channels_last memory format")
     compile: bool = _f(False, "torch.compile the model")
+    deterministic: bool = _f(False, "CUDA: deterministic cuDNN kernels, so --resume ends bit-identical to an uninterrupted run "
+                                    "(without it cudnn.benchmark picks the fastest kernels and a resume matches up to float "
+                                    "rounding); CPU runs are deterministic either way")
     fused: bool = _f(True, "with clean-weight > 0: one forward over the concatenated clean+adv-route batch (split routes)")
     sync_bn: bool = _f(False, "distributed: route-aware SyncBatchNorm, each route's statistics over all processes")
     save_every: float = _f(600.0, "also write last.pt inside an epoch at most every this many seconds (0: epoch ends only)", min=0)

@@ -83,6 +83,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
+def configure_kernels(device: torch.device, deterministic: bool) -> None:
+    """cuDNN's choice of kernels: deterministic ones (exact resume), or the fastest found by benchmarking."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = not deterministic
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     """The --precision name of an autocast dtype (None: plain fp32)."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

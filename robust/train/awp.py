@@ -61,15 +61,20 @@ class WeightPerturbation:
 
 
 def weight_perturbation(model: nn.Module, loss_fn: Callable[[], torch.Tensor], gamma: float,
-                        reduce: Callable[[list[torch.Tensor]], None] | None = None) -> WeightPerturbation:
+                        reduce: Callable[[list[torch.Tensor]], None] | None = None,
+                        loss_scale: float = 1.0) -> WeightPerturbation:
     """AWP's perturbation of ``model``'s weights for the loss ``loss_fn()`` (not applied yet).
 
     ``reduce`` (distributed runs) averages the ascent gradients over ranks in place, so every rank
-    perturbs alike.
+    perturbs alike. ``loss_scale`` (fp16: the grad scaler's power of two) multiplies the loss so its
+    fp16 backward does not underflow; the per-layer normalization cancels it exactly. A scaled
+    backward that overflows is taken again unscaled.
     """
     params = perturbed_parameters(model)
     with frozen_buffers(model):
-        grads = list(torch.autograd.grad(loss_fn(), params, allow_unused=True))
+        grads = list(torch.autograd.grad(loss_fn() * loss_scale, params, allow_unused=True))
+        if loss_scale != 1.0 and not bool(torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all()):
+            grads = list(torch.autograd.grad(loss_fn(), params, allow_unused=True))
     grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
     if reduce is not None:
         reduce(grads)

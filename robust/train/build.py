@@ -60,8 +60,8 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
         convert_sync_batchnorm(model)
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                                foreach=True)
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel for the update on a GPU
+    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **fused)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     forward_model = torch.compile(model) if c.compile else model
     return TrainingParts(loader, val, model, forward_model, optimizer, scaler,

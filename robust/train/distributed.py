@@ -62,6 +62,11 @@ def env_rank() -> int:
     return _env_int("RANK", 0)
 
 
+def local_world_size() -> int:
+    """The processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun): they share its memory."""
+    return max(1, _env_int("LOCAL_WORLD_SIZE", 1))
+
+
 def env_world_size() -> int:
     """The world size as torchrun sets it (1 outside torchrun)."""
     return _env_int("WORLD_SIZE", 1)
@@ -87,6 +92,7 @@ def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
             if not os.environ.get(name):
                 raise ConfigError(f"WORLD_SIZE={world} but {name} is not set; start with torchrun or robust train --nproc N")
         if device.type == "cuda":
+            check_gpu_count(local_rank + 1)
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
         _owned_group = True
@@ -95,6 +101,14 @@ def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
         torch.cuda.set_device(device)
     control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return DistContext(rank, world, local_rank, control), device
+
+
+def check_gpu_count(processes: int) -> None:
+    """Refuse more processes on this machine than it has CUDA GPUs (each process trains on its own GPU)."""
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise ConfigError(f"{processes} processes on this machine need {processes} CUDA GPUs, but it has {gpus}; "
+                          f"use --nproc {gpus}" + (" or fewer" if gpus > 1 else "") + ", or --device cpu")
 
 
 def shutdown() -> None:

@@ -113,7 +113,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler, x: to
     perturbation = None
     if awp and s.awp_gamma > 0:
         perturbation = weight_perturbation(
-            attack_model, lambda: step_loss(attack_model, x, x_adv, y, s)[0] * loss_scale, s.awp_gamma, reduce).apply()
+            attack_model, lambda: step_loss(attack_model, x, x_adv, y, s)[0] * loss_scale, s.awp_gamma, reduce,
+            loss_scale=scaler.get_scale() if scaler is not None else 1.0).apply()
     loss, adv_logits = step_loss(model, x, x_adv, y, s)                               # 2. loss
     optimizer.zero_grad(set_to_none=True)
     objective = loss * loss_scale if loss_scale != 1.0 else loss

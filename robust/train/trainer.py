@@ -42,7 +42,7 @@ from robust.data.types import ImageData
 from robust.errors import CheckpointError, ConfigError, NonFiniteLoss, TrainingInterrupted
 from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
-from robust.runtime import autocast, autocast_dtype, precision_name
+from robust.runtime import autocast, autocast_dtype, configure_kernels, precision_name
 from robust.train import distributed as dist_
 from robust.train.build import build_training
 from robust.train.co_guard import COGuard
@@ -171,6 +171,7 @@ class Trainer:
         if self.ready:
             return self
         self.dist, self.device = dist_.setup(self.config.device)
+        configure_kernels(self.device, self.config.deterministic)
         self.log = self._log if self.dist.is_main else _silent
         self.folder = RunFolder(self.run_dir, self.dist, self.resume, self.force)
         error = None
@@ -202,7 +203,7 @@ class Trainer:
         self.amp = autocast_dtype(c.precision, self.device)
         state = self.folder.read_last(self.device) if self.resume else None  # a bad last.pt before the slow data
         self.data = self.data if self.data is not None else load_dataset(
-            c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, budget=memory_budget(self.device),
+            c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, budget=memory_budget(self.device) // dist_.local_world_size(),
             workers=c.workers)
         parts = build_training(c, self.data, self.device, self.amp, state, self._sync_bn_asked, self.folder.last_pt)
         self.loader, self.val, self.model, self.forward_model = parts.loader, parts.val, parts.model, parts.forward_model
