@@ -29,6 +29,8 @@ from robust.runtime import DEVICES, PRECISIONS
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="the project variant's precision (the textbook loop is always fp32)")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--compile/--no-compile", default=False, show_default=True,
+              help="torch.compile the project variant's model (the warm-up run pays the compilation)")
 @click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "svhn", "mnist", "fashion-mnist"]), default="cifar10",
               show_default=True, help="shape of the synthetic uint8 data (no files are read)")
 @click.option("--images", type=click.IntRange(min=1), default=None, help="synthetic training-set size [default: the dataset's]")

@@ -24,9 +24,12 @@ from robust.outputs import RunFiles, check_output
 def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
     """Write ROUTE of CHECKPOINT (a file or run folder) as a plain single-route model.
 
-    The norms become ordinary BatchNorm2d (SaBN affines folded), the input normalization stays
-    inside, so the model takes images in [0, 1] and returns logits: ready for torchattacks,
-    AutoAttack or RobustBench. `robust eval` and `robust.load_model` read the file.
+    The file holds the route's weights as a plain model's: every norm's state is an ordinary
+    BatchNorm2d's (SaBN affines folded), so it loads into the architecture built with plain
+    BatchNorm2d (norm bn; for torchvision/timm models, their own constructor). The input
+    normalization stays inside: images in [0, 1] in, logits out, ready for torchattacks,
+    AutoAttack or RobustBench. `robust eval` and `robust.load_model` read the file and rebuild the
+    norms as SharedBatchNorm2d, a BatchNorm2d subclass that computes exactly what BatchNorm2d does.
 
     \b
     Example:

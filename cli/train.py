@@ -124,7 +124,8 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
     except BAD_INPUT_ERRORS as exc:
         _fail(exc, 2)
     if nproc is not None and nproc > 1:
-        if resolve_device(config.device).type == "cuda":
+        device = resolve_device(config.device)
+        if device.type == "cuda" and distributed.backend_for(device) == "nccl":
             try:
                 distributed.check_gpu_count(nproc)
             except ConfigError as exc:

@@ -44,8 +44,20 @@ def _cpu_flags() -> str:
         return ""
 
 
+# oneDNN's ISA names below which it has no bf16 instructions, and below which it has no AMX.
+_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+_BELOW_AMX = (*_BELOW_BF16, "AVX512_CORE_BF16", "AVX512_CORE_FP16")
+
+
+def _onednn_cap() -> str:
+    """``ONEDNN_MAX_CPU_ISA`` as set (it holds oneDNN to a lower CPU kind's kernels), upper-case; "" when unset."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+
+
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX): bf16 runs there, not emulated."""
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX) that oneDNN may use: bf16 runs there, not emulated."""
+    if _onednn_cap() in _BELOW_BF16:
+        return False
     return any(f in _cpu_flags() for f in ("avx512_bf16", "amx_bf16"))
 
 
@@ -64,8 +76,8 @@ def cpu_supports_bf16() -> bool:
 
 
 def cpu_has_amx() -> bool:
-    """True on CPUs with AMX bf16 matrix units (Intel Sapphire Rapids and later)."""
-    return "amx_bf16" in _cpu_flags()
+    """True on CPUs with AMX bf16 matrix units (Intel Sapphire Rapids and later) that oneDNN may use."""
+    return "amx_bf16" in _cpu_flags() and _onednn_cap() not in _BELOW_AMX
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -98,6 +98,7 @@ class BenchConfig:
     precision: str = "auto"
     device: str = "auto"
     channels_last: bool = True
+    compile: bool = False  # torch.compile the project variant's model (the textbook loop stays eager)
     iters: int = 2  # training steps per timed run
     repeats: int = 3  # timed runs per variant
     memory: bool = True
@@ -128,7 +129,7 @@ class BenchConfig:
         return TrainConfig(
             dataset=self.dataset, val_split=0.0, arch=self.arch, norm=self.norm, width=self.width,
             batch_size=self.batch_size, method=self.method, eps=self.eps, steps=self.steps,
-            device=self.device, precision=self.precision, channels_last=self.channels_last,
+            device=self.device, precision=self.precision, channels_last=self.channels_last, compile=self.compile,
             seed=self.seed, quiet=True, warmup_steps=0, out=out,
         )
 

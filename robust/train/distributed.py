@@ -91,16 +91,28 @@ def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(name):
                 raise ConfigError(f"WORLD_SIZE={world} but {name} is not set; start with torchrun or robust train --nproc N")
+        backend = backend_for(device)
         if device.type == "cuda":
-            check_gpu_count(local_rank + 1)
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+            if backend == "nccl":  # nccl refuses two ranks on one GPU; gloo (ROBUST_DIST_BACKEND=gloo) shares them
+                check_gpu_count(local_rank + 1)
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group(backend, rank=rank, world_size=world)
         _owned_group = True
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return DistContext(rank, world, local_rank, control), device
+
+
+def backend_for(device: torch.device) -> str:
+    """nccl on CUDA, gloo on the CPU; ``ROBUST_DIST_BACKEND=gloo`` runs several CUDA ranks on one GPU (checks, not speed)."""
+    asked = os.environ.get("ROBUST_DIST_BACKEND", "").strip()
+    if asked:
+        if asked not in ("nccl", "gloo"):
+            raise ConfigError(f"ROBUST_DIST_BACKEND={asked!r} is not a backend; use nccl or gloo")
+        return asked
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def check_gpu_count(processes: int) -> None:

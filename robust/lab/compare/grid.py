@@ -36,10 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from robust import checkpoint as ckpt
 from robust.checkpoint import model_from, read_checkpoint
@@ -197,8 +202,6 @@ def run_grid(settings: CompareSettings, runs: list[GridRun], data, log: Callable
     """(best, evaluation) per run, in order: one after another, or in ``jobs`` processes side by side."""
     if jobs == 1 or len(runs) == 1:
         return [train_and_evaluate(settings, run, data, log) for run in runs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     threads = settings.config.threads or max(1, available_cpus() // jobs)
     log(f"{len(runs)} runs in {min(jobs, len(runs))} processes side by side, {threads} torch thread(s) each")
@@ -223,7 +226,6 @@ _WORKER_DATA: dict[str, Any] = {}
 
 def _start_worker(threads: int, data) -> None:
     """A grid worker process: its torch threads, and the data when the caller passed it in."""
-    import torch
 
     torch.set_num_threads(threads)
     if data is not None:
@@ -232,7 +234,6 @@ def _start_worker(threads: int, data) -> None:
 
 def _worker_run(settings: CompareSettings, run: GridRun):
     """One run in a worker process; its messages go to stderr, prefixed with the run."""
-    import sys
 
     if "data" not in _WORKER_DATA:
         c = run.config
