@@ -1,4 +1,5 @@
-"""Shared fixtures: small slices of the real Fashion-MNIST files, CPU threads pinned."""
+"""Fixtures and hooks: the real Fashion-MNIST files and a small slice of them, CPU threads pinned,
+the bf16 and gpu markers. Plain helpers shared by the tests are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from robust.data.types import ImageData
 # the environment) "auto" means fp32 everywhere; tests that compare numbers also pin fp32 where
 # they build a config, and the bf16 path has its own tests (marked bf16) with bf16 tolerances.
 os.environ["ROBUST_CPU_BF16"] = "0"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bf16: needs native bf16 (a CPU with AMX/AVX512-BF16, or CUDA); skipped elsewhere")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+    config.addinivalue_line("markers", "precision: compares floats to a tolerance (or bf16 to fp32); .ci/test reruns these on lower CPU kinds' kernels")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,52 +55,3 @@ def fmnist_small(fmnist) -> ImageData:
     """4,000 training and 1,000 test images of the real data: enough to learn, fast to train."""
     return ImageData("fashion-mnist", fmnist.train_x[:4000], fmnist.train_y[:4000], fmnist.test_x[:1000], fmnist.test_y[:1000])
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "bf16: needs native bf16 (a CPU with AMX/AVX512-BF16, or CUDA); skipped elsewhere")
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
-
-
-
-def invoke_in(folder, args: list[str]):
-    """Run the CLI (click's test runner) with ``folder`` as the working directory, so relative
-    paths in ``args`` resolve there; the old working directory is restored afterwards."""
-    from click.testing import CliRunner
-
-    from robust.cli.main import cli
-
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        return CliRunner().invoke(cli, args)
-    finally:
-        os.chdir(cwd)
-
-
-def snapshot(folder) -> dict[str, str]:
-    """Every file under ``folder`` with its sha256 (folders as "dir"): to show nothing was written."""
-    import hashlib
-    from pathlib import Path
-
-    folder = Path(folder)
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
-
-
-def assert_refused(folder, args: list[str], *expected: str, one_line: bool = False) -> str:
-    """Run the CLI in ``folder``; assert the bad-input contract (exit 2, one error line naming each of
-    ``expected``, no traceback, nothing written or overwritten); return the error line.
-    ``one_line``: the whole output is that line (no usage text either)."""
-    before = snapshot(folder)
-    result = invoke_in(folder, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    errors = [l for l in result.output.splitlines() if l.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for text in expected:
-        assert text in errors[0], errors[0]
-    if one_line:
-        assert len(result.output.strip().splitlines()) == 1, result.output
-    assert snapshot(folder) == before  # nothing written or overwritten
-    return errors[0]

@@ -63,6 +63,7 @@ def test_eps_zero_returns_x(batch):
     assert torch.equal(build_attack("pgd20", tiny_net(), 0.0)(x, y), x)
 
 
+@pytest.mark.precision
 def test_fgsm_rs_takes_a_step_of_1_25_eps():
     """Hand computation: x_adv = x + clip(delta0 + 1.25 eps sign(grad at x + delta0), -eps, eps)."""
     model = tiny_net()
@@ -80,6 +81,7 @@ def test_fgsm_rs_takes_a_step_of_1_25_eps():
     assert not torch.allclose(got, wrong_step, atol=1e-4)
 
 
+@pytest.mark.precision
 def test_cw_margin_loss_equals_hand_computation():
     logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 1.0], [0.0, 0.5, 4.0]])
     y = torch.tensor([0, 0, 2])

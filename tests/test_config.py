@@ -33,7 +33,7 @@ def test_defaults_are_the_reference_recipe():
     assert c.eps_value == 8 / 255 and c.step_size_value == pytest.approx(2 / 255) and c.steps == 7
     assert c.resolved_method == "pgd" and c.resolved_clean_weight == 0.5 and c.resolved_attack_bn == "train"
     assert TrainConfig(norm="bn").resolved_method == "pgd" and TrainConfig(norm="bn").resolved_clean_weight == 0.0
-    assert TrainConfig(norm="bn", method="hybrid").resolved_clean_weight == 0.5  # the old hybrid, on every norm
+    assert TrainConfig(norm="bn", method="hybrid").resolved_clean_weight == 0.5  # hybrid: clean weight 0.5 on every norm
 
 
 @pytest.mark.parametrize("field,value", [("batch_size", 0), ("epochs", -1), ("steps", 0), ("val_split", 1.0),

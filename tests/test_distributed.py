@@ -1,6 +1,6 @@
 """DDP training on the CPU (gloo, 2 processes through torchrun) and the route-aware SyncBatchNorm.
 
-One torchrun job (tests/_ddp_worker source below) trains several tiny runs; the test then checks
+One torchrun job (the WORKER source below) trains several tiny runs; the test then checks
 that both ranks end with bitwise identical weights, buffers and momentum, that exactly one
 checkpoint set is written, that resume works under DDP, and that a DDP step with --sync-bn equals
 a single-process step over the same global batch.
@@ -19,11 +19,13 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import tiny_config_dict
 
 from robust.checkpoint import load_checkpoint
 from robust.cli.main import cli
@@ -61,12 +63,8 @@ distributed.shutdown()
 '''
 
 
-def _config(out: Path, **kw) -> dict:
-    base = dict(dataset="fashion-mnist", width=4, epochs=1, batch_size=32, limit=32, steps=2, eps="1e-6",
-                val_split=0.25, val_limit=32, val_steps=1, lr=0.05, warmup_steps=0, schedule="cosine", seed=3,
-                channels_last=False, quiet=True, out=str(out), precision="fp32")
-    base.update(kw)
-    return base
+# a dict, not a TrainConfig: the jobs travel to the torchrun workers as JSON
+_config = partial(tiny_config_dict, limit=32, steps=2, eps="1e-6", val_split=0.25, seed=3)
 
 
 def _data(fmnist) -> ImageData:
@@ -142,6 +140,7 @@ def test_exactly_one_checkpoint_set_and_ddp_resume(ddp_run):
 
 
 @pytest.mark.parametrize("name", ["one", "awp"])
+@pytest.mark.precision
 def test_one_sync_bn_ddp_step_equals_one_process_on_the_global_batch(ddp_run, fmnist, tmp_path, name):
     folder, _ = ddp_run
     job = next(j for j in _jobs(folder) if j["name"] == name)
@@ -184,6 +183,7 @@ def _check_awp_step(ddp: dict, reference: dict, job: dict, fmnist, tmp_path: Pat
     assert (flat(plain.model.state_dict()) - flat(reference)).norm() / step > 0.1  # AWP changed the step
 
 
+@pytest.mark.precision
 def test_multi_epoch_ddp_losses_match_one_process(ddp_run, fmnist, tmp_path):
     folder, _ = ddp_run
     for job in _jobs(folder)[1:3]:  # the same sequence in one process: one epoch, then resumed to two
@@ -200,6 +200,7 @@ def test_multi_epoch_ddp_losses_match_one_process(ddp_run, fmnist, tmp_path):
 
 
 @pytest.mark.parametrize("norm", ["bn", "auxbn", "sabn"])
+@pytest.mark.precision
 def test_sync_conversion_swaps_only_inner_norms_and_keeps_the_state(norm):
     torch.manual_seed(0)
     model = build_model(norm=norm, width=4, in_channels=1)

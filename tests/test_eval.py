@@ -86,6 +86,7 @@ def test_trained_model_is_well_above_chance(sabn, fmnist):
     assert result["n"] == 1000 and result["attacks"] == {}
 
 
+@pytest.mark.precision
 def test_pgd20_agrees_with_torchattacks(sabn, eval_data):
     ours = evaluate(sabn, eval_data, attacks=["pgd20"], eps=EPS, route="adv", seed=1)["routes"]["adv"]["pgd20"]
     x, y = to_float(eval_data[0]), eval_data[1]
@@ -102,6 +103,7 @@ def test_eps_zero_gives_clean_accuracy_exactly(sabn, eval_data):
         assert acc["pgd20"] == acc["fgsm"] == acc["cw10"] == acc["square"] == acc["worst_case"] == acc["clean"]
 
 
+@pytest.mark.precision
 def test_float_and_uint8_inputs_give_the_same_figures(sabn, eval_data):
     x, y = eval_data
     a = evaluate(sabn, (x[:64], y[:64]), attacks=["pgd3"], eps=EPS, seed=3)
@@ -214,6 +216,7 @@ def test_sanity_verdicts_name_the_likely_cause():
 # ---- load_model and export -------------------------------------------------------------------
 
 
+@pytest.mark.precision
 def test_load_model_rebuilds_the_model_and_exports_a_route(sabn, ckpt_path, eval_data):
     x = to_float(eval_data[0][:32])
     loaded = load_model(ckpt_path)

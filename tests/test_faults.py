@@ -18,11 +18,13 @@ import subprocess
 import sys
 import time
 from collections import namedtuple
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import tiny_config
 
 import robust.outputs as outputs
 import robust.train.step as step_module
@@ -36,12 +38,8 @@ from robust.outputs import FolderLock
 from robust.train.trainer import Trainer
 
 
-def _config(out: Path, **kw) -> TrainConfig:
-    base = dict(dataset="fashion-mnist", width=4, epochs=2, batch_size=32, limit=96, steps=1, eps="0.1",
-                val_split=0.1, val_limit=32, val_steps=1, lr=0.05, warmup_steps=0, schedule="cosine", seed=5,
-                channels_last=False, quiet=True, out=str(out), precision="fp32")
-    base.update(kw)
-    return TrainConfig(**base)
+# two epochs of three steps each (96 images in batches of 32)
+_config = partial(tiny_config, epochs=2, limit=96, seed=5)
 
 
 def _cli_args(out: Path, *extra: str) -> list[str]:
@@ -390,7 +388,7 @@ def test_default_run_folders_differ_by_seed():
 
 
 def test_two_real_train_processes_on_one_folder_one_writer_wins_whole(tmp_path):
-    """The issue's case, `for s in 0 1; do robust train ... --seed $s & done`, with one --out for both."""
+    """Two runs started at once on one --out, `for s in 0 1; do robust train ... --seed $s & done`."""
     args = ["train", "--dataset", "fashion-mnist", "--limit", "64", "--width", "4", "--epochs", "1", "--val-limit", "16",
             "--val-steps", "1", "--steps", "1", "--batch-size", "32", "--no-channels-last", "--quiet", "--out", "same"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

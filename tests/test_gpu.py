@@ -10,12 +10,13 @@ import copy
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from robust.checkpoint import load_checkpoint
-from robust.config import TrainConfig
 from robust.data.types import ImageData
 from robust.lab.bench import BenchConfig, run_bench
 from robust.nn.factory import build_model
@@ -29,11 +30,9 @@ def _data(fmnist) -> ImageData:
     return ImageData("fashion-mnist", fmnist.train_x[:512], fmnist.train_y[:512], fmnist.test_x[:64], fmnist.test_y[:64])
 
 
-def _config(out, **kw) -> TrainConfig:
-    base = dict(dataset="fashion-mnist", width=8, epochs=1, batch_size=64, limit=512, steps=2, eps="0.1",
-                val_split=0.1, val_steps=2, warmup_steps=0, schedule="cosine", device="cuda", quiet=True, out=str(out))
-    base.update(kw)
-    return TrainConfig(**base)
+# GPU-sized: a wider model, more images and larger batches, CUDA with its own precision and memory format
+_config = partial(tiny_config, width=8, batch_size=64, limit=512, steps=2, val_limit=None, val_steps=2, lr=0.1,
+                  channels_last=True, precision="auto", device="cuda")
 
 
 def test_fp16_trains_with_a_grad_scaler_and_resumes_it(tmp_path, fmnist):

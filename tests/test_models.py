@@ -167,6 +167,7 @@ def test_sabn_model_has_2c_more_parameters_per_norm_layer_than_auxbn():
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.precision
 def test_split_forward_equals_two_route_forwards(norm):
     split_model = small_model(norm).train()
     two_model = copy.deepcopy(split_model)
@@ -196,6 +197,7 @@ def test_split_forward_equals_two_route_forwards(norm):
     assert not torch.equal(split_model.state_dict()[key], small_model(norm).state_dict()[key])
 
 
+@pytest.mark.precision
 def test_split_forward_in_eval_mode_equals_two_route_forwards():
     model = small_model("sabn").eval()
     x, x_adv = images(4, seed=1), images(4, seed=2)
@@ -234,6 +236,7 @@ def test_train_forward_in_adv_changes_only_adv_statistics(norm):
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.precision
 def test_export_equals_the_route_and_loads_into_a_bn_model(norm, route):
     model = small_model(norm).train()
     for r, seed in (("clean", 7), ("adv", 8)):  # real batch statistics in both routes
@@ -267,6 +270,7 @@ def test_export_of_the_two_routes_differs_for_a_dual_model():
     assert (clean(x) - adv(x)).abs().max() > 1e-3
 
 
+@pytest.mark.precision
 def test_export_keeps_the_models_dtype():
     model = small_model("sabn").double().eval()
     x = images(2, seed=9).double()
@@ -284,6 +288,7 @@ def pgd(model: nn.Module) -> torchattacks.PGD:
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
+@pytest.mark.precision
 def test_torchattacks_pgd_inside_use_route_attacks_that_route_and_restores_state(train_mode):
     # float64 so that the dual model and its export give the same gradient signs, step for step.
     model = small_model("sabn").double().train(train_mode)
@@ -347,6 +352,7 @@ def torchvision_resnet18() -> nn.Module:
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.precision
 def test_convert_norms_on_torchvision_resnet18_keeps_its_logits(torchvision_resnet18, norm):
     x = images(2, seed=13, size=32)
     expected = torchvision_resnet18(x)

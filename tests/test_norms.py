@@ -75,6 +75,7 @@ def route_buffers(layer: nn.Module, route: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.precision
 def test_sabn_train_mode_equals_hand_formula_with_batch_stats(route):
     layer = randomized(SandwichBatchNorm2d(C)).train()
     stats = layer.stats[route]
@@ -92,6 +93,7 @@ def test_sabn_train_mode_equals_hand_formula_with_batch_stats(route):
 
 
 @pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.precision
 def test_sabn_eval_mode_equals_hand_formula_with_running_stats(route):
     layer = randomized(SandwichBatchNorm2d(C)).eval()
     x = batch()
@@ -169,6 +171,7 @@ def test_bn_shares_one_set_of_statistics_between_routes():
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.precision
 def test_split_layer_equals_two_route_forwards(norm):
     x = batch(7)
     split_layer = randomized(make_norm_layer(norm)(C)).train()
@@ -198,6 +201,7 @@ def test_split_with_an_empty_part_counts_no_batch_for_it(n_clean, counted_route)
 # ---------------------------------------------------------------- gradients and parameter counts
 
 
+@pytest.mark.precision
 def test_gradients_reach_shared_affine_and_both_route_affines_in_split_mode():
     layer = randomized(SandwichBatchNorm2d(C)).train()
     x = batch(6)
@@ -330,6 +334,7 @@ def test_negative_split_raises_value_error():
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.precision
 def test_layer_export_is_a_plain_batchnorm_equal_in_eval_mode(norm, route):
     layer = randomized(make_norm_layer(norm)(C)).eval()
     plain = layer.export_route(route).eval()
@@ -339,6 +344,7 @@ def test_layer_export_is_a_plain_batchnorm_equal_in_eval_mode(norm, route):
         torch.testing.assert_close(plain(x), layer(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.precision
 def test_sabn_export_folds_the_affines():
     layer = randomized(SandwichBatchNorm2d(C))
     plain = layer.export_route("clean")
@@ -350,6 +356,7 @@ def test_sabn_export_folds_the_affines():
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.precision
 def test_export_keeps_the_layers_dtype(norm):
     layer = randomized(make_norm_layer(norm)(C)).double().eval()
     plain = layer.export_route("adv").eval()
@@ -362,6 +369,7 @@ def test_export_keeps_the_layers_dtype(norm):
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("bn_kwargs", [dict(affine=False), dict(track_running_stats=False), dict(momentum=None)])
 @pytest.mark.parametrize("train", [False, True])
+@pytest.mark.precision
 def test_convert_keeps_function_of_unusual_batchnorms(norm, bn_kwargs, train):
     def original() -> nn.Sequential:
         return randomized(nn.Sequential(nn.BatchNorm2d(C, **bn_kwargs), nn.ReLU())).train(train)
@@ -395,6 +403,7 @@ class SubclassedBatchNorm2d(nn.BatchNorm2d):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.precision
 def test_export_gives_exactly_nn_batchnorm2d_even_from_subclassed_inner_bns(norm):
     layer = randomized(make_norm_layer(norm)(C))
     if norm == "auxbn":

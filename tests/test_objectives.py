@@ -1,5 +1,6 @@
 """Training objectives (pgd, trades, mart, fast, nfgsm), AWP, the catastrophic-overfitting guard, the
-new flags, old configs and the packaging: each loss equals a hand computation on tiny numbers."""
+method flags, saved configs without the method fields, and the packaging: each loss equals a hand
+computation on tiny numbers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import copy
 import json
 import math
 import tomllib
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import assert_refused
+from helpers import assert_refused, tiny_config
 
 from robust.checkpoint import load_checkpoint
 from robust.cli.main import cli
@@ -71,6 +73,7 @@ def _softmax(row):
     return [v / sum(e) for v in e]
 
 
+@pytest.mark.precision
 def test_trades_loss_is_ce_plus_beta_times_the_batch_mean_kl():
     n = len(Y)
     ce = sum(-math.log(_softmax(NAT[i])[Y[i]]) for i in range(n)) / n
@@ -80,6 +83,7 @@ def test_trades_loss_is_ce_plus_beta_times_the_batch_mean_kl():
     assert batch_kl(torch.tensor(NAT), torch.tensor(NAT)).item() == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.precision
 def test_mart_loss_is_boosted_ce_plus_beta_times_kl_weighted_by_one_minus_the_true_probability():
     n, beta = len(Y), 5.0
     boosted = kl = 0.0
@@ -95,6 +99,7 @@ def test_mart_loss_is_boosted_ce_plus_beta_times_kl_weighted_by_one_minus_the_tr
 
 @pytest.mark.parametrize("method", list(OBJECTIVES))
 @pytest.mark.parametrize("norm", ["bn", "auxbn", "sabn"])
+@pytest.mark.precision
 def test_every_objective_on_every_norm_fused_equals_unfused_and_the_hand_sum(method, norm):
     x, y = _batch()
     x_adv = (x + 0.05).clamp(0, 1)
@@ -128,6 +133,7 @@ def test_every_objective_on_every_norm_fused_equals_unfused_and_the_hand_sum(met
 # ---- the attacks ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.precision
 def test_trades_attack_starts_from_the_small_gaussian_and_raises_the_kl():
     model = _model().eval()
     x, y = _batch(8, 0.2, 0.8)
@@ -143,6 +149,7 @@ def test_trades_attack_starts_from_the_small_gaussian_and_raises_the_kl():
     assert kl_start < 1e-6 and kl_end > 100 * kl_start  # measured: 1.8e-8 -> 3.3e-5 on this width-4 model
 
 
+@pytest.mark.precision
 def test_nfgsm_steps_beyond_eps_without_projection_and_stays_in_the_unit_box():
     model = _model().eval()
     x, y = _batch(8, 0.35, 0.65)  # x +- 3 eps stays inside [0, 1]: nothing is clamped
@@ -165,6 +172,7 @@ def test_nfgsm_steps_beyond_eps_without_projection_and_stays_in_the_unit_box():
 # ---- AWP -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.precision
 def test_awp_has_the_stated_per_layer_norm_and_restores_the_weights_bit_exactly():
     model = _model()
     x, y = _batch()
@@ -227,12 +235,8 @@ def test_the_guard_fires_when_pgd_accuracy_collapses_and_keeps_the_last_good_val
     assert torch.equal(state, torch.get_rng_state())  # validation's random starts are not disturbed
 
 
-def _tiny(out, **kw) -> TrainConfig:
-    base = dict(dataset="fashion-mnist", width=4, epochs=3, batch_size=32, limit=64, steps=1, eps="0.1", val_split=0.1,
-                val_limit=16, val_steps=1, lr=0.05, warmup_steps=0, schedule="cosine", seed=3, channels_last=False,
-                quiet=True, out=str(out), precision="fp32")
-    base.update(kw)
-    return TrainConfig(**base)
+# three epochs: the guard has a good epoch to keep before epoch 3 collapses
+_config = partial(tiny_config, epochs=3, val_limit=16, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +248,7 @@ def test_a_collapse_stops_training_keeps_the_last_good_epoch_and_says_so(tmp_pat
     accuracies = iter([40.0, 50.0, 5.0])  # epoch 3 collapses (more than 20 points below epoch 2)
     monkeypatch.setattr(COGuard, "accuracy", lambda self, model, seed, amp=None: next(accuracies))
     lines: list[str] = []
-    trainer = Trainer(_tiny(tmp_path / "run", method="nfgsm"), data=data, log=lines.append)
+    trainer = Trainer(_config(tmp_path / "run", method="nfgsm"), data=data, log=lines.append)
     result = trainer.fit()
     assert result["stopped"] == {"epoch": 3, "kept_epoch": 2, "pgd_acc": 5.0, "previous": 50.0}
     assert result["epoch"] == 2
@@ -258,27 +262,27 @@ def test_a_collapse_stops_training_keeps_the_last_good_epoch_and_says_so(tmp_pat
     for key, value in last["model"].items():  # the result is epoch 2's weights, in memory and on disk
         assert torch.equal(value, trainer.model.state_dict()[key].cpu()), key
     with pytest.raises(ConfigError, match="stopped at epoch 3 by the catastrophic-overfitting guard.*--no-co-guard"):
-        Trainer(_tiny(tmp_path / "run", method="nfgsm"), data=data, resume=True).setup()
+        Trainer(_config(tmp_path / "run", method="nfgsm"), data=data, resume=True).setup()
     monkeypatch.undo()
-    resumed = Trainer(_tiny(tmp_path / "run", method="nfgsm", co_guard=False), data=data, resume=True,
+    resumed = Trainer(_config(tmp_path / "run", method="nfgsm", co_guard=False), data=data, resume=True,
                       log=lambda m: None).fit()  # --no-co-guard trains on
     assert resumed["epoch"] == 3 and "stopped" not in resumed
 
 
 def test_trades_with_awp_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, data):
     kw = dict(method="trades", awp_gamma=0.01, awp_warmup=1, epochs=2, schedule="multistep")  # lr independent of epochs
-    straight = Trainer(_tiny(tmp_path / "a", **kw), data=data, log=lambda m: None).fit()
-    Trainer(_tiny(tmp_path / "b", **{**kw, "epochs": 1}), data=data, log=lambda m: None).fit()
-    Trainer(_tiny(tmp_path / "b", **kw), data=data, resume=True, log=lambda m: None).fit()
+    straight = Trainer(_config(tmp_path / "a", **kw), data=data, log=lambda m: None).fit()
+    Trainer(_config(tmp_path / "b", **{**kw, "epochs": 1}), data=data, log=lambda m: None).fit()
+    Trainer(_config(tmp_path / "b", **kw), data=data, resume=True, log=lambda m: None).fit()
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["config"]["awp_gamma"] == 0.01 and a["method"] == "trades" and "co_guard_pgd_acc" not in straight
-    Trainer(_tiny(tmp_path / "c", **{**kw, "awp_gamma": 0.0}), data=data, log=lambda m: None).fit()
+    Trainer(_config(tmp_path / "c", **{**kw, "awp_gamma": 0.0}), data=data, log=lambda m: None).fit()
     c = load_checkpoint(tmp_path / "c" / "last.pt")  # AWP was on in epoch 2: the weights differ
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"] if k.endswith("conv1.weight"))
 
 
-# ---- flags, defaults, old configs -------------------------------------------------------------------------
+# ---- flags, defaults, saved configs without the method fields ---------------------------------------------
 
 
 def test_defaults_per_method_and_norm():
@@ -292,15 +296,15 @@ def test_defaults_per_method_and_norm():
         == [0.0, 0.5, 0.5, 0.5]
 
 
-@pytest.mark.parametrize("old, weight, method", [
+@pytest.mark.parametrize("saved_fields, weight, method", [
     ({"norm": "sabn", "method": "pgd"}, 0.0, "pgd"), ({"norm": "sabn", "method": "hybrid"}, 0.5, "hybrid"),
     ({"norm": "sabn", "method": None}, 0.5, "hybrid"), ({"norm": "bn", "method": None}, 0.0, "pgd"),
     ({"norm": "auxbn", "method": "fast"}, 0.5, "fast"), ({"norm": "bn", "method": "fast"}, 0.0, "fast"),
 ])
-def test_old_configs_keep_the_loss_they_trained_with(old, weight, method):
-    saved = {**TrainConfig().to_dict(), **old, "clean_weight": 0.5}
-    for new_key in ("method_options", "awp_gamma", "awp_warmup", "co_guard"):
-        saved.pop(new_key)
+def test_saved_configs_without_the_method_fields_keep_the_loss_they_trained_with(saved_fields, weight, method):
+    saved = {**TrainConfig().to_dict(), **saved_fields, "clean_weight": 0.5}
+    for absent in ("method_options", "awp_gamma", "awp_warmup", "co_guard"):
+        saved.pop(absent)
     config = TrainConfig.from_saved(saved)
     assert (config.resolved_clean_weight, config.resolved_method) == (weight, method)
     fresh = TrainConfig(norm="sabn", method="pgd").to_dict()

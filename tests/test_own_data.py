@@ -6,18 +6,18 @@ Folders are written by the tests from real Fashion-MNIST images (PNG), a few at 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import invoke_in
+from helpers import invoke_in, tiny_config
 from PIL import Image
 
 import robust
 from robust.checkpoint import load_checkpoint
-from robust.config import TrainConfig
 from robust.data.lazy import (
     STATS_SAMPLE,
     ArrayReader,
@@ -64,17 +64,15 @@ def _quiet(msg: str) -> None:
     return None
 
 
-def _config(out: Path, **kw) -> TrainConfig:
-    base = dict(dataset="imagefolder", width=4, epochs=1, batch_size=16, steps=1, eps="0.1", val_split=0.2,
-                val_steps=1, device="cpu", precision="fp32", channels_last=False, quiet=True, out=str(out),
-                warmup_steps=0, save_every=0.0)
-    base.update(kw)
-    return TrainConfig(**base)
+# the whole (small) image folder, on the CPU, with checkpoints at epoch ends only
+_config = partial(tiny_config, dataset="imagefolder", batch_size=16, limit=None, val_split=0.2, val_limit=None, lr=0.1,
+                  schedule="multistep", device="cpu", save_every=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- data
 
 
+@pytest.mark.precision
 def test_imagefolder_reads_the_pixels_labels_and_statistics(tmp_path, fmnist):
     written = write_folder(tmp_path / "f", fmnist)
     data = load_dataset("imagefolder", tmp_path / "f", workers=0)
@@ -126,6 +124,7 @@ def test_tensor_files_round_trip(tmp_path, fmnist):
                        x.flatten(1).sum(1).sort().values)
 
 
+@pytest.mark.precision
 def test_auto_mode_streams_what_does_not_fit_and_augmentation_scales_with_size(tmp_path, fmnist):
     assert choose_mode("auto", 100, budget=1000) == "memory" and choose_mode("auto", 2000, budget=1000) == "stream"
     write_folder(tmp_path / "f", fmnist, per_class=4, test_per_class=2)
@@ -234,6 +233,7 @@ def test_imagefolder_trains_and_evaluates_end_to_end(tmp_path, fmnist):
 # ---------------------------------------------------------------------------------------------- models
 
 
+@pytest.mark.precision
 def test_torchvision_resnet18_trains_exports_and_loads_into_torchvision(tmp_path, fmnist):
     import torchvision
 
@@ -270,6 +270,7 @@ def test_torchvision_resnet18_trains_exports_and_loads_into_torchvision(tmp_path
     assert resumed["epoch"] == 2
 
 
+@pytest.mark.precision
 def test_timm_resnet_exports_into_timm():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

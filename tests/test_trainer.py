@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_config
 
 from robust.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
-from robust.config import TrainConfig
 from robust.data.types import ImageData
 from robust.errors import ConfigError
 from robust.nn.factory import build_model
@@ -34,6 +35,7 @@ def _model(norm: str):
 
 
 @pytest.mark.parametrize("norm", ["bn", "auxbn", "sabn"])
+@pytest.mark.precision
 def test_hybrid_loss_is_weighted_sum_of_route_losses(norm):
     x, x_adv, y = _batch()
     reference = _model(norm)
@@ -46,6 +48,7 @@ def test_hybrid_loss_is_weighted_sum_of_route_losses(norm):
         assert loss.item() == pytest.approx(0.3 * clean.item() + 0.7 * adv.item(), abs=1e-5)
 
 
+@pytest.mark.precision
 def test_pgd_and_fast_losses_with_and_without_the_clean_route():
     x, x_adv, y = _batch()
     reference = _model("sabn")
@@ -93,12 +96,9 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
-def _tiny_config(out, **kw) -> TrainConfig:
-    base = dict(dataset="fashion-mnist", width=4, epochs=2, batch_size=64, limit=256, steps=2, eps="0.1",
-                val_split=0.1, val_limit=64, val_steps=2, lr=0.05, warmup_steps=5, out=str(out), quiet=True,
-                schedule="cosine", seed=7, precision="fp32")
-    base.update(kw)
-    return TrainConfig(**base)
+# two epochs of 256 images in batches of 64, two-step PGD, a 5-step warm-up, channels_last as by default
+_config = partial(tiny_config, epochs=2, batch_size=64, limit=256, steps=2, val_limit=64, val_steps=2, warmup_steps=5,
+                  seed=7, channels_last=True)
 
 
 def _tiny_data(fmnist_small) -> ImageData:
@@ -109,10 +109,10 @@ def _tiny_data(fmnist_small) -> ImageData:
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.bf16)])
 def test_resume_gives_identical_weights(tmp_path, fmnist_small, precision):
     data = _tiny_data(fmnist_small)
-    straight = Trainer(_tiny_config(tmp_path / "a", precision=precision), data=data, log=lambda m: None).fit()
-    first = Trainer(_tiny_config(tmp_path / "b", epochs=1, precision=precision), data=data, log=lambda m: None).fit()
+    straight = Trainer(_config(tmp_path / "a", precision=precision), data=data, log=lambda m: None).fit()
+    first = Trainer(_config(tmp_path / "b", epochs=1, precision=precision), data=data, log=lambda m: None).fit()
     assert first["epoch"] == 1
-    resumed = Trainer(_tiny_config(tmp_path / "b", precision=precision), data=data, resume=True, log=lambda m: None).fit()
+    resumed = Trainer(_config(tmp_path / "b", precision=precision), data=data, resume=True, log=lambda m: None).fit()
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
@@ -134,13 +134,13 @@ def test_existing_run_folder_is_never_overwritten(tmp_path, fmnist_small):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="--resume.*--force"):
-        Trainer(_tiny_config(out), data=_tiny_data(fmnist_small)).setup()
+        Trainer(_config(out), data=_tiny_data(fmnist_small)).setup()
     with pytest.raises(ConfigError, match="cannot resume"):
-        Trainer(_tiny_config(tmp_path / "new"), data=_tiny_data(fmnist_small), resume=True).setup()
+        Trainer(_config(tmp_path / "new"), data=_tiny_data(fmnist_small), resume=True).setup()
     assert (out / "notes.txt").read_text() == "mine" and not (tmp_path / "new").exists()
 
 
 def test_the_trainer_takes_save_every_from_the_config(tmp_path, fmnist_small):
     data = _tiny_data(fmnist_small)
-    assert Trainer(_tiny_config(tmp_path / "a", save_every=5.0), data=data).save_every_s == 5.0
-    assert Trainer(_tiny_config(tmp_path / "b", save_every=0.0), data=data).save_every_s is None  # epoch ends only
+    assert Trainer(_config(tmp_path / "a", save_every=5.0), data=data).save_every_s == 5.0
+    assert Trainer(_config(tmp_path / "b", save_every=0.0), data=data).save_every_s is None  # epoch ends only
