@@ -56,7 +56,6 @@ def bench(threads: int | None, json_path: str | None, force: bool, quiet: bool, 
       robust bench --width 64 --iters 1 --repeats 2 --json bench.json
     """
 
-
     json_file = check_output(json_path, "--json", force, "bench.json") if json_path not in (None, "-") else None
     check_fields(TrainConfig, {"threads": threads}, partial=True)
     config = BenchConfig(**options).validate()

@@ -40,7 +40,6 @@ def demo(out: str, force: bool, eval_limit: int, data_dir: str | None, seed: int
       robust eval runs/demo --attack pgd20 --limit 1000
     """
 
-
     if eval_limit < 1:
         raise BadInput(f"--eval-limit must be >= 1, got {eval_limit}")
     if holds_files(out) and not force:

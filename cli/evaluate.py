@@ -45,8 +45,6 @@ def format_sweep(sweep: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-
-
 def print_checks(checks) -> None:
     """Passed checks as OK lines on stdout, failed ones as warnings on stderr."""
     for c in checks:
@@ -108,8 +106,6 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
                  data_dir, sanity, eps_sweep, plot, json_path, force, quiet)
     except PerturbationError as exc:
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
-
-
 
 
 def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str, limit: int | None,

@@ -76,7 +76,6 @@ def _short(values) -> str:
 def _max_logit_gap(model, exported, route: str, input_size=None) -> float:
     """Largest logit difference between the model's route and the export on a random batch (eval mode)."""
 
-
     channels, height, width = input_size or (model.build_args["in_channels"], 32, 32)
     x = torch.rand(8, channels, height, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), use_route(model, route):

@@ -117,6 +117,5 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def versions() -> dict[str, str]:
     """Versions of everything that shapes the numbers, stored next to them."""
 
-
     return {"robust": __version__, "torch": torch.__version__, "torchattacks": torchattacks.__version__,
             "python": platform.python_version()}

@@ -80,7 +80,6 @@ def test_field_checks_come_from_the_annotation_and_metadata_so_new_fields_are_co
     """A field added later (say by a new dataset or architecture option) is typed and range-checked with no new code."""
     import dataclasses
 
-
     @dataclasses.dataclass
     class Extended(TrainConfig):
         depth: int = _f(3, "blocks per stage", min=1)

@@ -179,7 +179,6 @@ def load_test_split(state: dict[str, Any], data_dir: str | None, limit: int | No
     Streamed data is read here, only the first ``limit`` images of it.
     """
 
-
     record = state.get("data") or {}
     custom = state["dataset"] in CUSTOM_DATASETS
     data = load_dataset(state["dataset"], data_dir or record.get("data_dir"), image_size=record.get("image_size"),

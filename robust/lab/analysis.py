@@ -1,7 +1,7 @@
 """Gradient analysis of the norm layers: makes the paper's "balanced norms, diverse directions" checkable.
 
 For a few training batches, with the run's own training examples made through the adv route by the
-training step's :func:`robust.step.make_adversarial` (PGD for pgd/hybrid), we
+training step's :func:`robust.train.step.make_adversarial` (PGD for pgd/hybrid), we
 take two losses, each through its own route:
 
 - the clean loss ``CE(clean route on x)`` and
@@ -106,7 +106,7 @@ def layer_figures(groups: dict[str, list[nn.Parameter]], g_clean: dict[int, torc
 def batch_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: StepSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean-route loss on ``x`` and the objective's adv-route loss on its own examples.
 
-    The examples come from the training step's own :func:`robust.step.make_adversarial` (the
+    The examples come from the training step's own :func:`robust.train.step.make_adversarial` (the
     run's objective and ``attack_bn`` mode); the losses use batch statistics (train mode) as a
     training step does. For ``pgd`` the adversarial loss is ``CE(adv route, x_adv)``.
     """

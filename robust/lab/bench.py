@@ -3,9 +3,9 @@
 Two variants train the same model (same architecture, width, init seed), on the same batch size,
 with the same attack steps:
 
-- ``project``  the trainer's own pieces: :func:`robust.build.build_training` builds the data loader
+- ``project``  the trainer's own pieces: :func:`robust.train.build.build_training` builds the data loader
   (uint8 tensors on the device, batched crop/flip), the channels_last model, the foreach SGD and
-  the step settings, as for a run; each step is :func:`robust.step.train_step`, the trainer's
+  the step settings, as for a run; each step is :func:`robust.train.step.train_step`, the trainer's
   (input-only attack gradients, fused split-route hybrid forward, one backward, the configured precision).
 - ``textbook`` written the way research code does it: fp32, NCHW, a ``torch.utils.data.DataLoader``
   over a Dataset that turns each image into a PIL image and applies torchvision's

@@ -27,8 +27,6 @@ class CurveRun:
     band: dict[str, dict[int, tuple[float, float]]] | None = None
 
 
-
-
 def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
     """Short, distinct labels for run folders: their names, or their paths when names repeat."""
     names = [Path(d).resolve().name for d in run_dirs]
@@ -134,7 +132,6 @@ def _save(fig, path: str | Path, overwrite: bool) -> Path:
 
 def plot_sweep(sweep: Sequence[dict[str, Any]], path: str | Path, title: str, overwrite: bool = True) -> None:
     """Accuracy (worst case over the attacks) against eps, one line per route, written as PNG (atomically)."""
-
 
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()

@@ -1,7 +1,7 @@
 """torchvision and timm classifiers as dual-route models: ``--arch torchvision:NAME`` / ``timm:NAME``.
 
 The library's own model is built with ``num_classes`` (and ``in_channels``) adapted, every
-BatchNorm2d becomes the chosen dual-route norm through :func:`robust.norms.convert_norms`, and
+BatchNorm2d becomes the chosen dual-route norm through :func:`robust.nn.norms.convert_norms`, and
 input normalization sits in front as for our architectures, so the model takes [0, 1] inputs.
 
 The wrapper is invisible in the state_dict: its keys are the library model's own (``conv1.weight``,

@@ -47,7 +47,7 @@ def build_model(
     ``final_norm`` adds a norm + ReLU before the pooling; None takes the architecture's own choice
     (PreAct ResNets: none, as the SaBN reference; WRN-34-10: one, as TRADES's WideResNet).
     ``arch`` is one of :func:`available_archs` or ``torchvision:NAME`` / ``timm:NAME`` (see
-    :mod:`robust.external`; ``width`` and ``final_norm`` do not apply to those).
+    :mod:`robust.nn.external`; ``width`` and ``final_norm`` do not apply to those).
     """
     external = ":" in str(arch)
     if not external and arch not in _ARCHS:

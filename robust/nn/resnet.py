@@ -2,7 +2,7 @@
 
 Every model takes inputs in [0, 1] and normalizes them inside (``InputNormalization``), so eps
 is in pixel units and any attack library works on it unchanged. Blocks receive ``norm_layer``,
-a callable ``f(num_features)`` from :func:`robust.norms.make_norm_layer`.
+a callable ``f(num_features)`` from :func:`robust.nn.norms.make_norm_layer`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 An objective makes its own adversarial examples (:meth:`Objective.examples`) and returns its loss
 and the logits the running accuracy counts (:meth:`Objective.loss`); everything it computes runs
 through the adv route. The clean route's loss, the fused forward, AWP and the optimizer step are
-the training step's business (:mod:`robust.step`), the same for every objective.
+the training step's business (:mod:`robust.train.step`), the same for every objective.
 
 =========  ===============================  ==========================================================
 name       module                           method

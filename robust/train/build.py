@@ -2,7 +2,7 @@
 
 :func:`build_training` returns the data loader, the validation split, the model (weights from a
 checkpoint when resuming), the optimizer, the gradient scaler and the step settings: everything
-:class:`robust.trainer.Trainer` trains and ``robust bench`` times.
+:class:`robust.train.trainer.Trainer` trains and ``robust bench`` times.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One-step training (``fast``, ``nfgsm``) can collapse within an epoch: accuracy on one-step
 examples stays high while accuracy under PGD drops to about zero. After every epoch the guard
-measures PGD-5 accuracy (step eps/4, random start; :func:`robust.metrics.correct_under_attack`'s
+measures PGD-5 accuracy (step eps/4, random start; :func:`robust.eval.accuracy.correct_under_attack`'s
 definition) of the adv route, in eval mode, on one fixed training batch; when it falls by more
 than ``drop`` percentage points below the previous epoch's, training stops and the previous
 epoch's weights are the result. fast_adversarial checks the first batch of each epoch in train

@@ -138,7 +138,6 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return t
 
 
-
 def average_tensors(tensors: list[torch.Tensor], ctx: DistContext) -> None:
     """Replace each tensor by its mean over ranks, in one collective (in place; a no-op in one process)."""
     if not ctx.enabled:

@@ -5,13 +5,13 @@ A step reads as: make examples (the objective's attack, adv route), loss, backwa
 ``loss = w * CE(clean route, x) + (1 - w) * objective(adv route)`` with ``w`` the clean weight
 (``--clean-weight``); with ``w = 0`` the clean route is not run at all. The objective's forwards
 run entirely in the adv route. With ``fused`` (and ``w > 0``) the clean route's forward shares one
-forward with an adv-route forward through :func:`robust.norms.split_routes` (each half normalized
+forward with an adv-route forward through :func:`robust.nn.norms.split_routes` (each half normalized
 by its own route's batch statistics, so the result equals separate forwards up to float
 summation order): ``[x | x_adv]`` for objectives whose loss only needs ``f(x_adv)`` (pgd, fast,
 nfgsm), ``[x | x]`` followed by a separate ``f(x_adv)`` for those that also need the adv route's
 ``f(x)`` (trades, mart: their ``f(x)`` and ``f(x_adv)`` stay separate forwards, as in the official code).
 
-AWP (:mod:`robust.awp`), when on, perturbs the weights between the attack and the loss and puts
+AWP (:mod:`robust.train.awp`), when on, perturbs the weights between the attack and the loss and puts
 them back exactly before the optimizer step.
 """
 

@@ -1,18 +1,17 @@
 """Adversarial training of dual-route models: ``Trainer(config).fit()``.
 
-Where things live (each a short module):
+Where things live (each a short module of :mod:`robust.train`, the methods in :mod:`robust.objectives`):
 
-- :mod:`robust.objectives` — the methods (pgd, trades, mart, fast, nfgsm): examples and loss.
-- :mod:`robust.step`       — the one training step (examples, loss, backward, optimizer step), shared
-  with ``robust analyze`` and ``robust bench``; the clean weight and the fused forward live there.
-- :mod:`robust.awp`        — adversarial weight perturbation, an option of every objective.
-- :mod:`robust.co_guard`   — the catastrophic-overfitting guard of one-step methods.
-- :mod:`robust.build`      — config + data -> loader, model, optimizer, step settings (no IO).
-- :mod:`robust.rundir`     — the run folder: config.json, metrics.jsonl, last.pt, best.pt, the lock.
-- :mod:`robust.faults`     — signals, non-finite losses, the in-epoch save timer.
-- this module               — the loop: :meth:`Trainer.fit` -> :meth:`Trainer.train_one_epoch` -> ``train_step``.
+- ``step``     — the one training step (examples, loss, backward, optimizer step), shared with
+  ``robust analyze`` and ``robust bench``; the clean weight and the fused forward live there.
+- ``awp``      — adversarial weight perturbation, an option of every objective.
+- ``co_guard`` — the catastrophic-overfitting guard of one-step methods (and its rollback).
+- ``build``    — config + data -> loader, model, optimizer, step settings (no IO).
+- ``rundir``   — the run folder: config.json, metrics.jsonl, last.pt, best.pt, the lock.
+- ``faults``   — signals, non-finite losses, the in-epoch save timer.
+- this module  — setup (the IO) and the loop: :meth:`Trainer.fit` -> :meth:`Trainer.train_one_epoch` -> ``train_step``.
 
-Distributed (torchrun, see :mod:`robust.distributed`): ``batch_size`` is the global batch. Every
+Distributed (torchrun, see :mod:`robust.train.distributed`): ``batch_size`` is the global batch. Every
 rank draws the same global batch (same permutation and augmentation) and trains on its own
 contiguous part, so N ranks see exactly the batches one process would; the loss is weighted by
 the part's share so DDP's gradient average is the global batch's mean. Attacks run on the
@@ -67,7 +66,7 @@ def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rou
                          channels_last: bool = False) -> torch.Tensor:
     """``[clean correct, robust]`` counts (a device tensor) of one route under PGD, in eval mode.
 
-    Robust is :func:`robust.metrics.correct_under_attack`'s definition, the same as ``robust.evaluate``'s.
+    Robust is :func:`robust.eval.accuracy.correct_under_attack`'s definition, the same as ``robust.evaluate``'s.
     """
     counts = torch.zeros(2, device=device, dtype=torch.long)
     with use_route(model, route), bn_mode(model, False):

@@ -1,7 +1,7 @@
 """The paper's comparison: train one model per norm kind with one shared config, evaluate every route.
 
 ``run_compare(CompareSettings(config, norms=("bn", "auxbn", "sabn")))`` trains each norm into
-``<out>/<norm>/`` with :class:`robust.trainer.Trainer` (same seed, data split and budget; only the
+``<out>/<norm>/`` with :class:`robust.train.trainer.Trainer` (same seed, data split and budget; only the
 norm differs), evaluates each route of each run's best.pt on the test set, and writes into
 ``<out>``: results.md (the settings above a table shaped like the paper's), results.json (every
 figure) and curves.png (validation accuracy per epoch, one line per norm and route).
