@@ -26,6 +26,7 @@ from robust.objectives import (
     all_options,
     get_objective,
     method_names,
+    methods_help,
     parse_method_options,
 )
 from robust.runtime import DEVICES, PRECISIONS, available_cpus
@@ -67,8 +68,7 @@ class TrainConfig:
     milestones: str = _f("50,150", "multistep: epochs at which lr is multiplied by 0.1, or fractions of the epochs (0.25,0.75)")
     warmup_steps: int = _f(200, "steps of linear warm-up from lr/10 in the first epoch (0 disables)", min=0)
     # adversarial training
-    method: str | None = _f(None, "training method (robust.objectives' registry; docs/methods.md): pgd (Madry), hybrid (pgd with "
-                                   "clean-weight 0.5), trades, mart, fast (FGSM-RS), nfgsm (N-FGSM) [default: pgd]", choices=method_names)
+    method: str | None = _f(None, f"training method: {methods_help()}; see docs/methods.md [default: pgd]", choices=method_names)
     clean_weight: float | None = _f(None, "w in w*CE(clean route, x) + (1-w)*objective(adv route) [default: 0.5 for auxbn/sabn and hybrid, 0 for bn]", min=0, max=1)
     method_options: str | None = _f(None, "the method's own options as NAME=VALUE[,NAME=VALUE] (trades, mart: beta=6); "
                                           "each method declares its options, defaults and ranges")

@@ -346,3 +346,14 @@ def test_the_package_claims_no_generic_top_level_names():
     import robust.cli.main
 
     assert Path(robust.attacks.__file__).parent.name == "attacks" and robust.cli.main.cli.name == "cli"
+
+
+def test_every_registered_method_has_a_row_in_the_methods_page_and_its_help():
+    page = (ROOT / "docs" / "methods.md").read_text()
+    help_text = CliRunner().invoke(cli, ["train", "--help"]).output.replace("\n", " ")
+    for name, cls in OBJECTIVES.items():
+        assert f"| `{name}`" in page, name
+        assert cls.summary and cls.attack_text, name  # the facts --help and compare's results.md print
+        for alias in cls.aliases:
+            assert f"| `{alias}`" in page, alias
+    assert "hybrid (pgd with clean_weight 0.5)" in " ".join(help_text.split())

@@ -90,6 +90,7 @@ class Objective:
     """
 
     name: ClassVar[str]
+    summary: ClassVar[str] = ""  # who proposed it, for --help (e.g. "Madry et al. 2018")
     uses_natural: ClassVar[bool] = False
     attack_bn: ClassVar[str] = "train"
     one_step: ClassVar[bool] = False
@@ -136,6 +137,17 @@ def method_names() -> tuple[str, ...]:
     return tuple(n for name, cls in OBJECTIVES.items() for n in (name, *cls.aliases))
 
 
+def methods_help() -> str:
+    """Every method name with its summary, for --help: ``pgd (Madry et al. 2018), hybrid (pgd with clean_weight 0.5), ...``."""
+    parts = []
+    for name, cls in OBJECTIVES.items():
+        parts.append(f"{name} ({cls.summary})" if cls.summary else name)
+        for alias, settings in cls.aliases.items():
+            implied = ", ".join(f"{k} {v:g}" for k, v in settings.items())
+            parts.append(f"{alias} ({name} with {implied})" if implied else alias)
+    return ", ".join(parts)
+
+
 def get_objective(name: str) -> type[Objective]:
     """The objective class called ``name`` or aliased so (``hybrid`` is ``pgd``); ValueError naming the valid ones."""
     try:
@@ -177,4 +189,4 @@ from robust.objectives import pgd, trades, mart, fast, nfgsm  # noqa: E402, F401
 METHODS = method_names()
 
 __all__ = ["ALIASES", "ATTACK_BN_MODES", "METHODS", "OBJECTIVES", "Objective", "Option", "alias_settings",
-           "all_options", "get_objective", "method_names", "parse_method_options", "register"]
+           "all_options", "get_objective", "method_names", "methods_help", "parse_method_options", "register"]

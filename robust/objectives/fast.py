@@ -14,6 +14,7 @@ from robust.objectives import Objective, register
 @register
 class Fast(Objective):
     name = "fast"
+    summary = "FGSM-RS, Wong et al. 2020"
     one_step = True
     attack_text = "FGSM with a uniform random start, step 1.25 eps, projected"
 

@@ -30,6 +30,7 @@ def mart_loss(natural_logits: torch.Tensor, adv_logits: torch.Tensor, y: torch.T
 @register
 class MART(Objective):
     name = "mart"
+    summary = "Wang et al. 2020"
     uses_natural = True
     attack_bn = "eval"
     attack_text = "Linf PGD-{steps} on CE, from x + 0.001 N(0, 1)"

@@ -15,6 +15,7 @@ from robust.objectives import Objective, register
 @register
 class NFGSM(Objective):
     name = "nfgsm"
+    summary = "N-FGSM, de Jorge et al. 2022"
     one_step = True
     attack_text = "N-FGSM: noise U[-2 eps, 2 eps], one step of eps, not projected"
 

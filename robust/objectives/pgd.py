@@ -11,6 +11,7 @@ from robust.objectives import Objective, register
 @register
 class PGD(Objective):
     name = "pgd"
+    summary = "Madry et al. 2018"
     attack_text = "Linf PGD-{steps} on CE, uniform random start"
     aliases = {"hybrid": {"clean_weight": 0.5}}  # the SaBN reference's loss: pgd with half the weight on the clean route
 

@@ -28,6 +28,7 @@ def batch_kl(natural_logits: torch.Tensor, adv_logits: torch.Tensor) -> torch.Te
 @register
 class TRADES(Objective):
     name = "trades"
+    summary = "Zhang et al. 2019"
     uses_natural = True
     attack_bn = "eval"
     attack_text = "Linf PGD-{steps} on the KL to f(x), from x + 0.001 N(0, 1)"
