@@ -78,7 +78,13 @@ class TrainConfig:
     eps: str = _f("8/255", "Linf radius in pixel units, e.g. 8/255 or 0.031", kind="fraction")
     step_size: str | None = _f(None, "PGD step size (default eps/4, i.e. 2/255 for eps 8/255)", kind="fraction")
     steps: int = _f(7, "PGD steps for training examples", min=1)
-    attack_bn: str | None = _f(None, "BN mode while training attacks run: train (updates adv-route statistics) or eval [default: train for pgd/fast/nfgsm as the SaBN reference, eval for trades/mart as their official code]", choices=ATTACK_BN_MODES)
+    attack_bn: str | None = _f(None, "BN mode while training attacks run: train (batch statistics, updating the adv route's running "
+                                     "ones), eval (running statistics) or frozen (batch statistics, running ones untouched, as "
+                                     "DeepMind's and DM-Improves-AT's code) [default: train for pgd/fast/nfgsm as the SaBN "
+                                     "reference, eval for trades/mart as their official code]", choices=ATTACK_BN_MODES)
+    label_smoothing: float = _f(0.0, "label smoothing of every cross-entropy on labels in the loss (the clean route's too; "
+                                     "not TRADES's or MART's KL, not the attack's own loss); 0.1 in the modern recipes",
+                                min=0, below=1)
     val_steps: int = _f(10, "PGD steps of the per-epoch validation attack", min=1)
     val_limit: int | None = _f(None, "score at most N validation examples per epoch", min=1)
     keep_epochs: str | None = _f(None, "also keep the checkpoint after these epochs as epoch<N>.pt (comma-separated, e.g. 190; "

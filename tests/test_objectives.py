@@ -30,7 +30,7 @@ from robust.objectives.mart import MART
 from robust.objectives.trades import TRADES, batch_kl
 from robust.train.awp import perturbed_parameters, weight_perturbation
 from robust.train.co_guard import COGuard
-from robust.train.step import StepSettings, step_loss, train_step
+from robust.train.step import StepSettings, make_adversarial, step_loss, train_step
 from robust.train.trainer import Trainer
 
 EPS = 0.1
@@ -357,3 +357,60 @@ def test_every_registered_method_has_a_row_in_the_methods_page_and_its_help():
         for alias in cls.aliases:
             assert f"| `{alias}`" in page, alias
     assert "hybrid (pgd with clean_weight 0.5)" in " ".join(help_text.split())
+
+
+# ---- label smoothing and frozen statistics -------------------------------------------------------------
+@pytest.mark.precision
+@pytest.mark.parametrize("method", ["pgd", "trades", "mart", "fast", "nfgsm"])
+def test_label_smoothing_is_torchs_in_every_cross_entropy_and_nowhere_else(method):
+    adv, nat, y, s = torch.tensor(ADV), torch.tensor(NAT), torch.tensor(Y), 0.1
+    smoothed = OBJECTIVES[method](EPS, EPS / 4, 2, label_smoothing=s).loss(adv, y, nat)
+    plain = OBJECTIVES[method](EPS, EPS / 4, 2).loss(adv, y, nat)
+    ce = F.cross_entropy
+    if method == "trades":  # the natural CE is smoothed, the KL is not
+        expected = plain - ce(nat, y) + ce(nat, y, label_smoothing=s)
+    else:  # pgd, fast, nfgsm: CE on x_adv; mart: the CE part of its boosted CE
+        expected = plain - ce(adv, y) + ce(adv, y, label_smoothing=s)
+    torch.testing.assert_close(smoothed, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.precision
+def test_the_clean_routes_term_is_smoothed_too():
+    model = _model("sabn")
+    x = torch.rand(6, 1, 28, 28)
+    y = torch.arange(6) % 10
+    x_adv = (x + 0.05).clamp(0, 1)
+    settings = StepSettings.of("pgd", EPS, steps=1, clean_weight=0.4, fused=False)
+    settings.objective.label_smoothing = 0.2
+    loss, _ = step_loss(model, x, x_adv, y, settings)
+    with use_route(model, "clean"):
+        clean = F.cross_entropy(model(x), y, label_smoothing=0.2)
+    with use_route(model, "adv"):
+        adv = F.cross_entropy(model(x_adv), y, label_smoothing=0.2)
+    torch.testing.assert_close(loss, 0.4 * clean + 0.6 * adv, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_attack_statistics_stay_bit_identical_and_the_examples_are_train_modes():
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+    made = {}
+    for mode in ("train", "frozen"):
+        model = _model("sabn")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.manual_seed(4)
+        made[mode] = make_adversarial(model, x, y, StepSettings.of("pgd", EPS, steps=2, attack_bn=mode))
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        if mode == "frozen":
+            assert changed == []  # running means, variances and batch counts as they were
+        else:
+            assert any("running_mean" in k for k in changed)  # train mode moves the adv route's statistics
+        assert all(p.requires_grad for p in model.parameters())  # the attack's no-weight-gradient switch is undone
+    assert torch.equal(made["train"], made["frozen"])  # the same batch-statistics forward, so the same examples
+
+
+def test_label_smoothing_and_attack_bn_come_from_the_config():
+    c = TrainConfig(method="trades", label_smoothing=0.1, attack_bn="frozen")
+    s = StepSettings.from_config(c, None, torch.device("cpu"))
+    assert s.objective.label_smoothing == 0.1 and s.attack_train_mode and s.attack_frozen
+    for bad, message in [(1.0, r"label-smoothing must be in \[0, 1\), got 1.0"), (-0.1, "label-smoothing must be in")]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(label_smoothing=bad).validate()

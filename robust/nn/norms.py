@@ -31,6 +31,18 @@ from robust.errors import ConfigError
 
 
 @contextlib.contextmanager
+def frozen_statistics(model: nn.Module) -> Iterator[None]:
+    """Forwards in train mode (batch statistics) that leave every buffer, running statistics included, bit-identical."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+@contextlib.contextmanager
 def bn_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
     """Temporarily put ``model`` in train or eval mode; restore every module's mode on exit."""
     saved = [(m, m.training) for m in model.modules()]

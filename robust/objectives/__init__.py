@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from robust.checks import check_value
 from robust.errors import ConfigError
@@ -37,7 +38,7 @@ from robust.threat import parse_fraction
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
 ALIASES: dict[str, str] = {}  # alias -> objective name
-ATTACK_BN_MODES = ("train", "eval")
+ATTACK_BN_MODES = ("train", "eval", "frozen")  # frozen: batch statistics, running statistics left as they were
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,9 @@ def register(cls: type["Objective"]) -> type["Objective"]:
 class Objective:
     """One training method's adversarial examples and loss, on the adv route.
 
-    ``eps``/``alpha``/``steps`` are the attack's radius, step size and steps; the class's declared
-    ``options`` come as keywords (missing ones take their defaults) and become attributes. Class
+    ``eps``/``alpha``/``steps`` are the attack's radius, step size and steps; ``label_smoothing``
+    applies to every cross-entropy on labels in the loss (:meth:`ce`; not to a KL term, nor to the
+    attack's own loss); the class's declared ``options`` come as keywords (missing ones take their defaults) and become attributes. Class
     attributes say what the training step needs: ``uses_natural`` (the loss also takes the adv
     route's logits of the clean input x), ``attack_bn`` (the BN mode its official code attacks in,
     used when the config leaves it open), ``one_step`` (a single-step attack: the catastrophic-
@@ -98,10 +100,15 @@ class Objective:
     attack_text: ClassVar[str] = "Linf PGD-{steps}"  # the training attack in words ({steps} filled in)
     aliases: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
-    def __init__(self, eps: float, alpha: float, steps: int, **options: Any) -> None:
+    def __init__(self, eps: float, alpha: float, steps: int, label_smoothing: float = 0.0, **options: Any) -> None:
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
+        self.label_smoothing = float(label_smoothing)
         for name, value in self.checked_options(options).items():
             setattr(self, name, value)
+
+    def ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy on labels every loss uses, with the run's label smoothing (in fp32)."""
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
 
     @classmethod
     def checked_options(cls, given: Mapping[str, Any]) -> dict[str, Any]:

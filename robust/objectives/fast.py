@@ -5,8 +5,6 @@ Uniform start in the eps ball, one signed step of 1.25 eps, projected back to th
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from robust.attacks import fgsm_rs
 from robust.objectives import Objective, register
 
@@ -22,4 +20,4 @@ class Fast(Objective):
         return fgsm_rs(model, x, y, self.eps)
 
     def loss(self, adv_logits, y, natural_logits=None):
-        return F.cross_entropy(adv_logits.float(), y)
+        return self.ce(adv_logits, y)

@@ -6,8 +6,6 @@ ball (the example may lie up to 3 eps away; only [0, 1] is enforced); CE loss.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from robust.attacks import nfgsm
 from robust.objectives import Objective, register
 
@@ -23,4 +21,4 @@ class NFGSM(Objective):
         return nfgsm(model, x, y, self.eps, noise=2 * self.eps, alpha=self.eps)
 
     def loss(self, adv_logits, y, natural_logits=None):
-        return F.cross_entropy(adv_logits.float(), y)
+        return self.ce(adv_logits, y)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from robust.attacks import pgd
 from robust.objectives import Objective, register
 
@@ -19,4 +17,4 @@ class PGD(Objective):
         return pgd(model, x, y, self.eps, self.alpha, self.steps, random_start=True)
 
     def loss(self, adv_logits, y, natural_logits=None):
-        return F.cross_entropy(adv_logits.float(), y)
+        return self.ce(adv_logits, y)

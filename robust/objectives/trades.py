@@ -40,4 +40,4 @@ class TRADES(Objective):
         return pgd(model, x, y, self.eps, self.alpha, self.steps, loss=kl_loss_from(natural), start=gaussian_start(x))
 
     def loss(self, adv_logits, y, natural_logits=None):
-        return F.cross_entropy(natural_logits.float(), y) + self.beta * batch_kl(natural_logits, adv_logits)
+        return self.ce(natural_logits, y) + self.beta * batch_kl(natural_logits, adv_logits)

@@ -12,28 +12,17 @@ statistics as they were.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from robust.nn.norms import frozen_statistics
 
 
 def perturbed_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The weights AWP perturbs: conv and linear weights (more than one dimension)."""
     return [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
-
-
-@contextlib.contextmanager
-def frozen_buffers(model: nn.Module) -> Iterator[None]:
-    """Run forwards in train mode without changing running statistics (restored on exit)."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
 
 
 class WeightPerturbation:
@@ -71,7 +60,7 @@ def weight_perturbation(model: nn.Module, loss_fn: Callable[[], torch.Tensor], g
     backward that overflows is taken again unscaled.
     """
     params = perturbed_parameters(model)
-    with frozen_buffers(model):
+    with frozen_statistics(model):
         grads = list(torch.autograd.grad(loss_fn() * loss_scale, params, allow_unused=True))
         if loss_scale != 1.0 and not bool(torch.stack([torch.isfinite(g).all() for g in grads if g is not None]).all()):
             grads = list(torch.autograd.grad(loss_fn(), params, allow_unused=True))

@@ -17,18 +17,24 @@ them back exactly before the optimizer step.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from robust.nn.factory import unwrap
-from robust.nn.norms import bn_mode, split_routes, use_route
+from robust.nn.norms import bn_mode, frozen_statistics, split_routes, use_route
 from robust.objectives import Objective, alias_settings, get_objective
 from robust.runtime import autocast
 from robust.train.awp import weight_perturbation
+
+
+def attack_bn_flags(mode: str) -> dict[str, bool]:
+    """--attack-bn as StepSettings' two flags: train (batch statistics, updating the running ones), eval
+    (running statistics) or frozen (batch statistics, the running ones left as they were)."""
+    return {"attack_train_mode": mode in ("train", "frozen"), "attack_frozen": mode == "frozen"}
 
 
 @dataclass
@@ -38,6 +44,7 @@ class StepSettings:
     objective: Objective
     clean_weight: float = 0.0
     attack_train_mode: bool = True
+    attack_frozen: bool = False  # train mode, running statistics restored after the attack (--attack-bn frozen)
     fused: bool = True
     amp: torch.dtype | None = None
     device: torch.device = torch.device("cpu")
@@ -45,9 +52,10 @@ class StepSettings:
 
     @classmethod
     def from_config(cls, config, amp: torch.dtype | None, device: torch.device) -> "StepSettings":
-        objective = config.objective(config.eps_value, config.step_size_value, config.steps, **config.objective_options)
+        objective = config.objective(config.eps_value, config.step_size_value, config.steps,
+                                     label_smoothing=config.label_smoothing, **config.objective_options)
         return cls(objective=objective, clean_weight=config.resolved_clean_weight,
-                   attack_train_mode=config.resolved_attack_bn == "train", fused=config.fused, amp=amp, device=device,
+                   **attack_bn_flags(config.resolved_attack_bn), fused=config.fused, amp=amp, device=device,
                    awp_gamma=config.awp_gamma)
 
     @classmethod
@@ -58,12 +66,28 @@ class StepSettings:
         kind = get_objective(method)
         objective = kind(eps, eps / 4 if alpha is None else alpha, steps, **(options or {}))
         fields = {**alias_settings(method), **fields}
-        return cls(objective=objective, attack_train_mode=(attack_bn or kind.attack_bn) == "train", **fields)
+        return cls(objective=objective, **attack_bn_flags(attack_bn or kind.attack_bn), **fields)
+
+
+@contextlib.contextmanager
+def input_gradients_only(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring gradients for the block: an attack needs d loss / d x only, and a
+    compiled backward would otherwise compute every weight gradient too. Restored on exit."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def make_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: StepSettings) -> torch.Tensor:
     """The objective's training examples, made through the adv route in the configured BN mode."""
-    with use_route(model, "adv"), bn_mode(model, s.attack_train_mode), autocast(s.device, s.amp):
+    frozen = frozen_statistics(model) if s.attack_frozen else contextlib.nullcontext()
+    with use_route(model, "adv"), bn_mode(model, s.attack_train_mode), frozen, autocast(s.device, s.amp), \
+            input_gradients_only(model):
         return s.objective.examples(model, x, y)
 
 
@@ -92,7 +116,7 @@ def step_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.T
                 adv_logits = model(x_adv)
         loss = objective.loss(adv_logits, y, natural_logits)
         if w > 0:
-            loss = w * F.cross_entropy(clean_logits.float(), y) + (1 - w) * loss
+            loss = w * objective.ce(clean_logits, y) + (1 - w) * loss
     return loss, adv_logits
 
 

@@ -458,6 +458,10 @@ class Trainer:
         ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
         extras = [f"clean-weight {self.settings.clean_weight:g}"]
         extras += [f"{name} {value:g}" for name, value in c.objective_options.items()]
+        if c.label_smoothing:
+            extras.append(f"label smoothing {c.label_smoothing:g}")
+        if c.resolved_attack_bn != c.objective.attack_bn:
+            extras.append(f"attack BN {c.resolved_attack_bn}")
         if c.awp_gamma > 0:
             extras.append(f"AWP gamma {c.awp_gamma:g} from epoch {c.awp_warmup + 1}")
         if self.guard is not None:
