@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from robust import checkpoint as ckpt
 from robust.errors import CheckpointError, ConfigError
 from robust.nn.factory import build_model, unwrap
 from robust.nn.norms import ROUTES, export_route, routes_for
@@ -103,7 +102,7 @@ CHECKPOINT_KINDS = ("train", "export")
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A training or export checkpoint (a run folder means its best.pt), checked for what eval needs."""
-    checkpoint = ckpt.load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     kind = checkpoint.get("kind", "train")
     if kind not in CHECKPOINT_KINDS:
         raise CheckpointError(f"{path} is a {kind!r} checkpoint, not a model; pass a training checkpoint, run folder or export")
@@ -113,9 +112,27 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def model_from(checkpoint: dict[str, Any], route: str | None = None) -> nn.Module:
-    """The checkpoint's model in eval mode; with ``route``, the exported single-route model."""
-    model = ckpt.model_from_checkpoint(checkpoint).eval()
+WEIGHTS = ("ema", "live")
+
+
+def with_weights(checkpoint: dict[str, Any], weights: str | None = None) -> dict[str, Any]:
+    """The checkpoint with the chosen weights as its model: ``ema`` (the averaged weights, the default
+    when the run kept an average) or ``live`` (the weights the optimizer trained)."""
+    if weights not in (None, *WEIGHTS):
+        raise ConfigError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
+    average = checkpoint.get("ema")
+    if weights == "ema" and not isinstance(average, dict):
+        raise ConfigError("this checkpoint has no averaged weights (its run trained without --ema); drop --weights ema "
+                          "or pass --weights live")
+    if weights == "live" or not isinstance(average, dict):
+        return checkpoint
+    return {**checkpoint, "model": average["model"]}
+
+
+def model_from(checkpoint: dict[str, Any], route: str | None = None, weights: str | None = None) -> nn.Module:
+    """The checkpoint's model in eval mode; with ``route``, the exported single-route model. ``weights``:
+    ``ema`` (the averaged weights; the default where the run kept them) or ``live``."""
+    model = model_from_checkpoint(with_weights(checkpoint, weights)).eval()
     exported = checkpoint["model_args"].get("exported_route")
     if route is None:
         return model
@@ -127,10 +144,11 @@ def model_from(checkpoint: dict[str, Any], route: str | None = None) -> nn.Modul
     return export_route(model, route).eval()
 
 
-def load_model(path: str | Path, route: str | None = None) -> nn.Module:
+def load_model(path: str | Path, route: str | None = None, weights: str | None = None) -> nn.Module:
     """Rebuild a model from a checkpoint, a run folder (its best.pt) or an export file.
 
     With ``route`` ('clean' or 'adv') a dual-route model comes back as the plain single-route
-    model of that route (``robust.export_route``). The model is on the CPU, in eval mode.
+    model of that route (``robust.export_route``). A run trained with ``--ema`` gives its averaged
+    weights unless ``weights="live"``. The model is on the CPU, in eval mode.
     """
-    return model_from(read_checkpoint(path), route)
+    return model_from(read_checkpoint(path), route, weights)

@@ -82,6 +82,9 @@ class TrainConfig:
                                      "ones), eval (running statistics) or frozen (batch statistics, running ones untouched, as "
                                      "DeepMind's and DM-Improves-AT's code) [default: train for pgd/fast/nfgsm as the SaBN "
                                      "reference, eval for trades/mart as their official code]", choices=ATTACK_BN_MODES)
+    ema: float = _f(0.0, "weight averaging: the decay tau of a moving average of the weights, with a warm-up (0 = off; the "
+                         "modern recipes use 0.995); validation, best.pt and the run's figures use the averaged weights",
+                    min=0, below=1)
     label_smoothing: float = _f(0.0, "label smoothing of every cross-entropy on labels in the loss (the clean route's too; "
                                      "not TRADES's or MART's KL, not the attack's own loss); 0.1 in the modern recipes",
                                 min=0, below=1)

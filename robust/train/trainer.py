@@ -45,6 +45,7 @@ from robust.runtime import autocast, autocast_dtype, configure_kernels, precisio
 from robust.train import distributed as dist_
 from robust.train.build import build_training
 from robust.train.co_guard import COGuard
+from robust.train.ema import WeightAverage
 from robust.train.faults import SIGNAL_NAMES, FiniteWatch, SaveTimer, SignalCatcher
 from robust.train.rundir import RunFolder, describe
 from robust.train.schedule import lr_at
@@ -209,6 +210,7 @@ class Trainer:
         self.optimizer, self.scaler, self.settings, self.sync_bn = parts.optimizer, parts.scaler, parts.settings, parts.sync_bn
         self.loss_model = self.forward_model
         self.guard = self._make_guard() if c.resolved_co_guard else None
+        self.ema = WeightAverage(self.model, c.ema) if c.ema > 0 else None
         self.start_epoch, self.start_batch, self.step, self.best = 0, 0, 0, None
         self.resume_tally: dict[str, float] | None = None
         if state is not None:
@@ -246,6 +248,8 @@ class Trainer:
                               "pass --no-co-guard to train on past it, or start a new run")
         if self.guard is not None:
             self.guard.previous = (state.get("co_guard") or {}).get("previous")
+        if self.ema is not None and isinstance(state.get("ema"), dict):  # a run without one starts its average here
+            self.ema.load_state_dict(state["ema"])
         if position:
             self.start_epoch, self.start_batch = int(position["epoch"]), int(position["batch"])
             self.resume_tally = position
@@ -274,7 +278,8 @@ class Trainer:
             scheduler={"step": self.step}, epoch=completed_epoch, best=self.best, metrics=metrics,
             config=c.to_dict(), dataset=c.dataset, data=self.data.record(), eps=c.eps_value, method=c.resolved_method,
             scaler=self.scaler.state_dict() if self.scaler is not None else None, position=position,
-            distributed={"world_size": self.dist.world_size, "sync_bn": self.sync_bn}, co_guard=guard, **extra,
+            distributed={"world_size": self.dist.world_size, "sync_bn": self.sync_bn}, co_guard=guard,
+            ema=self.ema.state_dict() if self.ema is not None else None, **extra,
         )
 
     def _save_position(self, epoch: int, batch: int, tally: EpochTally, elapsed: float) -> None:
@@ -296,7 +301,8 @@ class Trainer:
             self._remember_good(metrics)
 
     def _remember_good(self, metrics: dict[str, Any] | None) -> None:
-        self.guard.remember(self.model, self.optimizer, self.scaler, step=self.step, best=self.best, metrics=metrics or {})
+        self.guard.remember(self.model, self.optimizer, self.scaler, step=self.step, best=self.best, metrics=metrics or {},
+                            ema=self.ema.state_dict() if self.ema is not None else None)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def _local_part(self, x: torch.Tensor, y: torch.Tensor):
@@ -369,6 +375,8 @@ class Trainer:
             loss, adv_logits = train_step(self.loss_model, self.optimizer, self.scaler, x, y, self.settings,
                                           attack_model=self.forward_model, loss_scale=weight, awp=awp,
                                           reduce=self._average_over_ranks if self.dist.enabled else None)
+            if self.ema is not None:
+                self.ema.update(self.model)
             tally.add(loss, adv_logits, y)
             watch.update(loss)
             self.step += 1
@@ -381,6 +389,8 @@ class Trainer:
         self._check_finite(epoch, steps, watch, steps)
         totals = tally.totals(self.dist)
         dist_.average_running_stats(self.model, self.dist)
+        if self.ema is not None:
+            self.ema.copy_buffers(self.model)
         seconds = tally.seconds_before + time.perf_counter() - start
         seen = max(totals["seen"], 1)
         return {"lr": lr, "train_loss": totals["loss_sum"] / seen, "train_adv_acc": 100.0 * totals["correct"] / seen,
@@ -394,7 +404,8 @@ class Trainer:
         routes = ROUTES if is_dual_route(self.model) else ("adv",)
         rows = slice(self.dist.rank, None, self.dist.world_size)
         x, y = self.val[0][rows], self.val[1][rows]
-        counts = torch.stack([route_correct_counts(self.model, x, y, route, c.eps_value, c.step_size_value, c.val_steps,
+        model = self.ema.average if self.ema is not None else self.model  # the averaged weights, when kept
+        counts = torch.stack([route_correct_counts(model, x, y, route, c.eps_value, c.step_size_value, c.val_steps,
                                                    max(c.batch_size, 256), self.device, self.amp, c.channels_last)
                               for route in routes])
         counts = dist_.all_reduce_sum(counts, self.dist).tolist()
@@ -420,6 +431,8 @@ class Trainer:
             good = {"metrics": metrics}
         else:
             self.step, self.best = good["step"], good["best"]
+            if self.ema is not None and good.get("ema"):
+                self.ema.load_state_dict(good["ema"])
         self.folder.save_stopped(self._checkpoint(kept - 1, good["metrics"], None, stopped=stopped), metrics, kept)
         self.log(f"catastrophic overfitting at epoch {epoch + 1}: PGD-5 accuracy on a training batch fell from "
                  f"{report['previous']:.1f}% to {report['pgd_acc']:.1f}%; stopped, the result is epoch {kept} "
@@ -443,11 +456,19 @@ class Trainer:
                 if self.guard is not None:
                     metrics.update(self._guard_check(epoch))
                     if "co_guard" in metrics:
-                        return self._stop_collapsed(epoch, metrics)
+                        result = self._stop_collapsed(epoch, metrics)
+                        self.folder.settle()
+                        return result
                 metrics.update(self.validate())
                 self._save_epoch(epoch, metrics)
+                self.folder.settle()  # an epoch is saved: the files it replaced (--force) go for good
                 self.log(format_epoch(metrics))
+            self.folder.settle()
             return {"run_dir": str(self.run_dir), "best": self.best, **metrics}
+        except Exception as exc:
+            if not isinstance(exc, TrainingInterrupted):  # an interrupted run keeps its last.pt to resume from
+                self.folder.undo()  # failed before its first epoch was saved: the folder as it was, no blocked rerun
+            raise
         finally:
             self.loader.close()  # a streamed epoch's reading workers end here, whatever stopped the loop
             self.signals.restore()
@@ -466,6 +487,8 @@ class Trainer:
             extras.append(f"AWP gamma {c.awp_gamma:g} from epoch {c.awp_warmup + 1}")
         if self.guard is not None:
             extras.append("CO guard")
+        if self.ema is not None:
+            extras.append(f"EMA {c.ema:g}: validation, best.pt and the figures use the averaged weights")
         width = f", width {self.model.build_args['width']}" if self.model.build_args.get("width") else ""
         shape = "x".join(map(str, self.loader.x.shape[1:]))
         streamed = f", streamed by {self.loader.workers} workers" if self.loader.streamed else ""
