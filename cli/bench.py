@@ -9,11 +9,12 @@ import click
 import torch
 
 from robust.checks import check_fields
+from robust.cli.common import check_output_file
 from robust.config import TrainConfig
 from robust.lab.bench import BENCH_METHODS, BenchConfig, run_bench
 from robust.nn.norms import NORMS
 from robust.nn.resnet import available_archs
-from robust.outputs import check_output, write_output
+from robust.outputs import write_output
 from robust.runtime import DEVICES, PRECISIONS
 
 
@@ -56,7 +57,7 @@ def bench(threads: int | None, json_path: str | None, force: bool, quiet: bool, 
       robust bench --width 64 --iters 1 --repeats 2 --json bench.json
     """
 
-    json_file = check_output(json_path, "--json", force, "bench.json") if json_path not in (None, "-") else None
+    json_file = check_output_file(json_path, "--json", force, "bench.json") if json_path not in (None, "-") else None
     check_fields(TrainConfig, {"threads": threads}, partial=True)
     config = BenchConfig(**options).validate()
     if threads:

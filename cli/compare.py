@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from robust.checks import check_fields
-from robust.cli.common import SEED, model_file
+from robust.cli.common import SEED, check_output_file, model_file
 from robust.cli.train import config_options
 from robust.config import TrainConfig, load_toml, upgrade_saved
 from robust.errors import ConfigError
@@ -18,7 +18,7 @@ from robust.lab.compare.grid import run_compare
 from robust.lab.compare.report import markdown_table, mean_sd_table
 from robust.lab.compare.settings import CompareSettings, load_settings, parse_seeds
 from robust.lab.plots import CurveRun, plot_gradient_analysis, plot_learning_curves, run_labels
-from robust.outputs import check_output, check_output_dir, write_output
+from robust.outputs import check_output_dir, write_output
 from robust.threat import parse_eps
 from robust.train.rundir import read_metrics
 
@@ -187,7 +187,7 @@ def plot(run_dirs: tuple[str, ...], output: str, title: str | None, force: bool)
       robust plot runs/cmp/bn runs/cmp/auxbn runs/cmp/sabn -o curves.png
     """
 
-    path = check_output(output, "-o", force, "curves.png")
+    path = check_output_file(output, "-o", force, "curves.png")
     runs = [CurveRun(label, read_metrics(d)) for label, d in zip(run_labels(run_dirs), run_dirs)]
     click.echo(f"wrote {plot_learning_curves(runs, path, title=title, overwrite=force)}")
 
@@ -273,15 +273,18 @@ def analyze(checkpoints: tuple[str, ...], batches: int, batch_size: int | None, 
     json_file = png_file = None
     if out_dir is not None:
         folder = check_output_dir(out_dir, "--out")
-        json_file = check_output(folder / "analysis.json", "--out", force)
-        png_file = check_output(folder / "gradients.png", "--out", force) if png is None and not several else None
+        json_file = check_output_file(folder / "analysis.json", "--out", force)
+        png_file = check_output_file(folder / "gradients.png", "--out", force) if png is None and not several else None
     if png is not None:
-        png_file = check_output(png, "-o", force, "gradients.png")
+        png_file = check_output_file(png, "-o", force, "gradients.png")
     eps_value = parse_eps(eps) if eps is not None else None
     for name, value in (("batches", batches), ("batch-size", batch_size), ("steps", steps)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     files = [model_file(c) for c in checkpoints]  # every path checked before any analysis
+    for target, flag in ((json_file, "--out"), (png_file, "-o" if png is not None else "--out")):
+        if target is not None:
+            check_output_file(target, flag, force, inputs=tuple(files))
     results = [analyze_checkpoint(f, batches=batches, batch_size=batch_size, eps=eps_value, steps=steps,
                                   data_dir=data_dir, device=device, seed=seed) for f in files]
     if several:

@@ -11,12 +11,12 @@ import click
 
 from robust.attacks.registry import PerturbationError
 from robust.checkpoint import model_from, read_checkpoint
-from robust.cli.common import SEED, BadInput, model_file, newest_run
+from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
 from robust.eval.evaluation import check_attack_names, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
 from robust.lab.plots import plot_sweep
-from robust.outputs import check_output, write_output
+from robust.outputs import write_output
 from robust.threat import parse_eps_list, resolve_eps
 
 
@@ -61,6 +61,8 @@ def print_checks(checks) -> None:
 @click.option("--eps", default=None, help="attack radius in pixel units, e.g. 8/255  [default: the checkpoint's training eps]")
 @click.option("--route", type=click.Choice(["clean", "adv", "both"]), default=None,
               help="route to attack and score  [default: both for dual-route models]")
+@click.option("--weights", type=click.Choice(["ema", "live"]), default=None,
+              help="ema: the averaged weights of a run trained with --ema; live: the optimizer's  [default: ema where kept]")
 @click.option("--threat", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="threat model")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N test examples only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
@@ -78,7 +80,7 @@ def print_checks(checks) -> None:
 def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str,
                      limit: int | None, batch_size: int, device: str, seed: int, restarts: int, queries: int,
                      data_dir: str | None, sanity: bool, eps_sweep: str | None, plot: str | None,
-                     json_path: str | None, force: bool, quiet: bool) -> None:
+                     json_path: str | None, force: bool, quiet: bool, weights: str | None) -> None:
     """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
 
     Without CHECKPOINT, the newest run folder under ./runs is scored (and named).
@@ -103,7 +105,7 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
         click.echo(f"no CHECKPOINT given: evaluating the newest run, {checkpoint}", err=True)
     try:
         run_eval(checkpoint, attacks, eps, route, threat, limit, batch_size, device, seed, restarts, queries,
-                 data_dir, sanity, eps_sweep, plot, json_path, force, quiet)
+                 data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights)
     except PerturbationError as exc:
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
 
@@ -111,16 +113,21 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
 def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str, limit: int | None,
              batch_size: int, device: str, seed: int, restarts: int, queries: int, data_dir: str | None,
              sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
-             quiet: bool) -> None:
+             quiet: bool, weights: str | None = None) -> None:
     """The body of `robust eval` (see its help)."""
 
     if plot is not None and eps_sweep is None:
         raise BadInput("--plot needs --eps-sweep, e.g. --eps-sweep 0,2/255,4/255,8/255 --plot curve.png")
-    json_file = check_output(json_path, "--json", force, "eval.json") if json_path is not None else None
-    plot_file = check_output(plot, "--plot", force, "eps_sweep.png") if plot is not None else None
+    json_file = check_output_file(json_path, "--json", force, "eval.json") if json_path is not None else None
+    plot_file = check_output_file(plot, "--plot", force, "eps_sweep.png") if plot is not None else None
     names = check_attack_names(attacks)
+    if eps is not None:  # refused before any file is read
+        resolve_eps(eps, threat)
     sweep_values = parse_eps_list(eps_sweep, threat) if eps_sweep is not None else None
     scored = model_file(checkpoint)
+    for target, flag in ((json_file, "--json"), (plot_file, "--plot")):  # the checkpoint it reads, even outside a run
+        if target is not None:
+            check_output_file(target, flag, force, inputs=(scored,))
     state = read_checkpoint(scored)
     trained_threat = state.get("threat", "linf")
     if eps is None and "eps" not in state:
@@ -131,7 +138,7 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     eps_value = resolve_eps(eps if eps is not None else state["eps"], threat)
     if "dataset" not in state:
         raise BadInput(f"{checkpoint} records no dataset; re-export it with `robust export`")
-    model = model_from(state)
+    model = model_from(state, weights=weights)
     test = load_test_split(state, data_dir, limit)
     options = dict(route=route, batch_size=batch_size, limit=limit, device=device, seed=seed, threat=threat,
                    restarts=restarts, queries=queries, progress=not quiet and sys.stderr.isatty())

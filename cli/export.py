@@ -8,10 +8,10 @@ import click
 import torch
 
 from robust.checkpoint import build_checkpoint, model_from, read_checkpoint, save_checkpoint
-from robust.cli.common import BadInput, model_file
+from robust.cli.common import BadInput, check_output_file, model_file
 from robust.nn.external import constructor_call, is_external
 from robust.nn.norms import use_route
-from robust.outputs import RunFiles, check_output
+from robust.outputs import RunFiles
 
 
 @click.command("export")
@@ -20,8 +20,10 @@ from robust.outputs import RunFiles, check_output
               help="the route to keep (adv is the robust one; a bn model has only that one)")
 @click.option("-o", "--out", required=True,
               help="the model file to write (a folder ending in / gets <run>-<route>.pt)")
+@click.option("--weights", type=click.Choice(["ema", "live"]), default=None,
+              help="ema: the averaged weights of a run trained with --ema; live: the optimizer's  [default: ema where kept]")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
-def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
+def export_command(checkpoint: str, route: str, out: str, force: bool, weights: str | None) -> None:
     """Write ROUTE of CHECKPOINT (a file or run folder) as a plain single-route model.
 
     The file holds the route's weights as a plain model's: every norm's state is an ordinary
@@ -38,17 +40,18 @@ def export_command(checkpoint: str, route: str, out: str, force: bool) -> None:
     """
 
     source = model_file(checkpoint)
-    out_file = check_output(out, "-o", force, f"{_stem(source)}-{route}.pt")
+    out_file = check_output_file(out, "-o", force, f"{_stem(source)}-{route}.pt", inputs=(source,))
     state = read_checkpoint(source)
     if state.get("kind") == "export":
         raise BadInput(f"{checkpoint} is already an export ({state.get('route')} route); export from the training checkpoint")
-    model = model_from(state)
-    exported = model_from(state, route)
+    model = model_from(state, weights=weights)
+    exported = model_from(state, route, weights)
     input_size = (state.get("data") or {}).get("input_size")
     gap = _max_logit_gap(model, exported, route, input_size)
     if gap > 1e-3:
         raise click.ClickException(f"the exported {route} route differs from the checkpoint by {gap:.3g} in the logits; not written")
     meta = {k: state[k] for k in ("dataset", "data", "eps", "method", "epoch", "metrics") if k in state}
+    meta["weights"] = "ema" if weights != "live" and isinstance(state.get("ema"), dict) else "live"
     args = exported.build_args
     if is_external(args["arch"]):  # the file also says how to use the weights without robust
         meta["constructor"] = constructor_call(args["arch"], args["num_classes"], args["in_channels"])

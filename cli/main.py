@@ -7,7 +7,7 @@ import functools
 import click
 
 from robust.cli.bench import bench
-from robust.cli.common import BAD_INPUT_ERRORS, BadInput
+from robust.cli.common import BAD_INPUT_ERRORS, BadInput, ascii_numbers
 from robust.cli.compare import analyze, compare, plot
 from robust.cli.demo import demo
 from robust.cli.evaluate import evaluate_command
@@ -21,11 +21,12 @@ class RobustGroup(click.Group):
     """A click group whose subcommands report bad input in one line, never with a traceback.
 
     Also, for every subcommand: an empty value (``--out ''``) is bad input rather than a silent
-    default, and Ctrl-C exits 130 (as `robust train` does) instead of click's "Aborted!" with 1.
+    default, a number written with other than the digits 0-9 (``--epochs ３``) is bad input, and Ctrl-C exits 130 (as `robust train` does) instead of click's "Aborted!" with 1.
     """
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         cmd.callback = _refusing_empty_values(cmd, cmd.callback)
+        ascii_numbers(cmd)  # --epochs ３ is refused, not read as 3
         super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):

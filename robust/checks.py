@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from robust.errors import ConfigError
+from robust.errors import ConfigError, non_ascii_digits
 
 MAX_SEED = 2 ** 63 - 1
 
@@ -68,6 +68,12 @@ def check_value(name: str, annotation: Any, meta: Mapping[str, Any], value: Any)
             raise ConfigError(f"{label} must be {what}, got {_describe(value)}; quote it")
         elif not value.strip():
             raise ConfigError(f"{label} is empty; give a value or leave it out for the default")
+        elif kind != "path" and not value.replace(",", "").strip():
+            raise ConfigError(f"{label} {value!r} is empty (only commas); give a value or leave it out for the default")
+        elif kind != "path" and non_ascii_digits(value):
+            odd = non_ascii_digits(value)
+            raise ConfigError(f"{label} {value!r} has digits that are not ASCII ({', '.join(map(repr, odd))}); "
+                              "write numbers with the digits 0-9")
     if number and not math.isfinite(value):
         raise ConfigError(f"{label} must be a finite number, got {value}; give a real value")
     if number and base in ("int", "float"):

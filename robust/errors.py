@@ -50,6 +50,9 @@ class TrainingInterrupted(Exception):
         super().__init__(message)
         self.signum = signum
 
+    def __reduce__(self):  # picklable, so it crosses a process boundary (robust compare --jobs)
+        return type(self), (self.signum, str(self))
+
     @property
     def exit_code(self) -> int:
         """The shell convention: 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
@@ -66,6 +69,22 @@ class PeerFailed(RuntimeError):
         super().__init__(message)
         self.bad_input = bad_input
 
+    def __reduce__(self):  # picklable, so it crosses a process boundary
+        return type(self), (str(self), self.bad_input)
+
 
 class CompareExistsError(ConfigError):
     """The compare folder already holds results; pass --resume or --force."""
+
+
+def non_ascii_digits(text: str) -> str:
+    """The digits and other number characters of ``text`` that are not ASCII 0-9 (``"３"``, ``"٣"``, ``"²"``), in order."""
+    return "".join(ch for ch in str(text) if not ch.isascii() and (ch.isnumeric() or ch.isdigit()))
+
+
+def check_ascii_number(text: str, name: str) -> None:
+    """ConfigError when the number text ``text`` of ``name`` holds characters other than ASCII (``--epochs ３``)."""
+    if isinstance(text, str) and not text.isascii():
+        odd = non_ascii_digits(text) or "".join(ch for ch in text if not ch.isascii())
+        raise ConfigError(f"{name} {text!r} has characters that are not ASCII ({', '.join(map(repr, odd))}); "
+                          "write the number with the digits 0-9, e.g. 3 or 8/255")

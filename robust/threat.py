@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 from robust.attacks.pgd import THREATS as BALLS
-from robust.errors import ConfigError
+from robust.errors import ConfigError, check_ascii_number
 
 
 def parse_fraction(text: str | float | int, name: str = "value") -> float:
     """Parse ``"8/255"``, ``"0.031"`` or a number exactly (fractions, never eval)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text)
+    check_ascii_number(str(text), name)
+    exponent = re.search(r"[eE]\s*[+-]?\s*(\d+)", str(text))
+    if exponent and len(exponent.group(1)) > 3:  # Fraction would compute 10**exponent exactly: refuse, do not hang
+        raise ConfigError(f"{name} {text!r} is out of range; write it like 8/255 or 0.031")
     try:
         return float(Fraction(str(text).strip()))
     except (ValueError, ZeroDivisionError):
         raise ConfigError(f"{name} {text!r} is not a number; write it like 8/255 or 0.031") from None
+    except OverflowError:
+        raise ConfigError(f"{name} {text!r} is too large for a number; write it like 8/255 or 0.031") from None
 
 
 def parse_eps(text: str | float | int, name: str = "eps", allow_zero: bool = False) -> float:

@@ -57,7 +57,8 @@ for job in configs:
     trainer.fit()
     rank = dist.get_rank()
     state = {"model": trainer.model.state_dict(),
-             "momentum": [s["momentum_buffer"] for s in trainer.optimizer.state.values()]}
+             "momentum": [s["momentum_buffer"] for s in trainer.optimizer.state.values()],
+             "ema": trainer.ema.average.state_dict() if trainer.ema is not None else None}
     torch.save(state, out / f"{job['name']}.rank{rank}.pt")
 distributed.shutdown()
 '''
@@ -87,6 +88,8 @@ def _jobs(tmp_path: Path) -> list[dict]:
              sync_bn=True, log=False),
         # one AWP step: the ascent gradient is averaged over ranks, so it is the global batch's
         dict(name="awp", config=_config(runs / "awp", awp_gamma=0.01), resume=False, sync_bn=True, log=False),
+        # weight averaging: every rank keeps the same average
+        dict(name="ema", config=_config(runs / "ema", ema=0.5, limit=96), resume=False, sync_bn=True, log=False),
     ]
 
 
@@ -124,7 +127,7 @@ def test_exactly_one_checkpoint_set_and_ddp_resume(ddp_run):
     folder, stderr = ddp_run
     run = folder / "runs" / "run"
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
-    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["awp", "one", "pgd", "run", "twofwd"]
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == ["awp", "ema", "one", "pgd", "run", "twofwd"]
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2]
     last = load_checkpoint(run / "last.pt")
@@ -277,3 +280,12 @@ def test_nproc_launcher_stops_every_rank_on_sigterm_and_a_single_process_resumes
     done = load_checkpoint(out / "last.pt")
     assert done["position"] is None and done["epoch"] + 1 == int(finish)
     assert done["distributed"]["world_size"] == 1
+
+
+def test_every_rank_keeps_the_same_weight_average(ddp_run):
+    folder, _ = ddp_run
+    a, b = _rank_states(folder, "ema")
+    assert a["ema"] is not None and a["ema"].keys() == a["model"].keys()
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["model"] if k.endswith("weight"))

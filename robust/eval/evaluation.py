@@ -36,6 +36,9 @@ def check_attack_names(attacks: Iterable[str] | str) -> list[str]:
     for name in names:
         if not str(name).strip():
             continue
+        if not str(name).isascii():
+            raise ConfigError(f"attack {str(name).strip()!r} has characters that are not ASCII; write its name "
+                              "with the letters and digits 0-9, e.g. pgd20")
         try:
             parse_attack_name(str(name))
         except ValueError as exc:
@@ -73,6 +76,23 @@ def as_tensors(data: Any, limit: int | None = None) -> tuple[torch.Tensor, torch
         if x.min().item() < 0 or x.max().item() > 1:
             raise ConfigError("float inputs must lie in [0, 1] (the model normalizes inside)")
     return x, y.long()
+
+
+def check_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """DataError when the data does not fit the model: its channels, or a label outside the model's classes
+    (scored as wrong, it would lower the accuracy without a word)."""
+    args = getattr(model, "build_args", None) or {}
+    channels = args.get("in_channels")
+    if channels is not None and x.shape[1] != int(channels):
+        raise DataError(f"the evaluation images have {x.shape[1]} channel(s) but the model takes {channels}; "
+                        "evaluate on the data it was trained on (--data-dir)")
+    classes = args.get("num_classes")
+    if classes is not None and len(y):
+        bad = ((y < 0) | (y >= int(classes))).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(f"label {int(y[i])} of evaluation example {i} is outside the model's {classes} classes "
+                            f"(0..{int(classes) - 1}); evaluate on data with the checkpoint's classes (--data-dir)")
 
 
 def _batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -138,6 +158,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     if batch_size < 1 or restarts < 1 or queries < 1:
         raise ConfigError(f"batch-size, restarts and queries must be >= 1, got {batch_size}, {restarts}, {queries}")
     x, y = as_tensors(data, limit)
+    check_fits(model, x, y)
     routes = routes_for(model, route)
     device = resolve_device("auto" if device is None else str(device))
     model.to(device)
@@ -181,11 +202,23 @@ def load_test_split(state: dict[str, Any], data_dir: str | None, limit: int | No
 
     record = state.get("data") or {}
     custom = state["dataset"] in CUSTOM_DATASETS
+    # Your own data streams (only the first ``limit`` images are read) where it can: a compressed .npz cannot,
+    # so auto holds it in memory when it fits; eval has no --data-mode to ask for it.
     data = load_dataset(state["dataset"], data_dir or record.get("data_dir"), image_size=record.get("image_size"),
-                        mode="stream" if custom else "memory")
+                        mode="auto" if custom else "memory", budget=0 if custom else None)
     if record.get("classes") and list(data.info.classes or []) != list(record["classes"]):
         raise DataError(f"the classes of {data.source['data_dir']} ({', '.join(data.info.classes or [])}) differ from "
                        f"the checkpoint's ({', '.join(record['classes'])}); pass --data-dir with the data it was trained on")
+    trained = record.get("input_size")
+    found = list(data.test_x.shape[1:])
+    if trained and list(trained) != found:
+        raise DataError(f"the test images of {data.source.get('data_dir') if data.source else state['dataset']} are "
+                        f"{'x'.join(map(str, found))} (C x H x W) but the checkpoint was trained on "
+                        f"{'x'.join(map(str, trained))}; pass --data-dir with the data it was trained on")
+    args = state.get("model_args") or {}
+    if args.get("num_classes") is not None and data.num_classes > int(args["num_classes"]):
+        raise DataError(f"{data.source.get('data_dir') if data.source else state['dataset']} has {data.num_classes} classes "
+                        f"but the checkpoint's model has {args['num_classes']}; pass --data-dir with the data it was trained on")
     x, y = data.test_x, data.test_y
     if not isinstance(x, torch.Tensor):
         x, y = x[:limit].load(), y[:limit]

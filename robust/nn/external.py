@@ -18,6 +18,7 @@ import importlib.util
 from collections import Counter
 from typing import Sequence
 
+import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
@@ -134,15 +135,73 @@ class ExternalModel(nn.Module):
     ``load_state_dict`` takes them; mean and std come from the build arguments.
     """
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], arch: str = "the model",
+                 num_classes: int | None = None) -> None:
         super().__init__()
         self.normalize = InputNormalization(mean, std, persistent=False)  # build arguments, not weights
         self.net = net
+        self.arch, self.num_classes = arch, num_classes
         self.register_state_dict_post_hook(_strip_wrapper)
         self.register_load_state_dict_pre_hook(_add_wrapper)
 
     def forward(self, x):
-        return self.net(self.normalize(x))
+        try:
+            out = self.net(self.normalize(x))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # most often: inputs too small for its pooling
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            if "size" not in first.lower() and "shape" not in first.lower():
+                raise
+            raise ModelError(f"{self.arch} cannot take inputs of shape {tuple(x.shape[1:])} (C, H, W): {first}; "
+                             "pick another architecture or a larger --image-size") from None
+        problem = logits_problem(out, x.shape[0], self.num_classes)
+        if problem:  # every call: a tuple in training mode only (googlenet) must not reach the loss
+            raise ModelError(not_logits(self.arch, problem, self.training))
+        return out
+
+
+def logits_problem(out, batch: int, num_classes: int | None) -> str | None:
+    """What makes ``out`` not a (batch, num_classes) logits tensor, in words; None when it is one."""
+    if not isinstance(out, torch.Tensor):
+        return f"a {type(out).__name__}" + (" (a tuple)" if isinstance(out, tuple) and type(out) is not tuple else "")
+    if out.dim() != 2 or out.shape[0] != batch or (num_classes is not None and out.shape[1] != num_classes):
+        want = f"({batch}, {num_classes})" if num_classes is not None else f"({batch}, classes)"
+        return f"a tensor of shape {tuple(out.shape)}, not {want}"
+    return None
+
+
+def not_logits(arch: str, problem: str, training: bool) -> str:
+    mode = "training" if training else "eval"
+    return (f"{arch} returns {problem} in {mode} mode, not a logits tensor (batch, classes); robust trains and attacks "
+            "models whose forward returns logits: pick another architecture, e.g. torchvision:resnet18")
+
+
+DUMMY_SIDE = 32  # the build check's input: 2 images of 32 x 32
+
+
+def check_logits(model: ExternalModel, arch: str, in_channels: int) -> None:
+    """Run ``model`` once on a dummy batch in training and in eval mode; ModelError when its forward returns
+    anything but logits. A model that cannot take 32 x 32 inputs is checked at its first real batch instead.
+    Nothing changes: the RNG, the BatchNorm statistics and the mode are restored."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    was_training = model.training
+    x = torch.rand(2, in_channels, DUMMY_SIDE, DUMMY_SIDE, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for training in (True, False):
+                model.train(training)
+                try:
+                    out = model.net(model.normalize(x))
+                except (RuntimeError, ValueError, AssertionError, TypeError, IndexError):
+                    return  # too small an input for it, say: the forward's own check sees the real batches
+                problem = logits_problem(out, len(x), model.num_classes)
+                if problem:
+                    raise ModelError(not_logits(arch, problem, training))
+    finally:
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+        model.train(was_training)
 
 
 def build_external(arch: str, norm: str, num_classes: int, in_channels: int, mean: Sequence[float],
@@ -166,7 +225,9 @@ def build_external(arch: str, norm: str, num_classes: int, in_channels: int, mea
     if not any(isinstance(m, RoutedNorm) for m in net.modules()):
         raise ModelError(f"{arch} has no BatchNorm2d layer to make dual-route; pick a BatchNorm2d architecture "
                          "such as torchvision:resnet18")
-    return ExternalModel(net, mean, std)
+    model = ExternalModel(net, mean, std, arch, num_classes)
+    check_logits(model, arch, in_channels)
+    return model
 
 
 def constructor_call(arch: str, num_classes: int, in_channels: int) -> str:

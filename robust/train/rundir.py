@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +78,8 @@ class RunFolder:
         self.last_saved = "nothing yet"
         self._lock: FolderLock | None = None
         self._resumed_stamp = None
+        self._settled = True  # nothing to undo until prepare() writes
+        self._moved: list[str] = []  # a replaced run's files, kept in BACKUP until this run's first epoch
 
     @property
     def last_pt(self) -> Path:
@@ -143,8 +146,14 @@ class RunFolder:
                                              "free space or fix the folder, then rerun with --resume")
         dist_.agree(self.dist, error)
 
+    BACKUP = ".replaced"  # a replaced run's files (--force), until the new run's first epoch is saved
+
     def prepare(self, config: dict[str, Any], start_epoch: int) -> None:
-        """Clear a replaced run's files (or, resuming, metric lines after the checkpoint); write config.json."""
+        """Set a replaced run's files aside (or, resuming, drop metric lines after the checkpoint); write config.json.
+
+        Until :meth:`settle` (the first epoch saved), :meth:`undo` puts the folder back as it was:
+        a run that fails in its first epoch neither blocks its own rerun nor loses the run it replaced.
+        """
         def write() -> None:
             run = self.path
             run.mkdir(parents=True, exist_ok=True)
@@ -153,19 +162,57 @@ class RunFolder:
                     stale.unlink(missing_ok=True)
             for stale in run.glob(".epoch*.pt.*.tmp"):
                 stale.unlink(missing_ok=True)
+            backup = run / self.BACKUP
+            self._settled, self._moved = False, []
             if not self.resume:
-                for name in (RunFiles.METRICS, RunFiles.LAST, RunFiles.BEST):
-                    (run / name).unlink(missing_ok=True)
-                for kept in run.glob("epoch*.pt"):  # a replaced run's kept epochs
-                    kept.unlink(missing_ok=True)
+                if backup.exists():  # left by a replacing run killed in its first epoch: this run replaces both
+                    shutil.rmtree(backup, ignore_errors=True)
+                names = [RunFiles.METRICS, RunFiles.LAST, RunFiles.BEST, RunFiles.CONFIG]
+                names += sorted(p.name for p in run.glob("epoch*.pt"))  # a replaced run's kept epochs
+                for name in names:
+                    if (run / name).is_file():
+                        backup.mkdir(exist_ok=True)
+                        os.replace(run / name, backup / name)
+                        self._moved.append(name)
             else:  # drop metric lines of epochs after the checkpoint (a crash between the two writes)
                 path = run / RunFiles.METRICS
                 if path.exists():
                     lines = [l for l in path.read_text().splitlines() if line_epoch(l) <= start_epoch]
                     write_output(path, "".join(l + "\n" for l in lines))
+                if (run / RunFiles.CONFIG).is_file() and not backup.exists():
+                    backup.mkdir()
+                    shutil.copy2(run / RunFiles.CONFIG, backup / RunFiles.CONFIG)
+                    self._moved.append(RunFiles.CONFIG)
             write_output(run / RunFiles.CONFIG, json.dumps(config, indent=2) + "\n")
 
         self.on_main(write, RunFiles.CONFIG)
+
+    def settle(self) -> None:
+        """This run's first epoch is saved: the files it replaced are dropped for good."""
+        if self._settled:
+            return
+        self._settled = True
+        if self.dist.is_main:
+            shutil.rmtree(self.path / self.BACKUP, ignore_errors=True)
+
+    def undo(self) -> None:
+        """The run failed before its first epoch was saved: remove what it wrote and put back what it replaced
+        (rank 0; best effort: the error that stopped the run is the one reported)."""
+        if self._settled or not self.dist.is_main:
+            return
+        self._settled = True
+        run, backup = self.path, self.path / self.BACKUP
+        try:
+            if not self.resume:  # everything of these names is this run's: prepare() set the old ones aside
+                written = [RunFiles.METRICS, RunFiles.LAST, RunFiles.BEST, RunFiles.CONFIG]
+                for name in written + [p.name for p in run.glob("epoch*.pt")]:
+                    (run / name).unlink(missing_ok=True)
+            for name in self._moved:
+                os.replace(backup / name, run / name)
+            if backup.is_dir() and not any(backup.iterdir()):
+                backup.rmdir()
+        except OSError:
+            pass
 
     def save_position(self, state: dict[str, Any] | None, epoch: int, batch: int) -> None:
         """last.pt at a point inside epoch ``epoch`` (0-based) before batch ``batch`` (``state`` on rank 0)."""

@@ -37,7 +37,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -51,7 +54,7 @@ from robust.checkpoint import model_from, read_checkpoint
 from robust.config import TrainConfig
 from robust.data.load import load_dataset
 from robust.data.loader import split_train_val
-from robust.errors import ConfigError
+from robust.errors import ConfigError, TrainingInterrupted
 from robust.eval.evaluation import evaluate
 from robust.lab.compare.report import results_markdown, run_summary, seed_rows, seed_statistics, write_curves
 from robust.lab.compare.settings import (
@@ -60,12 +63,14 @@ from robust.lab.compare.settings import (
     SETTINGS_FILE,
     CompareSettings,
     check_compare_dir,
+    check_same_grid,
     load_settings,
     parse_select,
 )
 from robust.lab.reference import PAPER_CIFAR10
 from robust.outputs import FolderLock, RunFiles, check_output_dir, write_output
 from robust.runtime import available_cpus
+from robust.train.faults import SIGNAL_NAMES
 from robust.train.trainer import Trainer
 
 
@@ -146,6 +151,8 @@ def run_compare(settings: CompareSettings, resume: bool = False, force: bool = F
     lock = FolderLock(out, what="compare folder").acquire()  # one writer; each norm's run folder has its own lock
     try:
         check_compare_dir(out, resume, force)  # again, now that no one else can change it
+        if resume:  # the missing runs train with the finished runs' settings, or not at all
+            check_same_grid(load_settings(out), settings)
         return _compare_locked(settings, out, resume, force, data, log, command, jobs)
     finally:
         lock.release()
@@ -199,20 +206,77 @@ def train_and_evaluate(settings: CompareSettings, run: GridRun, data, log: Calla
 
 
 def run_grid(settings: CompareSettings, runs: list[GridRun], data, log: Callable[[str], None], jobs: int) -> list:
-    """(best, evaluation) per run, in order: one after another, or in ``jobs`` processes side by side."""
+    """(best, evaluation) per run, in order: one after another, or in ``jobs`` processes side by side.
+
+    Ctrl-C (SIGINT, to the terminal's process group or to this process alone) and SIGTERM stop every
+    worker as they stop one run in one process: each finishes its step, writes last.pt and stops;
+    runs not started are not started; then :class:`TrainingInterrupted` is raised here, with every
+    finished run kept. A worker that stops (a signal sent to it alone) stops the others the same way.
+    """
     if jobs == 1 or len(runs) == 1:
         return [train_and_evaluate(settings, run, data, log) for run in runs]
 
     threads = settings.config.threads or max(1, available_cpus() // jobs)
     log(f"{len(runs)} runs in {min(jobs, len(runs))} processes side by side, {threads} torch thread(s) each")
     runs = [dataclasses.replace(r, config=dataclasses.replace(r.config, threads=threads, quiet=True)) for r in runs]
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    previous_term = signal.getsignal(signal.SIGTERM)
+    caught: list[int] = []
+
+    def on_term(signum, frame):  # SIGTERM here: stop as Ctrl-C does
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(runs)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker, initargs=(threads, data))
+    futures = []
     try:
-        futures = [pool.submit(_worker_run, settings, run) for run in runs]
+        # The workers start with SIGINT/SIGTERM blocked (inherited), so a Ctrl-C while they start up cannot
+        # kill one with a traceback; _start_worker ignores both outside a run, then unblocks them.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        try:
+            futures = [pool.submit(_worker_run, settings, run) for run in runs]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         return [f.result() for f in futures]
+    except (KeyboardInterrupt, TrainingInterrupted) as exc:
+        signum = (caught[0] if caught else signal.SIGINT) if isinstance(exc, KeyboardInterrupt) else exc.signum
+        log(f"stopping: {SIGNAL_NAMES.get(signum, signum)}; the runs in progress write last.pt, finished runs are kept")
+        _stop_pool(pool, futures, signum)
+        done = sum(1 for f in futures if f.done() and not f.cancelled() and f.exception() is None)
+        raise TrainingInterrupted(signum, f"compare stopped by {SIGNAL_NAMES.get(signum, signum)} with {done} of "
+                                          f"{len(runs)} runs finished (kept); the runs in progress saved last.pt: "
+                                          "rerun with --resume to continue") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _stop_pool(pool: ProcessPoolExecutor, futures: list, signum: int) -> None:
+    """Cancel the runs not started, send ``signum`` to the workers (a run stops after its step and writes
+    last.pt; an idle worker ignores it), and wait for them; further Ctrl-Cs while waiting are ignored."""
+    for f in futures:
+        f.cancel()
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        if process.is_alive() and process.pid is not None:
+            try:
+                os.kill(process.pid, signum)
+            except ProcessLookupError:
+                pass
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() else None
+    try:
+        for f in futures:
+            if not f.cancelled():
+                try:
+                    f.exception()  # waits for it
+                except BaseException:  # noqa: BLE001  a cancelled or broken future: nothing to wait for
+                    pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def config_data(c: TrainConfig):
@@ -225,21 +289,58 @@ _WORKER_DATA: dict[str, Any] = {}
 
 
 def _start_worker(threads: int, data) -> None:
-    """A grid worker process: its torch threads, and the data when the caller passed it in."""
+    """A grid worker process: its torch threads, and the data when the caller passed it in.
 
+    SIGINT and SIGTERM are ignored between runs (the parent decides when to stop) and unblocked
+    (the parent blocked them while starting us); inside a run :func:`_worker_run` handles them.
+    """
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     torch.set_num_threads(threads)
     if data is not None:
         _WORKER_DATA["data"] = data
 
 
-def _worker_run(settings: CompareSettings, run: GridRun):
-    """One run in a worker process; its messages go to stderr, prefixed with the run."""
+class _RunSignals:
+    """While a worker runs one grid run: SIGINT/SIGTERM raise KeyboardInterrupt (the Trainer installs its own
+    handler while it trains, which finishes the step and writes last.pt); outside, they are ignored."""
 
-    if "data" not in _WORKER_DATA:
-        c = run.config
-        _WORKER_DATA["data"] = config_data(c)
+    def __init__(self) -> None:
+        self.active, self.signum = False, 0
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.active:
+            self.signum = signum
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_RunSignals":
+        self.active = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.active = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _worker_run(settings: CompareSettings, run: GridRun):
+    """One run in a worker process; its messages go to stderr, prefixed with the run. A signal stops it as
+    :class:`TrainingInterrupted` (picklable), never with a traceback of the worker."""
+
     log = lambda msg: print(f"[{run.label}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    return train_and_evaluate(settings, run, _WORKER_DATA["data"], log)
+    with _RunSignals() as signals:
+        try:
+            if "data" not in _WORKER_DATA:
+                c = run.config
+                _WORKER_DATA["data"] = config_data(c)
+            return train_and_evaluate(settings, run, _WORKER_DATA["data"], log)
+        except KeyboardInterrupt:
+            signum = signals.signum or signal.SIGINT
+            raise TrainingInterrupted(signum, f"{run.label} stopped by {SIGNAL_NAMES.get(signum, signum)}") from None
 
 
 def method_results(settings: CompareSettings, runs: list[GridRun], outcomes: list, method: str) -> dict[str, Any]:

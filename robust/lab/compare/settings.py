@@ -12,11 +12,12 @@ from typing import Any
 
 from robust.checks import MAX_SEED, check_fields
 from robust.config import TrainConfig
-from robust.errors import CompareExistsError, ConfigError
+from robust.errors import CompareExistsError, ConfigError, check_ascii_number
 from robust.eval.evaluation import check_attack_names
 from robust.nn.norms import NORMS, check_norm
 from robust.objectives import METHODS
 from robust.outputs import RunFiles, holds_files
+from robust.threat import parse_fraction
 
 SETTINGS_FILE = "compare.json"
 
@@ -159,6 +160,7 @@ def parse_seeds(text: str | list | tuple) -> tuple[int, ...]:
         parts = [p.strip() for p in text.split(",")]
         if not text.strip() or any(not p for p in parts):
             raise ConfigError(f"seeds {text!r} must be comma-separated non-negative integers, e.g. 0,1,2")
+        check_ascii_number(text, "seeds")
         try:
             seeds = tuple(int(p) for p in parts)
         except ValueError:
@@ -184,7 +186,7 @@ def parse_select(text: str) -> str:
         return RunFiles.LAST
     if isinstance(text, str) and text.startswith("epoch:"):
         number = text[len("epoch:"):]
-        if not number.isdigit() or int(number) < 1:
+        if not (number.isascii() and number.isdigit()) or int(number) < 1:
             raise ConfigError(f"select {text!r}: epoch:N needs a whole epoch number >= 1, e.g. epoch:5")
         return RunFiles.epoch(int(number))
     raise ConfigError(f"select {text!r} must be best, last or epoch:N (e.g. epoch:5)")
@@ -202,9 +204,55 @@ def load_settings(out: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"cannot resume: {path} does not exist; start a new comparison without --resume")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ConfigError(f"{path} is not valid JSON; start a new comparison with --force") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror or exc}); fix the file or start a new comparison "
+                          "with --force") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ConfigError(f"{path} is not the settings of a comparison; start a new comparison with --force")
+    CompareSettings.from_dict(saved)  # every saved value typed, before any of it is used
+    return saved
+
+
+# Settings a resumed grid may change: they decide nothing about the figures (where the data is read from,
+# how many processes read it, progress bars, how often last.pt is written) or change every run alike
+# (--epochs continues every run to the new count). Every other field of the config must be the saved one.
+RESUME_MAY_CHANGE = ("quiet", "workers", "data_mode", "save_every", "epochs", "out")
+
+
+def check_same_grid(saved: dict[str, Any], settings: CompareSettings) -> None:
+    """ConfigError naming the first field of ``settings.config`` that differs from the saved grid's, with the
+    saved and the given value: a resumed grid trains its missing runs with the settings of its finished ones."""
+    before = TrainConfig.from_saved(saved["config"])
+    now = settings.config
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in RESUME_MAY_CHANGE:
+            continue
+        old, new = getattr(before, f.name), getattr(now, f.name)
+        if f.metadata.get("kind") == "fraction" and old is not None and new is not None:
+            try:
+                same = parse_fraction(old, f.name) == parse_fraction(new, f.name)
+            except ConfigError:
+                same = old == new
+        elif f.metadata.get("kind") == "path" and old is not None and new is not None:
+            same = Path(old).resolve() == Path(new).resolve()
+        else:
+            same = old == new
+        if not same:
+            flag = "--" + f.name.replace("_", "-")
+            raise ConfigError(f"cannot resume {settings.out}: its runs were trained with {flag} {_shown(old)}, "
+                              f"not {_shown(new)}; resume without {flag} (or with {flag} {_shown(old)}), or start "
+                              "a new comparison with another --out")
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset (the default)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def check_compare_dir(out: Path, resume: bool, force: bool) -> None:

@@ -1,0 +1,538 @@
+"""Hostile input, "nothing lost": every refusal is exit code 2 with one `Error:` line naming the problem and the
+fix, no traceback, nothing written or overwritten; Ctrl-C exits 130 keeping finished work.
+
+Grouped by the class of problem: data changed without a word, settings mixed on resume, signals across
+processes, tracebacks on unusual files and digits, resources without bounds, overwrites, empty values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from robust.checkpoint import build_checkpoint, save_checkpoint
+from robust.cli.main import cli
+from robust.config import TrainConfig
+from robust.data import load_dataset
+from robust.data.lazy import MAX_IMAGE_SIDE, choose_mode, decode_image
+from robust.errors import DataError, ModelError, PeerFailed, TrainingInterrupted
+from robust.eval.evaluation import evaluate
+from robust.nn.external import ExternalModel, build_external
+from robust.nn.factory import build_model
+from robust.runtime import available_cpus
+from robust.train.trainer import Trainer
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--width", "4", "--epochs", "1", "--steps", "1", "--no-channels-last", "--quiet", "--precision", "fp32",
+        "--warmup-steps", "0", "--val-steps", "1"]
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def invoke(folder, args):
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        return CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        os.chdir(cwd)
+
+
+def tree(folder) -> dict[str, str]:
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def refused(folder, args, *expected) -> str:
+    """The bad-input contract: exit 2, one Error line naming each of ``expected``, no traceback, nothing changed."""
+    before = tree(folder)
+    result = invoke(folder, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for text in expected:
+        assert text in errors[0], errors[0]
+    assert tree(folder) == before
+    return errors[0]
+
+
+def tensors_file(path, n=24, n_classes=3, size=8, channels=1, **extra) -> Path:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, channels, size, size), dtype=np.uint8)
+    y = np.arange(n) % n_classes
+    np.savez(path, **{"x": x, "y": y, **extra})
+    return Path(path)
+
+
+def tiny_config(out, **overrides) -> TrainConfig:
+    base = dict(dataset="fashion-mnist", data_dir=FMNIST, width=4, epochs=1, batch_size=32, limit=64, steps=1, eps="0.1",
+                val_split=0.1, val_limit=16, val_steps=1, warmup_steps=0, schedule="cosine", channels_last=False,
+                quiet=True, precision="fp32", out=str(out))
+    return TrainConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, fmnist) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    Trainer(tiny_config(out), data=fmnist, log=lambda m: None).fit()
+    return out
+
+
+@pytest.fixture()
+def run(tmp_path, trained) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+# =================================================================================================
+# Data changed without a word
+# =================================================================================================
+
+
+def _gray16(path, values):
+    Image.fromarray(np.asarray(values, dtype=np.uint16)).save(path)
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped(tmp_path):
+    values = np.array([[0, 255, 256, 4095], [32768, 40000, 65280, 65535]] * 2, dtype=np.uint16)
+    _gray16(tmp_path / "a.png", values)
+    assert Image.open(tmp_path / "a.png").mode == "I;16"
+    got = decode_image(str(tmp_path / "a.png"), 1, None)[0]
+    assert np.array_equal(got, (values >> 8).astype(np.uint8))  # 40000 -> 156, not 255
+    rgb = decode_image(str(tmp_path / "a.png"), 3, None)  # a folder of mixed modes reads it as RGB
+    assert all(np.array_equal(rgb[c], got) for c in range(3))
+    for split in ("train/a", "train/b"):
+        (tmp_path / "f" / split).mkdir(parents=True)
+        for i in range(3):
+            _gray16(tmp_path / "f" / split / f"{i}.png", values // (i + 1))
+    data = load_dataset("imagefolder", tmp_path / "f", workers=0)
+    assert data.channels == 1 and int(data.train_x.max()) == 255 and 0 < data.mean[0] < 1
+    assert len(torch.unique(data.train_x)) > 4  # grey levels survive, not only black and white
+
+
+def test_float_and_32_bit_images_out_of_0_255_are_refused_in_range_read_exactly(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DataError, match=r"f\.tif is a floating-point image \(PIL mode F\).*save it as an 8-bit"):
+        decode_image(str(tmp_path / "f.tif"), 1, None)
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "i.tif")
+    with pytest.raises(DataError, match=r"32-bit integer image .* \[70000, 70000\]"):
+        decode_image(str(tmp_path / "i.tif"), 1, None)
+    Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8) * 4).save(tmp_path / "ok.tif")
+    assert np.array_equal(decode_image(str(tmp_path / "ok.tif"), 1, None)[0], np.arange(64).reshape(8, 8) * 4)
+
+
+def test_a_stray_label_is_refused_naming_it_and_its_index(tmp_path):
+    y = np.arange(24) % 3
+    y[7] = 10 ** 6
+    tensors_file(tmp_path / "stray.npz", y=y)
+    message = refused(tmp_path, ["train", *TINY, "--dataset", "tensors", "--data-dir", "stray.npz", "--workers", "0",
+                                 "--out", "r"], "label 1000000 is out of range", "at y[7]", "classes array")
+    assert "at most one class per example" in message
+    y_test = np.array([0, 1, 5])
+    tensors_file(tmp_path / "t.npz", x_test=np.zeros((3, 1, 8, 8), np.uint8), y_test=y_test,
+                 classes=np.array(["a", "b", "c"]))
+    with pytest.raises(DataError, match=r"label 5 is out of range .* 0\.\.2 \(classes has 3 names\)\) at y_test\[2\]"):
+        load_dataset("tensors", tmp_path / "t.npz", workers=0)
+
+
+@pytest.mark.parametrize("classes, problem", [
+    (np.array("abc"), "1-D array of at least 2 class names"),
+    (np.array([["a", "b"], ["c", "d"]]), "1-D array"),
+    (np.array(["a", "b", "a"]), "names a more than once"),
+    (np.array(["a", " ", "c"]), "empty name at index 1"),
+    (np.array([1.5, 2.5, 3.5]), "1-D array of at least 2 class names"),
+])
+def test_classes_that_are_not_a_list_of_names_are_refused(tmp_path, classes, problem):
+    tensors_file(tmp_path / "c.npz", classes=classes)
+    with pytest.raises(DataError, match=problem):
+        load_dataset("tensors", tmp_path / "c.npz", workers=0)
+
+
+def test_evaluation_refuses_labels_and_channels_the_model_does_not_have():
+    model = build_model("preact_resnet18", "sabn", num_classes=3, in_channels=1, width=4)
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    with pytest.raises(DataError, match=r"label 7 of evaluation example 2 is outside the model's 3 classes \(0\.\.2\)"):
+        evaluate(model, (x, torch.tensor([0, 1, 7, 2])), attacks="clean", eps=0.1, device="cpu")
+    with pytest.raises(DataError, match="label -1 of evaluation example 0"):
+        evaluate(model, (x, torch.tensor([-1, 1, 2, 2])), attacks="clean", eps=0.1, device="cpu")
+    with pytest.raises(DataError, match=r"3 channel\(s\) but the model takes 1"):
+        evaluate(model, (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 2, 2])), attacks="clean",
+                 eps=0.1, device="cpu")
+
+
+def _checkpoint_on(tmp_path, data_file, classes=3, size=8):
+    model = build_model("preact_resnet18", "sabn", num_classes=classes, in_channels=1, width=4)
+    data = {"dataset": "tensors", "data_dir": str(data_file.resolve()), "input_size": [1, size, size], "image_size": None,
+            "classes": None}
+    save_checkpoint(build_checkpoint(model, dataset="tensors", data=data, eps=0.1, kind="train"), tmp_path / "m.pt")
+    return tmp_path / "m.pt"
+
+
+def test_eval_refuses_data_that_does_not_fit_the_checkpoint(tmp_path):
+    _checkpoint_on(tmp_path, tensors_file(tmp_path / "own.npz"))
+    tensors_file(tmp_path / "five.npz", n_classes=5)
+    refused(tmp_path, ["eval", "m.pt", "--attack", "clean", "--data-dir", "five.npz"],
+            "has 5 classes but the checkpoint's model has 3", "--data-dir")
+    tensors_file(tmp_path / "big.npz", size=12)
+    refused(tmp_path, ["eval", "m.pt", "--attack", "clean", "--data-dir", "big.npz"],
+            "are 1x12x12", "trained on 1x8x8")
+    tensors_file(tmp_path / "rgb.npz", channels=3)
+    refused(tmp_path, ["eval", "m.pt", "--attack", "clean", "--data-dir", "rgb.npz"], "3x8x8", "1x8x8")
+    ok = invoke(tmp_path, ["eval", "m.pt", "--attack", "clean"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_eval_reads_a_compressed_npz_it_cannot_stream(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (24, 1, 8, 8), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "z.npz", x=x, y=np.arange(24) % 3)
+    _checkpoint_on(tmp_path, tmp_path / "z.npz")
+    result = invoke(tmp_path, ["eval", "m.pt", "--attack", "clean"])
+    assert result.exit_code == 0, result.output
+
+
+# =================================================================================================
+# Settings mixed: a resumed grid trains its missing runs with its finished runs' settings
+# =================================================================================================
+
+
+COMPARE = ["compare", "--dataset", "fashion-mnist", "--data-dir", FMNIST, *TINY, "--limit", "64", "--norms", "bn",
+           "--eval-limit", "8", "--attacks", "pgd10", "--eps", "0.1", "--out", "cmp"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("compared")
+    result = invoke(folder, COMPARE)
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--eps", "0.2"], "--eps 0.1, not 0.2"),
+    (["--dataset", "mnist"], "--dataset fashion-mnist, not mnist"),
+    (["--lr", "0.5"], "--lr 0.1, not 0.5"),
+    (["--seed", "3"], "--seed 0, not 3"),
+    (["--method", "trades"], "--method unset (the default), not trades"),
+    (["--step-size", "0.01"], "--step-size unset (the default), not 0.01"),
+    (["--no-fused"], "--fused true, not false"),
+])
+def test_compare_resume_refuses_settings_that_differ_from_the_grid(tmp_path, compared, flags, named):
+    folder = Path(shutil.copytree(compared, tmp_path / "c"))
+    message = refused(folder, ["compare", "--out", "cmp", "--resume", "--data-dir", FMNIST, *flags], named,
+                      "start a new comparison with another --out")
+    assert "cannot resume cmp" in message
+
+
+def test_compare_resume_with_the_same_values_is_no_change(tmp_path, compared):
+    folder = Path(shutil.copytree(compared, tmp_path / "c"))
+    result = invoke(folder, ["compare", "--out", "cmp", "--resume", "--data-dir", FMNIST, "--eps", "1/10", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "not training it again" in result.output
+
+
+@pytest.mark.parametrize("content", ["[]", '{"config": 3}', '{"config": {}, "norms": 5, "attacks": []}', "\xff"])
+def test_compare_resume_refuses_a_broken_compare_json(tmp_path, compared, content):
+    folder = Path(shutil.copytree(compared, tmp_path / "c"))
+    (folder / "cmp" / "compare.json").write_bytes(content.encode("latin-1"))
+    refused(folder, ["compare", "--out", "cmp", "--resume", "--data-dir", FMNIST], "--force")
+
+
+# =================================================================================================
+# Signals across processes
+# =================================================================================================
+
+
+def test_the_interrupt_errors_survive_pickling():
+    again = pickle.loads(pickle.dumps(TrainingInterrupted(signal.SIGTERM, "stopped")))
+    assert (type(again), again.signum, str(again), again.exit_code) == (TrainingInterrupted, signal.SIGTERM, "stopped", 143)
+    peer = pickle.loads(pickle.dumps(PeerFailed("rank 1 failed", True)))
+    assert (str(peer), peer.bad_input) == ("rank 1 failed", True)
+
+
+def _start(folder, args):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "robust.cli", *args], cwd=folder, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for(path_glob, folder, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if list(Path(folder).glob(path_glob)):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("sig, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)],
+                         ids=["ctrl-c to the process group", "sigterm to compare alone"])
+def test_ctrl_c_on_compare_jobs_2_exits_cleanly_and_keeps_the_runs(tmp_path, sig, code, group):
+    args = ["compare", "--dataset", "fashion-mnist", "--data-dir", FMNIST, "--width", "4", "--epochs", "30", "--steps", "1",
+            "--no-channels-last", "--quiet", "--precision", "fp32", "--warmup-steps", "0", "--limit", "256",
+            "--batch-size", "16", "--save-every", "0", "--val-steps", "1", "--val-limit", "16", "--norms", "bn,sabn",
+            "--eval-limit", "8", "--eps", "0.1", "--jobs", "2", "--out", "cmp"]
+    proc = _start(tmp_path, args)
+    try:
+        assert _wait_for("cmp/bn/metrics.jsonl", tmp_path, 120) and _wait_for("cmp/sabn/metrics.jsonl", tmp_path, 60)
+        if group:
+            os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does: the whole process group
+        else:
+            os.kill(proc.pid, sig)  # compare alone: it stops its workers itself
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "BrokenProcessPool" not in err, err
+    assert "rerun with --resume" in err
+    for norm in ("bn", "sabn"):
+        state = torch.load(tmp_path / "cmp" / norm / "last.pt", map_location="cpu", weights_only=False)
+        assert state["epoch"] >= 0  # a loadable last.pt with finished epochs: the work is kept
+        assert not (tmp_path / "cmp" / norm / ".lock").exists()
+
+
+# =================================================================================================
+# Tracebacks on unusual files, digits and models
+# =================================================================================================
+
+
+def _npz_with(path, members: dict[str, bytes], compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression=compression) as zf:
+        for name, raw in members.items():
+            zf.writestr(name + ".npy", raw)
+
+
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _forged_npy(shape, payload: bytes) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return buf.getvalue() + payload
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+@pytest.mark.parametrize("mode", ["memory", "stream", "auto"])
+def test_an_npz_member_that_declares_terabytes_is_refused_before_allocating(tmp_path, compression, mode):
+    x = np.zeros((16, 1, 8, 8), np.uint8)
+    _npz_with(tmp_path / "f.npz", {"x": _forged_npy((10 ** 12, 1, 8, 8), x.tobytes()), "y": _npy(np.arange(16) % 2)},
+              compression)
+    with pytest.raises(DataError, match=r"declares shape \(1000000000000, 1, 8, 8\) of uint8 \(58.2 TiB\) but holds 1 KiB"):
+        load_dataset("tensors", tmp_path / "f.npz", mode=mode, workers=0)
+
+
+def test_unusual_tensor_files_are_refused_in_one_line(tmp_path):
+    x = torch.zeros(16, 1, 8, 8, dtype=torch.uint8)
+    y = torch.arange(16) % 2
+    cases = {
+        "obj.npz": lambda p: np.savez(p, x=x.numpy(), y=y.numpy(), meta=np.array([1, "a"], dtype=object)),
+        "bf16.pt": lambda p: torch.save({"x": x.bfloat16(), "y": y}, p),
+        "ragged.pt": lambda p: torch.save({"x": x, "y": [[1], [1, 2]]}, p),
+        "empty_axis.npz": lambda p: np.savez(p, x=np.zeros((16, 0, 8, 8), np.uint8), y=y.numpy()),
+        "bool_y.npz": lambda p: np.savez(p, x=x.numpy(), y=np.ones(16, bool)),
+        "float_x.pt": lambda p: torch.save({"x": x.float(), "y": y}, p),
+        "classes_int.pt": lambda p: torch.save({"x": x, "y": y, "classes": 5}, p),
+        "list.pt": lambda p: torch.save([x, y], p),
+        "uint64.npz": lambda p: np.savez(p, x=x.numpy(), y=np.array([2 ** 64 - 1] + [0] * 15, np.uint64)),
+        "truncated.npz": lambda p: (np.savez(p, x=x.numpy(), y=y.numpy()), p.write_bytes(p.read_bytes()[:300])),
+    }
+    for name, write in cases.items():
+        write(tmp_path / name)
+        refused(tmp_path, ["train", *TINY, "--dataset", "tensors", "--data-dir", name, "--workers", "0", "--out", "r"],
+                name)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["train", "--epochs", "３"], "'３' has characters that are not ASCII"),
+    (["train", "--seed", "٣"], "'٣'"),
+    (["train", "--batch-size", "１６"], "'１６'"),
+    (["train", "--lr", "０.1"], "'０.1'"),
+    (["train", "--beta", "６"], "'６'"),
+    (["train", "--eps", "８/255"], "eps '８/255' has digits that are not ASCII"),
+    (["train", "--step-size", "２/255"], "step-size"),
+    (["train", "--milestones", "1０,20"], "milestones"),
+    (["train", "--keep-epochs", "²"], "keep-epochs '²'"),
+    (["train", "--method", "trades", "--method-options", "beta=６"], "method-options"),
+    (["train", "--eps", "1e400"], "too large"),
+    (["train", "--eps", "1e999999999"], "out of range"),
+    (["compare", "--seeds", "0,٣"], "seeds '0,٣'"),
+    (["compare", "--select", "epoch:²"], "select 'epoch:²'"),
+    (["compare", "--eval-limit", "٣"], "'٣'"),
+    (["eval", "x.pt", "--limit", "٣"], "'٣'"),
+    (["eval", "x.pt", "--attack", "pgd٢٠"], "attack 'pgd٢٠'"),
+    (["eval", "x.pt", "--eps", "８/255"], "'８/255'"),
+    (["eval", "x.pt", "--eps-sweep", "0,８/255"], "'８/255'"),
+    (["analyze", "x.pt", "--eps", "８/255"], "'８/255'"),
+    (["bench", "--iters", "２"], "'２'"),
+    (["demo", "--seed", "３"], "'３'"),
+])
+def test_numbers_with_digits_that_are_not_ascii_are_refused(tmp_path, args, named):
+    refused(tmp_path, args, named)
+
+
+def test_models_whose_forward_returns_no_logits_are_refused_at_build(tmp_path):
+    with pytest.raises(ModelError, match=r"torchvision:googlenet returns a GoogLeNetOutputs \(a tuple\) in training mode"):
+        build_external("torchvision:googlenet", "sabn", 10, 3, (0.5,) * 3, (0.25,) * 3)
+
+    class Dict(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(1)
+
+        def forward(self, x):
+            return {"logits": self.bn(x).mean((2, 3))}
+
+    class Wrong(Dict):
+        def forward(self, x):
+            return self.bn(x).flatten(1)
+
+    model = ExternalModel(Dict(), (0.5,), (0.25,), "timm:dicty", 10)
+    with pytest.raises(ModelError, match="timm:dicty returns a dict in training mode, not a logits tensor"):
+        model(torch.rand(2, 1, 8, 8))
+    wrong = ExternalModel(Wrong(), (0.5,), (0.25,), "timm:wrong", 10).eval()
+    with pytest.raises(ModelError, match=r"a tensor of shape \(2, 64\), not \(2, 10\) in eval mode"):
+        wrong(torch.rand(2, 1, 8, 8))
+    # through the CLI: one line, and nothing left behind
+    tensors_file(tmp_path / "d.npz", size=32, channels=3)
+    refused(tmp_path, ["train", "--dataset", "tensors", "--data-dir", "d.npz", "--arch", "torchvision:googlenet", "--epochs",
+                       "1", "--workers", "0", "--quiet", "--out", "r"], "torchvision:googlenet returns", "pick another")
+
+
+def test_the_build_check_changes_nothing(monkeypatch):
+    torch.manual_seed(5)
+    build_external("torchvision:resnet18", "sabn", 10, 1, (0.5,), (0.25,))
+    checked = torch.rand(3)
+    monkeypatch.setattr("robust.nn.external.check_logits", lambda *args: None)
+    torch.manual_seed(5)
+    model = build_external("torchvision:resnet18", "sabn", 10, 1, (0.5,), (0.25,))
+    assert torch.equal(torch.rand(3), checked)  # the check drew nothing from the RNG
+    assert model.training and all(int(b) == 0 for n, b in model.state_dict().items() if n.endswith("num_batches_tracked"))
+
+
+# =================================================================================================
+# Resources without bounds
+# =================================================================================================
+
+
+def test_more_workers_than_cpus_are_refused(tmp_path):
+    tensors_file(tmp_path / "d.npz")
+    refused(tmp_path, ["train", *TINY, "--dataset", "tensors", "--data-dir", "d.npz", "--workers", "1000", "--out", "r"],
+            f"workers 1000 is more than the {available_cpus()} CPU(s)", f"--workers {available_cpus()} or fewer")
+
+
+def test_an_image_size_too_large_to_decode_is_refused_naming_it(tmp_path):
+    for split in ("train/a", "train/b"):
+        (tmp_path / "f" / split).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "f" / split / f"{i}.png")
+    refused(tmp_path, ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "f", "--workers", "0", "--image-size",
+                       "100000", "--out", "r"], "--image-size 100000 is too large", f"the largest is {MAX_IMAGE_SIDE}")
+    for split in ("train/a", "train/b"):
+        (tmp_path / "g" / split).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (MAX_IMAGE_SIDE + 1, 4)).save(tmp_path / "g" / split / f"{i}.png")
+    refused(tmp_path, ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "g", "--workers", "0", "--out", "r"],
+            f"are {MAX_IMAGE_SIDE + 1}x4, larger than {MAX_IMAGE_SIDE} on a side", "pass --image-size")
+
+
+def test_memory_mode_beyond_the_memory_available_is_refused():
+    with pytest.raises(DataError, match=r"need 9\.3 GiB but about 2\.0 GiB .* --data-mode stream"):
+        choose_mode("memory", 10 ** 10, 2 ** 30)
+    assert choose_mode("auto", 10 ** 10, 2 ** 30) == "stream" and choose_mode("memory", 10, None) == "memory"
+
+
+# =================================================================================================
+# Overwrites: a run's own files are never replaced by an output
+# =================================================================================================
+
+
+@pytest.mark.parametrize("args, named", [
+    (["export", "run", "-o", "run/best.pt", "--force"], "is the file this command reads"),
+    (["export", "run", "-o", "run/last.pt", "--force"], "the last.pt of the run folder"),
+    (["export", "run/last.pt", "-o", "run/config.json", "--force"], "the config.json of the run folder"),
+    (["eval", "run", "--attack", "clean", "--json", "run/best.pt", "--force"], "the best.pt of the run folder"),
+    (["eval", "run", "--attack", "clean", "--json", "run/metrics.jsonl", "--force"], "metrics.jsonl"),
+    (["plot", "run", "-o", "run/last.pt", "--force"], "the last.pt of the run folder"),
+    (["analyze", "run", "-o", "run/best.pt", "--force"], "the best.pt of the run folder"),
+])
+def test_outputs_never_replace_a_runs_own_files_even_with_force(tmp_path, run, args, named):
+    refused(tmp_path, args, named, "not even with --force")
+
+
+def test_export_never_writes_onto_its_input_file(tmp_path, run):
+    shutil.copy(run / "best.pt", tmp_path / "model.pt")
+    refused(tmp_path, ["export", "model.pt", "-o", "model.pt", "--force"], "is the file this command reads")
+    os.symlink(tmp_path / "model.pt", tmp_path / "link.pt")
+    refused(tmp_path, ["export", "model.pt", "-o", "link.pt", "--force"], "is the file this command reads")
+    refused(tmp_path, ["eval", "model.pt", "--attack", "clean", "--json", "model.pt", "--force"], "is the file this command reads")
+    ok = invoke(tmp_path, ["export", "run", "-o", "exports/"])
+    assert ok.exit_code == 0 and (tmp_path / "exports" / "run-adv.pt").is_file(), ok.output
+
+
+def _image_folder_with_a_truncated_image(root: Path) -> Path:
+    for split in ("train/a", "train/b", "test/a", "test/b"):
+        (root / split).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(root / split / f"{i}.png")
+    bad = root / "train" / "b" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:41])  # the header reads; decoding fails
+    return root
+
+
+def test_a_run_that_fails_in_its_first_epoch_leaves_nothing_that_blocks_its_rerun(tmp_path):
+    _image_folder_with_a_truncated_image(tmp_path / "f")
+    args = ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "f", "--data-mode", "stream", "--workers", "0",
+            "--batch-size", "4", "--val-split", "0", "--out", "r"]
+    first = refused(tmp_path, args, "cannot read image", "3.png")
+    assert not (tmp_path / "r").exists()
+    assert refused(tmp_path, args, "cannot read image") == first  # the same error, not "already exists"
+
+
+def test_a_forced_replace_that_fails_in_its_first_epoch_keeps_the_run_it_replaced(tmp_path, run):
+    _image_folder_with_a_truncated_image(tmp_path / "f")
+    before = tree(run)
+    refused(tmp_path, ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "f", "--data-mode", "stream", "--workers",
+                       "0", "--batch-size", "4", "--val-split", "0", "--out", "run", "--force"], "cannot read image")
+    assert tree(run) == before  # config.json, metrics.jsonl, last.pt, best.pt: byte for byte
+
+
+def test_a_forced_replace_drops_the_old_run_once_its_first_epoch_is_saved(tmp_path, run, fmnist):
+    Trainer(tiny_config(run, seed=3), data=fmnist, force=True, log=lambda m: None).fit()
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl"]
+    assert json.loads((run / "config.json").read_text())["seed"] == 3
+
+
+# =================================================================================================
+# Empty values
+# =================================================================================================
+
+
+@pytest.mark.parametrize("value", [",", " , ", ",,"])
+def test_a_list_of_only_commas_is_empty(tmp_path, value):
+    refused(tmp_path, ["train", "--milestones", value], "milestones", "empty (only commas)")
+    refused(tmp_path, ["train", "--method", "trades", "--method-options", value], "method-options", "empty")
+    (tmp_path / "c.toml").write_text(f'milestones = "{value}"\n')
+    refused(tmp_path, ["train", "--config", "c.toml"], "milestones", "empty")
