@@ -1,0 +1,100 @@
+"""``load_dataset``: every dataset by name (built-in, ``imagefolder``, ``tensors``), and the memory budget ``auto`` keeps."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from robust.data.builtin import DEFAULT_CACHE, SYSTEM_DIRS, _load_idx_folder, _load_torchvision
+from robust.data.folders import load_imagefolder
+from robust.data.lazy import default_workers
+from robust.data.tensors import load_tensor_file
+from robust.data.types import CUSTOM_DATASETS, DATASET_INFO, ImageData
+from robust.errors import DataError
+from robust.runtime import available_cpus
+
+DATASETS = (*DATASET_INFO, *CUSTOM_DATASETS)  # the names --dataset takes
+DATA_MODES = ("auto", "memory", "stream")
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True, *,
+                 image_size: int | None = None, mode: str = "memory", budget: int | None = None,
+                 workers: int | None = None) -> ImageData:
+    """Load ``name`` from ``data_dir``, then system folders, then torchvision's download.
+
+    ``imagefolder`` and ``tensors`` read ``data_dir`` (see :mod:`robust.data.lazy`); for them ``mode``
+    is ``memory`` (read once into tensors), ``stream`` (read batch by batch) or ``auto`` (memory when
+    the decoded images fit ``budget`` bytes), ``image_size`` resizes folder images and ``workers``
+    is the number of decoding processes (default: the CPUs, at most 8). Built-in datasets are
+    always held in memory.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    if mode not in DATA_MODES:
+        raise DataError(f"unknown data mode {mode!r}; valid: {', '.join(DATA_MODES)}")
+    if name in CUSTOM_DATASETS:
+
+        workers = default_workers() if workers is None else int(workers)
+        if workers < 0:
+            raise DataError(f"workers must be >= 0 (0 reads in the training process), got {workers}")
+        if workers > available_cpus():
+            raise DataError(f"workers {workers} is more than the {available_cpus()} CPU(s) available here; pass "
+                            f"--workers {available_cpus()} or fewer (0 reads in the training process)")
+        if name == "imagefolder":
+            return load_imagefolder(data_dir, image_size, mode, budget, workers)
+        if image_size is not None:
+            raise DataError("--image-size resizes image folders only; save the arrays at the size to train on")
+        return load_tensor_file(data_dir, mode, budget, workers)
+    if image_size is not None:
+        raise DataError(f"--image-size applies to --dataset imagefolder, not to {name}; drop it")
+    folders = ([Path(data_dir)] if data_dir else []) + [Path(p) for p in SYSTEM_DIRS.get(name, [])]
+    looked = []
+    for folder in folders:
+        looked.append(str(folder))
+        if not folder.is_dir():
+            continue
+        if name in ("mnist", "fashion-mnist"):
+            data = _load_idx_folder(name, folder)
+        else:
+            data = _load_torchvision(name, folder, download=False)
+        if data is not None:
+            return data
+    root = Path(data_dir) if data_dir else DEFAULT_CACHE
+    if download:
+        created = not root.exists()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            data = _load_torchvision(name, root, download=True)
+            if data is not None:
+                return data
+        except Exception as exc:  # network errors come in many types (URLError, OSError, ...)
+            looked.append(f"download to {root} failed: {type(exc).__name__}")
+        if created:
+            shutil.rmtree(root, ignore_errors=True)  # leave no empty or partial folder behind
+    else:
+        looked.append("download disabled")
+    hint = " (Debian: apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+    raise DataError(f"{name} not found; looked in: {'; '.join(looked)}. Pass --data-dir FOLDER with the dataset files{hint}")
+
+
+def memory_budget(device: torch.device | str | None = None) -> int:
+    """Bytes of decoded images ``auto`` keeps in memory: half the available RAM (and, for a CUDA
+    device, half its free memory, since the in-memory path holds the images there)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    budget = available // 2
+    if device is not None and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = min(budget, free // 2)
+    return budget
