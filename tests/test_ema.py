@@ -44,19 +44,23 @@ def test_the_average_follows_the_warm_up_formula_over_three_updates():
     assert ema.updates == 3
 
 
-def test_the_average_carries_both_routes_running_statistics():
+def test_the_average_carries_both_routes_running_statistics_averaged_and_counts_copied():
     torch.manual_seed(1)
-    model = build_model(norm="sabn", width=4, in_channels=1).train()
+    model = build_model(norm="sabn", width=4, in_channels=1).double().train()
     ema = WeightAverage(model, tau=0.99)
+    before = {k: v.clone() for k, v in model.named_buffers()}
     for route in ("clean", "adv"):
         with robust.use_route(model, route):
-            model(torch.rand(8, 1, 28, 28))
-    ema.update(model)
+            model(torch.rand(8, 1, 28, 28, dtype=torch.float64))
+    ema.update(model)  # d = 0.1 at the first update
     live = dict(model.named_buffers())
     stats = [n for n in live if "running_mean" in n]
     assert any(".clean" in n for n in stats) and any(".adv" in n for n in stats)
     for name, b in ema.average.named_buffers():
-        assert torch.equal(b, live[name]), name
+        if b.is_floating_point():
+            torch.testing.assert_close(b, 0.1 * before[name] + 0.9 * live[name], rtol=0, atol=1e-12)
+        else:
+            assert torch.equal(b, live[name]), name  # num_batches_tracked
 
 
 def test_a_run_with_ema_validates_saves_and_evaluates_the_average_and_resumes_exactly(tmp_path, data):

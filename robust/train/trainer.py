@@ -389,8 +389,8 @@ class Trainer:
         self._check_finite(epoch, steps, watch, steps)
         totals = tally.totals(self.dist)
         dist_.average_running_stats(self.model, self.dist)
-        if self.ema is not None:
-            self.ema.copy_buffers(self.model)
+        if self.ema is not None:  # without SyncBN each rank's averaged statistics followed its own shard
+            dist_.average_running_stats(self.ema.average, self.dist)
         seconds = tally.seconds_before + time.perf_counter() - start
         seen = max(totals["seen"], 1)
         return {"lr": lr, "train_loss": totals["loss_sum"] / seen, "train_adv_acc": 100.0 * totals["correct"] / seen,
