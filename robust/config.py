@@ -64,6 +64,9 @@ class TrainConfig:
     lr: float = _f(0.1, "peak learning rate (SGD)", above=0)
     momentum: float = _f(0.9, "SGD momentum", min=0)
     weight_decay: float = _f(5e-4, "SGD weight decay", min=0)
+    nesterov: bool = _f(False, "SGD with Nesterov momentum (the modern recipes' choice)")
+    decay_norms: bool = _f(True, "weight decay on norm affines and biases too (--no-decay-norms: only on conv and linear "
+                                 "weights, as DM-Improves-AT)")
     schedule: str = _f("multistep", "learning-rate schedule", choices=SCHEDULES)
     milestones: str = _f("50,150", "multistep: epochs at which lr is multiplied by 0.1, or fractions of the epochs (0.25,0.75)")
     warmup_steps: int = _f(200, "steps of linear warm-up from lr/10 in the first epoch (0 disables)", min=0)
@@ -222,6 +225,8 @@ class TrainConfig:
             setattr(self, name, value)
         self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs, self.objective_options  # noqa: B018
         _check_data_and_arch(self)
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("--nesterov needs a momentum above 0; pass --momentum 0.9 or drop --nesterov")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -144,3 +144,27 @@ def test_the_trainer_takes_save_every_from_the_config(tmp_path, fmnist_small):
     data = _tiny_data(fmnist_small)
     assert Trainer(_config(tmp_path / "a", save_every=5.0), data=data).save_every_s == 5.0
     assert Trainer(_config(tmp_path / "b", save_every=0.0), data=data).save_every_s is None  # epoch ends only
+
+
+def test_nesterov_and_no_decay_on_norms_reach_the_optimizer(tmp_path, fmnist_small):
+    trainer = Trainer(_config(tmp_path / "r", nesterov=True, decay_norms=False, weight_decay=5e-4),
+                      data=_tiny_data(fmnist_small)).setup()
+    decayed, plain = trainer.optimizer.param_groups
+    assert decayed["nesterov"] and decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
+    assert all(p.dim() > 1 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(trainer.model.parameters()))
+    (group,) = Trainer(_config(tmp_path / "s"), data=_tiny_data(fmnist_small)).setup().optimizer.param_groups
+    assert not group["nesterov"] and group["weight_decay"] == 5e-4  # the reference's SGD: every parameter decays
+    with pytest.raises(ConfigError, match="--nesterov needs a momentum above 0"):
+        _config(tmp_path / "t", nesterov=True, momentum=0.0).validate()
+
+
+def test_a_run_without_decay_on_norms_resumes_to_the_same_weights(tmp_path, fmnist_small):
+    data = _tiny_data(fmnist_small)
+    kw = dict(nesterov=True, decay_norms=False, schedule="multistep", warmup_steps=0)  # lr independent of epochs
+    Trainer(_config(tmp_path / "a", **kw), data=data, log=lambda m: None).fit()
+    Trainer(_config(tmp_path / "b", epochs=1, **kw), data=data, log=lambda m: None).fit()
+    Trainer(_config(tmp_path / "b", **kw), data=data, resume=True, log=lambda m: None).fit()
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key

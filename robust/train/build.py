@@ -61,11 +61,22 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel for the update on a GPU
-    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, **fused)
+    optimizer = torch.optim.SGD(parameter_groups(model, c.weight_decay, c.decay_norms), lr=c.lr, momentum=c.momentum,
+                                nesterov=c.nesterov, **fused)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     forward_model = torch.compile(model) if c.compile else model
     return TrainingParts(loader, val, model, forward_model, optimizer, scaler,
                          StepSettings.from_config(c, amp, device), sync)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_norms: bool) -> list[dict[str, Any]]:
+    """The optimizer's groups: every parameter with ``weight_decay``, or, without ``decay_norms``, only the
+    conv and linear weights (more than one dimension) with it and norm affines and biases without."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_norms:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], config: TrainConfig, path: Path) -> None:
