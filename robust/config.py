@@ -19,6 +19,7 @@ from robust.data import DATA_MODES, DATASETS
 from robust.errors import ConfigError, ModelError
 from robust.nn import NORMS, available_archs
 from robust.nn.external import check_arch
+from robust.nn.resnet import ACTIVATIONS
 from robust.objectives import (
     ATTACK_BN_MODES,
     Objective,
@@ -58,6 +59,8 @@ class TrainConfig:
     arch: str = _f("preact_resnet18", f"architecture: {', '.join(available_archs())}, torchvision:NAME or timm:NAME (e.g. torchvision:resnet18)")
     norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN)", choices=NORMS)
     width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)", min=1)
+    activation: str = _f("relu", "our architectures' activation: relu (the SaBN reference) or silu (the modern recipes' "
+                                 "wide ResNets)", choices=tuple(ACTIVATIONS))
     # optimization
     epochs: int = _f(200, "training epochs", min=1)
     batch_size: int = _f(128, "training batch size", min=1)
@@ -297,6 +300,8 @@ def _check_data_and_arch(c: TrainConfig) -> None:
             raise ConfigError(str(exc)) from None
         if c.width is not None:
             raise ConfigError(f"--width applies to our own architectures, not to {c.arch}; drop --width")
+        if c.activation != "relu":
+            raise ConfigError(f"--activation applies to our own architectures, not to {c.arch}; drop --activation")
     elif c.arch not in available_archs():
         raise ConfigError(f"unknown arch {c.arch!r}; valid: {', '.join(available_archs())}, torchvision:NAME, timm:NAME")
     if c.dataset in ("imagefolder", "tensors") and not c.data_dir:

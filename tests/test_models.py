@@ -11,7 +11,7 @@ import torch.nn as nn
 import torchattacks
 import torchvision
 
-from robust.checkpoint import build_checkpoint, model_from_checkpoint
+from robust.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from robust.nn.factory import build_model
 from robust.nn.norms import (
     NORMS,
@@ -369,3 +369,29 @@ def test_convert_norms_on_torchvision_resnet18_keeps_its_logits(torchvision_resn
     for route in ROUTES:
         with use_route(converted, route):
             torch.testing.assert_close(converted(x), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch, count", [("wide_resnet28_10", 36_479_194), ("wide_resnet34_10", 46_160_474),
+                                         ("wide_resnet70_16", 266_796_506)])
+def test_wide_resnets_have_the_standard_parameter_counts(arch, count):
+    """Plain BN and ReLU on CIFAR-10, as the standard WideResNet (TRADES's, DeepMind's) counts them."""
+    with torch.device("meta"):  # counted without allocating WRN-70-16's 1 GB of weights
+        model = build_model(arch, norm="bn", num_classes=10, in_channels=3)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_silu_models_differ_from_relu_only_in_the_activation_and_round_trip_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    relu = build_model("wide_resnet28_10", norm="sabn", in_channels=1, width=4)
+    torch.manual_seed(0)
+    silu = build_model("wide_resnet28_10", norm="sabn", in_channels=1, width=4, activation="silu")
+    assert relu.state_dict().keys() == silu.state_dict().keys() and silu.build_args["activation"] == "silu"
+    x = torch.rand(2, 1, 28, 28)
+    relu.eval(), silu.eval()
+    with torch.no_grad(), use_route(relu, "adv"), use_route(silu, "adv"):
+        assert not torch.allclose(relu(x), silu(x))
+        save_checkpoint(build_checkpoint(silu, dataset="fashion-mnist"), tmp_path / "s.pt")
+        rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "s.pt")).eval()
+        assert torch.equal(rebuilt(x), silu(x))
+    with pytest.raises(ValueError, match="activation applies to our own architectures"):
+        build_model("torchvision:resnet18", norm="bn", activation="silu")

@@ -41,6 +41,7 @@ def build_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     final_norm: bool | None = None,
+    activation: str = "relu",
 ) -> nn.Module:
     """Build a model by name. The arguments are kept as ``model.build_args`` for checkpoints.
 
@@ -55,6 +56,8 @@ def build_model(
     norm_layer = make_norm_layer(norm)
     if external and width is not None:
         raise ValueError(f"width applies to our own architectures, not to {arch}; drop --width")
+    if external and activation != "relu":
+        raise ValueError(f"activation applies to our own architectures, not to {arch}; drop --activation")
     width = None if external else ARCH_DEFAULT_WIDTH[arch] if width is None else int(width)
     if (width is not None and width < 1) or num_classes < 2 or in_channels < 1:
         raise ValueError(f"need width >= 1, num_classes >= 2, in_channels >= 1 (got {width}, {num_classes}, {in_channels})")
@@ -69,7 +72,7 @@ def build_model(
 
         model = build_external(arch, norm, num_classes, in_channels, mean, std)
     else:
-        options = {} if final_norm is None else {"final_norm": bool(final_norm)}
+        options = ({} if final_norm is None else {"final_norm": bool(final_norm)}) | {"activation": activation}
         model = _ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
                              **options)
     model.build_args = dict(
@@ -78,4 +81,6 @@ def build_model(
     )
     if not external:
         model.build_args["final_norm"] = model.final_norm is not None
+        if activation != "relu":  # checkpoints without the key are ReLU models
+            model.build_args["activation"] = activation
     return model

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 NormLayer = Callable[[int], nn.Module]
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "silu": F.silu}
 
 
 # The reference normalizes CIFAR-10 with ImageNet statistics.
@@ -63,8 +64,9 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 class PreActBlock(nn.Module):
     """norm -> relu -> conv3x3 -> norm -> relu -> conv3x3, shortcut from the first activation."""
 
-    def __init__(self, cin: int, cout: int, stride: int, norm_layer: NormLayer) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, norm_layer: NormLayer, activation: str = "relu") -> None:
         super().__init__()
+        self.act = ACTIVATIONS[activation]
         self.bn1 = norm_layer(cin)
         self.conv1 = conv3x3(cin, cout, stride)
         self.bn2 = norm_layer(cout)
@@ -78,18 +80,19 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Conv2d(cin, cout, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
+        out = self.act(self.bn1(x))
         shortcut = x if self.shortcut is None else self.shortcut(out[..., ::self.stride, ::self.stride])
         out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(self.act(self.bn2(out)))
         return out + shortcut
 
 
 class PreActResNet(nn.Module):
     """Pre-activation ResNet (He et al. 2016) as used by the SaBN reference and Rice et al.
 
-    ``final_norm`` adds a norm + ReLU before the pooling (fast_adversarial's variant); the
+    ``final_norm`` adds a norm + activation before the pooling (fast_adversarial's variant); the
     default matches the SaBN reference (11,171,146 parameters for PreAct-18 with BN on CIFAR-10).
+    ``activation`` is ``relu`` (the reference) or ``silu`` (the modern recipes' wide ResNets).
     """
 
     def __init__(
@@ -103,15 +106,19 @@ class PreActResNet(nn.Module):
         mean: Sequence[float] = REFERENCE_MEAN,
         std: Sequence[float] = REFERENCE_STD,
         final_norm: bool = False,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        self.activation = activation
         self.normalize = InputNormalization(mean, std)
         self.stem = conv3x3(in_channels, stem_width)
         blocks, cin = [], stem_width
         for i, (n, cout) in enumerate(zip(stage_blocks, stage_widths)):
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(PreActBlock(cin, cout, stride, norm_layer))
+                blocks.append(PreActBlock(cin, cout, stride, norm_layer, activation))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         # The SaBN reference ends layer4 -> avg pool -> linear; fast_adversarial's PreAct adds norm + ReLU.
@@ -120,7 +127,7 @@ class PreActResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.blocks(self.stem(self.normalize(x)))
-        return out if self.final_norm is None else F.relu(self.final_norm(out))
+        return out if self.final_norm is None else ACTIVATIONS[self.activation](self.final_norm(out))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
@@ -148,5 +155,25 @@ def wide_resnet34_10(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNe
     A 16-channel stem, three groups of five pre-activation blocks; ``width`` is the first
     group's channels (160 = 16 x widen factor 10 gives 160-320-640).
     """
-    kwargs.setdefault("final_norm", True)  # TRADES's WideResNet ends with BN + ReLU
-    return PreActResNet([5, 5, 5], [width, 2 * width, 4 * width], 16, norm_layer, **kwargs)
+    return wide_resnet(34, width, norm_layer, **kwargs)
+
+
+def wide_resnet(depth: int, width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
+    """WRN-depth-k: a 16-channel stem, three groups of (depth - 4) / 6 pre-activation blocks of
+    ``width``, 2 ``width``, 4 ``width`` channels (width = 16 k), a final norm + activation (as TRADES's,
+    DeepMind's and DM-Improves-AT's WideResNet)."""
+    kwargs.setdefault("final_norm", True)
+    n = (depth - 4) // 6
+    return PreActResNet([n, n, n], [width, 2 * width, 4 * width], 16, norm_layer, **kwargs)
+
+
+@register_arch("wide_resnet28_10", default_width=160)
+def wide_resnet28_10(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
+    """WRN-28-10 (Carmon et al. 2019, Wang et al. 2023): three groups of four blocks, 160-320-640 channels."""
+    return wide_resnet(28, width, norm_layer, **kwargs)
+
+
+@register_arch("wide_resnet70_16", default_width=256)
+def wide_resnet70_16(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
+    """WRN-70-16 (Gowal et al. 2020, Wang et al. 2023): three groups of eleven blocks, 256-512-1024 channels."""
+    return wide_resnet(70, width, norm_layer, **kwargs)

@@ -51,7 +51,8 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
                          channels_last=c.channels_last, device=device, workers=getattr(train_x, "workers", 0),
                          **augmentation_for(*train_x.shape[-2:]))
     torch.manual_seed(c.seed)
-    model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std).to(device)
+    model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std,
+                        activation=c.activation).to(device)
     if state is not None:
         load_weights(model, state, c, source or Path(RunFiles.LAST))
     saved_sync = bool((state or {}).get("distributed", {}).get("sync_bn", False))
@@ -83,7 +84,8 @@ def load_weights(model: nn.Module, state: dict[str, Any], config: TrainConfig, p
     """Load a checkpoint's weights, refusing one of another model (arch, norm, width)."""
     c = config
     saved = state.get("model_args", {})
-    asked = {"arch": c.arch, "norm": c.norm}
+    asked = {"arch": c.arch, "norm": c.norm, "activation": c.activation}
+    saved = {**saved, "activation": saved.get("activation", "relu")}  # checkpoints without the key are ReLU models
     differ = [f"{k} {saved.get(k)!r} (asked: {v!r})" for k, v in asked.items() if saved.get(k) != v]
     if c.width is not None and saved.get("width") not in (None, c.width):
         differ.append(f"width {saved.get('width')} (asked: {c.width})")

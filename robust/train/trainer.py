@@ -490,6 +490,7 @@ class Trainer:
         if self.ema is not None:
             extras.append(f"EMA {c.ema:g}: validation, best.pt and the figures use the averaged weights")
         width = f", width {self.model.build_args['width']}" if self.model.build_args.get("width") else ""
+        width += f", {c.activation}" if c.activation != "relu" else ""
         shape = "x".join(map(str, self.loader.x.shape[1:]))
         streamed = f", streamed by {self.loader.workers} workers" if self.loader.streamed else ""
         n_val = 0 if self.val is None else len(self.val[1])
