@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.datasets as tvd
 
 from robust.data.types import ImageData
 from robust.errors import DataError
-import torchvision.datasets as tvd
 
 SYSTEM_DIRS = {
     "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
@@ -60,7 +60,7 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _load_idx_folder(name: str, folder: Path) -> ImageData | None:
+def load_idx_folder(name: str, folder: Path) -> ImageData | None:
     paths = {key: _find_idx(folder, stem) for key, stem in IDX_FILES.items()}
     if not any(paths.values()):
         return None
@@ -101,7 +101,7 @@ def _as_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(np.asarray(labels), dtype=torch.int64)
 
 
-def _load_torchvision(name: str, root: Path, download: bool) -> ImageData | None:
+def load_torchvision(name: str, root: Path, download: bool) -> ImageData | None:
     try:
         train = _torchvision_split(name, root, True, download)
         test = _torchvision_split(name, root, False, download)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from robust.data.builtin import DEFAULT_CACHE, SYSTEM_DIRS, _load_idx_folder, _load_torchvision
+from robust.data.builtin import DEFAULT_CACHE, SYSTEM_DIRS, load_idx_folder, load_torchvision
 from robust.data.folders import load_imagefolder
 from robust.data.lazy import default_workers
 from robust.data.tensors import load_tensor_file
@@ -57,9 +57,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
         if not folder.is_dir():
             continue
         if name in ("mnist", "fashion-mnist"):
-            data = _load_idx_folder(name, folder)
+            data = load_idx_folder(name, folder)
         else:
-            data = _load_torchvision(name, folder, download=False)
+            data = load_torchvision(name, folder, download=False)
         if data is not None:
             return data
     root = Path(data_dir) if data_dir else DEFAULT_CACHE
@@ -67,7 +67,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
         created = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
-            data = _load_torchvision(name, root, download=True)
+            data = load_torchvision(name, root, download=True)
             if data is not None:
                 return data
         except Exception as exc:  # network errors come in many types (URLError, OSError, ...)

@@ -95,7 +95,7 @@ def check_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
                             f"(0..{int(classes) - 1}); evaluate on data with the checkpoint's classes (--data-dir)")
 
 
-def _batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_model_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = x.to(device)
     return to_float(x) if x.dtype == torch.uint8 else x.float()
 
@@ -123,7 +123,7 @@ def _score_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Sequ
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(y), batch_size):
-            xb, yb = _batch(x[i:i + batch_size], device), y[i:i + batch_size].to(device)
+            xb, yb = to_model_input(x[i:i + batch_size], device), y[i:i + batch_size].to(device)
             with torch.no_grad():
                 alive = model(xb).argmax(1) == yb
             correct["clean"] += int(alive.sum())

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from robust.eval.evaluation import _batch, as_tensors, evaluate
+from robust.eval.evaluation import as_tensors, evaluate, to_model_input
 from robust.nn.norms import bn_mode, routes_for, use_route
 from robust.runtime import resolve_device
 from robust.threat import resolve_eps
@@ -76,7 +76,7 @@ def determinism_checks(model: nn.Module, data: Any, route: str | None = None, de
     x, y = as_tensors(data, examples)
     dev = resolve_device("auto" if device is None else device)
     model.to(dev)
-    xb, yb = _batch(x, dev), y.to(dev)
+    xb, yb = to_model_input(x, dev), y.to(dev)
     checks = []
     with bn_mode(model, False):
         for r in routes_for(model, route):

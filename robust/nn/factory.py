@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from robust.nn.external import build_external
 from robust.nn.norms import make_norm_layer
-from robust.nn.resnet import _ARCHS, ARCH_DEFAULT_WIDTH, REFERENCE_MEAN, REFERENCE_STD, available_archs
+from robust.nn.resnet import ARCH_DEFAULT_WIDTH, ARCHS, REFERENCE_MEAN, REFERENCE_STD, available_archs
 
 
 def unwrap(model: nn.Module, keep_compiled: bool = False) -> nn.Module:
@@ -51,7 +51,7 @@ def build_model(
     :mod:`robust.nn.external`; ``width`` and ``final_norm`` do not apply to those).
     """
     external = ":" in str(arch)
-    if not external and arch not in _ARCHS:
+    if not external and arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}, torchvision:NAME, timm:NAME")
     norm_layer = make_norm_layer(norm)
     if external and width is not None:
@@ -73,7 +73,7 @@ def build_model(
         model = build_external(arch, norm, num_classes, in_channels, mean, std)
     else:
         options = ({} if final_norm is None else {"final_norm": bool(final_norm)}) | {"activation": activation}
-        model = _ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+        model = ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
                              **options)
     model.build_args = dict(
         arch=arch, norm=norm, num_classes=num_classes, in_channels=in_channels,

@@ -24,7 +24,7 @@ REFERENCE_MEAN = (0.485, 0.456, 0.406)
 REFERENCE_STD = (0.229, 0.224, 0.225)
 
 
-_ARCHS: dict[str, Callable[..., nn.Module]] = {}
+ARCHS: dict[str, Callable[..., nn.Module]] = {}
 
 
 ARCH_DEFAULT_WIDTH: dict[str, int] = {}
@@ -34,7 +34,7 @@ def register_arch(name: str, default_width: int):
     """Decorator: make a model constructor buildable by name through :func:`build_model`."""
 
     def wrap(fn):
-        _ARCHS[name] = fn
+        ARCHS[name] = fn
         ARCH_DEFAULT_WIDTH[name] = default_width
         return fn
 
@@ -42,7 +42,7 @@ def register_arch(name: str, default_width: int):
 
 
 def available_archs() -> list[str]:
-    return sorted(_ARCHS)
+    return sorted(ARCHS)
 
 
 class InputNormalization(nn.Module):
