@@ -112,7 +112,9 @@ def _torchattacks_attack(kind: str, model: nn.Module, eps: float, threat: str, r
         return torchattacks.FAB(model, steps=FAB_STEPS, n_restarts=restarts, multi_targeted=kind == "fab-t",
                                 n_classes=num_classes, **common)
     if kind == "square":
-        return torchattacks.Square(model, n_queries=queries, n_restarts=restarts, p_init=0.8, loss="margin", **common)
+        # the official standard version's Square: no rescaled schedule (torchattacks' default is True)
+        return torchattacks.Square(model, n_queries=queries, n_restarts=restarts, p_init=0.8, loss="margin",
+                                   resc_schedule=False, **common)
     raise _unknown(kind)  # pragma: no cover (parse_attack_name filters names first)
 
 
@@ -125,7 +127,7 @@ def _torchattacks_params(kind: str, restarts: int, queries: int, seed: int, num_
     if kind.startswith("fab"):
         params["steps"] = FAB_STEPS
     if kind == "square":
-        params["queries"] = queries
+        params.update(queries=queries, p_init=0.8, resc_schedule=False)
     return params
 
 

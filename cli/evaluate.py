@@ -63,6 +63,9 @@ def print_checks(checks) -> None:
               help="route to attack and score  [default: both for dual-route models]")
 @click.option("--weights", type=click.Choice(["ema", "live"]), default=None,
               help="ema: the averaged weights of a run trained with --ema; live: the optimizer's  [default: ema where kept]")
+@click.option("--per-example", "per_example", default=None,
+              help="also write one JSON line per route and image (index, label, prediction, the first attack that broke it "
+                   "or 'clean' or null, robust) to this file, to compare two evaluations image by image")
 @click.option("--threat", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="threat model")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N test examples only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
@@ -80,7 +83,7 @@ def print_checks(checks) -> None:
 def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str,
                      limit: int | None, batch_size: int, device: str, seed: int, restarts: int, queries: int,
                      data_dir: str | None, sanity: bool, eps_sweep: str | None, plot: str | None,
-                     json_path: str | None, force: bool, quiet: bool, weights: str | None) -> None:
+                     json_path: str | None, force: bool, quiet: bool, weights: str | None, per_example: str | None) -> None:
     """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
 
     Without CHECKPOINT, the newest run folder under ./runs is scored (and named).
@@ -105,7 +108,7 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
         click.echo(f"no CHECKPOINT given: evaluating the newest run, {checkpoint}", err=True)
     try:
         run_eval(checkpoint, attacks, eps, route, threat, limit, batch_size, device, seed, restarts, queries,
-                 data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights)
+                 data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights, per_example=per_example)
     except PerturbationError as exc:
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
 
@@ -113,19 +116,20 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
 def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str, limit: int | None,
              batch_size: int, device: str, seed: int, restarts: int, queries: int, data_dir: str | None,
              sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
-             quiet: bool, weights: str | None = None) -> None:
+             quiet: bool, weights: str | None = None, per_example: str | None = None) -> None:
     """The body of `robust eval` (see its help)."""
 
     if plot is not None and eps_sweep is None:
         raise BadInput("--plot needs --eps-sweep, e.g. --eps-sweep 0,2/255,4/255,8/255 --plot curve.png")
     json_file = check_output_file(json_path, "--json", force, "eval.json") if json_path is not None else None
     plot_file = check_output_file(plot, "--plot", force, "eps_sweep.png") if plot is not None else None
+    examples_file = check_output_file(per_example, "--per-example", force, "per_example.jsonl") if per_example else None
     names = check_attack_names(attacks)
     if eps is not None:  # refused before any file is read
         resolve_eps(eps, threat)
     sweep_values = parse_eps_list(eps_sweep, threat) if eps_sweep is not None else None
     scored = model_file(checkpoint)
-    for target, flag in ((json_file, "--json"), (plot_file, "--plot")):  # the checkpoint it reads, even outside a run
+    for target, flag in ((json_file, "--json"), (plot_file, "--plot"), (examples_file, "--per-example")):  # the checkpoint it reads, even outside a run
         if target is not None:
             check_output_file(target, flag, force, inputs=(scored,))
     state = read_checkpoint(scored)
@@ -143,7 +147,8 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     options = dict(route=route, batch_size=batch_size, limit=limit, device=device, seed=seed, threat=threat,
                    restarts=restarts, queries=queries, progress=not quiet and sys.stderr.isatty())
 
-    result = evaluate(model, test, attacks=names, eps=eps_value, **options)
+    result = evaluate(model, test, attacks=names, eps=eps_value, per_example=examples_file is not None, **options)
+    examples = result.pop("per_example", None)
     args = model.build_args
     width = f", width {args['width']}" if args.get("width") else ""
     click.echo(f"{scored}: {args['arch']} ({args['norm']}{width}), {state['dataset']} test, "
@@ -171,3 +176,16 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     if json_file:
         write_output(json_file, json.dumps(report, indent=2) + "\n", overwrite=force)
         click.echo(f"wrote {json_file}")
+    if examples_file:
+        write_output(examples_file, per_example_lines(examples, test[1]), overwrite=force)
+        click.echo(f"wrote {examples_file}")
+
+
+def per_example_lines(examples: dict[str, dict[str, list]], labels) -> str:
+    """One JSON line per route and image: index, label, clean prediction, first attack that broke it, robust."""
+    lines = []
+    for route, e in examples.items():
+        for i, (label, pred, broken, robust) in enumerate(zip(labels.tolist(), e["prediction"], e["broken_by"], e["robust"])):
+            lines.append(json.dumps({"route": route, "index": i, "label": label, "prediction": pred,
+                                     "broken_by": broken, "robust": robust}))
+    return "\n".join(lines) + "\n"

@@ -332,3 +332,26 @@ def test_eval_without_a_checkpoint_scores_the_newest_run_and_names_it(ckpt_path,
     done = runner.invoke(cli, ["eval", "--attack", "fgsm", "--limit", "16", "--quiet"])
     assert done.exit_code == 0, done.output
     assert "evaluating the newest run, runs/newer" in done.output and "runs/newer/best.pt" in done.output
+
+
+def test_per_example_results_add_up_to_the_accuracies_and_name_the_first_attack(sabn, eval_data, tmp_path, ckpt_path):
+    x, y = eval_data
+    result = evaluate(sabn, (x[:64], y[:64]), attacks=["fgsm", "pgd10"], eps=EPS, route="adv", per_example=True)
+    acc, e = result["routes"]["adv"], result["per_example"]["adv"]
+    n = 64
+    assert len(e["prediction"]) == len(e["broken_by"]) == len(e["robust"]) == n
+    assert 100.0 * sum(e["robust"]) / n == acc["worst_case"]
+    assert 100.0 * sum(p == t for p, t in zip(e["prediction"], y[:64].tolist())) / n == acc["clean"]
+    assert all((b is None) == r for b, r in zip(e["broken_by"], e["robust"]))
+    fgsm_broke = sum(b == "fgsm" for b in e["broken_by"])  # an example fooled by fgsm counts there, not under pgd10
+    assert 100.0 * (sum(e["robust"]) + sum(b == "pgd10" for b in e["broken_by"])) / n == acc["fgsm"]
+    assert fgsm_broke + sum(b == "clean" for b in e["broken_by"]) + sum(b == "pgd10" for b in e["broken_by"]) \
+        + sum(e["robust"]) == n
+    assert "per_example" not in evaluate(sabn, (x[:8], y[:8]), attacks=["fgsm"], eps=EPS, route="adv")
+    out = tmp_path / "pe.jsonl"
+    run = CliRunner().invoke(cli, ["eval", str(ckpt_path), "--attack", "fgsm", "--limit", "16", "--route", "adv",
+                                   "--per-example", str(out)])
+    assert run.exit_code == 0, run.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [l["index"] for l in lines] == list(range(16)) and {l["route"] for l in lines} == {"adv"}
+    assert set(lines[0]) == {"route", "index", "label", "prediction", "broken_by", "robust"}

@@ -115,40 +115,53 @@ def _checked(attack, eps: float, threat: str):
 
 def _score_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Sequence[str],
                  eps: float, threat: str, settings: dict[str, Any], batch_size: int, device: torch.device,
-                 seed: int, bar) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
-    """Clean, per-attack and worst-case accuracy (%) of one route, attacked through that route."""
+                 seed: int, bar) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, list]]:
+    """Clean, per-attack and worst-case accuracy (%) of one route, attacked through that route, and per
+    example its clean prediction, the first attack (in the given order) that broke it and whether it
+    survived every attack."""
     attacks = [build_attack(n, model, eps, threat=threat, seed=seed, num_classes=num_classes_of(model), **settings)
                for n in names if n != "clean"]
     correct = {"clean": 0, **{a.name: 0 for a in attacks}, "worst_case": 0}
+    examples: dict[str, list] = {"prediction": [], "broken_by": [], "robust": []}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(y), batch_size):
             xb, yb = to_model_input(x[i:i + batch_size], device), y[i:i + batch_size].to(device)
             with torch.no_grad():
-                alive = model(xb).argmax(1) == yb
+                prediction = model(xb).argmax(1)
+            alive = prediction == yb
             correct["clean"] += int(alive.sum())
             worst = alive.clone()
+            broken_by = [None if ok else "clean" for ok in alive.tolist()]
             for attack in attacks:
                 _, robust = correct_under_attack(model, xb, yb, _checked(attack, eps, threat), clean=alive)
                 correct[attack.name] += int(robust.sum())
+                for j in (worst & ~robust).nonzero().squeeze(1).tolist():
+                    broken_by[j] = attack.name
                 worst &= robust
             correct["worst_case"] += int(worst.sum())
+            examples["prediction"] += prediction.tolist()
+            examples["broken_by"] += broken_by
+            examples["robust"] += worst.tolist()
             if bar is not None:
                 bar.update(1)
     n = len(y)
-    return {k: 100.0 * v / n for k, v in correct.items()}, {a.name: a.params for a in attacks}
+    return {k: 100.0 * v / n for k, v in correct.items()}, {a.name: a.params for a in attacks}, examples
 
 
 def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20",), eps: float | str | None = None,
              route: str | None = None, batch_size: int = 256, limit: int | None = None,
              device: str | torch.device | None = None, seed: int = 0, threat: str = "linf", restarts: int = 1,
-             queries: int = 5000, progress: bool = False) -> dict[str, Any]:
+             queries: int = 5000, progress: bool = False, per_example: bool = False) -> dict[str, Any]:
     """Clean and robust accuracy (%) of every route of ``model`` under each attack.
 
     ``data`` is ``(x, y)`` with x uint8 or float in [0, 1] of shape (N, C, H, W) (an ImageData
     means its test split). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attacks": {name:
-    params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "seconds", "versions"}``.
+    params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "seconds", "versions"}``; with
+    ``per_example``, also ``"per_example": {route: {"prediction", "broken_by", "robust"}}``, a list
+    each in the examples' order (``broken_by``: "clean" when misclassified, else the first attack
+    that fooled it, None when it survived every attack).
     The model is moved to ``device``; its train/eval modes are restored afterwards.
     """
     if eps is None:
@@ -170,8 +183,11 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
         with bn_mode(model, False), torch.autocast(device.type, enabled=False):  # eval mode, fp32
             for r in routes:
                 with use_route(model, r):
-                    accuracy, params = _score_route(model, x, y, names, eps, threat, settings, batch_size, device, seed, bar)
+                    accuracy, params, examples = _score_route(model, x, y, names, eps, threat, settings, batch_size,
+                                                              device, seed, bar)
                 result["routes"][r] = accuracy
+                if per_example:
+                    result.setdefault("per_example", {})[r] = examples
                 result["attacks"].update(params)
     finally:
         if bar is not None:
