@@ -355,3 +355,21 @@ def test_per_example_results_add_up_to_the_accuracies_and_name_the_first_attack(
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [l["index"] for l in lines] == list(range(16)) and {l["route"] for l in lines} == {"adv"}
     assert set(lines[0]) == {"route", "index", "label", "prediction", "broken_by", "robust"}
+
+
+def test_apgd_ce_gives_the_official_autoattack_codes_verdicts_example_for_example(sabn, eval_data):
+    """The official AutoAttack code (pyautoattack, fra31/auto-attack's attacks) and ours, APGD-CE in fp32
+    on the same model and images: the same examples survive."""
+    pyautoattack = pytest.importorskip("pyautoattack")  # the dev extra installs it; CI always has it
+    x, y = eval_data
+    x, y = x[:32], y[:32]
+    plain = robust.export_route(sabn, "adv").eval()
+    ours = evaluate(plain, (x, y), attacks=["apgd-ce"], eps=EPS, per_example=True)
+    ours_robust = next(iter(ours["per_example"].values()))["robust"]
+    official = pyautoattack.AutoAttack(plain, attacks=["apgd-ce"], eps=EPS, version="custom", seed=0, device="cpu")
+    x_adv = official.run_standard_evaluation(to_float(x), y, batch_size=250)
+    x_adv = x_adv[0] if isinstance(x_adv, tuple) else x_adv
+    with torch.no_grad():
+        theirs = (plain(x_adv).argmax(1) == y).tolist()
+    assert 0 < sum(theirs) < len(y)  # a comparison with something to compare
+    assert ours_robust == theirs
