@@ -34,6 +34,7 @@ from robust.runtime import DEVICES, PRECISIONS, available_cpus
 from robust.threat import parse_eps, parse_fraction
 
 SCHEDULES = ("multistep", "cosine", "onecycle")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def _f(default: Any, help: str, **extra: Any):
@@ -64,9 +65,11 @@ class TrainConfig:
     # optimization
     epochs: int = _f(200, "training epochs", min=1)
     batch_size: int = _f(128, "training batch size", min=1)
-    lr: float = _f(0.1, "peak learning rate (SGD)", above=0)
-    momentum: float = _f(0.9, "SGD momentum", min=0)
-    weight_decay: float = _f(5e-4, "SGD weight decay", min=0)
+    optimizer: str = _f("sgd", "sgd (the reference's) or adamw (the transformer recipes': Singh et al. 2023, Liu et al. 2023, "
+                               "with --weight-decay 0.05 and a smaller --lr)", choices=OPTIMIZERS)
+    lr: float = _f(0.1, "peak learning rate", above=0)
+    momentum: float = _f(0.9, "SGD momentum; AdamW's beta1", min=0, below=1)
+    weight_decay: float = _f(5e-4, "weight decay (decoupled for adamw)", min=0)
     nesterov: bool = _f(False, "SGD with Nesterov momentum (the modern recipes' choice)")
     decay_norms: bool = _f(True, "weight decay on norm affines and biases too (--no-decay-norms: only on conv and linear "
                                  "weights, as DM-Improves-AT)")
@@ -228,6 +231,8 @@ class TrainConfig:
             setattr(self, name, value)
         self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs, self.objective_options  # noqa: B018
         _check_data_and_arch(self)
+        if self.nesterov and self.optimizer != "sgd":
+            raise ConfigError("--nesterov is SGD's momentum; drop it with --optimizer adamw")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs a momentum above 0; pass --momentum 0.9 or drop --nesterov")
         return self

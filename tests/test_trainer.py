@@ -168,3 +168,21 @@ def test_a_run_without_decay_on_norms_resumes_to_the_same_weights(tmp_path, fmni
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
+
+
+def test_adamw_takes_lr_decay_and_beta1_from_the_config_and_resumes_to_the_same_weights(tmp_path, fmnist_small):
+    data = _tiny_data(fmnist_small)
+    kw = dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, momentum=0.8, decay_norms=False, schedule="multistep",
+              warmup_steps=0)
+    trainer = Trainer(_config(tmp_path / "a", **kw), data=data, log=lambda m: None)
+    trainer.fit()
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    decayed, plain = trainer.optimizer.param_groups
+    assert decayed["betas"] == (0.8, 0.999) and decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    Trainer(_config(tmp_path / "b", epochs=1, **kw), data=data, log=lambda m: None).fit()
+    Trainer(_config(tmp_path / "b", **kw), data=data, resume=True, log=lambda m: None).fit()
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    with pytest.raises(ConfigError, match="--nesterov is SGD's momentum"):
+        _config(tmp_path / "c", optimizer="adamw", nesterov=True).validate()

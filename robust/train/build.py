@@ -61,13 +61,19 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
         convert_sync_batchnorm(model)
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel for the update on a GPU
-    optimizer = torch.optim.SGD(parameter_groups(model, c.weight_decay, c.decay_norms), lr=c.lr, momentum=c.momentum,
-                                nesterov=c.nesterov, **fused)
+    optimizer = make_optimizer(c, parameter_groups(model, c.weight_decay, c.decay_norms), device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     forward_model = torch.compile(model) if c.compile else model
     return TrainingParts(loader, val, model, forward_model, optimizer, scaler,
                          StepSettings.from_config(c, amp, device), sync)
+
+
+def make_optimizer(c: TrainConfig, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    """SGD (momentum, optional Nesterov) or AdamW (beta1 = --momentum, beta2 0.999), fused on a GPU."""
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel for the update on a GPU
+    if c.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=c.lr, betas=(c.momentum, 0.999), **fused)
+    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, **fused)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norms: bool) -> list[dict[str, Any]]:
