@@ -118,6 +118,8 @@ class TrainConfig:
     # output
     out: str | None = _f(None, "run folder (default runs/<dataset>-<norm>-<method>-s<seed>)", kind="path")
     quiet: bool = _f(False, "no progress bars")
+    tensorboard: str | None = _f(None, "also write every epoch's metrics (loss, lr, accuracies, seconds) as TensorBoard "
+                                       "scalars into this folder, e.g. runs/x/tb (needs the tensorboard package)", kind="path")
 
     # ---- derived values -------------------------------------------------------------------
     @property

@@ -41,6 +41,7 @@ from robust.data.types import ImageData
 from robust.errors import CheckpointError, ConfigError, NonFiniteLoss, TrainingInterrupted
 from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
+from robust.outputs import check_output_dir
 from robust.runtime import autocast, autocast_dtype, configure_kernels, precision_name
 from robust.train import distributed as dist_
 from robust.train.build import build_training
@@ -50,6 +51,7 @@ from robust.train.faults import SIGNAL_NAMES, FiniteWatch, SaveTimer, SignalCatc
 from robust.train.rundir import RunFolder, describe
 from robust.train.schedule import lr_at
 from robust.train.step import train_step
+from robust.train.tensorboard import ScalarLog, summary_writer_class
 
 
 def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -219,6 +221,9 @@ class Trainer:
                 self._remember_good(state.get("metrics"))
         if self.dist.is_main:
             self.folder.check_room(self._checkpoint_bytes(), len(self.config.kept_epochs))
+            if c.tensorboard:  # refused now, before anything is written
+                check_output_dir(c.tensorboard, "--tensorboard")
+                summary_writer_class()
 
     def _make_guard(self) -> COGuard:
         """The guard's fixed batch: the first training images, as they are (not augmented)."""
@@ -444,8 +449,10 @@ class Trainer:
         c = self.setup().config
         self.folder.lock()  # nothing is written before this process is the folder's only writer
         self.signals.install()
+        scalars = ScalarLog(None, 0, False)
         try:
             self.folder.prepare(c.to_dict(), self.start_epoch)
+            scalars = ScalarLog(c.tensorboard, self.start_epoch + 1, self.dist.is_main)
             self.log(self._header())
             self.saves.saved()
             if not self.resume:  # from now on a loadable last.pt always exists
@@ -457,10 +464,12 @@ class Trainer:
                     metrics.update(self._guard_check(epoch))
                     if "co_guard" in metrics:
                         result = self._stop_collapsed(epoch, metrics)
+                        scalars.add(metrics)
                         self.folder.settle()
                         return result
                 metrics.update(self.validate())
                 self._save_epoch(epoch, metrics)
+                scalars.add(metrics)
                 self.folder.settle()  # an epoch is saved: the files it replaced (--force) go for good
                 self.log(format_epoch(metrics))
             self.folder.settle()
@@ -471,6 +480,7 @@ class Trainer:
             raise
         finally:
             self.loader.close()  # a streamed epoch's reading workers end here, whatever stopped the loop
+            scalars.close()
             self.signals.restore()
             self.folder.unlock()
 

@@ -1,0 +1,52 @@
+"""``--tensorboard DIR``: every epoch's metrics line as TensorBoard scalars (the ``tensorboard`` extra).
+
+Rank 0 writes; the step of a scalar is the epoch (1-based), so the curves line up with
+metrics.jsonl. A resumed run writes into the same DIR and first drops the events of epochs after
+its checkpoint (SummaryWriter's ``purge_step``), so a curve never shows an epoch twice.
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from robust.errors import ConfigError
+
+SKIPPED = ("epoch",)  # the step itself
+
+
+def summary_writer_class():
+    """torch's SummaryWriter; a one-line ConfigError when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'robust[tensorboard]' "
+                          "(or pip install tensorboard)") from None
+    return SummaryWriter
+
+
+def open_writer(folder: str | Path, first_epoch: int):
+    """A SummaryWriter on ``folder`` whose events from epoch ``first_epoch`` (1-based) on are replaced."""
+    return summary_writer_class()(log_dir=str(folder), purge_step=first_epoch)
+
+
+class ScalarLog:
+    """The run's TensorBoard writer (None on other ranks or without --tensorboard)."""
+
+    def __init__(self, folder: str | Path | None, first_epoch: int, main: bool) -> None:
+        self.writer = open_writer(folder, first_epoch) if folder is not None and main else None
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        """One epoch's numbers (loss, lr, accuracies, seconds, images/s, the guard's accuracy)."""
+        if self.writer is None:
+            return
+        step = int(metrics["epoch"])
+        for name, value in metrics.items():
+            if name not in SKIPPED and isinstance(value, Real) and not isinstance(value, bool):
+                self.writer.add_scalar(name, float(value), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
