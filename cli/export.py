@@ -19,7 +19,8 @@ from robust.outputs import RunFiles
 @click.option("--route", type=click.Choice(["clean", "adv"]), default="adv", show_default=True,
               help="the route to keep (adv is the robust one; a bn model has only that one)")
 @click.option("-o", "--out", required=True,
-              help="the model file to write (a folder ending in / gets <run>-<route>.pt)")
+              help="the model file to write: FILE.pt, or FILE.safetensors (no pickle; the model's description in its "
+                   "metadata); a folder ending in / gets <run>-<route>.pt")
 @click.option("--weights", type=click.Choice(["ema", "live"]), default=None,
               help="ema: the averaged weights of a run trained with --ema; live: the optimizer's  [default: ema where kept]")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")

@@ -8,18 +8,21 @@ build arguments, so a model is rebuilt from the file alone.
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import safetensors
+import safetensors.torch
 import torch
 import torch.nn as nn
 
 from robust.errors import CheckpointError, ConfigError
 from robust.nn.factory import build_model, unwrap
 from robust.nn.norms import ROUTES, export_route, routes_for
-from robust.outputs import RunFiles, atomic_output
+from robust.outputs import RunFiles, atomic_output, write_output
 
 FORMAT = "robust-checkpoint"
 
@@ -37,15 +40,41 @@ def build_checkpoint(model: nn.Module, **fields: Any) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "model_args": dict(build_args), "model": state, **fields}
 
 
+SAFETENSORS = ".safetensors"
+
+
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path, overwrite: bool = True) -> Path:
     """Write ``checkpoint`` to ``path`` atomically; no partial file is ever visible at ``path``.
 
-    ``overwrite=False`` never replaces a file that exists when the write completes.
+    ``overwrite=False`` never replaces a file that exists when the write completes. A path ending in
+    ``.safetensors`` gets the safetensors format (no pickle): the weights as tensors, every other
+    field as JSON in the header's metadata (key ``robust``).
     """
     path = Path(path)
+    if path.suffix == SAFETENSORS:
+        weights = {k: v.contiguous() for k, v in checkpoint["model"].items()}
+        fields = {k: v for k, v in checkpoint.items() if k != "model"}
+        data = safetensors.torch.save(weights, metadata={"robust": json.dumps(fields)})
+        write_output(path, data, overwrite=overwrite)
+        return path
     with atomic_output(path, overwrite=overwrite) as fh:
         torch.save(checkpoint, fh)
     return path
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    """A checkpoint from a .safetensors file: tensors and the JSON fields of its metadata; nothing is unpickled."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            weights = {k: fh.get_tensor(k) for k in fh.keys()}
+        fields = json.loads(meta["robust"])
+    except (OSError, KeyError, ValueError, safetensors.SafetensorError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors file of robust ({type(exc).__name__}); "
+                              "write one with `robust export RUN -o model.safetensors`") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path} has no robust metadata; write it with `robust export`")
+    return {**fields, "model": weights}
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -64,6 +93,11 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint safely (weights_only=True); raise CheckpointError with the reason."""
     path = resolve_checkpoint_path(path)
+    if path.suffix == SAFETENSORS:
+        checkpoint = _load_safetensors(path)
+        if checkpoint.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a robust checkpoint; write one with `robust export`")
+        return checkpoint
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

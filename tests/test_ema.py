@@ -98,3 +98,4 @@ def test_ema_values_and_weights_are_checked(tmp_path, data):
     robust.Trainer(_config(tmp_path / "plain", ema=0.0, epochs=1), data=data, log=lambda m: None).fit()
     result = CliRunner().invoke(cli, ["eval", str(tmp_path / "plain"), "--weights", "ema", "--limit", "8"])
     assert result.exit_code == 2 and "has no averaged weights" in result.output
+
