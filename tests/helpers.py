@@ -40,7 +40,7 @@ def invoke_in(folder, args: list[str]):
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        return CliRunner().invoke(cli, args)
+        return CliRunner().invoke(cli, [str(a) for a in args])  # paths may come as Path
     finally:
         os.chdir(cwd)
 

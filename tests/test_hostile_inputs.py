@@ -7,7 +7,6 @@ processes, tracebacks on unusual files and digits, resources without bounds, ove
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
+from helpers import assert_refused, invoke_in, snapshot
+
 from robust.checkpoint import build_checkpoint, save_checkpoint
-from robust.cli.main import cli
 from robust.config import TrainConfig
 from robust.data import load_dataset
 from robust.data.lazy import MAX_IMAGE_SIDE, choose_mode, decode_image
@@ -45,36 +44,6 @@ TINY = ["--width", "4", "--epochs", "1", "--steps", "1", "--no-channels-last", "
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-
-
-def invoke(folder, args):
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        return CliRunner().invoke(cli, [str(a) for a in args])
-    finally:
-        os.chdir(cwd)
-
-
-def tree(folder) -> dict[str, str]:
-    folder = Path(folder)
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
-
-
-def refused(folder, args, *expected) -> str:
-    """The bad-input contract: exit 2, one Error line naming each of ``expected``, no traceback, nothing changed."""
-    before = tree(folder)
-    result = invoke(folder, args)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for text in expected:
-        assert text in errors[0], errors[0]
-    assert tree(folder) == before
-    return errors[0]
 
 
 def tensors_file(path, n=24, n_classes=3, size=8, channels=1, **extra) -> Path:
@@ -145,7 +114,7 @@ def test_a_stray_label_is_refused_naming_it_and_its_index(tmp_path):
     y = np.arange(24) % 3
     y[7] = 10 ** 6
     tensors_file(tmp_path / "stray.npz", y=y)
-    message = refused(tmp_path, ["train", *TINY, "--dataset", "tensors", "--data-dir", "stray.npz", "--workers", "0",
+    message = assert_refused(tmp_path, ["train", *TINY, "--dataset", "tensors", "--data-dir", "stray.npz", "--workers", "0",
                                  "--out", "r"], "label 1000000 is out of range", "at y[7]", "classes array")
     assert "at most one class per example" in message
     y_test = np.array([0, 1, 5])
@@ -191,14 +160,14 @@ def _checkpoint_on(tmp_path, data_file, classes=3, size=8):
 def test_eval_refuses_data_that_does_not_fit_the_checkpoint(tmp_path):
     _checkpoint_on(tmp_path, tensors_file(tmp_path / "own.npz"))
     tensors_file(tmp_path / "five.npz", n_classes=5)
-    refused(tmp_path, ["eval", "m.pt", "--attack", "clean", "--data-dir", "five.npz"],
+    assert_refused(tmp_path, ["eval", "m.pt", "--attack", "clean", "--data-dir", "five.npz"],
             "has 5 classes but the checkpoint's model has 3", "--data-dir")
     tensors_file(tmp_path / "big.npz", size=12)
-    refused(tmp_path, ["eval", "m.pt", "--attack", "clean", "--data-dir", "big.npz"],
+    assert_refused(tmp_path, ["eval", "m.pt", "--attack", "clean", "--data-dir", "big.npz"],
             "are 1x12x12", "trained on 1x8x8")
     tensors_file(tmp_path / "rgb.npz", channels=3)
-    refused(tmp_path, ["eval", "m.pt", "--attack", "clean", "--data-dir", "rgb.npz"], "3x8x8", "1x8x8")
-    ok = invoke(tmp_path, ["eval", "m.pt", "--attack", "clean"])
+    assert_refused(tmp_path, ["eval", "m.pt", "--attack", "clean", "--data-dir", "rgb.npz"], "3x8x8", "1x8x8")
+    ok = invoke_in(tmp_path, ["eval", "m.pt", "--attack", "clean"])
     assert ok.exit_code == 0, ok.output
 
 
@@ -206,7 +175,7 @@ def test_eval_reads_a_compressed_npz_it_cannot_stream(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (24, 1, 8, 8), dtype=np.uint8)
     np.savez_compressed(tmp_path / "z.npz", x=x, y=np.arange(24) % 3)
     _checkpoint_on(tmp_path, tmp_path / "z.npz")
-    result = invoke(tmp_path, ["eval", "m.pt", "--attack", "clean"])
+    result = invoke_in(tmp_path, ["eval", "m.pt", "--attack", "clean"])
     assert result.exit_code == 0, result.output
 
 
@@ -222,7 +191,7 @@ COMPARE = ["compare", "--dataset", "fashion-mnist", "--data-dir", FMNIST, *TINY,
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("compared")
-    result = invoke(folder, COMPARE)
+    result = invoke_in(folder, COMPARE)
     assert result.exit_code == 0, result.output
     return folder
 
@@ -238,14 +207,14 @@ def compared(tmp_path_factory) -> Path:
 ])
 def test_compare_resume_refuses_settings_that_differ_from_the_grid(tmp_path, compared, flags, named):
     folder = Path(shutil.copytree(compared, tmp_path / "c"))
-    message = refused(folder, ["compare", "--out", "cmp", "--resume", "--data-dir", FMNIST, *flags], named,
+    message = assert_refused(folder, ["compare", "--out", "cmp", "--resume", "--data-dir", FMNIST, *flags], named,
                       "start a new comparison with another --out")
     assert "cannot resume cmp" in message
 
 
 def test_compare_resume_with_the_same_values_is_no_change(tmp_path, compared):
     folder = Path(shutil.copytree(compared, tmp_path / "c"))
-    result = invoke(folder, ["compare", "--out", "cmp", "--resume", "--data-dir", FMNIST, "--eps", "1/10", "--quiet"])
+    result = invoke_in(folder, ["compare", "--out", "cmp", "--resume", "--data-dir", FMNIST, "--eps", "1/10", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "not training it again" in result.output
 
@@ -254,7 +223,7 @@ def test_compare_resume_with_the_same_values_is_no_change(tmp_path, compared):
 def test_compare_resume_refuses_a_broken_compare_json(tmp_path, compared, content):
     folder = Path(shutil.copytree(compared, tmp_path / "c"))
     (folder / "cmp" / "compare.json").write_bytes(content.encode("latin-1"))
-    refused(folder, ["compare", "--out", "cmp", "--resume", "--data-dir", FMNIST], "--force")
+    assert_refused(folder, ["compare", "--out", "cmp", "--resume", "--data-dir", FMNIST], "--force")
 
 
 # =================================================================================================
@@ -361,7 +330,7 @@ def test_unusual_tensor_files_are_refused_in_one_line(tmp_path):
     }
     for name, write in cases.items():
         write(tmp_path / name)
-        refused(tmp_path, ["train", *TINY, "--dataset", "tensors", "--data-dir", name, "--workers", "0", "--out", "r"],
+        assert_refused(tmp_path, ["train", *TINY, "--dataset", "tensors", "--data-dir", name, "--workers", "0", "--out", "r"],
                 name)
 
 
@@ -390,7 +359,7 @@ def test_unusual_tensor_files_are_refused_in_one_line(tmp_path):
     (["demo", "--seed", "３"], "'３'"),
 ])
 def test_numbers_with_digits_that_are_not_ascii_are_refused(tmp_path, args, named):
-    refused(tmp_path, args, named)
+    assert_refused(tmp_path, args, named)
 
 
 def test_models_whose_forward_returns_no_logits_are_refused_at_build(tmp_path):
@@ -417,7 +386,7 @@ def test_models_whose_forward_returns_no_logits_are_refused_at_build(tmp_path):
         wrong(torch.rand(2, 1, 8, 8))
     # through the CLI: one line, and nothing left behind
     tensors_file(tmp_path / "d.npz", size=32, channels=3)
-    refused(tmp_path, ["train", "--dataset", "tensors", "--data-dir", "d.npz", "--arch", "torchvision:googlenet", "--epochs",
+    assert_refused(tmp_path, ["train", "--dataset", "tensors", "--data-dir", "d.npz", "--arch", "torchvision:googlenet", "--epochs",
                        "1", "--workers", "0", "--quiet", "--out", "r"], "torchvision:googlenet returns", "pick another")
 
 
@@ -439,7 +408,7 @@ def test_the_build_check_changes_nothing(monkeypatch):
 
 def test_more_workers_than_cpus_are_refused(tmp_path):
     tensors_file(tmp_path / "d.npz")
-    refused(tmp_path, ["train", *TINY, "--dataset", "tensors", "--data-dir", "d.npz", "--workers", "1000", "--out", "r"],
+    assert_refused(tmp_path, ["train", *TINY, "--dataset", "tensors", "--data-dir", "d.npz", "--workers", "1000", "--out", "r"],
             f"workers 1000 is more than the {available_cpus()} CPU(s)", f"--workers {available_cpus()} or fewer")
 
 
@@ -448,13 +417,13 @@ def test_an_image_size_too_large_to_decode_is_refused_naming_it(tmp_path):
         (tmp_path / "f" / split).mkdir(parents=True)
         for i in range(2):
             Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "f" / split / f"{i}.png")
-    refused(tmp_path, ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "f", "--workers", "0", "--image-size",
+    assert_refused(tmp_path, ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "f", "--workers", "0", "--image-size",
                        "100000", "--out", "r"], "--image-size 100000 is too large", f"the largest is {MAX_IMAGE_SIDE}")
     for split in ("train/a", "train/b"):
         (tmp_path / "g" / split).mkdir(parents=True)
         for i in range(2):
             Image.new("L", (MAX_IMAGE_SIDE + 1, 4)).save(tmp_path / "g" / split / f"{i}.png")
-    refused(tmp_path, ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "g", "--workers", "0", "--out", "r"],
+    assert_refused(tmp_path, ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "g", "--workers", "0", "--out", "r"],
             f"are {MAX_IMAGE_SIDE + 1}x4, larger than {MAX_IMAGE_SIDE} on a side", "pass --image-size")
 
 
@@ -479,16 +448,16 @@ def test_memory_mode_beyond_the_memory_available_is_refused():
     (["analyze", "run", "-o", "run/best.pt", "--force"], "the best.pt of the run folder"),
 ])
 def test_outputs_never_replace_a_runs_own_files_even_with_force(tmp_path, run, args, named):
-    refused(tmp_path, args, named, "not even with --force")
+    assert_refused(tmp_path, args, named, "not even with --force")
 
 
 def test_export_never_writes_onto_its_input_file(tmp_path, run):
     shutil.copy(run / "best.pt", tmp_path / "model.pt")
-    refused(tmp_path, ["export", "model.pt", "-o", "model.pt", "--force"], "is the file this command reads")
+    assert_refused(tmp_path, ["export", "model.pt", "-o", "model.pt", "--force"], "is the file this command reads")
     os.symlink(tmp_path / "model.pt", tmp_path / "link.pt")
-    refused(tmp_path, ["export", "model.pt", "-o", "link.pt", "--force"], "is the file this command reads")
-    refused(tmp_path, ["eval", "model.pt", "--attack", "clean", "--json", "model.pt", "--force"], "is the file this command reads")
-    ok = invoke(tmp_path, ["export", "run", "-o", "exports/"])
+    assert_refused(tmp_path, ["export", "model.pt", "-o", "link.pt", "--force"], "is the file this command reads")
+    assert_refused(tmp_path, ["eval", "model.pt", "--attack", "clean", "--json", "model.pt", "--force"], "is the file this command reads")
+    ok = invoke_in(tmp_path, ["export", "run", "-o", "exports/"])
     assert ok.exit_code == 0 and (tmp_path / "exports" / "run-adv.pt").is_file(), ok.output
 
 
@@ -506,17 +475,17 @@ def test_a_run_that_fails_in_its_first_epoch_leaves_nothing_that_blocks_its_reru
     _image_folder_with_a_truncated_image(tmp_path / "f")
     args = ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "f", "--data-mode", "stream", "--workers", "0",
             "--batch-size", "4", "--val-split", "0", "--out", "r"]
-    first = refused(tmp_path, args, "cannot read image", "3.png")
+    first = assert_refused(tmp_path, args, "cannot read image", "3.png")
     assert not (tmp_path / "r").exists()
-    assert refused(tmp_path, args, "cannot read image") == first  # the same error, not "already exists"
+    assert assert_refused(tmp_path, args, "cannot read image") == first  # the same error, not "already exists"
 
 
 def test_a_forced_replace_that_fails_in_its_first_epoch_keeps_the_run_it_replaced(tmp_path, run):
     _image_folder_with_a_truncated_image(tmp_path / "f")
-    before = tree(run)
-    refused(tmp_path, ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "f", "--data-mode", "stream", "--workers",
+    before = snapshot(run)
+    assert_refused(tmp_path, ["train", *TINY, "--dataset", "imagefolder", "--data-dir", "f", "--data-mode", "stream", "--workers",
                        "0", "--batch-size", "4", "--val-split", "0", "--out", "run", "--force"], "cannot read image")
-    assert tree(run) == before  # config.json, metrics.jsonl, last.pt, best.pt: byte for byte
+    assert snapshot(run) == before  # config.json, metrics.jsonl, last.pt, best.pt: byte for byte
 
 
 def test_a_forced_replace_drops_the_old_run_once_its_first_epoch_is_saved(tmp_path, run, fmnist):
@@ -532,7 +501,7 @@ def test_a_forced_replace_drops_the_old_run_once_its_first_epoch_is_saved(tmp_pa
 
 @pytest.mark.parametrize("value", [",", " , ", ",,"])
 def test_a_list_of_only_commas_is_empty(tmp_path, value):
-    refused(tmp_path, ["train", "--milestones", value], "milestones", "empty (only commas)")
-    refused(tmp_path, ["train", "--method", "trades", "--method-options", value], "method-options", "empty")
+    assert_refused(tmp_path, ["train", "--milestones", value], "milestones", "empty (only commas)")
+    assert_refused(tmp_path, ["train", "--method", "trades", "--method-options", value], "method-options", "empty")
     (tmp_path / "c.toml").write_text(f'milestones = "{value}"\n')
-    refused(tmp_path, ["train", "--config", "c.toml"], "milestones", "empty")
+    assert_refused(tmp_path, ["train", "--config", "c.toml"], "milestones", "empty")
