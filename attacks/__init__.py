@@ -11,6 +11,7 @@ from .pgd import (
     ce_loss,
     cw_margin_loss,
     fgsm_rs,
+    fp32_predictions,
     gaussian_start,
     get_threat,
     kl_loss_from,
@@ -21,5 +22,5 @@ from .pgd import (
 
 __all__ = [
     "L2Ball", "LinfBall", "THREATS", "ce_loss", "cw_margin_loss", "fgsm_rs", "gaussian_start", "get_threat",
-    "kl_loss_from", "nfgsm", "pgd", "pgd_restarts",
+    "fp32_predictions", "kl_loss_from", "nfgsm", "pgd", "pgd_restarts",
 ]

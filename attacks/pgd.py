@@ -188,21 +188,27 @@ def nfgsm(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, noise: flo
     return (x_start.detach() + alpha * grad.sign()).clamp(0, 1)
 
 
+@torch.no_grad()
+def fp32_predictions(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """The model's predicted classes from an fp32 forward, autocast off: the verdict on an
+    adversarial example, whatever precision the attack searched it in."""
+    with torch.autocast(x.device.type, enabled=False):
+        return model(x.float()).argmax(1)
+
+
 def pgd_restarts(
     model: Model, x: torch.Tensor, y: torch.Tensor, restarts: int = 1, **kwargs
 ) -> torch.Tensor:
-    """PGD run ``restarts`` times; each example keeps the first restart that fools the model."""
+    """PGD run ``restarts`` times; each example keeps the first restart that fools the model (in fp32)."""
     best = pgd(model, x, y, **kwargs)
     if restarts <= 1:
         return best
-    with torch.no_grad():
-        fooled = model(best).argmax(1) != y
+    fooled = fp32_predictions(model, best) != y
     for _ in range(restarts - 1):
         if bool(fooled.all()):
             break
         candidate = pgd(model, x, y, **kwargs)
-        with torch.no_grad():
-            now_fooled = model(candidate).argmax(1) != y
+        now_fooled = fp32_predictions(model, candidate) != y
         take = now_fooled & ~fooled
         best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), candidate, best)
         fooled |= now_fooled

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torchattacks
 
-from .pgd import get_threat, pgd, pgd_restarts
+from .pgd import fp32_predictions, get_threat, pgd, pgd_restarts
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -155,15 +155,13 @@ def _autoattack(model: nn.Module, eps: float, threat: str, restarts: int, querie
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = x.detach().clone()
-        with torch.no_grad():
-            alive = model(x).argmax(1) == y
+        alive = fp32_predictions(model, x) == y
         for attack in attacks:
             idx = alive.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
             candidate = attack(x[idx], y[idx])
-            with torch.no_grad():
-                fooled = model(candidate).argmax(1) != y[idx]
+            fooled = fp32_predictions(model, candidate) != y[idx]  # a stage's verdict is fp32 whatever it searched in
             x_adv[idx[fooled]] = candidate[fooled]
             alive[idx[fooled]] = False
         return x_adv

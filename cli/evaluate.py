@@ -12,6 +12,7 @@ import click
 from robust.attacks.registry import PerturbationError
 from robust.checkpoint import model_from, read_checkpoint
 from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
+from robust.eval.accuracy import ATTACK_PRECISIONS
 from robust.eval.evaluation import check_attack_names, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
@@ -66,6 +67,10 @@ def print_checks(checks) -> None:
 @click.option("--per-example", "per_example", default=None,
               help="also write one JSON line per route and image (index, label, prediction, the first attack that broke it "
                    "or 'clean' or null, robust) to this file, to compare two evaluations image by image")
+@click.option("--attack-precision", "attack_precision", type=click.Choice(list(ATTACK_PRECISIONS)), default="auto",
+              show_default=True,
+              help="precision of the attacks' iterations: bf16 (autocast) or fp32; auto is bf16 on CUDA and on CPUs with "
+                   "AMX, as training. Every adversarial example is checked again in fp32 before it counts as broken")
 @click.option("--threat", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="threat model")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N test examples only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
@@ -83,7 +88,8 @@ def print_checks(checks) -> None:
 def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str,
                      limit: int | None, batch_size: int, device: str, seed: int, restarts: int, queries: int,
                      data_dir: str | None, sanity: bool, eps_sweep: str | None, plot: str | None,
-                     json_path: str | None, force: bool, quiet: bool, weights: str | None, per_example: str | None) -> None:
+                     json_path: str | None, force: bool, quiet: bool, weights: str | None, per_example: str | None,
+                     attack_precision: str) -> None:
     """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
 
     Without CHECKPOINT, the newest run folder under ./runs is scored (and named).
@@ -108,7 +114,8 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
         click.echo(f"no CHECKPOINT given: evaluating the newest run, {checkpoint}", err=True)
     try:
         run_eval(checkpoint, attacks, eps, route, threat, limit, batch_size, device, seed, restarts, queries,
-                 data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights, per_example=per_example)
+                 data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights, per_example=per_example,
+                 attack_precision=attack_precision)
     except PerturbationError as exc:
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
 
@@ -116,7 +123,8 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
 def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str, limit: int | None,
              batch_size: int, device: str, seed: int, restarts: int, queries: int, data_dir: str | None,
              sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
-             quiet: bool, weights: str | None = None, per_example: str | None = None) -> None:
+             quiet: bool, weights: str | None = None, per_example: str | None = None,
+             attack_precision: str = "auto") -> None:
     """The body of `robust eval` (see its help)."""
 
     if plot is not None and eps_sweep is None:
@@ -145,14 +153,16 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     model = model_from(state, weights=weights)
     test = load_test_split(state, data_dir, limit)
     options = dict(route=route, batch_size=batch_size, limit=limit, device=device, seed=seed, threat=threat,
-                   restarts=restarts, queries=queries, progress=not quiet and sys.stderr.isatty())
+                   restarts=restarts, queries=queries, progress=not quiet and sys.stderr.isatty(),
+                   attack_precision=attack_precision)
 
     result = evaluate(model, test, attacks=names, eps=eps_value, per_example=examples_file is not None, **options)
     examples = result.pop("per_example", None)
     args = model.build_args
     width = f", width {args['width']}" if args.get("width") else ""
     click.echo(f"{scored}: {args['arch']} ({args['norm']}{width}), {state['dataset']} test, "
-               f"{result['n']} examples, {describe_eps(eps_value, threat)}, seed {seed}")
+               f"{result['n']} examples, {describe_eps(eps_value, threat)}, seed {seed}, "
+               f"attacks in {result['attack_precision']} (verdicts in fp32)")
     click.echo(format_table(result))
     click.echo(f"{result['seconds']:.1f} s")
     report: dict[str, Any] = {"checkpoint": str(scored), "dataset": state["dataset"], "model": args, **result}

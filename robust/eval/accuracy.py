@@ -4,6 +4,11 @@ An example is robust when the model is right on the clean input **and** right on
 adversarial example (the AutoAttack / RobustBench convention). Examples already wrong on the
 clean input are not attacked: they count as non-robust whatever an attack would return, so a
 weak attack can never make robust accuracy exceed clean accuracy.
+
+Both verdicts (clean and adversarial) are fp32 forwards, without autocast, whatever precision the
+attack's own iterations ran in: an attack may search in bf16, but an example counts as broken only
+when its adversarial input is misclassified in fp32, so a robust accuracy never rests on bf16
+arithmetic.
 """
 
 from __future__ import annotations
@@ -13,23 +18,45 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from robust.attacks.pgd import fp32_predictions
+from robust.errors import ConfigError
+from robust.runtime import autocast, autocast_dtype
+
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ATTACK_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def attack_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of attack iterations for ``precision`` (None: fp32).
+
+    ``auto`` follows training's rule: bf16 on CUDA (where supported) and on CPUs with AMX, fp32
+    elsewhere; never fp16, whose range loses a confident example's gradient.
+    """
+    if precision not in ATTACK_PRECISIONS:
+        raise ConfigError(f"unknown attack precision {precision!r}; use {', '.join(ATTACK_PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    dtype = autocast_dtype("auto", device)
+    return dtype if dtype == torch.bfloat16 else None
 
 
 def correct_under_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,
-                         clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example boolean masks ``(clean correct, robust)`` of one batch.
+                         clean: torch.Tensor | None = None,
+                         dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example boolean masks ``(clean correct, robust)`` of one batch, both judged in fp32.
 
-    ``attack(x, y) -> x_adv`` sees only the clean-correct examples; pass ``clean`` (the clean
-    mask) when it is already known, to skip the clean forward.
+    ``attack(x, y) -> x_adv`` sees only the clean-correct examples and runs under autocast to
+    ``dtype`` when given (else in the caller's precision); pass ``clean`` (the clean mask) when it
+    is already known, to skip the clean forward.
     """
     if clean is None:
-        with torch.no_grad():
-            clean = model(x).argmax(1) == y
+        clean = fp32_predictions(model, x) == y
     robust = clean.clone()
     idx = clean.nonzero().squeeze(1)
     if len(idx):
-        x_adv = attack(x[idx], y[idx])
-        with torch.no_grad():
-            robust[idx] = model(x_adv).argmax(1) == y[idx]
+        with autocast(x.device, dtype):
+            x_adv = attack(x[idx], y[idx])
+        robust[idx] = fp32_predictions(model, x_adv) == y[idx]
     return clean, robust

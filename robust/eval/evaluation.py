@@ -23,9 +23,9 @@ from robust.data.load import load_dataset
 from robust.data.loader import to_float
 from robust.data.types import CUSTOM_DATASETS, ImageData
 from robust.errors import ConfigError, DataError
-from robust.eval.accuracy import correct_under_attack
+from robust.eval.accuracy import attack_dtype, correct_under_attack
 from robust.nn.norms import bn_mode, routes_for, use_route
-from robust.runtime import resolve_device, versions
+from robust.runtime import precision_name, resolve_device, versions
 from robust.threat import resolve_eps
 
 
@@ -115,7 +115,7 @@ def _checked(attack, eps: float, threat: str):
 
 def _score_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Sequence[str],
                  eps: float, threat: str, settings: dict[str, Any], batch_size: int, device: torch.device,
-                 seed: int, bar) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, list]]:
+                 seed: int, bar, dtype: torch.dtype | None = None) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, list]]:
     """Clean, per-attack and worst-case accuracy (%) of one route, attacked through that route, and per
     example its clean prediction, the first attack (in the given order) that broke it and whether it
     survived every attack."""
@@ -134,7 +134,8 @@ def _score_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Sequ
             worst = alive.clone()
             broken_by = [None if ok else "clean" for ok in alive.tolist()]
             for attack in attacks:
-                _, robust = correct_under_attack(model, xb, yb, _checked(attack, eps, threat), clean=alive)
+                _, robust = correct_under_attack(model, xb, yb, _checked(attack, eps, threat), clean=alive,
+                                                 dtype=dtype)
                 correct[attack.name] += int(robust.sum())
                 for j in (worst & ~robust).nonzero().squeeze(1).tolist():
                     broken_by[j] = attack.name
@@ -152,7 +153,8 @@ def _score_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Sequ
 def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20",), eps: float | str | None = None,
              route: str | None = None, batch_size: int = 256, limit: int | None = None,
              device: str | torch.device | None = None, seed: int = 0, threat: str = "linf", restarts: int = 1,
-             queries: int = 5000, progress: bool = False, per_example: bool = False) -> dict[str, Any]:
+             queries: int = 5000, progress: bool = False, per_example: bool = False,
+             attack_precision: str = "auto") -> dict[str, Any]:
     """Clean and robust accuracy (%) of every route of ``model`` under each attack.
 
     ``data`` is ``(x, y)`` with x uint8 or float in [0, 1] of shape (N, C, H, W) (an ImageData
@@ -162,6 +164,9 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     ``per_example``, also ``"per_example": {route: {"prediction", "broken_by", "robust"}}``, a list
     each in the examples' order (``broken_by``: "clean" when misclassified, else the first attack
     that fooled it, None when it survived every attack).
+    ``attack_precision`` (auto, fp32, bf16) is the precision of the attacks' iterations (auto: bf16
+    on CUDA and on CPUs with AMX); every verdict, clean and adversarial, is an fp32 forward
+    (:func:`robust.eval.accuracy.correct_under_attack`), recorded as ``"attack_precision"``.
     The model is moved to ``device``; its train/eval modes are restored afterwards.
     """
     if eps is None:
@@ -175,16 +180,18 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     routes = routes_for(model, route)
     device = resolve_device("auto" if device is None else str(device))
     model.to(device)
+    dtype = attack_dtype(attack_precision, device)
     settings = {"restarts": restarts, "queries": queries}
     start = time.perf_counter()
-    result: dict[str, Any] = {"n": len(y), "eps": eps, "threat": threat, "seed": seed, "attacks": {}, "routes": {}}
+    result: dict[str, Any] = {"n": len(y), "eps": eps, "threat": threat, "seed": seed,
+                              "attack_precision": precision_name(dtype), "attacks": {}, "routes": {}}
     bar = _progress_bar(len(routes) * math.ceil(len(y) / batch_size), progress)
     try:
         with bn_mode(model, False), torch.autocast(device.type, enabled=False):  # eval mode, fp32
             for r in routes:
                 with use_route(model, r):
                     accuracy, params, examples = _score_route(model, x, y, names, eps, threat, settings, batch_size,
-                                                              device, seed, bar)
+                                                              device, seed, bar, dtype)
                 result["routes"][r] = accuracy
                 if per_example:
                     result.setdefault("per_example", {})[r] = examples

@@ -42,7 +42,7 @@ from robust.errors import CheckpointError, ConfigError, NonFiniteLoss, TrainingI
 from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
 from robust.outputs import check_output_dir
-from robust.runtime import autocast, autocast_dtype, configure_kernels, precision_name
+from robust.runtime import autocast_dtype, configure_kernels, precision_name
 from robust.train import distributed as dist_
 from robust.train.build import build_training
 from robust.train.co_guard import COGuard
@@ -76,9 +76,8 @@ def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rou
         for i in range(0, len(y), batch_size):
             xb = to_float(x[i:i + batch_size].to(device), channels_last)
             yb = y[i:i + batch_size].to(device)
-            with autocast(device, amp):
-                clean, robust = correct_under_attack(
-                    model, xb, yb, lambda xa, ya: pgd(model, xa, ya, eps, alpha, steps, random_start=True))
+            clean, robust = correct_under_attack(  # PGD iterations in amp, both verdicts in fp32
+                model, xb, yb, lambda xa, ya: pgd(model, xa, ya, eps, alpha, steps, random_start=True), dtype=amp)
             counts[0] += clean.sum()
             counts[1] += robust.sum()
     return counts
