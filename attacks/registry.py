@@ -13,6 +13,7 @@ Every attack's output should lie in the eps ball around x and in [0, 1];
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,6 +50,7 @@ class Attack:
     name: str
     run: AttackFn
     params: dict[str, Any] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # an ensemble's seconds per stage, summed over calls
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.run(x, y)
@@ -156,19 +158,22 @@ def _autoattack(model: nn.Module, eps: float, threat: str, restarts: int, querie
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = x.detach().clone()
         alive = fp32_predictions(model, x) == y
-        for attack in attacks:
+        for part, attack in zip(parts, attacks):
             idx = alive.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
+            start = time.perf_counter()
             candidate = attack(x[idx], y[idx])
             fooled = fp32_predictions(model, candidate) != y[idx]  # a stage's verdict is fp32 whatever it searched in
             x_adv[idx[fooled]] = candidate[fooled]
             alive[idx[fooled]] = False
+            ensemble.stage_seconds[part] = ensemble.stage_seconds.get(part, 0.0) + time.perf_counter() - start
         return x_adv
 
     params = {"source": "torchattacks", "version": "standard", "parts": list(parts), "restarts": restarts,
               "seed": seed, "steps": APGD_STEPS, "queries": queries, "target_classes": num_classes - 1}
-    return Attack("", run, params)
+    ensemble = Attack("", run, params)
+    return ensemble
 
 
 def build_attack(name: str, model: nn.Module, eps: float, threat: str = "linf", restarts: int = 1,

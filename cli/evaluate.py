@@ -71,6 +71,17 @@ def print_checks(checks) -> None:
               show_default=True,
               help="precision of the attacks' iterations: bf16 (autocast) or fp32; auto is bf16 on CUDA and on CPUs with "
                    "AMX, as training. Every adversarial example is checked again in fp32 before it counts as broken")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="split the images across this many processes (whole batches each); the verdicts equal one process's, "
+                   "example for example, since each attack on each batch has its own seed")
+@click.option("--threads", type=int, default=None,
+              help="torch threads per process  [default: the CPUs available divided by --jobs]")
+@click.option("--state", "state_path", default=None,
+              help="write each batch's verdicts to this file after every attack on it (atomically), so an interrupted "
+                   "evaluation can be finished with --resume; an existing file is kept unless --resume or --force")
+@click.option("--resume", is_flag=True,
+              help="finish the evaluation whose --state file is given, running only what it lacks (refused when the "
+                   "model, images, eps, attacks or settings differ)")
 @click.option("--threat", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="threat model")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N test examples only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
@@ -89,7 +100,8 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
                      limit: int | None, batch_size: int, device: str, seed: int, restarts: int, queries: int,
                      data_dir: str | None, sanity: bool, eps_sweep: str | None, plot: str | None,
                      json_path: str | None, force: bool, quiet: bool, weights: str | None, per_example: str | None,
-                     attack_precision: str) -> None:
+                     attack_precision: str, jobs: int, threads: int | None, state_path: str | None,
+                     resume: bool) -> None:
     """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
 
     Without CHECKPOINT, the newest run folder under ./runs is scored (and named).
@@ -115,7 +127,7 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
     try:
         run_eval(checkpoint, attacks, eps, route, threat, limit, batch_size, device, seed, restarts, queries,
                  data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights, per_example=per_example,
-                 attack_precision=attack_precision)
+                 attack_precision=attack_precision, jobs=jobs, threads=threads, state_file=state_path, resume=resume)
     except PerturbationError as exc:
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
 
@@ -124,8 +136,16 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
              batch_size: int, device: str, seed: int, restarts: int, queries: int, data_dir: str | None,
              sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
              quiet: bool, weights: str | None = None, per_example: str | None = None,
-             attack_precision: str = "auto") -> None:
+             attack_precision: str = "auto", jobs: int = 1, threads: int | None = None, state_file: str | None = None,
+             resume: bool = False) -> None:
     """The body of `robust eval` (see its help)."""
+
+    if jobs < 1:
+        raise BadInput(f"--jobs must be >= 1, got {jobs}")
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads must be >= 1, got {threads}")
+    if resume and state_file is None:
+        raise BadInput("--resume needs --state FILE, the state file of the evaluation to finish")
 
     if plot is not None and eps_sweep is None:
         raise BadInput("--plot needs --eps-sweep, e.g. --eps-sweep 0,2/255,4/255,8/255 --plot curve.png")
@@ -137,6 +157,8 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
         resolve_eps(eps, threat)
     sweep_values = parse_eps_list(eps_sweep, threat) if eps_sweep is not None else None
     scored = model_file(checkpoint)
+    if state_file is not None:  # never the checkpoint, a run's file or another output
+        check_state_file(state_file, resume, force, inputs=(scored, json_file, plot_file, examples_file))
     for target, flag in ((json_file, "--json"), (plot_file, "--plot"), (examples_file, "--per-example")):  # the checkpoint it reads, even outside a run
         if target is not None:
             check_output_file(target, flag, force, inputs=(scored,))
@@ -154,9 +176,10 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     test = load_test_split(state, data_dir, limit)
     options = dict(route=route, batch_size=batch_size, limit=limit, device=device, seed=seed, threat=threat,
                    restarts=restarts, queries=queries, progress=not quiet and sys.stderr.isatty(),
-                   attack_precision=attack_precision)
+                   attack_precision=attack_precision, jobs=jobs, threads=threads)
 
-    result = evaluate(model, test, attacks=names, eps=eps_value, per_example=examples_file is not None, **options)
+    result = evaluate(model, test, attacks=names, eps=eps_value, per_example=examples_file is not None,
+                      state=state_file, resume=resume, force=force, **options)
     examples = result.pop("per_example", None)
     args = model.build_args
     width = f", width {args['width']}" if args.get("width") else ""
@@ -164,7 +187,8 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
                f"{result['n']} examples, {describe_eps(eps_value, threat)}, seed {seed}, "
                f"attacks in {result['attack_precision']} (verdicts in fp32)")
     click.echo(format_table(result))
-    click.echo(f"{result['seconds']:.1f} s")
+    click.echo(f"{result['seconds']:.1f} s ({result['jobs']} process(es) of {result['threads']} thread(s)); per attack: "
+               + ", ".join(f"{k} {v:.1f} s" for k, v in result["attack_seconds"].items()))
     report: dict[str, Any] = {"checkpoint": str(scored), "dataset": state["dataset"], "model": args, **result}
 
     checks = []
@@ -189,6 +213,18 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     if examples_file:
         write_output(examples_file, per_example_lines(examples, test[1]), overwrite=force)
         click.echo(f"wrote {examples_file}")
+
+
+def check_state_file(path: str, resume: bool, force: bool, inputs: tuple) -> None:
+    """Refuse a --state path before any work: unwritable, a file this command reads or writes, an existing
+    file without --resume or --force (an unfinished evaluation's work), a missing one with --resume."""
+    exists = Path(path).is_file()
+    if exists and not (resume or force):
+        raise BadInput(f"{path} already exists; pass --resume to finish that evaluation, --force to start it again, "
+                       "or choose another --state")
+    if resume and not exists:
+        raise BadInput(f"--resume: the state file {path} does not exist; run without --resume to start one")
+    check_output_file(path, "--state", True, inputs=tuple(i for i in inputs if i is not None))
 
 
 def per_example_lines(examples: dict[str, dict[str, list]], labels) -> str:

@@ -3,17 +3,31 @@ fp32, several processes, a resumable state file. Tiny models, a few dozen real i
 
 from __future__ import annotations
 
+import copy
+import errno
+import importlib
+import json
+import os
+import re
+
 import pytest
 import torch
+from helpers import assert_refused, invoke_in
+from robust.attacks.pgd import pgd
+from robust.attacks.registry import Attack, build_attack
 
 import robust
-from robust.attacks.pgd import pgd
-from robust.attacks.registry import build_attack
+import robust.outputs
+from robust.checkpoint import build_checkpoint, save_checkpoint
 from robust.data.loader import to_float
 from robust.eval.accuracy import attack_dtype, correct_under_attack
 from robust.eval.evaluation import evaluate
+from robust.eval.jobs import batch_seed
 from robust.train.step import StepSettings, train_step
 
+# robust/__init__ exports the function evaluate, which hides the module of the same name.
+evaluation = importlib.import_module("robust.eval.evaluation")
+BUILD_ATTACKS = evaluation.build_attacks
 EPS = 0.1
 WIDTH = 4
 
@@ -112,9 +126,9 @@ def test_fp32_attacks_give_the_hand_computed_verdicts_exactly(model, images):
     xf = to_float(x)
     with torch.no_grad():
         clean = model(xf).argmax(1) == y
-    torch.manual_seed(0)
     worst = clean.clone()
-    for name in names:
+    for k, name in enumerate(names):
+        torch.manual_seed(batch_seed(0, 0, k))  # each attack on each batch starts from its own seed
         attack = build_attack(name, model, EPS, seed=0)
         x_adv = attack(xf[clean], y[clean])
         with torch.no_grad():
@@ -123,3 +137,162 @@ def test_fp32_attacks_give_the_hand_computed_verdicts_exactly(model, images):
         assert result["routes"]["adv"][name] == 100.0 * robust.sum().item() / len(y)
         worst &= robust
     assert result["per_example"]["adv"]["robust"] == worst.tolist()
+
+
+# ---- several processes ----------------------------------------------------------------------------
+
+
+def test_two_processes_give_one_process_verdicts_example_for_example(model, images):
+    kwargs = dict(attacks=["fgsm", "pgd3", "apgd-ce"], eps=EPS, batch_size=8, per_example=True,
+                  attack_precision="fp32", threads=1)
+    one = evaluate(model, images, **kwargs)
+    two = evaluate(model, images, jobs=2, **kwargs)
+    assert (one["jobs"], two["jobs"], two["threads"]) == (1, 2, 1)
+    assert two["per_example"] == one["per_example"] and two["routes"] == one["routes"]
+    assert 0 < one["routes"]["adv"]["worst_case"] < one["routes"]["adv"]["clean"]  # something to compare
+    assert set(two["attack_seconds"]) == {"clean", "fgsm", "pgd3", "apgd-ce"}
+    assert all(s > 0 for s in two["attack_seconds"].values())
+
+
+def test_jobs_are_split_into_whole_batches_and_checked():
+    from robust.eval.evaluation import plan_jobs
+    from robust.eval.jobs import split
+
+    assert split(list(range(5)), 2) == [[0, 1, 2], [3, 4]] and split([0], 3) == [[0], [], []]
+    assert plan_jobs(4, None, 64, 2) == (2, max(1, robust.runtime.available_cpus() // 4))  # one process per batch at most
+    assert plan_jobs(2, 3, 64, 8) == (2, 3)
+    for jobs, threads, problem in ((0, None, ">= 1"), (65, None, "more than the 64 images"), (2, 0, "--threads")):
+        with pytest.raises(robust.errors.ConfigError, match=problem):
+            plan_jobs(jobs, threads, 64, 8)
+
+
+# ---- a resumable state file -----------------------------------------------------------------------
+
+
+def _counting(monkeypatch, calls: dict, stop_at: tuple[str, int] | None = None):
+    """Make evaluate's attacks count their calls per name; with ``stop_at`` (name, n), the n-th call of
+    that attack is a Ctrl-C."""
+    def counted(model, **kwargs):
+        attacks = BUILD_ATTACKS(model, **kwargs)
+
+        def wrap(attack):
+            def run(x, y):
+                calls[attack.name] = calls.get(attack.name, 0) + 1
+                if stop_at is not None and (attack.name, calls[attack.name]) == stop_at:
+                    raise KeyboardInterrupt
+                return attack.run(x, y)
+            return Attack(attack.name, run, attack.params)
+
+        return [wrap(a) for a in attacks]
+
+    monkeypatch.setattr(evaluation, "build_attacks", counted)
+
+
+def test_an_interrupted_evaluation_resumes_without_repeating_work_to_the_same_result(model, images, tmp_path,
+                                                                                    monkeypatch):
+    kwargs = dict(attacks=["fgsm", "pgd3"], eps=EPS, batch_size=8, per_example=True, attack_precision="fp32")
+    straight = evaluate(model, images, **kwargs)
+    path = tmp_path / "state.json"
+    calls: dict = {}
+    _counting(monkeypatch, calls, stop_at=("pgd3", 3))  # Ctrl-C in pgd3 on the third batch
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, images, state=path, **kwargs)
+    batches = json.loads(path.read_text())["routes"]["adv"]["batches"]
+    assert [sorted(batches[str(b)]) for b in range(3)] == [["clean", "fgsm", "pgd3"]] * 2 + [["clean", "fgsm"]]
+    assert "3" not in batches  # what was written is exactly what was done
+    calls.clear()
+    _counting(monkeypatch, calls)
+    resumed = evaluate(model, images, state=path, resume=True, **kwargs)
+    assert calls == {"fgsm": 3, "pgd3": 4}  # batches 3-5 for fgsm, 2-5 for pgd3: nothing finished is repeated
+    assert resumed["per_example"] == straight["per_example"] and resumed["routes"] == straight["routes"]
+    calls.clear()
+    again = evaluate(model, images, state=path, resume=True, **kwargs)  # a finished state: nothing to run
+    assert calls == {} and again["routes"] == straight["routes"]
+
+
+def test_a_state_of_another_evaluation_is_refused_saying_what_differs(model, images, tmp_path):
+    path = tmp_path / "state.json"
+    kwargs = dict(attacks=["fgsm"], eps=EPS, batch_size=16, attack_precision="fp32")
+    evaluate(model, images, state=path, **kwargs)
+    written = path.read_bytes()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    x, y = images
+    for call, problem in [
+        (lambda: evaluate(model, images, state=path, resume=True, **{**kwargs, "eps": 0.05}), "another eps (0.1 there, 0.05 now)"),
+        (lambda: evaluate(model, images, state=path, resume=True, **{**kwargs, "attacks": ["pgd1"]}), "another attack list"),
+        (lambda: evaluate(other, images, state=path, resume=True, **kwargs), "another model"),
+        (lambda: evaluate(model, (x.flip(0), y.flip(0)), state=path, resume=True, **kwargs), "other images"),
+        (lambda: evaluate(model, images, state=path, **kwargs), "already exists"),
+        (lambda: evaluate(model, images, resume=True, **kwargs), "--resume needs --state"),
+    ]:
+        with pytest.raises(robust.errors.ConfigError, match=re.escape(problem)):
+            call()
+        assert path.read_bytes() == written  # nothing lost
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(build_checkpoint(model, dataset="fashion-mnist", eps=EPS, method="fast"), path)
+    return path
+
+
+def test_cli_state_and_resume_give_the_same_figures(checkpoint, tmp_path):
+    args = ["eval", checkpoint, "--attack", "fgsm,pgd2", "--limit", "16", "--batch-size", "8", "--quiet",
+            "--attack-precision", "fp32"]
+    first = invoke_in(tmp_path, [*args, "--state", "s.json", "--json", "a.json"])
+    assert first.exit_code == 0, first.output
+    again = invoke_in(tmp_path, [*args, "--state", "s.json", "--resume", "--json", "b.json"])
+    assert again.exit_code == 0, again.output
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["routes"] == b["routes"] and a["attack_precision"] == "fp32"
+    assert a["attack_seconds"] == b["attack_seconds"]  # the resume ran nothing: the state's own times
+
+
+def test_cli_refuses_bad_jobs_and_state_in_one_line_and_loses_nothing(checkpoint, tmp_path, monkeypatch):
+    base = ["eval", checkpoint, "--attack", "fgsm", "--limit", "8", "--quiet"]
+    done = invoke_in(tmp_path, [*base, "--state", "s.json"])
+    assert done.exit_code == 0, done.output
+    other = tmp_path / "other.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    first = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][first] = state["model"][first] + 1e-3
+    torch.save(state, other)
+    for args, problems in [
+        (["--resume"], ["--resume needs --state"]),
+        (["--resume", "--state", "none.json"], ["none.json does not exist"]),
+        (["--jobs", "0"], ["--jobs must be >= 1"]),
+        (["--jobs", "9"], ["--jobs 9 is more than the 8 images"]),
+        (["--threads", "0"], ["--threads must be >= 1"]),
+        (["--state", "s.json"], ["s.json already exists", "--resume"]),
+        (["--state", "s.json", "--resume", "--eps", "0.05"], ["another eps"]),
+        (["--state", "s.json", "--resume", "--attack", "pgd1"], ["another attack list"]),
+        (["--state", "s.json", "--resume", "--limit", "16"], ["other images", "another number of images"]),
+        (["--state", "s.json", "--resume", "--seed", "1"], ["another seed"]),
+        (["--state", checkpoint, "--force"], ["is the file this command reads"]),
+    ]:
+        assert_refused(tmp_path, [*base, *args], *problems)
+    assert_refused(tmp_path, ["eval", other, "--attack", "fgsm", "--limit", "8", "--quiet", "--state", "s.json",
+                              "--resume"], "another model")
+    folder = next((f for f in ("/sys", "/proc") if os.path.isdir(f) and _refuses(f)), None)
+    if folder is not None:  # a real folder that refuses new files, root included
+        assert_refused(tmp_path, [*base, "--state", f"{folder}/robust-state.json"], f"cannot write to {folder}")
+
+    def read_only(*args, **kwargs):  # a read-only state folder (as root, chmod does not stop writes)
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(robust.outputs.tempfile, "mkstemp", read_only)
+    assert_refused(tmp_path, [*base, "--state", "s.json", "--resume"], "Read-only file system")
+    assert_refused(tmp_path, [*base, "--state", "new.json"], "Read-only file system")
+
+
+def _refuses(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, ".robust-test-probe"), "w"):
+            pass
+    except OSError:
+        return True
+    os.unlink(os.path.join(folder, ".robust-test-probe"))
+    return False

@@ -9,23 +9,28 @@ is misclassified clean counts as non-robust under every attack.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
 import sys
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from robust.attacks.registry import build_attack, check_perturbation, parse_attack_name
+from robust.attacks.registry import Attack, build_attack, parse_attack_name
 from robust.data.load import load_dataset
-from robust.data.loader import to_float
 from robust.data.types import CUSTOM_DATASETS, ImageData
 from robust.errors import ConfigError, DataError
-from robust.eval.accuracy import attack_dtype, correct_under_attack
-from robust.nn.norms import bn_mode, routes_for, use_route
-from robust.runtime import precision_name, resolve_device, versions
+from robust.eval.accuracy import attack_dtype
+from robust.eval.jobs import run_processes, score_units
+from robust.eval.state import EvalState, fingerprint, open_state
+from robust.nn.norms import routes_for
+from robust.runtime import available_cpus, precision_name, resolve_device, versions
 from robust.threat import resolve_eps
 
 
@@ -95,78 +100,104 @@ def check_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
                             f"(0..{int(classes) - 1}); evaluate on data with the checkpoint's classes (--data-dir)")
 
 
-def to_model_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x.to(device)
-    return to_float(x) if x.dtype == torch.uint8 else x.float()
-
-
 def num_classes_of(model: nn.Module) -> int:
     return int((getattr(model, "build_args", None) or {}).get("num_classes", 10))
 
 
-def _checked(attack, eps: float, threat: str):
-    """``attack`` that also verifies its examples lie in the eps ball and in [0, 1]."""
-    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_adv = attack(x, y)
-        check_perturbation(x, x_adv, eps, threat, name=attack.name)
-        return x_adv
-    return run
+def build_attacks(model: nn.Module, names: Sequence[str], eps: float, threat: str, seed: int,
+                  settings: dict[str, Any]) -> list[Attack]:
+    """The attacks called ``names`` ("clean" is no attack) against ``model``, in the given order."""
+    return [build_attack(n, model, eps, threat=threat, seed=seed, num_classes=num_classes_of(model), **settings)
+            for n in names if n != "clean"]
 
 
-def _score_route(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Sequence[str],
-                 eps: float, threat: str, settings: dict[str, Any], batch_size: int, device: torch.device,
-                 seed: int, bar, dtype: torch.dtype | None = None) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, list]]:
-    """Clean, per-attack and worst-case accuracy (%) of one route, attacked through that route, and per
-    example its clean prediction, the first attack (in the given order) that broke it and whether it
-    survived every attack."""
-    attacks = [build_attack(n, model, eps, threat=threat, seed=seed, num_classes=num_classes_of(model), **settings)
-               for n in names if n != "clean"]
-    correct = {"clean": 0, **{a.name: 0 for a in attacks}, "worst_case": 0}
+def tally(state: EvalState, route: str, names: Sequence[str], y: torch.Tensor,
+          batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
+    """Clean, per-attack and worst-case accuracy (%) of one route from its batches' verdicts, and per example
+    its clean prediction, the first attack (in the given order) that broke it and whether it survived them all."""
+    labels = y.tolist()
+    n = len(labels)
     examples: dict[str, list] = {"prediction": [], "broken_by": [], "robust": []}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for i in range(0, len(y), batch_size):
-            xb, yb = to_model_input(x[i:i + batch_size], device), y[i:i + batch_size].to(device)
-            with torch.no_grad():
-                prediction = model(xb).argmax(1)
-            alive = prediction == yb
-            correct["clean"] += int(alive.sum())
-            worst = alive.clone()
-            broken_by = [None if ok else "clean" for ok in alive.tolist()]
-            for attack in attacks:
-                _, robust = correct_under_attack(model, xb, yb, _checked(attack, eps, threat), clean=alive,
-                                                 dtype=dtype)
-                correct[attack.name] += int(robust.sum())
-                for j in (worst & ~robust).nonzero().squeeze(1).tolist():
-                    broken_by[j] = attack.name
-                worst &= robust
-            correct["worst_case"] += int(worst.sum())
-            examples["prediction"] += prediction.tolist()
-            examples["broken_by"] += broken_by
-            examples["robust"] += worst.tolist()
-            if bar is not None:
-                bar.update(1)
-    n = len(y)
-    return {k: 100.0 * v / n for k, v in correct.items()}, {a.name: a.params for a in attacks}, examples
+    correct = {"clean": 0, **dict.fromkeys(names, 0), "worst_case": 0}
+    for b in range(math.ceil(n / batch_size)):
+        done = state.done(route, b)
+        for j, prediction in enumerate(done["clean"]):
+            ok = prediction == labels[b * batch_size + j]
+            correct["clean"] += ok
+            broken_by = None if ok else "clean"
+            for name in names:
+                survived = bool(done[name][j])
+                correct[name] += survived
+                if broken_by is None and not survived:
+                    broken_by = name
+            correct["worst_case"] += broken_by is None
+            examples["prediction"].append(prediction)
+            examples["broken_by"].append(broken_by)
+            examples["robust"].append(broken_by is None)
+    return {k: 100.0 * v / n for k, v in correct.items()}, examples
+
+
+def plan_jobs(jobs: int, threads: int | None, n: int, batches: int) -> tuple[int, int]:
+    """(processes, torch threads each): ``jobs`` (at most one per batch) of CPUs/jobs threads unless ``threads``;
+    one process keeps torch's thread count unless ``threads``."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > n:
+        raise ConfigError(f"--jobs {jobs} is more than the {n} images to evaluate; use at most --jobs {n}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    processes = min(jobs, batches)
+    if threads is None:  # one process keeps torch's setting (its default is the CPU count)
+        threads = torch.get_num_threads() if jobs == 1 else max(1, available_cpus() // jobs)
+    return processes, threads
+
+
+class Bars:
+    """A tqdm bar per attack (and the clean pass) on a terminal: images done, and how many are still robust."""
+
+    def __init__(self, keys: Sequence[str], total: int, enabled: bool) -> None:
+        self.bars = {}
+        if enabled and sys.stderr.isatty():
+            self.bars = {k: tqdm(total=total, desc=k, unit="img", position=i, leave=False, dynamic_ncols=True)
+                         for i, k in enumerate(keys)}
+        self.robust = dict.fromkeys(keys, 0)
+
+    def update(self, key: str, verdicts: list, correct: int) -> None:
+        if key in self.bars:
+            self.robust[key] += correct
+            self.bars[key].update(len(verdicts))
+            self.bars[key].set_postfix({"robust" if key != "clean" else "correct": self.robust[key]}, refresh=False)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20",), eps: float | str | None = None,
              route: str | None = None, batch_size: int = 256, limit: int | None = None,
              device: str | torch.device | None = None, seed: int = 0, threat: str = "linf", restarts: int = 1,
              queries: int = 5000, progress: bool = False, per_example: bool = False,
-             attack_precision: str = "auto") -> dict[str, Any]:
+             attack_precision: str = "auto", jobs: int = 1, threads: int | None = None,
+             state: str | os.PathLike[str] | None = None, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Clean and robust accuracy (%) of every route of ``model`` under each attack.
 
     ``data`` is ``(x, y)`` with x uint8 or float in [0, 1] of shape (N, C, H, W) (an ImageData
     means its test split). ``route`` None/'both' scores both routes of a dual-route model; a
-    single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attacks": {name:
-    params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "seconds", "versions"}``; with
-    ``per_example``, also ``"per_example": {route: {"prediction", "broken_by", "robust"}}``, a list
-    each in the examples' order (``broken_by``: "clean" when misclassified, else the first attack
-    that fooled it, None when it survived every attack).
+    single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attack_precision",
+    "attacks": {name: params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "jobs",
+    "threads", "attack_seconds", "seconds", "versions"}``; with ``per_example``, also
+    ``"per_example": {route: {"prediction", "broken_by", "robust"}}``, a list each in the examples'
+    order (``broken_by``: "clean" when misclassified, else the first attack that fooled it, None
+    when it survived every attack).
+
     ``attack_precision`` (auto, fp32, bf16) is the precision of the attacks' iterations (auto: bf16
     on CUDA and on CPUs with AMX); every verdict, clean and adversarial, is an fp32 forward
-    (:func:`robust.eval.accuracy.correct_under_attack`), recorded as ``"attack_precision"``.
+    (:func:`robust.eval.accuracy.correct_under_attack`). ``jobs`` splits the batches across that
+    many processes of ``threads`` torch threads each (default CPUs/jobs); each attack on each batch
+    has its own seed, so the verdicts equal one process's. ``state`` is a file the verdicts are
+    written to after each attack on each batch (an existing one is kept unless ``force``);
+    ``resume`` finishes the evaluation that file holds, refusing one of another model, other
+    images or other settings. ``attack_seconds`` sums each attack's time over batches and processes.
     The model is moved to ``device``; its train/eval modes are restored afterwards.
     """
     if eps is None:
@@ -177,39 +208,61 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
         raise ConfigError(f"batch-size, restarts and queries must be >= 1, got {batch_size}, {restarts}, {queries}")
     x, y = as_tensors(data, limit)
     check_fits(model, x, y)
-    routes = routes_for(model, route)
+    routes = list(routes_for(model, route))
+    batches = math.ceil(len(y) / batch_size)
+    processes, per_process = plan_jobs(jobs, threads, len(y), batches)
     device = resolve_device("auto" if device is None else str(device))
-    model.to(device)
     dtype = attack_dtype(attack_precision, device)
     settings = {"restarts": restarts, "queries": queries}
+    attack_names = [n for n in names if n != "clean"]
+    record = open_state(state, resume, force, {} if state is None else fingerprint(
+        model, x, y, eps=eps, threat=threat, attacks=attack_names, routes=routes, seed=seed, batch_size=batch_size,
+        restarts=restarts, queries=queries, attack_precision=precision_name(dtype)))
+    model.to(device)
     start = time.perf_counter()
-    result: dict[str, Any] = {"n": len(y), "eps": eps, "threat": threat, "seed": seed,
-                              "attack_precision": precision_name(dtype), "attacks": {}, "routes": {}}
-    bar = _progress_bar(len(routes) * math.ceil(len(y) / batch_size), progress)
+    units = [(r, b) for r in routes for b in range(batches)
+             if not all(k in record.done(r, b) for k in ("clean", *attack_names))]
+    known = {u: record.done(*u) for u in units if record.done(*u)}
+    bars = Bars(["clean", *attack_names], len(routes) * len(y), progress)
+    labels = y.tolist()
+
+    def report(r: str, b: int, key: str, verdicts: list, seconds: float, stages: dict | None = None) -> None:
+        record.add(r, b, key, verdicts, seconds, stages)
+        right = sum(p == t for p, t in zip(verdicts, labels[b * batch_size:])) if key == "clean" else sum(verdicts)
+        bars.update(key, verdicts, right)
+
+    options = {"eps": eps, "threat": threat, "batch_size": batch_size, "device": device, "seed": seed, "dtype": dtype}
+    build = functools.partial(build_attacks, names=attack_names, eps=eps, threat=threat, seed=seed, settings=settings)
     try:
-        with bn_mode(model, False), torch.autocast(device.type, enabled=False):  # eval mode, fp32
-            for r in routes:
-                with use_route(model, r):
-                    accuracy, params, examples = _score_route(model, x, y, names, eps, threat, settings, batch_size,
-                                                              device, seed, bar, dtype)
-                result["routes"][r] = accuracy
-                if per_example:
-                    result.setdefault("per_example", {})[r] = examples
-                result["attacks"].update(params)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if processes == 1:
+                with torch_threads(per_process):
+                    score_units(model, x, y, build(model), units, known, report, **options)
+            else:
+                run_processes(processes, per_process, build, model, x, y, units, known, report, options)
     finally:
-        if bar is not None:
-            bar.close()
-    result["seconds"] = time.perf_counter() - start
-    result["versions"] = versions()
+        bars.close()
+    result: dict[str, Any] = {"n": len(y), "eps": eps, "threat": threat, "seed": seed,
+                              "attack_precision": precision_name(dtype),
+                              "attacks": {a.name: a.params for a in build(model)}, "routes": {}}
+    for r in routes:
+        result["routes"][r], examples = tally(record, r, attack_names, y, batch_size)
+        if per_example:
+            result.setdefault("per_example", {})[r] = examples
+    result.update(jobs=processes, threads=per_process, attack_seconds=record.seconds(),
+                  seconds=time.perf_counter() - start, versions=versions())
     return result
 
 
-def _progress_bar(total: int, enabled: bool):
-    """A tqdm bar on a terminal only: redirected output gets the final table, not bar frames."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-
-    return tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count set to ``threads`` inside, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def eps_sweep(model: nn.Module, data: Any, eps_values: Sequence[float | str], **kwargs: Any) -> list[dict[str, Any]]:

@@ -11,7 +11,8 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from robust.eval.evaluation import as_tensors, evaluate, to_model_input
+from robust.eval.evaluation import as_tensors, evaluate
+from robust.eval.jobs import to_model_input
 from robust.nn.norms import bn_mode, routes_for, use_route
 from robust.runtime import resolve_device
 from robust.threat import resolve_eps

@@ -1,0 +1,143 @@
+"""The work of an evaluation, batch by batch, in this process or split across several.
+
+A unit of work is one route's batch: its clean predictions, then each attack on its clean-correct
+examples. Each attack on each batch starts from its own seed (:func:`batch_seed`), so a verdict does
+not depend on which process attacks the batch, in which order, or in which run of a resume: one
+process, N processes and an interrupted-then-resumed evaluation give the same verdicts, example for
+example. The processes are spawned (a fork would inherit the parent's OpenMP threads), each with
+its share of the batches and its own torch thread count; they report every verdict to the parent,
+which keeps the state and the progress bars.
+"""
+
+from __future__ import annotations
+
+import queue as queue_
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from robust.attacks.pgd import fp32_predictions
+from robust.attacks.registry import Attack, check_perturbation
+from robust.data.loader import to_float
+from robust.eval.accuracy import correct_under_attack
+from robust.nn.norms import bn_mode, use_route
+
+# report(route, batch, "clean" or attack name, verdicts, seconds[, an ensemble's seconds per stage])
+Report = Callable[..., None]
+
+
+def batch_seed(seed: int, batch: int, attack: int) -> int:
+    """The RNG seed of attack number ``attack`` (in the list's order) on batch number ``batch``."""
+    return (seed * 1_000_003 + batch) * 1_009 + attack
+
+
+def to_model_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device)
+    return to_float(x) if x.dtype == torch.uint8 else x.float()
+
+
+def checked(attack: Attack, eps: float, threat: str):
+    """``attack`` that also verifies its examples lie in the eps ball and in [0, 1]."""
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = attack(x, y)
+        check_perturbation(x, x_adv, eps, threat, name=attack.name)
+        return x_adv
+    return run
+
+
+def score_units(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack], units: Sequence[tuple[str, int]],
+                known: dict[tuple[str, int], dict[str, list]], report: Report, *, eps: float, threat: str,
+                batch_size: int, device: torch.device, seed: int, dtype: torch.dtype | None) -> None:
+    """Score each (route, batch) of ``units``, skipping what ``known`` already holds; every clean pass
+    and every attack's verdicts go to ``report(route, batch, "clean" or name, list, seconds[, stage seconds])``."""
+    with bn_mode(model, False), torch.autocast(device.type, enabled=False):  # eval mode; fp32 unless an attack asks
+        for route, b in units:
+            done = known.get((route, b), {})
+            xb = to_model_input(x[b * batch_size:(b + 1) * batch_size], device)
+            yb = y[b * batch_size:(b + 1) * batch_size].to(device)
+            with use_route(model, route):
+                if "clean" in done:
+                    prediction = torch.tensor(done["clean"], device=device)
+                else:
+                    start = time.perf_counter()
+                    prediction = fp32_predictions(model, xb)
+                    report(route, b, "clean", prediction.tolist(), time.perf_counter() - start)
+                alive = prediction == yb
+                for k, attack in enumerate(attacks):
+                    if attack.name in done:
+                        continue
+                    start = time.perf_counter()
+                    attack.stage_seconds.clear()
+                    torch.manual_seed(batch_seed(seed, b, k))
+                    _, robust = correct_under_attack(model, xb, yb, checked(attack, eps, threat), clean=alive, dtype=dtype)
+                    report(route, b, attack.name, robust.tolist(), time.perf_counter() - start, dict(attack.stage_seconds))
+
+
+def split(units: Sequence[Any], parts: int) -> list[list[Any]]:
+    """``units`` in ``parts`` contiguous shares whose sizes differ by at most one."""
+    size, extra = divmod(len(units), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        out.append(list(units[start:end]))
+        start = end
+    return out
+
+
+def _worker(messages, threads: int, build: Callable[[nn.Module], list[Attack]], model: nn.Module, x: torch.Tensor,
+            y: torch.Tensor, units, known, options: dict[str, Any]) -> None:
+    """One spawned process: its share of the units, each verdict sent to the parent as it comes."""
+    try:
+        torch.set_num_threads(threads)
+        model.to(options["device"])
+        score_units(model, x, y, build(model), units, known,
+                    lambda *result: messages.put(("result", *result)), **options)
+        messages.put(("done",))
+    except BaseException as exc:  # noqa: BLE001 (sent to the parent, which re-raises it)
+        messages.put(("error", exc))
+
+
+def run_processes(jobs: int, threads: int, build: Callable[[nn.Module], list[Attack]], model: nn.Module,
+                  x: torch.Tensor, y: torch.Tensor, units: Sequence[tuple[str, int]],
+                  known: dict[tuple[str, int], dict[str, list]], report: Report, options: dict[str, Any]) -> None:
+    """``score_units`` over ``jobs`` spawned processes of ``threads`` torch threads each, reporting here.
+
+    ``build(model)`` makes the attacks inside each process (attack objects hold the model). An
+    error in any process stops them all and is raised here; so is a process that dies without one.
+    """
+    context = torch.multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    shares = split(units, jobs)
+    cpu_model = model.to("cpu")
+    processes = [context.Process(target=_worker, daemon=True,
+                                 args=(messages, threads, build, cpu_model, x, y, share,
+                                       {u: known[u] for u in share if u in known}, options))
+                 for share in shares if share]
+    for p in processes:
+        p.start()
+    running = len(processes)
+    try:
+        while running:
+            try:
+                message = messages.get(timeout=1.0)
+            except queue_.Empty:
+                dead = [p for p in processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"an evaluation process exited with code {dead[0].exitcode} "
+                                       "(killed, or out of memory?); rerun with --resume to finish") from None
+                continue
+            if message[0] == "result":
+                report(*message[1:])
+            elif message[0] == "done":
+                running -= 1
+            else:
+                raise message[1]
+    finally:
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+        model.to(options["device"])
