@@ -100,11 +100,35 @@ def _fgsm(model: nn.Module, eps: float, threat: str) -> Attack:
     return Attack("", run, {"source": "attacks.pgd", "steps": 1, "step_size": eps, "random_start": False, "loss": "ce"})
 
 
+class FloatLogits(nn.Module):
+    """``model`` with its logits in fp32, for torchattacks under bf16 autocast: the forward runs in bf16,
+    while the losses, their bookkeeping (some kept as numpy arrays, which have no bf16) and the step
+    decisions work on fp32 logits. Its train/eval mode is the wrapped model's own, so torchattacks,
+    which switches the model to eval and back to what it found, leaves the caller's mode alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        inner = self.__dict__.get("_modules", {}).get("inner")
+        return bool(inner.training) if inner is not None else False
+
+    @training.setter
+    def training(self, mode: bool) -> None:  # the mode lives in the wrapped model (train() reaches it)
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).float()
+
+
 def _torchattacks_attack(kind: str, model: nn.Module, eps: float, threat: str, restarts: int,
                          queries: int, seed: int, num_classes: int):
     """One torchattacks attack object with AutoAttack's standard settings."""
 
     norm = _torchattacks_norm(threat)
+    model = FloatLogits(model)
     common = dict(norm=norm, eps=eps, seed=seed, verbose=False)
     if kind in ("apgd-ce", "apgd-dlr"):
         return torchattacks.APGD(model, steps=APGD_STEPS, n_restarts=restarts, loss=kind[5:], **common)

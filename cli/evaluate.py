@@ -94,7 +94,7 @@ def print_checks(checks) -> None:
 @click.option("--eps-sweep", default=None, help="comma-separated eps values, e.g. 0,2/255,4/255,8/255,16/255")
 @click.option("--plot", default=None, help="with --eps-sweep: write accuracy vs eps as PNG (a folder ending in / gets eps_sweep.png)")
 @click.option("--json", "json_path", default=None, help="write every figure to this JSON file (a folder ending in / gets eval.json)")
-@click.option("--force", is_flag=True, help="overwrite existing --json / --plot files")
+@click.option("--force", is_flag=True, help="overwrite existing --json / --plot / --per-example files, and start a --state file again")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str,
                      limit: int | None, batch_size: int, device: str, seed: int, restarts: int, queries: int,
@@ -114,11 +114,17 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
     attacks the worst case per example is reported too. An attack that returns an input outside
     the eps ball or outside [0, 1] stops the run with an error (exit code 1).
 
+    Attacks may search in bf16 (--attack-precision), but every verdict is an fp32 forward. --jobs
+    splits the batches across processes and --state/--resume make a long evaluation resumable;
+    neither changes a verdict.
+
     \b
     Examples:
       robust eval runs/fashion-mnist-sabn-hybrid-s0 --attack pgd20 --limit 1000
       robust eval model.pt --attack pgd20,autoattack --eps 8/255 --json eval.json
       robust eval runs/a --eps-sweep 0,2/255,4/255,8/255,16/255 --plot curve.png
+      robust eval runs/a --attack autoattack --jobs 2 --state aa.state --json aa.json
+      robust eval runs/a --attack autoattack --jobs 2 --state aa.state --json aa.json --resume
     """
 
     if checkpoint is None:

@@ -7,6 +7,7 @@ import copy
 import errno
 import importlib
 import json
+import logging
 import os
 import re
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from helpers import assert_refused, invoke_in
 from robust.attacks.pgd import pgd
-from robust.attacks.registry import Attack, build_attack
+from robust.attacks.registry import Attack, FloatLogits, build_attack
 
 import robust
 import robust.outputs
@@ -143,8 +144,8 @@ def test_fp32_attacks_give_the_hand_computed_verdicts_exactly(model, images):
 
 
 def test_two_processes_give_one_process_verdicts_example_for_example(model, images):
-    kwargs = dict(attacks=["fgsm", "pgd3", "apgd-ce"], eps=EPS, batch_size=8, per_example=True,
-                  attack_precision="fp32", threads=1)
+    kwargs = {"attacks": ["fgsm", "pgd3", "apgd-ce"], "eps": EPS, "batch_size": 8, "per_example": True,
+                  "attack_precision": "fp32", "threads": 1}
     one = evaluate(model, images, **kwargs)
     two = evaluate(model, images, jobs=2, **kwargs)
     assert (one["jobs"], two["jobs"], two["threads"]) == (1, 2, 1)
@@ -190,7 +191,7 @@ def _counting(monkeypatch, calls: dict, stop_at: tuple[str, int] | None = None):
 
 def test_an_interrupted_evaluation_resumes_without_repeating_work_to_the_same_result(model, images, tmp_path,
                                                                                     monkeypatch):
-    kwargs = dict(attacks=["fgsm", "pgd3"], eps=EPS, batch_size=8, per_example=True, attack_precision="fp32")
+    kwargs = {"attacks": ["fgsm", "pgd3"], "eps": EPS, "batch_size": 8, "per_example": True, "attack_precision": "fp32"}
     straight = evaluate(model, images, **kwargs)
     path = tmp_path / "state.json"
     calls: dict = {}
@@ -212,7 +213,7 @@ def test_an_interrupted_evaluation_resumes_without_repeating_work_to_the_same_re
 
 def test_a_state_of_another_evaluation_is_refused_saying_what_differs(model, images, tmp_path):
     path = tmp_path / "state.json"
-    kwargs = dict(attacks=["fgsm"], eps=EPS, batch_size=16, attack_precision="fp32")
+    kwargs = {"attacks": ["fgsm"], "eps": EPS, "batch_size": 16, "attack_precision": "fp32"}
     evaluate(model, images, state=path, **kwargs)
     written = path.read_bytes()
     other = copy.deepcopy(model)
@@ -296,3 +297,35 @@ def _refuses(folder: str) -> bool:
         return True
     os.unlink(os.path.join(folder, ".robust-test-probe"))
     return False
+
+
+@pytest.mark.bf16
+@pytest.mark.precision
+def test_torchattacks_attacks_run_in_bf16_on_fp32_logits_and_leave_the_mode_alone(model, images):
+    """APGD-T keeps numpy copies of its losses (numpy has no bf16) and Square compares margins: under bf16
+    autocast they see fp32 logits (FloatLogits), and the model's eval mode survives them."""
+    x, y = to_float(images[0][:8]), images[1][:8]
+    wrapped = FloatLogits(model)
+    model.eval()
+    wrapped.train()  # train() reaches the wrapped model; the wrapper has no mode of its own
+    assert model.training and wrapped.training
+    model.eval()
+    assert not wrapped.training
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert wrapped(x).dtype == torch.float32
+    result = evaluate(model, (x, y), attacks=["apgd-t", "square"], eps=EPS, queries=50, attack_precision="bf16")
+    assert result["attack_precision"] == "bf16" and not model.training
+    acc = result["routes"]["adv"]
+    assert acc["apgd-t"] <= acc["clean"] and acc["square"] <= acc["clean"]
+
+
+def test_the_benchmark_reads_the_official_codes_stage_times_from_its_log():
+    from robust.lab.autoattack_bench import _StageLog
+
+    log = _StageLog()
+    for line in ["initial accuracy: 75.00%", "robust accuracy after APGD-CE: 62.50% (total time 2.5 s)",
+                 "apgd-t - 1/1 - 1 out of 15 successfully perturbed",
+                 "robust accuracy after APGD-T: 58.33% (total time 30.0 s)",
+                 "robust accuracy after FAB-T: 58.33% (total time 70.5 s)"]:
+        log.emit(logging.LogRecord("auto-attack", logging.DEBUG, __file__, 0, line, None, None))
+    assert log.stage_seconds() == {"apgd-ce": 2.5, "apgd-t": 27.5, "fab-t": 40.5}  # totals -> per stage
