@@ -1,0 +1,176 @@
+"""AutoAttack benchmark: the official code (``pyautoattack``, fra31/auto-attack) against ``robust.evaluate``.
+
+Both attack one route of the same model (exported as a plain model, so the official code sees an
+ordinary classifier) on the same images, in one process, alternating: each round runs every
+variant once, the next round in the reverse order, so a machine shared with other work slows
+every variant alike and the ratios stay meaningful where the absolute times do not.
+
+Variants: ``official`` (pyautoattack, version standard, fp32, batch ``--batch-size``) and ours, by
+default ``fp32`` (one process, fp32 attacks) and ``fast`` (``--attack-precision auto`` and
+``--jobs``). Printed per variant: images/s (median over rounds), its ratio to the official code,
+the seconds per stage (APGD-CE, APGD-T, FAB-T, Square) and robust accuracy; then the per-example
+agreement of each of ours with the official verdicts (every verdict an fp32 forward).
+
+    python -m robust.lab.autoattack_bench runs/demo --route adv --limit 32 --threads 1 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import re
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from robust.checkpoint import model_from, read_checkpoint
+from robust.data.loader import to_float
+from robust.eval.evaluation import evaluate, load_test_split
+from robust.nn.norms import export_route, is_dual_route
+from robust.runtime import cpu_has_amx, versions
+from robust.threat import resolve_eps
+
+STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+class _StageLog(logging.Handler):
+    """Reads the official code's 'robust accuracy after X: ... (total time T s)' lines: seconds per stage."""
+
+    pattern = re.compile(r"robust accuracy after ([A-Z-]+): [\d.]+% \(total time ([\d.]+) s\)")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.totals: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = self.pattern.search(record.getMessage())
+        if match:
+            self.totals[match.group(1).lower()] = float(match.group(2))
+
+    def stage_seconds(self) -> dict[str, float]:
+        out, before = {}, 0.0
+        for stage, total in self.totals.items():
+            out[stage], before = total - before, total
+        return out
+
+
+def run_official(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
+                 seed: int) -> dict[str, Any]:
+    """The official AutoAttack (standard version) on ``x``; per example robust flags from an fp32 forward."""
+    import pyautoattack  # the dev extra's optional dependency
+
+    log = logging.getLogger("auto-attack")
+    handler, level = _StageLog(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    start = time.perf_counter()
+    try:
+        attack = pyautoattack.AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device="cpu")
+        with contextlib.redirect_stdout(sys.stderr):
+            x_adv = attack.run_standard_evaluation(to_float(x), y, batch_size=batch_size)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    seconds = time.perf_counter() - start
+    x_adv = x_adv[0] if isinstance(x_adv, tuple) else x_adv
+    with torch.no_grad():
+        robust = (model(x_adv).argmax(1) == y).tolist()
+    return {"seconds": seconds, "robust": robust, "stages": handler.stage_seconds()}
+
+
+def run_ours(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int, seed: int,
+             precision: str, jobs: int, threads: int | None) -> dict[str, Any]:
+    """``robust.evaluate`` with AutoAttack; per example robust flags, seconds per stage (summed over processes)."""
+    start = time.perf_counter()
+    result = evaluate(model, (x, y), attacks=["autoattack"], eps=eps, batch_size=batch_size, seed=seed,
+                      per_example=True, attack_precision=precision, jobs=jobs, threads=threads, device="cpu")
+    seconds = time.perf_counter() - start
+    stages = {k.split("/", 1)[1]: v for k, v in result["attack_seconds"].items() if k.startswith("autoattack/")}
+    return {"seconds": seconds, "robust": next(iter(result["per_example"].values()))["robust"], "stages": stages,
+            "attack_precision": result["attack_precision"], "jobs": result["jobs"], "threads": result["threads"]}
+
+
+def bench(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, variants: dict[str, dict[str, Any]],
+          rounds: int, batch_size: int, seed: int) -> dict[str, Any]:
+    """Every variant once per round, alternating the order; medians, ratios to the official code, agreement."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ["official", *variants]}
+    order = list(runs)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            print(f"round {r + 1}/{rounds}: {name} ...", file=sys.stderr, flush=True)
+            if name == "official":
+                runs[name].append(run_official(model, x, y, eps, batch_size, seed))
+            else:
+                runs[name].append(run_ours(model, x, y, eps, batch_size, seed, **variants[name]))
+    n = len(y)
+    official = runs["official"][0]["robust"]
+    out: dict[str, Any] = {"n": n, "eps": eps, "rounds": rounds, "batch_size": batch_size, "variants": {}}
+    base = statistics.median(run["seconds"] for run in runs["official"])
+    for name, done in runs.items():
+        seconds = statistics.median(run["seconds"] for run in done)
+        flags = done[0]["robust"]
+        out["variants"][name] = {
+            "settings": variants.get(name, {"precision": "fp32", "jobs": 1}),
+            "seconds": [run["seconds"] for run in done], "images_per_s": n / seconds, "speedup": base / seconds,
+            "robust_accuracy": 100.0 * sum(flags) / n,
+            "agree_with_official": sum(a == b for a, b in zip(flags, official)),
+            "same_every_round": all(run["robust"] == flags for run in done),
+            "stage_seconds": {s: statistics.median(run["stages"].get(s, 0.0) for run in done) for s in STAGES},
+        }
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [(f"AutoAttack (standard) on {report['n']} images, eps {report['eps']:.4g}, {report['rounds']} round(s), "
+              f"batch {report['batch_size']}"),
+             f"{'variant':<10}{'img/s':>8}{'ratio':>7}{'robust%':>9}{'agree':>8}  " + "".join(f"{s:>9}" for s in STAGES),
+             ]
+    for name, v in report["variants"].items():
+        lines.append(f"{name:<10}{v['images_per_s']:>8.3f}{v['speedup']:>6.2f}x{v['robust_accuracy']:>9.2f}"
+                     + f"{v['agree_with_official']:>5}/{report['n']:<3}"
+                     + "".join(f"{v['stage_seconds'][s]:>8.1f}s" for s in STAGES))
+    lines.append("stage seconds of ours are summed over processes (CPU time spent); ratios are of wall-clock medians")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m robust.lab.autoattack_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint, run folder (its best.pt) or export")
+    parser.add_argument("--route", default="adv", choices=["clean", "adv"], help="the route a dual-route model is scored on")
+    parser.add_argument("--limit", type=int, default=32, help="the first N test images")
+    parser.add_argument("--eps", default=None, help="Linf radius  [default: the checkpoint's training eps]")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per variant, alternating the order")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="processes of the fast variant")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (every variant; per process for ours)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="the fast variant's attack precision")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    state = read_checkpoint(args.checkpoint if args.checkpoint.endswith((".pt", ".safetensors")) else f"{args.checkpoint}/best.pt")
+    model = model_from(state)
+    model = (export_route(model, args.route) if is_dual_route(model) else model).eval()
+    x, y = load_test_split(state, None, args.limit)
+    x, y = x[:args.limit], y[:args.limit].long()
+    eps = resolve_eps(args.eps if args.eps is not None else state["eps"], "linf")
+    variants = {"fp32": {"precision": "fp32", "jobs": 1, "threads": args.threads},
+                "fast": {"precision": args.precision, "jobs": args.jobs, "threads": args.threads}}
+    report = bench(model, x, y, eps, variants, args.rounds, args.batch_size, args.seed)
+    report.update(checkpoint=args.checkpoint, route=args.route, threads=torch.get_num_threads(),
+                  cpu_amx=cpu_has_amx(), versions=versions(), date=time.strftime("%Y-%m-%d"))
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
