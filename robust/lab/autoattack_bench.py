@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+import pyautoattack  # the official code, from the dev extra: this module is a benchmark, not part of the API
 import torch
 from torch import nn
 
@@ -63,8 +64,6 @@ class _StageLog(logging.Handler):
 def run_official(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
                  seed: int) -> dict[str, Any]:
     """The official AutoAttack (standard version) on ``x``; per example robust flags from an fp32 forward."""
-    import pyautoattack  # the dev extra's optional dependency
-
     log = logging.getLogger("auto-attack")
     handler, level = _StageLog(), log.level
     log.addHandler(handler)
