@@ -1,10 +1,12 @@
 """Clean and robust accuracy per route, with the honesty checks of docs/evaluation.md.
 
 ``evaluate(model, (x, y), attacks=["pgd20"], eps=8/255)`` attacks and scores each route through
-that same route with the model in eval mode and fp32, verifies that every adversarial input lies
-in the eps ball and in [0, 1], and reports the per-example worst case over all attacks (an example
-is robust only if it survives every attack; how AutoAttack scores its ensemble). An example that
-is misclassified clean counts as non-robust under every attack.
+that same route with the model in eval mode (attacks in fp32 or bf16, every verdict in fp32),
+verifies that every adversarial input lies in the eps ball and in [0, 1], and reports the
+per-example worst case over all attacks (an example is robust only if it survives every attack;
+how AutoAttack scores its ensemble). An example that is misclassified clean counts as non-robust
+under every attack. The batches may be split across processes and their verdicts kept in a state
+file for a resume (:mod:`robust.eval.jobs`, :mod:`robust.eval.state`); neither changes a verdict.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ variant once, the next round in the reverse order, so a machine shared with othe
 every variant alike and the ratios stay meaningful where the absolute times do not.
 
 Variants: ``official`` (pyautoattack, version standard, fp32, batch ``--batch-size``) and ours, by
-default ``fp32`` (one process, fp32 attacks) and ``fast`` (``--attack-precision auto`` and
-``--jobs``). Printed per variant: images/s (median over rounds), its ratio to the official code,
+``fp32`` (one process, fp32 attacks), ``bf16`` (one process, bf16 attacks) and ``fast``
+(``--precision``, default auto, and ``--jobs``). Printed per variant: images/s (median over rounds), its ratio to the official code,
 the seconds per stage (APGD-CE, APGD-T, FAB-T, Square) and robust accuracy; then the per-example
 agreement of each of ours with the official verdicts (every verdict an fp32 forward).
 
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     x, y = x[:args.limit], y[:args.limit].long()
     eps = resolve_eps(args.eps if args.eps is not None else state["eps"], "linf")
     variants = {"fp32": {"precision": "fp32", "jobs": 1, "threads": args.threads},
+                "bf16": {"precision": "bf16", "jobs": 1, "threads": args.threads},
                 "fast": {"precision": args.precision, "jobs": args.jobs, "threads": args.threads}}
     report = bench(model, x, y, eps, variants, args.rounds, args.batch_size, args.seed)
     report.update(checkpoint=args.checkpoint, route=args.route, threads=torch.get_num_threads(),
