@@ -56,6 +56,15 @@ class TrainConfig:
     workers: int | None = _f(None, "imagefolder/tensors: processes reading images (0: the training process; default: CPUs, at most 8)", min=0)
     val_split: float = _f(0.1, "fraction of the training set held out for validation (0 disables it)", min=0, below=1)
     limit: int | None = _f(None, "train on the first N examples only (quick runs)", min=1)
+    extra_data: str | None = _f(None, "extra training images mixed into every batch: an .npz or .pt file with x (uint8 "
+                                      "images of the dataset's shape) and y (integer labels, or per-class probabilities "
+                                      "(N, classes)); robust pseudo-label writes one. Memory-mapped unless it fits "
+                                      "(--data-mode)", kind="path")
+    extra_fraction: float | None = _f(None, "with --extra-data: the share of every batch drawn from it (Carmon et al. "
+                                            "2019 use 0.5, Gowal et al. 2021 and Wang et al. 2023 0.7) [default: 0.5]",
+                                      min=0, max=1)
+    epoch_size: int | None = _f(None, "with --extra-data: examples per epoch, whatever the sizes of the two pools "
+                                      "[default: one pass over the labelled set]", min=1)
     # model
     arch: str = _f("preact_resnet18", f"architecture: {', '.join(available_archs())}, torchvision:NAME or timm:NAME (e.g. torchvision:resnet18)")
     norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN)", choices=NORMS)
@@ -169,6 +178,13 @@ class TrainConfig:
         return self.objective.one_step if self.co_guard is None else bool(self.co_guard)
 
     @property
+    def resolved_extra_fraction(self) -> float:
+        """The share of every batch drawn from --extra-data (0 without it)."""
+        if not self.extra_data:
+            return 0.0
+        return DEFAULT_EXTRA_FRACTION if self.extra_fraction is None else float(self.extra_fraction)
+
+    @property
     def eps_value(self) -> float:
         return parse_eps(self.eps)
 
@@ -233,6 +249,7 @@ class TrainConfig:
             setattr(self, name, value)
         self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs, self.objective_options  # noqa: B018
         _check_data_and_arch(self)
+        _check_extra_data(self)
         if self.nesterov and self.optimizer != "sgd":
             raise ConfigError("--nesterov is SGD's momentum; drop it with --optimizer adamw")
         if self.nesterov and self.momentum == 0:
@@ -295,6 +312,16 @@ def upgrade_saved(values: dict[str, Any]) -> dict[str, Any]:
     if method is None:
         values["method"] = "hybrid" if dual else "pgd"
     return values
+
+
+DEFAULT_EXTRA_FRACTION = 0.5
+
+
+def _check_extra_data(c: TrainConfig) -> None:
+    """--extra-fraction and --epoch-size belong to --extra-data."""
+    for name in ("extra_fraction", "epoch_size"):
+        if getattr(c, name) is not None and not c.extra_data:
+            raise ConfigError(f"--{name.replace('_', '-')} applies to --extra-data FILE; pass the extra data or drop it")
 
 
 def _check_data_and_arch(c: TrainConfig) -> None:
