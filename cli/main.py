@@ -12,6 +12,7 @@ from robust.cli.compare import analyze, compare, plot
 from robust.cli.demo import demo
 from robust.cli.evaluate import evaluate_command
 from robust.cli.export import export_command
+from robust.cli.pseudo_label import pseudo_label
 from robust.cli.train import train
 from robust.errors import TrainingInterrupted
 from robust.runtime import __version__
@@ -74,6 +75,7 @@ def cli() -> None:
 
 
 cli.add_command(train)
+cli.add_command(pseudo_label)
 cli.add_command(bench)
 cli.add_command(compare)
 cli.add_command(plot)

@@ -197,7 +197,7 @@ def all_options() -> dict[str, tuple[Option, list[str]]]:
     return out
 
 
-from robust.objectives import pgd, trades, mart, fast, nfgsm  # noqa: E402, F401  # isort: skip  (each registers itself, in this order)
+from robust.objectives import pgd, trades, mart, fast, nfgsm, standard  # noqa: E402, F401  # isort: skip  (each registers itself, in this order)
 
 # The order of registration is the order of --method's choices: pgd first, as the default.
 METHODS = method_names()
