@@ -30,6 +30,7 @@ from robust.objectives import (
     methods_help,
     parse_method_options,
 )
+from robust.recipes import RECIPES, recipe_names, recipe_values, recipes_help
 from robust.runtime import DEVICES, PRECISIONS, available_cpus
 from robust.threat import parse_eps, parse_fraction
 
@@ -47,6 +48,9 @@ def _f(default: Any, help: str, **extra: Any):
 class TrainConfig:
     """Everything that defines a training run; saved as config.json with every run."""
 
+    recipe: str | None = _f(None, f"a published recipe's settings, which every other flag overrides: {recipes_help()}; "
+                                  "sources and differences in docs/methods.md [default: none, the SaBN reference's "
+                                  "defaults]", choices=recipe_names)
     # data
     dataset: str = _f("cifar10", "dataset name; imagefolder and tensors read your own data from --data-dir", choices=DATASETS)
     data_dir: str | None = _f(None, "folder with the dataset files (looked up before system folders and download); "
@@ -85,6 +89,8 @@ class TrainConfig:
     schedule: str = _f("multistep", "learning-rate schedule", choices=SCHEDULES)
     milestones: str = _f("50,150", "multistep: epochs at which lr is multiplied by 0.1, or fractions of the epochs (0.25,0.75)")
     warmup_steps: int = _f(200, "steps of linear warm-up from lr/10 in the first epoch (0 disables)", min=0)
+    warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs, then the schedule over the rest "
+                                   "(cosine: the modern recipes' 10 epochs; needs --warmup-steps 0)", min=0)
     # adversarial training
     method: str | None = _f(None, f"training method: {methods_help()}; see docs/methods.md [default: pgd]", choices=method_names)
     clean_weight: float | None = _f(None, "w in w*CE(clean route, x) + (1-w)*objective(adv route) [default: 0.5 for auxbn/sabn and hybrid, 0 for bn]", min=0, max=1)
@@ -250,6 +256,12 @@ class TrainConfig:
         self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs, self.objective_options  # noqa: B018
         _check_data_and_arch(self)
         _check_extra_data(self)
+        if self.warmup_epochs and self.warmup_steps:
+            raise ConfigError("--warmup-epochs and --warmup-steps are two warm-ups; pass --warmup-steps 0 with --warmup-epochs")
+        if self.warmup_epochs and self.schedule == "onecycle":
+            raise ConfigError("--schedule onecycle has its own warm-up (40% of the steps); drop --warmup-epochs")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs:g} must be below --epochs {self.epochs}")
         if self.nesterov and self.optimizer != "sgd":
             raise ConfigError("--nesterov is SGD's momentum; drop it with --optimizer adamw")
         if self.nesterov and self.momentum == 0:
@@ -264,12 +276,32 @@ class TrainConfig:
         """A config from field values; a method's option given by name (TOML ``beta = 5``) joins ``method_options``."""
         values = fold_method_options(values)
         check_fields(cls, values, partial=True)
-        return cls(**values)
+        return cls(**apply_recipe(values))
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides: Any) -> "TrainConfig":
+        """The config recipe ``name`` sets, with ``overrides`` (field values) on top. (``TrainConfig(recipe=...)``
+        only records the name; this and :meth:`from_dict` apply it.)"""
+        return cls.from_dict({**overrides, "recipe": name})
 
     @classmethod
     def from_saved(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config.json (or a checkpoint's config) of any version, with its original meaning."""
         return cls.from_dict(upgrade_saved(values))
+
+
+def apply_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` over the field values of their ``recipe`` (if any): every given value wins. A method
+    given in place of the recipe's drops the recipe's method options (another method's beta would be refused)."""
+    name = values.get("recipe")
+    if not name:
+        return values
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    base = recipe_values(name, with_extra_data=bool(values.get("extra_data")))
+    if values.get("method") not in (None, base.get("method")) and "method_options" not in values:
+        base.pop("method_options", None)
+    return {**base, **values}
 
 
 def fold_method_options(values: dict[str, Any]) -> dict[str, Any]:

@@ -491,7 +491,8 @@ class Trainer:
     def _header(self) -> str:
         c = self.config
         ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
-        extras = [f"clean-weight {self.settings.clean_weight:g}"]
+        extras = [f"recipe {c.recipe}"] if c.recipe else []
+        extras.append(f"clean-weight {self.settings.clean_weight:g}")
         extras += [f"{name} {value:g}" for name, value in c.objective_options.items()]
         if c.label_smoothing:
             extras.append(f"label smoothing {c.label_smoothing:g}")
