@@ -19,7 +19,7 @@ from robust.data import DATA_MODES, DATASETS
 from robust.errors import ConfigError, ModelError
 from robust.nn import NORMS, available_archs
 from robust.nn.external import check_arch
-from robust.nn.resnet import ACTIVATIONS
+from robust.nn.resnet import ACTIVATIONS, WIDE_RESNET_FAMILY, arch_constructor
 from robust.objectives import (
     ATTACK_BN_MODES,
     Objective,
@@ -70,7 +70,8 @@ class TrainConfig:
     epoch_size: int | None = _f(None, "with --extra-data: examples per epoch, whatever the sizes of the two pools "
                                       "[default: one pass over the labelled set]", min=1)
     # model
-    arch: str = _f("preact_resnet18", f"architecture: {', '.join(available_archs())}, torchvision:NAME or timm:NAME (e.g. torchvision:resnet18)")
+    arch: str = _f("preact_resnet18", f"architecture: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
+                                      "torchvision:NAME or timm:NAME (e.g. torchvision:resnet18)")
     norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN)", choices=NORMS)
     width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)", min=1)
     activation: str = _f("relu", "our architectures' activation: relu (the SaBN reference) or silu (the modern recipes' "
@@ -368,8 +369,9 @@ def _check_data_and_arch(c: TrainConfig) -> None:
             raise ConfigError(f"--width applies to our own architectures, not to {c.arch}; drop --width")
         if c.activation != "relu":
             raise ConfigError(f"--activation applies to our own architectures, not to {c.arch}; drop --activation")
-    elif c.arch not in available_archs():
-        raise ConfigError(f"unknown arch {c.arch!r}; valid: {', '.join(available_archs())}, torchvision:NAME, timm:NAME")
+    elif arch_constructor(c.arch) is None:
+        raise ConfigError(f"unknown arch {c.arch!r}; valid: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
+                          "torchvision:NAME, timm:NAME")
     if c.dataset in ("imagefolder", "tensors") and not c.data_dir:
         what = "DIR with train/<class>/ images" if c.dataset == "imagefolder" else "FILE.npz (or .pt) with arrays x and y"
         raise ConfigError(f"--dataset {c.dataset} needs --data-dir {what}")

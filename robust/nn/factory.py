@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from robust.nn.external import build_external
 from robust.nn.norms import make_norm_layer
-from robust.nn.resnet import ARCH_DEFAULT_WIDTH, ARCHS, REFERENCE_MEAN, REFERENCE_STD, available_archs
+from robust.nn.resnet import REFERENCE_MEAN, REFERENCE_STD, WIDE_RESNET_FAMILY, arch_constructor, available_archs
 
 
 def unwrap(model: nn.Module, keep_compiled: bool = False) -> nn.Module:
@@ -51,14 +51,16 @@ def build_model(
     :mod:`robust.nn.external`; ``width`` and ``final_norm`` do not apply to those).
     """
     external = ":" in str(arch)
-    if not external and arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}, torchvision:NAME, timm:NAME")
+    ours = None if external else arch_constructor(arch)
+    if not external and ours is None:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
+                         "torchvision:NAME, timm:NAME")
     norm_layer = make_norm_layer(norm)
     if external and width is not None:
         raise ValueError(f"width applies to our own architectures, not to {arch}; drop --width")
     if external and activation != "relu":
         raise ValueError(f"activation applies to our own architectures, not to {arch}; drop --activation")
-    width = None if external else ARCH_DEFAULT_WIDTH[arch] if width is None else int(width)
+    width = None if external else ours[1] if width is None else int(width)
     if (width is not None and width < 1) or num_classes < 2 or in_channels < 1:
         raise ValueError(f"need width >= 1, num_classes >= 2, in_channels >= 1 (got {width}, {num_classes}, {in_channels})")
     default_mean, default_std = default_mean_std(in_channels)
@@ -73,8 +75,8 @@ def build_model(
         model = build_external(arch, norm, num_classes, in_channels, mean, std)
     else:
         options = ({} if final_norm is None else {"final_norm": bool(final_norm)}) | {"activation": activation}
-        model = ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
-                             **options)
+        model = ours[0](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+                        **options)
     model.build_args = dict(
         arch=arch, norm=norm, num_classes=num_classes, in_channels=in_channels,
         width=width, mean=list(mean), std=list(std),
