@@ -110,4 +110,4 @@ def recipe_values(name: str, with_extra_data: bool) -> dict[str, Any]:
 
 
 def recipes_help() -> str:
-    return "; ".join(f"{r.name} ({r.summary})" for r in RECIPES.values())
+    return "; ".join(f"{r.name} ({r.summary}; {r.source.split()[0]})" for r in RECIPES.values())

@@ -49,7 +49,7 @@ def test_the_recipe_help_and_the_docs_name_every_recipe_with_its_source():
     help_text = " ".join(CliRunner().invoke(cli, ["train", "--help"]).output.split())
     page = (ROOT / "docs" / "methods.md").read_text()
     for name, recipe in RECIPES.items():
-        assert name in help_text
+        assert f"{name} ({recipe.summary}; {recipe.source.split()[0]})" in help_text
         assert f"`{name}`" in page and recipe.source.split(":")[0] in page, name
 
 
