@@ -159,6 +159,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     means its test split). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attacks": {name:
     params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "seconds", "versions"}``; with
+    ``"per_class": {route: [{"class", "n", "clean", "worst_case"}, ...]}`` (the worst case per class:
+    robust to every attack; None for a class without examples); with
     ``per_example``, also ``"per_example": {route: {"prediction", "broken_by", "robust"}}``, a list
     each in the examples' order (``broken_by``: "clean" when misclassified, else the first attack
     that fooled it, None when it survived every attack).
@@ -186,6 +188,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
                     accuracy, params, examples = _score_route(model, x, y, names, eps, threat, settings, batch_size,
                                                               device, seed, bar)
                 result["routes"][r] = accuracy
+                result.setdefault("per_class", {})[r] = per_class_accuracy(examples, y, num_classes_of(model))
                 if per_example:
                     result.setdefault("per_example", {})[r] = examples
                 result["attacks"].update(params)
@@ -195,6 +198,20 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     result["seconds"] = time.perf_counter() - start
     result["versions"] = versions()
     return result
+
+
+def per_class_accuracy(examples: dict[str, list], y: torch.Tensor, num_classes: int) -> list[dict[str, Any]]:
+    """Clean and worst-case accuracy (%) per true class, from one route's per-example verdicts."""
+    labels = y.tolist()
+    rows = []
+    for c in range(max(num_classes, max(labels) + 1)):
+        members = [i for i, label in enumerate(labels) if label == c]
+        n = len(members)
+        clean = sum(examples["prediction"][i] == c for i in members)
+        robust = sum(bool(examples["robust"][i]) for i in members)
+        rows.append({"class": c, "n": n, "clean": 100.0 * clean / n if n else None,
+                     "worst_case": 100.0 * robust / n if n else None})
+    return rows
 
 
 def _progress_bar(total: int, enabled: bool):
