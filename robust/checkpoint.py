@@ -8,6 +8,7 @@ build arguments, so a model is rebuilt from the file alone.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import zipfile
@@ -60,6 +61,13 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path, overwrite: boo
     with atomic_output(path, overwrite=overwrite) as fh:
         torch.save(checkpoint, fh)
     return path
+
+
+def state_dict_bytes(obj: dict[str, Any]) -> bytes:
+    """``obj`` (tensors and plain values) as ``torch.save`` writes it: the file other tools' ``torch.load`` reads."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _load_safetensors(path: Path) -> dict[str, Any]:
