@@ -413,7 +413,7 @@ h1{font-size:1.6rem}h2{border-bottom:2px solid #ccc;padding-bottom:.2rem;margin-
 img{max-width:100%;height:auto;display:block;margin:.5rem 0}
 .scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0}
-th,td{border:1px solid #ddd;padding:.2rem .5rem}th{background:#f2f2f2}
+th,td{border:1px solid #ddd;padding:.2rem .5rem}th{background:#f2f2f2;overflow-wrap:normal}
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.key{word-break:break-word}
 ul.checks{list-style:none;padding-left:0}li.pass b{color:#1a7f37}li.fail b{color:#c62828}
 .note{color:#555;font-size:.9rem}details{margin:.5rem 0}
