@@ -14,7 +14,7 @@ from helpers import assert_refused, invoke_in, tiny_config
 from robust.checkpoint import load_model, read_checkpoint
 from robust.eval.evaluation import load_test_split
 from robust.eval.sanity import determinism_checks
-from robust.lab.report import comparison, read_runs
+from robust.lab.report import ReportRun, comparison, read_runs
 from robust.train.trainer import Trainer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -115,3 +115,22 @@ def test_bad_eval_json_refused(runs, tmp_path):
     (broken / "metrics.jsonl").write_text((runs / "s1" / "metrics.jsonl").read_text())
     (broken / "eval.json").write_text("{not json")
     assert_refused(tmp_path, ["report", "run", "-o", "r.html", "--images", "0"], "eval.json", "--json")
+
+
+def test_paired_differences_between_settings_match_by_seed(tmp_path):
+    """Two norms x two seeds: each bn run is paired with the sabn run of its seed; the interval is the t one."""
+    def run(norm, seed, robust_acc):
+        metrics = [{"epoch": 1, "val_adv_clean": 50.0, "val_adv_robust": robust_acc}]
+        return ReportRun(tmp_path / f"{norm}{seed}", f"{norm}{seed}", {"norm": norm, "seed": seed, "out": f"runs/{norm}{seed}"},
+                         metrics, None, None)
+
+    runs = [run("sabn", 0, 40.0), run("sabn", 1, 44.0), run("bn", 1, 41.0), run("bn", 0, 38.0)]
+    result = comparison(runs)
+    assert result["settings"] == ["norm=sabn", "norm=bn"]
+    paired = next(p for p in result["paired"] if p["metric"] == "adv val robust")
+    diffs = [38.0 - 40.0, 41.0 - 44.0]  # seed 0, seed 1
+    mean, sd = sum(diffs) / 2, abs(diffs[0] - diffs[1]) / 2 ** 0.5
+    assert paired["n"] == 2 and paired["mean"] == pytest.approx(mean)
+    assert (paired["low"], paired["high"]) == pytest.approx((mean - 12.706 * sd / 2 ** 0.5, mean + 12.706 * sd / 2 ** 0.5))
+    clean = next(p for p in result["paired"] if p["metric"] == "adv val clean")
+    assert clean["mean"] == 0.0

@@ -361,7 +361,7 @@ def comparison(runs: Sequence[ReportRun]) -> dict[str, Any]:
     keys = list(groups)
     differing = sorted({k for g in keys for k, _ in g} - {k for k, v in set.intersection(*(set(g) for g in keys))}) \
         if len(keys) > 1 else []
-    names = [", ".join(f"{k}={dict(g).get(k, '–')}" for k in differing) or "all runs" for g in keys]
+    names = [", ".join(f"{k}={json.loads(dict(g)[k]) if k in dict(g) else '–'}" for k in differing) or "all runs" for g in keys]
     spread = []
     for name, members in zip(names, groups.values()):
         for metric in common:
