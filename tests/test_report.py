@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
     for seed in (0, 1):
         Trainer(tiny_config(root / f"s{seed}", epochs=2, seed=seed)).fit()
     result = invoke_in(root, ["eval", "s0", "--attack", "pgd2,fgsm", "--limit", "48", "--eps-sweep", "0,0.1",
-                              "--json", "s0/", "--quiet"])
+                              "--json", "s0/", "--per-example", "s0/", "--quiet"])
     assert result.exit_code == 0, result.output
     report = json.loads((root / "s0" / "eval.json").read_text())
     state = read_checkpoint(root / "s0")
@@ -64,6 +64,15 @@ def test_per_class_adds_up_to_the_table(runs):
             assert total == pytest.approx(report["routes"][route][key], abs=1e-9)
 
 
+def test_broken_by_counts_add_up_to_the_table(runs):
+    report = json.loads((runs / "s0" / "eval.json").read_text())
+    counts = read_runs([runs / "s0"])[0].broken_by
+    for route, acc in report["routes"].items():
+        assert sum(counts[route].values()) == report["n"]
+        assert counts[route].get("survived", 0) == round(acc["worst_case"] * report["n"] / 100)
+        assert counts[route].get("clean", 0) == round((100 - acc["clean"]) * report["n"] / 100)
+
+
 def test_page_has_every_section_and_embedded_figures(runs):
     result = invoke_in(runs, ["report", "s0", "s1", "-o", "page.html", "--images", "4"])
     assert result.exit_code == 0, result.output
@@ -71,7 +80,7 @@ def test_page_has_every_section_and_embedded_figures(runs):
     parser = PageParser()
     parser.feed(page)
     for section in ("curves", "run0-config", "run0-final", "run0-sweep", "run0-classes", "run0-sanity",
-                    "run0-images", "run0-timing", "run1-images", "run1-timing", "comparison"):
+                    "run0-images", "run0-timing", "run0-broken-by", "run1-images", "run1-timing", "comparison"):
         assert section in parser.sections, section
     # learning curves, sweep, per class, two image grids
     assert len(parser.images) == 5

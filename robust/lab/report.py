@@ -44,6 +44,7 @@ from robust.runtime import cpu_has_amx, cpu_has_native_bf16
 from robust.train.rundir import read_metrics
 
 EVAL_FILE = "eval.json"  # where the report looks for a run's evaluation: RUN/eval.json
+PER_EXAMPLE_FILE = "per_example.jsonl"  # and for its per-example verdicts (robust eval --per-example RUN/)
 # settings that do not change what a run learns: runs differing only in these (and the seed) are seeds of one setting
 _NOT_A_SETTING = ("seed", "out", "quiet", "tensorboard", "threads", "save_every", "device", "workers", "data_dir")
 
@@ -59,6 +60,7 @@ class ReportRun:
     evaluation: dict[str, Any] | None
     checkpoint: Path | None
     images: dict[str, Any] | None = field(default=None)
+    broken_by: dict[str, dict[str, int]] | None = field(default=None)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -91,7 +93,25 @@ def read_run(path: str | Path, label: str | None = None) -> ReportRun:
         checkpoint = resolve_checkpoint_path(path)
     except CheckpointError:
         checkpoint = None
-    return ReportRun(path, label or path.name, config, metrics, evaluation, checkpoint)
+    broken_by = read_broken_by(path / PER_EXAMPLE_FILE) if (path / PER_EXAMPLE_FILE).is_file() else None
+    return ReportRun(path, label or path.name, config, metrics, evaluation, checkpoint, broken_by=broken_by)
+
+
+def read_broken_by(path: Path) -> dict[str, dict[str, int]]:
+    """Per route, how many examples each attack broke first ('clean': misclassified; 'survived': none did),
+    from a `robust eval --per-example` file."""
+    counts: dict[str, dict[str, int]] = {}
+    try:
+        lines = path.read_text().splitlines()
+        for line in lines:
+            row = json.loads(line)
+            key = row["broken_by"] if row["broken_by"] is not None else "survived"
+            per_route = counts.setdefault(str(row["route"]), {})
+            per_route[str(key)] = per_route.get(str(key), 0) + 1
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a `robust eval --per-example` file ({type(exc).__name__}); write it again "
+                          f"with `robust eval {path.parent} --per-example {path.parent}/ --force`") from None
+    return counts
 
 
 def read_runs(paths: Sequence[str | Path]) -> list[ReportRun]:
@@ -286,6 +306,12 @@ def per_class_table(per_class: dict[str, list[dict[str, Any]]], names: Sequence[
     return html_table(header, rows)
 
 
+def broken_by_table(counts: dict[str, dict[str, int]]) -> str:
+    routes = list(counts)
+    keys = list(dict.fromkeys(k for r in routes for k in counts[r]))
+    return html_table(["route", *keys], [[r, *(counts[r].get(k, 0) for k in keys)] for r in routes])
+
+
 def checks_list(checks: Sequence[dict[str, Any]]) -> str:
     items = "".join(f'<li class="{"pass" if c.get("passed") else "fail"}"><b>{"ok" if c.get("passed") else "FAILED"}</b> '
                     f'{_esc(c.get("name"))}: {_esc(c.get("detail"))}</li>' for c in checks)
@@ -448,9 +474,13 @@ def run_html(index: int, run: ReportRun) -> str:
             parts.append(section(f"{ident}-classes", "Accuracy per class (%)",
                                  figure_html(per_class_figure(per_class, names), "robust accuracy per class") +
                                  per_class_table(per_class, names)))
+        if run.broken_by:
+            parts.append(section(f"{ident}-broken-by", "Which attack broke each example first (test images)",
+                                 f"<p>From {PER_EXAMPLE_FILE}: per route, the first attack in --attack's order that "
+                                 "fooled each image ('clean': misclassified without attack).</p>" + broken_by_table(run.broken_by)))
         if ev.get("checks"):
             parts.append(section(f"{ident}-sanity", "Sanity checks", checks_list(ev["checks"])))
-        elif not ev.get("checks"):
+        else:
             parts.append(section(f"{ident}-sanity", "Sanity checks",
                                  f"<p>Not run; add them with `robust eval {_esc(run.path)} --sanity --json {_esc(run.path)}/ --force`.</p>"))
     else:
