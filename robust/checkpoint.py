@@ -137,6 +137,9 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
         model = build_model(**args)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint describes a model we cannot build: {exc}") from None
+    what = weight_mismatch(model, checkpoint["model"])
+    if what:
+        raise CheckpointError(f"checkpoint weights do not fit its architecture, {args.get('arch')} ({what})")
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
@@ -285,16 +288,26 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path} is not a readable model file (corrupt or truncated: {type(exc).__name__})") from None
 
 
-def _fit(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
-    """Load ``state`` strictly; CheckpointError naming missing, unexpected or mis-shaped weights."""
+def weight_mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """How ``state`` fails to fit ``model`` (the first missing, unexpected or mis-shaped weight), None when it fits."""
     mine = model.state_dict()
     missing = [k for k in mine if k not in state]
     unexpected = [k for k in state if k not in mine]
-    shapes = [k for k in mine if k in state and tuple(mine[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        what = (f"{len(missing)} weight(s) missing, e.g. {missing[0]}" if missing else
-                f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}" if unexpected else
-                f"{shapes[0]} is {tuple(state[shapes[0]].shape)} in the file but {tuple(mine[shapes[0]].shape)} in {arch}")
+    shapes = [k for k in mine if k in state and isinstance(state[k], torch.Tensor)
+              and tuple(mine[k].shape) != tuple(state[k].shape)]
+    if missing:
+        return f"{len(missing)} weight(s) missing, e.g. {missing[0]}"
+    if unexpected:
+        return f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}"
+    if shapes:
+        return f"{shapes[0]} is {tuple(state[shapes[0]].shape)} in the file but {tuple(mine[shapes[0]].shape)} in the model"
+    return None
+
+
+def _fit(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Load ``state`` strictly; CheckpointError naming missing, unexpected or mis-shaped weights."""
+    what = weight_mismatch(model, state)
+    if what:
         raise CheckpointError(f"{path} does not fit --arch {arch} ({what}); pass the architecture it was saved from")
     model.load_state_dict(state)
 

@@ -103,3 +103,20 @@ def test_bad_plain_models_refused(files):
     assert_refused(files, ["eval", "ours.ts", "--eps", "0.1", "--json", "new.json"], "--dataset")
     assert_refused(files, ["eval", "export.pt", "--mean", "0.3", "--std", "0.4", "--json", "new.json"], "--mean", "drop")
     assert_refused(files, ["eval", "export.pt", "--arch", "preact_resnet18", *run], "robust checkpoint", "drop --arch")
+
+
+def test_robust_safetensors_with_missing_or_foreign_weights_refused(files):
+    """A safetensors export of robust whose tensors lost a key, or carry another architecture's shapes."""
+    assert invoke_in(files, ["export", "run", "-o", "export.safetensors", "--force"]).exit_code == 0
+    with safetensors.safe_open(str(files / "export.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+        weights = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    dropped = dict(weights)
+    del dropped["stem.weight"]
+    safetensors.torch.save_file(dropped, str(files / "dropped.safetensors"), metadata=meta)
+    resnet = torch.load(files / "resnet.pt", weights_only=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in resnet.items()}, str(files / "foreign.safetensors"),
+                                metadata=meta)
+    run = ["--limit", "8", "--json", "new.json"]
+    assert_refused(files, ["eval", "dropped.safetensors", *run], "do not fit", "stem.weight")
+    assert_refused(files, ["eval", "foreign.safetensors", *run], "do not fit")
