@@ -9,10 +9,11 @@ import re
 from html.parser import HTMLParser
 
 import pytest
+import torch
 from helpers import assert_refused, invoke_in, tiny_config
 
 from robust.checkpoint import load_model, read_checkpoint
-from robust.eval.evaluation import load_test_split
+from robust.eval.evaluation import load_test_split, per_class_accuracy
 from robust.eval.sanity import determinism_checks
 from robust.lab.report import ReportRun, comparison, read_runs
 from robust.train.trainer import Trainer
@@ -143,3 +144,12 @@ def test_paired_differences_between_settings_match_by_seed(tmp_path):
     assert (paired["low"], paired["high"]) == pytest.approx((mean - 12.706 * sd / 2 ** 0.5, mean + 12.706 * sd / 2 ** 0.5))
     clean = next(p for p in result["paired"] if p["metric"] == "adv val clean")
     assert clean["mean"] == 0.0
+
+
+def test_per_class_accuracy_by_hand():
+    examples = {"prediction": [0, 1, 1, 0], "robust": [True, False, False, False]}
+    rows = per_class_accuracy(examples, torch.tensor([0, 0, 1, 2]), 4)
+    assert rows == [{"class": 0, "n": 2, "clean": 50.0, "worst_case": 50.0},
+                    {"class": 1, "n": 1, "clean": 100.0, "worst_case": 0.0},
+                    {"class": 2, "n": 1, "clean": 0.0, "worst_case": 0.0},
+                    {"class": 3, "n": 0, "clean": None, "worst_case": None}]

@@ -202,16 +202,13 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
 
 def per_class_accuracy(examples: dict[str, list], y: torch.Tensor, num_classes: int) -> list[dict[str, Any]]:
     """Clean and worst-case accuracy (%) per true class, from one route's per-example verdicts."""
-    labels = y.tolist()
-    rows = []
-    for c in range(max(num_classes, max(labels) + 1)):
-        members = [i for i, label in enumerate(labels) if label == c]
-        n = len(members)
-        clean = sum(examples["prediction"][i] == c for i in members)
-        robust = sum(bool(examples["robust"][i]) for i in members)
-        rows.append({"class": c, "n": n, "clean": 100.0 * clean / n if n else None,
-                     "worst_case": 100.0 * robust / n if n else None})
-    return rows
+    labels = y.cpu().long()
+    classes = max(num_classes, int(labels.max()) + 1)
+    n = torch.bincount(labels, minlength=classes)
+    clean = torch.bincount(labels[torch.tensor(examples["prediction"]) == labels], minlength=classes)
+    robust = torch.bincount(labels[torch.tensor(examples["robust"], dtype=torch.bool)], minlength=classes)
+    return [{"class": c, "n": int(n[c]), "clean": 100.0 * int(clean[c]) / int(n[c]) if n[c] else None,
+             "worst_case": 100.0 * int(robust[c]) / int(n[c]) if n[c] else None} for c in range(classes)]
 
 
 def _progress_bar(total: int, enabled: bool):
