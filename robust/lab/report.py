@@ -361,9 +361,9 @@ def timing_table(run: ReportRun) -> str:
 # ---------------------------------------------------------------- several runs
 
 
-def run_figures(run: ReportRun) -> dict[str, float]:
-    """The run's headline figures: the evaluation's table when it has one, else the last validation."""
-    if run.evaluation:
+def run_figures(run: ReportRun, evaluated: bool = True) -> dict[str, float]:
+    """The run's headline figures: the evaluation's table (``evaluated`` and it has one), else the last validation."""
+    if evaluated and run.evaluation:
         return {f"{route} {k}": v for route, acc in run.evaluation["routes"].items() for k, v in acc.items()
                 if isinstance(v, (int, float))}
     last = run.metrics[-1]
@@ -379,7 +379,8 @@ def comparison(runs: Sequence[ReportRun]) -> dict[str, Any]:
     """Figures per run, and the statistics the runs allow: with one setting over several seeds, mean, sd
     and the 95% t interval of the mean; with several settings, the paired difference of each against the
     first, matched by seed."""
-    figures = [run_figures(r) for r in runs]
+    evaluated = all(r.evaluation for r in runs)  # else every run's validation figures, so they compare
+    figures = [run_figures(r, evaluated) for r in runs]
     common = [k for k in figures[0] if all(k in f for f in figures[1:])]
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
