@@ -13,6 +13,7 @@ from robust.cli.demo import demo
 from robust.cli.evaluate import evaluate_command
 from robust.cli.export import export_command
 from robust.cli.pseudo_label import pseudo_label
+from robust.cli.report import report
 from robust.cli.train import train
 from robust.errors import TrainingInterrupted
 from robust.runtime import __version__
@@ -82,6 +83,7 @@ cli.add_command(plot)
 cli.add_command(analyze)
 cli.add_command(evaluate_command)
 cli.add_command(export_command)
+cli.add_command(report)
 cli.add_command(demo)
 
 

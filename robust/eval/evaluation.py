@@ -159,6 +159,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     means its test split). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attacks": {name:
     params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "seconds", "versions"}``; with
+    ``"per_class": {route: [{"class", "n", "clean", "worst_case"}, ...]}`` (the worst case per class:
+    robust to every attack; None for a class without examples); with
     ``per_example``, also ``"per_example": {route: {"prediction", "broken_by", "robust"}}``, a list
     each in the examples' order (``broken_by``: "clean" when misclassified, else the first attack
     that fooled it, None when it survived every attack).
@@ -186,6 +188,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
                     accuracy, params, examples = _score_route(model, x, y, names, eps, threat, settings, batch_size,
                                                               device, seed, bar)
                 result["routes"][r] = accuracy
+                result.setdefault("per_class", {})[r] = per_class_accuracy(examples, y, num_classes_of(model))
                 if per_example:
                     result.setdefault("per_example", {})[r] = examples
                 result["attacks"].update(params)
@@ -195,6 +198,17 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     result["seconds"] = time.perf_counter() - start
     result["versions"] = versions()
     return result
+
+
+def per_class_accuracy(examples: dict[str, list], y: torch.Tensor, num_classes: int) -> list[dict[str, Any]]:
+    """Clean and worst-case accuracy (%) per true class, from one route's per-example verdicts."""
+    labels = y.cpu().long()
+    classes = max(num_classes, int(labels.max()) + 1)
+    n = torch.bincount(labels, minlength=classes)
+    clean = torch.bincount(labels[torch.tensor(examples["prediction"]) == labels], minlength=classes)
+    robust = torch.bincount(labels[torch.tensor(examples["robust"], dtype=torch.bool)], minlength=classes)
+    return [{"class": c, "n": int(n[c]), "clean": 100.0 * int(clean[c]) / int(n[c]) if n[c] else None,
+             "worst_case": 100.0 * int(robust[c]) / int(n[c]) if n[c] else None} for c in range(classes)]
 
 
 def _progress_bar(total: int, enabled: bool):
