@@ -8,7 +8,7 @@ from typing import Any
 import click
 from robust.cli.common import BadInput
 
-from robust.checkpoint import (
+from robust.plain_model import (
     check_logits,
     is_torchscript,
     parse_channel_values,

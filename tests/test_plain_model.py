@@ -12,7 +12,8 @@ import torch
 from helpers import assert_refused, invoke_in, tiny_config
 
 import robust
-from robust.checkpoint import load_model, read_plain_model
+from robust.checkpoint import load_model
+from robust.plain_model import read_plain_model
 from robust.train.trainer import Trainer
 
 EVAL = ["--eps", "0.1", "--attack", "pgd2,fgsm", "--limit", "32", "--quiet"]
