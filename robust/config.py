@@ -58,7 +58,9 @@ class TrainConfig:
     limit: int | None = _f(None, "train on the first N examples only (quick runs)", min=1)
     # model
     arch: str = _f("preact_resnet18", f"architecture: {', '.join(available_archs())}, torchvision:NAME or timm:NAME (e.g. torchvision:resnet18)")
-    norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN)", choices=NORMS)
+    norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN); a LayerNorm/GroupNorm has no "
+                           "running statistics, so there its routes differ in their affines only (bn keeps the "
+                           "model's own layer)", choices=NORMS)
     width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)", min=1)
     activation: str = _f("relu", "our architectures' activation: relu (the SaBN reference) or silu (the modern recipes' "
                                  "wide ResNets)", choices=tuple(ACTIVATIONS))

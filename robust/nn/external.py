@@ -1,7 +1,8 @@
 """torchvision and timm classifiers as dual-route models: ``--arch torchvision:NAME`` / ``timm:NAME``.
 
 The library's own model is built with ``num_classes`` (and ``in_channels``) adapted, every
-BatchNorm2d becomes the chosen dual-route norm through :func:`robust.nn.norms.convert_norms`, and
+norm layer (BatchNorm2d, timm's BatchNormAct2d, LayerNorm, GroupNorm) becomes the chosen dual-route norm through
+:func:`robust.nn.convert.convert_norms`, and
 input normalization sits in front as for our architectures, so the model takes [0, 1] inputs.
 
 The wrapper is invisible in the state_dict: its keys are the library model's own (``conv1.weight``,
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-from collections import Counter
 from typing import Sequence
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 from robust.errors import ModelError
-from robust.nn.norms import RoutedNorm, convert_norms
+from robust.nn.convert import convert_norms, is_norm, unconverted_norms
 from robust.nn.resnet import InputNormalization
 
 LIBRARIES = ("torchvision", "timm")
@@ -95,17 +95,6 @@ def _timm_net(name: str, num_classes: int, in_channels: int) -> nn.Module:
     import timm
 
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
-
-
-def _is_norm(m: nn.Module) -> bool:
-    kinds = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-    return isinstance(m, kinds) or "Norm" in type(m).__name__
-
-
-def unconverted_norms(net: nn.Module) -> Counter:
-    """Norm layers outside our routed norms, by class name (what convert_norms could not convert)."""
-    inside = {id(sub) for m in net.modules() if isinstance(m, RoutedNorm) for sub in m.modules()}
-    return Counter(type(m).__name__ for m in net.modules() if id(m) not in inside and _is_norm(m))
 
 
 def _strip_wrapper(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
@@ -220,11 +209,12 @@ def build_external(arch: str, norm: str, num_classes: int, in_channels: int, mea
     left = unconverted_norms(net)
     if left:
         found = ", ".join(f"{kind} x{count}" for kind, count in left.most_common())
-        raise ModelError(f"{arch} has norm layers that cannot be made dual-route: {found} (only plain BatchNorm2d "
-                         "converts); pick a BatchNorm2d architecture such as torchvision:resnet18 or timm:resnet18")
-    if not any(isinstance(m, RoutedNorm) for m in net.modules()):
-        raise ModelError(f"{arch} has no BatchNorm2d layer to make dual-route; pick a BatchNorm2d architecture "
-                         "such as torchvision:resnet18")
+        raise ModelError(f"{arch} has norm layers that cannot be made dual-route: {found} (BatchNorm2d, timm's "
+                         "BatchNormAct2d, LayerNorm and GroupNorm convert); pick an architecture with those, such as "
+                         "timm:resnet18, timm:convnext_atto or timm:vit_tiny_patch16_224")
+    if not any(is_norm(m) for m in net.modules()):
+        raise ModelError(f"{arch} has no norm layer to make dual-route; pick one with BatchNorm, LayerNorm or GroupNorm "
+                         "layers, such as torchvision:resnet18")
     model = ExternalModel(net, mean, std, arch, num_classes)
     check_logits(model, arch, in_channels)
     return model
