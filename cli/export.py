@@ -55,7 +55,8 @@ def export_command(checkpoint: str, route: str, out: str, force: bool, weights: 
     meta["weights"] = "ema" if weights != "live" and isinstance(state.get("ema"), dict) else "live"
     args = exported.build_args
     if is_external(args["arch"]):  # the file also says how to use the weights without robust
-        meta["constructor"] = constructor_call(args["arch"], args["num_classes"], args["in_channels"])
+        meta["constructor"] = constructor_call(args["arch"], args["num_classes"], args["in_channels"],
+                                               args.get("image_size"), args.get("patch_size"))
         meta["input_normalization"] = {"mean": list(args["mean"]), "std": list(args["std"])}
     save_checkpoint(build_checkpoint(exported, kind="export", route=route, source=str(source), **meta), out_file,
                     overwrite=force)

@@ -91,7 +91,7 @@ def test_split_equals_two_route_forwards(norm):
     with use_route(two, "adv"):
         adv = two(x[n:])
     torch.testing.assert_close(split, torch.cat([clean, adv]), rtol=0, atol=0)
-    for (k, a), b in zip(split_layer.state_dict().items(), two.state_dict().values()):
+    for (k, a), b in zip(split_layer.state_dict().items(), two.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 
@@ -144,3 +144,24 @@ def test_frozen_batch_norms_are_kept_as_they_are():
     model = convert_norms(nn.Sequential(frozen, nn.BatchNorm2d(C)), "sabn")
     assert model[0] is frozen and isinstance(model[1], SandwichBatchNorm2d)
     assert not unconverted_norms(model)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_state_dict_without_its_version_metadata_loads_strictly(norm):
+    saved = dict(converted(norm).state_dict())  # a plain dict, as a checkpoint holds it
+    fresh = converted(norm)
+    fresh.load_state_dict(saved, strict=True)
+    assert fresh.state_dict().keys() == saved.keys()
+
+
+def test_under_bn_the_keys_are_the_timm_layers_own_and_an_export_loads_back():
+    layer = norm_act(act=nn.PReLU)  # an activation with a weight of its own
+    routed = converted("bn", layer)
+    assert sorted(routed.state_dict()) == sorted(layer.state_dict())
+    exported = export_route(nn.Sequential(converted("sabn", layer)), "adv")[0]
+    again = converted("bn", layer)
+    again.load_state_dict(exported.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(batch()), exported.eval()(batch()), rtol=1e-5, atol=1e-6)
+    assert {"act.weight", "shared_weight", "route_weight.adv", "stats.adv.running_mean"} <= set(
+        converted("sabn", layer).state_dict())

@@ -58,6 +58,11 @@ class RoutedBatchNormAct(RoutedNorm):
         self._init_route_state()
         self.norm = convert_batch_norm(plain_batch_norm(layer), norm).train(layer.training)
         self.shell = shell_of(layer, BN_TENSORS)
+        # Without statistics to track: a BatchNorm's loader would otherwise add a num_batches_tracked to the
+        # checkpoint it loads (an unexpected key). The export sets the layer's own value back.
+        self.shell.track_running_stats = False
+        self.register_state_dict_post_hook(_flatten)
+        self.register_load_state_dict_pre_hook(_nest)
 
     def normalize(self, x: torch.Tensor, route: str) -> torch.Tensor:
         x = self.norm.normalize(x, route)
@@ -71,6 +76,7 @@ class RoutedBatchNormAct(RoutedNorm):
         """The layer's own class (BatchNormAct2d, ...) with ``route``'s statistics and folded affine."""
         plain = self.norm.export_route(check_route(route))
         exported = copy.deepcopy(self.shell)
+        exported.track_running_stats = plain.track_running_stats
         for name in BN_TENSORS:
             value = getattr(plain, name, None)
             if name in exported._parameters:
@@ -78,6 +84,24 @@ class RoutedBatchNormAct(RoutedNorm):
             elif name in exported._buffers:
                 exported._buffers[name] = value
         return exported
+
+
+def _flatten(module: RoutedBatchNormAct, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: ``norm.x`` and ``shell.x`` -> ``x``, so under bn the keys are the timm layer's own
+    (``weight``, ``running_mean``, ``act.*``) and an export loads back into a bn model; auxbn/sabn keys read
+    ``bns.adv.running_mean``, ``stats.adv.running_mean``, as for our batch norms."""
+    for child in ("norm.", "shell."):
+        inner = prefix + child
+        for key in [k for k in state_dict if k.startswith(inner)]:
+            state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _nest(module: RoutedBatchNormAct, state_dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook, the inverse of :func:`_flatten`: the shell's keys are its submodules' (act, drop)."""
+    shell_children = tuple(f"{prefix}{name}." for name, _ in module.shell.named_children())
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith((prefix + "norm.", prefix + "shell."))]:
+        child = "shell." if key.startswith(shell_children) else "norm."
+        state_dict[prefix + child + key[len(prefix):]] = state_dict.pop(key)
 
 
 def convert_norm_act(m: nn.Module, norm: str) -> RoutedBatchNormAct | None:

@@ -51,8 +51,8 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
                          channels_last=c.channels_last, device=device, workers=getattr(train_x, "workers", 0),
                          **augmentation_for(*train_x.shape[-2:]))
     torch.manual_seed(c.seed)
-    model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std,
-                        activation=c.activation).to(device)
+    model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std, activation=c.activation,
+                        image_size=tuple(train_x.shape[-2:]), patch_size=c.patch_size).to(device)
     if state is not None:
         load_weights(model, state, c, source or Path(RunFiles.LAST))
     saved_sync = bool((state or {}).get("distributed", {}).get("sync_bn", False))
