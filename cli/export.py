@@ -28,7 +28,8 @@ def export_command(checkpoint: str, route: str, out: str, force: bool, weights: 
     """Write ROUTE of CHECKPOINT (a file or run folder) as a plain single-route model.
 
     The file holds the route's weights as a plain model's: every norm's state is an ordinary
-    BatchNorm2d's (SaBN affines folded), so it loads into the architecture built with plain
+    BatchNorm2d's (SaBN affines folded; a torchvision/timm model's norms are its own classes,
+    LayerNorm or BatchNormAct2d say), so it loads into the architecture built with plain
     BatchNorm2d (norm bn; for torchvision/timm models, their own constructor). The input
     normalization stays inside: images in [0, 1] in, logits out, ready for torchattacks,
     AutoAttack or RobustBench. `robust eval` and `robust.load_model` read the file and rebuild the
@@ -62,7 +63,7 @@ def export_command(checkpoint: str, route: str, out: str, force: bool, weights: 
                     overwrite=force)
     what = f"{args['arch']} (width {args['width']})" if args.get("width") else args["arch"]
     click.echo(f"wrote {out_file}: {what}, {route} route of a {model.build_args['norm']} model, "
-               f"plain BatchNorm; inputs in [0, 1] (N, {args['in_channels']}, H, W), {args['num_classes']} logits out "
+               f"plain norm layers; inputs in [0, 1] (N, {args['in_channels']}, H, W), {args['num_classes']} logits out "
                f"(largest logit gap to the checkpoint's route: {gap:.2g})")
     if "constructor" in meta:
         click.echo(f"its state_dict (the file's 'model') loads into {meta['constructor']}; "
