@@ -13,7 +13,16 @@ import torch.nn.functional as F
 
 from robust.nn.convert import convert_norms, unconverted_norms
 from robust.nn.norm_act import RoutedBatchNormAct
-from robust.nn.norms import NORMS, ROUTES, DualBatchNorm2d, SandwichBatchNorm2d, export_route, split_routes, use_route
+from robust.nn.norms import (
+    NORMS,
+    ROUTES,
+    DualBatchNorm2d,
+    SandwichBatchNorm2d,
+    export_route,
+    is_dual_route,
+    split_routes,
+    use_route,
+)
 from robust.nn.syncbn import SyncBatchNorm2d, SyncSharedBatchNorm2d, convert_sync_batchnorm
 
 C = 5
@@ -165,3 +174,8 @@ def test_under_bn_the_keys_are_the_timm_layers_own_and_an_export_loads_back():
         torch.testing.assert_close(again.eval()(batch()), exported.eval()(batch()), rtol=1e-5, atol=1e-6)
     assert {"act.weight", "shared_weight", "route_weight.adv", "stats.adv.running_mean"} <= set(
         converted("sabn", layer).state_dict())
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_a_model_of_shared_batchnormact_layers_has_one_route(norm):
+    assert is_dual_route(nn.Sequential(converted(norm))) == (norm != "bn")

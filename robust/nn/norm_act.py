@@ -64,6 +64,10 @@ class RoutedBatchNormAct(RoutedNorm):
         self.register_state_dict_post_hook(_flatten)
         self.register_load_state_dict_pre_hook(_nest)
 
+    @property
+    def dual(self) -> bool:
+        return self.norm.dual
+
     def normalize(self, x: torch.Tensor, route: str) -> torch.Tensor:
         x = self.norm.normalize(x, route)
         for name in ("drop", "act"):  # SyncBatchNormAct may lack them (timm checks with hasattr)

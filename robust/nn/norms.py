@@ -96,6 +96,8 @@ def check_norm(norm: str) -> str:
 class RoutedNorm(nn.Module):
     """Mixin state for route-aware norms: the active route and the optional split point."""
 
+    dual = True  # keeps separate state per route (False for the shared BN)
+
     def _init_route_state(self) -> None:
         self.route: str = DEFAULT_ROUTE
         self.split_at: int | None = None
@@ -126,6 +128,8 @@ class SharedBatchNorm2d(RoutedNorm, nn.BatchNorm2d):
     Its state_dict is a plain BatchNorm2d's. In split mode each half is normalized with its own
     batch statistics and updates the running statistics once, like two separate forwards.
     """
+
+    dual = False
 
     def __init__(self, num_features: int, **kwargs) -> None:
         nn.BatchNorm2d.__init__(self, num_features, **kwargs)
@@ -282,7 +286,7 @@ def routed_norms(model: nn.Module) -> Iterator[RoutedNorm]:
 
 def is_dual_route(model: nn.Module) -> bool:
     """True when the model's norms keep separate statistics per route (auxbn, sabn)."""
-    return any(not isinstance(m, SharedBatchNorm2d) for m in routed_norms(model))
+    return any(m.dual for m in routed_norms(model))
 
 
 @contextlib.contextmanager
