@@ -39,7 +39,8 @@ def export_command(checkpoint: str, route: str, out: str, force: bool, weights: 
     """Write ROUTE of CHECKPOINT (a file or run folder) as a plain single-route model.
 
     The file holds the route's weights as a plain model's: every norm's state is an ordinary
-    BatchNorm2d's (SaBN affines folded), so it loads into the architecture built with plain
+    BatchNorm2d's (SaBN affines folded; a torchvision/timm model's norms are its own classes,
+    LayerNorm or BatchNormAct2d say), so it loads into the architecture built with plain
     BatchNorm2d (norm bn; for torchvision/timm models, their own constructor). The input
     normalization stays inside: images in [0, 1] in, logits out, ready for torchattacks,
     AutoAttack or RobustBench. `robust eval` and `robust.load_model` read the file and rebuild the
@@ -76,13 +77,14 @@ def export_command(checkpoint: str, route: str, out: str, force: bool, weights: 
     meta["weights"] = "ema" if weights != "live" and isinstance(state.get("ema"), dict) else "live"
     args = exported.build_args
     if is_external(args["arch"]):  # the file also says how to use the weights without robust
-        meta["constructor"] = constructor_call(args["arch"], args["num_classes"], args["in_channels"])
+        meta["constructor"] = constructor_call(args["arch"], args["num_classes"], args["in_channels"],
+                                               args.get("image_size"), args.get("patch_size"))
         meta["input_normalization"] = {"mean": list(args["mean"]), "std": list(args["std"])}
     save_checkpoint(build_checkpoint(exported, kind="export", route=route, source=str(source), **meta), out_file,
                     overwrite=force)
     what = f"{args['arch']} (width {args['width']})" if args.get("width") else args["arch"]
     click.echo(f"wrote {out_file}: {what}, {route} route of a {model.build_args['norm']} model, "
-               f"plain BatchNorm; inputs in [0, 1] (N, {args['in_channels']}, H, W), {args['num_classes']} logits out "
+               f"plain norm layers; inputs in [0, 1] (N, {args['in_channels']}, H, W), {args['num_classes']} logits out "
                f"(largest logit gap to the checkpoint's route: {gap:.2g})")
     if "constructor" in meta:
         click.echo(f"its state_dict (the file's 'model') loads into {meta['constructor']}; "

@@ -72,8 +72,12 @@ class TrainConfig:
     # model
     arch: str = _f("preact_resnet18", f"architecture: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
                                       "torchvision:NAME or timm:NAME (e.g. torchvision:resnet18)")
-    norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN)", choices=NORMS)
+    norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN); a LayerNorm/GroupNorm has no "
+                           "running statistics, so there its routes differ in their affines only (bn keeps the "
+                           "model's own layer)", choices=NORMS)
     width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)", min=1)
+    patch_size: int | None = _f(None, "timm ViTs: the patch side (default: the model's own; it must divide the image side, "
+                                      "e.g. 4 for 28- or 32-pixel images)", min=1)
     activation: str = _f("relu", "our architectures' activation: relu (the SaBN reference) or silu (the modern recipes' "
                                  "wide ResNets)", choices=tuple(ACTIVATIONS))
     # optimization
@@ -372,6 +376,8 @@ def _check_data_and_arch(c: TrainConfig) -> None:
     elif arch_constructor(c.arch) is None:
         raise ConfigError(f"unknown arch {c.arch!r}; valid: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
                           "torchvision:NAME, timm:NAME")
+    elif c.patch_size is not None:
+        raise ConfigError(f"--patch-size applies to timm ViTs (timm:NAME), not to {c.arch}; drop --patch-size")
     if c.dataset in ("imagefolder", "tensors") and not c.data_dir:
         what = "DIR with train/<class>/ images" if c.dataset == "imagefolder" else "FILE.npz (or .pt) with arrays x and y"
         raise ConfigError(f"--dataset {c.dataset} needs --data-dir {what}")

@@ -15,11 +15,11 @@ from helpers import assert_refused
 
 from robust.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from robust.nn.factory import build_model
+from robust.nn.convert import convert_norms
 from robust.nn.norms import (
     NORMS,
     ROUTES,
     RoutedNorm,
-    convert_norms,
     export_route,
     is_dual_route,
     routed_norms,

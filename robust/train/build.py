@@ -52,8 +52,8 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
     train_x = train_x.to(device) if isinstance(train_x, torch.Tensor) else train_x
     loader = make_loader(c, d, train_x, train_y.to(device), device, extra)
     torch.manual_seed(c.seed)
-    model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std,
-                        activation=c.activation).to(device)
+    model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std, activation=c.activation,
+                        image_size=tuple(train_x.shape[-2:]), patch_size=c.patch_size).to(device)
     if state is not None:
         load_weights(model, state, c, source or Path(RunFiles.LAST))
     saved_sync = bool((state or {}).get("distributed", {}).get("sync_bn", False))
