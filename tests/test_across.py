@@ -23,7 +23,7 @@ def test_rows_are_paired_seed_by_seed_against_the_first_folder(tmp_path, capsys)
     diffs = [1.0, 2.0, 1.0]  # pgd20, seed by seed
     mean, sd = 4 / 3, math.sqrt(sum((d - 4 / 3) ** 2 for d in diffs) / 2)
     half = 4.303 * sd / math.sqrt(3)  # t_{0.975, 2}
-    assert f"| ema | 0,1,2 | 101 | 72.00 ± 1.32 | 52.33 ± 1.53 | +1.00 [" in table
+    assert "| ema | 0,1,2 | 101 | 72.00 ± 1.32 | 52.33 ± 1.53 | +1.00 [" in table
     assert f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] |" in table
     assert "| plain | 0,1,2 | 101 | 71.00 ± 1.00 | 51.00 ± 1.00 | (baseline) | (baseline) |" in table
     assert main([str(tmp_path / "missing")]) == 2

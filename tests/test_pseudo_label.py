@@ -47,7 +47,7 @@ def test_the_file_holds_the_images_and_the_teachers_labels(tmp_path, fmnist, tea
     assert saved["y"].tolist() == probs.argmax(1).tolist()
     assert np.allclose(saved["confidence"], probs.max(1).values.numpy(), atol=1e-5)
     agree = 100 * (probs.argmax(1) == fmnist.train_y[100:164]).float().mean().item()
-    assert f"wrote extra.npz: 64 of 64 images, hard labels" in result.output
+    assert "wrote extra.npz: 64 of 64 images, hard labels" in result.output
     assert f"{agree:.1f}% agree with the true labels" in result.output
     extra = load_extra_data(tmp_path / "extra.npz", (1, 28, 28), 10)
     assert torch.equal(extra.y, probs.argmax(1)) and len(extra) == 64
