@@ -259,7 +259,7 @@ def _optimizer_text(c: TrainConfig) -> str:
 
 def _schedule_text(c: TrainConfig, steps_per_epoch: int) -> str:
     if c.schedule == "multistep":
-        schedule = f"multistep x0.1 at epochs {c.milestones}{_milestone_note(c)}"
+        schedule = f"multistep x0.1 at milestones {c.milestones}{_milestone_note(c)}"
     elif c.schedule == "cosine":
         schedule = "cosine to 0"
     else:
