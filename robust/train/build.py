@@ -92,12 +92,25 @@ def make_optimizer(c: TrainConfig, groups: list[dict[str, Any]], device: torch.d
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norms: bool) -> list[dict[str, Any]]:
     """The optimizer's groups: every parameter with ``weight_decay``, or, without ``decay_norms``, only the
-    conv and linear weights (more than one dimension) with it and norm affines and biases without."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    conv and linear weights (more than one dimension) with it and norm affines and biases without, nor the
+    parameters a timm model names in its ``no_weight_decay()`` (a ViT's position embedding and class token)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if decay_norms:
-        return [{"params": params, "weight_decay": weight_decay}]
-    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+        return [{"params": [p for _, p in named], "weight_decay": weight_decay}]
+    exempt = _no_weight_decay_names(model)
+    decayed = [p for n, p in named if p.dim() > 1 and n not in exempt]
+    return [{"params": decayed, "weight_decay": weight_decay},
+            {"params": [p for n, p in named if p.dim() <= 1 or n in exempt], "weight_decay": 0.0}]
+
+
+def _no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full parameter names that a submodule exempts from weight decay through timm's ``no_weight_decay()``."""
+    names = set()
+    for prefix, module in model.named_modules():
+        exempt = getattr(module, "no_weight_decay", None)
+        if callable(exempt):
+            names |= {f"{prefix}.{n}" if prefix else n for n in exempt()}
+    return names
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], config: TrainConfig, path: Path) -> None:
