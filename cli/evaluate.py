@@ -12,6 +12,7 @@ import click
 from robust.attacks.registry import PerturbationError
 from robust.checkpoint import model_from, read_checkpoint
 from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
+from robust.cli.plain_model import load_plain_model, plain_model_options, wants_plain_model
 from robust.eval.accuracy import ATTACK_PRECISIONS
 from robust.eval.evaluation import check_attack_names, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
@@ -96,12 +97,13 @@ def print_checks(checks) -> None:
 @click.option("--json", "json_path", default=None, help="write every figure to this JSON file (a folder ending in / gets eval.json)")
 @click.option("--force", is_flag=True, help="overwrite existing --json / --plot / --per-example files, and start a --state file again")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@plain_model_options
 def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str,
                      limit: int | None, batch_size: int, device: str, seed: int, restarts: int, queries: int,
                      data_dir: str | None, sanity: bool, eps_sweep: str | None, plot: str | None,
                      json_path: str | None, force: bool, quiet: bool, weights: str | None, per_example: str | None,
                      attack_precision: str, jobs: int, threads: int | None, state_path: str | None,
-                     resume: bool) -> None:
+                     resume: bool, **plain: str | None) -> None:
     """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
 
     Without CHECKPOINT, the newest run folder under ./runs is scored (and named).
@@ -133,7 +135,8 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
     try:
         run_eval(checkpoint, attacks, eps, route, threat, limit, batch_size, device, seed, restarts, queries,
                  data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights, per_example=per_example,
-                 attack_precision=attack_precision, jobs=jobs, threads=threads, state_file=state_path, resume=resume)
+                 attack_precision=attack_precision, jobs=jobs, threads=threads, state_file=state_path, resume=resume,
+                 plain=plain)
     except PerturbationError as exc:
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
 
@@ -143,7 +146,7 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
              sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
              quiet: bool, weights: str | None = None, per_example: str | None = None,
              attack_precision: str = "auto", jobs: int = 1, threads: int | None = None, state_file: str | None = None,
-             resume: bool = False) -> None:
+             resume: bool = False, plain: dict[str, Any] | None = None) -> None:
     """The body of `robust eval` (see its help)."""
 
     if jobs < 1:
@@ -168,7 +171,11 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     for target, flag in ((json_file, "--json"), (plot_file, "--plot"), (examples_file, "--per-example")):  # the checkpoint it reads, even outside a run
         if target is not None:
             check_output_file(target, flag, force, inputs=(scored,))
-    state = read_checkpoint(scored)
+    plain_model = None
+    if wants_plain_model(scored, plain or {}):
+        state, plain_model, test = load_plain_model(scored, plain, data_dir, limit, weights)
+    else:
+        state = read_checkpoint(scored)
     trained_threat = state.get("threat", "linf")
     if eps is None and "eps" not in state:
         raise BadInput(f"{checkpoint} records no training eps; pass --eps, e.g. --eps 8/255")
@@ -178,8 +185,9 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     eps_value = resolve_eps(eps if eps is not None else state["eps"], threat)
     if "dataset" not in state:
         raise BadInput(f"{checkpoint} records no dataset; re-export it with `robust export`")
-    model = model_from(state, weights=weights)
-    test = load_test_split(state, data_dir, limit)
+    model = plain_model if plain_model is not None else model_from(state, weights=weights)
+    if plain_model is None:
+        test = load_test_split(state, data_dir, limit)
     options = dict(route=route, batch_size=batch_size, limit=limit, device=device, seed=seed, threat=threat,
                    restarts=restarts, queries=queries, progress=not quiet and sys.stderr.isatty(),
                    attack_precision=attack_precision, jobs=jobs, threads=threads)

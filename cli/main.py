@@ -12,6 +12,8 @@ from robust.cli.compare import analyze, compare, plot
 from robust.cli.demo import demo
 from robust.cli.evaluate import evaluate_command
 from robust.cli.export import export_command
+from robust.cli.pseudo_label import pseudo_label
+from robust.cli.report import report
 from robust.cli.train import train
 from robust.errors import TrainingInterrupted
 from robust.runtime import __version__
@@ -74,12 +76,14 @@ def cli() -> None:
 
 
 cli.add_command(train)
+cli.add_command(pseudo_label)
 cli.add_command(bench)
 cli.add_command(compare)
 cli.add_command(plot)
 cli.add_command(analyze)
 cli.add_command(evaluate_command)
 cli.add_command(export_command)
+cli.add_command(report)
 cli.add_command(demo)
 
 

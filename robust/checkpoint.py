@@ -8,6 +8,7 @@ build arguments, so a model is rebuilt from the file alone.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import zipfile
@@ -62,6 +63,13 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path, overwrite: boo
     return path
 
 
+def state_dict_bytes(obj: dict[str, Any]) -> bytes:
+    """``obj`` (tensors and plain values) as ``torch.save`` writes it: the file other tools' ``torch.load`` reads."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def _load_safetensors(path: Path) -> dict[str, Any]:
     """A checkpoint from a .safetensors file: tensors and the JSON fields of its metadata; nothing is unpickled."""
     try:
@@ -71,7 +79,8 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         fields = json.loads(meta["robust"])
     except (OSError, KeyError, ValueError, safetensors.SafetensorError) as exc:
         raise CheckpointError(f"{path} is not a safetensors file of robust ({type(exc).__name__}); "
-                              "write one with `robust export RUN -o model.safetensors`") from None
+                              "write one with `robust export RUN -o model.safetensors`, or for another model's "
+                              "weights pass --arch and --dataset") from None
     if not isinstance(fields, dict):
         raise CheckpointError(f"{path} has no robust metadata; write it with `robust export`")
     return {**fields, "model": weights}
@@ -108,7 +117,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             KeyError, TypeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated: {type(exc).__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a robust checkpoint; write one with `robust train` or `robust export`")
+        raise CheckpointError(f"{path} is not a robust checkpoint (write one with `robust train` or `robust export`); "
+                              "for another model's weights pass --arch and --dataset")
     return checkpoint
 
 
@@ -122,6 +132,9 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
         model = build_model(**args)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint describes a model we cannot build: {exc}") from None
+    what = weight_mismatch(model, checkpoint["model"])
+    if what:
+        raise CheckpointError(f"checkpoint weights do not fit its architecture, {args.get('arch')} ({what})")
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
@@ -186,3 +199,22 @@ def load_model(path: str | Path, route: str | None = None, weights: str | None =
     weights unless ``weights="live"``. The model is on the CPU, in eval mode.
     """
     return model_from(read_checkpoint(path), route, weights)
+
+
+# ---------------------------------------------------------------- models from outside robust
+
+
+def weight_mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """How ``state`` fails to fit ``model`` (the first missing, unexpected or mis-shaped weight), None when it fits."""
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in state]
+    unexpected = [k for k in state if k not in mine]
+    shapes = [k for k in mine if k in state and isinstance(state[k], torch.Tensor)
+              and tuple(mine[k].shape) != tuple(state[k].shape)]
+    if missing:
+        return f"{len(missing)} weight(s) missing, e.g. {missing[0]}"
+    if unexpected:
+        return f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}"
+    if shapes:
+        return f"{shapes[0]} is {tuple(state[shapes[0]].shape)} in the file but {tuple(mine[shapes[0]].shape)} in the model"
+    return None

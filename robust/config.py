@@ -19,7 +19,7 @@ from robust.data import DATA_MODES, DATASETS
 from robust.errors import ConfigError, ModelError
 from robust.nn import NORMS, available_archs
 from robust.nn.external import check_arch
-from robust.nn.resnet import ACTIVATIONS
+from robust.nn.resnet import ACTIVATIONS, WIDE_RESNET_FAMILY, arch_constructor
 from robust.objectives import (
     ATTACK_BN_MODES,
     Objective,
@@ -30,6 +30,7 @@ from robust.objectives import (
     methods_help,
     parse_method_options,
 )
+from robust.recipes import RECIPES, recipe_names, recipe_values, recipes_help
 from robust.runtime import DEVICES, PRECISIONS, available_cpus
 from robust.threat import parse_eps, parse_fraction
 
@@ -47,6 +48,9 @@ def _f(default: Any, help: str, **extra: Any):
 class TrainConfig:
     """Everything that defines a training run; saved as config.json with every run."""
 
+    recipe: str | None = _f(None, f"a published recipe's settings, which every other flag overrides: {recipes_help()}; "
+                                  "sources and differences in docs/methods.md [default: none, the SaBN reference's "
+                                  "defaults]", choices=recipe_names)
     # data
     dataset: str = _f("cifar10", "dataset name; imagefolder and tensors read your own data from --data-dir", choices=DATASETS)
     data_dir: str | None = _f(None, "folder with the dataset files (looked up before system folders and download); "
@@ -56,10 +60,24 @@ class TrainConfig:
     workers: int | None = _f(None, "imagefolder/tensors: processes reading images (0: the training process; default: CPUs, at most 8)", min=0)
     val_split: float = _f(0.1, "fraction of the training set held out for validation (0 disables it)", min=0, below=1)
     limit: int | None = _f(None, "train on the first N examples only (quick runs)", min=1)
+    extra_data: str | None = _f(None, "extra training images mixed into every batch: an .npz or .pt file with x (uint8 "
+                                      "images of the dataset's shape) and y (integer labels, or per-class probabilities "
+                                      "(N, classes)); robust pseudo-label writes one. Memory-mapped unless it fits "
+                                      "(--data-mode)", kind="path")
+    extra_fraction: float | None = _f(None, "with --extra-data: the share of every batch drawn from it (Carmon et al. "
+                                            "2019 use 0.5, Gowal et al. 2021 and Wang et al. 2023 0.7) [default: 0.5]",
+                                      min=0, max=1)
+    epoch_size: int | None = _f(None, "with --extra-data: examples per epoch, whatever the sizes of the two pools "
+                                      "[default: one pass over the labelled set]", min=1)
     # model
-    arch: str = _f("preact_resnet18", f"architecture: {', '.join(available_archs())}, torchvision:NAME or timm:NAME (e.g. torchvision:resnet18)")
-    norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN)", choices=NORMS)
+    arch: str = _f("preact_resnet18", f"architecture: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
+                                      "torchvision:NAME or timm:NAME (e.g. torchvision:resnet18)")
+    norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN); a LayerNorm/GroupNorm has no "
+                           "running statistics, so there its routes differ in their affines only (bn keeps the "
+                           "model's own layer)", choices=NORMS)
     width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)", min=1)
+    patch_size: int | None = _f(None, "timm ViTs: the patch side (default: the model's own; it must divide the image side, "
+                                      "e.g. 4 for 28- or 32-pixel images)", min=1)
     activation: str = _f("relu", "our architectures' activation: relu (the SaBN reference) or silu (the modern recipes' "
                                  "wide ResNets)", choices=tuple(ACTIVATIONS))
     # optimization
@@ -76,6 +94,8 @@ class TrainConfig:
     schedule: str = _f("multistep", "learning-rate schedule", choices=SCHEDULES)
     milestones: str = _f("50,150", "multistep: epochs at which lr is multiplied by 0.1, or fractions of the epochs (0.25,0.75)")
     warmup_steps: int = _f(200, "steps of linear warm-up from lr/10 in the first epoch (0 disables)", min=0)
+    warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs, then the schedule over the rest "
+                                   "(cosine: the modern recipes' 10 epochs; needs --warmup-steps 0)", min=0)
     # adversarial training
     method: str | None = _f(None, f"training method: {methods_help()}; see docs/methods.md [default: pgd]", choices=method_names)
     clean_weight: float | None = _f(None, "w in w*CE(clean route, x) + (1-w)*objective(adv route) [default: 0.5 for auxbn/sabn and hybrid, 0 for bn]", min=0, max=1)
@@ -169,6 +189,13 @@ class TrainConfig:
         return self.objective.one_step if self.co_guard is None else bool(self.co_guard)
 
     @property
+    def resolved_extra_fraction(self) -> float:
+        """The share of every batch drawn from --extra-data (0 without it)."""
+        if not self.extra_data:
+            return 0.0
+        return DEFAULT_EXTRA_FRACTION if self.extra_fraction is None else float(self.extra_fraction)
+
+    @property
     def eps_value(self) -> float:
         return parse_eps(self.eps)
 
@@ -233,6 +260,13 @@ class TrainConfig:
             setattr(self, name, value)
         self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs, self.objective_options  # noqa: B018
         _check_data_and_arch(self)
+        _check_extra_data(self)
+        if self.warmup_epochs and self.warmup_steps:
+            raise ConfigError("--warmup-epochs and --warmup-steps are two warm-ups; pass --warmup-steps 0 with --warmup-epochs")
+        if self.warmup_epochs and self.schedule == "onecycle":
+            raise ConfigError("--schedule onecycle has its own warm-up (40% of the steps); drop --warmup-epochs")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs:g} must be below --epochs {self.epochs}")
         if self.nesterov and self.optimizer != "sgd":
             raise ConfigError("--nesterov is SGD's momentum; drop it with --optimizer adamw")
         if self.nesterov and self.momentum == 0:
@@ -247,12 +281,32 @@ class TrainConfig:
         """A config from field values; a method's option given by name (TOML ``beta = 5``) joins ``method_options``."""
         values = fold_method_options(values)
         check_fields(cls, values, partial=True)
-        return cls(**values)
+        return cls(**apply_recipe(values))
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides: Any) -> "TrainConfig":
+        """The config recipe ``name`` sets, with ``overrides`` (field values) on top. (``TrainConfig(recipe=...)``
+        only records the name; this and :meth:`from_dict` apply it.)"""
+        return cls.from_dict({**overrides, "recipe": name})
 
     @classmethod
     def from_saved(cls, values: dict[str, Any]) -> "TrainConfig":
         """A config.json (or a checkpoint's config) of any version, with its original meaning."""
         return cls.from_dict(upgrade_saved(values))
+
+
+def apply_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` over the field values of their ``recipe`` (if any): every given value wins. A method
+    given in place of the recipe's drops the recipe's method options (another method's beta would be refused)."""
+    name = values.get("recipe")
+    if not name:
+        return values
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    base = recipe_values(name, with_extra_data=bool(values.get("extra_data")))
+    if values.get("method") not in (None, base.get("method")) and "method_options" not in values:
+        base.pop("method_options", None)
+    return {**base, **values}
 
 
 def fold_method_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -297,6 +351,16 @@ def upgrade_saved(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+DEFAULT_EXTRA_FRACTION = 0.5
+
+
+def _check_extra_data(c: TrainConfig) -> None:
+    """--extra-fraction and --epoch-size belong to --extra-data."""
+    for name in ("extra_fraction", "epoch_size"):
+        if getattr(c, name) is not None and not c.extra_data:
+            raise ConfigError(f"--{name.replace('_', '-')} applies to --extra-data FILE; pass the extra data or drop it")
+
+
 def _check_data_and_arch(c: TrainConfig) -> None:
     """The architecture name (ours, torchvision:NAME, timm:NAME) and the custom-data fields."""
     if ":" in str(c.arch):
@@ -309,8 +373,11 @@ def _check_data_and_arch(c: TrainConfig) -> None:
             raise ConfigError(f"--width applies to our own architectures, not to {c.arch}; drop --width")
         if c.activation != "relu":
             raise ConfigError(f"--activation applies to our own architectures, not to {c.arch}; drop --activation")
-    elif c.arch not in available_archs():
-        raise ConfigError(f"unknown arch {c.arch!r}; valid: {', '.join(available_archs())}, torchvision:NAME, timm:NAME")
+    elif arch_constructor(c.arch) is None:
+        raise ConfigError(f"unknown arch {c.arch!r}; valid: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
+                          "torchvision:NAME, timm:NAME")
+    elif c.patch_size is not None:
+        raise ConfigError(f"--patch-size applies to timm ViTs (timm:NAME), not to {c.arch}; drop --patch-size")
     if c.dataset in ("imagefolder", "tensors") and not c.data_dir:
         what = "DIR with train/<class>/ images" if c.dataset == "imagefolder" else "FILE.npz (or .pt) with arrays x and y"
         raise ConfigError(f"--dataset {c.dataset} needs --data-dir {what}")

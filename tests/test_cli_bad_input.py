@@ -419,7 +419,7 @@ def test_train_refuses_bad_tensor_files(tmp_path, arrays, problem):
 
 @pytest.mark.parametrize("arch, problem", [
     ("torchvision:resnet19", "torchvision has no classification model 'resnet19' (did you mean resnet18"),
-    ("torchvision:vit_b_16", "cannot be made dual-route: LayerNorm x25"),
+    ("timm:test_efficientnet_evos", "cannot be made dual-route: EvoNorm2dS0 x13"),
     ("keras:resnet18", "write torchvision:NAME or timm:NAME"),
 ])
 def test_train_refuses_unbuildable_architectures(tmp_path, arch, problem):

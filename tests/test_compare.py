@@ -509,3 +509,18 @@ def test_the_papers_table_stands_beside_a_cifar10_grid_only_and_each_method_stat
         "- training attack (trades): Linf PGD-3 on the KL to f(x), from x + 0.001 N(0, 1), eps 0.1, "
         "step 0.025, through the adv route, BN in eval mode",
     ]
+
+
+def test_the_settings_line_names_the_optimizer_schedule_and_the_modern_ingredients():
+    plain = CompareSettings(TrainConfig(dataset="fashion-mnist", eps="0.1", out="unused"), norms=("sabn",))
+    assert ("- training: 200 epochs of 1 steps, batch 128, SGD lr 0.1, momentum 0.9, weight decay 0.0005, "
+            "multistep x0.1 at milestones 50,150, linear warm-up from lr/10 over 1 steps") in settings_lines(plain, 100, 10, 10)
+    modern = CompareSettings(TrainConfig(dataset="fashion-mnist", eps="0.1", out="unused", optimizer="adamw", lr=1e-3,
+                                         weight_decay=0.05, schedule="cosine", warmup_steps=0, warmup_epochs=2.0,
+                                         decay_norms=False, ema=0.995, label_smoothing=0.1, extra_data="x.npz",
+                                         extra_fraction=0.75, epoch_size=512), norms=("sabn",))
+    lines = settings_lines(modern, 1000, 10, 10)
+    assert ("- training: 200 epochs of 4 steps, batch 128, AdamW lr 0.001, beta1 0.9, decoupled weight decay 0.05 "
+            "(not on norm affines and biases), cosine to 0, after a linear warm-up from 0 over 2 epochs") in lines
+    assert ("- also: weight average tau 0.995 (evaluated and selected); label smoothing 0.1; extra data x.npz at 0.75 "
+            "of every batch, epochs of 512 examples") in lines

@@ -11,13 +11,15 @@ import torch.nn as nn
 import torchattacks
 import torchvision
 
+from helpers import assert_refused
+
 from robust.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from robust.nn.factory import build_model
+from robust.nn.convert import convert_norms
 from robust.nn.norms import (
     NORMS,
     ROUTES,
     RoutedNorm,
-    convert_norms,
     export_route,
     is_dual_route,
     routed_norms,
@@ -372,12 +374,25 @@ def test_convert_norms_on_torchvision_resnet18_keeps_its_logits(torchvision_resn
 
 
 @pytest.mark.parametrize("arch, count", [("wide_resnet28_10", 36_479_194), ("wide_resnet34_10", 46_160_474),
-                                         ("wide_resnet70_16", 266_796_506)])
+                                         ("wide_resnet70_16", 266_796_506), ("wide_resnet16_4", 2_748_890),
+                                         ("wide_resnet40_2", 2_243_546)])
 def test_wide_resnets_have_the_standard_parameter_counts(arch, count):
     """Plain BN and ReLU on CIFAR-10, as the standard WideResNet (TRADES's, DeepMind's) counts them."""
     with torch.device("meta"):  # counted without allocating WRN-70-16's 1 GB of weights
         model = build_model(arch, norm="bn", num_classes=10, in_channels=3)
     assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_any_wrn_depth_and_widen_factor_builds_and_others_are_refused(tmp_path):
+    torch.manual_seed(0)
+    family = build_model("wide_resnet22_2", norm="sabn", in_channels=1)
+    assert family.build_args["width"] == 32 and len(family.blocks) == 9  # three groups of (22 - 4) / 6 blocks
+    assert [family.blocks[i].conv1.out_channels for i in (0, 3, 6)] == [32, 64, 128]  # 16 x 2, doubling
+    for bad in ("wide_resnet27_10", "wide_resnet4_2", "wide_resnet28_0"):
+        with pytest.raises(ValueError, match="depth D = 6n \\+ 4"):
+            build_model(bad)
+    assert_refused(tmp_path, ["train", "--arch", "wide_resnet27_10", "--out", "r"], "unknown arch 'wide_resnet27_10'",
+                   "wide_resnetD_K")
 
 
 def test_silu_models_differ_from_relu_only_in_the_activation_and_round_trip_checkpoints(tmp_path):

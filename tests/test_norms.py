@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from robust.nn.convert import convert_norms
 from robust.nn.norms import (
     NORMS,
     ROUTES,
     DualBatchNorm2d,
     SandwichBatchNorm2d,
     SharedBatchNorm2d,
-    convert_norms,
     export_route,
     is_dual_route,
     make_norm_layer,

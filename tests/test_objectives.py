@@ -52,13 +52,22 @@ def _batch(n: int = 6, low: float = 0.0, high: float = 1.0, seed: int = 0):
 
 
 def test_the_registry_has_every_method_and_hybrid_is_pgd():
-    assert list(OBJECTIVES) == ["pgd", "trades", "mart", "fast", "nfgsm"]
+    assert list(OBJECTIVES) == ["pgd", "trades", "mart", "fast", "nfgsm", "standard"]
     assert set(METHODS) == set(OBJECTIVES) | {"hybrid"}
     assert get_objective("hybrid") is OBJECTIVES["pgd"]
-    with pytest.raises(ValueError, match="unknown method 'madry'; valid: hybrid, pgd, trades, mart, fast, nfgsm"):
+    with pytest.raises(ValueError, match="unknown method 'madry'; valid: hybrid, pgd, trades, mart, fast, nfgsm, standard"):
         get_objective("madry")
-    assert [OBJECTIVES[m].attack_bn for m in OBJECTIVES] == ["train", "eval", "eval", "train", "train"]
+    assert [OBJECTIVES[m].attack_bn for m in OBJECTIVES] == ["train", "eval", "eval", "train", "train", "train"]
     assert [m for m in OBJECTIVES if OBJECTIVES[m].one_step] == ["fast", "nfgsm"]
+
+
+def test_standard_training_uses_the_clean_inputs_and_plain_ce():
+    x, y = _batch()
+    standard = OBJECTIVES["standard"](EPS, EPS / 4, 2)
+    assert torch.equal(standard.examples(_model("bn"), x, y), x)
+    logits = torch.tensor(ADV)
+    expected = sum(-math.log(_softmax(ADV[i])[Y[i]]) for i in range(len(Y))) / len(Y)
+    assert standard.loss(logits, torch.tensor(Y)).item() == pytest.approx(expected, abs=1e-6)
 
 
 # ---- losses against hand computations -------------------------------------------------------------------

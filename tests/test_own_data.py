@@ -288,8 +288,8 @@ def test_timm_resnet_exports_into_timm():
 
 
 def test_models_with_other_norms_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"torchvision:vit_b_16 has norm layers .*: LayerNorm x25"):
-        robust.build_model("torchvision:vit_b_16", "sabn", 10, 3)
+    with pytest.raises(ValueError, match=r"timm:test_efficientnet_evos has norm layers .*: EvoNorm2dS0 x13"):
+        robust.build_model("timm:test_efficientnet_evos", "sabn", 10, 3)
     with pytest.raises(ValueError, match="did you mean resnet18"):
         robust.build_model("torchvision:resnet19", "sabn", 10, 3)
 

@@ -15,6 +15,7 @@ from robust.data.types import ImageData
 from robust.errors import ConfigError
 from robust.nn.factory import build_model
 from robust.nn.norms import use_route
+from robust.train.build import parameter_groups
 from robust.train.step import StepSettings, step_loss
 from robust.train.trainer import Trainer
 
@@ -157,6 +158,17 @@ def test_nesterov_and_no_decay_on_norms_reach_the_optimizer(tmp_path, fmnist_sma
     assert not group["nesterov"] and group["weight_decay"] == 5e-4  # the reference's SGD: every parameter decays
     with pytest.raises(ConfigError, match="--nesterov needs a momentum above 0"):
         _config(tmp_path / "t", nesterov=True, momentum=0.0).validate()
+
+
+def test_no_decay_on_norms_also_spares_what_a_timm_model_names_in_no_weight_decay():
+    pytest.importorskip("timm")
+    model = build_model("timm:vit_tiny_patch16_224", norm="sabn", num_classes=10, in_channels=1, image_size=32,
+                        patch_size=8)
+    decayed, plain = parameter_groups(model, 0.05, decay_norms=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in plain["params"] if p.dim() > 1) == ["net.cls_token", "net.pos_embed"]
+    assert all(p.dim() > 1 for p in decayed["params"]) and decayed["weight_decay"] == 0.05
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
 def test_a_run_without_decay_on_norms_resumes_to_the_same_weights(tmp_path, fmnist_small):

@@ -38,7 +38,7 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
@@ -61,7 +61,7 @@ def _scan(files: Sequence[Path]) -> tuple[Counter, Counter]:
 def _collect(split_dir: Path, classes: Sequence[str]) -> tuple[list[str], list[int]]:
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = _image_files(split_dir / name)
+        files = image_files(split_dir / name)
         if not files:
             raise DataError(f"class folder {split_dir / name} has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); "
                             "add images or remove the folder")

@@ -20,7 +20,6 @@ modes get the same numbers.
 from __future__ import annotations
 
 import atexit
-import os
 import signal
 import weakref
 from pathlib import Path

@@ -59,7 +59,7 @@ def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype, bool,
     return out
 
 
-def _read_tensor_file(path: Path, decide: Callable[[int, bool], str]) -> tuple[dict[str, Any], str]:
+def read_tensor_file(path: Path, decide: Callable[[int, bool], str]) -> tuple[dict[str, Any], str]:
     """The arrays of an .npz or .pt file and the mode ``decide(bytes of the images, can stream)`` chose.
 
     In stream mode the images (``x``, ``x_test``) stay memory-mapped; everything else is read.
@@ -114,7 +114,7 @@ def _read_tensor_file(path: Path, decide: Callable[[int, bool], str]) -> tuple[d
     return arrays, mode
 
 
-def _layout(x, path: Path, key: str) -> tuple[bool, tuple[int, int, int]]:
+def image_layout(x, path: Path, key: str) -> tuple[bool, tuple[int, int, int]]:
     """(channels last?, (C, H, W)) of an image array; DataError when it is not uint8 images."""
     if getattr(x, "dtype", None) != np.uint8:
         raise DataError(f"{path}: {key} must be uint8 images (0-255), got {getattr(x, 'dtype', type(x).__name__)}; "
@@ -193,18 +193,18 @@ def load_tensor_file(path: str | Path | None, mode: str = "memory", budget: int 
             return choose_mode("memory", nbytes, budget or None)
         return chosen
 
-    arrays, mode = _read_tensor_file(path, decide)
+    arrays, mode = read_tensor_file(path, decide)
     if "x" not in arrays or "y" not in arrays:
         raise DataError(f"{path} has {', '.join(sorted(arrays)) or 'no arrays'}; it needs x (images) and y (labels)")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise DataError(f"{path} has {'x_test' if 'x_test' in arrays else 'y_test'} without "
                         f"{'y_test' if 'x_test' in arrays else 'x_test'}; save both or neither")
-    last, shape = _layout(arrays["x"], path, "x")
+    last, shape = image_layout(arrays["x"], path, "x")
     y = _labels(arrays["y"], path, "y", len(arrays["x"]))
     if len(y) < 2:
         raise DataError(f"{path} holds {len(y)} image(s); a dataset needs at least 2")
     if "x_test" in arrays:
-        last_test, test_shape = _layout(arrays["x_test"], path, "x_test")
+        last_test, test_shape = image_layout(arrays["x_test"], path, "x_test")
         if test_shape != shape:
             raise DataError(f"{path}: x_test images are {test_shape} (C, H, W) but x images are {shape}; they must match")
         y_test = _labels(arrays["y_test"], path, "y_test", len(arrays["x_test"]))

@@ -30,6 +30,7 @@ from robust.data.types import CUSTOM_DATASETS, ImageData
 from robust.errors import ConfigError, DataError
 from robust.eval.accuracy import attack_dtype
 from robust.eval.jobs import run_processes, score_units
+from robust.eval.jobs import to_model_input  # noqa: F401 (where robust.lab.report finds it)
 from robust.eval.state import EvalState, fingerprint, open_state
 from robust.nn.norms import routes_for
 from robust.runtime import available_cpus, precision_name, resolve_device, versions
@@ -187,7 +188,9 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     means its test split). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attack_precision",
     "attacks": {name: params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "jobs",
-    "threads", "attack_seconds", "seconds", "versions"}``; with ``per_example``, also
+    "threads", "attack_seconds", "seconds", "versions"}``; with
+    ``"per_class": {route: [{"class", "n", "clean", "worst_case"}, ...]}`` (the worst case per class:
+    robust to every attack; None for a class without examples); with ``per_example``, also
     ``"per_example": {route: {"prediction", "broken_by", "robust"}}``, a list each in the examples'
     order (``broken_by``: "clean" when misclassified, else the first attack that fooled it, None
     when it survived every attack).
@@ -249,6 +252,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
                               "attacks": {a.name: a.params for a in build(model)}, "routes": {}}
     for r in routes:
         result["routes"][r], examples = tally(record, r, attack_names, y, batch_size)
+        result.setdefault("per_class", {})[r] = per_class_accuracy(examples, y, num_classes_of(model))
         if per_example:
             result.setdefault("per_example", {})[r] = examples
     result.update(jobs=processes, threads=per_process, attack_seconds=record.seconds(),
@@ -265,6 +269,17 @@ def torch_threads(threads: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def per_class_accuracy(examples: dict[str, list], y: torch.Tensor, num_classes: int) -> list[dict[str, Any]]:
+    """Clean and worst-case accuracy (%) per true class, from one route's per-example verdicts."""
+    labels = y.cpu().long()
+    classes = max(num_classes, int(labels.max()) + 1)
+    n = torch.bincount(labels, minlength=classes)
+    clean = torch.bincount(labels[torch.tensor(examples["prediction"]) == labels], minlength=classes)
+    robust = torch.bincount(labels[torch.tensor(examples["robust"], dtype=torch.bool)], minlength=classes)
+    return [{"class": c, "n": int(n[c]), "clean": 100.0 * int(clean[c]) / int(n[c]) if n[c] else None,
+             "worst_case": 100.0 * int(robust[c]) / int(n[c]) if n[c] else None} for c in range(classes)]
 
 
 def eps_sweep(model: nn.Module, data: Any, eps_values: Sequence[float | str], **kwargs: Any) -> list[dict[str, Any]]:

@@ -1,6 +1,10 @@
-"""Models and their layers: dual-route norms, the PreAct/Wide ResNets, torchvision/timm models, route-aware SyncBN."""
+"""Models and their layers: dual-route norms (batch norms, LayerNorm/GroupNorm, timm's BatchNormAct2d), the
+PreAct/Wide ResNets, torchvision/timm models, route-aware SyncBN."""
 
+from robust.nn.convert import convert_norms
 from robust.nn.factory import build_model, unwrap
+from robust.nn.layer_norms import DualAffineNorm, SandwichAffineNorm
+from robust.nn.norm_act import RoutedBatchNormAct
 from robust.nn.norms import (
     NORMS,
     ROUTES,
@@ -8,7 +12,6 @@ from robust.nn.norms import (
     SandwichBatchNorm2d,
     SharedBatchNorm2d,
     bn_mode,
-    convert_norms,
     export_route,
     is_dual_route,
     make_norm_layer,
@@ -18,7 +21,7 @@ from robust.nn.norms import (
 from robust.nn.resnet import available_archs
 
 __all__ = [
-    "NORMS", "ROUTES", "DualBatchNorm2d", "SandwichBatchNorm2d", "SharedBatchNorm2d", "available_archs", "bn_mode",
-    "build_model", "convert_norms", "export_route", "is_dual_route", "make_norm_layer", "split_routes", "unwrap",
-    "use_route",
+    "NORMS", "ROUTES", "DualAffineNorm", "DualBatchNorm2d", "RoutedBatchNormAct", "SandwichAffineNorm",
+    "SandwichBatchNorm2d", "SharedBatchNorm2d", "available_archs", "bn_mode", "build_model", "convert_norms",
+    "export_route", "is_dual_route", "make_norm_layer", "split_routes", "unwrap", "use_route",
 ]

@@ -1,12 +1,18 @@
 """torchvision and timm classifiers as dual-route models: ``--arch torchvision:NAME`` / ``timm:NAME``.
 
-The library's own model is built with ``num_classes`` (and ``in_channels``) adapted, every
-BatchNorm2d becomes the chosen dual-route norm through :func:`robust.nn.norms.convert_norms`, and
+The library's own model is built with ``num_classes`` (and ``in_channels``) adapted, every norm
+layer becomes the chosen dual-route norm through :func:`robust.nn.convert.convert_norms` (BatchNorm2d,
+timm's BatchNormAct2d, LayerNorm and GroupNorm; a model with any other norm is refused naming it), and
 input normalization sits in front as for our architectures, so the model takes [0, 1] inputs.
+
+A model whose input size is fixed when it is built (timm's and torchvision's ViTs) is built for the
+data's image size (timm ``img_size``, torchvision ``image_size``), and a timm ViT takes another patch
+side (``patch_size``): a 16-pixel patch does not fit a 28-pixel image. Both are kept in the build
+arguments when the model takes them, so a checkpoint rebuilds the same model.
 
 The wrapper is invisible in the state_dict: its keys are the library model's own (``conv1.weight``,
 ``bn1.stats.adv.running_mean``, ...), and the normalization's mean/std live in the build arguments
-(``model.build_args``), not in the weights. So an exported route (plain BatchNorm2d) loads
+(``model.build_args``), not in the weights. So an exported route (the library's own norm classes) loads
 unchanged into ``torchvision.models.NAME(num_classes=...)`` or ``timm.create_model(NAME,
 num_classes=...)``, with ``(x - mean) / std`` applied by the caller.
 """
@@ -15,7 +21,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-from collections import Counter
 from typing import Sequence
 
 import torch
@@ -23,7 +28,7 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 from robust.errors import ModelError
-from robust.nn.norms import RoutedNorm, convert_norms
+from robust.nn.convert import convert_norms, is_norm, unconverted_norms
 from robust.nn.resnet import InputNormalization
 
 LIBRARIES = ("torchvision", "timm")
@@ -77,9 +82,17 @@ def _first_rgb_conv(net: nn.Module) -> tuple[nn.Module, str, nn.Conv2d] | None:
     return None
 
 
-def _torchvision_net(name: str, num_classes: int, in_channels: int) -> nn.Module:
+ImageSize = int | tuple[int, int]
 
-    net = tvm.get_model(name, weights=None, num_classes=num_classes)
+
+def _torchvision_net(name: str, num_classes: int, in_channels: int, image_size: ImageSize | None,
+                     patch_size: int | None) -> tuple[nn.Module, dict]:
+    """The torchvision model and the input-size keywords it took (its ViTs take ``image_size``)."""
+    if patch_size is not None:
+        raise ModelError(f"torchvision:{name} fixes its patch size in its builder; drop --patch-size, or use a timm "
+                         "ViT (e.g. timm:vit_tiny_patch16_224), which takes one")
+    size = {"image_size": image_size} if image_size is not None else {}
+    net, used = _build_taking(lambda **kw: tvm.get_model(name, weights=None, num_classes=num_classes, **kw), size)
     if in_channels != 3:
         found = _first_rgb_conv(net)
         if found is None:
@@ -88,24 +101,51 @@ def _torchvision_net(name: str, num_classes: int, in_channels: int) -> nn.Module
         setattr(parent, attr, nn.Conv2d(
             in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, conv.padding_mode))
-    return net
+    return net, used
 
 
-def _timm_net(name: str, num_classes: int, in_channels: int) -> nn.Module:
+def _timm_net(name: str, num_classes: int, in_channels: int, image_size: ImageSize | None,
+              patch_size: int | None) -> tuple[nn.Module, dict]:
+    """The timm model and the input-size keywords it took (ViT-style models take ``img_size`` and ``patch_size``)."""
     import timm
 
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    def create(**kw):
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kw)
+
+    if patch_size is not None:
+        size = {"img_size": image_size} if image_size is not None else {}
+        try:
+            return create(**size, patch_size=patch_size), {**size, "patch_size": patch_size}
+        except TypeError as exc:
+            if "patch_size" in str(exc) or "img_size" in str(exc):
+                raise ModelError(f"timm:{name} takes no patch size; drop --patch-size") from None
+            raise
+    return _build_taking(create, {"img_size": image_size} if image_size is not None else {})
 
 
-def _is_norm(m: nn.Module) -> bool:
-    kinds = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
-    return isinstance(m, kinds) or "Norm" in type(m).__name__
+def _build_taking(build, size: dict) -> tuple[nn.Module, dict]:
+    """``build(**size)`` when the model's constructor takes the input size, else ``build()`` (it takes any size)."""
+    if size:
+        try:
+            return build(**size), size
+        except TypeError as exc:
+            if next(iter(size)) not in str(exc):
+                raise
+    return build(), {}
 
 
-def unconverted_norms(net: nn.Module) -> Counter:
-    """Norm layers outside our routed norms, by class name (what convert_norms could not convert)."""
-    inside = {id(sub) for m in net.modules() if isinstance(m, RoutedNorm) for sub in m.modules()}
-    return Counter(type(m).__name__ for m in net.modules() if id(m) not in inside and _is_norm(m))
+def _check_patches(arch: str, net: nn.Module) -> None:
+    """A ViT whose patches do not tile the image would drop the pixels at its edges: refuse it."""
+    embed = getattr(net, "patch_embed", None)
+    image, patch = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+    if image is None or patch is None:
+        return
+    image, patch = tuple(image), tuple(patch)
+    if any(i % p or i < p for i, p in zip(image, patch, strict=True)):
+        fits = [p for p in (2, 4, 7, 8, 14, 16) if image[0] % p == 0 and image[1] % p == 0 and p < min(image)]
+        hint = f" such as {', '.join(map(str, fits))}" if fits else ""
+        raise ModelError(f"{arch} has {patch[0]}-pixel patches, which do not tile {image[0]} x {image[1]} images; "
+                         f"pass --patch-size P with P dividing the image side{hint}")
 
 
 def _strip_wrapper(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
@@ -177,16 +217,17 @@ def not_logits(arch: str, problem: str, training: bool) -> str:
             "models whose forward returns logits: pick another architecture, e.g. torchvision:resnet18")
 
 
-DUMMY_SIDE = 32  # the build check's input: 2 images of 32 x 32
+DUMMY_SIDE = 32  # the build check's input: 2 images of 32 x 32 (or of the size the model is built for)
 
 
-def check_logits(model: ExternalModel, arch: str, in_channels: int) -> None:
+def check_logits(model: ExternalModel, arch: str, in_channels: int, image_size: ImageSize | None = None) -> None:
     """Run ``model`` once on a dummy batch in training and in eval mode; ModelError when its forward returns
-    anything but logits. A model that cannot take 32 x 32 inputs is checked at its first real batch instead.
+    anything but logits. A model that cannot take the dummy inputs is checked at its first real batch instead.
     Nothing changes: the RNG, the BatchNorm statistics and the mode are restored."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     was_training = model.training
-    x = torch.rand(2, in_channels, DUMMY_SIDE, DUMMY_SIDE, generator=torch.Generator().manual_seed(0))
+    h, w = _pair(image_size if image_size is not None else DUMMY_SIDE)
+    x = torch.rand(2, in_channels, h, w, generator=torch.Generator().manual_seed(0))
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for training in (True, False):
@@ -204,39 +245,61 @@ def check_logits(model: ExternalModel, arch: str, in_channels: int) -> None:
         model.train(was_training)
 
 
+def _pair(size: ImageSize) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def build_external(arch: str, norm: str, num_classes: int, in_channels: int, mean: Sequence[float],
-                   std: Sequence[float]) -> ExternalModel:
-    """The torchvision/timm model ``arch`` with dual-route ``norm`` layers and input normalization."""
+                   std: Sequence[float], image_size: ImageSize | None = None,
+                   patch_size: int | None = None) -> ExternalModel:
+    """The torchvision/timm model ``arch`` with dual-route ``norm`` layers and input normalization.
+
+    ``image_size`` is the input the model is built for where its constructor fixes one (ViTs), and
+    ``patch_size`` a timm ViT's patch side; ``model.input_args`` holds those of the two the model took.
+    """
     library, name = split_arch(check_arch(arch))
     build = _torchvision_net if library == "torchvision" else _timm_net
     try:
-        net = build(name, num_classes, in_channels)
+        net, used = build(name, num_classes, in_channels, image_size, patch_size)
     except ModelError:
         raise
     except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"{arch} cannot be built with num_classes={num_classes}, in_channels={in_channels}: {first}") from None
+        sizes = f", image size {image_size}" if image_size is not None else ""
+        sizes += f", patch size {patch_size}" if patch_size is not None else ""
+        raise ModelError(f"{arch} cannot be built with num_classes={num_classes}, in_channels={in_channels}{sizes}: "
+                         f"{first}") from None
+    _check_patches(arch, net)
     net = convert_norms(net, norm)
     left = unconverted_norms(net)
     if left:
         found = ", ".join(f"{kind} x{count}" for kind, count in left.most_common())
-        raise ModelError(f"{arch} has norm layers that cannot be made dual-route: {found} (only plain BatchNorm2d "
-                         "converts); pick a BatchNorm2d architecture such as torchvision:resnet18 or timm:resnet18")
-    if not any(isinstance(m, RoutedNorm) for m in net.modules()):
-        raise ModelError(f"{arch} has no BatchNorm2d layer to make dual-route; pick a BatchNorm2d architecture "
-                         "such as torchvision:resnet18")
+        raise ModelError(f"{arch} has norm layers that cannot be made dual-route: {found} (BatchNorm2d, timm's "
+                         "BatchNormAct2d, LayerNorm and GroupNorm convert); pick an architecture with those, such as "
+                         "timm:resnet18, timm:convnext_atto or timm:vit_tiny_patch16_224")
+    if not any(is_norm(m) for m in net.modules()):
+        raise ModelError(f"{arch} has no norm layer to make dual-route; pick one with BatchNorm, LayerNorm or GroupNorm "
+                         "layers, such as torchvision:resnet18")
     model = ExternalModel(net, mean, std, arch, num_classes)
-    check_logits(model, arch, in_channels)
+    model.input_args = {"image_size": image_size} if used and image_size is not None else {}
+    if "patch_size" in used:
+        model.input_args["patch_size"] = patch_size
+    check_logits(model, arch, in_channels, image_size if used else None)
     return model
 
 
-def constructor_call(arch: str, num_classes: int, in_channels: int) -> str:
+def constructor_call(arch: str, num_classes: int, in_channels: int, image_size: ImageSize | None = None,
+                     patch_size: int | None = None) -> str:
     """The library call whose model takes an exported state_dict, in words (recorded in export files)."""
     library, name = split_arch(arch)
+    size = image_size if image_size is None or isinstance(image_size, int) else tuple(image_size)
     if library == "timm":
         chans = f", in_chans={in_channels}" if in_channels != 3 else ""
+        chans += f", img_size={size!r}" if size is not None else ""
+        chans += f", patch_size={patch_size}" if patch_size is not None else ""
         return f"timm.create_model({name!r}, num_classes={num_classes}{chans})"
-    call = f"torchvision.models.{name}(num_classes={num_classes})"
+    sized = f", image_size={size!r}" if size is not None else ""
+    call = f"torchvision.models.{name}(num_classes={num_classes}{sized})"
     if in_channels != 3:
         call += f" with its first 3-channel Conv2d replaced by one taking {in_channels} channels"
     return call

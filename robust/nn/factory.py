@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from robust.nn.external import build_external
 from robust.nn.norms import make_norm_layer
-from robust.nn.resnet import ARCH_DEFAULT_WIDTH, ARCHS, REFERENCE_MEAN, REFERENCE_STD, available_archs
+from robust.nn.resnet import REFERENCE_MEAN, REFERENCE_STD, WIDE_RESNET_FAMILY, arch_constructor, available_archs
 
 
 def unwrap(model: nn.Module, keep_compiled: bool = False) -> nn.Module:
@@ -32,6 +32,14 @@ def default_mean_std(in_channels: int) -> tuple[tuple[float, ...], tuple[float, 
     return (0.5,) * in_channels, (0.5,) * in_channels
 
 
+def _side(image_size: int | Sequence[int] | None) -> int | tuple[int, int] | None:
+    """An image size as one side (square images) or (H, W); checkpoints hold it as JSON (a list)."""
+    if image_size is None or isinstance(image_size, int):
+        return image_size
+    h, w = (int(v) for v in image_size)
+    return h if h == w else (h, w)
+
+
 def build_model(
     arch: str = "preact_resnet18",
     norm: str = "sabn",
@@ -42,6 +50,8 @@ def build_model(
     std: Sequence[float] | None = None,
     final_norm: bool | None = None,
     activation: str = "relu",
+    image_size: int | Sequence[int] | None = None,
+    patch_size: int | None = None,
 ) -> nn.Module:
     """Build a model by name. The arguments are kept as ``model.build_args`` for checkpoints.
 
@@ -49,16 +59,22 @@ def build_model(
     (PreAct ResNets: none, as the SaBN reference; WRN-34-10: one, as TRADES's WideResNet).
     ``arch`` is one of :func:`available_archs` or ``torchvision:NAME`` / ``timm:NAME`` (see
     :mod:`robust.nn.external`; ``width`` and ``final_norm`` do not apply to those).
+    ``image_size`` (a side or (H, W)) is the input an external model whose constructor fixes one (a ViT) is
+    built for, and ``patch_size`` a timm ViT's patch side; our architectures take any input size.
     """
     external = ":" in str(arch)
-    if not external and arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}, torchvision:NAME, timm:NAME")
+    ours = None if external else arch_constructor(arch)
+    if not external and ours is None:
+        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
+                         "torchvision:NAME, timm:NAME")
     norm_layer = make_norm_layer(norm)
     if external and width is not None:
         raise ValueError(f"width applies to our own architectures, not to {arch}; drop --width")
     if external and activation != "relu":
         raise ValueError(f"activation applies to our own architectures, not to {arch}; drop --activation")
-    width = None if external else ARCH_DEFAULT_WIDTH[arch] if width is None else int(width)
+    if not external and patch_size is not None:
+        raise ValueError(f"patch size applies to ViT-style timm models, not to {arch}; drop --patch-size")
+    width = None if external else ours[1] if width is None else int(width)
     if (width is not None and width < 1) or num_classes < 2 or in_channels < 1:
         raise ValueError(f"need width >= 1, num_classes >= 2, in_channels >= 1 (got {width}, {num_classes}, {in_channels})")
     default_mean, default_std = default_mean_std(in_channels)
@@ -70,16 +86,18 @@ def build_model(
         raise ValueError(f"std must be positive, got {list(std)}")
     if external:
 
-        model = build_external(arch, norm, num_classes, in_channels, mean, std)
+        model = build_external(arch, norm, num_classes, in_channels, mean, std, _side(image_size), patch_size)
     else:
         options = ({} if final_norm is None else {"final_norm": bool(final_norm)}) | {"activation": activation}
-        model = ARCHS[arch](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
-                             **options)
+        model = ours[0](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+                        **options)
     model.build_args = dict(
         arch=arch, norm=norm, num_classes=num_classes, in_channels=in_channels,
         width=width, mean=list(mean), std=list(std),
     )
-    if not external:
+    if external:  # the input size and patch a ViT was built for, so a checkpoint rebuilds the same model
+        model.build_args.update(model.input_args)
+    else:
         model.build_args["final_norm"] = model.final_norm is not None
         if activation != "relu":  # checkpoints without the key are ReLU models
             model.build_args["activation"] = activation

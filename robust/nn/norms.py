@@ -1,5 +1,9 @@
 """Dual-route batch norms and the context managers that choose their route.
 
+(LayerNorm and GroupNorm routes live in :mod:`robust.nn.layer_norms`, timm's BatchNormAct2d in
+:mod:`robust.nn.norm_act`, and :func:`robust.nn.convert.convert_norms` converts a whole model; all of them
+are :class:`RoutedNorm` layers, so the route context managers and the export here serve them all.)
+
 A route is state on the norm layers, never an argument of ``forward``: models keep
 ``forward(x) -> logits`` so any attack library, DDP or torch.compile sees an ordinary model.
 
@@ -92,6 +96,8 @@ def check_norm(norm: str) -> str:
 class RoutedNorm(nn.Module):
     """Mixin state for route-aware norms: the active route and the optional split point."""
 
+    dual = True  # keeps separate state per route (False for the shared BN)
+
     def _init_route_state(self) -> None:
         self.route: str = DEFAULT_ROUTE
         self.split_at: int | None = None
@@ -110,8 +116,9 @@ class RoutedNorm(nn.Module):
             return self.normalize(x, "clean")
         return torch.cat([self.normalize(x[:n], "clean"), self.normalize(x[n:], "adv")])
 
-    def export_route(self, route: str) -> nn.BatchNorm2d:  # pragma: no cover
-        """A plain BatchNorm2d equal to this layer in ``route`` (eval mode)."""
+    def export_route(self, route: str) -> nn.Module:  # pragma: no cover
+        """A plain layer (BatchNorm2d for the batch norms, the model's own class for the others) equal to this
+        layer in ``route`` (eval mode)."""
         raise NotImplementedError
 
 
@@ -122,6 +129,8 @@ class SharedBatchNorm2d(RoutedNorm, nn.BatchNorm2d):
     batch statistics and updates the running statistics once, like two separate forwards.
     """
 
+    dual = False
+
     def __init__(self, num_features: int, **kwargs) -> None:
         nn.BatchNorm2d.__init__(self, num_features, **kwargs)
         self._init_route_state()
@@ -131,7 +140,7 @@ class SharedBatchNorm2d(RoutedNorm, nn.BatchNorm2d):
 
     def export_route(self, route: str) -> nn.BatchNorm2d:
         check_route(route)
-        return _plain_copy(self)
+        return plain_batch_norm(self)
 
 
 class DualBatchNorm2d(RoutedNorm):
@@ -152,7 +161,7 @@ class DualBatchNorm2d(RoutedNorm):
         return self.bns[route](x)
 
     def export_route(self, route: str) -> nn.BatchNorm2d:
-        return _plain_copy(self.bns[check_route(route)])
+        return plain_batch_norm(self.bns[check_route(route)])
 
 
 class SandwichBatchNorm2d(RoutedNorm):
@@ -207,7 +216,7 @@ class SandwichBatchNorm2d(RoutedNorm):
         plain = nn.BatchNorm2d(
             self.num_features, eps=stats.eps, momentum=stats.momentum,
             track_running_stats=stats.track_running_stats,
-        ).to(**_device_dtype(self))
+        ).to(**device_dtype(self))
         with torch.no_grad():
             weight, bias = self.folded_affine(route)
             plain.weight.copy_(weight)
@@ -219,17 +228,20 @@ class SandwichBatchNorm2d(RoutedNorm):
         return plain
 
 
-def _plain_copy(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    """An exact nn.BatchNorm2d twin of ``bn`` (which may be a subclass, e.g. a synchronized BN)."""
+def plain_batch_norm(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """An exact nn.BatchNorm2d twin of ``bn``, which may be a subclass (a synchronized BN, timm's BatchNormAct2d):
+    its own statistics and affine are copied, submodules such as an activation are not."""
     plain = nn.BatchNorm2d(
         bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
         track_running_stats=bn.track_running_stats,
-    ).to(**_device_dtype(bn))
-    plain.load_state_dict(bn.state_dict())
+    ).to(**device_dtype(bn))
+    with torch.no_grad():
+        for name, tensor in [*plain.named_parameters(recurse=False), *plain.named_buffers(recurse=False)]:
+            tensor.copy_(getattr(bn, name))
     return plain
 
 
-def _device_dtype(module: nn.Module) -> dict:
+def device_dtype(module: nn.Module) -> dict:
     """Where ``module``'s floating tensors live (device, dtype), so a replacement goes there too.
 
     Parameters come first; a norm without affine is placed by its running statistics.
@@ -274,7 +286,7 @@ def routed_norms(model: nn.Module) -> Iterator[RoutedNorm]:
 
 def is_dual_route(model: nn.Module) -> bool:
     """True when the model's norms keep separate statistics per route (auxbn, sabn)."""
-    return any(not isinstance(m, SharedBatchNorm2d) for m in routed_norms(model))
+    return any(m.dual for m in routed_norms(model))
 
 
 @contextlib.contextmanager
@@ -310,38 +322,32 @@ def split_routes(model: nn.Module, n_clean: int):
     return _set_norm_state(model, DEFAULT_ROUTE, n_clean)
 
 
-def _replace_modules(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+def replace_modules(model: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
     """Replace each submodule for which ``convert`` returns a module; the root may be replaced too."""
     root = convert(model)
     if root is not None:
         return root
     for name, child in model.named_children():
-        setattr(model, name, _replace_modules(child, convert))
+        setattr(model, name, replace_modules(child, convert))
     return model
 
 
-def convert_norms(model: nn.Module, norm: str) -> nn.Module:
-    """Turn every BatchNorm2d of any torch model into the dual-route norm ``norm``, in place.
+def convert_batch_norm(m: nn.Module, norm: str) -> RoutedNorm | None:
+    """The dual-route norm ``norm`` equal to ``m`` when ``m`` is a plain BatchNorm2d or an nn.SyncBatchNorm; else None.
 
-    The model's function is preserved: both routes start from the original running statistics,
-    and for sabn the original affine becomes the shared affine with identity route affines.
-    Norms that are already routed are left as they are, so converting twice changes nothing.
+    The function is preserved: both routes start from ``m``'s running statistics, and for sabn ``m``'s affine
+    becomes the shared affine with identity route affines. (:func:`robust.nn.convert.convert_norms` applies it,
+    and the other norms' converters, to a whole model.)
     """
+    if type(m) is not nn.BatchNorm2d and not isinstance(m, nn.SyncBatchNorm):
+        return None
     cls = make_norm_layer(norm)
-
-    def convert(m: nn.Module) -> nn.Module | None:
-        if isinstance(m, RoutedNorm):
-            return m  # already routed: keep it, and never convert the plain BNs inside it
-        if type(m) is not nn.BatchNorm2d and not isinstance(m, nn.SyncBatchNorm):
-            return None
-        kwargs = dict(eps=m.eps, momentum=m.momentum, track_running_stats=m.track_running_stats)
-        if cls is SharedBatchNorm2d:
-            kwargs["affine"] = m.affine
-        new = cls(m.num_features, **kwargs)
-        _copy_plain_bn_into(m, new)
-        return new.to(**_device_dtype(m)).train(m.training)
-
-    return _replace_modules(model, convert)
+    kwargs = dict(eps=m.eps, momentum=m.momentum, track_running_stats=m.track_running_stats)
+    if cls is SharedBatchNorm2d:
+        kwargs["affine"] = m.affine
+    new = cls(m.num_features, **kwargs)
+    _copy_plain_bn_into(m, new)
+    return new.to(**device_dtype(m)).train(m.training)
 
 
 def _copy_plain_bn_into(bn: nn.BatchNorm2d, new: RoutedNorm) -> None:
@@ -371,11 +377,13 @@ def _copy_plain_bn_into(bn: nn.BatchNorm2d, new: RoutedNorm) -> None:
 
 
 def export_route(model: nn.Module, route: str) -> nn.Module:
-    """A copy of ``model`` whose norms are plain BatchNorm2d equal to ``route``.
+    """A copy of ``model`` whose norms are plain layers equal to ``route``: BatchNorm2d for our batch norms,
+    the model's own class (LayerNorm, GroupNorm, timm's BatchNormAct2d, ...) for a converted model's.
 
     Affines are folded (``g = g_r*g_s, b = g_r*b_s + b_r``) and the route's running statistics
     copied, so in eval mode the copy's logits equal the dual-route model's in that route. Its
-    state_dict loads into the same architecture built with ``norm="bn"``.
+    state_dict loads into the same architecture built with ``norm="bn"`` (an external model's into
+    the library's own constructor).
     """
     check_route(route)
     exported = copy.deepcopy(model)
@@ -383,7 +391,7 @@ def export_route(model: nn.Module, route: str) -> nn.Module:
     def convert(m: nn.Module) -> nn.Module | None:
         return m.export_route(route).train(m.training) if isinstance(m, RoutedNorm) else None
 
-    exported = _replace_modules(exported, convert)
+    exported = replace_modules(exported, convert)
     build_args = getattr(model, "build_args", None)
     if build_args is not None:
         exported.build_args = {**build_args, "norm": "bn", "exported_route": route}

@@ -1,4 +1,4 @@
-"""PreAct ResNets and WRN-34-10 with pluggable (dual-route) norms.
+"""PreAct ResNets and wide ResNets (WRN-D-K) with pluggable (dual-route) norms.
 
 Every model takes inputs in [0, 1] and normalizes them inside (``InputNormalization``), so eps
 is in pixel units and any attack library works on it unchanged. Blocks receive ``norm_layer``,
@@ -7,6 +7,8 @@ a callable ``f(num_features)`` from :func:`robust.nn.norms.make_norm_layer`.
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Callable, Sequence
 
 import torch
@@ -43,6 +45,24 @@ def register_arch(name: str, default_width: int):
 
 def available_archs() -> list[str]:
     return sorted(ARCHS)
+
+
+WIDE_RESNET_NAME = re.compile(r"^wide_resnet(\d+)_(\d+)$")
+
+WIDE_RESNET_FAMILY = "wide_resnetD_K (any WRN-D-K: depth D = 6n + 4 >= 10, widen factor K, e.g. wide_resnet16_4)"
+
+
+def arch_constructor(name: str) -> tuple[Callable[..., nn.Module], int] | None:
+    """(constructor, default width) of one of our architectures: a registered name, or ``wide_resnetD_K``
+    for any WRN-D-K (the registered WRNs are members of that family); None for another name."""
+    if name in ARCHS:
+        return ARCHS[name], ARCH_DEFAULT_WIDTH[name]
+    match = WIDE_RESNET_NAME.match(str(name))
+    if match:
+        depth, factor = int(match[1]), int(match[2])
+        if depth >= 10 and (depth - 4) % 6 == 0 and factor >= 1:
+            return functools.partial(wide_resnet, depth), 16 * factor
+    return None
 
 
 class InputNormalization(nn.Module):

@@ -107,7 +107,8 @@ class Objective:
             setattr(self, name, value)
 
     def ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The cross-entropy on labels every loss uses, with the run's label smoothing (in fp32)."""
+        """The cross-entropy on labels every loss uses, with the run's label smoothing (in fp32); ``y`` holds
+        class indices (B,) or per-class probabilities (B, classes)."""
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
 
     @classmethod
@@ -137,6 +138,12 @@ class Objective:
     def __repr__(self) -> str:
         extra = "".join(f", {name}={getattr(self, name):g}" for name in self.options)
         return f"{type(self).__name__}(eps={self.eps:g}, alpha={self.alpha:g}, steps={self.steps}{extra})"
+
+
+def hard_labels(y: torch.Tensor) -> torch.Tensor:
+    """Class indices from labels given as indices (B,) or as per-class probabilities (B, classes)
+    (soft labels of extra data): what an attack maximizes the loss of, and what accuracy counts."""
+    return y.argmax(1) if y.dim() == 2 else y
 
 
 def method_names() -> tuple[str, ...]:
@@ -190,7 +197,7 @@ def all_options() -> dict[str, tuple[Option, list[str]]]:
     return out
 
 
-from robust.objectives import pgd, trades, mart, fast, nfgsm  # noqa: E402, F401  # isort: skip  (each registers itself, in this order)
+from robust.objectives import pgd, trades, mart, fast, nfgsm, standard  # noqa: E402, F401  # isort: skip  (each registers itself, in this order)
 
 # The order of registration is the order of --method's choices: pgd first, as the default.
 METHODS = method_names()

@@ -13,15 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from robust.attacks import gaussian_start, pgd
-from robust.objectives import Objective, Option, register
+from robust.objectives import Objective, Option, hard_labels, register
 
 
 def mart_loss(natural_logits: torch.Tensor, adv_logits: torch.Tensor, y: torch.Tensor, beta: float,
               label_smoothing: float = 0.0) -> torch.Tensor:
+    target, y = y, hard_labels(y)  # soft labels (extra data) enter the CE; the margin terms use the class
     adv_probs = F.softmax(adv_logits.float(), dim=1)
     top2 = adv_probs.topk(2, dim=1).indices
     wrong = torch.where(top2[:, 0] == y, top2[:, 1], top2[:, 0])  # the most likely wrong class
-    boosted = F.cross_entropy(adv_logits.float(), y, label_smoothing=label_smoothing) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), wrong)
+    boosted = F.cross_entropy(adv_logits.float(), target, label_smoothing=label_smoothing) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), wrong)
     nat_probs = F.softmax(natural_logits.float(), dim=1)
     kl = (torch.xlogy(nat_probs, nat_probs) - nat_probs * torch.log(adv_probs + 1e-12)).sum(dim=1)
     true = nat_probs.gather(1, y[:, None]).squeeze(1)

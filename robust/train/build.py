@@ -15,9 +15,11 @@ import torch
 import torch.nn as nn
 
 from robust.config import TrainConfig
+from robust.data.extra import ExtraData
 from robust.data.loader import BatchLoader, augmentation_for, split_train_val
+from robust.data.mixed import MixedBatchLoader
 from robust.data.types import ImageData
-from robust.errors import CheckpointError
+from robust.errors import CheckpointError, DataError
 from robust.nn.factory import build_model
 from robust.nn.syncbn import convert_sync_batchnorm
 from robust.outputs import RunFiles
@@ -40,19 +42,18 @@ class TrainingParts:
 
 def build_training(config: TrainConfig, data: ImageData, device: torch.device, amp: torch.dtype | None,
                    state: dict[str, Any] | None = None, sync_bn: bool | None = None,
-                   source: Path | None = None) -> TrainingParts:
-    """The run's parts on ``device``. ``state`` is a last.pt to take the weights from (``source`` names it in errors)."""
+                   source: Path | None = None, extra: ExtraData | None = None) -> TrainingParts:
+    """The run's parts on ``device``. ``state`` is a last.pt to take the weights from (``source`` names it in errors);
+    ``extra`` the --extra-data pool (already read), mixed into every batch."""
     c, d = config, data
     (train_x, train_y), val = split_train_val(d, c.val_split, c.seed, c.limit, c.val_limit)
     # Every rank iterates the same global batches; the trainer takes this rank's rows.
     # In-memory images move to the device once; streamed ones are read batch by batch.
     train_x = train_x.to(device) if isinstance(train_x, torch.Tensor) else train_x
-    loader = BatchLoader(train_x, train_y.to(device), c.batch_size, augment=True, flip=d.flip, seed=c.seed,
-                         channels_last=c.channels_last, device=device, workers=getattr(train_x, "workers", 0),
-                         **augmentation_for(*train_x.shape[-2:]))
+    loader = make_loader(c, d, train_x, train_y.to(device), device, extra)
     torch.manual_seed(c.seed)
-    model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std,
-                        activation=c.activation).to(device)
+    model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std, activation=c.activation,
+                        image_size=tuple(train_x.shape[-2:]), patch_size=c.patch_size).to(device)
     if state is not None:
         load_weights(model, state, c, source or Path(RunFiles.LAST))
     saved_sync = bool((state or {}).get("distributed", {}).get("sync_bn", False))
@@ -68,6 +69,19 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
                          StepSettings.from_config(c, amp, device), sync)
 
 
+def make_loader(c: TrainConfig, d: ImageData, train_x, train_y: torch.Tensor, device: torch.device,
+                extra: ExtraData | None) -> BatchLoader:
+    """The training batches: the labelled set alone, or mixed with ``extra`` at --extra-fraction."""
+    common = dict(augment=True, flip=d.flip, seed=c.seed, channels_last=c.channels_last, device=device,
+                  **augmentation_for(*train_x.shape[-2:]))
+    if extra is None:
+        return BatchLoader(train_x, train_y, c.batch_size, workers=getattr(train_x, "workers", 0), **common)
+    if not isinstance(train_x, torch.Tensor):
+        raise DataError("--extra-data needs the labelled set in memory; pass --data-mode memory")
+    return MixedBatchLoader(train_x, train_y, extra, c.batch_size, extra_fraction=c.resolved_extra_fraction,
+                            num_classes=d.num_classes, epoch_size=c.epoch_size, **common)
+
+
 def make_optimizer(c: TrainConfig, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov) or AdamW (beta1 = --momentum, beta2 0.999), fused on a GPU."""
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel for the update on a GPU
@@ -78,12 +92,25 @@ def make_optimizer(c: TrainConfig, groups: list[dict[str, Any]], device: torch.d
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norms: bool) -> list[dict[str, Any]]:
     """The optimizer's groups: every parameter with ``weight_decay``, or, without ``decay_norms``, only the
-    conv and linear weights (more than one dimension) with it and norm affines and biases without."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    conv and linear weights (more than one dimension) with it and norm affines and biases without, nor the
+    parameters a timm model names in its ``no_weight_decay()`` (a ViT's position embedding and class token)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if decay_norms:
-        return [{"params": params, "weight_decay": weight_decay}]
-    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+        return [{"params": [p for _, p in named], "weight_decay": weight_decay}]
+    exempt = _no_weight_decay_names(model)
+    decayed = [p for n, p in named if p.dim() > 1 and n not in exempt]
+    return [{"params": decayed, "weight_decay": weight_decay},
+            {"params": [p for n, p in named if p.dim() <= 1 or n in exempt], "weight_decay": 0.0}]
+
+
+def _no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full parameter names that a submodule exempts from weight decay through timm's ``no_weight_decay()``."""
+    names = set()
+    for prefix, module in model.named_modules():
+        exempt = getattr(module, "no_weight_decay", None)
+        if callable(exempt):
+            names |= {f"{prefix}.{n}" if prefix else n for n in exempt()}
+    return names
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], config: TrainConfig, path: Path) -> None:

@@ -12,11 +12,14 @@ def lr_at(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
     total = config.epochs * steps_per_epoch
     epoch = step / steps_per_epoch
     base = config.lr
+    warm = config.warmup_epochs * steps_per_epoch
+    if warm and step < warm:  # DeepMind's warm-up: linear from 0, then the schedule over the remaining steps
+        return base * step / warm
     if config.schedule == "multistep":
         passed = sum(epoch >= m for m in config.milestone_epochs)
         lr = base * (0.1 ** passed)
     elif config.schedule == "cosine":
-        lr = 0.5 * base * (1 + math.cos(math.pi * step / total))
+        lr = 0.5 * base * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
     else:  # onecycle: linear up over the first 40% of steps, then linear down to 0
         peak = 0.4 * total
         lr = base * (step / peak if step < peak else max(0.0, (total - step) / (total - peak)))

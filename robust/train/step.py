@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from robust.nn.factory import unwrap
 from robust.nn.norms import bn_mode, frozen_statistics, split_routes, use_route
-from robust.objectives import Objective, alias_settings, get_objective
+from robust.objectives import Objective, alias_settings, get_objective, hard_labels
 from robust.runtime import autocast
 from robust.train.awp import weight_perturbation
 
@@ -88,7 +88,7 @@ def make_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Step
     frozen = frozen_statistics(model) if s.attack_frozen else contextlib.nullcontext()
     with use_route(model, "adv"), bn_mode(model, s.attack_train_mode), frozen, autocast(s.device, s.amp), \
             input_gradients_only(model):
-        return s.objective.examples(model, x, y)
+        return s.objective.examples(model, x, hard_labels(y))
 
 
 def step_loss(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, s: StepSettings):

@@ -35,12 +35,14 @@ from tqdm import tqdm
 from robust import checkpoint as ckpt
 from robust.attacks import pgd
 from robust.config import TrainConfig
+from robust.data.extra import load_extra_data
 from robust.data.load import load_dataset, memory_budget
 from robust.data.loader import to_float
 from robust.data.types import ImageData
 from robust.errors import CheckpointError, ConfigError, NonFiniteLoss, TrainingInterrupted
 from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
+from robust.objectives import hard_labels
 from robust.outputs import check_output_dir
 from robust.runtime import autocast_dtype, configure_kernels, precision_name
 from robust.train import distributed as dist_
@@ -206,7 +208,9 @@ class Trainer:
         self.data = self.data if self.data is not None else load_dataset(
             c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, budget=memory_budget(self.device) // dist_.local_world_size(),
             workers=c.workers)
-        parts = build_training(c, self.data, self.device, self.amp, state, self._sync_bn_asked, self.folder.last_pt)
+        extra = load_extra_data(c.extra_data, tuple(self.data.train_x.shape[1:]), self.data.num_classes, c.data_mode,
+                                memory_budget(self.device) // dist_.local_world_size()) if c.extra_data else None
+        parts = build_training(c, self.data, self.device, self.amp, state, self._sync_bn_asked, self.folder.last_pt, extra)
         self.loader, self.val, self.model, self.forward_model = parts.loader, parts.val, parts.model, parts.forward_model
         self.optimizer, self.scaler, self.settings, self.sync_bn = parts.optimizer, parts.scaler, parts.settings, parts.sync_bn
         self.loss_model = self.forward_model
@@ -381,7 +385,7 @@ class Trainer:
                                           reduce=self._average_over_ranks if self.dist.enabled else None)
             if self.ema is not None:
                 self.ema.update(self.model)
-            tally.add(loss, adv_logits, y)
+            tally.add(loss, adv_logits, hard_labels(y))
             watch.update(loss)
             self.step += 1
             if progress.bar is not None and (i % 10 == 0 or i == steps - 1):
@@ -486,7 +490,8 @@ class Trainer:
     def _header(self) -> str:
         c = self.config
         ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
-        extras = [f"clean-weight {self.settings.clean_weight:g}"]
+        extras = [f"recipe {c.recipe}"] if c.recipe else []
+        extras.append(f"clean-weight {self.settings.clean_weight:g}")
         extras += [f"{name} {value:g}" for name, value in c.objective_options.items()]
         if c.label_smoothing:
             extras.append(f"label smoothing {c.label_smoothing:g}")
@@ -503,6 +508,10 @@ class Trainer:
         shape = "x".join(map(str, self.loader.x.shape[1:]))
         streamed = f", streamed by {self.loader.workers} workers" if self.loader.streamed else ""
         n_val = 0 if self.val is None else len(self.val[1])
+        mixed = getattr(self.loader, "extra", None)
+        if mixed is not None:
+            streamed += (f"; + {len(mixed)} extra ({'soft' if mixed.soft else 'hard'} labels{', memory-mapped' if mixed.mode == 'stream' else ''}) "
+                         f"at {c.resolved_extra_fraction:g} of every batch, {len(self.loader)} batches per epoch")
         return (f"training {c.arch} ({c.norm}{width}) on {c.dataset} "
                 f"[{len(self.loader.y)} training, {n_val} validation examples, {shape}{streamed}], "
                 f"method {c.resolved_method} ({', '.join(extras)}), eps {c.eps}, device {self.device}{ranks}, "

@@ -183,9 +183,7 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
     """The run's settings in plain words, for above the table."""
     c = settings.config
     arch = f"{c.arch}, width {c.width or 'default'}"
-    steps_per_epoch = -(-n_train // c.batch_size)
-    warm = min(c.warmup_steps, steps_per_epoch)  # the trainer warms up within the first epoch only
-    warmup = f"linear warm-up from lr/10 over {warm} steps" if warm else "no warm-up"
+    steps_per_epoch = _steps_per_epoch(c, n_train)
     w = settings.clean_weight
     method = f"{', '.join(settings.method_list)} for every norm"
     if w > 0:
@@ -199,8 +197,9 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
         f"({'seed ' + str(c.seed) if settings.seeds is None else 'seeds ' + ','.join(map(str, settings.seed_list)) + ', each its own split and run'}), "
         f"test: the first {n_eval} test examples",
         f"- model: {arch}; norms: {', '.join(settings.norms)} (only the norm differs between runs)",
-        f"- training: {c.epochs} epochs of {steps_per_epoch} steps, batch {c.batch_size}, SGD lr {c.lr:g} ({c.schedule}, "
-        f"milestones {c.milestones}{_milestone_note(c)}, {warmup}), momentum {c.momentum:g}, weight decay {c.weight_decay:g}",
+        f"- training: {c.epochs} epochs of {steps_per_epoch} steps, batch {c.batch_size}, {_optimizer_text(c)}, "
+        f"{_schedule_text(c, steps_per_epoch)}",
+        *_modern_lines(c),
         f"- method{'s' if len(settings.method_list) > 1 else ''}: {method}",
         *_attack_lines(settings),
         _select_line(settings),
@@ -238,6 +237,50 @@ def _select_line(settings: CompareSettings) -> str:
     n = select_epoch(settings.select)
     return (f"- checkpoint (--select {settings.select}): epoch{n}.pt of each run (the model after epoch {n} of "
             f"{c.epochs}, a fixed epoch as the reference evaluates 190 of 200)")
+
+
+def _steps_per_epoch(c: TrainConfig, n_train: int) -> int:
+    """Optimizer steps per epoch, as the trainer's loader counts them (with --extra-data: the mixed epoch)."""
+    if not c.extra_data:
+        return -(-n_train // c.batch_size)
+    if c.epoch_size:
+        return -(-c.epoch_size // c.batch_size)
+    labelled = c.batch_size - int(round(c.batch_size * c.resolved_extra_fraction))
+    return -(-n_train // labelled) if labelled else 0
+
+
+def _optimizer_text(c: TrainConfig) -> str:
+    if c.optimizer == "adamw":
+        text = f"AdamW lr {c.lr:g}, beta1 {c.momentum:g}, decoupled weight decay {c.weight_decay:g}"
+    else:
+        text = f"SGD{' (Nesterov)' if c.nesterov else ''} lr {c.lr:g}, momentum {c.momentum:g}, weight decay {c.weight_decay:g}"
+    return text + ("" if c.decay_norms else " (not on norm affines and biases)")
+
+
+def _schedule_text(c: TrainConfig, steps_per_epoch: int) -> str:
+    if c.schedule == "multistep":
+        schedule = f"multistep x0.1 at milestones {c.milestones}{_milestone_note(c)}"
+    elif c.schedule == "cosine":
+        schedule = "cosine to 0"
+    else:
+        return "one-cycle (linear up over 40% of the steps, then down to 0)"
+    if c.warmup_epochs:
+        return f"{schedule}, after a linear warm-up from 0 over {c.warmup_epochs:g} epochs"
+    warm = min(c.warmup_steps, steps_per_epoch)  # the trainer warms up within the first epoch only
+    return f"{schedule}, {f'linear warm-up from lr/10 over {warm} steps' if warm else 'no warm-up'}"
+
+
+def _modern_lines(c: TrainConfig) -> list[str]:
+    """Weight averaging, label smoothing, extra data and the recipe, when used."""
+    parts = [f"recipe {c.recipe} (flags over it)"] if c.recipe else []
+    if c.ema:
+        parts.append(f"weight average tau {c.ema:g} (evaluated and selected)")
+    if c.label_smoothing:
+        parts.append(f"label smoothing {c.label_smoothing:g}")
+    if c.extra_data:
+        size = f", epochs of {c.epoch_size} examples" if c.epoch_size else ""
+        parts.append(f"extra data {c.extra_data} at {c.resolved_extra_fraction:g} of every batch{size}")
+    return [f"- also: {'; '.join(parts)}"] if parts else []
 
 
 def _milestone_note(c: TrainConfig) -> str:

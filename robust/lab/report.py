@@ -1,0 +1,524 @@
+"""`robust report`: one self-contained HTML page of one or several runs, to read at a glance.
+
+Everything is embedded (figures as base64 PNG, styles inline); the page loads nothing from the
+network and opens from disk. What a run folder gives:
+
+- ``config.json`` (written by ``robust train``): the resolved settings;
+- ``metrics.jsonl``: the learning curves (train loss, validation clean and robust accuracy per
+  route, lr) and the timing (epoch seconds, images/s);
+- ``eval.json``, when present (``robust eval RUN --json RUN/`` writes it there): the final table per
+  route, accuracy per class, the sanity verdicts (``--sanity``) and accuracy against eps
+  (``--eps-sweep``);
+- ``best.pt`` (else ``last.pt``): a few test images attacked with PGD now, shown with their predictions.
+
+Several runs add a comparison: their figures side by side, and where runs differ only in the seed,
+mean, sd and 95% t interval; where settings differ, the paired differences seed by seed against the
+first setting (:mod:`robust.lab.stats`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import platform
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from robust.attacks.registry import build_attack
+from robust.checkpoint import model_from, read_checkpoint, resolve_checkpoint_path
+from robust.errors import CheckpointError, ConfigError
+from robust.eval.evaluation import load_test_split, to_model_input
+from robust.lab.plots import run_labels
+from robust.lab.stats import mean_sd, paired_difference, t_quantile
+from robust.nn.norms import bn_mode, routes_for, use_route
+from robust.outputs import RunFiles
+from robust.runtime import cpu_has_amx, cpu_has_native_bf16
+from robust.train.rundir import read_metrics
+
+EVAL_FILE = "eval.json"  # where the report looks for a run's evaluation: RUN/eval.json
+PER_EXAMPLE_FILE = "per_example.jsonl"  # and for its per-example verdicts (robust eval --per-example RUN/)
+# settings that do not change what a run learns: runs differing only in these (and the seed) are seeds of one setting
+_NOT_A_SETTING = ("seed", "out", "quiet", "tensorboard", "threads", "save_every", "device", "workers", "data_dir")
+
+
+@dataclass
+class ReportRun:
+    """What the page shows of one run folder."""
+
+    path: Path
+    label: str
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    evaluation: dict[str, Any] | None
+    checkpoint: Path | None
+    images: dict[str, Any] | None = field(default=None)
+    broken_by: dict[str, dict[str, int]] | None = field(default=None)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not readable JSON ({type(exc).__name__}); {what}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} holds no JSON object; {what}")
+    return value
+
+
+def read_run(path: str | Path, label: str | None = None) -> ReportRun:
+    """A run folder's config, metrics, evaluation and checkpoint; ConfigError when it is no run folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder; pass run folders written by `robust train`")
+    metrics = read_metrics(path)
+    if not metrics:
+        raise ConfigError(f"{path}/{RunFiles.METRICS} holds no finished epoch; report a run after its first epoch")
+    config_file = path / RunFiles.CONFIG
+    config = _read_json(config_file, "it should be the config.json `robust train` wrote") if config_file.is_file() else {}
+    eval_file = path / EVAL_FILE
+    evaluation = None
+    if eval_file.is_file():
+        evaluation = _read_json(eval_file, f"write it again with `robust eval {path} --json {path}/ --force`")
+        if not isinstance(evaluation.get("routes"), dict):
+            raise ConfigError(f"{eval_file} has no per-route table; write it with `robust eval {path} --json {path}/`")
+    try:
+        checkpoint = resolve_checkpoint_path(path)
+    except CheckpointError:
+        checkpoint = None
+    broken_by = read_broken_by(path / PER_EXAMPLE_FILE) if (path / PER_EXAMPLE_FILE).is_file() else None
+    return ReportRun(path, label or path.name, config, metrics, evaluation, checkpoint, broken_by=broken_by)
+
+
+def read_broken_by(path: Path) -> dict[str, dict[str, int]]:
+    """Per route, how many examples each attack broke first ('clean': misclassified; 'survived': none did),
+    from a `robust eval --per-example` file."""
+    counts: dict[str, dict[str, int]] = {}
+    try:
+        lines = path.read_text().splitlines()
+        for line in lines:
+            row = json.loads(line)
+            key = row["broken_by"] if row["broken_by"] is not None else "survived"
+            per_route = counts.setdefault(str(row["route"]), {})
+            per_route[str(key)] = per_route.get(str(key), 0) + 1
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a `robust eval --per-example` file ({type(exc).__name__}); write it again "
+                          f"with `robust eval {path.parent} --per-example {path.parent}/ --force`") from None
+    return counts
+
+
+def read_runs(paths: Sequence[str | Path]) -> list[ReportRun]:
+    """:func:`read_run` for each folder, labelled with distinct names."""
+    if not paths:
+        raise ConfigError("no run folder given; pass one or more, e.g. robust report runs/a runs/b -o report.html")
+    return [read_run(p, label) for p, label in zip(paths, run_labels(paths))]
+
+
+# ---------------------------------------------------------------- figures
+
+
+def png_data_uri(fig: Figure) -> str:
+    """The figure as a ``data:image/png;base64,...`` URI (embedded: the page needs no file beside it)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def routes_of(metrics: list[dict[str, Any]]) -> list[str]:
+    return [r for r in ("adv", "clean") if any(f"val_{r}_clean" in m for m in metrics)]
+
+
+def learning_curves_figure(runs: Sequence[ReportRun]) -> Figure:
+    """Four panels: train loss, validation clean and robust accuracy per route, lr; a colour per run
+    (the adv route solid, the clean route dashed)."""
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    axes = fig.subplots(2, 2).flatten()
+    panels = [("train loss", lambda m, r: m.get("train_loss"), False),
+              ("validation clean accuracy (%)", lambda m, r: m.get(f"val_{r}_clean"), True),
+              ("validation robust accuracy (%)", lambda m, r: m.get(f"val_{r}_robust"), True),
+              ("learning rate (epoch end)", lambda m, r: m.get("lr"), False)]
+    for ax, (title, value, per_route) in zip(axes, panels):
+        for i, run in enumerate(runs):
+            for route in (routes_of(run.metrics) or ["adv"]) if per_route else [None]:
+                points = [(m["epoch"], value(m, route)) for m in run.metrics if value(m, route) is not None]
+                if not points:
+                    continue
+                label = run.label if route is None else f"{run.label} {route}"
+                ax.plot([p[0] for p in points], [p[1] for p in points], "--" if route == "clean" else "-",
+                        color=f"C{i % 10}", marker="o", markersize=3, label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return fig
+
+
+def sweep_figure(sweep: Sequence[dict[str, Any]]) -> Figure:
+    """Worst-case accuracy against eps, one line per route."""
+    fig = Figure(figsize=(6, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for route in sweep[0]["routes"]:
+        ax.plot([s["eps"] for s in sweep], [s["routes"][route]["worst_case"] for s in sweep], marker="o",
+                label=f"{route} route")
+    ax.set_xlabel(f"eps ({sweep[0].get('threat', 'linf')})")
+    ax.set_ylabel("worst-case accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def per_class_figure(per_class: dict[str, list[dict[str, Any]]], names: Sequence[str]) -> Figure:
+    """Worst-case (robust) accuracy per class, a bar per route."""
+    routes = list(per_class)
+    classes = len(next(iter(per_class.values())))
+    fig = Figure(figsize=(max(6.0, 0.6 * classes + 2), 3.6), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(routes))
+    for k, route in enumerate(routes):
+        values = [row["worst_case"] or 0.0 for row in per_class[route]]
+        ax.bar([c + k * width for c in range(classes)], values, width, label=f"{route} route")
+    ax.set_xticks([c + width * (len(routes) - 1) / 2 for c in range(classes)])
+    ax.set_xticklabels(names, rotation=30, fontsize=8, ha="right")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------- adversarial examples
+
+
+def attacked_examples(checkpoint: Path, count: int, attack: str = "pgd10", data_dir: str | None = None,
+                      seed: int = 0) -> dict[str, Any]:
+    """The first ``count`` test images of the checkpoint's dataset, attacked with ``attack`` at the
+    run's eps through each route (eval mode, fp32): images, labels, per route predictions."""
+    state = read_checkpoint(checkpoint)
+    if "dataset" not in state or "eps" not in state:
+        raise CheckpointError(f"{checkpoint} records no dataset or eps; report it with --images 0")
+    model = model_from(state)
+    x, y = load_test_split(state, data_dir, count)
+    x, y = x[:count], y[:count]
+    threat = state.get("threat", "linf")
+    xf = to_model_input(x, torch.device("cpu"))
+    out: dict[str, Any] = {"x": xf, "y": y.tolist(), "attack": attack, "eps": float(state["eps"]), "threat": threat,
+                           "routes": {}, "classes": (state.get("data") or {}).get("classes")}
+    with torch.random.fork_rng(devices=[]), bn_mode(model, False), torch.autocast("cpu", enabled=False):
+        torch.manual_seed(seed)
+        for route in routes_for(model, None):
+            with use_route(model, route):
+                run = build_attack(attack, model, float(state["eps"]), threat=threat, seed=seed,
+                                   num_classes=int(model.build_args.get("num_classes", 10)))
+                x_adv = run(xf, y)
+                with torch.no_grad():
+                    clean_pred, adv_pred = model(xf).argmax(1), model(x_adv).argmax(1)
+            out["routes"][route] = {"x_adv": x_adv.detach(), "clean": clean_pred.tolist(), "adv": adv_pred.tolist()}
+    return out
+
+
+def class_names(classes: Sequence[str] | None, n: int) -> list[str]:
+    return [str(c) for c in classes] if classes and len(classes) >= n else [str(c) for c in range(n)]
+
+
+def examples_figure(examples: dict[str, Any]) -> Figure:
+    """Per route a row of the clean images and a row of their adversarial examples, each titled with the
+    route's prediction (green right; red wrong, with the true class)."""
+    x, y = examples["x"], examples["y"]
+    routes = list(examples["routes"])
+    count = len(y)
+    names = class_names(examples.get("classes"), max(y + [p for r in routes for p in examples["routes"][r]["adv"]]) + 1)
+    fig = Figure(figsize=(1.3 * count + 0.6, 1.55 * 2 * len(routes)), layout="constrained")
+    axes = fig.subplots(2 * len(routes), count, squeeze=False)
+    rows = []
+    for r in routes:
+        rows += [(f"{r} route, clean", x, examples["routes"][r]["clean"]),
+                 (f"{r} route, attacked", examples["routes"][r]["x_adv"], examples["routes"][r]["adv"])]
+    for row, (title, images, preds) in enumerate(rows):
+        for col in range(count):
+            ax = axes[row][col]
+            image = images[col].permute(1, 2, 0).clamp(0, 1).numpy()
+            ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            right = preds[col] == y[col]
+            ax.set_title(f"{names[preds[col]]}" + ("" if right else f"\n(is {names[y[col]]})"), fontsize=7,
+                         color="green" if right else "red")
+            if col == 0:
+                ax.set_ylabel(title, fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return _esc(value)
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric_from: int = 1) -> str:
+    """A table inside a horizontally scrolling box (a wide table never widens the page)."""
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f'<td class="{"num" if i >= numeric_from else "key"}">{_num(v)}</td>'
+                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def final_table(evaluation: dict[str, Any]) -> str:
+    """Clean, each attack and the worst case per route (the table `robust eval` prints)."""
+    attacks = list(evaluation.get("attacks") or [])
+    columns = ["clean", *attacks, "worst_case"]
+    rows = [[route, *(acc.get(c) for c in columns)] for route, acc in evaluation["routes"].items()]
+    return html_table(["route", *columns], rows)
+
+
+def eval_caption(evaluation: dict[str, Any]) -> str:
+    eps = evaluation.get("eps")
+    threat = evaluation.get("threat", "linf")
+    pixels = f" (= {eps * 255:.3g}/255)" if isinstance(eps, (int, float)) and threat == "linf" else ""
+    return (f"{_esc(evaluation.get('n'))} test examples, {_esc(threat)} eps {_num(eps, 4)}{pixels}, seed "
+            f"{_esc(evaluation.get('seed'))}, from {_esc(EVAL_FILE)}")
+
+
+def per_class_table(per_class: dict[str, list[dict[str, Any]]], names: Sequence[str]) -> str:
+    routes = list(per_class)
+    header = ["class", "n"] + [f"{r} {k}" for r in routes for k in ("clean", "worst case")]
+    rows = []
+    for c, name in enumerate(names):
+        first = per_class[routes[0]][c]
+        rows.append([name, first["n"], *(per_class[r][c][k] for r in routes for k in ("clean", "worst_case"))])
+    return html_table(header, rows)
+
+
+def broken_by_table(counts: dict[str, dict[str, int]]) -> str:
+    routes = list(counts)
+    keys = list(dict.fromkeys(k for r in routes for k in counts[r]))
+    return html_table(["route", *keys], [[r, *(counts[r].get(k, 0) for k in keys)] for r in routes])
+
+
+def checks_list(checks: Sequence[dict[str, Any]]) -> str:
+    items = "".join(f'<li class="{"pass" if c.get("passed") else "fail"}"><b>{"ok" if c.get("passed") else "FAILED"}</b> '
+                    f'{_esc(c.get("name"))}: {_esc(c.get("detail"))}</li>' for c in checks)
+    return f'<ul class="checks">{items}</ul>'
+
+
+def config_table(run: ReportRun) -> str:
+    if not run.config:
+        return f"<p>{_esc(run.path)} has no {RunFiles.CONFIG}.</p>"
+    rows = [[k, json.dumps(v)] for k, v in run.config.items()]
+    return (f"<p>From {_esc(run.path / RunFiles.CONFIG)}, the settings as `robust train` resolved them (defaults, "
+            f"a --config file and the flags).</p>" + html_table(["setting", "value"], rows, numeric_from=2))
+
+
+def describe_machine() -> str:
+    """The CPU (and GPU) of the machine writing the report, with its kind (AMX, AVX512-BF16, AVX2)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    kind = "with AMX" if cpu_has_amx() else "with AVX512-BF16" if cpu_has_native_bf16() else "without bf16 units"
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{model} ({kind}){gpu}"
+
+
+def timing_table(run: ReportRun) -> str:
+    seconds = [m["seconds"] for m in run.metrics if isinstance(m.get("seconds"), (int, float))]
+    rates = [m["images_per_s"] for m in run.metrics if isinstance(m.get("images_per_s"), (int, float))]
+    c = run.config
+    rows = [["epochs", len(run.metrics)],
+            ["training seconds (sum of epochs)", sum(seconds) if seconds else None],
+            ["epoch seconds (min / median / max)",
+             " / ".join(f"{v:.2f}" for v in (min(seconds), statistics.median(seconds), max(seconds))) if seconds else None],
+            ["training images/s (median over epochs)", statistics.median(rates) if rates else None],
+            ["precision (as configured)", c.get("precision")],
+            ["device (as configured)", c.get("device")]]
+    if run.evaluation:
+        rows.append(["evaluation seconds", run.evaluation.get("seconds")])
+        rows += [[f"evaluated with {k}", v] for k, v in (run.evaluation.get("versions") or {}).items()]
+    return html_table(["", "value"], rows)
+
+
+# ---------------------------------------------------------------- several runs
+
+
+def run_figures(run: ReportRun, evaluated: bool = True) -> dict[str, float]:
+    """The run's headline figures: the evaluation's table (``evaluated`` and it has one), else the last validation."""
+    if evaluated and run.evaluation:
+        return {f"{route} {k}": v for route, acc in run.evaluation["routes"].items() for k, v in acc.items()
+                if isinstance(v, (int, float))}
+    last = run.metrics[-1]
+    return {f"{route} val {k}": last[f"val_{route}_{k}"] for route in routes_of(run.metrics)
+            for k in ("clean", "robust") if isinstance(last.get(f"val_{route}_{k}"), (int, float))}
+
+
+def setting_of(run: ReportRun) -> tuple:
+    return tuple(sorted((k, json.dumps(v)) for k, v in run.config.items() if k not in _NOT_A_SETTING))
+
+
+def comparison(runs: Sequence[ReportRun]) -> dict[str, Any]:
+    """Figures per run, and the statistics the runs allow: with one setting over several seeds, mean, sd
+    and the 95% t interval of the mean; with several settings, the paired difference of each against the
+    first, matched by seed."""
+    evaluated = all(r.evaluation for r in runs)  # else every run's validation figures, so they compare
+    figures = [run_figures(r, evaluated) for r in runs]
+    common = [k for k in figures[0] if all(k in f for f in figures[1:])]
+    groups: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        groups.setdefault(setting_of(run), []).append(i)
+    keys = list(groups)
+    differing = sorted({k for g in keys for k, _ in g} - {k for k, v in set.intersection(*(set(g) for g in keys))}) \
+        if len(keys) > 1 else []
+    names = [", ".join(f"{k}={json.loads(dict(g)[k]) if k in dict(g) else '–'}" for k in differing) or "all runs" for g in keys]
+    spread = []
+    for name, members in zip(names, groups.values()):
+        for metric in common:
+            stats = mean_sd([figures[i][metric] for i in members])
+            half = t_quantile(stats["n"] - 1) * stats["sd"] / stats["n"] ** 0.5 if stats["sd"] is not None else None
+            spread.append({"setting": name, "metric": metric, **stats, "half_width": half})
+    paired = []
+    base = next(iter(groups.values()))
+    seed = {i: runs[i].config.get("seed") for i in range(len(runs))}
+    for name, members in list(zip(names, groups.values()))[1:]:
+        matched = [(b, m) for m in members for b in base if seed[b] == seed[m] and seed[m] is not None]
+        for metric in common:
+            diffs = [figures[m][metric] - figures[b][metric] for b, m in matched]
+            if diffs:
+                paired.append({"setting": name, "baseline": names[0], "metric": metric, **paired_difference(diffs)})
+    return {"figures": figures, "common": common, "settings": names, "spread": spread, "paired": paired}
+
+
+def comparison_html(runs: Sequence[ReportRun]) -> str:
+    result = comparison(runs)
+    parts = ["<h3>Figures per run</h3>",
+             html_table(["run", "seed", *result["common"]],
+                        [[r.label, r.config.get("seed"), *(f[k] for k in result["common"])]
+                         for r, f in zip(runs, result["figures"])], numeric_from=1)]
+    parts.append("<h3>Mean, sd and 95% interval of the mean per setting</h3>"
+                 "<p>The interval is mean ± t<sub>0.975, n-1</sub> · sd / √n over the setting's runs (seeds).</p>")
+    parts.append(html_table(["setting", "figure", "n", "mean", "sd", "95% interval"],
+                            [[s["setting"], s["metric"], s["n"], s["mean"], s["sd"],
+                              f"{s['mean'] - s['half_width']:.2f} .. {s['mean'] + s['half_width']:.2f}"
+                              if s["half_width"] is not None else "one run: none"] for s in result["spread"]], numeric_from=2))
+    if len(result["settings"]) > 1:
+        parts.append(f"<h3>Paired differences against {_esc(result['settings'][0])}</h3><p>Matched by seed; the 95% t "
+                     "interval of the mean difference; supported when it excludes 0.</p>")
+        parts.append(html_table(["setting", "figure", "seeds", "mean diff", "95% interval", "verdict"],
+                                [[p["setting"], p["metric"], p["n"], p["mean"],
+                                  f"{p['low']:.2f} .. {p['high']:.2f}" if p["low"] is not None else "–", p["verdict"]]
+                                 for p in result["paired"]], numeric_from=2) if result["paired"] else
+                     "<p>No two settings share a seed, so nothing can be paired.</p>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- the page
+
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;padding:1rem 1.5rem;max-width:1100px;
+color:#1d1d1f;line-height:1.4;overflow-wrap:anywhere}
+h1{font-size:1.6rem}h2{border-bottom:2px solid #ccc;padding-bottom:.2rem;margin-top:2rem}h3{margin-bottom:.3rem}
+img{max-width:100%;height:auto;display:block;margin:.5rem 0}
+.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;font-size:.85rem;margin:.4rem 0}
+th,td{border:1px solid #ddd;padding:.2rem .5rem}th{background:#f2f2f2;overflow-wrap:normal}
+td.num{text-align:right;font-variant-numeric:tabular-nums}td.key{word-break:break-word}
+ul.checks{list-style:none;padding-left:0}li.pass b{color:#1a7f37}li.fail b{color:#c62828}
+.note{color:#555;font-size:.9rem}details{margin:.5rem 0}
+"""
+
+
+def section(ident: str, title: str, body: str) -> str:
+    return f'<section id="{_esc(ident)}"><h3>{_esc(title)}</h3>\n{body}\n</section>'
+
+
+def figure_html(fig: Figure, alt: str) -> str:
+    return f'<img alt="{_esc(alt)}" src="{png_data_uri(fig)}">'
+
+
+def run_html(index: int, run: ReportRun) -> str:
+    """The sections of one run."""
+    ident = f"run{index}"
+    parts = [f'<h2 id="{ident}">{_esc(run.label)}</h2><p class="note">{_esc(run.path)}</p>',
+             section(f"{ident}-config", "Configuration", f"<details><summary>the resolved config</summary>{config_table(run)}</details>")]
+    ev = run.evaluation
+    if ev:
+        parts.append(section(f"{ident}-final", "Final evaluation (%)", f"<p>{eval_caption(ev)}</p>{final_table(ev)}"))
+        if ev.get("eps_sweep"):
+            sweep = ev["eps_sweep"]
+            rows = [[f"{s['eps']:.4g}", *(s["routes"][r]["worst_case"] for r in sweep[0]["routes"])] for s in sweep]
+            parts.append(section(f"{ident}-sweep", "Accuracy against eps (worst case, %)",
+                                 figure_html(sweep_figure(sweep), "accuracy against eps") +
+                                 html_table(["eps", *sweep[0]["routes"]], rows)))
+        if ev.get("per_class"):
+            per_class = ev["per_class"]
+            names = class_names(run.images.get("classes") if run.images else None, len(next(iter(per_class.values()))))
+            parts.append(section(f"{ident}-classes", "Accuracy per class (%)",
+                                 figure_html(per_class_figure(per_class, names), "robust accuracy per class") +
+                                 per_class_table(per_class, names)))
+        if run.broken_by:
+            parts.append(section(f"{ident}-broken-by", "Which attack broke each example first (test images)",
+                                 f"<p>From {PER_EXAMPLE_FILE}: per route, the first attack in --attack's order that "
+                                 "fooled each image ('clean': misclassified without attack).</p>" + broken_by_table(run.broken_by)))
+        if ev.get("checks"):
+            parts.append(section(f"{ident}-sanity", "Sanity checks", checks_list(ev["checks"])))
+        else:
+            parts.append(section(f"{ident}-sanity", "Sanity checks",
+                                 f"<p>Not run; add them with `robust eval {_esc(run.path)} --sanity --json {_esc(run.path)}/ --force`.</p>"))
+    else:
+        parts.append(section(f"{ident}-final", "Final evaluation",
+                             f"<p>No {EVAL_FILE} in the run folder; write one with "
+                             f"`robust eval {_esc(run.path)} --sanity --json {_esc(run.path)}/`.</p>"))
+    if run.images:
+        im = run.images
+        parts.append(section(f"{ident}-images", "Test images, clean and attacked",
+                             f"<p>The first {len(im['y'])} test images and their {_esc(im['attack'])} examples at "
+                             f"{_esc(im['threat'])} eps {im['eps']:.4g}, per route; titles are the predictions "
+                             "(red: wrong, with the true class).</p>" + figure_html(examples_figure(im), "clean and adversarial test images")))
+    parts.append(section(f"{ident}-timing", "Timing", timing_table(run)))
+    return "\n".join(parts)
+
+
+def report_html(runs: Sequence[ReportRun], title: str | None = None) -> str:
+    """The whole page (a string of HTML; no external resources)."""
+    title = title or ("robust report: " + ", ".join(r.label for r in runs))
+    body = [f"<h1>{_esc(title)}</h1>",
+            (f'<p class="note">Report written on {_esc(describe_machine())}; runs do not record their machine, so the '
+             "timing figures are the training machine's, whichever it was.</p>"),
+            '<section id="curves"><h2>Learning curves</h2>' + figure_html(learning_curves_figure(runs), "learning curves") +
+            '<p class="note">Per route: adv solid, clean dashed; one colour per run.</p></section>']
+    body += [run_html(i, run) for i, run in enumerate(runs)]
+    if len(runs) > 1:
+        body.append('<section id="comparison"><h2>Comparison</h2>' + comparison_html(runs) + "</section>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{_esc(title)}</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def build_report(paths: Sequence[str | Path], images: int = 8, attack: str = "pgd10", data_dir: str | None = None,
+                 title: str | None = None) -> str:
+    """Read the runs, attack ``images`` test images of each (0: none) and return the page."""
+    runs = read_runs(paths)
+    for run in runs:
+        if images and run.checkpoint is not None:
+            run.images = attacked_examples(run.checkpoint, images, attack, data_dir)
+    return report_html(runs, title)

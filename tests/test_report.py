@@ -1,0 +1,152 @@
+"""`robust report`: the page of a tiny run holds every section, every figure embedded, nothing external;
+eval's per-class figures add up to its table; bad input refused in one line."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from helpers import assert_refused, invoke_in, tiny_config
+
+from robust.checkpoint import load_model, read_checkpoint
+from robust.eval.evaluation import load_test_split, per_class_accuracy
+from robust.eval.sanity import determinism_checks
+from robust.lab.report import ReportRun, comparison, read_runs
+from robust.train.trainer import Trainer
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class PageParser(HTMLParser):
+    """The page's <img> sources, section ids, and every URL-bearing attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images, self.sections, self.urls = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag == "section":
+            self.sections.append(attrs.get("id"))
+        for name in ("src", "href", "action", "data"):
+            if name in attrs:
+                self.urls.append(attrs[name])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two seeds of a tiny run; the first with an eval.json (two attacks, a sweep, the cheap sanity checks)."""
+    root = tmp_path_factory.mktemp("report")
+    for seed in (0, 1):
+        Trainer(tiny_config(root / f"s{seed}", epochs=2, seed=seed)).fit()
+    result = invoke_in(root, ["eval", "s0", "--attack", "pgd2,fgsm", "--limit", "48", "--eps-sweep", "0,0.1",
+                              "--json", "s0/", "--per-example", "s0/", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((root / "s0" / "eval.json").read_text())
+    state = read_checkpoint(root / "s0")
+    checks = determinism_checks(load_model(root / "s0"), load_test_split(state, None, 16))
+    report["checks"] = [c._asdict() for c in checks]
+    (root / "s0" / "eval.json").write_text(json.dumps(report))
+    return root
+
+
+def test_per_class_adds_up_to_the_table(runs):
+    report = json.loads((runs / "s0" / "eval.json").read_text())
+    for route, rows in report["per_class"].items():
+        assert sum(r["n"] for r in rows) == report["n"] == 48
+        for key in ("clean", "worst_case"):
+            total = sum(r["n"] * r[key] for r in rows if r["n"]) / report["n"]
+            assert total == pytest.approx(report["routes"][route][key], abs=1e-9)
+
+
+def test_broken_by_counts_add_up_to_the_table(runs):
+    report = json.loads((runs / "s0" / "eval.json").read_text())
+    counts = read_runs([runs / "s0"])[0].broken_by
+    for route, acc in report["routes"].items():
+        assert sum(counts[route].values()) == report["n"]
+        assert counts[route].get("survived", 0) == round(acc["worst_case"] * report["n"] / 100)
+        assert counts[route].get("clean", 0) == round((100 - acc["clean"]) * report["n"] / 100)
+
+
+def test_page_has_every_section_and_embedded_figures(runs):
+    result = invoke_in(runs, ["report", "s0", "s1", "-o", "page.html", "--images", "4"])
+    assert result.exit_code == 0, result.output
+    page = (runs / "page.html").read_text()
+    parser = PageParser()
+    parser.feed(page)
+    for section in ("curves", "run0-config", "run0-final", "run0-sweep", "run0-classes", "run0-sanity",
+                    "run0-images", "run0-timing", "run0-broken-by", "run1-images", "run1-timing", "comparison"):
+        assert section in parser.sections, section
+    # learning curves, sweep, per class, two image grids
+    assert len(parser.images) == 5
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG
+    assert all(u.startswith("data:") for u in parser.urls)
+    assert not re.search(r"(https?:)?//[a-z]", re.sub(r'src="data:[^"]*"', "", page))  # no URL anywhere
+    assert "FAILED" not in page and "deterministic forward" in page
+    assert "fgsm" in page and "pgd2" in page
+
+
+def test_comparison_of_seeds_is_mean_sd_and_t_interval(runs):
+    read = read_runs([runs / "s0", runs / "s1"])
+    result = comparison(read)  # s0 has an evaluation, s1 not: both compare by their validation figures
+    assert result["common"] == ["adv val clean", "adv val robust", "clean val clean", "clean val robust"]
+    assert result["settings"] == ["all runs"] and result["paired"] == []
+    metric = "adv val robust"
+    values = [r.metrics[-1]["val_adv_robust"] for r in read]
+    row = next(s for s in result["spread"] if s["metric"] == metric)
+    mean = sum(values) / 2
+    sd = abs(values[0] - values[1]) / 2 ** 0.5
+    assert row["mean"] == pytest.approx(mean) and row["sd"] == pytest.approx(sd)
+    assert row["half_width"] == pytest.approx(12.706 * sd / 2 ** 0.5)
+
+
+def test_no_metrics_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_refused(tmp_path, ["report", "empty", "-o", "r.html"], "metrics.jsonl")
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    assert_refused(tmp_path, ["report", "empty", "-o", "r.html"], "no finished epoch")
+    assert_refused(tmp_path, ["report", "missing", "-o", "r.html"], "not a folder")
+
+
+def test_bad_eval_json_refused(runs, tmp_path):
+    broken = tmp_path / "run"
+    broken.mkdir()
+    (broken / "metrics.jsonl").write_text((runs / "s1" / "metrics.jsonl").read_text())
+    (broken / "eval.json").write_text("{not json")
+    assert_refused(tmp_path, ["report", "run", "-o", "r.html", "--images", "0"], "eval.json", "--json")
+
+
+def test_paired_differences_between_settings_match_by_seed(tmp_path):
+    """Two norms x two seeds: each bn run is paired with the sabn run of its seed; the interval is the t one."""
+    def run(norm, seed, robust_acc):
+        metrics = [{"epoch": 1, "val_adv_clean": 50.0, "val_adv_robust": robust_acc}]
+        return ReportRun(tmp_path / f"{norm}{seed}", f"{norm}{seed}", {"norm": norm, "seed": seed, "out": f"runs/{norm}{seed}"},
+                         metrics, None, None)
+
+    runs = [run("sabn", 0, 40.0), run("sabn", 1, 44.0), run("bn", 1, 41.0), run("bn", 0, 38.0)]
+    result = comparison(runs)
+    assert result["settings"] == ["norm=sabn", "norm=bn"]
+    paired = next(p for p in result["paired"] if p["metric"] == "adv val robust")
+    diffs = [38.0 - 40.0, 41.0 - 44.0]  # seed 0, seed 1
+    mean, sd = sum(diffs) / 2, abs(diffs[0] - diffs[1]) / 2 ** 0.5
+    assert paired["n"] == 2 and paired["mean"] == pytest.approx(mean)
+    assert (paired["low"], paired["high"]) == pytest.approx((mean - 12.706 * sd / 2 ** 0.5, mean + 12.706 * sd / 2 ** 0.5))
+    clean = next(p for p in result["paired"] if p["metric"] == "adv val clean")
+    assert clean["mean"] == 0.0
+
+
+def test_per_class_accuracy_by_hand():
+    examples = {"prediction": [0, 1, 1, 0], "robust": [True, False, False, False]}
+    rows = per_class_accuracy(examples, torch.tensor([0, 0, 1, 2]), 4)
+    assert rows == [{"class": 0, "n": 2, "clean": 50.0, "worst_case": 50.0},
+                    {"class": 1, "n": 1, "clean": 100.0, "worst_case": 0.0},
+                    {"class": 2, "n": 1, "clean": 0.0, "worst_case": 0.0},
+                    {"class": 3, "n": 0, "clean": None, "worst_case": None}]
