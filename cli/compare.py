@@ -11,7 +11,7 @@ import click
 from robust.checks import check_fields
 from robust.cli.common import SEED, check_output_file, model_file
 from robust.cli.train import config_options
-from robust.config import TrainConfig, load_toml, upgrade_saved
+from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
 from robust.errors import ConfigError
 from robust.lab.analysis import analyze_checkpoint, spread_by_norm
 from robust.lab.compare.grid import run_compare
@@ -45,10 +45,11 @@ def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any
                              resume: bool):
     """Defaults <- the saved compare.json (with --resume) <- TOML file <- flags given on the command line."""
 
-    given = {k: v for k, v in flags.items() if v is not None}
+    given = fold_method_options({k: v for k, v in flags.items() if v is not None})  # --beta 5: a method option
     toml = load_toml(config_file) if config_file else {}
     extra = {k: toml.pop(k) for k in COMPARE_KEYS if k in toml}
     extra.update({k: v for k, v in compare_flags.items() if v is not None})
+    toml = fold_method_options(toml)
     for source in (toml, given):  # typed before any of it is used
         check_fields(TrainConfig, source, partial=True)
     norms, attacks = _split("norms", extra.get("norms")), _split("attacks", extra.get("attacks"))

@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from helpers import assert_refused
 
+from robust.cli.compare import resolve_compare_settings
 from robust.cli.main import cli
 from robust.config import TrainConfig
 from robust.lab.analysis import gradient_analysis, norm_layers, spread_by_norm
@@ -524,3 +525,12 @@ def test_the_settings_line_names_the_optimizer_schedule_and_the_modern_ingredien
             "(not on norm affines and biases), cosine to 0, after a linear warm-up from 0 over 2 epochs") in lines
     assert ("- also: weight average tau 0.995 (evaluated and selected); label smoothing 0.1; extra data x.npz at 0.75 "
             "of every batch, epochs of 512 examples") in lines
+
+
+def test_a_method_option_given_by_name_reaches_every_run(tmp_path):
+    (tmp_path / "grid.toml").write_text('method = "mart"\nbeta = 4.0\n')
+    flags = {"method": "trades", "beta": 5.0, "dataset": "fashion-mnist", "eps": "0.1", "out": str(tmp_path / "c")}
+    settings = resolve_compare_settings(flags, {}, None, resume=False)
+    assert settings.config.method == "trades" and settings.config.objective_options == {"beta": 5.0}
+    from_toml = resolve_compare_settings({"out": str(tmp_path / "d")}, {}, str(tmp_path / "grid.toml"), resume=False)
+    assert from_toml.config.method == "mart" and from_toml.config.objective_options == {"beta": 4.0}
