@@ -124,6 +124,16 @@ def test_bad_eval_json_refused(runs, tmp_path):
     assert_refused(tmp_path, ["report", "run", "-o", "r.html", "--images", "0"], "eval.json", "--json")
 
 
+def test_a_compare_runs_cached_evaluation_is_read_as_its_table(runs, tmp_path):
+    folder = tmp_path / "seed0"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text((runs / "s0" / "metrics.jsonl").read_text())
+    table = json.loads((runs / "s0" / "eval.json").read_text())
+    (folder / "eval.json").write_text(json.dumps({"key": {"attacks": ["pgd2"]}, "result": table}))  # compare's cache
+    (run,) = read_runs([str(folder)])
+    assert run.evaluation["routes"] == table["routes"]
+
+
 def test_paired_differences_between_settings_match_by_seed(tmp_path):
     """Two norms x two seeds: each bn run is paired with the sabn run of its seed; the interval is the t one."""
     def run(norm, seed, robust_acc):

@@ -87,6 +87,8 @@ def read_run(path: str | Path, label: str | None = None) -> ReportRun:
     evaluation = None
     if eval_file.is_file():
         evaluation = _read_json(eval_file, f"write it again with `robust eval {path} --json {path}/ --force`")
+        if isinstance(evaluation.get("result"), dict) and "routes" not in evaluation:
+            evaluation = evaluation["result"]  # robust compare keeps each run's evaluation as {"key": ..., "result": ...}
         if not isinstance(evaluation.get("routes"), dict):
             raise ConfigError(f"{eval_file} has no per-route table; write it with `robust eval {path} --json {path}/`")
     try:
