@@ -119,3 +119,21 @@ def versions() -> dict[str, str]:
 
     return {"robust": __version__, "torch": torch.__version__, "torchattacks": torchattacks.__version__,
             "python": platform.python_version()}
+
+
+def describe_machine(device: torch.device | str | None = None) -> str:
+    """This machine's CPU with its kind (AMX, AVX512-BF16, or neither), and the GPU when ``device`` is CUDA
+    (or, without a device, when one is present): recorded with every run and printed by the report."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    kind = "with AMX" if cpu_has_amx() else "with AVX512-BF16" if cpu_has_native_bf16() else "without bf16 units"
+    cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if cuda and torch.cuda.is_available() else ""
+    return f"{model} ({kind}){gpu}"

@@ -15,7 +15,8 @@ from helpers import assert_refused, invoke_in, tiny_config
 from robust.checkpoint import load_model, read_checkpoint
 from robust.eval.evaluation import load_test_split, per_class_accuracy
 from robust.eval.sanity import determinism_checks
-from robust.lab.report import ReportRun, comparison, read_runs
+from robust.lab.report import ReportRun, comparison, read_runs, timing_table
+from robust.runtime import describe_machine
 from robust.train.trainer import Trainer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -122,6 +123,13 @@ def test_bad_eval_json_refused(runs, tmp_path):
     (broken / "metrics.jsonl").write_text((runs / "s1" / "metrics.jsonl").read_text())
     (broken / "eval.json").write_text("{not json")
     assert_refused(tmp_path, ["report", "run", "-o", "r.html", "--images", "0"], "eval.json", "--json")
+
+
+def test_the_timing_table_names_the_machine_and_precision_the_run_trained_with(runs):
+    (run,) = read_runs([str(runs / "s1")])
+    table = timing_table(run)
+    assert "trained on" in table and describe_machine("cpu") in table.replace("&#x27;", "'")
+    assert "precision (as trained)" in table and "fp32" in table
 
 
 def test_a_compare_runs_cached_evaluation_is_read_as_its_table(runs, tmp_path):

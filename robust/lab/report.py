@@ -22,7 +22,6 @@ import base64
 import html
 import io
 import json
-import platform
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from robust.lab.plots import run_labels
 from robust.lab.stats import mean_sd, paired_difference, t_quantile
 from robust.nn.norms import bn_mode, routes_for, use_route
 from robust.outputs import RunFiles
-from robust.runtime import cpu_has_amx, cpu_has_native_bf16
+from robust.runtime import describe_machine
 from robust.train.rundir import read_metrics
 
 EVAL_FILE = "eval.json"  # where the report looks for a run's evaluation: RUN/eval.json
@@ -328,19 +327,19 @@ def config_table(run: ReportRun) -> str:
             f"a --config file and the flags).</p>" + html_table(["setting", "value"], rows, numeric_from=2))
 
 
-def describe_machine() -> str:
-    """The CPU (and GPU) of the machine writing the report, with its kind (AMX, AVX512-BF16, AVX2)."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    kind = "with AMX" if cpu_has_amx() else "with AVX512-BF16" if cpu_has_native_bf16() else "without bf16 units"
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{model} ({kind}){gpu}"
+def _trained_on(run: ReportRun, config: dict[str, Any]) -> list[list[Any]]:
+    """Where and in what precision the run trained: its checkpoint's record, else the configured values."""
+    machine = None
+    if run.checkpoint is not None:
+        try:
+            machine = read_checkpoint(run.checkpoint).get("machine")
+        except (CheckpointError, ConfigError):
+            machine = None
+    if not machine:
+        return [["precision (as configured; the run records no machine)", config.get("precision")],
+                ["device (as configured)", config.get("device")]]
+    return [["trained on", machine.get("description")], ["precision (as trained)", machine.get("precision")],
+            ["device (as trained)", machine.get("device")]]
 
 
 def timing_table(run: ReportRun) -> str:
@@ -352,8 +351,7 @@ def timing_table(run: ReportRun) -> str:
             ["epoch seconds (min / median / max)",
              " / ".join(f"{v:.2f}" for v in (min(seconds), statistics.median(seconds), max(seconds))) if seconds else None],
             ["training images/s (median over epochs)", statistics.median(rates) if rates else None],
-            ["precision (as configured)", c.get("precision")],
-            ["device (as configured)", c.get("device")]]
+            *_trained_on(run, c)]
     if run.evaluation:
         rows.append(["evaluation seconds", run.evaluation.get("seconds")])
         rows += [[f"evaluated with {k}", v] for k, v in (run.evaluation.get("versions") or {}).items()]
@@ -504,8 +502,8 @@ def report_html(runs: Sequence[ReportRun], title: str | None = None) -> str:
     """The whole page (a string of HTML; no external resources)."""
     title = title or ("robust report: " + ", ".join(r.label for r in runs))
     body = [f"<h1>{_esc(title)}</h1>",
-            (f'<p class="note">Report written on {_esc(describe_machine())}; runs do not record their machine, so the '
-             "timing figures are the training machine's, whichever it was.</p>"),
+            (f'<p class="note">Report written on {_esc(describe_machine())}; each run\'s timing table names the '
+             "machine it trained on where its checkpoint records it.</p>"),
             '<section id="curves"><h2>Learning curves</h2>' + figure_html(learning_curves_figure(runs), "learning curves") +
             '<p class="note">Per route: adv solid, clean dashed; one colour per run.</p></section>']
     body += [run_html(i, run) for i, run in enumerate(runs)]

@@ -44,7 +44,7 @@ from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
 from robust.objectives import hard_labels
 from robust.outputs import check_output_dir
-from robust.runtime import autocast_dtype, configure_kernels, precision_name
+from robust.runtime import autocast_dtype, configure_kernels, describe_machine, precision_name
 from robust.train import distributed as dist_
 from robust.train.build import build_training
 from robust.train.co_guard import COGuard
@@ -287,7 +287,9 @@ class Trainer:
             config=c.to_dict(), dataset=c.dataset, data=self.data.record(), eps=c.eps_value, method=c.resolved_method,
             scaler=self.scaler.state_dict() if self.scaler is not None else None, position=position,
             distributed={"world_size": self.dist.world_size, "sync_bn": self.sync_bn}, co_guard=guard,
-            ema=self.ema.state_dict() if self.ema is not None else None, **extra,
+            ema=self.ema.state_dict() if self.ema is not None else None,
+            machine={"description": describe_machine(self.device), "device": str(self.device),
+                     "precision": precision_name(self.amp)}, **extra,
         )
 
     def _save_position(self, epoch: int, batch: int, tally: EpochTally, elapsed: float) -> None:
