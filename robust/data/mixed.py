@@ -96,6 +96,18 @@ class MixedBatchLoader(BatchLoader):
             return self.extra.x.read(idx.numpy()).to(self.device)
         return self.extra.x[idx].to(self.device)
 
+    def _draws_on_device(self, draws: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
+        """The epoch's in-batch shuffles and augmentation draws on the device, copied there once per epoch
+        (a copy per batch would block the host at every step on a GPU)."""
+        if not draws:
+            return torch.empty(0, self.batch_size, dtype=torch.long), []
+        mixes = torch.stack([mix for mix, _ in draws]).to(self.device)
+        params: list[dict] = [{} for _ in draws]
+        for key in draws[0][1]:
+            for i, value in enumerate(torch.stack([d[key] for _, d in draws]).to(self.device).unbind(0)):
+                params[i][key] = value
+        return mixes, params
+
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         steps = len(self)
@@ -103,17 +115,16 @@ class MixedBatchLoader(BatchLoader):
         for _ in range(steps):  # every draw of the epoch, in order, whether or not a batch is read
             mix = torch.randperm(self.batch_size, generator=generator)
             draws.append((mix, self._draw(self.batch_size, generator)))
+        mixes, params = self._draws_on_device(draws)
         skip = min(self.skip, steps)
         for i in range(steps):
             if i < skip:
                 yield None, None
                 continue
-            mix, params = draws[i]
+            mix = mixes[i]
             labelled, extra = self.batch_indices(self.epoch * steps + i)
             pixels = torch.cat([self.x[labelled.to(self.x.device)], self._extra_pixels(extra)])
             labels = torch.cat([self._targets(self.y[labelled.to(self.y.device)]),
                                 self._targets(self.extra.y[extra]).to(self.y.device)])
-            mix = mix.to(self.device)
-            params = {k: v.to(self.device) for k, v in params.items()}
-            xb = self._apply(pixels[mix], params)
+            xb = self._apply(pixels[mix], params[i])
             yield to_float(xb, self.channels_last), labels[mix.to(labels.device)]
