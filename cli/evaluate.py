@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +22,7 @@ from robust.eval.sanity import eps_monotonic_checks, sanity_checks
 from robust.lab.plots import plot_sweep
 from robust.outputs import write_output
 from robust.threat import parse_eps_list, resolve_eps
+from robust.train.distributed import SINGLE, env_world_size, setup, shutdown
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -118,7 +121,8 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
 
     Attacks may search in bf16 (--attack-precision), but every verdict is an fp32 forward. --jobs
     splits the batches across processes and --state/--resume make a long evaluation resumable;
-    neither changes a verdict.
+    neither changes a verdict. Under torchrun each rank scores its share of the batches (rank 0
+    prints and writes), for several machines or GPUs: again the verdicts of one process.
 
     \b
     Examples:
@@ -127,18 +131,37 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
       robust eval runs/a --eps-sweep 0,2/255,4/255,8/255,16/255 --plot curve.png
       robust eval runs/a --attack autoattack --jobs 2 --state aa.state --json aa.json
       robust eval runs/a --attack autoattack --jobs 2 --state aa.state --json aa.json --resume
+      torchrun --nproc-per-node 4 -m robust.cli eval runs/a --attack autoattack --json aa.json
     """
 
     if checkpoint is None:
         checkpoint = newest_run()
         click.echo(f"no CHECKPOINT given: evaluating the newest run, {checkpoint}", err=True)
+    if env_world_size() > 1 and (state_path is not None or resume):
+        raise BadInput("--state and --resume keep one machine's evaluation; under torchrun drop them, or run one "
+                       "process with --jobs N --state FILE")
+    ctx, rank_device = setup(device) if env_world_size() > 1 else (SINGLE, None)
     try:
-        run_eval(checkpoint, attacks, eps, route, threat, limit, batch_size, device, seed, restarts, queries,
-                 data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights, per_example=per_example,
-                 attack_precision=attack_precision, jobs=jobs, threads=threads, state_file=state_path, resume=resume,
-                 plain=plain)
+        with only_rank_zero_speaks(ctx.is_main):
+            run_eval(checkpoint, attacks, eps, route, threat, limit, batch_size,
+                     device if rank_device is None else str(rank_device), seed, restarts, queries,
+                     data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights, per_example=per_example,
+                     attack_precision=attack_precision, jobs=jobs, threads=threads, state_file=state_path, resume=resume,
+                     plain=plain, writes=ctx.is_main)
     except PerturbationError as exc:
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
+    finally:
+        shutdown()
+
+
+@contextlib.contextmanager
+def only_rank_zero_speaks(main: bool):
+    """Under torchrun every rank computes the same figures; the other ranks' stdout and stderr go nowhere."""
+    if main:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
 
 
 def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str, limit: int | None,
@@ -146,8 +169,8 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
              sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
              quiet: bool, weights: str | None = None, per_example: str | None = None,
              attack_precision: str = "auto", jobs: int = 1, threads: int | None = None, state_file: str | None = None,
-             resume: bool = False, plain: dict[str, Any] | None = None) -> None:
-    """The body of `robust eval` (see its help)."""
+             resume: bool = False, plain: dict[str, Any] | None = None, writes: bool = True) -> None:
+    """The body of `robust eval` (see its help); ``writes`` False (a torchrun rank other than 0) writes no file."""
 
     if jobs < 1:
         raise BadInput(f"--jobs must be >= 1, got {jobs}")
@@ -201,7 +224,8 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
                f"{result['n']} examples, {describe_eps(eps_value, threat)}, seed {seed}, "
                f"attacks in {result['attack_precision']} (verdicts in fp32)")
     click.echo(format_table(result))
-    click.echo(f"{result['seconds']:.1f} s ({result['jobs']} process(es) of {result['threads']} thread(s)); per attack: "
+    ranks = f" on each of {result['ranks']} torchrun ranks" if result["ranks"] > 1 else ""
+    click.echo(f"{result['seconds']:.1f} s ({result['jobs']} process(es) of {result['threads']} thread(s){ranks}); per attack: "
                + ", ".join(f"{k} {v:.1f} s" for k, v in result["attack_seconds"].items()))
     report: dict[str, Any] = {"checkpoint": str(scored), "dataset": state["dataset"], "model": args, **result}
 
@@ -215,16 +239,16 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
         click.echo(format_sweep(sweep))
         report["eps_sweep"] = sweep
         checks += eps_monotonic_checks(sweep)
-        if plot_file:
+        if plot_file and writes:
             plot_sweep(sweep, plot_file, f"{Path(checkpoint).name}: {', '.join(names)}", overwrite=force)
             click.echo(f"wrote {plot_file}")
     if checks:
         print_checks(checks)
         report["checks"] = [c._asdict() for c in checks]
-    if json_file:
+    if json_file and writes:
         write_output(json_file, json.dumps(report, indent=2) + "\n", overwrite=force)
         click.echo(f"wrote {json_file}")
-    if examples_file:
+    if examples_file and writes:
         write_output(examples_file, per_example_lines(examples, test[1]), overwrite=force)
         click.echo(f"wrote {examples_file}")
 

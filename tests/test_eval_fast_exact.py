@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -287,6 +289,32 @@ def test_cli_refuses_bad_jobs_and_state_in_one_line_and_loses_nothing(checkpoint
     monkeypatch.setattr(robust.outputs.tempfile, "mkstemp", read_only)
     assert_refused(tmp_path, [*base, "--state", "s.json", "--resume"], "Read-only file system")
     assert_refused(tmp_path, [*base, "--state", "new.json"], "Read-only file system")
+
+
+def test_two_torchrun_ranks_give_one_process_verdicts_and_only_rank_zero_speaks(checkpoint, tmp_path):
+    args = ["eval", str(checkpoint), "--attack", "fgsm,pgd3", "--limit", "24", "--batch-size", "8", "--quiet",
+            "--attack-precision", "fp32", "--threads", "1"]
+    one = invoke_in(tmp_path, [*args, "--json", "one.json", "--per-example", "one.jsonl"])
+    assert one.exit_code == 0, one.output
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            "-m", "robust.cli", *args, "--json", "two.json", "--per-example", "two.jsonl"],
+                           cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True,
+                           timeout=300)
+    assert ranks.returncode == 0, ranks.stdout + ranks.stderr
+    assert ranks.stdout.count("tiny.pt: ") == 1 and "on each of 2 torchrun ranks" in ranks.stdout  # rank 0 alone prints
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert (a["ranks"], b["ranks"]) == (1, 2)
+    assert b["routes"] == a["routes"] and b["per_class"] == a["per_class"]
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()  # example for example
+    assert 0 < a["routes"]["adv"]["worst_case"] < a["routes"]["adv"]["clean"]  # something to compare
+    assert set(b["attack_seconds"]) == {"clean", "fgsm", "pgd3"}
+
+
+def test_torchrun_refuses_a_state_file_in_one_line(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for extra in (["--state", "s.json"], ["--state", "s.json", "--resume"]):
+        assert_refused(tmp_path, ["eval", checkpoint, "--attack", "fgsm", "--limit", "8", "--quiet", *extra],
+                       "under torchrun", "--jobs N --state FILE")
 
 
 def _refuses(folder: str) -> bool:

@@ -29,7 +29,7 @@ from robust.data.load import load_dataset
 from robust.data.types import CUSTOM_DATASETS, ImageData
 from robust.errors import ConfigError, DataError
 from robust.eval.accuracy import attack_dtype
-from robust.eval.jobs import run_processes, score_units
+from robust.eval.jobs import exchange, run_processes, score_units, split, world_position
 from robust.eval.jobs import to_model_input  # noqa: F401 (where robust.lab.report finds it)
 from robust.eval.state import EvalState, fingerprint, open_state
 from robust.nn.norms import routes_for
@@ -188,7 +188,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     means its test split). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attack_precision",
     "attacks": {name: params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "jobs",
-    "threads", "attack_seconds", "seconds", "versions"}``; with
+    "threads", "ranks", "attack_seconds", "seconds", "versions"}``; with
     ``"per_class": {route: [{"class", "n", "clean", "worst_case"}, ...]}`` (the worst case per class:
     robust to every attack; None for a class without examples); with ``per_example``, also
     ``"per_example": {route: {"prediction", "broken_by", "robust"}}``, a list each in the examples'
@@ -199,10 +199,12 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     on CUDA and on CPUs with AMX); every verdict, clean and adversarial, is an fp32 forward
     (:func:`robust.eval.accuracy.correct_under_attack`). ``jobs`` splits the batches across that
     many processes of ``threads`` torch threads each (default CPUs/jobs); each attack on each batch
-    has its own seed, so the verdicts equal one process's. ``state`` is a file the verdicts are
+    has its own seed, so the verdicts equal one process's. In a torch.distributed process group (torchrun)
+    each of the ``ranks`` scores its share of the batches and every rank returns the whole result, the
+    same verdicts again; call it on every rank. ``state`` is a file the verdicts are
     written to after each attack on each batch (an existing one is kept unless ``force``);
     ``resume`` finishes the evaluation that file holds, refusing one of another model, other
-    images or other settings. ``attack_seconds`` sums each attack's time over batches and processes.
+    images or other settings. ``attack_seconds`` sums each attack's time over batches, processes and ranks.
     The model is moved to ``device``; its train/eval modes are restored afterwards.
     """
     if eps is None:
@@ -211,6 +213,10 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     names = check_attack_names(attacks)
     if batch_size < 1 or restarts < 1 or queries < 1:
         raise ConfigError(f"batch-size, restarts and queries must be >= 1, got {batch_size}, {restarts}, {queries}")
+    rank, world = world_position()
+    if world > 1 and (state is not None or resume):
+        raise ConfigError("--state and --resume keep one machine's evaluation; under torchrun drop them, or run one "
+                          "process with --jobs N and --state FILE")
     x, y = as_tensors(data, limit)
     check_fits(model, x, y)
     routes = list(routes_for(model, route))
@@ -227,26 +233,39 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     start = time.perf_counter()
     units = [(r, b) for r in routes for b in range(batches)
              if not all(k in record.done(r, b) for k in ("clean", *attack_names))]
+    if world > 1:  # this rank's share; the others' verdicts come in the exchange below
+        units = split(units, world)[rank]
     known = {u: record.done(*u) for u in units if record.done(*u)}
-    bars = Bars(["clean", *attack_names], len(routes) * len(y), progress)
+    bars = Bars(["clean", *attack_names], sum(len(y[b * batch_size:(b + 1) * batch_size]) for _, b in units),
+                progress and rank == 0)
     labels = y.tolist()
+    mine: list[tuple] = []
 
     def report(r: str, b: int, key: str, verdicts: list, seconds: float, stages: dict | None = None) -> None:
         record.add(r, b, key, verdicts, seconds, stages)
+        mine.append((r, b, key, verdicts, seconds, stages))
         right = sum(p == t for p, t in zip(verdicts, labels[b * batch_size:])) if key == "clean" else sum(verdicts)
         bars.update(key, verdicts, right)
 
     options = {"eps": eps, "threat": threat, "batch_size": batch_size, "device": device, "seed": seed, "dtype": dtype}
     build = functools.partial(build_attacks, names=attack_names, eps=eps, threat=threat, seed=seed, settings=settings)
+    failure: BaseException | None = None
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if processes == 1:
                 with torch_threads(per_process):
                     score_units(model, x, y, build(model), units, known, report, **options)
-            else:
+            elif units:
                 run_processes(processes, per_process, build, model, x, y, units, known, report, options)
+    except BaseException as exc:  # noqa: BLE001 (under torchrun the other ranks hear of it, then it is raised)
+        if world == 1:
+            raise
+        failure = exc
     finally:
         bars.close()
+    if world > 1:
+        for item in exchange(mine, failure, rank, world):
+            record.add(*item)
     result: dict[str, Any] = {"n": len(y), "eps": eps, "threat": threat, "seed": seed,
                               "attack_precision": precision_name(dtype),
                               "attacks": {a.name: a.params for a in build(model)}, "routes": {}}
@@ -255,7 +274,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
         result.setdefault("per_class", {})[r] = per_class_accuracy(examples, y, num_classes_of(model))
         if per_example:
             result.setdefault("per_example", {})[r] = examples
-    result.update(jobs=processes, threads=per_process, attack_seconds=record.seconds(),
+    result.update(jobs=processes, threads=per_process, ranks=world, attack_seconds=record.seconds(),
                   seconds=time.perf_counter() - start, versions=versions())
     return result
 

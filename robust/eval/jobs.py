@@ -6,7 +6,9 @@ not depend on which process attacks the batch, in which order, or in which run o
 process, N processes and an interrupted-then-resumed evaluation give the same verdicts, example for
 example. The processes are spawned (a fork would inherit the parent's OpenMP threads), each with
 its share of the batches and its own torch thread count; they report every verdict to the parent,
-which keeps the state and the progress bars.
+which keeps the state and the progress bars. Under torchrun (a process group joined before the
+evaluation) each rank scores its share of the batches and the ranks exchange their verdicts at the
+end, so every rank returns the whole result.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from robust.attacks.pgd import fp32_predictions
@@ -141,3 +144,23 @@ def run_processes(jobs: int, threads: int, build: Callable[[nn.Module], list[Att
                 p.terminate()
             p.join()
         model.to(options["device"])
+
+
+def world_position() -> tuple[int, int]:
+    """(rank, world size) in the torch.distributed process group this process has joined; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def exchange(mine: list, error: BaseException | None, rank: int, world: int) -> list:
+    """The other ranks' reports, gathered on every rank. Every rank arrives here, failed or not, so an error
+    on one rank is raised on all of them instead of leaving the others waiting for its share."""
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (mine, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    failed = [(r, message) for r, (_, message) in enumerate(gathered) if message]
+    if failed:
+        raise RuntimeError(f"evaluation rank {failed[0][0]} failed ({failed[0][1]}); no figures were reported")
+    return [item for r, (items, _) in enumerate(gathered) if r != rank for item in items]
