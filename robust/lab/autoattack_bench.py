@@ -6,8 +6,9 @@ variant once, the next round in the reverse order, so a machine shared with othe
 every variant alike and the ratios stay meaningful where the absolute times do not.
 
 Variants: ``official`` (pyautoattack, version standard, fp32, batch ``--batch-size``) and ours, by
-``fp32`` (one process, fp32 attacks), ``bf16`` (one process, bf16 attacks) and ``fast``
-(``--precision``, default auto, and ``--jobs``). Printed per variant: images/s (median over rounds), its ratio to the official code,
+``fp32`` (one process, fp32 attacks), ``bf16`` (one process, bf16 attacks), ``fast``
+(``--precision``, default auto, and ``--jobs``) and ``jobs`` (fp32 and ``--jobs``: what a CPU
+without native bf16 gets); ``--variants`` picks which of ours run (default fp32,bf16,fast). Printed per variant: images/s (median over rounds), its ratio to the official code,
 the seconds per stage (APGD-CE, APGD-T, FAB-T, Square) and robust accuracy; then the per-example
 agreement of each of ours with the official verdicts (every verdict an fp32 forward).
 
@@ -38,6 +39,7 @@ from robust.runtime import cpu_has_amx, versions
 from robust.threat import resolve_eps
 
 STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+VARIANTS = ("fp32", "bf16", "fast", "jobs")
 
 
 class _StageLog(logging.Handler):
@@ -150,8 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="processes of the fast variant")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (every variant; per process for ours)")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="the fast variant's attack precision")
+    parser.add_argument("--variants", default="fp32,bf16,fast",
+                        help="which of ours run beside the official code: fp32, bf16, fast, jobs (comma-separated)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown or not chosen:
+        parser.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     state = read_checkpoint(args.checkpoint if args.checkpoint.endswith((".pt", ".safetensors")) else f"{args.checkpoint}/best.pt")
@@ -160,9 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     x, y = load_test_split(state, None, args.limit)
     x, y = x[:args.limit], y[:args.limit].long()
     eps = resolve_eps(args.eps if args.eps is not None else state["eps"], "linf")
-    variants = {"fp32": {"precision": "fp32", "jobs": 1, "threads": args.threads},
-                "bf16": {"precision": "bf16", "jobs": 1, "threads": args.threads},
-                "fast": {"precision": args.precision, "jobs": args.jobs, "threads": args.threads}}
+    settings = {"fp32": {"precision": "fp32", "jobs": 1}, "bf16": {"precision": "bf16", "jobs": 1},
+                "fast": {"precision": args.precision, "jobs": args.jobs}, "jobs": {"precision": "fp32", "jobs": args.jobs}}
+    variants = {name: {**settings[name], "threads": args.threads} for name in chosen}
     report = bench(model, x, y, eps, variants, args.rounds, args.batch_size, args.seed)
     report.update(checkpoint=args.checkpoint, route=args.route, threads=torch.get_num_threads(),
                   cpu_amx=cpu_has_amx(), versions=versions(), date=time.strftime("%Y-%m-%d"))
