@@ -191,6 +191,25 @@ def test_gradient_analysis_reports_every_norm_layer(norm):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats_before.items())  # model untouched
 
 
+@pytest.mark.parametrize("norm", ["bn", "auxbn", "sabn"])
+def test_gradient_analysis_reads_the_layer_norms_of_a_convnext(norm):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = build_model("timm:convnext_atto", norm, 10, 1, image_size=32)
+    own = [n for n, m in timm.create_model("convnext_atto", num_classes=10, in_chans=1).named_modules()
+           if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm))]
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(4, 1, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))]
+    result = gradient_analysis(model, batches, eps=0.1, steps=1)
+    assert result["norm"] == norm
+    assert [r["layer"].split("net.", 1)[-1] for r in result["layers"]] == own  # every norm of the model, once
+    for row in result["layers"]:
+        shared = [row["shared_clean"], row["shared_adv"]]
+        routes = [row["route_clean"], row["route_adv"]]
+        assert all(v is None or (math.isfinite(v) and v >= 0) for v in shared + routes)
+        assert (shared == [None, None]) == (norm == "auxbn") and (routes == [None, None]) == (norm == "bn")
+
+
 @pytest.mark.parametrize("norm", ["bn", "auxbn"])
 @pytest.mark.precision
 def test_gradient_analysis_at_eps_zero_compares_a_loss_with_itself(norm):

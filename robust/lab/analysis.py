@@ -44,30 +44,55 @@ from robust.data.load import load_dataset
 from robust.data.loader import BatchLoader, split_train_val
 from robust.errors import ConfigError
 from robust.lab.stats import mean_sd
-from robust.nn.norms import DualBatchNorm2d, RoutedNorm, SandwichBatchNorm2d, SharedBatchNorm2d, bn_mode, use_route
+from robust.nn.layer_norms import DualAffineNorm, SandwichAffineNorm, is_affine_norm
+from robust.nn.norm_act import RoutedBatchNormAct
+from robust.nn.norms import ROUTES, DualBatchNorm2d, RoutedNorm, SandwichBatchNorm2d, SharedBatchNorm2d, bn_mode, use_route
 from robust.runtime import resolve_device
 from robust.train.step import StepSettings, make_adversarial, step_loss
 
 FIGURES = ("shared_clean", "shared_adv", "route_clean", "route_adv", "cosine", "route_cosine")
 
 
-def affine_groups(layer: RoutedNorm) -> dict[str, list[nn.Parameter]]:
-    """The affine parameters of a norm layer, grouped as 'shared', 'clean', 'adv' (where they exist)."""
-    if isinstance(layer, SandwichBatchNorm2d):
-        groups = {"shared": [layer.shared_weight, layer.shared_bias]}
-        groups.update({r: [layer.route_weight[r], layer.route_bias[r]] for r in ("clean", "adv")})
-        return groups
+def _present(*params: nn.Parameter | None) -> list[nn.Parameter]:
+    return [p for p in params if p is not None]
+
+
+def _route_affine(layer: nn.Module, route: str) -> list[nn.Parameter]:
+    return _present(layer.route_weight[route], None if layer.route_bias is None else layer.route_bias[route])
+
+
+def affine_groups(layer: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The affine parameters of a norm layer, grouped as 'shared', 'clean', 'adv' (where they exist).
+
+    Batch norms, LayerNorm/GroupNorm routes and timm's BatchNormAct2d alike; a LayerNorm or GroupNorm a
+    ``bn`` model keeps as its own layer has one shared affine, as a shared batch norm has.
+    """
+    if isinstance(layer, RoutedBatchNormAct):
+        return affine_groups(layer.norm)
+    if isinstance(layer, (SandwichBatchNorm2d, SandwichAffineNorm)):
+        return {"shared": _present(layer.shared_weight, layer.shared_bias), **{r: _route_affine(layer, r) for r in ROUTES}}
     if isinstance(layer, DualBatchNorm2d):
-        return {r: [p for p in (layer.bns[r].weight, layer.bns[r].bias) if p is not None] for r in ("clean", "adv")}
-    if isinstance(layer, SharedBatchNorm2d):
-        return {"shared": [p for p in (layer.weight, layer.bias) if p is not None]}
+        return {r: _present(layer.bns[r].weight, layer.bns[r].bias) for r in ROUTES}
+    if isinstance(layer, DualAffineNorm):
+        return {r: _route_affine(layer, r) for r in ROUTES}
+    if isinstance(layer, SharedBatchNorm2d) or is_affine_norm(layer):
+        return {"shared": _present(layer.weight, layer.bias)}
     raise TypeError(f"not a routed norm layer: {type(layer).__name__}")
 
 
-def norm_layers(model: nn.Module) -> list[tuple[str, RoutedNorm]]:
-    """(qualified name, layer) of every routed norm layer with affine parameters, in model order."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, RoutedNorm) and all(affine_groups(m).values())]
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every norm layer with affine parameters, in model order: the routed norms
+    and the LayerNorm/GroupNorm layers a ``bn`` model keeps (never a layer inside another one's)."""
+    out: list[tuple[str, nn.Module]] = []
+    inside: str | None = None
+    for name, m in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        if isinstance(m, RoutedNorm) or is_affine_norm(m):
+            inside = f"{name}."
+            if all(affine_groups(m).values()):
+                out.append((name, m))
+    return out
 
 
 def _flat_grads(loss: torch.Tensor, params: list[nn.Parameter]) -> dict[int, torch.Tensor]:
@@ -132,7 +157,7 @@ def gradient_analysis(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
     settings = StepSettings.of(method, eps, alpha, steps, options=options, attack_bn="train" if attack_train_mode else "eval")
     layers = norm_layers(model)
     if not layers:
-        raise ValueError("the model has no routed norm layers with affine parameters; build it with robust.build_model")
+        raise ValueError("the model has no norm layers with affine parameters; build it with robust.build_model")
     groups = [affine_groups(m) for _, m in layers]
     params = [p for g in groups for ps in g.values() for p in ps]
     sums: list[dict[str, float]] = [dict.fromkeys(FIGURES, 0.0) for _ in layers]
@@ -159,10 +184,11 @@ def gradient_analysis(model: nn.Module, batches: Iterable[tuple[torch.Tensor, to
     }
 
 
-def _norm_kind(layer: RoutedNorm) -> str:
-    if isinstance(layer, SandwichBatchNorm2d):
+def _norm_kind(layer: nn.Module) -> str:
+    layer = layer.norm if isinstance(layer, RoutedBatchNormAct) else layer
+    if isinstance(layer, (SandwichBatchNorm2d, SandwichAffineNorm)):
         return "sabn"
-    return "auxbn" if isinstance(layer, DualBatchNorm2d) else "bn"
+    return "auxbn" if isinstance(layer, (DualBatchNorm2d, DualAffineNorm)) else "bn"
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, float | None]:
