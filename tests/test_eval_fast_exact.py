@@ -310,6 +310,30 @@ def test_two_torchrun_ranks_give_one_process_verdicts_and_only_rank_zero_speaks(
     assert set(b["attack_seconds"]) == {"clean", "fgsm", "pgd3"}
 
 
+def _rank_evaluations(rank: int, init: str, model, images, kwargs: dict, out: str) -> None:
+    """One of two gloo ranks: the sharded evaluation on both, then one on rank 0 alone (across_ranks=False)."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        both = evaluate(model, images, **kwargs)
+        alone = evaluate(model, images, across_ranks=False, **kwargs) if rank == 0 else None
+        torch.save({"both": both, "alone": alone}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_evaluate_in_a_process_group_shards_on_every_rank_or_runs_alone(model, images, tmp_path):
+    kwargs = {"attacks": ["fgsm", "pgd3"], "eps": EPS, "batch_size": 8, "per_example": True, "attack_precision": "fp32",
+              "threads": 1}
+    one = evaluate(model, images, **kwargs)
+    out = str(tmp_path / "result")
+    torch.multiprocessing.spawn(_rank_evaluations, nprocs=2, join=True,
+                                args=(f"file://{tmp_path / 'store'}", model, images, kwargs, out))
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in (0, 1)]
+    for result in (ranks[0]["both"], ranks[1]["both"], ranks[0]["alone"]):
+        assert result["per_example"] == one["per_example"] and result["routes"] == one["routes"]
+    assert (ranks[0]["both"]["ranks"], ranks[0]["alone"]["ranks"]) == (2, 1)  # rank 0 alone: no peer was waited for
+
+
 def test_torchrun_refuses_a_state_file_in_one_line(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for extra in (["--state", "s.json"], ["--state", "s.json", "--resume"]):

@@ -181,7 +181,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
              device: str | torch.device | None = None, seed: int = 0, threat: str = "linf", restarts: int = 1,
              queries: int = 5000, progress: bool = False, per_example: bool = False,
              attack_precision: str = "auto", jobs: int = 1, threads: int | None = None,
-             state: str | os.PathLike[str] | None = None, resume: bool = False, force: bool = False) -> dict[str, Any]:
+             state: str | os.PathLike[str] | None = None, resume: bool = False, force: bool = False,
+             across_ranks: bool = True) -> dict[str, Any]:
     """Clean and robust accuracy (%) of every route of ``model`` under each attack.
 
     ``data`` is ``(x, y)`` with x uint8 or float in [0, 1] of shape (N, C, H, W) (an ImageData
@@ -201,7 +202,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     many processes of ``threads`` torch threads each (default CPUs/jobs); each attack on each batch
     has its own seed, so the verdicts equal one process's. In a torch.distributed process group (torchrun)
     each of the ``ranks`` scores its share of the batches and every rank returns the whole result, the
-    same verdicts again; call it on every rank. ``state`` is a file the verdicts are
+    same verdicts again; call it on every rank, or pass ``across_ranks=False`` to evaluate everything in
+    this process alone (e.g. on rank 0 only). ``state`` is a file the verdicts are
     written to after each attack on each batch (an existing one is kept unless ``force``);
     ``resume`` finishes the evaluation that file holds, refusing one of another model, other
     images or other settings. ``attack_seconds`` sums each attack's time over batches, processes and ranks.
@@ -213,7 +215,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     names = check_attack_names(attacks)
     if batch_size < 1 or restarts < 1 or queries < 1:
         raise ConfigError(f"batch-size, restarts and queries must be >= 1, got {batch_size}, {restarts}, {queries}")
-    rank, world = world_position()
+    rank, world = world_position() if across_ranks else (0, 1)
     if world > 1 and (state is not None or resume):
         raise ConfigError("--state and --resume keep one machine's evaluation; under torchrun drop them, or run one "
                           "process with --jobs N and --state FILE")
