@@ -381,3 +381,11 @@ def test_the_benchmark_reads_the_official_codes_stage_times_from_its_log():
                  "robust accuracy after FAB-T: 58.33% (total time 70.5 s)"]:
         log.emit(logging.LogRecord("auto-attack", logging.DEBUG, __file__, 0, line, None, None))
     assert log.stage_seconds() == {"apgd-ce": 2.5, "apgd-t": 27.5, "fab-t": 40.5}  # totals -> per stage
+
+
+def test_the_benchmark_refuses_an_unknown_variant_before_reading_anything(tmp_path, capsys):
+    from robust.lab.autoattack_bench import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path / "missing.pt"), "--variants", "jobs,fast16"])
+    assert stop.value.code == 2 and "unknown fast16; choose from fp32, bf16, fast, jobs" in capsys.readouterr().err
