@@ -16,7 +16,7 @@ from robust.checkpoint import model_from, read_checkpoint
 from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
 from robust.cli.plain_model import load_plain_model, plain_model_options, wants_plain_model
 from robust.eval.accuracy import ATTACK_PRECISIONS
-from robust.eval.evaluation import check_attack_names, evaluate, load_test_split
+from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, check_attack_names, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
 from robust.lab.plots import plot_sweep
@@ -138,8 +138,7 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
         checkpoint = newest_run()
         click.echo(f"no CHECKPOINT given: evaluating the newest run, {checkpoint}", err=True)
     if env_world_size() > 1 and (state_path is not None or resume):
-        raise BadInput("--state and --resume keep one machine's evaluation; under torchrun drop them, or run one "
-                       "process with --jobs N --state FILE")
+        raise BadInput(NO_STATE_ACROSS_RANKS)  # before the process group and any file
     ctx, rank_device = setup(device) if env_world_size() > 1 else (SINGLE, None)
     try:
         with only_rank_zero_speaks(ctx.is_main):

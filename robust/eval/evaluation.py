@@ -37,6 +37,10 @@ from robust.runtime import available_cpus, precision_name, resolve_device, versi
 from robust.threat import resolve_eps
 
 
+NO_STATE_ACROSS_RANKS = ("--state and --resume keep one machine's evaluation; under torchrun drop them, or run one "
+                         "process with --jobs N --state FILE")
+
+
 def check_attack_names(attacks: Iterable[str] | str) -> list[str]:
     """Normalized, de-duplicated attack names; ConfigError listing the valid ones for an unknown name."""
     names = attacks.split(",") if isinstance(attacks, str) else list(attacks)
@@ -217,8 +221,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
         raise ConfigError(f"batch-size, restarts and queries must be >= 1, got {batch_size}, {restarts}, {queries}")
     rank, world = world_position() if across_ranks else (0, 1)
     if world > 1 and (state is not None or resume):
-        raise ConfigError("--state and --resume keep one machine's evaluation; under torchrun drop them, or run one "
-                          "process with --jobs N and --state FILE")
+        raise ConfigError(NO_STATE_ACROSS_RANKS)
     x, y = as_tensors(data, limit)
     check_fits(model, x, y)
     routes = list(routes_for(model, route))
@@ -245,7 +248,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
 
     def report(r: str, b: int, key: str, verdicts: list, seconds: float, stages: dict | None = None) -> None:
         record.add(r, b, key, verdicts, seconds, stages)
-        mine.append((r, b, key, verdicts, seconds, stages))
+        if world > 1:  # sent to the other ranks at the end
+            mine.append((r, b, key, verdicts, seconds, stages))
         right = sum(p == t for p, t in zip(verdicts, labels[b * batch_size:])) if key == "clean" else sum(verdicts)
         bars.update(key, verdicts, right)
 
