@@ -20,6 +20,8 @@ import torch.nn as nn
 
 from robust.attacks.pgd import fp32_predictions
 from robust.errors import ConfigError
+from robust.nn.norms import bn_mode
+from robust.precision import PrecisionChoice, choose_precision, input_gradient_probe, model_signature
 from robust.runtime import autocast, autocast_dtype
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -29,8 +31,9 @@ ATTACK_PRECISIONS = ("auto", "fp32", "bf16")
 def attack_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of attack iterations for ``precision`` (None: fp32).
 
-    ``auto`` follows training's rule: bf16 on CUDA (where supported) and on CPUs with AMX, fp32
-    elsewhere; never fp16, whose range loses a confident example's gradient.
+    ``auto`` here is the rule without a model (bf16 on CUDA where supported and on CPUs with AMX,
+    fp32 elsewhere); :func:`choose_attack_precision` measures the model instead. Never fp16, whose
+    range loses a confident example's gradient.
     """
     if precision not in ATTACK_PRECISIONS:
         raise ConfigError(f"unknown attack precision {precision!r}; use {', '.join(ATTACK_PRECISIONS)}")
@@ -40,6 +43,33 @@ def attack_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     dtype = autocast_dtype("auto", device)
     return dtype if dtype == torch.bfloat16 else None
+
+
+PROBE_BATCH = 128  # the most images the attack-precision probe times
+
+
+def choose_attack_precision(precision: str, device: torch.device, model: nn.Module, x: torch.Tensor,
+                            y: torch.Tensor, threads: int, ranks: int = 1) -> PrecisionChoice:
+    """``--attack-precision`` resolved; ``auto`` on a CPU times the attacks' unit of work on this model.
+
+    The unit is one forward and input gradient on the first images (``x`` floats in [0, 1] on
+    ``device``), in eval mode, with the ``threads`` each process will have; the ratio is cached per
+    machine and model shape (robust.precision). Several ranks keep the flag rule, so they agree.
+    """
+    if precision not in ATTACK_PRECISIONS:
+        raise ConfigError(f"unknown attack precision {precision!r}; use {', '.join(ATTACK_PRECISIONS)}")
+    if precision != "auto" or device.type != "cpu" or ranks > 1 or not len(y):
+        dtype = attack_dtype(precision, device)
+        return PrecisionChoice(dtype, "asked" if precision != "auto" else "auto by device and CPU flags")
+    xb, yb = x[:PROBE_BATCH], y[:PROBE_BATCH]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with bn_mode(model, False), torch.random.fork_rng(devices=[]):
+            return choose_precision("auto", device, model_signature(model, tuple(xb.shape), "attack"),
+                                    input_gradient_probe(model, xb, yb))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def correct_under_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack,

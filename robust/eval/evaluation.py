@@ -28,9 +28,9 @@ from robust.attacks.registry import Attack, build_attack, parse_attack_name
 from robust.data.load import load_dataset
 from robust.data.types import CUSTOM_DATASETS, ImageData
 from robust.errors import ConfigError, DataError
-from robust.eval.accuracy import attack_dtype
+from robust.eval.accuracy import PROBE_BATCH, choose_attack_precision
 from robust.eval.jobs import exchange, run_processes, score_units, split, world_position
-from robust.eval.jobs import to_model_input  # noqa: F401 (where robust.lab.report finds it)
+from robust.eval.jobs import to_model_input  # also where robust.lab.report finds it
 from robust.eval.state import EvalState, fingerprint, open_state
 from robust.nn.norms import routes_for
 from robust.runtime import available_cpus, precision_name, resolve_device, versions
@@ -201,7 +201,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     when it survived every attack).
 
     ``attack_precision`` (auto, fp32, bf16) is the precision of the attacks' iterations (auto: bf16
-    on CUDA and on CPUs with AMX); every verdict, clean and adversarial, is an fp32 forward
+    on CUDA, and on a CPU where it ran this model's attack step at least 1.2x faster than fp32, measured
+    once and cached; ``attack_precision_why`` in the result says which and why); every verdict, clean and adversarial, is an fp32 forward
     (:func:`robust.eval.accuracy.correct_under_attack`). ``jobs`` splits the batches across that
     many processes of ``threads`` torch threads each (default CPUs/jobs); each attack on each batch
     has its own seed, so the verdicts equal one process's. In a torch.distributed process group (torchrun)
@@ -228,13 +229,15 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     batches = math.ceil(len(y) / batch_size)
     processes, per_process = plan_jobs(jobs, threads, len(y), batches)
     device = resolve_device("auto" if device is None else str(device))
-    dtype = attack_dtype(attack_precision, device)
+    model.to(device)
+    precision = choose_attack_precision(attack_precision, device, model, to_model_input(x[:PROBE_BATCH], device),
+                                        y[:PROBE_BATCH].to(device), per_process, world)
+    dtype = precision.dtype
     settings = {"restarts": restarts, "queries": queries}
     attack_names = [n for n in names if n != "clean"]
     record = open_state(state, resume, force, {} if state is None else fingerprint(
         model, x, y, eps=eps, threat=threat, attacks=attack_names, routes=routes, seed=seed, batch_size=batch_size,
         restarts=restarts, queries=queries, attack_precision=precision_name(dtype)))
-    model.to(device)
     start = time.perf_counter()
     units = [(r, b) for r in routes for b in range(batches)
              if not all(k in record.done(r, b) for k in ("clean", *attack_names))]
@@ -273,7 +276,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
         for item in exchange(mine, failure, rank, world):
             record.add(*item)
     result: dict[str, Any] = {"n": len(y), "eps": eps, "threat": threat, "seed": seed,
-                              "attack_precision": precision_name(dtype),
+                              "attack_precision": precision_name(dtype), "attack_precision_why": precision.why,
                               "attacks": {a.name: a.params for a in build(model)}, "routes": {}}
     for r in routes:
         result["routes"][r], examples = tally(record, r, attack_names, y, batch_size)

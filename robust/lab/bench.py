@@ -61,9 +61,9 @@ from robust.data.types import DATASET_INFO, ImageData
 from robust.errors import ConfigError
 from robust.nn.factory import build_model
 from robust.nn.norms import use_route
-from robust.runtime import autocast_dtype, precision_name, resolve_device
+from robust.runtime import precision_name, resolve_device
 from robust.threat import parse_eps
-from robust.train.build import build_training
+from robust.train.build import build_training, training_precision
 from robust.train.step import train_step
 
 VARIANTS = ("project", "textbook")
@@ -158,7 +158,7 @@ def project_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], N
 
     tc = config.train_config()
     device = resolve_device(config.device)
-    parts = build_training(tc, data, device, autocast_dtype(tc.precision, device))
+    parts = build_training(tc, data, device, _project_precision(tc, data, device))
     batches = _endless(parts.loader, parts.loader.set_epoch)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -464,6 +464,11 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _precision_name(config: BenchConfig, device: torch.device) -> str:
+def _project_precision(tc: TrainConfig, data: ImageData, device: torch.device) -> torch.dtype | None:
+    """The precision the project's step runs in: what ``robust train`` would choose for this config."""
+    return training_precision(tc, data, device).dtype
 
-    return precision_name(autocast_dtype(config.precision, device))
+
+def _precision_name(config: BenchConfig, device: torch.device) -> str:
+    """The project's precision by name (``auto`` resolved as training resolves it, from the cache it measured)."""
+    return precision_name(_project_precision(config.train_config(), synthetic_data(config), device))

@@ -23,6 +23,7 @@ from robust.errors import CheckpointError, DataError
 from robust.nn.factory import build_model
 from robust.nn.syncbn import convert_sync_batchnorm
 from robust.outputs import RunFiles
+from robust.precision import PrecisionChoice, choose_precision, model_signature, probe_inputs, training_step_probe
 from robust.train.step import StepSettings
 
 
@@ -52,8 +53,7 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
     train_x = train_x.to(device) if isinstance(train_x, torch.Tensor) else train_x
     loader = make_loader(c, d, train_x, train_y.to(device), device, extra)
     torch.manual_seed(c.seed)
-    model = build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std, activation=c.activation,
-                        image_size=tuple(train_x.shape[-2:]), patch_size=c.patch_size).to(device)
+    model = new_model(c, d, tuple(train_x.shape[-2:])).to(device)
     if state is not None:
         load_weights(model, state, c, source or Path(RunFiles.LAST))
     saved_sync = bool((state or {}).get("distributed", {}).get("sync_bn", False))
@@ -67,6 +67,32 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
     forward_model = torch.compile(model) if c.compile else model
     return TrainingParts(loader, val, model, forward_model, optimizer, scaler,
                          StepSettings.from_config(c, amp, device), sync)
+
+
+def new_model(c: TrainConfig, d: ImageData, image_size: tuple[int, ...]) -> nn.Module:
+    """A freshly initialised model of the run's architecture for ``d``'s images (drawn from the global RNG)."""
+    return build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std, activation=c.activation,
+                       image_size=image_size, patch_size=c.patch_size)
+
+
+PROBE_BATCH = 128  # the largest batch the precision probe times: enough to show the kernels' speed, seconds at most
+
+
+def training_precision(c: TrainConfig, d: ImageData, device: torch.device, ranks: int = 1) -> PrecisionChoice:
+    """``--precision`` resolved; ``auto`` on a CPU times a copy of the run's model (see robust.precision).
+
+    Several ranks must agree on one precision without timing each other's contention, so they keep the
+    flag rule. The probe model and its inputs come from RNGs of their own: the run draws what it would have."""
+    if c.precision != "auto" or device.type != "cpu" or ranks > 1:
+        return choose_precision(c.precision, device, "", None)
+    shape = (min(c.batch_size, PROBE_BATCH), *tuple(d.train_x.shape[1:]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(c.seed)
+        model = new_model(c, d, shape[-2:]).to(device).train()
+    x, y = probe_inputs(shape, d.num_classes, device)
+    if c.channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return choose_precision("auto", device, model_signature(model, shape, "train"), training_step_probe(model, x, y))
 
 
 def make_loader(c: TrainConfig, d: ImageData, train_x, train_y: torch.Tensor, device: torch.device,

@@ -44,9 +44,9 @@ from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
 from robust.objectives import hard_labels
 from robust.outputs import check_output_dir
-from robust.runtime import autocast_dtype, configure_kernels, describe_machine, precision_name
+from robust.runtime import configure_kernels, describe_machine, precision_name
 from robust.train import distributed as dist_
-from robust.train.build import build_training
+from robust.train.build import build_training, training_precision
 from robust.train.co_guard import COGuard
 from robust.train.ema import WeightAverage
 from robust.train.faults import SIGNAL_NAMES, FiniteWatch, SaveTimer, SignalCatcher
@@ -203,11 +203,12 @@ class Trainer:
             torch.set_num_threads(c.threads)
         if c.batch_size < self.dist.world_size:
             raise ConfigError(f"batch-size {c.batch_size} is the global batch and must be >= the {self.dist.world_size} ranks; raise --batch-size")
-        self.amp = autocast_dtype(c.precision, self.device)
         state = self.folder.read_last(self.device) if self.resume else None  # a bad last.pt before the slow data
         self.data = self.data if self.data is not None else load_dataset(
             c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, budget=memory_budget(self.device) // dist_.local_world_size(),
             workers=c.workers)
+        self.precision = training_precision(c, self.data, self.device, self.dist.world_size)
+        self.amp = self.precision.dtype
         extra = load_extra_data(c.extra_data, tuple(self.data.train_x.shape[1:]), self.data.num_classes, c.data_mode,
                                 memory_budget(self.device) // dist_.local_world_size()) if c.extra_data else None
         parts = build_training(c, self.data, self.device, self.amp, state, self._sync_bn_asked, self.folder.last_pt, extra)
@@ -289,7 +290,7 @@ class Trainer:
             distributed={"world_size": self.dist.world_size, "sync_bn": self.sync_bn}, co_guard=guard,
             ema=self.ema.state_dict() if self.ema is not None else None,
             machine={"description": describe_machine(self.device), "device": str(self.device),
-                     "precision": precision_name(self.amp)}, **extra,
+                     "precision": precision_name(self.amp), "precision_why": self.precision.why}, **extra,
         )
 
     def _save_position(self, epoch: int, batch: int, tally: EpochTally, elapsed: float) -> None:
@@ -517,7 +518,7 @@ class Trainer:
         return (f"training {c.arch} ({c.norm}{width}) on {c.dataset} "
                 f"[{len(self.loader.y)} training, {n_val} validation examples, {shape}{streamed}], "
                 f"method {c.resolved_method} ({', '.join(extras)}), eps {c.eps}, device {self.device}{ranks}, "
-                f"precision {precision_name(self.amp)} -> {self.run_dir}")
+                f"precision {self.precision.describe()} -> {self.run_dir}")
 
 
 def format_epoch(m: dict[str, Any]) -> str:
