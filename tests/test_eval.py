@@ -48,6 +48,13 @@ def train_tiny(fmnist, norm: str, steps: int = TRAIN_STEPS, seed: int = 0) -> to
     return model.eval()
 
 
+# Accuracy bounds below come from the spread of train_tiny(fmnist, "sabn", seed=s) for s = 0-4, each with
+# native kernels and with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2, on an Intel Xeon with
+# AVX512-BF16 without AMX, 2026-12-07 (min/mean/max per kernel given beside each bound). Each lower bound is
+# the lower of (min - 10) and (mean - 4 sd) over all 10 runs, rounded down to a multiple of 5; chance is 10%.
+# The fixture keeps seed 0: the spread over seeds stands in for other CPU kinds' rounding.
+
+
 @pytest.fixture(scope="module")
 def sabn(fmnist):
     return train_tiny(fmnist, "sabn")
@@ -81,7 +88,9 @@ def robust_accuracy(model, x, y, attack) -> float:
 def test_trained_model_is_well_above_chance(sabn, fmnist):
     result = evaluate(sabn, (fmnist.test_x[:1000], fmnist.test_y[:1000]), attacks=["clean"], eps=EPS)
     for route in ("clean", "adv"):
-        assert result["routes"][route]["clean"] > 60  # chance is 10%
+        # clean route: native 58.3/64.6/69.0, AVX2 56.8/64.8/70.3 (sd 4.4); adv route: native 58.5/64.5/68.6,
+        # AVX2 57.5/63.9/69.2 (sd 4.0)
+        assert result["routes"][route]["clean"] > 45
         assert result["routes"][route]["worst_case"] == result["routes"][route]["clean"]
     assert result["n"] == 1000 and result["attacks"] == {}
 
@@ -93,6 +102,7 @@ def test_pgd20_agrees_with_torchattacks(sabn, eval_data):
     torch.manual_seed(1)
     with use_route(sabn, "adv"):
         theirs = robust_accuracy(sabn, x, y, torchattacks.PGD(sabn, eps=EPS, alpha=EPS / 4, steps=20, random_start=True))
+    # something to compare: measured native 44.5/48.3/51.5, AVX2 41.5/46.9/50.5 (sd 3.2), far inside
     assert 5 < ours < 90
     assert abs(ours - theirs) <= 1.0
 
@@ -121,7 +131,8 @@ def test_accuracy_does_not_rise_with_steps_or_eps(sabn, eval_data):
     sweep = evaluation.eps_sweep(sabn, (x, y), [0, 0.05, 0.1, 0.2, 1.0], attacks=["pgd5"], route="adv")
     curve = [s["routes"]["adv"]["pgd5"] for s in sweep]
     assert all(a >= b - 1 for a, b in zip(curve, curve[1:])), curve
-    assert curve[0] > 60 and curve[-1] <= 1.0
+    # eps 0 is the clean accuracy: native 60.0/64.8/68.0, AVX2 59.0/64.4/68.0 (sd 3.8); eps 1 reaches any image
+    assert curve[0] > 45 and curve[-1] <= 1.0
     assert all(c.passed for c in eps_monotonic_checks(sweep))
 
 
