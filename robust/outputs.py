@@ -146,7 +146,7 @@ def check_output_file(path: str | os.PathLike[str], flag: str, force: bool = Fal
     """:func:`check_output`, and never a file this command reads (``inputs``), another of its outputs
     (``outputs``: flag -> path) or a run's own file (its checkpoints, config.json, metrics.jsonl; a
     comparison's compare.json), even with --force."""
-    target = check_output(path, flag, force, default_name)
+    target = check_output(path, flag, True, default_name)  # the file meant; what it is decides the message
     for source in inputs:
         if source is not None and same_file(source, target):
             raise OutputError(f"{flag} {target} is the file this command reads; it is never overwritten, not even "
@@ -160,6 +160,8 @@ def check_output_file(path: str | os.PathLike[str], flag: str, force: bool = Fal
     if what:
         raise OutputError(f"{flag} {target} is {what}; a run's own files are never overwritten, not even with --force: "
                           f"choose another {flag}")
+    if target.exists() and not force:
+        raise OutputError(f"{target} already exists; pass --force to overwrite it or choose another {flag}")
     return target
 
 

@@ -53,6 +53,20 @@ def is_torchscript(path: str | Path) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
+def is_robust_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` reads (safely) as a checkpoint of robust: it knows its architecture and data. False for
+    plain weights and for files that do not read at all."""
+    path = Path(path)
+    try:
+        if path.suffix == SAFETENSORS:
+            with safetensors.safe_open(str(path), framework="pt") as fh:
+                return "robust" in (fh.metadata() or {})
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (*LOAD_ERRORS, safetensors.SafetensorError):
+        return False
+    return isinstance(loaded, dict) and loaded.get("format") == FORMAT
+
+
 def parse_channel_values(text: str | None, flag: str, channels: int) -> list[float] | None:
     """``--mean 0.49,0.48,0.45`` as floats, one per channel (None stays None); ConfigError otherwise."""
     if text is None:

@@ -33,7 +33,7 @@ from robust.eval.jobs import exchange, run_processes, score_units, split, world_
 from robust.eval.jobs import to_model_input  # noqa: F401 (where robust.lab.report finds it)
 from robust.eval.state import EvalState, fingerprint, open_state
 from robust.nn.norms import routes_for
-from robust.checks import check_value
+from robust.checks import MAX_SEED, check_value
 from robust.runtime import THREADS_RANGE, available_cpus, precision_name, resolve_device, versions
 from robust.threat import resolve_eps
 
@@ -189,6 +189,14 @@ def tally(state: EvalState, route: str, names: Sequence[str], y: torch.Tensor,
     return {k: 100.0 * v / n for k, v in correct.items()}, examples
 
 
+def check_counts(**counts: Any) -> None:
+    """Whole numbers of ``evaluate``'s settings checked as the commands check them (``batch_size=2.5``, ``seed=-1``,
+    ``jobs=0`` refused; ``limit`` may be None), so a bad one fails here with its name, not deep in a loop."""
+    for name, value in counts.items():
+        low, high = (0, MAX_SEED) if name == "seed" else (1, None)
+        check_value(name, "int | None" if name == "limit" else "int", {"min": low, "max": high}, value)
+
+
 def check_threads(threads: int | None) -> None:
     """The torch thread count of a process, checked as training checks its --threads (at most the CPUs here)."""
     check_value("threads", "int | None", THREADS_RANGE, threads)
@@ -266,8 +274,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
         raise ConfigError("eps is required, e.g. eps=8/255 (robust eval defaults to the checkpoint's training eps)")
     eps = resolve_eps(eps, threat)
     names = check_attack_names(attacks)
-    if batch_size < 1 or restarts < 1 or queries < 1:
-        raise ConfigError(f"batch-size, restarts and queries must be >= 1, got {batch_size}, {restarts}, {queries}")
+    check_counts(batch_size=batch_size, restarts=restarts, queries=queries, jobs=jobs, seed=seed, limit=limit)
     rank, world = world_position() if across_ranks else (0, 1)
     if world > 1 and (state is not None or resume):
         raise ConfigError(NO_STATE_ACROSS_RANKS)
