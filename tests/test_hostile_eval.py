@@ -25,7 +25,7 @@ from helpers import assert_refused, invoke_in, snapshot
 import robust
 from robust.checkpoint import build_checkpoint, load_model, read_checkpoint, save_checkpoint
 from robust.errors import CheckpointError, ConfigError, DataError
-from robust.lab import autoattack_bench
+from robust.lab import attack_gradients, autoattack_bench
 from robust.nn.factory import build_model
 from robust.nn.norms import export_route
 from robust.outputs import FolderLock
@@ -82,13 +82,14 @@ def bad_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def bench_refused(folder: Path, args: list, *expected: str) -> str:
-    """``assert_refused`` for ``python -m robust.lab.autoattack_bench`` (click's runner, in ``folder``)."""
+def bench_refused(folder: Path, args: list, *expected: str, command=autoattack_bench.command) -> str:
+    """``assert_refused`` for ``python -m robust.lab.autoattack_bench`` (or another developer ``command``: click's
+    runner, in ``folder``)."""
     before = snapshot(folder)
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        result = CliRunner().invoke(autoattack_bench.command, [str(a) for a in args])
+        result = CliRunner().invoke(command, [str(a) for a in args])
     finally:
         os.chdir(cwd)
     assert result.exit_code == 2, result.output
@@ -150,6 +151,18 @@ def test_the_benchmark_module_refuses_to_write_over_the_checkpoint_as_a_user_run
     assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert "is the file this command reads" in done.stderr
     assert snapshot(lab) == before
+
+
+@pytest.mark.parametrize("args, words", [
+    (["runs/a", "--json", "runs/a/best.pt", "--force"], "is the file this command reads"),
+    (["runs/a", "--json", "runs/a/config.json", "--force"], "a run's own files are never overwritten"),
+    (["runs/a", "--json", "old.json"], "already exists; pass --force"),
+    (["runs/a", "--limit", "0"], "0"), (["runs/a", "--limit", "-5"], "-5"), (["runs/a", "--limit", "３"], "not ASCII"),
+    (["missing.pt"], "does not exist"), (["bad/evil.pt"], "was refused and nothing of it ran"),
+    (["bad/a.json"], "is not a checkpoint"),
+])
+def test_the_attack_gradient_measurement_follows_the_same_rules(lab, args, words):
+    bench_refused(lab, args, words, command=attack_gradients.command)
 
 
 # ---- robust.evaluate refuses what it cannot score -----------------------------------------------

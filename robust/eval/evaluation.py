@@ -209,7 +209,8 @@ def plan_jobs(jobs: int, threads: int | None, n: int, batches: int) -> tuple[int
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     if jobs > n:
         raise ConfigError(f"--jobs {jobs} is more than the {n} images to evaluate; use at most --jobs {n}")
-    check_threads(threads)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     processes = min(jobs, batches)
     if threads is None:  # one process keeps torch's setting (its default is the CPU count)
         threads = torch.get_num_threads() if jobs == 1 else max(1, available_cpus() // jobs)
@@ -247,7 +248,10 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     """Clean and robust accuracy (%) of every route of ``model`` under each attack.
 
     ``data`` is ``(x, y)`` with x uint8 or float in [0, 1] of shape (N, C, H, W) (an ImageData
-    means its test split). ``route`` None/'both' scores both routes of a dual-route model; a
+    means its test split) and y integer class indices. What cannot be scored is refused before any
+    work: non-finite or out-of-range images, non-integer or negative labels, empty or mismatched sets
+    (ConfigError); labels outside the model's classes, other channels or, for a model from
+    :func:`robust.load_model`, another image size than it was trained on (DataError). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attack_precision",
     "attacks": {name: params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "jobs",
     "threads", "ranks", "attack_seconds", "seconds", "versions"}``; with
@@ -275,6 +279,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     eps = resolve_eps(eps, threat)
     names = check_attack_names(attacks)
     check_counts(batch_size=batch_size, restarts=restarts, queries=queries, jobs=jobs, seed=seed, limit=limit)
+    check_threads(threads)
     rank, world = world_position() if across_ranks else (0, 1)
     if world > 1 and (state is not None or resume):
         raise ConfigError(NO_STATE_ACROSS_RANKS)

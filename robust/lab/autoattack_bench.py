@@ -10,7 +10,9 @@ Variants: ``official`` (pyautoattack, version standard, fp32, batch ``--batch-si
 (``--precision``, default auto, and ``--jobs``) and ``jobs`` (fp32 and ``--jobs``: what a CPU
 without native bf16 gets); ``--variants`` picks which of ours run (default fp32,bf16,fast). Printed per variant: images/s (median over rounds), its ratio to the official code,
 the seconds per stage (APGD-CE, APGD-T, FAB-T, Square) and robust accuracy; then the per-example
-agreement of each of ours with the official verdicts (every verdict an fp32 forward).
+agreement of each of ours with the official verdicts (every verdict an fp32 forward). Every input is
+checked before any work (bad input: one line, exit code 2) and ``--json`` goes through the package's
+output checks (never the checkpoint or a run's own file; an existing file only with ``--force``).
 
     python -m robust.lab.autoattack_bench runs/demo --route adv --limit 32 --threads 1 --jobs 2
 """
@@ -34,8 +36,9 @@ from torch import nn
 from robust.checkpoint import model_from, read_checkpoint, resolve_checkpoint_path
 from robust.checks import MAX_SEED
 from robust.data.loader import to_float
-from robust.errors import CheckpointError, ConfigError, DataError, ModelError, check_ascii_number
+from robust.errors import ConfigError
 from robust.eval.evaluation import check_threads, evaluate, load_test_split
+from robust.lab.dev_commands import AsciiInt, refusing_bad_input
 from robust.nn.norms import export_route, is_dual_route, routes_for
 from robust.outputs import check_output_file, write_output
 from robust.runtime import cpu_has_amx, versions
@@ -143,24 +146,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class _Refused(click.ClickException):
-    """A one-line ``Error: ...`` and exit code 2, as `robust`'s commands refuse bad input."""
-
-    exit_code = 2
-
-
-class _AsciiInt(click.IntRange):
-    """An integer range that refuses digits other than ASCII 0-9 (``--limit ３``), as `robust`'s commands do."""
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, str):
-            try:
-                check_ascii_number(value, f"--{param.name.replace('_', '-')}" if param else "value")
-            except ConfigError as exc:
-                self.fail(str(exc), param, ctx)
-        return super().convert(value, param, ctx)
-
-
 def parse_variants(text: str) -> list[str]:
     """``fp32,bf16`` -> the variants of ours to run; ConfigError for an unknown or empty name."""
     chosen = [v.strip() for v in text.split(",")]
@@ -190,13 +175,13 @@ def bench_eps(eps: str | None, state: dict[str, Any], checkpoint: str) -> float:
 @click.argument("checkpoint")
 @click.option("--route", type=click.Choice(["clean", "adv"]), default="adv", show_default=True,
               help="the route a dual-route model is scored on")
-@click.option("--limit", type=_AsciiInt(min=1), default=32, show_default=True, help="the first N test images")
+@click.option("--limit", type=AsciiInt(min=1), default=32, show_default=True, help="the first N test images")
 @click.option("--eps", default=None, help="Linf radius  [default: the checkpoint's training eps]")
-@click.option("--rounds", type=_AsciiInt(min=1), default=1, show_default=True, help="runs per variant, alternating the order")
-@click.option("--batch-size", type=_AsciiInt(min=1), default=256, show_default=True)
-@click.option("--seed", type=_AsciiInt(0, MAX_SEED), default=0, show_default=True)
-@click.option("--jobs", type=_AsciiInt(min=1), default=2, show_default=True, help="processes of the fast and jobs variants")
-@click.option("--threads", type=_AsciiInt(min=1), default=None,
+@click.option("--rounds", type=AsciiInt(min=1), default=1, show_default=True, help="runs per variant, alternating the order")
+@click.option("--batch-size", type=AsciiInt(min=1), default=256, show_default=True)
+@click.option("--seed", type=AsciiInt(0, MAX_SEED), default=0, show_default=True)
+@click.option("--jobs", type=AsciiInt(min=1), default=2, show_default=True, help="processes of the fast and jobs variants")
+@click.option("--threads", type=AsciiInt(min=1), default=None,
               help="torch threads (every variant; per process for ours), at most the CPUs available")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
               help="the fast variant's attack precision")
@@ -206,13 +191,11 @@ def bench_eps(eps: str | None, state: dict[str, Any], checkpoint: str) -> float:
               help="also write the figures to this JSON file (a folder ending in / gets autoattack_bench.json); "
                    "checked before any work, an existing file kept unless --force, a run's own files never")
 @click.option("--force", is_flag=True, help="overwrite an existing --json file")
+@refusing_bad_input
 def command(checkpoint: str, route: str, limit: int, eps: str | None, rounds: int, batch_size: int, seed: int,
             jobs: int, threads: int | None, precision: str, variants: str, json_path: str | None, force: bool) -> None:
-    try:
-        run_bench(checkpoint, route, limit, eps, rounds, batch_size, seed, jobs, threads, precision, variants,
-                  json_path, force)
-    except (ConfigError, DataError, CheckpointError, ModelError) as exc:
-        raise _Refused(str(exc)) from None
+    run_bench(checkpoint, route, limit, eps, rounds, batch_size, seed, jobs, threads, precision, variants,
+              json_path, force)
 
 
 def run_bench(checkpoint: str, route: str, limit: int, eps: str | None, rounds: int, batch_size: int, seed: int,
