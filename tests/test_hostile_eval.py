@@ -194,7 +194,7 @@ def _with_inf(x):
     (lambda x, y: (x, y.float() + 0.7), ConfigError, "class indices as integers"),  # 2.7 would be scored as 2
     (lambda x, y: (x, y.float()), ConfigError, "pass y.long()"),
     (lambda x, y: (x, y > 4), ConfigError, "torch.bool"),
-    (lambda x, y: (x, y - 3), ConfigError, "is negative"),
+    (lambda x, y: (x, y - 3), DataError, "label -3 of evaluation example 0 is outside the model's 10 classes"),
     (lambda x, y: (x, y + 5), DataError, "outside the model's 10 classes"),
     (lambda x, y: (x.repeat(1, 3, 1, 1), y), DataError, "channel(s)"),
     (lambda x, y: (x, y[:5]), ConfigError, "the same length"),

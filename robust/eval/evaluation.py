@@ -107,13 +107,11 @@ def check_images(x: torch.Tensor) -> None:
 
 
 def check_labels(y: torch.Tensor) -> None:
-    """ConfigError unless ``y`` holds class indices: an integer tensor (a float label 2.7 is no class), none negative."""
+    """ConfigError unless ``y`` holds class indices: an integer tensor (a float label 2.7 is no class). Their range
+    is the model's business (:func:`check_fits`)."""
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ConfigError(f"y must hold class indices as integers, got {y.dtype}; pass y.long() when they are "
                           "whole numbers (for soft labels, evaluate on their argmax)")
-    if len(y) and int(y.min()) < 0:
-        i = int((y < 0).nonzero()[0])
-        raise ConfigError(f"label {int(y[i])} of example {i} is negative; labels are class indices 0..classes-1")
 
 
 def check_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -130,6 +128,9 @@ def check_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
                         f"trained on {'x'.join(map(str, trained))}; evaluate on images of its size (--data-dir with "
                         "the data it was trained on)")
     classes = args.get("num_classes")
+    if len(y) and int(y.min()) < 0 and classes is None:
+        i = int((y < 0).nonzero()[0])
+        raise DataError(f"label {int(y[i])} of evaluation example {i} is negative; labels are class indices from 0")
     if classes is not None and len(y):
         bad = ((y < 0) | (y >= int(classes))).nonzero()
         if len(bad):
@@ -249,8 +250,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
 
     ``data`` is ``(x, y)`` with x uint8 or float in [0, 1] of shape (N, C, H, W) (an ImageData
     means its test split) and y integer class indices. What cannot be scored is refused before any
-    work: non-finite or out-of-range images, non-integer or negative labels, empty or mismatched sets
-    (ConfigError); labels outside the model's classes, other channels or, for a model from
+    work: non-finite or out-of-range images, non-integer labels, empty or mismatched sets (ConfigError);
+    negative labels or labels outside the model's classes, other channels or, for a model from
     :func:`robust.load_model`, another image size than it was trained on (DataError). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attack_precision",
     "attacks": {name: params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "jobs",

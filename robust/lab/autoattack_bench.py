@@ -28,8 +28,8 @@ import sys
 import time
 from typing import Any
 
-import pyautoattack  # the official code, from the dev extra: this module is a benchmark, not part of the API
 import click
+import pyautoattack  # the official code, from the dev extra: this module is a benchmark, not part of the API
 import torch
 from torch import nn
 
@@ -194,14 +194,7 @@ def bench_eps(eps: str | None, state: dict[str, Any], checkpoint: str) -> float:
 @refusing_bad_input
 def command(checkpoint: str, route: str, limit: int, eps: str | None, rounds: int, batch_size: int, seed: int,
             jobs: int, threads: int | None, precision: str, variants: str, json_path: str | None, force: bool) -> None:
-    run_bench(checkpoint, route, limit, eps, rounds, batch_size, seed, jobs, threads, precision, variants,
-              json_path, force)
-
-
-def run_bench(checkpoint: str, route: str, limit: int, eps: str | None, rounds: int, batch_size: int, seed: int,
-              jobs: int, threads: int | None, precision: str, variants: str, json_path: str | None,
-              force: bool) -> None:
-    """The command's body: every input checked, then the benchmark, the table and the JSON."""
+    # every input is checked before the model runs; then the benchmark, the table and the JSON
     chosen = parse_variants(variants)
     check_threads(threads)
     if eps is not None:  # refused before any file is read
