@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 import click
@@ -11,7 +9,7 @@ import click
 from robust.checkpoint import resolve_checkpoint_path
 from robust.checks import MAX_SEED
 from robust.errors import CheckpointError, ConfigError, DataError, ModelError, non_ascii_digits
-from robust.outputs import RunFiles, check_output
+from robust.outputs import RunFiles, check_output_file  # noqa: F401 (the commands' output check)
 
 
 class BadInput(click.ClickException):
@@ -76,37 +74,3 @@ def model_file(path: str) -> Path:
     if Path(path).is_dir() and resolved.name == RunFiles.LAST:
         click.echo(f"note: {path} has no best.pt (no validation, or training stopped early); using {resolved}", err=True)
     return resolved
-
-
-# The files of a run folder (and of a compare folder) that no output option may replace, even with --force:
-# they are the run, not a result written from it.
-_RUN_MARKERS = (RunFiles.CONFIG, RunFiles.METRICS, *RunFiles.CHECKPOINTS)
-_COMPARE_SETTINGS = "compare.json"
-
-
-def _protected(path: Path) -> str | None:
-    """What ``path`` is when it is a file of a run or compare folder (``the best.pt of the run folder runs/a``)."""
-    name, folder = path.name, path.parent
-    run_file = name in _RUN_MARKERS or re.fullmatch(r"epoch\d+\.pt", name)
-    if run_file and any((folder / marker).is_file() for marker in _RUN_MARKERS):
-        return f"the {name} of the run folder {folder}"
-    if name == _COMPARE_SETTINGS and folder.joinpath(_COMPARE_SETTINGS).is_file():
-        return f"the settings of the comparison in {folder}"
-    return None
-
-
-def check_output_file(path: str | os.PathLike[str], flag: str, force: bool = False, default_name: str | None = None,
-                      inputs: tuple = ()) -> Path:
-    """:func:`robust.outputs.check_output`, and never a file this command reads (``inputs``) or a run's own
-    file (its checkpoints, config.json, metrics.jsonl; a comparison's compare.json), even with --force."""
-    target = check_output(path, flag, force, default_name)
-    real = Path(os.path.realpath(target))
-    for source in inputs:
-        if source is not None and Path(os.path.realpath(source)) == real:
-            raise BadInput(f"{flag} {target} is the file this command reads; it is never overwritten, not even "
-                           f"with --force: choose another {flag}")
-    what = _protected(real) if real.exists() else None
-    if what:
-        raise BadInput(f"{flag} {target} is {what}; a run's own files are never overwritten, not even with --force: "
-                       f"choose another {flag}")
-    return target

@@ -13,7 +13,7 @@ from robust.cli.common import SEED, check_output_file, model_file
 from robust.cli.train import config_options
 from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
 from robust.errors import ConfigError
-from robust.lab.analysis import analyze_checkpoint, spread_by_norm
+from robust.lab.analysis import analyze_checkpoint, check_poolable, spread_by_norm
 from robust.lab.compare.grid import run_compare
 from robust.lab.compare.report import markdown_table, mean_sd_table
 from robust.lab.compare.settings import CompareSettings, load_settings, parse_seeds
@@ -283,6 +283,8 @@ def analyze(checkpoints: tuple[str, ...], batches: int, batch_size: int | None, 
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     files = [model_file(c) for c in checkpoints]  # every path checked before any analysis
+    if several:
+        check_poolable(files)
     for target, flag in ((json_file, "--out"), (png_file, "-o" if png is not None else "--out")):
         if target is not None:
             check_output_file(target, flag, force, inputs=tuple(files))

@@ -16,7 +16,7 @@ from robust.checkpoint import model_from, read_checkpoint
 from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
 from robust.cli.plain_model import load_plain_model, plain_model_options, wants_plain_model
 from robust.eval.accuracy import ATTACK_PRECISIONS
-from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, check_attack_names, evaluate, load_test_split
+from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, check_attack_names, check_threads, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
 from robust.lab.plots import plot_sweep
@@ -174,8 +174,7 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
 
     if jobs < 1:
         raise BadInput(f"--jobs must be >= 1, got {jobs}")
-    if threads is not None and threads < 1:
-        raise BadInput(f"--threads must be >= 1, got {threads}")
+    check_threads(threads)
     if resume and state_file is None:
         raise BadInput("--resume needs --state FILE, the state file of the evaluation to finish")
 
@@ -189,11 +188,13 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
         resolve_eps(eps, threat)
     sweep_values = parse_eps_list(eps_sweep, threat) if eps_sweep is not None else None
     scored = model_file(checkpoint)
+    written = {"--json": json_file, "--plot": plot_file, "--per-example": examples_file}
     if state_file is not None:  # never the checkpoint, a run's file or another output
-        check_state_file(state_file, resume, force, inputs=(scored, json_file, plot_file, examples_file))
-    for target, flag in ((json_file, "--json"), (plot_file, "--plot"), (examples_file, "--per-example")):  # the checkpoint it reads, even outside a run
+        check_state_file(state_file, resume, force, inputs=(scored,), outputs=written)
+    for flag, target in written.items():  # never the checkpoint it reads (even outside a run) nor another output
         if target is not None:
-            check_output_file(target, flag, force, inputs=(scored,))
+            others = {f: t for f, t in written.items() if f != flag}
+            check_output_file(target, flag, force, inputs=(scored,), outputs=others)
     plain_model = None
     if wants_plain_model(scored, plain or {}):
         state, plain_model, test = load_plain_model(scored, plain, data_dir, limit, weights)
@@ -253,7 +254,7 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
         click.echo(f"wrote {examples_file}")
 
 
-def check_state_file(path: str, resume: bool, force: bool, inputs: tuple) -> None:
+def check_state_file(path: str, resume: bool, force: bool, inputs: tuple, outputs: dict) -> None:
     """Refuse a --state path before any work: unwritable, a file this command reads or writes, an existing
     file without --resume or --force (an unfinished evaluation's work), a missing one with --resume."""
     exists = Path(path).is_file()
@@ -262,7 +263,7 @@ def check_state_file(path: str, resume: bool, force: bool, inputs: tuple) -> Non
                        "or choose another --state")
     if resume and not exists:
         raise BadInput(f"--resume: the state file {path} does not exist; run without --resume to start one")
-    check_output_file(path, "--state", True, inputs=tuple(i for i in inputs if i is not None))
+    check_output_file(path, "--state", True, inputs=inputs, outputs=outputs)
 
 
 def per_example_lines(examples: dict[str, dict[str, list]], labels) -> str:

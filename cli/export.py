@@ -129,7 +129,7 @@ def export_robustbench(checkpoint: str, route: str, out: str, force: bool, weigh
     threat = state.get("threat", "linf")
     written = write_robustbench(folder, name, exported, state["dataset"],
                                 float(state["eps"]), threat, input_size, evaluation, route, eval_source,
-                                trained_norm=state["model_args"].get("norm", "bn"), overwrite=force)
+                                run=state, overwrite=force)
     for check in written["checks"]:
         click.echo(f"  ok    {check.name}: {check.detail}")
     info = written["info"]

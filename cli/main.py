@@ -15,8 +15,9 @@ from robust.cli.export import export_command
 from robust.cli.pseudo_label import pseudo_label
 from robust.cli.report import report
 from robust.cli.train import train
-from robust.errors import TrainingInterrupted
+from robust.errors import ConfigError, TrainingInterrupted
 from robust.runtime import __version__
+from robust.train.distributed import env_rank
 
 
 class RobustGroup(click.Group):
@@ -31,6 +32,21 @@ class RobustGroup(click.Group):
         ascii_numbers(cmd)  # --epochs ３ is refused, not read as 3
         super().add_command(cmd, name)
 
+    def main(self, *args, **kwargs):
+        """Under torchrun only rank 0 reports a refusal or failure; the other ranks exit with the same code, silently
+        (each would print the same line)."""
+        if kwargs.get("standalone_mode", True) is False or _rank() == 0:
+            return super().main(*args, **kwargs)
+        try:
+            super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.Exit as exc:
+            raise SystemExit(exc.exit_code) from None
+        except click.ClickException as exc:
+            raise SystemExit(exc.exit_code) from None
+        except click.Abort:
+            raise SystemExit(1) from None
+        raise SystemExit(0)
+
     def invoke(self, ctx: click.Context):
 
         try:
@@ -43,6 +59,14 @@ class RobustGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Aborted (SIGINT).", err=True)
             raise click.exceptions.Exit(130) from None
+
+
+def _rank() -> int:
+    """torchrun's RANK of this process (0 outside torchrun, and where RANK is no number: rank 0 then explains)."""
+    try:
+        return env_rank()
+    except ConfigError:
+        return 0
 
 
 def _refusing_empty_values(cmd: click.Command, callback):

@@ -10,6 +10,7 @@ from robust.cli.common import BadInput
 
 from robust.plain_model import (
     check_logits,
+    is_robust_checkpoint,
     is_torchscript,
     parse_channel_values,
     read_plain_model,
@@ -45,6 +46,9 @@ def wants_plain_model(path: Path, plain: dict[str, Any]) -> bool:
     if plain.get("arch") is not None or is_torchscript(path):
         return True
     given = [f"--{k}" for k in PLAIN_OPTIONS if plain.get(k) is not None]
+    if given and path.is_file() and not is_robust_checkpoint(path):
+        raise BadInput(f"{path} is no robust checkpoint, so it is read as plain weights, which need their "
+                       "architecture: add --arch torchvision:NAME, timm:NAME or one of ours (a TorchScript file needs none)")
     if given:
         raise BadInput(f"{', '.join(given)} describe(s) a plain model (with --arch, or a TorchScript file); "
                        f"a robust checkpoint knows its own: drop {', '.join(given)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -10,10 +11,31 @@ import torch
 from robust.checkpoint import model_from, read_checkpoint
 from robust.cli.common import BadInput, check_output_file, model_file
 from robust.config import TrainConfig
-from robust.data.unlabelled import load_unlabelled
-from robust.lab.pseudo_label import select_confident, teacher_probabilities, write_extra_file
+from robust.data.unlabelled import SLICE, load_unlabelled
+from robust.lab.pseudo_label import select_confident, teacher_probabilities, why_nothing_kept, write_extra_file
+from robust.nn.norms import routes_for
+from robust.outputs import check_output_dir, same_file
 from robust.runtime import PRECISIONS, resolve_device
 from robust.train.trainer import Trainer
+
+
+def check_unlabelled_spec(spec: str) -> None:
+    """Refuse an --unlabelled that names nothing readable before any teacher trains (its images are read after)."""
+    if SLICE.match(spec.strip()) or Path(spec).is_dir() or (Path(spec).suffix in (".npz", ".pt") and Path(spec).is_file()):
+        return
+    raise BadInput(f"--unlabelled {spec}: not a folder, an existing .npz/.pt file or NAME[START:END] of a built-in "
+                   "set; e.g. --unlabelled 'fashion-mnist[10000:]'")
+
+
+def check_teacher_folder(folder: Path, target: Path) -> None:
+    """The teacher's run folder, before it trains: not the -o file nor a folder that holds it, and a folder
+    where a run can be written."""
+    if same_file(folder, target) or os.path.realpath(target).startswith(os.path.realpath(folder) + os.sep):
+        raise BadInput(f"--teacher-out {folder} and -o {target} collide (the teacher's run folder would hold or be the "
+                       "extra-data file); choose another --teacher-out or -o")
+    if folder.exists() and not folder.is_dir():
+        raise BadInput(f"--teacher-out {folder} is a file; give a folder for the teacher's run")
+    check_output_dir(folder, "--teacher-out")
 
 
 @click.command("pseudo-label")
@@ -69,17 +91,29 @@ def pseudo_label(unlabelled: str, out: str, model_path: str | None, teacher_epoc
         raise BadInput("pass the teacher: --model RUN (a standard model) or --teacher-epochs N (train one), not both")
     if not out.endswith(".npz"):
         raise BadInput(f"-o {out}: the extra-data file must end in .npz (uncompressed, memory-mapped by --extra-data)")
-    target = check_output_file(out, "-o", force)
+    if model_path is not None and teacher_out is not None:
+        raise BadInput("--teacher-out names the folder of a teacher trained with --teacher-epochs; with --model drop it")
+    check_unlabelled_spec(unlabelled)
+    source = model_file(model_path) if model_path is not None else None
+    teacher_dir = Path(teacher_out or f"{Path(out).with_suffix('')}-teacher") if model_path is None else None
+    reads = (source, Path(unlabelled) if Path(unlabelled).is_file() else None)
+    target = check_output_file(out, "-o", force, inputs=reads)
+    if teacher_dir is not None:  # every output checked before the teacher trains
+        check_teacher_folder(teacher_dir, target)
+        if route != "adv":
+            raise BadInput(f"--route {route}: the teacher --teacher-epochs trains is a bn model with a single route "
+                           "(adv); drop --route")
     resolved = resolve_device(device)
-    if model_path is not None:
-        state = read_checkpoint(model_file(model_path))
+    if source is not None:
+        state = read_checkpoint(source)
         shape = tuple(state.get("data", {}).get("input_size") or ())
         model = model_from(state, None)
+        routes_for(model, route)  # the rule export and eval apply: a single-route teacher has only its own
     else:
         config = TrainConfig.from_dict(dict(
             dataset=dataset, data_dir=data_dir, limit=limit, epochs=teacher_epochs, method="standard", norm="bn",
             width=teacher_width, batch_size=128, lr=0.1, schedule="onecycle", val_steps=1, seed=seed,
-            precision=precision, quiet=quiet, device=device, out=teacher_out or f"{Path(out).with_suffix('')}-teacher",
+            precision=precision, quiet=quiet, device=device, out=str(teacher_dir),
         )).validate()
         Trainer(config, force=force).fit()
         state = read_checkpoint(model_file(str(config.run_dir)))
@@ -93,7 +127,7 @@ def pseudo_label(unlabelled: str, out: str, model_path: str | None, teacher_epoc
     probs = teacher_probabilities(model, images.x, batch_size, resolved, route, progress=not quiet)
     keep = select_confident(probs, min_confidence, per_class, balanced)
     if len(keep) == 0:
-        raise BadInput(f"no image has confidence >= {min_confidence:g}; lower --min-confidence")
+        raise BadInput(why_nothing_kept(probs, min_confidence, balanced))
     write_extra_file(target, images.x, probs, keep, soft=soft, overwrite=force)
     counts = torch.bincount(probs[keep].argmax(1), minlength=probs.shape[1]).tolist()
     line = (f"wrote {target}: {len(keep)} of {len(images)} images, {'soft' if soft else 'hard'} labels, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -20,7 +21,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from robust.errors import CheckpointError, ConfigError
+from robust.errors import CheckpointError, ConfigError, unreadable_file
 from robust.nn.factory import build_model, unwrap
 from robust.nn.norms import ROUTES, export_route, routes_for
 from robust.outputs import RunFiles, atomic_output, write_output
@@ -86,9 +87,27 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
     return {**fields, "model": weights}
 
 
+# What torch.load(weights_only=True) raises for a file it cannot or will not read (code refused, not a torch
+# file, truncated, unreadable).
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError,
+               IndexError, KeyError, TypeError, UnicodeDecodeError, MemoryError, OverflowError)
+NOT_A_CHECKPOINT_FIX = ("pass a checkpoint written by robust train or robust export, or a run folder; for another "
+                        "model's weights add --arch")
+
+
+def check_path_argument(path: Any, what: str = "checkpoint") -> Path:
+    """``path`` as a Path; ConfigError for anything that is no path (a number, None, a model object)."""
+    if isinstance(path, nn.Module):
+        raise ConfigError(f"the {what} must be a path, got a model ({type(path).__name__}); pass the file or run folder "
+                          "it was loaded from, or use the model itself")
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise ConfigError(f"the {what} must be a path (a file or run folder), got {path!r}")
+    return Path(path)
+
+
 def resolve_checkpoint_path(path: str | Path) -> Path:
     """A file as is; a run folder means its best.pt (last.pt when there is no best.pt)."""
-    path = Path(path)
+    path = check_path_argument(path)
     if path.is_dir():
         for name in RunFiles.CHECKPOINTS:
             if (path / name).is_file():
@@ -109,13 +128,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return checkpoint
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path} wants to run code when loaded and was refused; only load checkpoints written by robust") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, IndexError,
-            KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated: {type(exc).__name__})") from None
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(unreadable_file(path, exc, "a checkpoint", NOT_A_CHECKPOINT_FIX)) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a robust checkpoint (write one with `robust train` or `robust export`); "
                               "for another model's weights pass --arch and --dataset")
@@ -141,6 +155,9 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"checkpoint weights do not fit its architecture ({first})") from None
     model.build_args = dict(checkpoint["model_args"])
+    recorded = (checkpoint.get("data") or {}).get("input_size") if isinstance(checkpoint.get("data"), dict) else None
+    if isinstance(recorded, (list, tuple)) and len(recorded) == 3:
+        model.input_shape = tuple(int(v) for v in recorded)  # (C, H, W) it was trained on: robust.evaluate checks it
     return model
 
 

@@ -31,7 +31,7 @@ from robust.objectives import (
     parse_method_options,
 )
 from robust.recipes import RECIPES, recipe_names, recipe_values, recipes_help
-from robust.runtime import DEVICES, PRECISIONS, available_cpus
+from robust.runtime import DEVICES, PRECISIONS, THREADS_RANGE
 from robust.threat import parse_eps, parse_fraction
 
 SCHEDULES = ("multistep", "cosine", "onecycle")
@@ -133,8 +133,7 @@ class TrainConfig:
     sync_bn: bool = _f(False, "distributed: route-aware SyncBatchNorm, each route's statistics over all processes")
     save_every: float = _f(600.0, "also write last.pt inside an epoch at most every this many seconds (0: epoch ends only)", min=0)
     seed: int = _f(0, "random seed (data split, order, augmentation, attack starts)", min=0, max=MAX_SEED)
-    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", min=1, max=available_cpus,
-                             max_note="the CPUs available here")
+    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", **THREADS_RANGE)
     # output
     out: str | None = _f(None, "run folder (default runs/<dataset>-<norm>-<method>-s<seed>)", kind="path")
     quiet: bool = _f(False, "no progress bars")

@@ -6,6 +6,8 @@ exit codes (interrupted, non-finite loss); they live at the bottom layer so ever
 
 from __future__ import annotations
 
+import re
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
@@ -88,3 +90,24 @@ def check_ascii_number(text: str, name: str) -> None:
         odd = non_ascii_digits(text) or "".join(ch for ch in text if not ch.isascii())
         raise ConfigError(f"{name} {text!r} has characters that are not ASCII ({', '.join(map(repr, odd))}); "
                           "write the number with the digits 0-9, e.g. 3 or 8/255")
+
+
+def code_in_pickle(exc: BaseException) -> str | None:
+    """The Python object a file asked to import when ``torch.load(weights_only=True)`` refused it for that
+    (``posix.system``, ``mymodule.MyNet``), None when the refusal had another cause (not a torch file at all:
+    JSON, random bytes, a truncated file). Only the error text tells them apart."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return found.group(1)
+    return "a Python object" if "Unsupported global" in text else None
+
+
+def unreadable_file(path: object, exc: BaseException, what: str, fix: str) -> str:
+    """One line saying why ``torch.load(weights_only=True)`` could not read ``path``, in our words: a file that
+    would run code when loaded (refused: nothing of it ran), or a file that is not ``what`` at all; then ``fix``."""
+    code = code_in_pickle(exc)
+    if code is not None:
+        return (f"{path} would import {code} when loaded (a pickle that would run code); it was refused and nothing "
+                f"of it ran. Load only files from a source you trust; {fix}")
+    return f"{path} is not {what} (not a file torch.save wrote, or a truncated one); {fix}"

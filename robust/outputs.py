@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
 import socket
 import sys
@@ -115,6 +116,52 @@ def check_output(path: str | os.PathLike[str], flag: str, force: bool = False, d
     if target.exists() and not force:
         raise OutputError(f"{target} already exists; pass --force to overwrite it or choose another {flag}")
     probe_folder(target.parent, flag, need_bytes)
+    return target
+
+
+# The files of a run folder (and of a compare folder) that no output option may replace, even with --force:
+# they are the run, not a result written from it.
+_RUN_MARKERS = (RunFiles.CONFIG, RunFiles.METRICS, *RunFiles.CHECKPOINTS)
+_COMPARE_SETTINGS = "compare.json"
+
+
+def protected_file(path: Path) -> str | None:
+    """What ``path`` is when it is a file of a run or compare folder (``the best.pt of the run folder runs/a``)."""
+    name, folder = path.name, path.parent
+    run_file = name in _RUN_MARKERS or re.fullmatch(r"epoch\d+\.pt", name)
+    if run_file and any((folder / marker).is_file() for marker in _RUN_MARKERS):
+        return f"the {name} of the run folder {folder}"
+    if name == _COMPARE_SETTINGS and folder.joinpath(_COMPARE_SETTINGS).is_file():
+        return f"the settings of the comparison in {folder}"
+    return None
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """True when the two paths name one file (after resolving links, ``..`` and relative parts)."""
+    return Path(os.path.realpath(a)) == Path(os.path.realpath(b))
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str, force: bool = False, default_name: str | None = None,
+                      inputs: tuple = (), outputs: dict[str, str | os.PathLike[str] | None] | None = None) -> Path:
+    """:func:`check_output`, and never a file this command reads (``inputs``), another of its outputs
+    (``outputs``: flag -> path) or a run's own file (its checkpoints, config.json, metrics.jsonl; a
+    comparison's compare.json), even with --force."""
+    target = check_output(path, flag, True, default_name)  # the file meant; what it is decides the message
+    for source in inputs:
+        if source is not None and same_file(source, target):
+            raise OutputError(f"{flag} {target} is the file this command reads; it is never overwritten, not even "
+                              f"with --force: choose another {flag}")
+    for other_flag, other in (outputs or {}).items():
+        if other is not None and same_file(other, target):
+            raise OutputError(f"{flag} and {other_flag} are the same file, {target}; each output needs its own: "
+                              f"choose another {flag}")
+    real = Path(os.path.realpath(target))
+    what = protected_file(real) if real.exists() else None
+    if what:
+        raise OutputError(f"{flag} {target} is {what}; a run's own files are never overwritten, not even with --force: "
+                          f"choose another {flag}")
+    if target.exists() and not force:
+        raise OutputError(f"{target} already exists; pass --force to overwrite it or choose another {flag}")
     return target
 
 

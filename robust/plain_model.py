@@ -7,7 +7,6 @@ Nothing beyond tensors is unpickled; TorchScript runs its own program, not Pytho
 from __future__ import annotations
 
 import math
-import pickle
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -19,8 +18,8 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from robust.checkpoint import FORMAT, SAFETENSORS, weight_mismatch
-from robust.errors import CheckpointError, ConfigError, ModelError
+from robust.checkpoint import FORMAT, LOAD_ERRORS, SAFETENSORS, weight_mismatch
+from robust.errors import CheckpointError, ConfigError, ModelError, unreadable_file
 from robust.nn.external import check_arch, is_external
 from robust.nn.factory import build_model
 from robust.nn.resnet import InputNormalization
@@ -52,6 +51,20 @@ def is_torchscript(path: str | Path) -> bool:
     except (OSError, zipfile.BadZipFile):
         return False
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def is_robust_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` reads (safely) as a checkpoint of robust: it knows its architecture and data. False for
+    plain weights and for files that do not read at all."""
+    path = Path(path)
+    try:
+        if path.suffix == SAFETENSORS:
+            with safetensors.safe_open(str(path), framework="pt") as fh:
+                return "robust" in (fh.metadata() or {})
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (*LOAD_ERRORS, safetensors.SafetensorError):
+        return False
+    return isinstance(loaded, dict) and loaded.get("format") == FORMAT
 
 
 def parse_channel_values(text: str | None, flag: str, channels: int) -> list[float] | None:
@@ -95,14 +108,10 @@ def _torch_load(path: Path) -> Any:
     """``torch.load(weights_only=True)`` with every failure as a CheckpointError naming the reason."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path} wants to run code when loaded and was refused; save the weights alone "
-                                  "(torch.save(model.state_dict(), FILE)) or a TorchScript file (torch.jit.save)") from None
-        raise CheckpointError(f"{path} is not a readable model file (corrupt or truncated)") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, IndexError,
-            KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable model file (corrupt or truncated: {type(exc).__name__})") from None
+    except LOAD_ERRORS as exc:
+        raise CheckpointError(unreadable_file(path, exc, "a model file", "save the weights alone "
+                                              "(torch.save(model.state_dict(), FILE)), a .safetensors file or a "
+                                              "TorchScript file (torch.jit.save)")) from None
 
 
 def _fit(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:

@@ -24,6 +24,11 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+# The range of a torch thread count, for every command that takes one (train's --threads, eval's, the
+# benchmark's): more threads than CPUs only make them wait for each other.
+THREADS_RANGE = {"min": 1, "max": available_cpus, "max_note": "the CPUs available here"}
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU; ``cuda`` without a GPU is an error."""
     if name == "auto":

@@ -124,8 +124,8 @@ def test_the_malicious_payload_is_live(tmp_path):
 
 CHECKPOINT_PROBLEMS = {
     "missing": "does not exist",
-    "truncated": "not a readable checkpoint",
-    "text": "not a readable checkpoint",
+    "truncated": "is not a checkpoint",
+    "text": "is not a checkpoint",
     "foreign": "not a robust checkpoint",
     "other_arch": "do not fit",
     "pickle": "was refused",

@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -240,13 +241,17 @@ def test_analyze_cli_on_a_compared_checkpoint(compared, data_dir, tmp_path, norm
 def test_analyze_several_checkpoints_gives_each_norms_spread(compared, data_dir, tmp_path):
     out = tmp_path / "several"
     args = ["--batches", "1", "--batch-size", "32", "--data-dir", str(data_dir)]
-    result = invoke(["analyze", str(compared / "bn"), str(compared / "sabn"), str(compared / "sabn"), *args,
+    twice = invoke(["analyze", str(compared / "sabn"), str(compared / "sabn" / "best.pt"), *args, "--out", str(out)])
+    assert twice.exit_code == 2 and "are the same checkpoint" in twice.output and not out.exists()
+    copy = tmp_path / "sabn-copy.pt"  # the same weights in another file: a second checkpoint, counted as one
+    shutil.copyfile(compared / "sabn" / "best.pt", copy)
+    result = invoke(["analyze", str(compared / "bn"), str(compared / "sabn"), str(copy), *args,
                      "--out", str(out)])
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "analysis.json").read_text())
     assert [r["norm"] for r in saved["runs"]] == ["bn", "sabn", "sabn"] and not (out / "gradients.png").exists()
     sabn = saved["by_norm"]["sabn"]
-    assert sabn["n"] == 2 and sabn["figures"]["cosine"]["sd"] == 0.0  # the same checkpoint twice
+    assert sabn["n"] == 2 and sabn["figures"]["cosine"]["sd"] == 0.0  # the same weights twice
     assert sabn["figures"]["cosine"]["mean"] == pytest.approx(saved["runs"][1]["summary"]["cosine"])
     assert saved["by_norm"]["bn"]["figures"]["route_ratio"] is None  # bn has no per-route affine
     assert "sabn (n = 2; cosine of the shared affine (clean vs adv loss))" in result.output

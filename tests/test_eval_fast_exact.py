@@ -268,7 +268,7 @@ def test_cli_refuses_bad_jobs_and_state_in_one_line_and_loses_nothing(checkpoint
         (["--resume", "--state", "none.json"], ["none.json does not exist"]),
         (["--jobs", "0"], ["--jobs must be >= 1"]),
         (["--jobs", "9"], ["--jobs 9 is more than the 8 images"]),
-        (["--threads", "0"], ["--threads must be >= 1"]),
+        (["--threads", "0"], ["threads must be in [1, "]),
         (["--state", "s.json"], ["s.json already exists", "--resume"]),
         (["--state", "s.json", "--resume", "--eps", "0.05"], ["another eps"]),
         (["--state", "s.json", "--resume", "--attack", "pgd1"], ["another attack list"]),

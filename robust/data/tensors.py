@@ -13,7 +13,7 @@ import torch
 
 from robust.data.lazy import TEST_FRACTION, ArrayReader, LazyImages, choose_mode, finish_custom_data, seeded_test_split
 from robust.data.types import ImageData
-from robust.errors import DataError
+from robust.errors import DataError, unreadable_file
 
 
 def _size(nbytes: int) -> str:
@@ -94,9 +94,8 @@ def read_tensor_file(path: Path, decide: Callable[[int, bool], str]) -> tuple[di
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # corrupt zip, pickled code refused, ...
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"{path} is not a readable tensor file ({reason}); save a dict of tensors with "
-                        "torch.save({'x': x, 'y': y}, FILE)") from None
+        raise DataError(unreadable_file(path, exc, "a tensor file", "save a dict of tensors with "
+                                        "torch.save({'x': x, 'y': y}, FILE)")) from None
     if not isinstance(loaded, dict):
         raise DataError(f"{path} holds a {type(loaded).__name__}, not a dict; save torch.save({{'x': x, 'y': y}}, FILE)")
     mode = decide(sum(v.nbytes for k, v in loaded.items() if k in images and isinstance(v, torch.Tensor)), True)

@@ -33,7 +33,8 @@ from robust.eval.jobs import exchange, run_processes, score_units, split, world_
 from robust.eval.jobs import to_model_input  # also where robust.lab.report finds it
 from robust.eval.state import EvalState, fingerprint, open_state
 from robust.nn.norms import routes_for
-from robust.runtime import available_cpus, precision_name, resolve_device, versions
+from robust.checks import MAX_SEED, check_value
+from robust.runtime import THREADS_RANGE, available_cpus, precision_name, resolve_device, versions
 from robust.threat import resolve_eps
 
 
@@ -82,12 +83,35 @@ def as_tensors(data: Any, limit: int | None = None) -> tuple[torch.Tensor, torch
         x, y = x[:limit], y[:limit]
     if len(y) == 0:
         raise ConfigError("no examples to evaluate")
-    if x.dtype != torch.uint8:
-        if not x.is_floating_point():
-            raise ConfigError(f"x must be uint8 or float in [0, 1], got {x.dtype}")
-        if x.min().item() < 0 or x.max().item() > 1:
-            raise ConfigError("float inputs must lie in [0, 1] (the model normalizes inside)")
+    check_images(x)
+    check_labels(y)
     return x, y.long()
+
+
+def check_images(x: torch.Tensor) -> None:
+    """ConfigError unless ``x`` is uint8, or float with every value finite and in [0, 1]: a NaN pixel would make
+    every comparison false (a NaN image scores as 'correct' or breaks the attack), an inf one is no image."""
+    if x.dtype == torch.uint8:
+        return
+    if not x.is_floating_point():
+        raise ConfigError(f"x must be uint8 or float in [0, 1], got {x.dtype}")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).flatten(1).any(1).nonzero()[0])
+        raise ConfigError(f"x holds {int((~finite).sum())} NaN or infinite value(s), the first in example {bad}; "
+                          "pass images with finite values in [0, 1]")
+    low, high = x.min().item(), x.max().item()
+    if low < 0 or high > 1:
+        raise ConfigError(f"float inputs must lie in [0, 1] (the model normalizes inside), got values in "
+                          f"[{low:.4g}, {high:.4g}]; divide uint8 images by 255 or pass them as uint8")
+
+
+def check_labels(y: torch.Tensor) -> None:
+    """ConfigError unless ``y`` holds class indices: an integer tensor (a float label 2.7 is no class). Their range
+    is the model's business (:func:`check_fits`)."""
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ConfigError(f"y must hold class indices as integers, got {y.dtype}; pass y.long() when they are "
+                          "whole numbers (for soft labels, evaluate on their argmax)")
 
 
 def check_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -98,13 +122,35 @@ def check_fits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     if channels is not None and x.shape[1] != int(channels):
         raise DataError(f"the evaluation images have {x.shape[1]} channel(s) but the model takes {channels}; "
                         "evaluate on the data it was trained on (--data-dir)")
+    trained = input_shape_of(model)
+    if trained is not None and tuple(x.shape[1:]) != trained:
+        raise DataError(f"the evaluation images are {'x'.join(map(str, x.shape[1:]))} (C x H x W) but the model was "
+                        f"trained on {'x'.join(map(str, trained))}; evaluate on images of its size (--data-dir with "
+                        "the data it was trained on)")
     classes = args.get("num_classes")
+    if len(y) and int(y.min()) < 0 and classes is None:
+        i = int((y < 0).nonzero()[0])
+        raise DataError(f"label {int(y[i])} of evaluation example {i} is negative; labels are class indices from 0")
     if classes is not None and len(y):
         bad = ((y < 0) | (y >= int(classes))).nonzero()
         if len(bad):
             i = int(bad[0])
             raise DataError(f"label {int(y[i])} of evaluation example {i} is outside the model's {classes} classes "
                             f"(0..{int(classes) - 1}); evaluate on data with the checkpoint's classes (--data-dir)")
+
+
+def input_shape_of(model: nn.Module) -> tuple[int, ...] | None:
+    """The (C, H, W) a model was trained on, where it is known: recorded by :func:`robust.load_model` from its
+    checkpoint, or fixed by an external model's constructor (a ViT's image size)."""
+    shape = getattr(model, "input_shape", None)
+    if shape:
+        return tuple(int(v) for v in shape)
+    args = getattr(model, "build_args", None) or {}
+    size = args.get("image_size")
+    if size and args.get("in_channels"):
+        side = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(args["in_channels"]), *map(int, side))
+    return None
 
 
 def num_classes_of(model: nn.Module) -> int:
@@ -142,6 +188,19 @@ def tally(state: EvalState, route: str, names: Sequence[str], y: torch.Tensor,
             examples["broken_by"].append(broken_by)
             examples["robust"].append(broken_by is None)
     return {k: 100.0 * v / n for k, v in correct.items()}, examples
+
+
+def check_counts(**counts: Any) -> None:
+    """Whole numbers of ``evaluate``'s settings checked as the commands check them (``batch_size=2.5``, ``seed=-1``,
+    ``jobs=0`` refused; ``limit`` may be None), so a bad one fails here with its name, not deep in a loop."""
+    for name, value in counts.items():
+        low, high = (0, MAX_SEED) if name == "seed" else (1, None)
+        check_value(name, "int | None" if name == "limit" else "int", {"min": low, "max": high}, value)
+
+
+def check_threads(threads: int | None) -> None:
+    """The torch thread count of a process, checked as training checks its --threads (at most the CPUs here)."""
+    check_value("threads", "int | None", THREADS_RANGE, threads)
 
 
 def plan_jobs(jobs: int, threads: int | None, n: int, batches: int) -> tuple[int, int]:
@@ -190,7 +249,10 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     """Clean and robust accuracy (%) of every route of ``model`` under each attack.
 
     ``data`` is ``(x, y)`` with x uint8 or float in [0, 1] of shape (N, C, H, W) (an ImageData
-    means its test split). ``route`` None/'both' scores both routes of a dual-route model; a
+    means its test split) and y integer class indices. What cannot be scored is refused before any
+    work: non-finite or out-of-range images, non-integer labels, empty or mismatched sets (ConfigError);
+    negative labels or labels outside the model's classes, other channels or, for a model from
+    :func:`robust.load_model`, another image size than it was trained on (DataError). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attack_precision",
     "attacks": {name: params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "jobs",
     "threads", "ranks", "attack_seconds", "seconds", "versions"}``; with
@@ -218,8 +280,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
         raise ConfigError("eps is required, e.g. eps=8/255 (robust eval defaults to the checkpoint's training eps)")
     eps = resolve_eps(eps, threat)
     names = check_attack_names(attacks)
-    if batch_size < 1 or restarts < 1 or queries < 1:
-        raise ConfigError(f"batch-size, restarts and queries must be >= 1, got {batch_size}, {restarts}, {queries}")
+    check_counts(batch_size=batch_size, restarts=restarts, queries=queries, jobs=jobs, seed=seed, limit=limit)
+    check_threads(threads)
     rank, world = world_position() if across_ranks else (0, 1)
     if world > 1 and (state is not None or resume):
         raise ConfigError(NO_STATE_ACROSS_RANKS)

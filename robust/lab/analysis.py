@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Iterable
 
 import torch
@@ -242,6 +244,31 @@ def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | Non
     result["checkpoint"] = str(ckpt.resolve_checkpoint_path(path))
     result["settings"].update(dataset=dataset, seed=seed)
     return result
+
+
+def architecture_of(path: str | Path) -> str:
+    """A checkpoint's architecture in words (``preact_resnet18, width 16``), from its build arguments."""
+    args = ckpt.read_checkpoint(path)["model_args"]
+    return f"{args.get('arch')}, width {args['width']}" if args.get("width") else str(args.get("arch"))
+
+
+def check_poolable(paths: Sequence[str | Path]) -> str:
+    """The one architecture of the checkpoints whose figures are pooled; ConfigError for a checkpoint given
+    twice (it would count twice in every mean and sd) or two that differ in architecture (a gradient figure
+    of a ResNet and of a ViT have no common mean)."""
+    seen: dict[str, str | Path] = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ConfigError(f"{path} and {seen[real]} are the same checkpoint; give each once")
+        seen[real] = path
+    first = architecture_of(paths[0])
+    for path in paths[1:]:
+        other = architecture_of(path)
+        if other != first:
+            raise ConfigError(f"{paths[0]} is a {first} but {path} is a {other}; the mean over checkpoints pools one "
+                              "architecture: analyse each architecture's checkpoints in its own call")
+    return first
 
 
 SPREAD_FIGURES = ("cosine", "route_cosine", "shared_ratio", "route_ratio", "shared_clean", "shared_adv",

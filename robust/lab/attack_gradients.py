@@ -12,20 +12,22 @@ share of examples with a zero gradient in fp32 and under bf16 (and on CUDA fp16)
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from typing import Any
 
+import click
 import torch
 import torch.nn as nn
 
 from robust.attacks import ce_loss, gaussian_start, kl_loss_from
 from robust.attacks.pgd import LinfBall, input_gradient
-from robust.checkpoint import load_model, read_checkpoint
+from robust.checkpoint import load_model, read_checkpoint, resolve_checkpoint_path
 from robust.data.loader import to_float
+from robust.errors import ConfigError
 from robust.eval.evaluation import load_test_split
+from robust.lab.dev_commands import AsciiInt, refusing_bad_input
 from robust.nn.norms import bn_mode, use_route
+from robust.outputs import check_output_file, write_output
 
 STARTS = ("pgd", "trades", "mart", "fast", "nfgsm")
 
@@ -78,24 +80,39 @@ def measure(run: str, limit: int = 1000, batch_size: int = 250) -> dict[str, Any
     return {"run": str(run), "images": len(y), "eps": eps, "device": str(device), "zero_gradient_percent": shares}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m robust.lab.attack_gradients", description=__doc__.splitlines()[0])
-    parser.add_argument("run", help="a run folder or checkpoint")
-    parser.add_argument("--limit", type=int, default=1000, help="test images to measure on")
-    parser.add_argument("--json", default=None, help="also write the figures to this file")
-    args = parser.parse_args(argv)
-    result = measure(args.run, args.limit)
+@click.command(help=__doc__.split("\n\n")[0] + "\n\nRUN: a run folder or checkpoint.",
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run")
+@click.option("--limit", type=AsciiInt(min=1), default=1000, show_default=True, help="test images to measure on")
+@click.option("--json", "json_path", default=None,
+              help="also write the figures to this file (a folder ending in / gets attack_gradients.json); checked "
+                   "before any work, an existing file kept unless --force, a run's own files never")
+@click.option("--force", is_flag=True, help="overwrite an existing --json file")
+@refusing_bad_input
+def command(run: str, limit: int, json_path: str | None, force: bool) -> None:
+    source = resolve_checkpoint_path(run)
+    json_file = (check_output_file(json_path, "--json", force, "attack_gradients.json", inputs=(source,))
+                 if json_path is not None else None)
+    state = read_checkpoint(source)
+    missing = [k for k in ("dataset", "eps") if k not in state]
+    if missing:
+        raise ConfigError(f"{run} records no {' or '.join(missing)}; measure a run of robust train (its folder)")
+    result = measure(str(source), limit)
     precisions = list(next(iter(result["zero_gradient_percent"].values())))
-    print(f"{result['run']}: {result['images']} test images, eps {result['eps']:g}, {result['device']}; "
-          "share of examples with an all-zero input gradient (%)")
-    print(f"{'method':<8}" + "".join(f"{p:>8}" for p in precisions))
+    click.echo(f"{result['run']}: {result['images']} test images, eps {result['eps']:g}, {result['device']}; "
+               "share of examples with an all-zero input gradient (%)")
+    click.echo(f"{'method':<8}" + "".join(f"{p:>8}" for p in precisions))
     for method, row in result["zero_gradient_percent"].items():
-        print(f"{method:<8}" + "".join(f"{row[p]:>8.2f}" for p in precisions))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-    return 0
+        click.echo(f"{method:<8}" + "".join(f"{row[p]:>8.2f}" for p in precisions))
+    if json_file is not None:
+        write_output(json_file, json.dumps(result, indent=2) + "\n", overwrite=force)
+        click.echo(f"wrote {json_file}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m robust.lab.attack_gradients ARGS``: exits 2 with one line on bad input, as `robust` does."""
+    command.main(args=argv, prog_name="python -m robust.lab.attack_gradients")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

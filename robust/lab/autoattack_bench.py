@@ -10,14 +10,15 @@ Variants: ``official`` (pyautoattack, version standard, fp32, batch ``--batch-si
 (``--precision``, default auto, and ``--jobs``) and ``jobs`` (fp32 and ``--jobs``: what a CPU
 without native bf16 gets); ``--variants`` picks which of ours run (default fp32,bf16,fast). Printed per variant: images/s (median over rounds), its ratio to the official code,
 the seconds per stage (APGD-CE, APGD-T, FAB-T, Square) and robust accuracy; then the per-example
-agreement of each of ours with the official verdicts (every verdict an fp32 forward).
+agreement of each of ours with the official verdicts (every verdict an fp32 forward). Every input is
+checked before any work (bad input: one line, exit code 2) and ``--json`` goes through the package's
+output checks (never the checkpoint or a run's own file; an existing file only with ``--force``).
 
     python -m robust.lab.autoattack_bench runs/demo --route adv --limit 32 --threads 1 --jobs 2
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -27,14 +28,19 @@ import sys
 import time
 from typing import Any
 
+import click
 import pyautoattack  # the official code, from the dev extra: this module is a benchmark, not part of the API
 import torch
 from torch import nn
 
-from robust.checkpoint import model_from, read_checkpoint
+from robust.checkpoint import model_from, read_checkpoint, resolve_checkpoint_path
+from robust.checks import MAX_SEED
 from robust.data.loader import to_float
-from robust.eval.evaluation import evaluate, load_test_split
-from robust.nn.norms import export_route, is_dual_route
+from robust.errors import ConfigError
+from robust.eval.evaluation import check_threads, evaluate, load_test_split
+from robust.lab.dev_commands import AsciiInt, refusing_bad_input
+from robust.nn.norms import export_route, is_dual_route, routes_for
+from robust.outputs import check_output_file, write_output
 from robust.runtime import cpu_has_amx, versions
 from robust.threat import resolve_eps
 
@@ -140,44 +146,90 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m robust.lab.autoattack_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint, run folder (its best.pt) or export")
-    parser.add_argument("--route", default="adv", choices=["clean", "adv"], help="the route a dual-route model is scored on")
-    parser.add_argument("--limit", type=int, default=32, help="the first N test images")
-    parser.add_argument("--eps", default=None, help="Linf radius  [default: the checkpoint's training eps]")
-    parser.add_argument("--rounds", type=int, default=1, help="runs per variant, alternating the order")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=2, help="processes of the fast variant")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (every variant; per process for ours)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="the fast variant's attack precision")
-    parser.add_argument("--variants", default="fp32,bf16,fast",
-                        help="which of ours run beside the official code: fp32, bf16, fast, jobs (comma-separated)")
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+def parse_variants(text: str) -> list[str]:
+    """``fp32,bf16`` -> the variants of ours to run; ConfigError for an unknown or empty name."""
+    chosen = [v.strip() for v in text.split(",")]
+    if any(not v for v in chosen):
+        raise ConfigError(f"--variants {text!r} has an empty name; write them like fp32,bf16,fast")
     unknown = sorted(set(chosen) - set(VARIANTS))
-    if unknown or not chosen:
-        parser.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    state = read_checkpoint(args.checkpoint if args.checkpoint.endswith((".pt", ".safetensors")) else f"{args.checkpoint}/best.pt")
+    if unknown:
+        raise ConfigError(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return list(dict.fromkeys(chosen))
+
+
+def bench_eps(eps: str | None, state: dict[str, Any], checkpoint: str) -> float:
+    """The Linf radius to attack at: ``--eps``, else the checkpoint's training eps (a Linf one); never 0."""
+    if eps is None:
+        if "eps" not in state:
+            raise ConfigError(f"{checkpoint} records no training eps; pass --eps, e.g. --eps 8/255")
+        if state.get("threat", "linf") != "linf":
+            raise ConfigError(f"{checkpoint} was trained with a {state['threat']} eps, which is no Linf radius; pass --eps")
+    value = resolve_eps(eps if eps is not None else state["eps"], "linf")
+    if value == 0:
+        raise ConfigError("--eps 0 attacks nothing; give a radius, e.g. --eps 8/255")
+    return value
+
+
+@click.command(help=__doc__.split("\n\n")[0] + "\n\nCHECKPOINT: a checkpoint, run folder (its best.pt) or export.",
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint")
+@click.option("--route", type=click.Choice(["clean", "adv"]), default="adv", show_default=True,
+              help="the route a dual-route model is scored on")
+@click.option("--limit", type=AsciiInt(min=1), default=32, show_default=True, help="the first N test images")
+@click.option("--eps", default=None, help="Linf radius  [default: the checkpoint's training eps]")
+@click.option("--rounds", type=AsciiInt(min=1), default=1, show_default=True, help="runs per variant, alternating the order")
+@click.option("--batch-size", type=AsciiInt(min=1), default=256, show_default=True)
+@click.option("--seed", type=AsciiInt(0, MAX_SEED), default=0, show_default=True)
+@click.option("--jobs", type=AsciiInt(min=1), default=2, show_default=True, help="processes of the fast and jobs variants")
+@click.option("--threads", type=AsciiInt(min=1), default=None,
+              help="torch threads (every variant; per process for ours), at most the CPUs available")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
+              help="the fast variant's attack precision")
+@click.option("--variants", default="fp32,bf16,fast", show_default=True,
+              help="which of ours run beside the official code: fp32, bf16, fast, jobs (comma-separated)")
+@click.option("--json", "json_path", default=None,
+              help="also write the figures to this JSON file (a folder ending in / gets autoattack_bench.json); "
+                   "checked before any work, an existing file kept unless --force, a run's own files never")
+@click.option("--force", is_flag=True, help="overwrite an existing --json file")
+@refusing_bad_input
+def command(checkpoint: str, route: str, limit: int, eps: str | None, rounds: int, batch_size: int, seed: int,
+            jobs: int, threads: int | None, precision: str, variants: str, json_path: str | None, force: bool) -> None:
+    # every input is checked before the model runs; then the benchmark, the table and the JSON
+    chosen = parse_variants(variants)
+    check_threads(threads)
+    if eps is not None:  # refused before any file is read
+        bench_eps(eps, {}, checkpoint)
+    scored = resolve_checkpoint_path(checkpoint)
+    json_file = (check_output_file(json_path, "--json", force, "autoattack_bench.json", inputs=(scored,))
+                 if json_path is not None else None)
+    state = read_checkpoint(scored)
+    if "dataset" not in state:
+        raise ConfigError(f"{checkpoint} records no dataset; re-export it with `robust export`")
+    eps_value = bench_eps(eps, state, checkpoint)
     model = model_from(state)
-    model = (export_route(model, args.route) if is_dual_route(model) else model).eval()
-    x, y = load_test_split(state, None, args.limit)
-    x, y = x[:args.limit], y[:args.limit].long()
-    eps = resolve_eps(args.eps if args.eps is not None else state["eps"], "linf")
+    routes_for(model, route)  # a single-route model has only its own
+    model = (export_route(model, route) if is_dual_route(model) else model).eval()
+    x, y = load_test_split(state, None, limit)
+    x, y = x[:limit], y[:limit].long()
+    if jobs > len(y) and {"fast", "jobs"} & set(chosen):
+        raise ConfigError(f"--jobs {jobs} is more than the {len(y)} images to evaluate; use at most --jobs {len(y)}")
+    if threads is not None:
+        torch.set_num_threads(threads)
     settings = {"fp32": {"precision": "fp32", "jobs": 1}, "bf16": {"precision": "bf16", "jobs": 1},
-                "fast": {"precision": args.precision, "jobs": args.jobs}, "jobs": {"precision": "fp32", "jobs": args.jobs}}
-    variants = {name: {**settings[name], "threads": args.threads} for name in chosen}
-    report = bench(model, x, y, eps, variants, args.rounds, args.batch_size, args.seed)
-    report.update(checkpoint=args.checkpoint, route=args.route, threads=torch.get_num_threads(),
+                "fast": {"precision": precision, "jobs": jobs}, "jobs": {"precision": "fp32", "jobs": jobs}}
+    report = bench(model, x, y, eps_value, {name: {**settings[name], "threads": threads} for name in chosen},
+                   rounds, batch_size, seed)
+    report.update(checkpoint=str(scored), route=route, threads=torch.get_num_threads(),
                   cpu_amx=cpu_has_amx(), versions=versions(), date=time.strftime("%Y-%m-%d"))
-    print(format_report(report))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+    click.echo(format_report(report))
+    if json_file is not None:
+        write_output(json_file, json.dumps(report, indent=2) + "\n", overwrite=force)
+        click.echo(f"wrote {json_file}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m robust.lab.autoattack_bench ARGS``: exits 2 with one line on bad input, as `robust` does."""
+    command.main(args=argv, prog_name="python -m robust.lab.autoattack_bench")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,21 @@ def select_confident(probs: torch.Tensor, min_confidence: float = 0.0, per_class
     return torch.cat(chosen).sort().values
 
 
+def why_nothing_kept(probs: torch.Tensor, min_confidence: float, balanced: bool) -> str:
+    """Why :func:`select_confident` kept no image, naming the option that caused it and its fix."""
+    confidence, label = probs.max(1)
+    if not bool((confidence >= min_confidence).any()):
+        return (f"no image has confidence >= {min_confidence:g} (the highest is {confidence.max().item():.3f}); "
+                "lower --min-confidence")
+    kept = label[confidence >= min_confidence]
+    empty = [c for c in range(probs.shape[1]) if not bool((kept == c).any())]
+    if balanced and empty:
+        return (f"--balanced keeps as many images per class as the smallest class has, and the teacher gave class "
+                f"{empty[0]} no image ({len(empty)} of {probs.shape[1]} classes have none); drop --balanced or "
+                "use a better teacher")
+    return "no image was kept; loosen --min-confidence or --per-class"
+
+
 def write_extra_file(path: str | Path, x, probs: torch.Tensor, keep: torch.Tensor, soft: bool = False,
                      overwrite: bool = False) -> Path:
     """The kept images with their labels as an ``--extra-data`` .npz (atomic: all of it or nothing)."""

@@ -22,6 +22,7 @@ import base64
 import html
 import io
 import json
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -119,6 +120,12 @@ def read_runs(paths: Sequence[str | Path]) -> list[ReportRun]:
     """:func:`read_run` for each folder, labelled with distinct names."""
     if not paths:
         raise ConfigError("no run folder given; pass one or more, e.g. robust report runs/a runs/b -o report.html")
+    seen: dict[str, str | Path] = {}
+    for path in paths:  # one run given twice would count twice in every mean and sd
+        real = os.path.realpath(path)
+        if real in seen:
+            raise ConfigError(f"{path} and {seen[real]} are the same run folder; give each run once")
+        seen[real] = path
     return [read_run(p, label) for p, label in zip(paths, run_labels(paths))]
 
 

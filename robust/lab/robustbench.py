@@ -65,11 +65,12 @@ def reloads_as_robustbench(data: bytes, args: dict[str, Any], reference: nn.Modu
 
 def model_info(name: str, args: dict[str, Any], dataset: str, eps: float, threat: str,
                evaluation: dict[str, Any] | None, route: str, eval_source: str | None,
-               trained_norm: str = "bn") -> dict[str, Any]:
+               trained_norm: str = "bn", additional_data: bool = False) -> dict[str, Any]:
     """The leaderboard's fields; the accuracies from ``evaluation`` (a `robust eval --json` file) when it
-    scored the exported route at the same eps, AutoAttack's only when it ran."""
+    scored the exported route at the same eps, AutoAttack's only when it ran. ``additional_data``: the run
+    trained on images beyond the dataset's training set (``--extra-data``, e.g. pseudo-labelled ones)."""
     width = f", width {args['width']}" if args.get("width") else ""
-    info: dict[str, Any] = {"link": "", "name": name, "authors": "", "additional_data": False,
+    info: dict[str, Any] = {"link": "", "name": name, "authors": "", "additional_data": bool(additional_data),
                             "number_forward_passes": 1, "dataset": dataset, "venue": "",
                             "architecture": f"{args['arch']}{width}, BatchNorm" +
                                             ("" if trained_norm == "bn" else f" (the {route} route of a {trained_norm} model)"),
@@ -93,11 +94,18 @@ def model_info(name: str, args: dict[str, Any], dataset: str, eps: float, threat
     return info
 
 
+def used_additional_data(run: dict[str, Any]) -> bool:
+    """True when the run behind a checkpoint trained on images beyond its dataset's training set (--extra-data)."""
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    return bool(config.get("extra_data"))
+
+
 def write_robustbench(folder: Path, name: str, exported: nn.Module, dataset: str, eps: float, threat: str,
                       input_size, evaluation: dict[str, Any] | None, route: str, eval_source: str | None,
-                      trained_norm: str = "bn", overwrite: bool = False) -> dict[str, Any]:
+                      run: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Check RobustBench's rules on ``exported``, write its weights and model_info under ``folder``, read the
-    weights back as RobustBench does. Returns the paths, the checks and the model_info."""
+    weights back as RobustBench does. ``run``: the training checkpoint, whose norm and data model_info
+    states. Returns the paths, the checks and the model_info."""
     name = check_name(name)
     if threat not in THREAT_FOLDERS:
         raise ConfigError(f"RobustBench has no {threat} leaderboard; it has {', '.join(THREAT_FOLDERS)}")
@@ -111,7 +119,9 @@ def write_robustbench(folder: Path, name: str, exported: nn.Module, dataset: str
     failed = [c for c in checks if not c.passed]
     if failed:
         raise ConfigError(f"the model breaks RobustBench's rules ({failed[0].name}: {failed[0].detail}); not written")
-    info = model_info(name, args, dataset, eps, threat, evaluation, route, eval_source, trained_norm)
+    run = run or {}
+    info = model_info(name, args, dataset, eps, threat, evaluation, route, eval_source,
+                      (run.get("model_args") or {}).get("norm", "bn"), used_additional_data(run))
     weights, info_file = entry_paths(folder, name, dataset, threat)
     for path in (weights, info_file):
         if path.exists() and not overwrite:

@@ -194,7 +194,8 @@ class ExternalModel(nn.Module):
             if "size" not in first.lower() and "shape" not in first.lower():
                 raise
             raise ModelError(f"{self.arch} cannot take inputs of shape {tuple(x.shape[1:])} (C, H, W): {first}; "
-                             "pick another architecture or a larger --image-size") from None
+                             "pick an architecture that takes this size (ours take any, e.g. preact_resnet18), or "
+                             "train on your own images (--dataset imagefolder) with a larger --image-size") from None
         problem = logits_problem(out, x.shape[0], self.num_classes)
         if problem:  # every call: a tuple in training mode only (googlenet) must not reach the loss
             raise ModelError(not_logits(self.arch, problem, self.training))

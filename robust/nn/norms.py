@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from typing import Callable, Iterator
 
 import torch
@@ -80,9 +81,9 @@ DEFAULT_ROUTE = "adv"
 
 
 def check_route(route: str) -> str:
-    """Return ``route`` if it names a route, else raise ValueError listing the valid ones."""
+    """Return ``route`` if it names a route, else raise ConfigError (a ValueError) listing the valid ones."""
     if route not in ROUTES:
-        raise ValueError(f"unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
+        raise ConfigError(f"unknown route {route!r}; valid routes: {', '.join(ROUTES)}")
     return route
 
 
@@ -383,8 +384,13 @@ def export_route(model: nn.Module, route: str) -> nn.Module:
     Affines are folded (``g = g_r*g_s, b = g_r*b_s + b_r``) and the route's running statistics
     copied, so in eval mode the copy's logits equal the dual-route model's in that route. Its
     state_dict loads into the same architecture built with ``norm="bn"`` (an external model's into
-    the library's own constructor).
+    the library's own constructor). The copy comes back in the mode ``model`` is in (every layer's train/eval
+    flag kept): call ``.eval()`` on it for inference, as ``robust.load_model(path, route)`` returns it.
     """
+    if not isinstance(model, nn.Module):
+        what = f"the path {model!r}" if isinstance(model, (str, os.PathLike)) else repr(model)
+        raise ConfigError(f"export_route takes a model, got {what}; for a checkpoint or run folder use "
+                          "robust.load_model(path, route=...)")
     check_route(route)
     exported = copy.deepcopy(model)
 

@@ -266,7 +266,7 @@ class Trainer:
             self.start_epoch, self.start_batch = completed, 0
         self.folder.last_saved = describe(self.start_epoch, self.start_batch)
         where = f", step {self.start_batch}" if self.start_batch else ""
-        self.log(f"resumed {self.run_dir} at epoch {self.start_epoch + 1}{where}")
+        self.resumed_note = f"resumed {self.run_dir} at epoch {self.start_epoch + 1}{where}"  # said once the folder is ours
 
     def _checkpoint_bytes(self) -> int:
         """About one checkpoint's size: the weights plus the optimizer's momentum buffers."""
@@ -454,6 +454,8 @@ class Trainer:
         """Train to ``config.epochs``; write config.json, metrics.jsonl, last.pt, best.pt; return the final metrics."""
         c = self.setup().config
         self.folder.lock()  # nothing is written before this process is the folder's only writer
+        if getattr(self, "resumed_note", None):
+            self.log(self.resumed_note)
         self.signals.install()
         scalars = ScalarLog(None, 0, False)
         try:
