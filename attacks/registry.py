@@ -51,6 +51,7 @@ class Attack:
     run: AttackFn
     params: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # an ensemble's seconds per stage, summed over calls
+    on_stage: Callable[[str, int], None] | None = None  # told (stage, images) as an ensemble's stage starts, for progress
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.run(x, y)
@@ -186,6 +187,8 @@ def _autoattack(model: nn.Module, eps: float, threat: str, restarts: int, querie
             idx = alive.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
+            if ensemble.on_stage is not None:
+                ensemble.on_stage(part, len(idx))
             start = time.perf_counter()
             candidate = attack(x[idx], y[idx])
             fooled = fp32_predictions(model, candidate) != y[idx]  # a stage's verdict is fp32 whatever it searched in
