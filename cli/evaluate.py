@@ -20,6 +20,7 @@ from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, check_attack_names, ev
 from robust.eval.evaluation import eps_sweep as run_sweep
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
 from robust.lab.plots import plot_sweep
+from robust.lab.robustbench import eps_beside
 from robust.nn.norms import routes_for
 from robust.outputs import write_output
 from robust.runtime import resolve_device
@@ -210,6 +211,10 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
         state, plain_model, test = load_plain_model(scored, plain, data_dir, limit, weights)
     else:
         state = read_checkpoint(scored)
+    beside = eps_beside(scored) if plain_model is not None and eps is None else None
+    if beside is not None:  # a RobustBench entry: its model_info names the eps
+        state.update(eps=beside[0], threat=beside[1])
+        click.echo(f"eps {beside[0]:.6g} ({beside[1]}) from {beside[2]}", err=True)
     trained_threat = state.get("threat", "linf")
     if eps is None and "eps" not in state:
         raise BadInput(f"{checkpoint} records no training eps; pass --eps, e.g. --eps 8/255")
