@@ -12,6 +12,7 @@ Every attack's output should lie in the eps ball around x and in [0, 1];
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
 from dataclasses import dataclass, field
@@ -58,7 +59,10 @@ class Attack:
 
 
 def _unknown(name: str) -> ValueError:
-    return ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(available_attacks())} (N = steps, e.g. pgd20)")
+    near = difflib.get_close_matches(name.strip().lower(), [*_FIXED, "pgd20", "cw20"], n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    return ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(available_attacks())} (N = steps, e.g. pgd20)"
+                      + hint)
 
 
 def parse_attack_name(name: str) -> tuple[str, int | None]:

@@ -6,6 +6,9 @@ exit codes (interrupted, non-finite loss); they live at the bottom layer so ever
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
@@ -88,3 +91,9 @@ def check_ascii_number(text: str, name: str) -> None:
         odd = non_ascii_digits(text) or "".join(ch for ch in text if not ch.isascii())
         raise ConfigError(f"{name} {text!r} has characters that are not ASCII ({', '.join(map(repr, odd))}); "
                           "write the number with the digits 0-9, e.g. 3 or 8/255")
+
+
+def did_you_mean(name: object, valid: Iterable[str]) -> str:
+    """ ``; did you mean X?`` for the valid name nearest to ``name`` (difflib), or "" when none is near."""
+    near = difflib.get_close_matches(str(name).strip().lower(), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f"; did you mean {near[0]}?" if near else ""

@@ -13,7 +13,7 @@ from robust.data.folders import load_imagefolder
 from robust.data.lazy import default_workers
 from robust.data.tensors import load_tensor_file
 from robust.data.types import CUSTOM_DATASETS, DATASET_INFO, ImageData
-from robust.errors import DataError
+from robust.errors import DataError, did_you_mean
 from robust.runtime import available_cpus
 
 DATASETS = (*DATASET_INFO, *CUSTOM_DATASETS)  # the names --dataset takes
@@ -32,7 +32,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     always held in memory.
     """
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}{did_you_mean(name, DATASETS)}")
     if mode not in DATA_MODES:
         raise DataError(f"unknown data mode {mode!r}; valid: {', '.join(DATA_MODES)}")
     if name in CUSTOM_DATASETS:
