@@ -510,7 +510,7 @@ def format_epoch(m: dict[str, Any]) -> str:
     parts = [f"epoch {m['epoch']}", f"lr {m['lr']:.4g}", f"loss {m['train_loss']:.3f}", f"train adv acc {m['train_adv_acc']:.1f}%"]
     for route in ROUTES:
         if f"val_{route}_clean" in m:
-            parts.append(f"val {route}: clean {m[f'val_{route}_clean']:.1f}% robust {m[f'val_{route}_robust']:.1f}%")
+            parts.append(f"val {route} route: natural {m[f'val_{route}_clean']:.1f}% robust {m[f'val_{route}_robust']:.1f}%")
     if "co_guard_pgd_acc" in m:
         parts.append(f"guard PGD-5 {m['co_guard_pgd_acc']:.1f}%")
     parts.append(f"{m['images_per_s']:.0f} img/s, {m['seconds']:.0f}s")
