@@ -16,7 +16,7 @@ from robust.checkpoint import load_model, read_checkpoint
 from robust.eval.evaluation import load_test_split, per_class_accuracy
 from robust.eval.sanity import determinism_checks
 from robust.lab.plots import run_folders
-from robust.lab.report import (ReportRun, class_names, comparison, comparison_html, eval_command, headline,
+from robust.lab.report import (ReportRun, class_names, comparison, comparison_html, eval_command, figure_label, headline,
                                learning_curves_figure, read_runs, report_html, run_styles, timing_table)
 from robust.lab.stats import UNINFORMATIVE, uninformative
 from robust.runtime import describe_machine
@@ -236,3 +236,10 @@ def test_curves_use_integer_epochs_a_colour_per_setting_and_lr_from_zero(runs):
     assert axes[3].get_ylim()[0] == 0
     assert "PGD-1" in axes[2].get_title()
     assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in axes)
+
+
+def test_compared_figures_are_named_in_the_pages_words():
+    assert figure_label("adv val clean") == "adv route, val natural"
+    assert figure_label("clean clean") == "clean route, natural"
+    assert figure_label("adv worst_case") == "adv route, worst case"
+    assert figure_label("adv pgd20") == "adv route, pgd20"

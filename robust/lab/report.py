@@ -270,7 +270,7 @@ def examples_figure(examples: dict[str, Any]) -> Figure:
     axes = fig.subplots(2 * len(routes), count, squeeze=False)
     rows = []
     for r in routes:
-        rows += [(f"{r} route, clean", x, examples["routes"][r]["clean"]),
+        rows += [(f"{r} route, no attack", x, examples["routes"][r]["clean"]),
                  (f"{r} route, attacked", examples["routes"][r]["x_adv"], examples["routes"][r]["adv"])]
     for row, (title, images, preds) in enumerate(rows):
         for col in range(count):
@@ -443,6 +443,14 @@ def comparison(runs: Sequence[ReportRun]) -> dict[str, Any]:
     return {"figures": figures, "common": common, "settings": names, "spread": spread, "paired": paired}
 
 
+def figure_label(metric: str) -> str:
+    """A compared figure in the page's words: "adv val clean" -> "adv route, val natural" (accuracy without
+    attack is natural; clean and adv name routes)."""
+    route, _, rest = metric.partition(" ")
+    words = {"clean": "natural", "val clean": "val natural", "worst_case": "worst case"}.get(rest, rest)
+    return f"{route} route, {words}"
+
+
 def spread_interval(s: dict[str, Any]) -> str:
     """A setting's 95% interval of the mean as the table shows it: none for one run, flagged for two."""
     if s["half_width"] is None:
@@ -455,19 +463,19 @@ def spread_interval(s: dict[str, Any]) -> str:
 def comparison_html(runs: Sequence[ReportRun]) -> str:
     result = comparison(runs)
     parts = ["<h3>Figures per run</h3>",
-             html_table(["run", "seed", *result["common"]],
+             html_table(["run", "seed", *map(figure_label, result["common"])],
                         [[r.label, r.config.get("seed"), *(f[k] for k in result["common"])]
                          for r, f in zip(runs, result["figures"])], numeric_from=1)]
     parts.append("<h3>Mean, sd and 95% interval of the mean per setting</h3>"
                  "<p>The interval is mean ± t<sub>0.975, n-1</sub> · sd / √n over the setting's runs (seeds).</p>")
     parts.append(html_table(["setting", "figure", "n", "mean", "sd", "95% interval"],
-                            [[s["setting"], s["metric"], s["n"], s["mean"], s["sd"],
+                            [[s["setting"], figure_label(s["metric"]), s["n"], s["mean"], s["sd"],
                               spread_interval(s)] for s in result["spread"]], numeric_from=2))
     if len(result["settings"]) > 1:
         parts.append(f"<h3>Paired differences against {_esc(result['settings'][0])}</h3><p>Matched by seed; the 95% t "
                      "interval of the mean difference; supported when it excludes 0.</p>")
         parts.append(html_table(["setting", "figure", "seeds", "mean diff", "95% interval", "verdict"],
-                                [[p["setting"], p["metric"], p["n"], p["mean"],
+                                [[p["setting"], figure_label(p["metric"]), p["n"], p["mean"],
                                   UNINFORMATIVE if uninformative(p) else f"{p['low']:.2f} .. {p['high']:.2f}"
                                   if p["low"] is not None else "–",
                                   "none: too few seeds" if uninformative(p) else p["verdict"]]
@@ -555,7 +563,7 @@ def run_html(index: int, run: ReportRun) -> str:
             rows = [[f"{s['eps']:.4g}", *(s["routes"][r]["worst_case"] for r in sweep[0]["routes"])] for s in sweep]
             parts.append(section(f"{ident}-sweep", "Accuracy against eps (worst case, %)",
                                  figure_html(sweep_figure(sweep), "accuracy against eps") +
-                                 html_table(["eps", *sweep[0]["routes"]], rows)))
+                                 html_table(["eps", *(f"{r} route" for r in sweep[0]["routes"])], rows)))
         if ev.get("per_class"):
             per_class = ev["per_class"]
             names = class_names(run.images.get("classes") if run.images else None, len(next(iter(per_class.values()))),
