@@ -12,6 +12,7 @@ Every attack's output should lie in the eps ball around x and in [0, 1];
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
 from dataclasses import dataclass, field
@@ -51,13 +52,17 @@ class Attack:
     run: AttackFn
     params: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # an ensemble's seconds per stage, summed over calls
+    on_stage: Callable[[str, int], None] | None = None  # told (stage, images) as an ensemble's stage starts, for progress
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.run(x, y)
 
 
 def _unknown(name: str) -> ValueError:
-    return ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(available_attacks())} (N = steps, e.g. pgd20)")
+    near = difflib.get_close_matches(name.strip().lower(), [*_FIXED, "pgd20", "cw20"], n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    return ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(available_attacks())} (N = steps, e.g. pgd20)"
+                      + hint)
 
 
 def parse_attack_name(name: str) -> tuple[str, int | None]:
@@ -186,6 +191,8 @@ def _autoattack(model: nn.Module, eps: float, threat: str, restarts: int, querie
             idx = alive.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
+            if ensemble.on_stage is not None:
+                ensemble.on_stage(part, len(idx))
             start = time.perf_counter()
             candidate = attack(x[idx], y[idx])
             fooled = fp32_predictions(model, candidate) != y[idx]  # a stage's verdict is fp32 whatever it searched in

@@ -17,7 +17,8 @@ from robust.lab.analysis import analyze_checkpoint, check_poolable, spread_by_no
 from robust.lab.compare.grid import run_compare
 from robust.lab.compare.report import markdown_table, mean_sd_table
 from robust.lab.compare.settings import CompareSettings, load_settings, parse_seeds
-from robust.lab.plots import CurveRun, plot_gradient_analysis, plot_learning_curves, run_labels
+from robust.lab.plots import (CurveRun, plot_gradient_analysis, plot_learning_curves, read_config_quietly, run_folders,
+                               run_labels, validation_attack)
 from robust.outputs import check_output_dir, write_output
 from robust.threat import parse_eps
 from robust.train.rundir import read_metrics
@@ -189,8 +190,10 @@ def plot(run_dirs: tuple[str, ...], output: str, title: str | None, force: bool)
     """
 
     path = check_output_file(output, "-o", force, "curves.png")
-    runs = [CurveRun(label, read_metrics(d)) for label, d in zip(run_labels(run_dirs), run_dirs)]
-    click.echo(f"wrote {plot_learning_curves(runs, path, title=title, overwrite=force)}")
+    folders = run_folders(run_dirs)  # a compare folder means the runs inside it
+    runs = [CurveRun(label, read_metrics(d)) for label, d in zip(run_labels(folders), folders)]
+    attack = validation_attack([read_config_quietly(d) for d in folders])
+    click.echo(f"wrote {plot_learning_curves(runs, path, title=title, overwrite=force, attack=attack)}")
 
 
 def _num(value: float | None, digits: int = 4) -> str:

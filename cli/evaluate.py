@@ -5,35 +5,48 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
 
 from robust.attacks.registry import PerturbationError
-from robust.checkpoint import model_from, read_checkpoint
+from robust.checkpoint import model_from, read_checkpoint, weights_of
 from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
 from robust.cli.plain_model import load_plain_model, plain_model_options, wants_plain_model
 from robust.eval.accuracy import ATTACK_PRECISIONS
+from robust.eval.estimate import PROBED, estimate_lines
 from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, check_attack_names, check_threads, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
 from robust.lab.plots import plot_sweep
+from robust.lab.robustbench import eps_beside
+from robust.nn.norms import routes_for
 from robust.outputs import write_output
+from robust.runtime import resolve_device
 from robust.threat import parse_eps_list, resolve_eps
 from robust.train.distributed import SINGLE, env_world_size, setup, shutdown
 
 
+COLUMN_TITLES = {"clean": "natural", "worst_case": "worst_case"}  # the accuracy without attack is "natural"
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """One row per route: clean, each attack, and the worst case when several attacks ran."""
+    """One row per route: natural accuracy (no attack; the JSON's "clean"), each attack, and the worst case when
+    several attacks ran. "clean" and "adv" name the routes only."""
     attacks = list(result["attacks"])
     columns = ["clean", *attacks] + (["worst_case"] if len(attacks) > 1 else [])
-    width = max(10, *(len(c) + 2 for c in columns))
-    lines = [f"{'route':<8}" + "".join(f"{c:>{width}}" for c in columns)]
+    titles = [COLUMN_TITLES.get(c, c) for c in columns]
+    width = max(10, *(len(c) + 2 for c in titles))
+    lines = [f"{'route':<8}" + "".join(f"{c:>{width}}" for c in titles)]
     for route, acc in result["routes"].items():
         lines.append(f"{route:<8}" + "".join(f"{acc[c]:>{width}.2f}" for c in columns))
     return "\n".join(lines)
+
+
+def describe_weights(weights: str | None) -> str:
+    """The scored weights for the header line: the averaged (EMA) ones or the live ones; nothing when unrecorded."""
+    return {"ema": ", averaged weights (EMA)", "live": ", live weights"}.get(weights or "", "")
 
 
 def describe_eps(eps: float, threat: str) -> str:
@@ -200,6 +213,10 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
         state, plain_model, test = load_plain_model(scored, plain, data_dir, limit, weights)
     else:
         state = read_checkpoint(scored)
+    beside = eps_beside(scored) if plain_model is not None and eps is None else None
+    if beside is not None:  # a RobustBench entry: its model_info names the eps
+        state.update(eps=beside[0], threat=beside[1])
+        click.echo(f"eps {beside[0]:.6g} ({beside[1]}) from {beside[2]}", err=True)
     trained_threat = state.get("threat", "linf")
     if eps is None and "eps" not in state:
         raise BadInput(f"{checkpoint} records no training eps; pass --eps, e.g. --eps 8/255")
@@ -213,22 +230,31 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     if plain_model is None:
         test = load_test_split(state, data_dir, limit)
     options = dict(route=route, batch_size=batch_size, limit=limit, device=device, seed=seed, threat=threat,
-                   restarts=restarts, queries=queries, progress=not quiet and sys.stderr.isatty(),
+                   restarts=restarts, queries=queries, progress=not quiet,
                    attack_precision=attack_precision, jobs=jobs, threads=threads)
 
+    if not quiet and writes and any(n in PROBED for n in names):  # say minutes or hours before the wait
+        model.to(resolve_device(device))
+        x_test, y_test = test[0][:limit], test[1][:limit]
+        for line in estimate_lines(model, x_test, y_test, names, routes_for(model, route), dict(
+                eps=eps_value, threat=threat, seed=seed, restarts=restarts, queries=queries,
+                num_classes=int(model.build_args.get("num_classes", 10)))):
+            click.echo(line, err=True)
     result = evaluate(model, test, attacks=names, eps=eps_value, per_example=examples_file is not None,
                       state=state_file, resume=resume, force=force, **options)
     examples = result.pop("per_example", None)
     args = model.build_args
     width = f", width {args['width']}" if args.get("width") else ""
-    click.echo(f"{scored}: {args['arch']} ({args['norm']}{width}), {state['dataset']} test, "
+    scored_weights = weights_of(state, weights) if plain_model is None else None
+    click.echo(f"{scored}: {args['arch']} ({args['norm']}{width}{describe_weights(scored_weights)}), {state['dataset']} test, "
                f"{result['n']} examples, {describe_eps(eps_value, threat)}, seed {seed}, "
                f"attacks in {result['attack_precision']} ({result['attack_precision_why']}; verdicts in fp32)")
     click.echo(format_table(result))
     ranks = f" on each of {result['ranks']} torchrun ranks" if result["ranks"] > 1 else ""
     click.echo(f"{result['seconds']:.1f} s ({result['jobs']} process(es) of {result['threads']} thread(s){ranks}); per attack: "
                + ", ".join(f"{k} {v:.1f} s" for k, v in result["attack_seconds"].items()))
-    report: dict[str, Any] = {"checkpoint": str(scored), "dataset": state["dataset"], "model": args, **result}
+    report: dict[str, Any] = {"checkpoint": str(scored), "dataset": state["dataset"], "model": args,
+                              "weights": scored_weights, **result}
 
     checks = []
     if sanity:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import torch
 
-from robust.checkpoint import build_checkpoint, model_from, read_checkpoint, save_checkpoint
+from robust.checkpoint import build_checkpoint, model_from, read_checkpoint, save_checkpoint, weights_of
 from robust.cli.common import BadInput, check_output_file, model_file
 from robust.lab.report import EVAL_FILE
 from robust.lab.robustbench import check_name, write_robustbench
@@ -74,7 +74,7 @@ def export_command(checkpoint: str, route: str, out: str, force: bool, weights: 
     if gap > 1e-3:
         raise click.ClickException(f"the exported {route} route differs from the checkpoint by {gap:.3g} in the logits; not written")
     meta = {k: state[k] for k in ("dataset", "data", "eps", "method", "epoch", "metrics") if k in state}
-    meta["weights"] = "ema" if weights != "live" and isinstance(state.get("ema"), dict) else "live"
+    meta["weights"] = weights_of(state, weights)
     args = exported.build_args
     if is_external(args["arch"]):  # the file also says how to use the weights without robust
         meta["constructor"] = constructor_call(args["arch"], args["num_classes"], args["in_channels"],

@@ -6,6 +6,7 @@ import click
 from robust.cli.common import check_output_file
 
 from robust.eval.evaluation import check_attack_names
+from robust.lab.plots import run_folders
 from robust.lab.report import build_report
 from robust.outputs import write_output
 
@@ -23,7 +24,8 @@ from robust.outputs import write_output
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 def report(runs: tuple[str, ...], out: str, images: int, attack: str, data_dir: str | None, title: str | None,
            force: bool) -> None:
-    """One HTML page of RUNS (run folders): everything embedded, it opens from disk without network.
+    """One HTML page of RUNS (run folders, or a `robust compare` folder for every run in it): everything
+    embedded, it opens from disk without network.
 
     From each run folder: config.json (the resolved settings), metrics.jsonl (learning curves per
     route: train loss, validation clean and robust accuracy, lr; epoch times and images/s), and,
@@ -38,10 +40,12 @@ def report(runs: tuple[str, ...], out: str, images: int, attack: str, data_dir: 
       robust eval runs/a --attack pgd20,autoattack --sanity --json runs/a/
       robust report runs/a -o report.html
       robust report runs/sabn-s0 runs/sabn-s1 runs/bn-s0 runs/bn-s1 -o compare.html
+      robust report runs/cmp -o cmp.html
     """
     out_file = check_output_file(out, "-o", force, "report.html", inputs=runs)
     if images:
         check_attack_names(attack)
-    page = build_report(runs, images=images, attack=attack, data_dir=data_dir, title=title)
+    folders = run_folders(runs)  # a `robust compare` folder means the runs inside it
+    page = build_report(folders, images=images, attack=attack, data_dir=data_dir, title=title)
     write_output(out_file, page, overwrite=force)
-    click.echo(f"wrote {out_file} ({len(page) / 1e6:.2f} MB, {len(runs)} run(s))")
+    click.echo(f"wrote {out_file} ({len(page) / 1e6:.2f} MB, {len(folders)} run(s))")

@@ -212,6 +212,6 @@ def summary_table(result: dict[str, Any]) -> str:
     rows = [(r, result.get(f"val_{r}_clean"), result.get(f"val_{r}_robust")) for r in ("clean", "adv")]
     rows = [r for r in rows if r[1] is not None]
     if rows:
-        lines.append(f"{'route':<8}{'val clean %':>13}{'val PGD %':>12}")
-        lines += [f"{r:<8}{c:>13.2f}{a:>12.2f}" for r, c, a in rows]
+        lines.append(f"{'route':<8}{'val natural %':>15}{'val PGD %':>12}")
+        lines += [f"{r:<8}{c:>15.2f}{a:>12.2f}" for r, c, a in rows]
     return "\n".join(lines)

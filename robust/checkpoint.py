@@ -193,6 +193,14 @@ def with_weights(checkpoint: dict[str, Any], weights: str | None = None) -> dict
     return {**checkpoint, "model": average["model"]}
 
 
+def weights_of(checkpoint: dict[str, Any], weights: str | None = None) -> str | None:
+    """Which weights ``model_from(checkpoint, weights=weights)`` scores: ``ema`` (the averaged ones) or
+    ``live``; an export says what it was written from; None where nothing records it (a plain model)."""
+    if checkpoint.get("kind") == "export":
+        return checkpoint.get("weights") if checkpoint.get("weights") in WEIGHTS else None
+    return "ema" if weights != "live" and isinstance(checkpoint.get("ema"), dict) else "live"
+
+
 def model_from(checkpoint: dict[str, Any], route: str | None = None, weights: str | None = None) -> nn.Module:
     """The checkpoint's model in eval mode; with ``route``, the exported single-route model. ``weights``:
     ``ema`` (the averaged weights; the default where the run kept them) or ``live``."""

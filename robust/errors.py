@@ -6,7 +6,9 @@ exit codes (interrupted, non-finite loss); they live at the bottom layer so ever
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 
 
 class ConfigError(ValueError):
@@ -111,3 +113,9 @@ def unreadable_file(path: object, exc: BaseException, what: str, fix: str) -> st
         return (f"{path} would import {code} when loaded (a pickle that would run code); it was refused and nothing "
                 f"of it ran. Load only files from a source you trust; {fix}")
     return f"{path} is not {what} (not a file torch.save wrote, or a truncated one); {fix}"
+
+
+def did_you_mean(name: object, valid: Iterable[str]) -> str:
+    """ ``; did you mean X?`` for the valid name nearest to ``name`` (difflib), or "" when none is near."""
+    near = difflib.get_close_matches(str(name).strip().lower(), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f"; did you mean {near[0]}?" if near else ""

@@ -23,7 +23,7 @@ from robust.lab.compare.report import (
 )
 from robust.lab.compare.settings import CompareSettings
 from robust.lab.reference import PAPER_CIFAR10
-from robust.lab.stats import mean_sd, paired_difference, t_quantile
+from robust.lab.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
 from robust.nn.factory import build_model
 from robust.train.schedule import lr_at
 
@@ -105,11 +105,11 @@ def test_compare_writes_results_md_json_and_curves(compared):
     assert len(cells) == sum(ROWS_PER_NORM.values()) == len(results["rows"])
     for norm, title in (("bn", "BN"), ("auxbn", "AuxBN"), ("sabn", "SaBN")):
         assert sum(c[0] == title for c in cells) == ROWS_PER_NORM[norm]
-    assert [c[1] for c in cells if c[0] == "BN"] == ["shared"]
+    assert [c[1] for c in cells if c[0] == "BN"] == ["adv"]  # results.json labels it "shared"
     for line, row in zip(cells, results["rows"]):
         assert line[2:] == [f"{row[k]:.2f}" for k in ("clean", "pgd10", "pgd20", "worst_case")]
     text = (compared / "results.md").read_text()
-    assert "| norm | route | clean | PGD-10 | PGD-20 | worst case |" in text
+    assert "| norm | route | natural | PGD-10 | PGD-20 | worst case |" in text
     assert "hybrid for every norm" in text and "robust compare" in text
     assert "84.84" not in text and "not shown: this grid is fashion-mnist at eps 0.1" in text  # not the paper's setting
     assert "- training attack: Linf PGD-1 on CE, uniform random start, eps 0.1, step 0.025, through the adv route, BN in train mode" in text
@@ -337,7 +337,11 @@ def test_seed_statistics_equal_a_hand_computation(grid):
         assert p["verdict"] == ("supported" if p["low"] > 0 or p["high"] < 0 else "no significant difference")
     text = (grid / "results.md").read_text()
     assert "Paired difference against BN" in text
-    assert text.count(": supported.") + text.count(": no significant difference.") == 8
+    flagged = sum(uninformative(p) for p in results["paired"])  # 2 seeds, the interval containing 0
+    assert text.count(": supported.") + text.count(": no significant difference.") == 8 - flagged
+    assert text.count("2 seeds give no informative interval, so no verdict") == flagged
+    assert text.count(UNINFORMATIVE) == flagged  # in the table, instead of the interval's figures
+    assert "| verdict |" not in text  # each verdict once: in its sentence
 
 
 def test_paired_difference_and_t_table():

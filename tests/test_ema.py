@@ -3,6 +3,8 @@ is what validation, best.pt selection, eval, export and load_model use, and resu
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -99,3 +101,45 @@ def test_ema_values_and_weights_are_checked(tmp_path, data):
     result = CliRunner().invoke(cli, ["eval", str(tmp_path / "plain"), "--weights", "ema", "--limit", "8"])
     assert result.exit_code == 2 and "has no averaged weights" in result.output
 
+
+
+def test_each_route_is_averaged_with_itself_only():
+    """The averaged clean route (its affine and running statistics) is the average of the live clean route
+    alone: the routes' parameters and buffers are never mixed."""
+    torch.manual_seed(2)
+    model = build_model(norm="sabn", width=4, in_channels=1).double().train()
+    with torch.no_grad():  # routes far apart, so a mix would show
+        for name, p in model.named_parameters():
+            if ".adv" in name:
+                p.add_(10.0)
+    ema = WeightAverage(model, tau=0.99)
+    before = {**{k: v.clone() for k, v in model.named_parameters()}, **{k: v.clone() for k, v in model.named_buffers()}}
+    with robust.use_route(model, "clean"):
+        model(torch.rand(8, 1, 28, 28, dtype=torch.float64))
+    with robust.use_route(model, "adv"):
+        model(torch.rand(8, 1, 28, 28, dtype=torch.float64) * 3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(1.0 if ".clean" in name else -1.0)
+    ema.update(model)  # d = 0.1
+    live = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    averaged = {**dict(ema.average.named_parameters()), **dict(ema.average.named_buffers())}
+    clean = [n for n in live if ".clean" in n and live[n].is_floating_point()]
+    assert any("running_var" in n for n in clean) and any("route_weight" in n for n in clean)
+    for name in clean:
+        torch.testing.assert_close(averaged[name], 0.1 * before[name] + 0.9 * live[name].detach(), rtol=0, atol=1e-12)
+
+
+def test_eval_says_which_weights_it_scored(tmp_path, data):
+    robust.Trainer(_config(tmp_path / "a", epochs=1), data=data, log=lambda m: None).fit()
+    run = str(tmp_path / "a")
+    for flags, words, recorded in (([], "averaged weights (EMA)", "ema"), (["--weights", "live"], "live weights", "live")):
+        out = tmp_path / f"{recorded}.json"
+        result = CliRunner().invoke(cli, ["eval", run, "--attack", "pgd1", "--limit", "8", "--quiet", "--json", str(out), *flags])
+        assert result.exit_code == 0, result.output
+        assert f"(sabn, width 4, {words})" in result.output.splitlines()[0]
+        assert json.loads(out.read_text())["weights"] == recorded
+    result = CliRunner().invoke(cli, ["export", run, "-o", str(tmp_path / "adv.pt")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["eval", str(tmp_path / "adv.pt"), "--attack", "pgd1", "--limit", "8", "--quiet"])
+    assert "averaged weights (EMA)" in result.output.splitlines()[0]

@@ -15,7 +15,7 @@ from helpers import assert_refused, invoke_in, tiny_config
 
 import robust
 from robust.checkpoint import load_model
-from robust.lab.robustbench import model_info
+from robust.lab.robustbench import eps_beside, model_info
 from robust.train.trainer import Trainer
 
 NAME = "Tiny2026Sandwich"
@@ -93,3 +93,15 @@ def test_output_that_is_a_file_refused(run):
     (run / "afile").write_text("keep")
     assert_refused(run, ["export", "run", "--robustbench", NAME, "-o", "afile"], "afile", "folder")
     assert (run / "afile").read_text() == "keep"
+
+
+def test_the_eps_of_an_entry_is_read_from_its_model_info(run):
+    result = invoke_in(run, ["export", "run", "--robustbench", "EpsBeside", "-o", "zoo-eps"])
+    assert result.exit_code == 0, result.output
+    weights = run / "zoo-eps" / "models" / "fashion-mnist" / "Linf" / "EpsBeside.pt"
+    eps, threat, info = eps_beside(weights)
+    assert (eps, threat) == (pytest.approx(0.1), "linf")  # written as 25.5/255
+    assert info == run / "zoo-eps" / "model_info" / "fashion-mnist" / "Linf" / "EpsBeside.json"
+    assert eps_beside(run / "run" / "best.pt") is None  # no zoo layout around it
+    info.write_text("{not json")
+    assert eps_beside(weights) is None

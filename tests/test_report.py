@@ -15,7 +15,10 @@ from helpers import assert_refused, invoke_in, tiny_config
 from robust.checkpoint import load_model, read_checkpoint
 from robust.eval.evaluation import load_test_split, per_class_accuracy
 from robust.eval.sanity import determinism_checks
-from robust.lab.report import ReportRun, comparison, read_runs, timing_table
+from robust.lab.plots import run_folders
+from robust.lab.report import (ReportRun, class_names, comparison, comparison_html, eval_command, figure_label, headline,
+                               learning_curves_figure, read_runs, report_html, run_styles, timing_table)
+from robust.lab.stats import UNINFORMATIVE, uninformative
 from robust.runtime import describe_machine
 from robust.train.trainer import Trainer
 
@@ -168,3 +171,75 @@ def test_per_class_accuracy_by_hand():
                     {"class": 1, "n": 1, "clean": 100.0, "worst_case": 0.0},
                     {"class": 2, "n": 1, "clean": 0.0, "worst_case": 0.0},
                     {"class": 3, "n": 0, "clean": None, "worst_case": None}]
+
+
+def test_page_opens_with_the_headline_then_the_comparison(runs):
+    result = invoke_in(runs, ["report", "s0", "s1", "-o", "order.html", "--images", "0"])
+    assert result.exit_code == 0, result.output
+    page = (runs / "order.html").read_text()
+    ev = json.loads((runs / "s0" / "eval.json").read_text())
+    assert ev["weights"] == "live"  # trained without --ema: the optimizer's weights were scored
+    positions = [page.index(marker) for marker in ('id="headline"', 'id="comparison"', 'id="curves"', 'id="run0"')]
+    assert positions == sorted(positions)
+    # both runs evaluated? s1 has no eval.json, so the headline compares the last validation figures
+    values = [read_runs([runs / s])[0].metrics[-1]["val_adv_robust"] for s in ("s0", "s1")]
+    assert f"all runs {sum(values) / 2:.1f}% (n=2)" in page
+
+
+def test_one_run_headline_names_the_figure_the_images_and_the_weights(runs):
+    run = read_runs([runs / "s0"])[0]
+    acc = run.evaluation["routes"]["adv"]
+    assert headline([run]) == (f"s0: {acc['worst_case']:.1f}% robust (pgd2, fgsm, worst case), {acc['clean']:.1f}% natural "
+                               "accuracy on the adv route, 48 test images, the live weights")
+
+
+def test_a_compare_folder_stands_for_the_runs_inside_it(runs):
+    assert run_folders([runs]) == [runs / "s0", runs / "s1"]
+    result = invoke_in(runs, ["report", ".", "-o", "folder.html", "--images", "0"])
+    assert result.exit_code == 0, result.output
+    assert "2 run(s)" in result.output
+    result = invoke_in(runs, ["plot", ".", "-o", "folder.png"])
+    assert result.exit_code == 0, result.output
+    assert (runs / "folder.png").read_bytes()[:8] == PNG
+
+
+def test_hints_repeat_the_recorded_evaluation(runs):
+    run = read_runs([runs / "s0"])[0]
+    assert eval_command(run, sanity=True) == f"robust eval {runs / 's0'} --attack pgd2,fgsm --limit 48 --sanity --json {runs / 's0'}/"
+    run.evaluation = {k: v for k, v in run.evaluation.items() if k != "checks"}
+    page = report_html([run])
+    assert "--limit 48" in page and "--force replaces eval.json" in page
+
+
+def test_class_names_of_fashion_mnist_label_the_per_class_figures(runs):
+    page = report_html(read_runs([runs / "s0"]))
+    assert "T-shirt/top" in page and "Ankle boot" in page
+    assert class_names(None, 10, "fashion-mnist")[:2] == ["T-shirt/top", "Trouser"]
+    assert class_names(None, 3, "unknown") == ["0", "1", "2"]
+
+
+def test_two_seed_intervals_are_flagged_not_printed(runs):
+    html = comparison_html(read_runs([runs / "s0", runs / "s1"]))
+    assert html.count(UNINFORMATIVE) == 4  # four validation figures of one setting of two seeds
+    assert " .. " not in html
+    assert not uninformative({"n": 2, "low": 0.5, "high": 3.0})  # excludes 0: it still says something
+    assert uninformative({"n": 2, "low": -117.35, "high": 111.35})
+    assert not uninformative({"n": 3, "low": -1.0, "high": 1.0})
+
+
+def test_curves_use_integer_epochs_a_colour_per_setting_and_lr_from_zero(runs):
+    read = read_runs([runs / "s0", runs / "s1"])
+    assert run_styles(read) == [("C0", "o"), ("C0", "s")]  # seeds of one setting: one colour, two markers
+    fig = learning_curves_figure(read)
+    axes = fig.axes
+    assert list(axes[0].get_xticks()) == [1, 2]
+    assert axes[3].get_ylim()[0] == 0
+    assert "PGD-1" in axes[2].get_title()
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in axes)
+
+
+def test_compared_figures_are_named_in_the_pages_words():
+    assert figure_label("adv val clean") == "adv route, val natural"
+    assert figure_label("clean clean") == "clean route, natural"
+    assert figure_label("adv worst_case") == "adv route, worst case"
+    assert figure_label("adv pgd20") == "adv route, pgd20"

@@ -101,6 +101,27 @@ def _as_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(np.asarray(labels), dtype=torch.int64)
 
 
+# What a --data-dir folder needs for each built-in set (torchvision's layouts; the IDX files of the MNISTs).
+EXPECTED_FILES = {
+    "cifar10": "cifar-10-batches-py/ with data_batch_1 .. data_batch_5, test_batch and batches.meta (cifar-10-python.tar.gz "
+               "from https://www.cs.toronto.edu/~kriz/cifar.html, unpacked)",
+    "cifar100": "cifar-100-python/ with train, test and meta (cifar-100-python.tar.gz, unpacked)",
+    "svhn": "train_32x32.mat and test_32x32.mat (http://ufldl.stanford.edu/housenumbers/)",
+    "mnist": "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (.gz or not)",
+    "fashion-mnist": "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
+                     "(.gz or not)",
+}
+
+# The classes' names, in label order, where a built-in set has them.
+CLASS_NAMES = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    "mnist": tuple(str(d) for d in range(10)),
+    "svhn": tuple(str(d) for d in range(10)),
+}
+
+
 def load_torchvision(name: str, root: Path, download: bool) -> ImageData | None:
     try:
         train = _torchvision_split(name, root, True, download)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from robust.data.builtin import DEFAULT_CACHE, SYSTEM_DIRS, load_idx_folder, load_torchvision
+from robust.data.builtin import DEFAULT_CACHE, EXPECTED_FILES, SYSTEM_DIRS, load_idx_folder, load_torchvision
 from robust.data.folders import load_imagefolder
 from robust.data.lazy import default_workers
 from robust.data.tensors import load_tensor_file
 from robust.data.types import CUSTOM_DATASETS, DATASET_INFO, ImageData
-from robust.errors import DataError
+from robust.errors import DataError, did_you_mean
 from robust.runtime import available_cpus
 
 DATASETS = (*DATASET_INFO, *CUSTOM_DATASETS)  # the names --dataset takes
@@ -32,7 +32,7 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     always held in memory.
     """
     if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}{did_you_mean(name, DATASETS)}")
     if mode not in DATA_MODES:
         raise DataError(f"unknown data mode {mode!r}; valid: {', '.join(DATA_MODES)}")
     if name in CUSTOM_DATASETS:
@@ -77,7 +77,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     else:
         looked.append("download disabled")
     hint = " (Debian: apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
-    raise DataError(f"{name} not found; looked in: {'; '.join(looked)}. Pass --data-dir FOLDER with the dataset files{hint}")
+    raise DataError(f"{name} not found; looked in: {'; '.join(looked) or 'nowhere'}. Pass --data-dir FOLDER holding "
+                    f"{EXPECTED_FILES[name]}{hint}")
 
 
 def memory_budget(device: torch.device | str | None = None) -> int:

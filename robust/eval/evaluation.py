@@ -15,16 +15,15 @@ import contextlib
 import functools
 import math
 import os
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from robust.attacks.registry import Attack, build_attack, parse_attack_name
+from robust.checks import MAX_SEED, check_value
 from robust.data.load import load_dataset
 from robust.data.types import CUSTOM_DATASETS, ImageData
 from robust.errors import ConfigError, DataError
@@ -32,8 +31,8 @@ from robust.eval.accuracy import PROBE_BATCH, choose_attack_precision
 from robust.eval.jobs import exchange, run_processes, score_units, split, world_position
 from robust.eval.jobs import to_model_input  # also where robust.lab.report finds it
 from robust.eval.state import EvalState, fingerprint, open_state
-from robust.nn.norms import routes_for
-from robust.checks import MAX_SEED, check_value
+from robust.nn.norms import RoutedNorm, routes_for
+from robust.progress import Progress
 from robust.runtime import THREADS_RANGE, available_cpus, precision_name, resolve_device, versions
 from robust.threat import resolve_eps
 
@@ -218,25 +217,46 @@ def plan_jobs(jobs: int, threads: int | None, n: int, batches: int) -> tuple[int
     return processes, threads
 
 
-class Bars:
-    """A tqdm bar per attack (and the clean pass) on a terminal: images done, and how many are still robust."""
+STAGE_TITLES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
 
-    def __init__(self, keys: Sequence[str], total: int, enabled: bool) -> None:
-        self.bars = {}
-        if enabled and sys.stderr.isatty():
-            self.bars = {k: tqdm(total=total, desc=k, unit="img", position=i, leave=False, dynamic_ncols=True)
-                         for i, k in enumerate(keys)}
+
+class Bars:
+    """Progress per attack (and the clean pass): a bar on a terminal, a heartbeat line without one; the count is
+    route-images (``images`` x ``routes``), and an ensemble's stage and route are named while they run."""
+
+    def __init__(self, keys: Sequence[str], total: int, what: str, enabled: bool) -> None:
+        self.bars = {k: Progress(total, f"{k} ({what})", enabled, unit="img", position=i) for i, k in enumerate(keys)}
         self.robust = dict.fromkeys(keys, 0)
 
     def update(self, key: str, verdicts: list, correct: int) -> None:
         if key in self.bars:
             self.robust[key] += correct
+            self.bars[key].show(**{"robust" if key != "clean" else "correct": self.robust[key]})
             self.bars[key].update(len(verdicts))
-            self.bars[key].set_postfix({"robust" if key != "clean" else "correct": self.robust[key]}, refresh=False)
+
+    def watch(self, attacks: Sequence[Attack], model: nn.Module) -> None:
+        """Name each ensemble stage (AutoAttack's APGD-CE, APGD-T, FAB-T, Square) and its route as it starts."""
+        for attack in attacks:
+            if attack.name in self.bars:
+                bar = self.bars[attack.name]
+                attack.on_stage = lambda stage, n, bar=bar: bar.doing(
+                    f"{STAGE_TITLES.get(stage, stage)} on {n} images, {route_now(model)} route")
 
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+
+
+def work_text(units: Sequence[tuple[str, int]], routes: Sequence[str], n: int, batch_size: int) -> str:
+    """What a bar counts: "50 images x 2 routes" (route-images), or the one route's images."""
+    images = len({i for _, b in units for i in range(b * batch_size, min(n, (b + 1) * batch_size))})
+    todo = [r for r in routes if any(u[0] == r for u in units)] or list(routes)
+    return f"{images} images x {len(todo)} routes" if len(todo) > 1 else f"{images} images, {todo[0]} route"
+
+
+def route_now(model: nn.Module) -> str:
+    """The route the model's norm layers are set to (a single-route model: adv)."""
+    return next((m.route for m in model.modules() if isinstance(m, RoutedNorm)), "adv")
 
 
 def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20",), eps: float | str | None = None,
@@ -307,7 +327,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
         units = split(units, world)[rank]
     known = {u: record.done(*u) for u in units if record.done(*u)}
     bars = Bars(["clean", *attack_names], sum(len(y[b * batch_size:(b + 1) * batch_size]) for _, b in units),
-                progress and rank == 0)
+                work_text(units, routes, len(y), batch_size), progress and rank == 0)
     labels = y.tolist()
     mine: list[tuple] = []
 
@@ -325,7 +345,9 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if processes == 1:
                 with torch_threads(per_process):
-                    score_units(model, x, y, build(model), units, known, report, **options)
+                    built = build(model)
+                    bars.watch(built, model)
+                    score_units(model, x, y, built, units, known, report, **options)
             elif units:
                 run_processes(processes, per_process, build, model, x, y, units, known, report, options)
     except BaseException as exc:  # noqa: BLE001 (under torchrun the other ranks hear of it, then it is raised)

@@ -7,14 +7,16 @@ matplotlib is imported inside the functions and used through ``matplotlib.figure
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from robust.errors import ConfigError
-from robust.outputs import atomic_output
+from robust.outputs import RunFiles, atomic_output
 
 
 @dataclass
@@ -25,6 +27,38 @@ class CurveRun:
     metrics: list[dict[str, Any]]
     # several seeds: per metric key, per epoch, the (lowest, highest) value over seeds; drawn as a band
     band: dict[str, dict[int, tuple[float, float]]] | None = None
+
+
+def read_config_quietly(folder: str | Path) -> dict[str, Any]:
+    """A run folder's config.json values, or {} where it has none readable (labels only: nothing depends on it)."""
+    try:
+        value = json.loads((Path(folder) / RunFiles.CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def validation_attack(configs: Sequence[dict[str, Any]]) -> str:
+    """The validation attack of runs' config.json values, as the curves name it: PGD-10 (several: PGD)."""
+    steps = {c.get("val_steps") for c in configs if c.get("val_steps")}
+    return f"PGD-{steps.pop()}" if len(steps) == 1 else "PGD"
+
+
+def run_folders(paths: Sequence[str | Path]) -> list[Path]:
+    """The run folders ``paths`` name: a run folder itself (it holds metrics.jsonl), or a folder of runs (a
+    `robust compare` folder) standing for every run folder inside it, up to three levels down, in order.
+    ConfigError for a folder that is neither."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if (path / RunFiles.METRICS).is_file() or not path.is_dir():
+            found.append(path)  # a run, or a path whose error read_metrics / read_run gives
+            continue
+        inside = sorted(p.parent for depth in ("*", "*/*", "*/*/*") for p in path.glob(f"{depth}/{RunFiles.METRICS}"))
+        if not inside:
+            raise ConfigError(f"{path} has no {RunFiles.METRICS} and no run folders inside; pass run folders written by "
+                              "`robust train` or a `robust compare` folder")
+        found += inside
+    return found
 
 
 def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
@@ -54,10 +88,11 @@ def curve_series(run: CurveRun, kind: str) -> list[tuple[str, list[int], list[fl
 
 
 def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str | None = None,
-                         overwrite: bool = True) -> Path:
-    """Validation clean and robust accuracy per epoch: one line per run and route, two panels.
+                         overwrite: bool = True, attack: str = "PGD") -> Path:
+    """Validation natural (no attack) and robust accuracy per epoch: one line per run and route, two panels.
 
-    Each run keeps one colour; the adv route is drawn solid, the clean route dashed.
+    Each run keeps one colour; the adv route is drawn solid, the clean route dashed. ``attack`` names the
+    validation attack (PGD-10 for a run validated with --val-steps 10).
     """
 
     if not any(routes_in(r.metrics) for r in runs):
@@ -65,7 +100,7 @@ def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
     colours = [f"C{i % 10}" for i in range(len(runs))]
-    for ax, kind, ylabel in zip(axes, ("clean", "robust"), ("validation clean accuracy (%)", "validation PGD accuracy (%)")):
+    for ax, kind, ylabel in zip(axes, ("clean", "robust"), ("validation natural accuracy (%)", f"validation {attack} accuracy (%)")):
         for run, colour in zip(runs, colours):
             for label, epochs, values in curve_series(run, kind):
                 style = "--" if label.endswith(" clean") else "-"
@@ -79,13 +114,27 @@ def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str 
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        epochs = sorted({m["epoch"] for run in runs for m in run.metrics})
-        if len(epochs) <= 20:  # few epochs: one tick each, no fractional epochs
-            ax.set_xticks(epochs)
-    axes[1].legend(fontsize=8, loc="best")
+        integer_epochs(ax, runs)
+    legend_below(fig, axes[1])
     if title:
         fig.suptitle(title)
     return _save(fig, path, overwrite)
+
+
+def integer_epochs(ax, runs: Sequence[Any]) -> None:
+    """Epoch ticks at whole epochs: one each when there are few, else matplotlib's integer locator."""
+    epochs = sorted({m["epoch"] for run in runs for m in run.metrics})
+    if len(epochs) <= 20:
+        ax.set_xticks(epochs)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def legend_below(fig: Figure, ax) -> None:
+    """One legend for the figure, under its panels, where it covers no data (``ax`` gives the entries)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8, frameon=False)
 
 
 def plot_gradient_analysis(analysis: dict[str, Any], path: str | Path, overwrite: bool = True) -> Path:

@@ -36,11 +36,13 @@ from robust.attacks.registry import build_attack
 from robust.checkpoint import model_from, read_checkpoint, resolve_checkpoint_path
 from robust.errors import CheckpointError, ConfigError
 from robust.eval.evaluation import load_test_split, to_model_input
-from robust.lab.plots import run_labels
-from robust.lab.stats import mean_sd, paired_difference, t_quantile
+from robust.data.builtin import CLASS_NAMES
+from robust.lab.plots import integer_epochs, legend_below, run_folders, run_labels, validation_attack
+from robust.lab.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
 from robust.nn.norms import bn_mode, routes_for, use_route
 from robust.outputs import RunFiles
 from robust.runtime import describe_machine
+from robust.threat import resolve_eps
 from robust.train.rundir import read_metrics
 
 EVAL_FILE = "eval.json"  # where the report looks for a run's evaluation: RUN/eval.json
@@ -143,29 +145,48 @@ def routes_of(metrics: list[dict[str, Any]]) -> list[str]:
     return [r for r in ("adv", "clean") if any(f"val_{r}_clean" in m for m in metrics)]
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # one per run of a setting (its seeds)
+
+
+def run_styles(runs: Sequence[ReportRun]) -> list[tuple[str, str]]:
+    """(colour, marker) per run: one colour per setting (runs differing only in the seed share it), one
+    marker per run within its setting."""
+    settings: dict[tuple, list[int]] = {}
+    for i, run in enumerate(runs):
+        settings.setdefault(setting_of(run), []).append(i)
+    styles: list[tuple[str, str]] = [("C0", "o")] * len(runs)
+    for colour, members in enumerate(settings.values()):
+        for k, i in enumerate(members):
+            styles[i] = (f"C{colour % 10}", MARKERS[k % len(MARKERS)])
+    return styles
+
+
 def learning_curves_figure(runs: Sequence[ReportRun]) -> Figure:
-    """Four panels: train loss, validation clean and robust accuracy per route, lr; a colour per run
-    (the adv route solid, the clean route dashed)."""
-    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    """Four panels: train loss, validation natural and robust accuracy per route, lr (from 0); a colour per
+    setting and a marker per run (the adv route solid, the clean route dashed); one legend under the panels."""
+    fig = Figure(figsize=(10, 7), layout="constrained")
     axes = fig.subplots(2, 2).flatten()
+    attack = validation_attack([r.config for r in runs])
     panels = [("train loss", lambda m, r: m.get("train_loss"), False),
-              ("validation clean accuracy (%)", lambda m, r: m.get(f"val_{r}_clean"), True),
-              ("validation robust accuracy (%)", lambda m, r: m.get(f"val_{r}_robust"), True),
+              ("validation natural accuracy (%, no attack)", lambda m, r: m.get(f"val_{r}_clean"), True),
+              (f"validation robust accuracy (%, {attack})", lambda m, r: m.get(f"val_{r}_robust"), True),
               ("learning rate (epoch end)", lambda m, r: m.get("lr"), False)]
+    styles = run_styles(runs)
     for ax, (title, value, per_route) in zip(axes, panels):
-        for i, run in enumerate(runs):
+        for run, (colour, marker) in zip(runs, styles):
             for route in (routes_of(run.metrics) or ["adv"]) if per_route else [None]:
                 points = [(m["epoch"], value(m, route)) for m in run.metrics if value(m, route) is not None]
                 if not points:
                     continue
-                label = run.label if route is None else f"{run.label} {route}"
+                label = run.label if route is None else f"{run.label}, {route} route"
                 ax.plot([p[0] for p in points], [p[1] for p in points], "--" if route == "clean" else "-",
-                        color=f"C{i % 10}", marker="o", markersize=3, label=label)
+                        color=colour, marker=marker, markersize=3, label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        integer_epochs(ax, runs)
+    axes[3].set_ylim(bottom=0)  # a 4% change of the lr is no ramp
+    legend_below(fig, axes[1])
     return fig
 
 
@@ -184,22 +205,26 @@ def sweep_figure(sweep: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
-def per_class_figure(per_class: dict[str, list[dict[str, Any]]], names: Sequence[str]) -> Figure:
-    """Worst-case (robust) accuracy per class, a bar per route."""
+def per_class_figure(per_class: dict[str, list[dict[str, Any]]], names: Sequence[str], attacks: Sequence[str] = ()) -> Figure:
+    """Worst-case (robust) accuracy per class, a bar per route; each class labelled with its n test images."""
     routes = list(per_class)
     classes = len(next(iter(per_class.values())))
-    fig = Figure(figsize=(max(6.0, 0.6 * classes + 2), 3.6), layout="constrained")
+    fig = Figure(figsize=(max(6.0, 0.7 * classes + 2), 4.0), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(1, len(routes))
     for k, route in enumerate(routes):
         values = [row["worst_case"] or 0.0 for row in per_class[route]]
         ax.bar([c + k * width for c in range(classes)], values, width, label=f"{route} route")
+    counts = [per_class[routes[0]][c]["n"] for c in range(classes)]
     ax.set_xticks([c + width * (len(routes) - 1) / 2 for c in range(classes)])
-    ax.set_xticklabels(names, rotation=30, fontsize=8, ha="right")
-    ax.set_ylabel("robust accuracy (%)")
+    ax.set_xticklabels([f"{name} (n={n})" for name, n in zip(names, counts)], rotation=30, fontsize=8, ha="right")
+    under = f"worst case over {', '.join(attacks)}" if attacks else "worst case over the attacks"
+    ax.set_ylabel(f"robust accuracy (%)\n{under}", fontsize=9)
+    ax.set_title("robust accuracy per true class (test images)", fontsize=10)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    if len(routes) > 1:
+        fig.legend(loc="outside right upper", fontsize=8, frameon=False)
     return fig
 
 
@@ -219,6 +244,7 @@ def attacked_examples(checkpoint: Path, count: int, attack: str = "pgd10", data_
     threat = state.get("threat", "linf")
     xf = to_model_input(x, torch.device("cpu"))
     out: dict[str, Any] = {"x": xf, "y": y.tolist(), "attack": attack, "eps": float(state["eps"]), "threat": threat,
+                           "dataset": state.get("dataset"),
                            "routes": {}, "classes": (state.get("data") or {}).get("classes")}
     with torch.random.fork_rng(devices=[]), bn_mode(model, False), torch.autocast("cpu", enabled=False):
         torch.manual_seed(seed)
@@ -233,7 +259,9 @@ def attacked_examples(checkpoint: Path, count: int, attack: str = "pgd10", data_
     return out
 
 
-def class_names(classes: Sequence[str] | None, n: int) -> list[str]:
+def class_names(classes: Sequence[str] | None, n: int, dataset: str | None = None) -> list[str]:
+    """The classes' names: the recorded ones, else the built-in dataset's, else their numbers."""
+    classes = classes or CLASS_NAMES.get(str(dataset))
     return [str(c) for c in classes] if classes and len(classes) >= n else [str(c) for c in range(n)]
 
 
@@ -243,12 +271,13 @@ def examples_figure(examples: dict[str, Any]) -> Figure:
     x, y = examples["x"], examples["y"]
     routes = list(examples["routes"])
     count = len(y)
-    names = class_names(examples.get("classes"), max(y + [p for r in routes for p in examples["routes"][r]["adv"]]) + 1)
+    names = class_names(examples.get("classes"), max(y + [p for r in routes for p in examples["routes"][r]["adv"]]) + 1,
+                        examples.get("dataset"))
     fig = Figure(figsize=(1.3 * count + 0.6, 1.55 * 2 * len(routes)), layout="constrained")
     axes = fig.subplots(2 * len(routes), count, squeeze=False)
     rows = []
     for r in routes:
-        rows += [(f"{r} route, clean", x, examples["routes"][r]["clean"]),
+        rows += [(f"{r} route, no attack", x, examples["routes"][r]["clean"]),
                  (f"{r} route, attacked", examples["routes"][r]["x_adv"], examples["routes"][r]["adv"])]
     for row, (title, images, preds) in enumerate(rows):
         for col in range(count):
@@ -293,7 +322,7 @@ def final_table(evaluation: dict[str, Any]) -> str:
     attacks = list(evaluation.get("attacks") or [])
     columns = ["clean", *attacks, "worst_case"]
     rows = [[route, *(acc.get(c) for c in columns)] for route, acc in evaluation["routes"].items()]
-    return html_table(["route", *columns], rows)
+    return html_table(["route", "natural", *attacks, "worst case"], rows)
 
 
 def eval_caption(evaluation: dict[str, Any]) -> str:
@@ -301,12 +330,19 @@ def eval_caption(evaluation: dict[str, Any]) -> str:
     threat = evaluation.get("threat", "linf")
     pixels = f" (= {eps * 255:.3g}/255)" if isinstance(eps, (int, float)) and threat == "linf" else ""
     return (f"{_esc(evaluation.get('n'))} test examples, {_esc(threat)} eps {_num(eps, 4)}{pixels}, seed "
-            f"{_esc(evaluation.get('seed'))}, from {_esc(EVAL_FILE)}")
+            f"{_esc(evaluation.get('seed'))}, {_esc(weights_text(evaluation.get('weights')))}, from {_esc(EVAL_FILE)}; "
+            "natural: accuracy without attack")
+
+
+def weights_text(weights: str | None) -> str:
+    """Which weights an evaluation scored, in words (older eval.json files do not say)."""
+    return {"ema": "the averaged (EMA) weights", "live": "the live weights"}.get(str(weights),
+                                                                                 "weights not recorded (live or averaged)")
 
 
 def per_class_table(per_class: dict[str, list[dict[str, Any]]], names: Sequence[str]) -> str:
     routes = list(per_class)
-    header = ["class", "n"] + [f"{r} {k}" for r in routes for k in ("clean", "worst case")]
+    header = ["class", "n"] + [f"{r} route {k}" for r in routes for k in ("natural", "worst case")]
     rows = []
     for c, name in enumerate(names):
         first = per_class[routes[0]][c]
@@ -414,24 +450,42 @@ def comparison(runs: Sequence[ReportRun]) -> dict[str, Any]:
     return {"figures": figures, "common": common, "settings": names, "spread": spread, "paired": paired}
 
 
+def figure_label(metric: str) -> str:
+    """A compared figure in the page's words: "adv val clean" -> "adv route, val natural" (accuracy without
+    attack is natural; clean and adv name routes)."""
+    route, _, rest = metric.partition(" ")
+    words = {"clean": "natural", "val clean": "val natural", "worst_case": "worst case"}.get(rest, rest)
+    return f"{route} route, {words}"
+
+
+def spread_interval(s: dict[str, Any]) -> str:
+    """A setting's 95% interval of the mean as the table shows it: none for one run, flagged for two."""
+    if s["half_width"] is None:
+        return "one run: none"
+    if s["n"] == 2:
+        return UNINFORMATIVE
+    return f"{s['mean'] - s['half_width']:.2f} .. {s['mean'] + s['half_width']:.2f}"
+
+
 def comparison_html(runs: Sequence[ReportRun]) -> str:
     result = comparison(runs)
     parts = ["<h3>Figures per run</h3>",
-             html_table(["run", "seed", *result["common"]],
+             html_table(["run", "seed", *map(figure_label, result["common"])],
                         [[r.label, r.config.get("seed"), *(f[k] for k in result["common"])]
                          for r, f in zip(runs, result["figures"])], numeric_from=1)]
     parts.append("<h3>Mean, sd and 95% interval of the mean per setting</h3>"
                  "<p>The interval is mean ± t<sub>0.975, n-1</sub> · sd / √n over the setting's runs (seeds).</p>")
     parts.append(html_table(["setting", "figure", "n", "mean", "sd", "95% interval"],
-                            [[s["setting"], s["metric"], s["n"], s["mean"], s["sd"],
-                              f"{s['mean'] - s['half_width']:.2f} .. {s['mean'] + s['half_width']:.2f}"
-                              if s["half_width"] is not None else "one run: none"] for s in result["spread"]], numeric_from=2))
+                            [[s["setting"], figure_label(s["metric"]), s["n"], s["mean"], s["sd"],
+                              spread_interval(s)] for s in result["spread"]], numeric_from=2))
     if len(result["settings"]) > 1:
         parts.append(f"<h3>Paired differences against {_esc(result['settings'][0])}</h3><p>Matched by seed; the 95% t "
                      "interval of the mean difference; supported when it excludes 0.</p>")
         parts.append(html_table(["setting", "figure", "seeds", "mean diff", "95% interval", "verdict"],
-                                [[p["setting"], p["metric"], p["n"], p["mean"],
-                                  f"{p['low']:.2f} .. {p['high']:.2f}" if p["low"] is not None else "–", p["verdict"]]
+                                [[p["setting"], figure_label(p["metric"]), p["n"], p["mean"],
+                                  UNINFORMATIVE if uninformative(p) else f"{p['low']:.2f} .. {p['high']:.2f}"
+                                  if p["low"] is not None else "–",
+                                  "none: too few seeds" if uninformative(p) else p["verdict"]]
                                  for p in result["paired"]], numeric_from=2) if result["paired"] else
                      "<p>No two settings share a seed, so nothing can be paired.</p>")
     return "\n".join(parts)
@@ -451,6 +505,7 @@ th,td{border:1px solid #ddd;padding:.2rem .5rem}th{background:#f2f2f2;overflow-w
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.key{word-break:break-word}
 ul.checks{list-style:none;padding-left:0}li.pass b{color:#1a7f37}li.fail b{color:#c62828}
 .note{color:#555;font-size:.9rem}details{margin:.5rem 0}
+.headline{font-size:1.1rem;background:#f4f8ff;border-left:4px solid #2f6fdb;padding:.4rem .7rem}
 """
 
 
@@ -460,6 +515,46 @@ def section(ident: str, title: str, body: str) -> str:
 
 def figure_html(fig: Figure, alt: str) -> str:
     return f'<img alt="{_esc(alt)}" src="{png_data_uri(fig)}">'
+
+
+def eval_command(run: ReportRun, sanity: bool = False) -> str:
+    """The `robust eval` command that repeats the run's recorded evaluation (attacks, --limit, eps, seed,
+    weights), writing eval.json into the run folder."""
+    ev, path = run.evaluation or {}, str(run.path)
+    parts = ["robust eval", path]
+    attacks = [a for a in (ev.get("attacks") or {}) if a != "clean"]
+    if attacks:
+        parts.append(f"--attack {','.join(attacks)}")
+    if isinstance(ev.get("n"), int) and ev.get("n") != test_size(run):
+        parts.append(f"--limit {ev['n']}")
+    if ev.get("threat", "linf") != "linf":
+        parts.append(f"--threat {ev['threat']}")
+    trained = trained_eps(run.config)
+    if isinstance(ev.get("eps"), (int, float)) and (trained is None or abs(ev["eps"] - trained) > 1e-9 or
+                                                      ev.get("threat", "linf") != "linf"):
+        parts.append(f"--eps {ev['eps']:.6g}")
+    if ev.get("seed") not in (None, 0):
+        parts.append(f"--seed {ev['seed']}")
+    if ev.get("weights") == "live" and run.config.get("ema"):
+        parts.append("--weights live")
+    if sanity:
+        parts.append("--sanity")
+    parts.append(f"--json {path}/")
+    return " ".join(parts)
+
+
+def trained_eps(config: dict[str, Any]) -> float | None:
+    """The run's training eps as a number (config.json keeps it as written, e.g. 8/255); None when unreadable."""
+    try:
+        return resolve_eps(str(config["eps"]), "linf") if "eps" in config else None
+    except (ConfigError, ValueError):
+        return None
+
+
+def test_size(run: ReportRun) -> int | None:
+    """The number of test images of a built-in dataset (a --limit equal to it is no limit)."""
+    return {"cifar10": 10000, "cifar100": 10000, "mnist": 10000, "fashion-mnist": 10000, "svhn": 26032}.get(
+        str(run.config.get("dataset")))
 
 
 def run_html(index: int, run: ReportRun) -> str:
@@ -475,12 +570,14 @@ def run_html(index: int, run: ReportRun) -> str:
             rows = [[f"{s['eps']:.4g}", *(s["routes"][r]["worst_case"] for r in sweep[0]["routes"])] for s in sweep]
             parts.append(section(f"{ident}-sweep", "Accuracy against eps (worst case, %)",
                                  figure_html(sweep_figure(sweep), "accuracy against eps") +
-                                 html_table(["eps", *sweep[0]["routes"]], rows)))
+                                 html_table(["eps", *(f"{r} route" for r in sweep[0]["routes"])], rows)))
         if ev.get("per_class"):
             per_class = ev["per_class"]
-            names = class_names(run.images.get("classes") if run.images else None, len(next(iter(per_class.values()))))
+            names = class_names(run.images.get("classes") if run.images else None, len(next(iter(per_class.values()))),
+                                run.config.get("dataset") or ev.get("dataset"))
+            attacks = [a for a in (ev.get("attacks") or {}) if a != "clean"]
             parts.append(section(f"{ident}-classes", "Accuracy per class (%)",
-                                 figure_html(per_class_figure(per_class, names), "robust accuracy per class") +
+                                 figure_html(per_class_figure(per_class, names, attacks), "robust accuracy per class") +
                                  per_class_table(per_class, names)))
         if run.broken_by:
             parts.append(section(f"{ident}-broken-by", "Which attack broke each example first (test images)",
@@ -490,7 +587,9 @@ def run_html(index: int, run: ReportRun) -> str:
             parts.append(section(f"{ident}-sanity", "Sanity checks", checks_list(ev["checks"])))
         else:
             parts.append(section(f"{ident}-sanity", "Sanity checks",
-                                 f"<p>Not run; add them with `robust eval {_esc(run.path)} --sanity --json {_esc(run.path)}/ --force`.</p>"))
+                                 f"<p>Not run. To add them, evaluate again with the recorded settings and --sanity: "
+                                 f"<code>{_esc(eval_command(run, sanity=True))} --force</code> (--force replaces "
+                                 f"{_esc(EVAL_FILE)}: the evaluation runs again, its attacks included).</p>"))
     else:
         parts.append(section(f"{ident}-final", "Final evaluation",
                              f"<p>No {EVAL_FILE} in the run folder; write one with "
@@ -505,17 +604,56 @@ def run_html(index: int, run: ReportRun) -> str:
     return "\n".join(parts)
 
 
+def run_headline(run: ReportRun) -> str:
+    """One sentence of a run's result: the adv route's worst case and natural accuracy from eval.json, else
+    its last validation figures."""
+    ev = run.evaluation
+    if ev:
+        route = "adv" if "adv" in ev["routes"] else next(iter(ev["routes"]))
+        acc = ev["routes"][route]
+        attacks = [a for a in (ev.get("attacks") or {}) if a != "clean"]
+        robust = acc.get("worst_case")
+        attacked = f"{_num(robust, 1)}% robust ({', '.join(attacks) or 'no attack'}, worst case), " if attacks else ""
+        return (f"{run.label}: {attacked}{_num(acc.get('clean'), 1)}% natural accuracy on the {route} route, "
+                f"{ev.get('n')} test images, {weights_text(ev.get('weights'))}")
+    last = run.metrics[-1]
+    route = next(iter(routes_of(run.metrics)), None)
+    if route is None:
+        return f"{run.label}: no validation figures and no {EVAL_FILE} yet"
+    return (f"{run.label}: {_num(last.get(f'val_{route}_robust'), 1)}% validation robust "
+            f"({validation_attack([run.config])}) and {_num(last.get(f'val_{route}_clean'), 1)}% natural accuracy on the "
+            f"{route} route after epoch {last.get('epoch')} (no {EVAL_FILE} yet)")
+
+
+def headline(runs: Sequence[ReportRun]) -> str:
+    """The page's first line: one run's result, or per setting the mean of the adv route's robust figure."""
+    if len(runs) == 1:
+        return run_headline(runs[0])
+    result = comparison(runs)
+    metric = next((k for k in ("adv worst_case", "adv val robust") if k in result["common"]), None)
+    if metric is None:
+        return f"{len(runs)} runs; their figures are in the comparison below"
+    rows = sorted((s for s in result["spread"] if s["metric"] == metric), key=lambda s: -s["mean"])
+    what = "robust accuracy (worst case, test)" if metric == "adv worst_case" else "validation robust accuracy"
+    return f"Adv route {what}, mean over each setting's runs: " + "; ".join(
+        f"{s['setting']} {s['mean']:.1f}% (n={s['n']})" for s in rows)
+
+
 def report_html(runs: Sequence[ReportRun], title: str | None = None) -> str:
-    """The whole page (a string of HTML; no external resources)."""
+    """The whole page (a string of HTML; no external resources): the headline, with several runs their
+    comparison, the learning curves, then each run's sections."""
     title = title or ("robust report: " + ", ".join(r.label for r in runs))
     body = [f"<h1>{_esc(title)}</h1>",
+            f'<p class="headline" id="headline"><b>{_esc(headline(runs))}</b></p>',
             (f'<p class="note">Report written on {_esc(describe_machine())}; each run\'s timing table names the '
-             "machine it trained on where its checkpoint records it.</p>"),
-            '<section id="curves"><h2>Learning curves</h2>' + figure_html(learning_curves_figure(runs), "learning curves") +
-            '<p class="note">Per route: adv solid, clean dashed; one colour per run.</p></section>']
-    body += [run_html(i, run) for i, run in enumerate(runs)]
+             "machine it trained on where its checkpoint records it. Natural accuracy: without attack; the clean "
+             "and adv routes are the model's two norm routes.</p>")]
     if len(runs) > 1:
         body.append('<section id="comparison"><h2>Comparison</h2>' + comparison_html(runs) + "</section>")
+    body.append('<section id="curves"><h2>Learning curves</h2>' + figure_html(learning_curves_figure(runs), "learning curves") +
+                '<p class="note">Per route: adv solid, clean dashed; one colour per setting, one marker per run '
+                "(its seeds).</p></section>")
+    body += [run_html(i, run) for i, run in enumerate(runs)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{_esc(title)}</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
@@ -524,7 +662,7 @@ def report_html(runs: Sequence[ReportRun], title: str | None = None) -> str:
 def build_report(paths: Sequence[str | Path], images: int = 8, attack: str = "pgd10", data_dir: str | None = None,
                  title: str | None = None) -> str:
     """Read the runs, attack ``images`` test images of each (0: none) and return the page."""
-    runs = read_runs(paths)
+    runs = read_runs(run_folders(paths))  # a compare folder means the runs inside it
     for run in runs:
         if images and run.checkpoint is not None:
             run.images = attacked_examples(run.checkpoint, images, attack, data_dir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,20 @@ def write_robustbench(folder: Path, name: str, exported: nn.Module, dataset: str
     write_output(weights, data, overwrite=overwrite)
     write_output(info_file, json.dumps(info, indent=2) + "\n", overwrite=overwrite)
     return {"weights": weights, "model_info": info_file, "checks": checks, "info": info, "args": args, "gap": gap}
+
+
+def eps_beside(weights: Path) -> tuple[float, str, Path] | None:
+    """(eps, threat, model_info file) of a zoo entry's weights file ``models/<dataset>/<Linf|L2>/NAME.pt``, read
+    from its ``model_info/<dataset>/<Linf|L2>/NAME.json`` beside it; None where there is none or it is unreadable."""
+    weights = Path(weights)
+    threats = {folder: threat for threat, folder in THREAT_FOLDERS.items()}
+    if len(weights.parts) < 4 or weights.parent.name not in threats or weights.parents[2].name != "models":
+        return None
+    info_file = weights.parents[3] / "model_info" / weights.parent.parent.name / weights.parent.name / f"{weights.stem}.json"
+    try:
+        text = str(json.loads(info_file.read_text())["eps"])
+        top, _, bottom = text.partition("/")
+        eps = float(top) / float(bottom or 1)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return (eps, threats[weights.parent.name], info_file) if math.isfinite(eps) and eps >= 0 else None

@@ -37,3 +37,12 @@ def paired_difference(diffs: list[float]) -> dict[str, Any]:
     low, high = stats["mean"] - half, stats["mean"] + half
     verdict = "supported" if low > 0 or high < 0 else "no significant difference"
     return {**stats, "t": t, "low": low, "high": high, "verdict": verdict}
+
+
+def uninformative(p: dict[str, Any]) -> bool:
+    """True for an interval from 2 values that contains 0: t_{0.975, 1} = 12.7 makes it span most of the scale,
+    so it is flagged rather than printed as figures (one that excludes 0 still says something)."""
+    return p.get("n") == 2 and p.get("low") is not None and p["low"] <= 0 <= p["high"]
+
+
+UNINFORMATIVE = "uninformative: 2 seeds (t = 12.7); run 3 or more"

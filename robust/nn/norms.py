@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robust.errors import ConfigError
+from robust.errors import ConfigError, did_you_mean
 
 
 @contextlib.contextmanager
@@ -90,7 +90,7 @@ def check_route(route: str) -> str:
 def check_norm(norm: str) -> str:
     """Return ``norm`` if it names a norm kind, else raise ValueError listing the valid ones."""
     if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}")
+        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}{did_you_mean(norm, NORMS)}")
     return norm
 
 

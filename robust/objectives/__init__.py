@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robust.checks import check_value
-from robust.errors import ConfigError
+from robust.errors import ConfigError, did_you_mean
 from robust.threat import parse_fraction
 
 OBJECTIVES: dict[str, type["Objective"]] = {}
@@ -167,7 +167,8 @@ def get_objective(name: str) -> type[Objective]:
     try:
         return OBJECTIVES[ALIASES.get(name, name)]
     except KeyError:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join([*ALIASES, *OBJECTIVES])}") from None
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join([*ALIASES, *OBJECTIVES])}"
+                         f"{did_you_mean(name, [*ALIASES, *OBJECTIVES])}") from None
 
 
 def alias_settings(name: str) -> Mapping[str, Any]:

@@ -30,7 +30,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from robust import checkpoint as ckpt
 from robust.attacks import pgd
@@ -44,6 +43,7 @@ from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
 from robust.objectives import hard_labels
 from robust.outputs import check_output_dir
+from robust.progress import Progress, run_estimate
 from robust.runtime import configure_kernels, describe_machine, precision_name
 from robust.train import distributed as dist_
 from robust.train.build import build_training, training_precision
@@ -85,28 +85,6 @@ def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rou
     return counts
 
 
-class Progress:
-    """A tqdm bar per epoch on a terminal; nothing per batch otherwise (the epoch line is logged)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-    def show(self, **postfix: Any) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-
-    def update(self) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class EpochTally:
     """Running sums of one epoch (loss, adv-route correct, examples), kept on the device."""
 
@@ -128,6 +106,10 @@ class EpochTally:
         dist_.all_reduce_sum(t, ctx)
         loss_sum, correct, seen = t.tolist()
         return {"loss_sum": loss_sum, "correct": int(round(correct)), "seen": int(round(seen))}
+
+
+ESTIMATE_AFTER = 10  # steps timed before the whole run's estimate is printed
+QUICK_RUN = "--epochs 10 --width 16 --limit 10000"  # named when the estimate is days
 
 
 def _silent(msg: str) -> None:
@@ -391,7 +373,10 @@ class Trainer:
             tally.add(loss, adv_logits, hard_labels(y))
             watch.update(loss)
             self.step += 1
-            if progress.bar is not None and (i % 10 == 0 or i == steps - 1):
+            if i + 1 - first == min(ESTIMATE_AFTER, steps - first) and epoch == self.start_epoch and progress.enabled:
+                self.log(run_estimate((time.perf_counter() - start) / (i + 1 - first),
+                                      steps * (c.epochs - epoch) - (i + 1), QUICK_RUN))
+            if progress.enabled and (i % 10 == 0 or i == steps - 1):
                 progress.show(loss=f"{tally.loss_sum.item() / tally.seen:.3f}",
                               adv_acc=f"{100 * tally.correct.item() / tally.seen:.1f}")
             progress.update()
@@ -528,7 +513,7 @@ def format_epoch(m: dict[str, Any]) -> str:
     parts = [f"epoch {m['epoch']}", f"lr {m['lr']:.4g}", f"loss {m['train_loss']:.3f}", f"train adv acc {m['train_adv_acc']:.1f}%"]
     for route in ROUTES:
         if f"val_{route}_clean" in m:
-            parts.append(f"val {route}: clean {m[f'val_{route}_clean']:.1f}% robust {m[f'val_{route}_robust']:.1f}%")
+            parts.append(f"val {route} route: natural {m[f'val_{route}_clean']:.1f}% robust {m[f'val_{route}_robust']:.1f}%")
     if "co_guard_pgd_acc" in m:
         parts.append(f"guard PGD-5 {m['co_guard_pgd_acc']:.1f}%")
     parts.append(f"{m['images_per_s']:.0f} img/s, {m['seconds']:.0f}s")

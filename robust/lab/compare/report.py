@@ -9,7 +9,7 @@ from robust.config import TrainConfig
 from robust.lab.compare.settings import NORM_TITLES, CompareSettings, parse_select, select_epoch
 from robust.lab.plots import CurveRun, plot_learning_curves
 from robust.lab.reference import PAPER_CIFAR10
-from robust.lab.stats import mean_sd, paired_difference
+from robust.lab.stats import UNINFORMATIVE, mean_sd, paired_difference, uninformative
 from robust.outputs import RunFiles
 from robust.train.rundir import read_metrics
 
@@ -86,7 +86,7 @@ def attack_title(name: str) -> str:
 def table_rows(runs: dict[str, dict[str, Any]], attacks: tuple[str, ...]) -> list[dict[str, Any]]:
     """One row per norm and route, in the paper's order: adv (and shared) routes first, then clean.
 
-    A bn model has one route (the shared BN, scored as 'adv'); it is labelled 'shared'.
+    A bn model has one route (the shared BN, scored as 'adv'); results.json labels it 'shared', the tables 'adv'.
     """
     rows = []
     for route in ("adv", "clean"):
@@ -100,6 +100,12 @@ def table_rows(runs: dict[str, dict[str, Any]], attacks: tuple[str, ...]) -> lis
     return rows
 
 
+def route_label(route: str) -> str:
+    """A route as the tables name it: a bn model's one route ("shared" in results.json) is its adv route, as in
+    training's log and `robust eval`."""
+    return "adv" if route == "shared" else route
+
+
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -108,11 +114,11 @@ def markdown_table(rows: list[dict[str, Any]], attacks: tuple[str, ...], worst_c
                    norm_titles: dict[str, str] = NORM_TITLES) -> str:
     """A markdown table: norm, route, clean, one column per attack (and the per-example worst case)."""
     columns = ["clean", *attacks] + (["worst_case"] if worst_case else [])
-    titles = ["clean", *(attack_title(a) for a in attacks)] + (["worst case"] if worst_case else [])
+    titles = ["natural", *(attack_title(a) for a in attacks)] + (["worst case"] if worst_case else [])
     lines = ["| norm | route | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(titles)]
     for row in rows:
         cells = [_cell(row.get(c)) for c in columns]
-        lines.append(f"| {norm_titles.get(row['norm'], row['norm'])} | {row['route']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {norm_titles.get(row['norm'], row['norm'])} | {route_label(row['route'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -126,14 +132,14 @@ def paper_table_markdown() -> str:
 def mean_sd_table(rows: list[dict[str, Any]], attacks: tuple[str, ...]) -> str:
     """The mean table: mean ± sd per cell and each row's n."""
     columns = ["clean", *attacks, "worst_case"]
-    titles = ["clean", *(attack_title(a) for a in attacks), "worst case"]
+    titles = ["natural", *(attack_title(a) for a in attacks), "worst case"]
     lines = ["| norm | route | n | " + " | ".join(titles) + " |", "|---|---|---|" + "---|" * len(titles)]
     for row in rows:
         cells = []
         for col in columns:
             mean, sd = row.get(col), row.get("sd", {}).get(col)
             cells.append(_cell(mean) if sd is None or mean is None else f"{mean:.2f} ± {sd:.2f}")
-        lines.append(f"| {NORM_TITLES.get(row['norm'], row['norm'])} | {row['route']} | {row['n']} | "
+        lines.append(f"| {NORM_TITLES.get(row['norm'], row['norm'])} | {route_label(row['route'])} | {row['n']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -141,10 +147,10 @@ def mean_sd_table(rows: list[dict[str, Any]], attacks: tuple[str, ...]) -> str:
 def seed_table(rows: list[dict[str, Any]], attacks: tuple[str, ...]) -> str:
     """Every per-seed figure: seed, norm, route, clean, attacks, worst case."""
     columns = ["clean", *attacks, "worst_case"]
-    titles = ["clean", *(attack_title(a) for a in attacks), "worst case"]
+    titles = ["natural", *(attack_title(a) for a in attacks), "worst case"]
     lines = ["| seed | norm | route | " + " | ".join(titles) + " |", "|---|---|---|" + "---|" * len(titles)]
     for row in sorted(rows, key=lambda r: r["seed"]):
-        lines.append(f"| {row['seed']} | {NORM_TITLES.get(row['norm'], row['norm'])} | {row['route']} | "
+        lines.append(f"| {row['seed']} | {NORM_TITLES.get(row['norm'], row['norm'])} | {route_label(row['route'])} | "
                      + " | ".join(_cell(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
@@ -157,19 +163,22 @@ def paired_markdown(results: dict[str, Any], attacks: tuple[str, ...], n_seeds: 
     title = lambda n: NORM_TITLES.get(n, n)  # noqa: E731
     baseline = results["baseline"]
     lines = [f"Paired difference against {title(baseline)} (percentage points, seed by seed; 95% interval "
-             "mean ± t(0.975, n-1)·sd/√n):", "",
-             "| norm | route | vs | figure | n | mean | sd | 95% interval | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "mean ± t(0.975, n-1)·sd/√n; the verdicts follow the table):", "",
+             "| norm | route | vs | figure | n | mean | sd | 95% interval |",
+             "|---|---|---|---|---|---|---|---|"]
     sentences = []
     for p in paired:
-        what = "clean" if p["metric"] == "clean" else ("worst case" if p["metric"] == "worst_case" else attack_title(p["metric"]))
+        what = "natural" if p["metric"] == "clean" else ("worst case" if p["metric"] == "worst_case" else attack_title(p["metric"]))
         sd = "-" if p["sd"] is None else f"{p['sd']:.2f}"
-        interval = "-" if p["low"] is None else f"[{p['low']:.2f}, {p['high']:.2f}]"
-        lines.append(f"| {title(p['norm'])} | {p['route']} | {title(baseline)} {p['baseline_route']} | {what} | "
-                     f"{p['n']} | {p['mean']:+.2f} | {sd} | {interval} | {p['verdict']} |")
-        head = f"{title(p['norm'])} {p['route']} vs {title(baseline)} {p['baseline_route']}, {what}"
+        interval = "-" if p["low"] is None else UNINFORMATIVE if uninformative(p) else f"[{p['low']:.2f}, {p['high']:.2f}]"
+        lines.append(f"| {title(p['norm'])} | {route_label(p['route'])} | {title(baseline)} {route_label(p['baseline_route'])} | "
+                     f"{what} | {p['n']} | {p['mean']:+.2f} | {sd} | {interval} |")
+        head = f"{title(p['norm'])} {route_label(p['route'])} vs {title(baseline)} {route_label(p['baseline_route'])}, {what}"
         if p["low"] is None:
             sentences.append(f"- {head}: {p['mean']:+.2f} points on one seed; a single seed cannot rank them.")
+        elif uninformative(p):
+            sentences.append(f"- {head}: {p['mean']:+.2f} points over 2 seeds; 2 seeds give no informative interval, "
+                             "so no verdict: run 3 or more seeds.")
         elif p["verdict"] == "supported":
             sentences.append(f"- {head}: {p['mean']:+.2f} points, interval [{p['low']:.2f}, {p['high']:.2f}] excludes 0 "
                              f"(n = {p['n']}): supported.")
