@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from robust.checks import check_fields
+from robust.checks import check_fields, split_list
 from robust.cli.common import SEED, check_output_file, model_file
 from robust.cli.train import config_options
 from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
@@ -30,7 +30,7 @@ def _split(name: str, text: str | list | tuple | None) -> tuple[str, ...] | None
     if text is None:
         return None
     if isinstance(text, str):
-        parts = text.split(",")
+        parts = split_list(name, text)  # an empty item is refused, as in every comma list
     elif isinstance(text, (list, tuple)) and all(isinstance(p, str) for p in text):
         parts = list(text)
     else:
