@@ -155,7 +155,8 @@ class TrainConfig:
     out: str | None = _f(None, "run folder (default runs/<dataset>-<norm>-<method>-s<seed>)", kind="path")
     quiet: bool = _f(False, "no progress bars")
     tensorboard: str | None = _f(None, "also write every epoch's metrics (loss, lr, accuracies, seconds) as TensorBoard "
-                                       "scalars into this folder, e.g. runs/x/tb (needs the tensorboard package)", kind="path")
+                                       "scalars into this folder, e.g. runs/x/tb: the run's own folder or a folder of no "
+                                       "run, never inside another run's (needs the tensorboard package)", kind="path")
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -448,22 +449,27 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """The fields outside :data:`RESUMABLE` where ``config`` differs from the ``saved`` run's config, each as
     ``--flag SAVED (given: NEW)``; values are compared by meaning (8/255 is 0.0313..., beta=6 is beta=6.0)."""
     before = TrainConfig.from_saved(saved)
-    kept = _kept_values(before, config.epochs)
     out = []
     for f in dataclasses.fields(TrainConfig):
         old, new = getattr(before, f.name), getattr(config, f.name)
-        if f.name not in RESUMABLE and not (_same_value(f, old, new) or _same_value(f, kept[f.name], new)):
+        if f.name not in RESUMABLE and not _same_value(f, old, new):
             out.append(f"--{f.name.replace('_', '-')} {_shown(old)} (given: {_shown(new)})")
     return out
 
 
-def _kept_values(before: TrainConfig, epochs: int) -> dict[str, Any]:
-    """The saved run's values of the fields a resume to ``epochs`` keeps. Fractional milestones, when the epochs
-    change, become the epochs they were in the run as planned: an lr already lowered stays lowered."""
-    kept = {f.name: getattr(before, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in RESUMABLE}
-    if epochs != before.epochs and before.schedule == "multistep" and "." in str(before.milestones):
-        kept["milestones"] = ",".join(map(str, before.milestone_epochs))
-    return kept
+def replan_milestones(config: TrainConfig, saved_epochs: int, epoch: int, batch: int) -> TrainConfig:
+    """``config`` resumed at (``epoch``, ``batch``) of a run planned for ``saved_epochs``: fractional milestones
+    still to come move with the new --epochs, those the run has passed stay at the epochs they were (an lr
+    already lowered stays lowered); then the milestones are written as those whole epochs."""
+    if config.schedule != "multistep" or "." not in str(config.milestones) or config.epochs == saved_epochs:
+        return config
+    planned = dataclasses.replace(config, epochs=saved_epochs).milestone_epochs
+    position = epoch + (0.5 if batch else 0.0)
+    passed = [m < position for m in planned]
+    if not any(m != n for m, n, done in zip(planned, config.milestone_epochs, passed) if done):
+        return config  # nothing passed moves: the fractions stand
+    merged = sorted(m if done else n for m, n, done in zip(planned, config.milestone_epochs, passed))
+    return dataclasses.replace(config, milestones=",".join(map(str, merged)))
 
 
 def check_resume(saved: dict[str, Any], config: TrainConfig, run_dir: str | os.PathLike[str]) -> TrainConfig:
@@ -476,7 +482,9 @@ def check_resume(saved: dict[str, Any], config: TrainConfig, run_dir: str | os.P
         raise ConfigError(f"cannot resume {run_dir} with other settings: it was trained with {'; '.join(changed)}; "
                           f"resume without those flags (a resume may change only {allowed}), or start a new run "
                           "with --out NEW")
-    return dataclasses.replace(config, **_kept_values(TrainConfig.from_saved(saved), config.epochs))
+    before = TrainConfig.from_saved(saved)
+    return dataclasses.replace(config, **{f.name: getattr(before, f.name) for f in dataclasses.fields(TrainConfig)
+                                          if f.name not in RESUMABLE})
 
 
 def _same_value(f: dataclasses.Field, old: Any, new: Any) -> bool:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from robust import checkpoint as ckpt
 from robust.attacks import pgd
-from robust.config import TrainConfig, check_resume, load_saved_config, upgrade_saved
+from robust.config import TrainConfig, check_resume, load_saved_config, replan_milestones, upgrade_saved
 from robust.data.extra import load_extra_data
 from robust.data.load import load_dataset, memory_budget
 from robust.data.loader import to_float
@@ -171,6 +171,7 @@ class Trainer:
         self.signals = SignalCatcher(handle_signals)
         self.saves = SaveTimer(config.save_every)  # the config is the one source of a run's settings
         self.ready = False
+        self._saved_epochs: int | None = None  # the epochs the resumed run was planned for
 
     @property
     def run_dir(self) -> Path:
@@ -229,6 +230,8 @@ class Trainer:
         self.resume_tally: dict[str, float] | None = None
         if state is not None:
             self._load_state(state)
+            self.config = replan_milestones(self.config, self._saved_epochs or c.epochs, self.start_epoch,
+                                            self.start_batch)
             if self.guard is not None and not self.start_batch:  # resumed at an epoch end: that epoch is the last good one
                 self._remember_good(state.get("metrics"))
         if self.dist.is_main:
@@ -244,6 +247,7 @@ class Trainer:
         saved = load_saved_config(path) if path.is_file() else upgrade_saved(state.get("config"))
         if isinstance(saved, dict):
             self.config = check_resume(saved, self.config, self.run_dir)
+            self._saved_epochs = TrainConfig.from_saved(saved).epochs
 
     def _make_guard(self) -> COGuard:
         """The guard's fixed batch: the first training images, as they are (not augmented)."""
