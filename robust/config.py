@@ -40,9 +40,9 @@ from robust.recipes import RECIPES, recipe_names, recipe_values, recipes_help
 from robust.runtime import DEVICES, PRECISIONS, available_cpus
 from robust.threat import parse_eps, parse_fraction
 
-# Sizes that allocate memory in proportion, bounded before anything is built or written (the reasons are in the
-# fields' help): a batch and its adversarial copy are held at once; an epoch's shuffles and augmentation draws
-# (~40 bytes per example) are made when it starts.
+# Sizes that allocate memory in proportion, bounded before anything is built or written (each refusal says why):
+# a batch and its adversarial copy are held at once; an epoch's shuffles and augmentation draws (~40 bytes per
+# example) are made when it starts; a model's parameters are counted on the meta device against the memory.
 MAX_BATCH_SIZE = 65_536
 MAX_EPOCH_SIZE = 10_000_000
 BYTES_PER_PARAMETER = 16  # fp32 weights, their gradients, the optimizer's buffer and a checkpoint's copy

@@ -685,3 +685,17 @@ def test_trainer_takes_a_dict_and_refuses_other_types(tmp_path):
     with pytest.raises(ConfigError, match="unknown config field"):
         Trainer({"epochz": 3})
     assert not (tmp_path / "r").exists()
+
+
+def test_running_out_of_memory_in_training_is_one_line_and_leaves_a_rerunnable_folder(tmp_path, monkeypatch):
+    def exhausted(self, epoch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", exhausted)
+    args = ["train", *TINY, "--data-dir", FMNIST, "--dataset", "fashion-mnist", "--limit", "64", "--out", "r"]
+    for _ in range(2):  # the second time the same error, not "already exists"
+        result = invoke_in(tmp_path, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "out of memory while training (CUDA out of memory." in errors[0], result.output
+        assert not [p for p in (tmp_path / "r").rglob("*") if p.is_file()]
