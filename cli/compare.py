@@ -33,6 +33,8 @@ def _split(name: str, text: str | list | tuple | None) -> tuple[str, ...] | None
         parts = split_list(name, text)  # an empty item is refused, as in every comma list
     elif isinstance(text, (list, tuple)) and all(isinstance(p, str) for p in text):
         parts = list(text)
+        if text and not all(p.strip() for p in parts):
+            raise ConfigError(f"{name} {list(text)!r} has an empty item; give every name, e.g. {name} = [\"bn\", \"sabn\"]")
     else:
         raise ConfigError(f"{name} must be comma-separated names or a list of names, got {text!r}; e.g. {name} = \"bn,sabn\"")
     names = tuple(p.strip().lower() for p in parts if p.strip())

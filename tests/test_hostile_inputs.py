@@ -699,3 +699,8 @@ def test_running_out_of_memory_in_training_is_one_line_and_leaves_a_rerunnable_f
         errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
         assert len(errors) == 1 and "out of memory while training (CUDA out of memory." in errors[0], result.output
         assert not [p for p in (tmp_path / "r").rglob("*") if p.is_file()]
+
+
+def test_a_toml_list_with_an_empty_item_is_refused_as_a_comma_list_is(tmp_path):
+    (tmp_path / "c.toml").write_text('norms = ["bn", "", "sabn"]\n')
+    assert_refused(tmp_path, ["compare", "--config", "c.toml", "--out", "r"], "norms ['bn', '', 'sabn'] has an empty item")
