@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from robust.checks import check_fields
+from robust.checks import check_fields, split_list
 from robust.cli.common import SEED, check_output_file, model_file
 from robust.cli.train import config_options
 from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
@@ -31,9 +31,11 @@ def _split(name: str, text: str | list | tuple | None) -> tuple[str, ...] | None
     if text is None:
         return None
     if isinstance(text, str):
-        parts = text.split(",")
+        parts = split_list(name, text)  # an empty item is refused, as in every comma list
     elif isinstance(text, (list, tuple)) and all(isinstance(p, str) for p in text):
         parts = list(text)
+        if text and not all(p.strip() for p in parts):
+            raise ConfigError(f"{name} {list(text)!r} has an empty item; give every name, e.g. {name} = [\"bn\", \"sabn\"]")
     else:
         raise ConfigError(f"{name} must be comma-separated names or a list of names, got {text!r}; e.g. {name} = \"bn,sabn\"")
     names = tuple(p.strip().lower() for p in parts if p.strip())

@@ -8,20 +8,20 @@ Multi-process training: ``robust train --nproc N ...`` (one machine) or torchrun
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
 from robust.checks import check_fields
 from robust.cli.common import BAD_INPUT_ERRORS, BadInput
-from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
+from robust.config import TrainConfig, check_resume, fold_method_options, load_saved_config, load_toml
 from robust.errors import CheckpointWriteError, ConfigError, NonFiniteLoss, PeerFailed, TrainingInterrupted
-from robust.objectives import Option, all_options
+from robust.objectives import Option, all_options, method_names
 from robust.outputs import RunFiles
 from robust.runtime import resolve_device
 from robust.train import distributed
@@ -33,7 +33,8 @@ _TYPES = {"int": int, "float": float, "str": str}
 def _field_option(f: dataclasses.Field):
     """A click option for one TrainConfig field; its default is None so we see what was passed."""
     flag = "--" + f.name.replace("_", "-")
-    help_text = f"{f.metadata['help']}  [default: {f.default}]"
+    help_text = f.metadata["help"]  # a help that states its default itself says it once
+    help_text += "" if "[default:" in help_text else f"  [default: {f.default}]"
     if f.type in ("bool", "bool | None"):
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
     choices = f.metadata.get("choices")
@@ -59,47 +60,31 @@ def config_options(fn):
 
 
 def resolve_config(flags: dict[str, Any], config_file: str | None, resume: bool) -> TrainConfig:
-    """Defaults <- the run's config.json (with --resume) <- TOML file <- flags given on the command line."""
+    """Defaults <- the run's config.json (with --resume) <- TOML file <- flags given on the command line.
+
+    A resume that changes a field outside :data:`robust.config.RESUMABLE` is refused here, before anything
+    is read or written (the trainer checks it again against the run it opens)."""
     values: dict[str, Any] = {}
     given = fold_method_options({k: v for k, v in flags.items() if v is not None})
     if config_file:
         values.update(fold_method_options(load_toml(config_file)))
     for source in (values, given):  # typed before any of it is used (a flag overriding a bad TOML value too)
         check_fields(TrainConfig, source, partial=True)
-    if resume:
-        out = given.get("out") or values.get("out") or TrainConfig(**{**values, **given}).run_dir
-        values = {**read_saved_config(Path(out) / RunFiles.CONFIG), **values}
-    values.update(given)
-    return TrainConfig.from_dict(values).validate()
+    if not resume:
+        return TrainConfig.from_dict({**values, **given}).validate()
+    out = given.get("out") or values.get("out") or TrainConfig(**{**values, **given}).run_dir
+    saved = load_saved_config(Path(out) / RunFiles.CONFIG)
+    config = TrainConfig.from_dict({**saved, **values, **given})
+    return check_resume(saved, config, out).validate(resuming=True)
 
 
-def read_saved_config(path: Path) -> dict[str, Any]:
-    """The config.json of a run to resume, as a dict (ConfigError when missing or unreadable)."""
-    if not path.is_file():
-        raise ConfigError(f"cannot resume: {path} does not exist; start a new run without --resume")
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot resume: {path} is unreadable ({type(exc).__name__}); "
-                          "start a new run with --force, or restore the file") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"cannot resume: {path} is not a config of robust train; start a new run with --force")
-    return upgrade_saved(saved)  # an older run resumes with the loss it trained with
-
-
-@click.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config fields; flags override it")
-@click.option("--resume", is_flag=True, help="continue the run in --out from its last.pt")
-@click.option("--force", is_flag=True, help="replace an existing run folder")
-@click.option("--nproc", type=int, default=None,
-              help="train with N processes on this machine (starts torchrun --standalone); --batch-size stays the global batch")
-@config_options
-def train(config_file: str | None, resume: bool, force: bool, nproc: int | None, **flags: Any) -> None:
-    """Adversarial training (--method pgd, trades, mart, fast, nfgsm); defaults reproduce the SaBN reference recipe on CIFAR-10.
+TRAIN_HELP = f"""Adversarial training (--method {', '.join(method_names())}); defaults reproduce the SaBN reference recipe on CIFAR-10.
 
     Writes config.json, metrics.jsonl (one line per epoch), last.pt (for --resume) and best.pt
     (best adv-route validation robust accuracy) into the run folder. Ctrl-C (SIGINT) or SIGTERM
-    finishes the current step, writes last.pt and exits 130 / 143; --resume continues from there.
+    finishes the current step, writes last.pt and exits 130 / 143; --resume continues from there,
+    with the run's own settings: a resume may change --epochs and how the run executes (device,
+    threads, precision, ...), any other changed flag is refused (docs/methods.md).
 
     \b
     Examples:
@@ -113,6 +98,17 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
       robust train --nproc 4 --sync-bn                    DDP on 4 GPUs (or CPU processes)
       torchrun --nproc-per-node 4 -m robust.cli train --sync-bn  the same, started by torchrun
     """
+
+
+@click.command(help=TRAIN_HELP)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file of config fields; flags override it")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last.pt")
+@click.option("--force", is_flag=True, help="replace an existing run folder")
+@click.option("--nproc", type=int, default=None,
+              help="train with N processes on this machine (starts torchrun --standalone); --batch-size stays the global batch")
+@config_options
+def train(config_file: str | None, resume: bool, force: bool, nproc: int | None, **flags: Any) -> None:
+    """The help text is TRAIN_HELP (its method list read from the objectives' registry)."""
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other; pick one")
     if nproc is not None and nproc < 1:
@@ -155,6 +151,10 @@ def run_training(config: TrainConfig, resume: bool, force: bool) -> dict[str, An
         raise SystemExit(exc.exit_code) from None
     except (NonFiniteLoss, CheckpointWriteError) as exc:
         _fail(exc, 1)
+    except (MemoryError, torch.OutOfMemoryError) as exc:  # the folder is as it was, or last.pt is kept to resume
+        first = str(exc).splitlines()[0] if str(exc) else "no detail"
+        _fail(ConfigError(f"out of memory while training ({first}); lower --batch-size, --width or --epoch-size, "
+                          "or train on a device with more memory"), 1)
 
 
 def _fail(exc: Exception, code: int):

@@ -117,3 +117,19 @@ def check_fields(cls: type, values: Mapping[str, Any], partial: bool = False) ->
         raise ConfigError(f"unknown config field(s): {', '.join(map(str, unknown))}; see `robust train --help`")
     names = [n for n in fields if n in values] if partial else list(fields)
     return {n: check_value(n, fields[n].type, fields[n].metadata, values[n]) for n in names}
+
+
+def split_list(name: str, text: str | None) -> list[str]:
+    """The items of a comma-separated list (``"pgd5,pgd10"``), stripped; ``[]`` for None.
+
+    One rule for every comma list a flag, a TOML value or Python gives: an empty item (``pgd5,,pgd10``,
+    a trailing comma, only commas) is refused, naming ``name`` and the text, never skipped.
+    """
+    if text is None:
+        return []
+    items = [part.strip() for part in str(text).split(",")]
+    if any(not item for item in items):
+        if not any(items):
+            raise ConfigError(f"{name} is empty ({text!r}); give at least one item, or leave it out for the default")
+        raise ConfigError(f"{name} {text!r} has an empty item; write the items separated by single commas, e.g. a,b")
+    return items

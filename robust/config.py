@@ -8,18 +8,24 @@ Defaults reproduce the SaBN reference recipe on CIFAR-10.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robust.checks import MAX_SEED, check_fields
+import torch
+
+from robust.checks import MAX_SEED, check_fields, split_list
 from robust.data import DATA_MODES, DATASETS
 from robust.errors import ConfigError, ModelError
 from robust.nn import NORMS, available_archs
 from robust.nn.external import check_arch
-from robust.nn.resnet import ACTIVATIONS, WIDE_RESNET_FAMILY, arch_constructor
+from robust.nn.factory import parameter_count
+from robust.nn.resnet import ACTIVATIONS, MAX_WIDTH, WIDE_RESNET_FAMILY, arch_constructor, arch_size_problem
 from robust.objectives import (
     ATTACK_BN_MODES,
     Objective,
@@ -33,6 +39,13 @@ from robust.objectives import (
 from robust.recipes import RECIPES, recipe_names, recipe_values, recipes_help
 from robust.runtime import DEVICES, PRECISIONS, THREADS_RANGE
 from robust.threat import parse_eps, parse_fraction
+
+# Sizes that allocate memory in proportion, bounded before anything is built or written (each refusal says why):
+# a batch and its adversarial copy are held at once; an epoch's shuffles and augmentation draws (~40 bytes per
+# example) are made when it starts; a model's parameters are counted on the meta device against the memory.
+MAX_BATCH_SIZE = 65_536
+MAX_EPOCH_SIZE = 10_000_000
+BYTES_PER_PARAMETER = 16  # fp32 weights, their gradients, the optimizer's buffer and a checkpoint's copy
 
 SCHEDULES = ("multistep", "cosine", "onecycle")
 OPTIMIZERS = ("sgd", "adamw")
@@ -75,7 +88,8 @@ class TrainConfig:
     norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN); a LayerNorm/GroupNorm has no "
                            "running statistics, so there its routes differ in their affines only (bn keeps the "
                            "model's own layer)", choices=NORMS)
-    width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)", min=1)
+    width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)", min=1,
+                           max=MAX_WIDTH, max_note="the most channels we build in a first stage")
     patch_size: int | None = _f(None, "timm ViTs: the patch side (default: the model's own; it must divide the image side, "
                                       "e.g. 4 for 28- or 32-pixel images)", min=1)
     activation: str = _f("relu", "our architectures' activation: relu (the SaBN reference) or silu (the modern recipes' "
@@ -92,7 +106,9 @@ class TrainConfig:
     decay_norms: bool = _f(True, "weight decay on norm affines and biases too (--no-decay-norms: only on conv and linear "
                                  "weights, as DM-Improves-AT)")
     schedule: str = _f("multistep", "learning-rate schedule", choices=SCHEDULES)
-    milestones: str = _f("50,150", "multistep: epochs at which lr is multiplied by 0.1, or fractions of the epochs (0.25,0.75)")
+    milestones: str = _f("0.25,0.75", "multistep: fractions of the epochs after which lr is multiplied by 0.1 (0.25,0.75: "
+                                      "epochs 50 and 150 of 200, as the SaBN reference), or whole epochs (50,150), each "
+                                      "before the last epoch")
     warmup_steps: int = _f(200, "steps of linear warm-up from lr/10 in the first epoch (0 disables)", min=0)
     warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs, then the schedule over the rest "
                                    "(cosine: the modern recipes' 10 epochs; needs --warmup-steps 0)", min=0)
@@ -138,7 +154,8 @@ class TrainConfig:
     out: str | None = _f(None, "run folder (default runs/<dataset>-<norm>-<method>-s<seed>)", kind="path")
     quiet: bool = _f(False, "no progress bars")
     tensorboard: str | None = _f(None, "also write every epoch's metrics (loss, lr, accuracies, seconds) as TensorBoard "
-                                       "scalars into this folder, e.g. runs/x/tb (needs the tensorboard package)", kind="path")
+                                       "scalars into this folder, e.g. runs/x/tb: the run's own folder or a folder of no "
+                                       "run, never inside another run's (needs the tensorboard package)", kind="path")
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -210,8 +227,9 @@ class TrainConfig:
     @property
     def milestone_epochs(self) -> list[int]:
         """The multistep milestones in epochs: integers are epochs (50,150); values with a '.' are
-        fractions of the run's epochs (0.25,0.75 -> 50,150 of 200, rounded half up), each in (0, 1), ascending."""
-        parts = [m.strip() for m in str(self.milestones).split(",") if m.strip()]
+        fractions of the run's epochs (0.25,0.75 -> 50,150 of 200, rounded half up, at least epoch 1),
+        each in (0, 1), ascending."""
+        parts = split_list("milestones", self.milestones)
         if any("." in m for m in parts):
             try:
                 fractions = [float(m) for m in parts]
@@ -224,7 +242,7 @@ class TrainConfig:
                                       f"got {f:g}; write epochs as integers (50,150) or fractions (0.25,0.75), not both")
             if fractions != sorted(set(fractions)):
                 raise ConfigError(f"milestones {self.milestones!r} must be ascending and distinct, e.g. 0.25,0.75")
-            return [math.floor(f * self.epochs + 0.5) for f in fractions]
+            return [max(1, math.floor(f * self.epochs + 0.5)) for f in fractions]
         try:
             return [int(m) for m in parts]
         except ValueError:
@@ -236,7 +254,7 @@ class TrainConfig:
         """--keep-epochs as sorted epoch numbers, each in [1, epochs]."""
         if self.keep_epochs is None:
             return []
-        parts = [p.strip() for p in str(self.keep_epochs).split(",")]
+        parts = split_list("keep-epochs", self.keep_epochs)
         if any(not p.isdigit() for p in parts):
             raise ConfigError(f"keep-epochs {self.keep_epochs!r} must be comma-separated epoch numbers, e.g. 5 or 50,190")
         epochs = sorted({int(p) for p in parts})
@@ -249,16 +267,22 @@ class TrainConfig:
         """``out``, or ``runs/<dataset>-<norm>-<method>-s<seed>`` (runs differing only in seed never share a folder)."""
         return Path(self.out or f"runs/{self.dataset}-{self.norm}-{self.resolved_method}-s{self.seed}")
 
-    def validate(self) -> "TrainConfig":
+    def validate(self, resuming: bool = False) -> "TrainConfig":
         """Raise ConfigError naming the first invalid field; return self when all are valid.
 
         Every field is checked against its annotation and metadata (:func:`check_fields`), so a
-        value is typed and in range whether it came from a flag, a TOML file or Python.
+        value is typed and in range whether it came from a flag, a TOML file or Python. ``resuming``:
+        the config of a run being continued, whose milestones stand as it was trained (a run saved
+        with milestones past its last epoch resumes as it was).
         """
         for name, value in check_fields(type(self), self.__dict__).items():
             setattr(self, name, value)
         self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs, self.objective_options  # noqa: B018
+        if not resuming:
+            _check_milestones_inside(self)
         _check_data_and_arch(self)
+        _check_sizes(self)
+        _check_model_size(self)
         _check_extra_data(self)
         if self.warmup_epochs and self.warmup_steps:
             raise ConfigError("--warmup-epochs and --warmup-steps are two warm-ups; pass --warmup-steps 0 with --warmup-epochs")
@@ -284,8 +308,8 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, name: str, **overrides: Any) -> "TrainConfig":
-        """The config recipe ``name`` sets, with ``overrides`` (field values) on top. (``TrainConfig(recipe=...)``
-        only records the name; this and :meth:`from_dict` apply it.)"""
+        """The config recipe ``name`` sets, with ``overrides`` (field values) on top; the same as
+        ``TrainConfig(recipe=name, **overrides)``."""
         return cls.from_dict({**overrides, "recipe": name})
 
     @classmethod
@@ -296,16 +320,61 @@ class TrainConfig:
 
 def apply_recipe(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` over the field values of their ``recipe`` (if any): every given value wins. A method
-    given in place of the recipe's drops the recipe's method options (another method's beta would be refused)."""
+    given in place of the recipe's drops the recipe's method options (another method's beta would be refused);
+    an eps given without a step size scales the recipe's step with it (:func:`recipe_step_for`)."""
     name = values.get("recipe")
     if not name:
         return values
-    if name not in RECIPES:
+    if not isinstance(name, str) or name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
     base = recipe_values(name, with_extra_data=bool(values.get("extra_data")))
     if values.get("method") not in (None, base.get("method")) and "method_options" not in values:
         base.pop("method_options", None)
+    if values.get("eps") is not None and values.get("step_size") is None and "step_size" in base:
+        base["step_size"] = recipe_step_for(base, values["eps"])
+    if values.get("epochs") is not None and values.get("milestones") is None and "milestones" in base:
+        base["milestones"] = recipe_milestones_for(base, values["epochs"])
     return {**base, **values}
+
+
+def recipe_milestones_for(recipe: dict[str, Any], epochs: Any) -> str:
+    """A recipe's milestones for a run of ``epochs``: its epochs as fractions of its own run (TRADES's 74 of 76
+    is 0.97368...), so the lr drops at the same point of a shorter or longer run; its own text at its epochs."""
+    text = recipe["milestones"]
+    if "." in text or epochs == recipe["epochs"] or isinstance(epochs, bool) or not isinstance(epochs, int):
+        return text
+    return ",".join(repr(int(m) / recipe["epochs"]) for m in text.split(","))
+
+
+def recipe_step_for(recipe: dict[str, Any], eps: Any) -> str:
+    """The attack step of a recipe at another ``eps``: the recipe's step in proportion (0.007 of 0.031 at eps 0.1
+    is 0.02258), so its steps reach the eps boundary as they do in the paper; the recipe's own text at its eps."""
+    if isinstance(eps, bool) or not isinstance(eps, (str, int, float)):
+        return recipe["step_size"]  # refused by the field check, with the field's words
+    given, own = parse_eps(eps), parse_eps(recipe["eps"])
+    if given == own:
+        return recipe["step_size"]
+    return repr(parse_fraction(recipe["step_size"], "step_size") / own * given)
+
+
+def _applies_recipe(cls: type) -> type:
+    """Wrap the dataclass's generated ``__init__`` so ``TrainConfig(recipe=NAME, ...)`` is the recipe's config
+    with the fields given on top, as :meth:`TrainConfig.from_dict` makes it: a recipe is never only a label."""
+    generated = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    @functools.wraps(generated)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(names) or set(names[:len(args)]) & set(kwargs):
+            generated(self, *args, **kwargs)  # the dataclass's own TypeError
+        given = {**dict(zip(names, args)), **kwargs}
+        generated(self, **(apply_recipe(given) if given.get("recipe") else given))
+
+    cls.__init__ = __init__
+    return cls
+
+
+TrainConfig = _applies_recipe(TrainConfig)
 
 
 def fold_method_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -348,6 +417,145 @@ def upgrade_saved(values: dict[str, Any]) -> dict[str, Any]:
     if method is None:
         values["method"] = "hybrid" if dual else "pgd"
     return values
+
+
+# What a resume may change: how the run is executed, never what it trains. --epochs continues to the new count
+# (cosine, one-cycle and fraction milestones are spread over it); --co-guard off trains on past a guard's stop;
+# --keep-epochs keeps the epochs still to come. Device, threads, precision, compile, channels-last and
+# deterministic kernels change the float rounding, not the run's meaning (precision auto already resolves per
+# machine; every checkpoint records the precision it was saved under). Data mode and workers say how the same
+# images are read; quiet and save-every, what is shown and how often last.pt is written.
+RESUMABLE = ("epochs", "out", "co_guard", "keep_epochs", "device", "threads", "precision", "compile", "channels_last",
+             "deterministic", "data_mode", "workers", "quiet", "save_every")
+
+
+def load_saved_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The config.json of a run to resume, as this version reads it (ConfigError when missing or unreadable)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"cannot resume: {path} does not exist; start a new run without --resume")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot resume: {path} is unreadable ({type(exc).__name__}); "
+                          "start a new run with --force, or restore the file") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"cannot resume: {path} is not a config of robust train; start a new run with --force")
+    return upgrade_saved(saved)  # an older run resumes with the loss it trained with
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The fields outside :data:`RESUMABLE` where ``config`` differs from the ``saved`` run's config, each as
+    ``--flag SAVED (given: NEW)``; values are compared by meaning (8/255 is 0.0313..., beta=6 is beta=6.0)."""
+    before = TrainConfig.from_saved(saved)
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        old, new = getattr(before, f.name), getattr(config, f.name)
+        if f.name not in RESUMABLE and not _same_value(f, old, new):
+            out.append(f"--{f.name.replace('_', '-')} {_shown(old)} (given: {_shown(new)})")
+    return out
+
+
+def replan_milestones(config: TrainConfig, saved_epochs: int, epoch: int, batch: int) -> TrainConfig:
+    """``config`` resumed at (``epoch``, ``batch``) of a run planned for ``saved_epochs``: fractional milestones
+    still to come move with the new --epochs, those the run has passed stay at the epochs they were (an lr
+    already lowered stays lowered); then the milestones are written as those whole epochs."""
+    if config.schedule != "multistep" or "." not in str(config.milestones) or config.epochs == saved_epochs:
+        return config
+    planned = dataclasses.replace(config, epochs=saved_epochs).milestone_epochs
+    position = epoch + (0.5 if batch else 0.0)
+    passed = [m < position for m in planned]
+    if not any(m != n for m, n, done in zip(planned, config.milestone_epochs, passed) if done):
+        return config  # nothing passed moves: the fractions stand
+    merged = sorted(m if done else n for m, n, done in zip(planned, config.milestone_epochs, passed))
+    return dataclasses.replace(config, milestones=",".join(map(str, merged)))
+
+
+def check_resume(saved: dict[str, Any], config: TrainConfig, run_dir: str | os.PathLike[str]) -> TrainConfig:
+    """``config`` with the saved run's own values (and spelling: 8/255 stays 8/255) in every field outside
+    :data:`RESUMABLE`; ConfigError naming every such field ``config`` changes, with its saved and given value:
+    a resumed run goes on with the settings it was trained with."""
+    changed = resume_changes(saved, config)
+    if changed:
+        allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE if name != "out")
+        raise ConfigError(f"cannot resume {run_dir} with other settings: it was trained with {'; '.join(changed)}; "
+                          f"resume without those flags (a resume may change only {allowed}), or start a new run "
+                          "with --out NEW")
+    before = TrainConfig.from_saved(saved)
+    return dataclasses.replace(config, **{f.name: getattr(before, f.name) for f in dataclasses.fields(TrainConfig)
+                                          if f.name not in RESUMABLE})
+
+
+def _same_value(f: dataclasses.Field, old: Any, new: Any) -> bool:
+    if old is None or new is None or old == new:
+        return old == new
+    try:
+        if f.metadata.get("kind") == "fraction":
+            return parse_fraction(old, f.name) == parse_fraction(new, f.name)
+        if f.metadata.get("kind") == "path":
+            return Path(old).resolve() == Path(new).resolve()
+        if f.name == "method_options":
+            return parse_method_options(old) == parse_method_options(new)
+        if f.name == "milestones":
+            return [float(m) for m in split_list(f.name, old)] == [float(m) for m in split_list(f.name, new)]
+    except (ConfigError, ValueError):
+        return False
+    return False
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset (the default)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _check_milestones_inside(c: TrainConfig) -> None:
+    """A multistep milestone after the last epoch would never lower the lr: refused, not silently flat."""
+    if c.schedule != "multistep":
+        return
+    late = [m for m in c.milestone_epochs if m >= c.epochs]
+    fractions = "." in str(c.milestones)
+    if late and not fractions:
+        raise ConfigError(f"milestones {c.milestones!r}: epoch {late[0]} is not before the run's end (--epochs "
+                          f"{c.epochs}), so the lr would never drop there; give epochs below {c.epochs}, or "
+                          "fractions of the run (0.25,0.75)")
+
+
+def _check_sizes(c: TrainConfig) -> None:
+    """Sizes that allocate in proportion, refused before anything is built or written (image size and workers
+    are bounded where the data is read, also before anything is written)."""
+    if c.batch_size > MAX_BATCH_SIZE:
+        raise ConfigError(f"batch-size {c.batch_size} is above {MAX_BATCH_SIZE:,} (64x the largest recipe's 1,024; a "
+                          "batch and its adversarial copy are held at once); pass a smaller --batch-size")
+    if c.epoch_size is not None and c.epoch_size > MAX_EPOCH_SIZE:
+        raise ConfigError(f"epoch-size {c.epoch_size} is above {MAX_EPOCH_SIZE:,}: an epoch's shuffles and augmentation "
+                          "draws are made when it starts (about 40 bytes per example); pass a smaller --epoch-size "
+                          "and more --epochs")
+
+
+def _memory_bytes(device: str) -> int:
+    """The memory a model trains in: the GPU's when it trains on one, else this machine's RAM."""
+    if device != "cpu" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _check_model_size(c: TrainConfig) -> None:
+    """Our architectures' sizes, refused before anything is built or written: a width or depth beyond what we
+    build, or a model whose weights, gradients and optimizer state alone exceed the memory it would train in."""
+    if ":" in str(c.arch):
+        return  # torchvision/timm models come in their published sizes
+    problem = arch_size_problem(c.arch, c.width)
+    if problem:
+        raise ConfigError(problem)
+    params = parameter_count(c.arch, c.norm, 10, 3, c.width, c.activation)
+    need, have = params * BYTES_PER_PARAMETER, _memory_bytes(c.device)
+    if need > have:
+        raise ConfigError(f"{c.arch} (width {c.width or 'default'}) has {params / 1e9:.3g} billion parameters: at "
+                          f"least {need / 2**30:.3g} GiB for its weights, gradients and optimizer state, more than "
+                          f"the {have / 2**30:.3g} GiB it would train in; choose a smaller --width or architecture")
 
 
 DEFAULT_EXTRA_FRACTION = 0.5

@@ -305,7 +305,8 @@ def test_train_resume_refuses_a_changed_architecture(tmp_path):
     run = _resume_folder(tmp_path, "missing", tmp_path / "ran")
     save_checkpoint(_tiny_checkpoint(epoch=0, optimizer={}, scheduler={"step": 0}), run / "last.pt")
     assert_refused(tmp_path, ["train", "--out", "run", "--resume", "--arch", "preact_resnet34"],
-             "another model: arch 'preact_resnet18' (asked: 'preact_resnet34')", "drop those flags")
+             "cannot resume run with other settings", "--arch preact_resnet18 (given: preact_resnet34)",
+             "resume without those flags")
 
 
 def test_train_resume_refuses_an_unreadable_config_json(tmp_path, run):

@@ -543,7 +543,8 @@ def test_the_papers_table_stands_beside_a_cifar10_grid_only_and_each_method_stat
 def test_the_settings_line_names_the_optimizer_schedule_and_the_modern_ingredients():
     plain = CompareSettings(TrainConfig(dataset="fashion-mnist", eps="0.1", out="unused"), norms=("sabn",))
     assert ("- training: 200 epochs of 1 steps, batch 128, SGD lr 0.1, momentum 0.9, weight decay 0.0005, "
-            "multistep x0.1 at milestones 50,150, linear warm-up from lr/10 over 1 steps") in settings_lines(plain, 100, 10, 10)
+            "multistep x0.1 at milestones 0.25,0.75 = epochs 50,150, linear warm-up from lr/10 over 1 steps"
+            ) in settings_lines(plain, 100, 10, 10)
     modern = CompareSettings(TrainConfig(dataset="fashion-mnist", eps="0.1", out="unused", optimizer="adamw", lr=1e-3,
                                          weight_decay=0.05, schedule="cosine", warmup_steps=0, warmup_epochs=2.0,
                                          decay_norms=False, ema=0.995, label_smoothing=0.1, extra_data="x.npz",

@@ -33,7 +33,7 @@ from robust.checkpoint import load_checkpoint
 from robust.cli.main import cli
 from robust.config import TrainConfig
 from robust.data.types import ImageData
-from robust.errors import CheckpointError, ConfigError, NonFiniteLoss, RunExistsError, TrainingInterrupted
+from robust.errors import ConfigError, NonFiniteLoss, RunExistsError, TrainingInterrupted
 from robust.outputs import FolderLock
 from robust.train.trainer import Trainer
 
@@ -281,11 +281,11 @@ def test_disk_full_during_training_keeps_the_previous_checkpoint_and_no_partial_
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, data):
+def test_resume_refuses_the_settings_of_another_model(tmp_path, data):
     Trainer(_config(tmp_path / "run", epochs=1), data=data, log=lambda m: None).fit()
-    with pytest.raises(CheckpointError, match="another model: norm 'sabn' \\(asked: 'auxbn'\\)"):
+    with pytest.raises(ConfigError, match=r"trained with --norm sabn \(given: auxbn\)"):  # the run's settings first
         Trainer(_config(tmp_path / "run", epochs=2, norm="auxbn"), data=data, resume=True).setup()
-    with pytest.raises(CheckpointError, match=r"width 4 \(asked: 8\)"):
+    with pytest.raises(ConfigError, match=r"--width 4 \(given: 8\)"):
         Trainer(_config(tmp_path / "run", epochs=2, width=8), data=data, resume=True).setup()
 
 

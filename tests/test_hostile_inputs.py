@@ -30,7 +30,7 @@ from robust.checkpoint import build_checkpoint, save_checkpoint
 from robust.config import TrainConfig
 from robust.data import load_dataset
 from robust.data.lazy import MAX_IMAGE_SIDE, choose_mode, decode_image
-from robust.errors import DataError, ModelError, PeerFailed, TrainingInterrupted
+from robust.errors import ConfigError, DataError, ModelError, PeerFailed, TrainingInterrupted
 from robust.eval.evaluation import evaluate
 from robust.nn.external import ExternalModel, build_external
 from robust.nn.factory import build_model
@@ -505,3 +505,202 @@ def test_a_list_of_only_commas_is_empty(tmp_path, value):
     assert_refused(tmp_path, ["train", "--method", "trades", "--method-options", value], "method-options", "empty")
     (tmp_path / "c.toml").write_text(f'milestones = "{value}"\n')
     assert_refused(tmp_path, ["train", "--config", "c.toml"], "milestones", "empty")
+
+
+# =================================================================================================
+# Settings mixed on a train resume: only --epochs and how the run executes may change
+# =================================================================================================
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--eps", "0.2"], "--eps 0.1 (given: 0.2)"),
+    (["--seed", "5"], "--seed 0 (given: 5)"),
+    (["--limit", "512"], "--limit 64 (given: 512)"),
+    (["--method", "trades"], "--method unset (the default) (given: trades)"),
+    (["--beta", "6"], "--method-options unset (the default) (given: beta=6.0)"),
+    (["--lr", "0.05"], "--lr 0.1 (given: 0.05)"),
+    (["--val-split", "0.2"], "--val-split 0.1 (given: 0.2)"),
+    (["--val-limit", "8"], "--val-limit 16 (given: 8)"),
+    (["--step-size", "0.01"], "--step-size unset (the default) (given: 0.01)"),
+    (["--clean-weight", "0.3"], "--clean-weight unset (the default) (given: 0.3)"),
+    (["--schedule", "multistep"], "--schedule cosine (given: multistep)"),
+    (["--milestones", "0.5"], "--milestones 0.25,0.75 (given: 0.5)"),
+    (["--ema", "0.9"], "--ema 0.0 (given: 0.9)"),
+    (["--norm", "bn"], "--norm sabn (given: bn)"),
+    (["--width", "8"], "--width 4 (given: 8)"),
+    (["--recipe", "rice2020"], "--recipe unset (the default) (given: rice2020)"),
+    (["--tensorboard", "tb"], "--tensorboard unset (the default) (given: tb)"),
+    (["--no-fused"], "--fused true (given: false)"),
+    (["--data-dir", "."], f"--data-dir {FMNIST} (given: .)"),
+])
+def test_train_resume_refuses_every_changed_setting_naming_saved_and_given(tmp_path, run, flags, named):
+    message = assert_refused(tmp_path, ["train", "--out", "run", "--resume", "--epochs", "2", *flags], named,
+                             "cannot resume run with other settings", "a resume may change only --epochs", one_line=True)
+    assert message.count("(given:") == 1  # only the field that changed
+
+
+def test_train_resume_names_every_changed_setting_at_once(tmp_path, run):
+    message = assert_refused(tmp_path, ["train", "--out", "run", "--resume", "--eps", "0.2", "--seed", "5"],
+                             "--eps 0.1 (given: 0.2)", "--seed 0 (given: 5)")
+    assert message.count("(given:") == 2
+
+
+def test_train_resume_refuses_a_changed_setting_from_a_toml_file(tmp_path, run):
+    (tmp_path / "c.toml").write_text('eps = "0.2"\nlimit = 512\n')
+    assert_refused(tmp_path, ["train", "--config", "c.toml", "--out", "run", "--resume"], "--eps 0.1 (given: 0.2)",
+                   "--limit 64 (given: 512)")
+
+
+def test_trainer_resume_refuses_a_changed_setting_before_writing(tmp_path, run, fmnist):
+    before = snapshot(run)
+    with pytest.raises(ConfigError, match=r"--seed 0 \(given: 5\)"):
+        Trainer(tiny_config(run, seed=5, epochs=2), data=fmnist, resume=True, log=lambda m: None).fit()
+    assert snapshot(run) == before
+
+
+def test_train_resume_may_change_epochs_and_execution_and_keeps_the_saved_spelling(tmp_path, run):
+    result = invoke_in(tmp_path, ["train", "--out", "run", "--resume", "--epochs", "2", "--eps", "1/10", "--threads", "1",
+                                  "--save-every", "0", "--no-quiet", "--quiet", "--data-mode", "memory"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["eps"] == "0.1" and saved["threads"] == 1  # 1/10 is the run's 0.1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_resume_to_more_epochs_keeps_the_fraction_milestones_already_passed(tmp_path, fmnist):
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, epochs=4, schedule="multistep"), data=fmnist, log=lambda m: None).fit()  # drops at 1, 3
+    Trainer(tiny_config(out, epochs=6, schedule="multistep"), data=fmnist, resume=True, log=lambda m: None).fit()
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.1, 0.01, 0.01, 0.001, 0.001, 0.001], rel=1e-12)  # not back up to 0.01 at 5
+    assert json.loads((out / "config.json").read_text())["milestones"] == "1,3"
+
+
+def test_an_old_run_saved_with_milestones_past_its_end_resumes_as_it_trained(tmp_path, run):
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "schedule": "multistep", "milestones": "50,150"}))
+    last = torch.load(run / "last.pt", weights_only=True)
+    save_checkpoint({**last, "config": {**last["config"], "schedule": "multistep", "milestones": "50,150"}}, run / "last.pt")
+    result = invoke_in(tmp_path, ["train", "--out", "run", "--resume", "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] == 0.1  # the old default's milestones never fired in this run, and do not now
+
+
+# =================================================================================================
+# Milestones, recipes and sizes: refused before anything is written
+# =================================================================================================
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--schedule", "multistep", "--epochs", "10", "--milestones", "50,150"], "epoch 50 is not before the run's end"),
+    (["--schedule", "multistep", "--epochs", "10", "--milestones", "5,10"], "epoch 10 is not before the run's end"),
+    (["--schedule", "multistep", "--epochs", "3", "--milestones", "1,2,3"], "epoch 3 is not before the run's end"),
+    (["--recipe", "rice2020", "--epochs", "10", "--milestones", "100,150"], "epoch 100 is not before the run's end"),
+])
+def test_a_milestone_past_the_last_epoch_is_refused(tmp_path, args, named):
+    assert_refused(tmp_path, ["train", *TINY, "--data-dir", FMNIST, "--dataset", "fashion-mnist", "--out", "r", *args],
+                   named, "fractions of the run", one_line=True)
+
+
+def test_a_milestone_past_the_last_epoch_is_refused_from_toml(tmp_path):
+    (tmp_path / "c.toml").write_text('epochs = 10\nschedule = "multistep"\nmilestones = "50,150"\n')
+    assert_refused(tmp_path, ["train", "--config", "c.toml", "--out", "r"], "epoch 50 is not before the run's end")
+
+
+def _extra(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.integers(0, 256, (8, 1, 28, 28), dtype=np.uint8), y=np.arange(8) % 10)
+    return path
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--arch", "wide_resnet10_99999999"], "widen factor 99999999"),
+    (["--arch", "wide_resnet1006_2"], "depth 1006"),
+    (["--width", "100000000"], "width must be in [1, 4096]"),
+    (["--width", "4000"], "billion parameters"),
+    (["--arch", "wide_resnet70_256"], "billion parameters"),
+    (["--batch-size", "100000"], "batch-size 100000 is above 65,536"),
+    (["--extra-data", "e.npz", "--epoch-size", "1000000000000"], "epoch-size 1000000000000 is above 10,000,000"),
+])
+def test_sizes_without_bounds_are_refused_before_anything_is_written_and_a_rerun_is_possible(tmp_path, args, named):
+    _extra(tmp_path / "e.npz")
+    tiny = [a for a in TINY if a not in ("--width", "4")]
+    command = ["train", *tiny, "--data-dir", FMNIST, "--dataset", "fashion-mnist", "--out", "r", *args]
+    first = assert_refused(tmp_path, command, named, one_line=True)
+    assert not (tmp_path / "r").exists()
+    assert assert_refused(tmp_path, command, named) == first  # the same refusal, not "already exists"
+
+
+def test_python_configs_refuse_the_same_sizes():
+    for fields, named in [(dict(width=10 ** 8), "width"), (dict(arch="wide_resnet10_99999999"), "widen factor"),
+                          (dict(batch_size=10 ** 6), "batch-size"), (dict(width=4000), "billion parameters")]:
+        with pytest.raises(ConfigError, match=named):
+            TrainConfig(**fields).validate()
+
+
+# =================================================================================================
+# One rule for comma lists, options given twice, tensorboard into another run
+# =================================================================================================
+
+
+@pytest.mark.parametrize("args, named", [
+    (["train", "--milestones", "0.25,,0.75"], "milestones '0.25,,0.75' has an empty item"),
+    (["train", "--milestones", "0.25,0.75,"], "has an empty item"),
+    (["train", "--keep-epochs", "1,,2"], "keep-epochs '1,,2' has an empty item"),
+    (["train", "--keep-epochs", "1,"], "keep-epochs '1,' has an empty item"),
+    (["train", "--method", "trades", "--method-options", "beta=1,,gamma=2"], "has an empty item"),
+    (["train", "--method", "trades", "--method-options", "beta=1,beta=2"], "gives beta twice"),
+    (["train", "--method", "trades", "--method-options", "beta=1, beta=1"], "gives beta twice"),
+    (["compare", "--norms", "bn,,sabn"], "norms 'bn,,sabn' has an empty item"),
+    (["compare", "--attacks", "pgd5,,pgd10"], "has an empty item"),
+])
+def test_every_comma_list_refuses_empty_items_and_repeated_options(tmp_path, args, named):
+    assert_refused(tmp_path, [*args, "--out", "r"], named)
+
+
+def test_eval_attack_list_refuses_empty_items(tmp_path, run):
+    assert_refused(tmp_path, ["eval", "run", "--attack", "pgd5,,pgd10"], "attack 'pgd5,,pgd10' has an empty item")
+
+
+def test_method_options_given_twice_in_toml_are_refused(tmp_path):
+    (tmp_path / "c.toml").write_text('method = "trades"\nmethod_options = "beta=1,beta=2"\n')
+    assert_refused(tmp_path, ["train", "--config", "c.toml", "--out", "r"], "gives beta twice")
+
+
+@pytest.mark.parametrize("where", ["run/tb", "run", "run/a/b"])
+def test_tensorboard_inside_another_runs_folder_is_refused(tmp_path, run, where):
+    message = assert_refused(tmp_path, ["train", *TINY, "--data-dir", FMNIST, "--dataset", "fashion-mnist", "--out", "new",
+                                        "--tensorboard", where], f"--tensorboard {where} is inside the run folder",
+                             "another run's")
+    assert str(run) in message and not (tmp_path / "new").exists()
+
+
+def test_trainer_takes_a_dict_and_refuses_other_types(tmp_path):
+    config = Trainer(tiny_config(tmp_path / "r").to_dict()).config
+    assert config == tiny_config(tmp_path / "r").validate()
+    for wrong in (5, "runs/a", None):
+        with pytest.raises(ConfigError, match="Trainer needs a TrainConfig or a dict"):
+            Trainer(wrong)
+    with pytest.raises(ConfigError, match="unknown config field"):
+        Trainer({"epochz": 3})
+    assert not (tmp_path / "r").exists()
+
+
+def test_running_out_of_memory_in_training_is_one_line_and_leaves_a_rerunnable_folder(tmp_path, monkeypatch):
+    def exhausted(self, epoch):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", exhausted)
+    args = ["train", *TINY, "--data-dir", FMNIST, "--dataset", "fashion-mnist", "--limit", "64", "--out", "r"]
+    for _ in range(2):  # the second time the same error, not "already exists"
+        result = invoke_in(tmp_path, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "out of memory while training (CUDA out of memory." in errors[0], result.output
+        assert not [p for p in (tmp_path / "r").rglob("*") if p.is_file()]
+
+
+def test_a_toml_list_with_an_empty_item_is_refused_as_a_comma_list_is(tmp_path):
+    (tmp_path / "c.toml").write_text('norms = ["bn", "", "sabn"]\n')
+    assert_refused(tmp_path, ["compare", "--config", "c.toml", "--out", "r"], "norms ['bn', '', 'sabn'] has an empty item")

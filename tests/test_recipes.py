@@ -61,8 +61,11 @@ def test_config_json_records_the_resolved_recipe_and_the_flags_over_it(tmp_path)
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["recipe"] == "zhang2019" and saved["method"] == "trades" and saved["method_options"] == "beta=6.0"
-    assert saved["weight_decay"] == 0.001 and saved["eps"] == "0.1" and saved["step_size"] == "0.007"
-    assert saved["attack_bn"] == "eval" and saved["milestones"] == "74" and saved["val_split"] == 0.02
+    assert saved["weight_decay"] == 0.001 and saved["eps"] == "0.1" and saved["attack_bn"] == "eval"
+    # the recipe's step (0.007 of eps 0.031) scales with --eps, its milestone (74 of 76 epochs) with --epochs
+    assert float(saved["step_size"]) == pytest.approx(0.007 / 0.031 * 0.1, rel=1e-15)
+    assert float(saved["milestones"]) == pytest.approx(74 / 76, rel=1e-15) and saved["val_split"] == 0.02
+    assert "step 0.02258" in result.output  # the run's first line shows the step size
 
 
 def test_warmup_epochs_ramp_linearly_from_zero_then_cosine_over_the_rest():

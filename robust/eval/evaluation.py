@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from robust.attacks.registry import Attack, build_attack, parse_attack_name
-from robust.checks import MAX_SEED, check_value
+from robust.checks import MAX_SEED, check_value, split_list
 from robust.data.load import load_dataset
 from robust.data.types import CUSTOM_DATASETS, ImageData
 from robust.errors import ConfigError, DataError
@@ -43,7 +43,7 @@ NO_STATE_ACROSS_RANKS = ("--state and --resume keep one machine's evaluation; un
 
 def check_attack_names(attacks: Iterable[str] | str) -> list[str]:
     """Normalized, de-duplicated attack names; ConfigError listing the valid ones for an unknown name."""
-    names = attacks.split(",") if isinstance(attacks, str) else list(attacks)
+    names = split_list("attack", attacks) if isinstance(attacks, str) else list(attacks)
     out: list[str] = []
     for name in names:
         if not str(name).strip():

@@ -4,8 +4,10 @@ with the chosen norm kind, and ``unwrap`` (the model inside DDP / torch.compile 
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
+import torch
 import torch.nn as nn
 
 from robust.nn.external import build_external
@@ -23,6 +25,17 @@ def unwrap(model: nn.Module, keep_compiled: bool = False) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+@functools.lru_cache(maxsize=64)
+def parameter_count(arch: str, norm: str, num_classes: int, in_channels: int, width: int | None,
+                    activation: str = "relu") -> int:
+    """The parameters one of our architectures has, counted on the meta device (no memory is allocated), so a
+    size can be refused before the model is built. Call it with sizes :func:`robust.nn.resnet.arch_size_problem`
+    accepts."""
+    with torch.device("meta"):
+        model = build_model(arch, norm, num_classes, in_channels, width, activation=activation)
+    return sum(p.numel() for p in model.parameters())
 
 
 def default_mean_std(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

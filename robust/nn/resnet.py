@@ -52,6 +52,27 @@ WIDE_RESNET_NAME = re.compile(r"^wide_resnet(\d+)_(\d+)$")
 WIDE_RESNET_FAMILY = "wide_resnetD_K (any WRN-D-K: depth D = 6n + 4 >= 10, widen factor K, e.g. wide_resnet16_4)"
 
 
+# Bounds on our architectures' sizes, checked before anything is built: beyond them a model cannot train on any
+# machine (a first stage of 4,096 channels is 16x WRN-70-16's 256; WRN-1000 is 14x the deepest WRN of the field's tables).
+MAX_WIDTH = 4096
+MAX_WRN_DEPTH = 1000
+
+
+def arch_size_problem(name: str, width: int | None) -> str | None:
+    """Why ``name`` (one of our architectures) with first-stage ``width`` is too large to build, or None."""
+    match = WIDE_RESNET_NAME.match(str(name))
+    if match and name not in ARCHS:
+        depth, factor = int(match[1]), int(match[2])
+        if depth > MAX_WRN_DEPTH:
+            return f"{name} has depth {depth}, above the {MAX_WRN_DEPTH} we build; pick a depth D = 6n + 4 <= {MAX_WRN_DEPTH}"
+        if width is None and 16 * factor > MAX_WIDTH:
+            return (f"{name} has widen factor {factor} ({16 * factor} channels in its first group), above the "
+                    f"{MAX_WIDTH} we build; pick K <= {MAX_WIDTH // 16}")
+    if width is not None and width > MAX_WIDTH:
+        return f"width {width} is above the {MAX_WIDTH} channels we build in a first stage; pass a smaller --width"
+    return None
+
+
 def arch_constructor(name: str) -> tuple[Callable[..., nn.Module], int] | None:
     """(constructor, default width) of one of our architectures: a registered name, or ``wide_resnetD_K``
     for any WRN-D-K (the registered WRNs are members of that family); None for another name."""

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robust.checks import check_value
+from robust.checks import check_value, split_list
 from robust.errors import ConfigError, did_you_mean
 from robust.threat import parse_fraction
 
@@ -179,13 +179,14 @@ def alias_settings(name: str) -> Mapping[str, Any]:
 def parse_method_options(text: str | None) -> dict[str, str]:
     """``"beta=6,gamma=0.1"`` -> ``{"beta": "6", "gamma": "0.1"}`` (values checked by the objective)."""
     options: dict[str, str] = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
+    for part in split_list("method-options", text) if text else []:
         name, eq, value = part.partition("=")
         if not eq or not name.strip() or not value.strip():
             raise ConfigError(f"method-options {text!r}: write NAME=VALUE pairs separated by commas, e.g. beta=6")
-        options[name.strip().replace("-", "_")] = value.strip()
+        key = name.strip().replace("-", "_")
+        if key in options:
+            raise ConfigError(f"method-options {text!r} gives {key} twice; give each option once")
+        options[key] = value.strip()
     return options
 
 

@@ -12,8 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from robust.errors import ConfigError
+from robust.outputs import RunFiles
 
 SKIPPED = ("epoch",)  # the step itself
+
+
+def check_tensorboard_dir(folder: str | Path, run_dir: str | Path) -> None:
+    """The rule for ``--tensorboard DIR``: anywhere except inside another run's folder (a folder, or a parent of
+    it, that holds a run's config.json, metrics.jsonl or checkpoints and is not this run's ``run_dir``)."""
+    target, own = Path(folder).resolve(), Path(run_dir).resolve()
+    for place in (target, *target.parents):
+        if place == own:
+            return
+        if any((place / name).is_file() for name in (RunFiles.CONFIG, RunFiles.METRICS, *RunFiles.CHECKPOINTS)):
+            raise ConfigError(f"--tensorboard {folder} is inside the run folder {place}, another run's; write this "
+                              f"run's scalars into its own folder (e.g. {Path(run_dir) / 'tb'}) or a folder of no run")
 
 
 def summary_writer_class():

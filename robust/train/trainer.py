@@ -26,14 +26,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 
 from robust import checkpoint as ckpt
 from robust.attacks import pgd
-from robust.config import TrainConfig
+from robust.config import TrainConfig, check_resume, load_saved_config, replan_milestones, upgrade_saved
 from robust.data.extra import load_extra_data
 from robust.data.load import load_dataset, memory_budget
 from robust.data.loader import to_float
@@ -42,7 +42,7 @@ from robust.errors import CheckpointError, ConfigError, NonFiniteLoss, TrainingI
 from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
 from robust.objectives import hard_labels
-from robust.outputs import check_output_dir
+from robust.outputs import RunFiles, check_output_dir
 from robust.progress import Progress, run_estimate
 from robust.runtime import configure_kernels, describe_machine, precision_name
 from robust.train import distributed as dist_
@@ -53,7 +53,7 @@ from robust.train.faults import SIGNAL_NAMES, FiniteWatch, SaveTimer, SignalCatc
 from robust.train.rundir import RunFolder, describe
 from robust.train.schedule import lr_at
 from robust.train.step import train_step
-from robust.train.tensorboard import ScalarLog, summary_writer_class
+from robust.train.tensorboard import ScalarLog, check_tensorboard_dir, summary_writer_class
 
 
 def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -128,7 +128,9 @@ class Trainer:
     files. Keyword-only options: ``sync_bn`` (route-aware SyncBatchNorm; None keeps the resumed
     checkpoint's choice), ``check_every`` (steps between non-finite-loss checks),
     ``handle_signals`` (turn SIGINT/SIGTERM into a checkpoint and :class:`TrainingInterrupted`
-    while fit() runs).
+    while fit() runs). ``config`` may also be a dict of field values (:meth:`TrainConfig.from_dict`).
+    A resume is refused (ConfigError, nothing written) when the config differs from the run's saved one
+    in a field outside :data:`robust.config.RESUMABLE`.
 
     Constructing a Trainer only checks the config: it reads, writes and joins nothing.
     :meth:`setup` (called by :meth:`fit`, or first by a caller that wants to look at the model)
@@ -136,16 +138,22 @@ class Trainer:
     and builds the model, optimizer and loader (:func:`robust.train.build.build_training`, no IO).
     """
 
-    def __init__(self, config: TrainConfig, data: ImageData | None = None, resume: bool = False,
+    def __init__(self, config: TrainConfig | Mapping[str, Any], data: ImageData | None = None, resume: bool = False,
                  force: bool = False, log: Callable[[str], None] | None = None, *, sync_bn: bool | None = None,
                  check_every: int = 50, handle_signals: bool = True) -> None:
-        self.config = config.validate()
+        if isinstance(config, Mapping):
+            config = TrainConfig.from_dict(dict(config))
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"Trainer needs a TrainConfig or a dict of its fields, got {type(config).__name__}; "
+                              "pass TrainConfig(...) or TrainConfig.from_dict({...})")
+        self.config = config.validate(resuming=resume)
         self.data, self.resume, self.force, self._sync_bn_asked = data, resume, force, sync_bn
         self.check_every = max(1, int(check_every))
         self._log = log or _to_stderr
         self.signals = SignalCatcher(handle_signals)
         self.saves = SaveTimer(config.save_every)  # the config is the one source of a run's settings
         self.ready = False
+        self._saved_epochs: int | None = None  # the epochs the resumed run was planned for
 
     @property
     def run_dir(self) -> Path:
@@ -179,13 +187,15 @@ class Trainer:
 
     # ---- setup (local to this rank: no collectives, a rank that fails must not strand the others) ---
     def _setup_local(self) -> None:
-        c = self.config
         self.folder.check()
+        state = self.folder.read_last(self.device) if self.resume else None  # a bad last.pt before the slow data
+        if state is not None:
+            self._check_same_run(state)
+        c = self.config
         if c.threads:
             torch.set_num_threads(c.threads)
         if c.batch_size < self.dist.world_size:
             raise ConfigError(f"batch-size {c.batch_size} is the global batch and must be >= the {self.dist.world_size} ranks; raise --batch-size")
-        state = self.folder.read_last(self.device) if self.resume else None  # a bad last.pt before the slow data
         self.data = self.data if self.data is not None else load_dataset(
             c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, budget=memory_budget(self.device) // dist_.local_world_size(),
             workers=c.workers)
@@ -203,13 +213,24 @@ class Trainer:
         self.resume_tally: dict[str, float] | None = None
         if state is not None:
             self._load_state(state)
+            self.config = replan_milestones(self.config, self._saved_epochs or c.epochs, self.start_epoch,
+                                            self.start_batch)
             if self.guard is not None and not self.start_batch:  # resumed at an epoch end: that epoch is the last good one
                 self._remember_good(state.get("metrics"))
         if self.dist.is_main:
             self.folder.check_room(self._checkpoint_bytes(), len(self.config.kept_epochs))
             if c.tensorboard:  # refused now, before anything is written
                 check_output_dir(c.tensorboard, "--tensorboard")
+                check_tensorboard_dir(c.tensorboard, self.run_dir)
                 summary_writer_class()
+
+    def _check_same_run(self, state: dict[str, Any]) -> None:
+        """Refuse to resume with settings the run was not trained with (its config.json, else last.pt's config)."""
+        path = self.run_dir / RunFiles.CONFIG
+        saved = load_saved_config(path) if path.is_file() else upgrade_saved(state.get("config"))
+        if isinstance(saved, dict):
+            self.config = check_resume(saved, self.config, self.run_dir)
+            self._saved_epochs = TrainConfig.from_saved(saved).epochs
 
     def _make_guard(self) -> COGuard:
         """The guard's fixed batch: the first training images, as they are (not augmented)."""
@@ -504,8 +525,15 @@ class Trainer:
                          f"at {c.resolved_extra_fraction:g} of every batch, {len(self.loader)} batches per epoch")
         return (f"training {c.arch} ({c.norm}{width}) on {c.dataset} "
                 f"[{len(self.loader.y)} training, {n_val} validation examples, {shape}{streamed}], "
-                f"method {c.resolved_method} ({', '.join(extras)}), eps {c.eps}, device {self.device}{ranks}, "
+                f"method {c.resolved_method} ({', '.join(extras)}), eps {c.eps}{_attack_words(c)}, device {self.device}{ranks}, "
                 f"precision {self.precision.describe()} -> {self.run_dir}")
+
+
+def _attack_words(c: TrainConfig) -> str:
+    """The training attack's step in the run's first line (a recipe's step scales with the eps given)."""
+    if "{steps}" not in c.objective.attack_text:  # one-step methods and clean training take no step size
+        return ""
+    return f" (PGD-{c.steps}, step {c.step_size_value:.4g})"
 
 
 def format_epoch(m: dict[str, Any]) -> str:
