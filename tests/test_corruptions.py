@@ -248,3 +248,17 @@ def test_cli_corruptions_compose_with_an_attack(checkpoint, tmp_path):
 ])
 def test_cli_refuses_bad_corruption_flags(checkpoint, tmp_path, args, expected):
     assert_refused(tmp_path, ["eval", checkpoint, "--json", "e.json", *args], expected)
+
+
+def test_report_section_draws_the_heat_map_per_route_and_the_mean():
+    from robust.lab.report import corruptions_section
+
+    assert corruptions_section("run0", {"routes": {}}) == ""
+    evaluation = {"corruptions": {"fog": {"1": {"clean": 90.0, "adv": 70.0}, "5": {"clean": 40.0, "adv": 50.0}},
+                                  "snow": {"1": {"clean": 80.0, "adv": 60.0}, "5": {"clean": 20.0, "adv": 30.0}}},
+                  "corruption_mean": {"clean": 57.5, "adv": 52.5}, "corruption_severities": [1, 5],
+                  "corruption_source": GENERATED, "corruption_n": 100}
+    html = corruptions_section("run0", evaluation)
+    assert 'id="run0-corruptions"' in html and "data:image/png;base64," in html
+    assert "clean 57.50, adv 52.50" in html and GENERATED in html
+    assert html.count("<tr>") == 1 + 4  # header and one row per corruption and severity
