@@ -18,7 +18,7 @@ from helpers import assert_refused, invoke_in
 
 # Parameters of the original that do not raise the mean change at every step (see docs/evaluation.md):
 # glass blur's larger sigma smooths its own shuffle (severities 1-3 share one shuffle pass), frost's image
-# weight drops less from 3 to 4 than its frost weight rises, and elastic's severity 1 has the largest
+# weight falls as its frost weight rises and the two partly cancel, and elastic's severity 1 has the largest
 # affine jitter (0.08 of the image) of all five, its later severities trading it for local displacement;
 # snow's severity 3 zooms its flakes 1.75x (fewer, larger) where severity 2 has more small ones.
 NOT_MONOTONE = {"glass_blur", "frost", "elastic_transform", "snow"}
