@@ -69,7 +69,7 @@ def print_checks(checks) -> None:
 @click.option("--corruptions", default=None,
               help="also score the common corruptions: all, or names such as gaussian_noise,fog (generated from the test "
                    "images unless --corruptions-dir)")
-@click.option("--severities", default="1,2,3,4,5", show_default=True, help="with --corruptions: severities among 1..5")
+@click.option("--severities", default=None, help="with --corruptions: severities among 1..5  [default: 1,2,3,4,5]")
 @click.option("--corruptions-dir", "corruptions_dir", default=None,
               help="with --corruptions: the official files, CIFAR-10-C/CIFAR-100-C's <name>.npy and labels.npy, or "
                    "ImageNet-C's <name>/<severity>/<class>/ folders")
@@ -117,7 +117,7 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
                      data_dir: str | None, sanity: bool, eps_sweep: str | None, plot: str | None,
                      json_path: str | None, force: bool, quiet: bool, weights: str | None, per_example: str | None,
                      attack_precision: str, jobs: int, threads: int | None, state_path: str | None,
-                     resume: bool, corruptions: str | None, severities: str, corruptions_dir: str | None,
+                     resume: bool, corruptions: str | None, severities: str | None, corruptions_dir: str | None,
                      **plain: str | None) -> None:
     """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
 
@@ -293,13 +293,13 @@ def per_example_lines(examples: dict[str, dict[str, list]], labels) -> str:
     return "\n".join(lines) + "\n"
 
 
-def corruption_settings(corruptions: str | None, severities: str, folder: str | None) -> dict[str, Any] | None:
+def corruption_settings(corruptions: str | None, severities: str | None, folder: str | None) -> dict[str, Any] | None:
     """evaluate's corruption keywords from the flags, refused before any file is read (None without --corruptions)."""
     if corruptions is None:
-        if folder is not None or severities != "1,2,3,4,5":
+        if folder is not None or severities is not None:
             raise BadInput("--severities and --corruptions-dir need --corruptions, e.g. --corruptions all")
         return None
-    names, levels = check_corruption_names(corruptions), check_severities(severities)
+    names, levels = check_corruption_names(corruptions), check_severities(severities or "1,2,3,4,5")
     if folder is not None:
         official_layout(folder, names)
     return {"corruptions": names, "severities": levels, "corruptions_dir": folder}

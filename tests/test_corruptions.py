@@ -262,3 +262,11 @@ def test_report_section_draws_the_heat_map_per_route_and_the_mean():
     assert 'id="run0-corruptions"' in html and "data:image/png;base64," in html
     assert "clean 57.50, adv 52.50" in html and GENERATED in html
     assert html.count("<tr>") == 1 + 4  # header and one row per corruption and severity
+
+
+def test_official_files_of_another_shape_are_refused(tmp_path):
+    write_cifar_c(tmp_path / "c10c", block=4)  # 3 x 32 x 32
+    x, y = torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    model = robust.build_model(norm="bn", num_classes=10, in_channels=1, width=4).eval()
+    with pytest.raises(DataError, match="are 3x32x32 .* test images are 1x28x28"):
+        evaluate_corruptions(model, x, y, "fog", [1], source_dir=str(tmp_path / "c10c"))

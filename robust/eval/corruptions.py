@@ -86,7 +86,7 @@ def evaluate_corruptions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cor
         counts.add(len(yc))
         cached_cells += cached
         if source_dir is not None:
-            check_official_labels(yc, num_classes, source_dir)
+            check_official_files(xc, yc, x.shape[1:], num_classes, source_dir)
         start = time.perf_counter()
         for r in routes:
             pred = predictions(model, xc, r, batch_size, device)
@@ -131,8 +131,12 @@ def format_corruptions(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_official_labels(y: torch.Tensor, num_classes: int, source: str) -> None:
-    """DataError for a label outside the model's classes in the official files."""
+def check_official_files(x: torch.Tensor, y: torch.Tensor, shape: torch.Size, num_classes: int, source: str) -> None:
+    """DataError when the official images are not of the model's shape (C x H x W) or a label is outside its classes."""
+    if x.shape[1:] != shape:
+        found, wanted = "x".join(map(str, x.shape[1:])), "x".join(map(str, shape))
+        raise DataError(f"the images in {source} are {found} (C x H x W) but the model's test images are {wanted}; "
+                        "pass the corruption files of the data the model was trained on")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise DataError(f"{source} has label {int(y.max())} outside the model's {num_classes} classes; pass the "
                         "corruption files of the data the model was trained on")
