@@ -198,7 +198,7 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     json_file = check_output_file(json_path, "--json", force, "eval.json") if json_path is not None else None
     plot_file = check_output_file(plot, "--plot", force, "eps_sweep.png") if plot is not None else None
     examples_file = check_output_file(per_example, "--per-example", force, "per_example.jsonl") if per_example else None
-    names = check_attack_names(attacks or ("clean" if corruption_options else "pgd20"))
+    names = check_attack_names(attacks if attacks is not None else "clean" if corruption_options else "pgd20")
     if eps is not None:  # refused before any file is read
         resolve_eps(eps, threat)
     sweep_values = parse_eps_list(eps_sweep, threat) if eps_sweep is not None else None
@@ -306,7 +306,8 @@ def corruption_settings(corruptions: str | None, severities: str | None, folder:
 
 
 def corruption_lines(examples: dict[str, Any] | None) -> str:
-    """One JSON line per route, corruption, severity and image: index and prediction (labels: the clean lines')."""
+    """One JSON line per route, corruption, severity and image: index and prediction (the label: a generated image's
+    is its clean line's, of the same index; the official files' are in their labels.npy)."""
     if not examples:
         return ""
     lines = [json.dumps({"route": route, "corruption": name, "severity": int(s), "index": i, "prediction": p})

@@ -25,9 +25,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from robust.attacks.registry import Attack, build_attack, parse_attack_name
+from robust.data.corruptions import check_corruption_names, check_severities, official_layout
 from robust.data.load import load_dataset
 from robust.data.types import CUSTOM_DATASETS, ImageData
-from robust.data.corruptions import check_corruption_names, check_severities, official_layout
 from robust.errors import ConfigError, DataError
 from robust.eval.accuracy import PROBE_BATCH, choose_attack_precision
 from robust.eval.corruptions import evaluate_corruptions
