@@ -14,7 +14,9 @@ from robust.attacks.registry import PerturbationError
 from robust.checkpoint import model_from, read_checkpoint, weights_of
 from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
 from robust.cli.plain_model import load_plain_model, plain_model_options, wants_plain_model
+from robust.data.corruptions import check_corruption_names, check_severities, official_layout
 from robust.eval.accuracy import ATTACK_PRECISIONS
+from robust.eval.corruptions import format_corruptions
 from robust.eval.estimate import PROBED, estimate_lines
 from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, check_attack_names, check_threads, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
@@ -74,8 +76,16 @@ def print_checks(checks) -> None:
 
 @click.command("eval")
 @click.argument("checkpoint", required=False)
-@click.option("--attack", "attacks", default="pgd20", show_default=True,
-              help="comma-separated attacks: clean, fgsm, pgdN, cwN, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, autoattack")
+@click.option("--attack", "attacks", default=None,
+              help="comma-separated attacks: clean, fgsm, pgdN, cwN, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, autoattack  "
+                   "[default: pgd20; clean with --corruptions]")
+@click.option("--corruptions", default=None,
+              help="also score the common corruptions: all, or names such as gaussian_noise,fog (generated from the test "
+                   "images unless --corruptions-dir)")
+@click.option("--severities", default=None, help="with --corruptions: severities among 1..5  [default: 1,2,3,4,5]")
+@click.option("--corruptions-dir", "corruptions_dir", default=None,
+              help="with --corruptions: the official files, CIFAR-10-C/CIFAR-100-C's <name>.npy and labels.npy, or "
+                   "ImageNet-C's <name>/<severity>/<class>/ folders")
 @click.option("--eps", default=None, help="attack radius in pixel units, e.g. 8/255  [default: the checkpoint's training eps]")
 @click.option("--route", type=click.Choice(["clean", "adv", "both"]), default=None,
               help="route to attack and score  [default: both for dual-route models]")
@@ -120,7 +130,8 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
                      data_dir: str | None, sanity: bool, eps_sweep: str | None, plot: str | None,
                      json_path: str | None, force: bool, quiet: bool, weights: str | None, per_example: str | None,
                      attack_precision: str, jobs: int, threads: int | None, state_path: str | None,
-                     resume: bool, **plain: str | None) -> None:
+                     resume: bool, corruptions: str | None, severities: str | None, corruptions_dir: str | None,
+                     **plain: str | None) -> None:
     """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
 
     Without CHECKPOINT, the newest run folder under ./runs is scored (and named).
@@ -143,6 +154,7 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
       robust eval runs/fashion-mnist-sabn-hybrid-s0 --attack pgd20 --limit 1000
       robust eval model.pt --attack pgd20,autoattack --eps 8/255 --json eval.json
       robust eval runs/a --eps-sweep 0,2/255,4/255,8/255,16/255 --plot curve.png
+      robust eval runs/a --corruptions all --severities 1,2,3,4,5 --json runs/a/
       robust eval runs/a --attack autoattack --jobs 2 --state aa.state --json aa.json
       robust eval runs/a --attack autoattack --jobs 2 --state aa.state --json aa.json --resume
       torchrun --nproc-per-node 4 -m robust.cli eval runs/a --attack autoattack --json aa.json
@@ -160,7 +172,8 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
                      device if rank_device is None else str(rank_device), seed, restarts, queries,
                      data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights, per_example=per_example,
                      attack_precision=attack_precision, jobs=jobs, threads=threads, state_file=state_path, resume=resume,
-                     plain=plain, writes=ctx.is_main)
+                     plain=plain, writes=ctx.is_main,
+                     corruption_options=corruption_settings(corruptions, severities, corruptions_dir))
     except PerturbationError as exc:
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
     finally:
@@ -182,7 +195,8 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
              sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
              quiet: bool, weights: str | None = None, per_example: str | None = None,
              attack_precision: str = "auto", jobs: int = 1, threads: int | None = None, state_file: str | None = None,
-             resume: bool = False, plain: dict[str, Any] | None = None, writes: bool = True) -> None:
+             resume: bool = False, plain: dict[str, Any] | None = None, writes: bool = True,
+             corruption_options: dict[str, Any] | None = None) -> None:
     """The body of `robust eval` (see its help); ``writes`` False (a torchrun rank other than 0) writes no file."""
 
     if jobs < 1:
@@ -196,7 +210,7 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     json_file = check_output_file(json_path, "--json", force, "eval.json") if json_path is not None else None
     plot_file = check_output_file(plot, "--plot", force, "eps_sweep.png") if plot is not None else None
     examples_file = check_output_file(per_example, "--per-example", force, "per_example.jsonl") if per_example else None
-    names = check_attack_names(attacks)
+    names = check_attack_names(attacks if attacks is not None else "clean" if corruption_options else "pgd20")
     if eps is not None:  # refused before any file is read
         resolve_eps(eps, threat)
     sweep_values = parse_eps_list(eps_sweep, threat) if eps_sweep is not None else None
@@ -241,8 +255,9 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
                 num_classes=int(model.build_args.get("num_classes", 10)))):
             click.echo(line, err=True)
     result = evaluate(model, test, attacks=names, eps=eps_value, per_example=examples_file is not None,
-                      state=state_file, resume=resume, force=force, **options)
+                      state=state_file, resume=resume, force=force, **options, **(corruption_options or {}))
     examples = result.pop("per_example", None)
+    corruption_examples = result.pop("corruption_per_example", None)
     args = model.build_args
     width = f", width {args['width']}" if args.get("width") else ""
     scored_weights = weights_of(state, weights) if plain_model is None else None
@@ -250,6 +265,8 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
                f"{result['n']} examples, {describe_eps(eps_value, threat)}, seed {seed}, "
                f"attacks in {result['attack_precision']} ({result['attack_precision_why']}; verdicts in fp32)")
     click.echo(format_table(result))
+    if "corruptions" in result:
+        click.echo(format_corruptions(result))
     ranks = f" on each of {result['ranks']} torchrun ranks" if result["ranks"] > 1 else ""
     click.echo(f"{result['seconds']:.1f} s ({result['jobs']} process(es) of {result['threads']} thread(s){ranks}); per attack: "
                + ", ".join(f"{k} {v:.1f} s" for k, v in result["attack_seconds"].items()))
@@ -276,7 +293,8 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
         write_output(json_file, json.dumps(report, indent=2) + "\n", overwrite=force)
         click.echo(f"wrote {json_file}")
     if examples_file and writes:
-        write_output(examples_file, per_example_lines(examples, test[1]), overwrite=force)
+        write_output(examples_file, per_example_lines(examples, test[1]) + corruption_lines(corruption_examples),
+                     overwrite=force)
         click.echo(f"wrote {examples_file}")
 
 
@@ -299,4 +317,27 @@ def per_example_lines(examples: dict[str, dict[str, list]], labels) -> str:
         for i, (label, pred, broken, robust) in enumerate(zip(labels.tolist(), e["prediction"], e["broken_by"], e["robust"])):
             lines.append(json.dumps({"route": route, "index": i, "label": label, "prediction": pred,
                                      "broken_by": broken, "robust": robust}))
+    return "\n".join(lines) + "\n"
+
+
+def corruption_settings(corruptions: str | None, severities: str | None, folder: str | None) -> dict[str, Any] | None:
+    """evaluate's corruption keywords from the flags, refused before any file is read (None without --corruptions)."""
+    if corruptions is None:
+        if folder is not None or severities is not None:
+            raise BadInput("--severities and --corruptions-dir need --corruptions, e.g. --corruptions all")
+        return None
+    names, levels = check_corruption_names(corruptions), check_severities(severities or "1,2,3,4,5")
+    if folder is not None:
+        official_layout(folder, names)
+    return {"corruptions": names, "severities": levels, "corruptions_dir": folder}
+
+
+def corruption_lines(examples: dict[str, Any] | None) -> str:
+    """One JSON line per route, corruption, severity and image: index and prediction (the label: a generated image's
+    is its clean line's, of the same index; the official files' are in their labels.npy)."""
+    if not examples:
+        return ""
+    lines = [json.dumps({"route": route, "corruption": name, "severity": int(s), "index": i, "prediction": p})
+             for route, table in examples.items() for name, levels in table.items()
+             for s, predictions in levels.items() for i, p in enumerate(predictions)]
     return "\n".join(lines) + "\n"

@@ -24,10 +24,12 @@ import torch.nn as nn
 
 from robust.attacks.registry import Attack, build_attack, parse_attack_name
 from robust.checks import MAX_SEED, check_value, split_list
+from robust.data.corruptions import check_corruption_names, check_severities, official_layout
 from robust.data.load import load_dataset
 from robust.data.types import CUSTOM_DATASETS, ImageData
 from robust.errors import ConfigError, DataError
 from robust.eval.accuracy import PROBE_BATCH, choose_attack_precision
+from robust.eval.corruptions import evaluate_corruptions
 from robust.eval.jobs import exchange, run_processes, score_units, split, world_position
 from robust.eval.jobs import to_model_input  # also where robust.lab.report finds it
 from robust.eval.state import EvalState, fingerprint, open_state
@@ -265,7 +267,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
              queries: int = 5000, progress: bool = False, per_example: bool = False,
              attack_precision: str = "auto", jobs: int = 1, threads: int | None = None,
              state: str | os.PathLike[str] | None = None, resume: bool = False, force: bool = False,
-             across_ranks: bool = True) -> dict[str, Any]:
+             across_ranks: bool = True, corruptions: Iterable[str] | str | None = None,
+             severities: Iterable[int] | str = (1, 2, 3, 4, 5), corruptions_dir: str | None = None) -> dict[str, Any]:
     """Clean and robust accuracy (%) of every route of ``model`` under each attack.
 
     ``data`` is ``(x, y)`` with x uint8 or float in [0, 1] of shape (N, C, H, W) (an ImageData
@@ -294,12 +297,18 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     written to after each attack on each batch (an existing one is kept unless ``force``);
     ``resume`` finishes the evaluation that file holds, refusing one of another model, other
     images or other settings. ``attack_seconds`` sums each attack's time over batches, processes and ranks.
+    ``corruptions`` (names or 'all') at ``severities`` adds accuracy under the common corruptions, generated
+    from the images or read from the official files in ``corruptions_dir`` (:mod:`robust.eval.corruptions`).
     The model is moved to ``device``; its train/eval modes are restored afterwards.
     """
     if eps is None:
         raise ConfigError("eps is required, e.g. eps=8/255 (robust eval defaults to the checkpoint's training eps)")
     eps = resolve_eps(eps, threat)
     names = check_attack_names(attacks)
+    if corruptions is not None:  # refused before any work
+        corruptions, severities = check_corruption_names(corruptions), check_severities(severities)
+        if corruptions_dir is not None:
+            official_layout(corruptions_dir, corruptions)
     check_counts(batch_size=batch_size, restarts=restarts, queries=queries, jobs=jobs, seed=seed, limit=limit)
     check_threads(threads)
     rank, world = world_position() if across_ranks else (0, 1)
@@ -369,6 +378,9 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
             result.setdefault("per_example", {})[r] = examples
     result.update(jobs=processes, threads=per_process, ranks=world, attack_seconds=record.seconds(),
                   seconds=time.perf_counter() - start, versions=versions())
+    if corruptions is not None:
+        result.update(evaluate_corruptions(model, x, y, corruptions, severities, route=route, batch_size=batch_size,
+                                           device=device, seed=seed, source_dir=corruptions_dir, per_example=per_example))
     return result
 
 

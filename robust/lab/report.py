@@ -401,6 +401,38 @@ def timing_table(run: ReportRun) -> str:
     return html_table(["", "value"], rows)
 
 
+def corruptions_section(ident: str, evaluation: dict[str, Any]) -> str:
+    """The section of an eval.json's common corruptions ("" without them): per route a heat map of accuracy by
+    corruption (rows) and severity (columns) with each row's mean, the mean over every cell, and the source."""
+    table = evaluation.get("corruptions")
+    if not table:
+        return ""
+    means = evaluation.get("corruption_mean") or {}
+    routes = list(means) or list(next(iter(next(iter(table.values())).values())))
+    names, levels = list(table), [str(s) for s in evaluation.get("corruption_severities") or next(iter(table.values()))]
+    fig = Figure(figsize=(2.2 + 0.75 * (len(levels) + 1) * len(routes), 1.0 + 0.32 * len(names)), layout="constrained")
+    axes = fig.subplots(1, len(routes), squeeze=False)[0]
+    for ax, route in zip(axes, routes):
+        grid = [[table[n].get(s, {}).get(route, float("nan")) for s in levels] for n in names]
+        grid = [row + [statistics.fmean([v for v in row if v == v] or [float("nan")])] for row in grid]
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < 60 else "black")
+        ax.set_xticks(range(len(levels) + 1), [*levels, "mean"], fontsize=8)
+        ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names), fontsize=8)
+        ax.set_xlabel("severity")
+        ax.set_title(f"{route}: mean {means.get(route, float('nan')):.2f}%", fontsize=9)
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="accuracy (%)")
+    rows = [[n, s, *(table[n][s].get(r) for r in routes)] for n in names for s in levels if s in table[n]]
+    caption = (f"<p>Accuracy (%) under the common corruptions, {_esc(evaluation.get('corruption_source'))}, "
+               f"{_esc(evaluation.get('corruption_n'))} images per cell. The track's figure is the mean over every "
+               "corruption and severity shown: " + ", ".join(f"{_esc(r)} {v:.2f}" for r, v in means.items()) + ".</p>")
+    body = caption + figure_html(fig, "accuracy by corruption and severity") + \
+        f"<details><summary>the table</summary>{html_table(['corruption', 'severity', *routes], rows, numeric_from=2)}</details>"
+    return section(f"{ident}-corruptions", "Common corruptions (%)", body)
+
+
 # ---------------------------------------------------------------- several runs
 
 
@@ -571,6 +603,7 @@ def run_html(index: int, run: ReportRun) -> str:
             parts.append(section(f"{ident}-sweep", "Accuracy against eps (worst case, %)",
                                  figure_html(sweep_figure(sweep), "accuracy against eps") +
                                  html_table(["eps", *(f"{r} route" for r in sweep[0]["routes"])], rows)))
+        parts.append(corruptions_section(ident, ev))
         if ev.get("per_class"):
             per_class = ev["per_class"]
             names = class_names(run.images.get("classes") if run.images else None, len(next(iter(per_class.values()))),
