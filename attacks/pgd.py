@@ -228,7 +228,8 @@ def pgd_restarts(
 # ---- exact early stop ------------------------------------------------------------------------------
 
 WINDOW = 8  # iterates kept per example to recognise a cycle of period up to WINDOW
-_BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64,
+         torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 class EarlyStop:
@@ -335,9 +336,11 @@ def _pgd_active(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, alph
     ring = torch.empty((min(WINDOW, steps) + 1, *x.shape), dtype=z.dtype, device=z.device)
     ring[0] = z
     for t in range(1, steps + 1):
-        grad = gradients(z, rows)
-        step = ball.project(z[rows] + ball.step(grad, alpha) - x[rows], eps)
-        new = (x[rows] + step).clamp(0, 1)
+        grad = torch.zeros_like(z)
+        grad[rows] = gradients(z, rows)
+        # the step and projection on the whole batch, as the full run computes them: a per-row norm may
+        # sum in another order on fewer rows; the finished rows' results are dropped
+        new = (x + ball.project(z + ball.step(grad, alpha) - x, eps)).clamp(0, 1)[rows]
         z[rows] = new
         done = torch.zeros(len(rows), dtype=torch.bool, device=z.device)
         for lag in range(1, min(len(ring), t + 1)):

@@ -204,10 +204,11 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     ``attack_precision`` (auto, fp32, bf16) is the precision of the attacks' iterations (auto: bf16
     on CUDA and on CPUs with AMX); every verdict, clean and adversarial, is an fp32 forward
     (:func:`robust.eval.accuracy.correct_under_attack`). The images are attacked in chunks of at
-    most ``batch_size`` by a rule of the image count alone (:func:`robust.eval.jobs.chunk_bounds`);
-    ``jobs`` splits the chunks across that many processes of ``threads`` torch threads each (default CPUs/jobs); each attack on each batch
-    has its own seed, so the verdicts equal one process's. In a torch.distributed process group (torchrun)
-    each of the ``ranks`` scores its share of the batches and every rank returns the whole result, the
+    most ``batch_size`` by a rule of the image count and batch size alone
+    (:func:`robust.eval.jobs.chunk_bounds`); ``jobs`` splits the chunks across that many processes of
+    ``threads`` torch threads each (default CPUs/jobs); each attack on each chunk has its own seed,
+    so the verdicts equal one process's. In a torch.distributed process group (torchrun)
+    each of the ``ranks`` scores its share of the chunks and every rank returns the whole result, the
     same verdicts again; call it on every rank, or pass ``across_ranks=False`` to evaluate everything in
     this process alone (e.g. on rank 0 only). ``state`` is a file the verdicts are
     written to after each attack on each batch (an existing one is kept unless ``force``);

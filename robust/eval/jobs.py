@@ -6,10 +6,11 @@ alone (:func:`chunk_bounds`), never of the number of processes, and each attack 
 from its own seed (:func:`batch_seed`), so a verdict does not depend on which process attacks the
 chunk, in which order, or in which run of a resume: one process, N processes, N torchrun ranks and an
 interrupted-then-resumed evaluation give the same verdicts, example for example. A small evaluation
-still has several chunks (up to :data:`MIN_CHUNKS`), so N processes share even 100 images evenly. The processes are spawned (a fork would inherit the parent's OpenMP threads), each with
-its share of the batches and its own torch thread count; they report every verdict to the parent,
+still has several chunks (up to :data:`MIN_CHUNKS`), so N processes share even 100 images evenly.
+The processes are spawned (a fork would inherit the parent's OpenMP threads), each with its share
+of the chunks and its own torch thread count; they report every verdict to the parent,
 which keeps the state and the progress bars. Under torchrun (a process group joined before the
-evaluation) each rank scores its share of the batches and the ranks exchange their verdicts at the
+evaluation) each rank scores its share of the chunks and the ranks exchange their verdicts at the
 end, so every rank returns the whole result.
 """
 
