@@ -227,7 +227,8 @@ def pgd_restarts(
 
 # ---- exact early stop ------------------------------------------------------------------------------
 
-WINDOW = 8  # iterates kept per example to recognise a cycle of period up to WINDOW
+WINDOW = 8  # iterates kept per example to recognise a cycle of period up to WINDOW ...
+RING_BYTES = 512 * 2**20  # ... fewer where WINDOW copies of the batch would take more memory than this
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64,
          torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -333,7 +334,8 @@ def _pgd_active(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, alph
         return z
     gradients = _Gradients(model, LOSSES[loss], x, y, early_stop)
     out = z.clone()
-    ring = torch.empty((min(WINDOW, steps) + 1, *x.shape), dtype=z.dtype, device=z.device)
+    window = max(1, min(WINDOW, steps, RING_BYTES // (z.numel() * z.element_size())))
+    ring = torch.empty((window + 1, *x.shape), dtype=z.dtype, device=z.device)
     ring[0] = z
     for t in range(1, steps + 1):
         grad = torch.zeros_like(z)

@@ -4,6 +4,8 @@ images, fp32."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -128,3 +130,13 @@ def test_evaluation_reports_the_iterations_each_pgd_ran_and_would_have_run(model
     assert pgd50["iterations_full"] == 50 * correct  # only the clean-correct examples are attacked
     assert 0 < pgd50["iterations_run"] < pgd50["iterations_full"]
     assert result["iterations"]["cw20"]["iterations_full"] == 20 * correct
+
+
+def test_a_window_cut_to_fit_memory_finds_fewer_cycles_and_still_the_same_bits(model, images, monkeypatch):
+    engine = importlib.import_module(pgd_restarts.__module__)  # the package exports a function of the same name
+    x, y = images
+    _, _, wide = _both(model, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    monkeypatch.setattr(engine, "RING_BYTES", 1)  # one iterate kept: only fixed points are recognised
+    full, early, narrow = _both(model, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    assert torch.equal(_bits(early), _bits(full))
+    assert wide.run <= narrow.run <= narrow.full
