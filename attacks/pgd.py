@@ -197,19 +197,163 @@ def fp32_predictions(model: Model, x: torch.Tensor) -> torch.Tensor:
 
 
 def pgd_restarts(
-    model: Model, x: torch.Tensor, y: torch.Tensor, restarts: int = 1, **kwargs
+    model: Model, x: torch.Tensor, y: torch.Tensor, restarts: int = 1, early_stop: "EarlyStop | None" = None, **kwargs
 ) -> torch.Tensor:
-    """PGD run ``restarts`` times; each example keeps the first restart that fools the model (in fp32)."""
-    best = pgd(model, x, y, **kwargs)
+    """PGD run ``restarts`` times; each example keeps the first restart that fools the model (in fp32).
+
+    With ``early_stop`` (an :class:`EarlyStop`, for a model in eval mode and the "ce" or "cw" loss)
+    an example stops when its iterates enter a cycle or once an earlier restart fooled it; the result
+    is bit for bit the full run's (:func:`_pgd_active`), and ``early_stop`` counts the steps saved.
+    """
+    def run(active: torch.Tensor) -> torch.Tensor:
+        if early_stop is None:
+            return pgd(model, x, y, **kwargs)
+        return _pgd_active(model, x, y, active=active, early_stop=early_stop, **kwargs)
+
+    best = run(torch.ones(len(x), dtype=torch.bool, device=x.device))
     if restarts <= 1:
         return best
     fooled = fp32_predictions(model, best) != y
     for _ in range(restarts - 1):
         if bool(fooled.all()):
             break
-        candidate = pgd(model, x, y, **kwargs)
+        candidate = run(~fooled)  # the full run attacks every example again and keeps only the unfooled ones'
         now_fooled = fp32_predictions(model, candidate) != y
         take = now_fooled & ~fooled
         best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), candidate, best)
         fooled |= now_fooled
     return best
+
+
+# ---- exact early stop ------------------------------------------------------------------------------
+
+WINDOW = 8  # iterates kept per example to recognise a cycle of period up to WINDOW ...
+RING_BYTES = 512 * 2**20  # ... fewer where WINDOW copies of the batch would take more memory than this
+_BITS = {torch.float32: torch.int32, torch.float64: torch.int64,
+         torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+class EarlyStop:
+    """Counts and memory of exact early stopping across the calls of one attack.
+
+    ``run`` counts the example-gradients computed (padding and checks included), ``full`` those the
+    full run computes (every example, every step, every restart it runs). ``sizes`` remembers, per
+    (batch size, smaller size, threads, autocast), whether a gradient computed on a smaller batch was
+    bit-identical to the full batch's: only then does a step run on the smaller batch.
+    """
+
+    def __init__(self) -> None:
+        self.run = 0
+        self.full = 0
+        self.sizes: dict[tuple, bool] = {}
+
+    def counts(self) -> dict[str, int]:
+        return {"iterations_run": self.run, "iterations_full": self.full}
+
+    def reset_counts(self) -> None:
+        self.run = self.full = 0
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit patterns (equal exactly when the values are the same floats, -0 and NaN included)."""
+    return t.contiguous().view(_BITS[t.dtype]) if t.dtype in _BITS else t
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row, whether ``a`` and ``b`` hold the same bits."""
+    return (_bits(a) == _bits(b)).flatten(1).all(dim=1)
+
+
+class _Gradients:
+    """Input gradients of some rows of a batch of ``full`` rows, computed on fewer rows only where that
+    was checked to give the full batch's bits.
+
+    A kernel's arithmetic may depend on the batch size (a GEMM with few rows takes another path, and
+    its sums round differently), so a smaller batch is used only after one step computed both ways
+    gave identical gradients for the rows that matter. Sizes halve (``full``, ``full/2``, ...); the
+    rows are padded with others (whose results are dropped) up to the size.
+    """
+
+    def __init__(self, model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, memo: EarlyStop) -> None:
+        self.model, self.loss_fn, self.x, self.y, self.memo = model, loss_fn, x, y, memo
+        self.full = len(x)
+
+    def _key(self, size: int) -> tuple:
+        device = self.x.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return (self.full, size, torch.get_num_threads(), device, autocast, self.x.dtype)
+
+    def _on(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        zr = z[rows].requires_grad_(True)
+        self.memo.run += len(rows)
+        return input_gradient(self.model, self.loss_fn, zr, self.y[rows])
+
+    def __call__(self, z: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """The gradients of rows ``active`` (indices) of the iterates ``z`` (all ``full`` rows)."""
+        sizes = [self.full]
+        while sizes[-1] > 1 and (sizes[-1] + 1) // 2 >= len(active):
+            sizes.append((sizes[-1] + 1) // 2)
+        size = next(s for s in reversed(sizes) if s == self.full or self.memo.sizes.get(self._key(s)) is not False)
+        if size == self.full:
+            everything = torch.arange(self.full, device=z.device)
+            return self._on(z, everything)[active]
+        idle = torch.ones(self.full, dtype=torch.bool, device=z.device)
+        idle[active] = False
+        rows = torch.cat([active, idle.nonzero().squeeze(1)[:size - len(active)]])
+        small = self._on(z, rows)[:len(active)]
+        key = self._key(size)
+        if key not in self.memo.sizes:  # checked once: the full batch's bits, or never this size again
+            reference = self._on(z, torch.arange(self.full, device=z.device))[active]
+            self.memo.sizes[key] = bool(_same_rows(small, reference).all())
+            return reference
+        return small
+
+
+def _pgd_active(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+                threat: str = "linf", random_start: bool = True, loss: str = "ce", *, active: torch.Tensor,
+                early_stop: EarlyStop) -> torch.Tensor:
+    """:func:`pgd`'s result on the rows ``active`` (a mask), bit for bit, computing fewer steps.
+
+    The step is a function of the iterate alone (fixed step size, a per-example loss, a model in eval
+    mode), so an iterate equal in every bit to one ``p`` steps earlier repeats the same ``p`` iterates
+    forever: the final one is known (``z[t - p + (steps - t) mod p]``) and the example stops. The other
+    rows (inactive) are returned as their start: the caller discards them. The random start is drawn
+    for every row, as :func:`pgd` draws it, so the random stream is the full run's.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"early stop needs a per-example loss ({', '.join(LOSSES)}), got {loss!r}")
+    ball = get_threat(threat)
+    x = x.detach()
+    if eps == 0:
+        return x.clone()
+    delta = ball.random_start(x, eps) if random_start else torch.zeros_like(x)
+    z = (x + delta).clamp(0, 1)
+    early_stop.full += len(x) * steps
+    rows = active.nonzero().squeeze(1)
+    if steps == 0 or len(rows) == 0:
+        return z
+    gradients = _Gradients(model, LOSSES[loss], x, y, early_stop)
+    out = z.clone()
+    window = max(1, min(WINDOW, steps, RING_BYTES // (z.numel() * z.element_size())))
+    ring = torch.empty((window + 1, *x.shape), dtype=z.dtype, device=z.device)
+    ring[0] = z
+    for t in range(1, steps + 1):
+        grad = torch.zeros_like(z)
+        grad[rows] = gradients(z, rows)
+        # the step and projection on the whole batch, as the full run computes them: a per-row norm may
+        # sum in another order on fewer rows; the finished rows' results are dropped
+        new = (x + ball.project(z + ball.step(grad, alpha) - x, eps)).clamp(0, 1)[rows]
+        z[rows] = new
+        done = torch.zeros(len(rows), dtype=torch.bool, device=z.device)
+        for lag in range(1, min(len(ring), t + 1)):
+            hit = _same_rows(ring[(t - lag) % len(ring)][rows], new) & ~done
+            if bool(hit.any()):
+                final = t - lag + (steps - t) % lag  # in [t - lag, t - 1]: still in the ring
+                out[rows[hit]] = ring[final % len(ring)][rows[hit]]
+                done |= hit
+        ring[t % len(ring)][rows] = new
+        rows = rows[~done]
+        if len(rows) == 0:
+            break
+    out[rows] = z[rows]
+    return out.detach()

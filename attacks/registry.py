@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torchattacks
 
-from .pgd import fp32_predictions, get_threat, pgd, pgd_restarts
+from .pgd import EarlyStop, fp32_predictions, get_threat, pgd, pgd_restarts
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,6 +53,7 @@ class Attack:
     params: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # an ensemble's seconds per stage, summed over calls
     on_stage: Callable[[str, int], None] | None = None  # told (stage, images) as an ensemble's stage starts, for progress
+    iterations: dict[str, int] = field(default_factory=dict)  # our PGD's iterations_run/iterations_full, summed over calls
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.run(x, y)
@@ -89,11 +90,20 @@ def _our_pgd(model: nn.Module, eps: float, threat: str, steps: int, loss: str, r
     params = {"source": "attacks.pgd", "steps": steps, "step_size": alpha, "random_start": True,
               "restarts": restarts, "loss": loss}
 
-    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return pgd_restarts(model, x, y, restarts=restarts, eps=eps, alpha=alpha, steps=steps,
-                            threat=threat, random_start=True, loss=loss)
+    memo = EarlyStop()
 
-    return Attack("", run, params)
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # exact early stop needs a step that depends on the example alone: eval mode (no batch statistics, no dropout)
+        exact = not any(m.training for m in model.modules())
+        memo.reset_counts()
+        x_adv = pgd_restarts(model, x, y, restarts=restarts, early_stop=memo if exact else None, eps=eps, alpha=alpha,
+                             steps=steps, threat=threat, random_start=True, loss=loss)
+        for key, n in (memo.counts() if exact else {}).items():
+            attack.iterations[key] = attack.iterations.get(key, 0) + n
+        return x_adv
+
+    attack = Attack("", run, params)
+    return attack
 
 
 def _fgsm(model: nn.Module, eps: float, threat: str) -> Attack:

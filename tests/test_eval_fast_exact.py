@@ -25,7 +25,7 @@ from robust.checkpoint import build_checkpoint, save_checkpoint
 from robust.data.loader import to_float
 from robust.eval.accuracy import attack_dtype, correct_under_attack
 from robust.eval.evaluation import evaluate
-from robust.eval.jobs import batch_seed
+from robust.eval.jobs import batch_seed, chunk_bounds
 from robust.train.step import StepSettings, train_step
 
 # robust/__init__ exports the function evaluate, which hides the module of the same name.
@@ -131,12 +131,14 @@ def test_fp32_attacks_give_the_hand_computed_verdicts_exactly(model, images):
         clean = model(xf).argmax(1) == y
     worst = clean.clone()
     for k, name in enumerate(names):
-        torch.manual_seed(batch_seed(0, 0, k))  # each attack on each batch starts from its own seed
-        attack = build_attack(name, model, EPS, seed=0)
-        x_adv = attack(xf[clean], y[clean])
-        with torch.no_grad():
-            robust = clean.clone()
-            robust[clean] = model(x_adv).argmax(1) == y[clean]
+        robust = clean.clone()
+        for b, (lo, hi) in enumerate(chunk_bounds(len(y), len(y))):  # 48 images: 6 chunks of 8
+            torch.manual_seed(batch_seed(0, b, k))  # each attack on each chunk starts from its own seed
+            attack = build_attack(name, model, EPS, seed=0)
+            keep = clean[lo:hi]
+            x_adv = attack(xf[lo:hi][keep], y[lo:hi][keep])
+            with torch.no_grad():
+                robust[lo:hi][keep] = model(x_adv).argmax(1) == y[lo:hi][keep]
         assert result["routes"]["adv"][name] == 100.0 * robust.sum().item() / len(y)
         worst &= robust
     assert result["per_example"]["adv"]["robust"] == worst.tolist()

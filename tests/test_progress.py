@@ -87,8 +87,8 @@ def test_eval_counts_route_images_and_beats_without_a_terminal(monkeypatch, caps
     err = capsys.readouterr().err.splitlines()
     pgd = [l for l in err if l.startswith("pgd1 (20 images x 2 routes)")]
     assert pgd[-1].startswith("pgd1 (20 images x 2 routes): 40/40 img")
-    assert len(pgd) == 6  # 3 batches x 2 routes
-    assert work_text([("adv", 0)], ["adv"], 20, 8) == "8 images, adv route"
+    assert len(pgd) == 6  # 3 chunks x 2 routes
+    assert work_text([("adv", 0)], ["adv"], 20, [(0, 8), (8, 16), (16, 20)]) == "8 images, adv route"
 
 
 def test_an_ensembles_stage_and_route_are_named_as_they_start():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -30,7 +29,7 @@ from robust.data.types import CUSTOM_DATASETS, ImageData
 from robust.errors import ConfigError, DataError
 from robust.eval.accuracy import PROBE_BATCH, choose_attack_precision
 from robust.eval.corruptions import evaluate_corruptions
-from robust.eval.jobs import exchange, run_processes, score_units, split, world_position
+from robust.eval.jobs import SPLIT_RULE, chunk_bounds, exchange, run_processes, score_units, split, world_position
 from robust.eval.jobs import to_model_input  # also where robust.lab.report finds it
 from robust.eval.state import EvalState, fingerprint, open_state
 from robust.nn.norms import RoutedNorm, routes_for
@@ -166,17 +165,17 @@ def build_attacks(model: nn.Module, names: Sequence[str], eps: float, threat: st
 
 
 def tally(state: EvalState, route: str, names: Sequence[str], y: torch.Tensor,
-          batch_size: int) -> tuple[dict[str, float], dict[str, list]]:
+          bounds: Sequence[tuple[int, int]]) -> tuple[dict[str, float], dict[str, list]]:
     """Clean, per-attack and worst-case accuracy (%) of one route from its batches' verdicts, and per example
     its clean prediction, the first attack (in the given order) that broke it and whether it survived them all."""
     labels = y.tolist()
     n = len(labels)
     examples: dict[str, list] = {"prediction": [], "broken_by": [], "robust": []}
     correct = {"clean": 0, **dict.fromkeys(names, 0), "worst_case": 0}
-    for b in range(math.ceil(n / batch_size)):
+    for b, (first, _) in enumerate(bounds):
         done = state.done(route, b)
         for j, prediction in enumerate(done["clean"]):
-            ok = prediction == labels[b * batch_size + j]
+            ok = prediction == labels[first + j]
             correct["clean"] += ok
             broken_by = None if ok else "clean"
             for name in names:
@@ -249,9 +248,9 @@ class Bars:
             bar.close()
 
 
-def work_text(units: Sequence[tuple[str, int]], routes: Sequence[str], n: int, batch_size: int) -> str:
-    """What a bar counts: "50 images x 2 routes" (route-images), or the one route's images."""
-    images = len({i for _, b in units for i in range(b * batch_size, min(n, (b + 1) * batch_size))})
+def work_text(units: Sequence[tuple[str, int]], routes: Sequence[str], n: int, bounds: Sequence[tuple[int, int]]) -> str:
+    """What a bar counts: "50 images x 2 routes" (route-images), or the one route's images (``bounds``: each chunk's)."""
+    images = len({i for _, b in units for i in range(bounds[b][0], min(n, bounds[b][1]))})
     todo = [r for r in routes if any(u[0] == r for u in units)] or list(routes)
     return f"{images} images x {len(todo)} routes" if len(todo) > 1 else f"{images} images, {todo[0]} route"
 
@@ -277,8 +276,10 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     negative labels or labels outside the model's classes, other channels or, for a model from
     :func:`robust.load_model`, another image size than it was trained on (DataError). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attack_precision",
-    "attacks": {name: params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "jobs",
-    "threads", "ranks", "attack_seconds", "seconds", "versions"}``; with
+    "attacks": {name: params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "split", "iterations",
+    "jobs", "threads", "ranks", "attack_seconds", "seconds", "versions"}`` (``split``: the rule of the chunks
+    the images are attacked in and their number; ``iterations``: per PGD/CW attack, the example-steps
+    computed and those the full run computes, the difference saved by exact early stop); with
     ``"per_class": {route: [{"class", "n", "clean", "worst_case"}, ...]}`` (the worst case per class:
     robust to every attack; None for a class without examples); with ``per_example``, also
     ``"per_example": {route: {"prediction", "broken_by", "robust"}}``, a list each in the examples'
@@ -288,10 +289,12 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     ``attack_precision`` (auto, fp32, bf16) is the precision of the attacks' iterations (auto: bf16
     on CUDA, and on a CPU where it ran this model's attack step at least 1.2x faster than fp32, measured
     once and cached; ``attack_precision_why`` in the result says which and why); every verdict, clean and adversarial, is an fp32 forward
-    (:func:`robust.eval.accuracy.correct_under_attack`). ``jobs`` splits the batches across that
-    many processes of ``threads`` torch threads each (default CPUs/jobs); each attack on each batch
-    has its own seed, so the verdicts equal one process's. In a torch.distributed process group (torchrun)
-    each of the ``ranks`` scores its share of the batches and every rank returns the whole result, the
+    (:func:`robust.eval.accuracy.correct_under_attack`). The images are attacked in chunks of at
+    most ``batch_size`` by a rule of the image count and batch size alone
+    (:func:`robust.eval.jobs.chunk_bounds`); ``jobs`` splits the chunks across that many processes of
+    ``threads`` torch threads each (default CPUs/jobs); each attack on each chunk has its own seed,
+    so the verdicts equal one process's. In a torch.distributed process group (torchrun)
+    each of the ``ranks`` scores its share of the chunks and every rank returns the whole result, the
     same verdicts again; call it on every rank, or pass ``across_ranks=False`` to evaluate everything in
     this process alone (e.g. on rank 0 only). ``state`` is a file the verdicts are
     written to after each attack on each batch (an existing one is kept unless ``force``);
@@ -317,7 +320,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     x, y = as_tensors(data, limit)
     check_fits(model, x, y)
     routes = list(routes_for(model, route))
-    batches = math.ceil(len(y) / batch_size)
+    bounds = chunk_bounds(len(y), batch_size)
+    batches = len(bounds)
     processes, per_process = plan_jobs(jobs, threads, len(y), batches)
     device = resolve_device("auto" if device is None else str(device))
     model.to(device)
@@ -328,26 +332,27 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     attack_names = [n for n in names if n != "clean"]
     record = open_state(state, resume, force, {} if state is None else fingerprint(
         model, x, y, eps=eps, threat=threat, attacks=attack_names, routes=routes, seed=seed, batch_size=batch_size,
-        restarts=restarts, queries=queries, attack_precision=precision_name(dtype)))
+        restarts=restarts, queries=queries, attack_precision=precision_name(dtype), split=SPLIT_RULE))
     start = time.perf_counter()
     units = [(r, b) for r in routes for b in range(batches)
              if not all(k in record.done(r, b) for k in ("clean", *attack_names))]
     if world > 1:  # this rank's share; the others' verdicts come in the exchange below
         units = split(units, world)[rank]
     known = {u: record.done(*u) for u in units if record.done(*u)}
-    bars = Bars(["clean", *attack_names], sum(len(y[b * batch_size:(b + 1) * batch_size]) for _, b in units),
-                work_text(units, routes, len(y), batch_size), progress and rank == 0)
+    bars = Bars(["clean", *attack_names], sum(bounds[b][1] - bounds[b][0] for _, b in units),
+                work_text(units, routes, len(y), bounds), progress and rank == 0)
     labels = y.tolist()
     mine: list[tuple] = []
 
-    def report(r: str, b: int, key: str, verdicts: list, seconds: float, stages: dict | None = None) -> None:
-        record.add(r, b, key, verdicts, seconds, stages)
+    def report(r: str, b: int, key: str, verdicts: list, seconds: float, stages: dict | None = None,
+               iterations: dict | None = None) -> None:
+        record.add(r, b, key, verdicts, seconds, stages, iterations)
         if world > 1:  # sent to the other ranks at the end
-            mine.append((r, b, key, verdicts, seconds, stages))
-        right = sum(p == t for p, t in zip(verdicts, labels[b * batch_size:])) if key == "clean" else sum(verdicts)
+            mine.append((r, b, key, verdicts, seconds, stages, iterations))
+        right = sum(p == t for p, t in zip(verdicts, labels[bounds[b][0]:])) if key == "clean" else sum(verdicts)
         bars.update(key, verdicts, right)
 
-    options = {"eps": eps, "threat": threat, "batch_size": batch_size, "device": device, "seed": seed, "dtype": dtype}
+    options = {"eps": eps, "threat": threat, "bounds": bounds, "device": device, "seed": seed, "dtype": dtype}
     build = functools.partial(build_attacks, names=attack_names, eps=eps, threat=threat, seed=seed, settings=settings)
     failure: BaseException | None = None
     try:
@@ -372,11 +377,12 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
                               "attack_precision": precision_name(dtype), "attack_precision_why": precision.why,
                               "attacks": {a.name: a.params for a in build(model)}, "routes": {}}
     for r in routes:
-        result["routes"][r], examples = tally(record, r, attack_names, y, batch_size)
+        result["routes"][r], examples = tally(record, r, attack_names, y, bounds)
         result.setdefault("per_class", {})[r] = per_class_accuracy(examples, y, num_classes_of(model))
         if per_example:
             result.setdefault("per_example", {})[r] = examples
-    result.update(jobs=processes, threads=per_process, ranks=world, attack_seconds=record.seconds(),
+    result.update(split={"rule": SPLIT_RULE, "chunks": len(bounds)}, iterations=record.iterations(),
+                  jobs=processes, threads=per_process, ranks=world, attack_seconds=record.seconds(),
                   seconds=time.perf_counter() - start, versions=versions())
     if corruptions is not None:
         result.update(evaluate_corruptions(model, x, y, corruptions, severities, route=route, batch_size=batch_size,

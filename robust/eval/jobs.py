@@ -1,13 +1,16 @@
-"""The work of an evaluation, batch by batch, in this process or split across several.
+"""The work of an evaluation, chunk by chunk, in this process or split across several.
 
-A unit of work is one route's batch: its clean predictions, then each attack on its clean-correct
-examples. Each attack on each batch starts from its own seed (:func:`batch_seed`), so a verdict does
-not depend on which process attacks the batch, in which order, or in which run of a resume: one
-process, N processes and an interrupted-then-resumed evaluation give the same verdicts, example for
-example. The processes are spawned (a fork would inherit the parent's OpenMP threads), each with
-its share of the batches and its own torch thread count; they report every verdict to the parent,
+A unit of work is one route's chunk of images: its clean predictions, then each attack on its
+clean-correct examples. The chunks follow a fixed rule of the number of images and the batch size
+alone (:func:`chunk_bounds`), never of the number of processes, and each attack on each chunk starts
+from its own seed (:func:`batch_seed`), so a verdict does not depend on which process attacks the
+chunk, in which order, or in which run of a resume: one process, N processes, N torchrun ranks and an
+interrupted-then-resumed evaluation give the same verdicts, example for example. A small evaluation
+still has several chunks (up to :data:`MIN_CHUNKS`), so N processes share even 100 images evenly.
+The processes are spawned (a fork would inherit the parent's OpenMP threads), each with its share
+of the chunks and its own torch thread count; they report every verdict to the parent,
 which keeps the state and the progress bars. Under torchrun (a process group joined before the
-evaluation) each rank scores its share of the batches and the ranks exchange their verdicts at the
+evaluation) each rank scores its share of the chunks and the ranks exchange their verdicts at the
 end, so every rank returns the whole result.
 """
 
@@ -28,12 +31,34 @@ from robust.data.loader import to_float
 from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import bn_mode, use_route
 
-# report(route, batch, "clean" or attack name, verdicts, seconds[, an ensemble's seconds per stage])
+# report(route, chunk, "clean" or attack name, verdicts, seconds[, an ensemble's seconds per stage[, PGD's iterations]])
 Report = Callable[..., None]
 
 
+MIN_CHUNKS = 16  # an evaluation of n images has at least min(MIN_CHUNKS, n // MIN_CHUNK) chunks ...
+MIN_CHUNK = 8  # ... of at least MIN_CHUNK images, however large the batch size
+SPLIT_RULE = f"max(ceil(n / batch_size), min({MIN_CHUNKS}, n // {MIN_CHUNK})) chunks, sizes differing by at most one"
+
+
+def chunk_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The evaluation's chunks of ``n`` images as (start, end): :data:`SPLIT_RULE`, in order.
+
+    At most ``batch_size`` images each; at least 16 chunks when there are 128 images or more, so
+    up to 16 processes (or ranks) share a small evaluation evenly. The rule depends on ``n`` and the
+    batch size only: a rerun with other ``--jobs`` attacks the very same chunks.
+    """
+    count = max(1, -(-n // batch_size), min(MIN_CHUNKS, n // MIN_CHUNK))
+    size, extra = divmod(n, count)
+    bounds, start = [], 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
 def batch_seed(seed: int, batch: int, attack: int) -> int:
-    """The RNG seed of attack number ``attack`` (in the list's order) on batch number ``batch``."""
+    """The RNG seed of attack number ``attack`` (in the list's order) on chunk number ``batch``."""
     return (seed * 1_000_003 + batch) * 1_009 + attack
 
 
@@ -53,14 +78,16 @@ def checked(attack: Attack, eps: float, threat: str):
 
 def score_units(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack], units: Sequence[tuple[str, int]],
                 known: dict[tuple[str, int], dict[str, list]], report: Report, *, eps: float, threat: str,
-                batch_size: int, device: torch.device, seed: int, dtype: torch.dtype | None) -> None:
-    """Score each (route, batch) of ``units``, skipping what ``known`` already holds; every clean pass
-    and every attack's verdicts go to ``report(route, batch, "clean" or name, list, seconds[, stage seconds])``."""
+                bounds: Sequence[tuple[int, int]], device: torch.device, seed: int, dtype: torch.dtype | None) -> None:
+    """Score each (route, chunk) of ``units`` (chunk b holds images ``bounds[b]``), skipping what ``known``
+    already holds; every clean pass and every attack's verdicts go to
+    ``report(route, chunk, "clean" or name, list, seconds, stage seconds, iterations)``."""
     with bn_mode(model, False), torch.autocast(device.type, enabled=False):  # eval mode; fp32 unless an attack asks
         for route, b in units:
             done = known.get((route, b), {})
-            xb = to_model_input(x[b * batch_size:(b + 1) * batch_size], device)
-            yb = y[b * batch_size:(b + 1) * batch_size].to(device)
+            first, last = bounds[b]
+            xb = to_model_input(x[first:last], device)
+            yb = y[first:last].to(device)
             with use_route(model, route):
                 if "clean" in done:
                     prediction = torch.tensor(done["clean"], device=device)
@@ -74,9 +101,11 @@ def score_units(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Seq
                         continue
                     start = time.perf_counter()
                     attack.stage_seconds.clear()
+                    attack.iterations.clear()
                     torch.manual_seed(batch_seed(seed, b, k))
                     _, robust = correct_under_attack(model, xb, yb, checked(attack, eps, threat), clean=alive, dtype=dtype)
-                    report(route, b, attack.name, robust.tolist(), time.perf_counter() - start, dict(attack.stage_seconds))
+                    report(route, b, attack.name, robust.tolist(), time.perf_counter() - start, dict(attack.stage_seconds),
+                           dict(attack.iterations))
 
 
 def split(units: Sequence[Any], parts: int) -> list[list[Any]]:

@@ -28,7 +28,7 @@ _WHAT = {"model": "another model (its weights differ)", "images": "other images 
          "n": "another number of images", "eps": "another eps", "threat": "another threat model",
          "attacks": "another attack list", "routes": "other routes", "seed": "another seed",
          "batch_size": "another batch size", "restarts": "another number of restarts", "queries": "another query budget",
-         "attack_precision": "another attack precision"}
+         "attack_precision": "another attack precision", "split": "another rule of chunks"}
 
 
 def digest_tensors(tensors: list[tuple[str, torch.Tensor]]) -> str:
@@ -70,13 +70,18 @@ class EvalState:
         return self.routes.setdefault(route, {"batches": {}, "seconds": {}})
 
     def add(self, route: str, batch: int, key: str, verdicts: list, seconds: float,
-            stages: dict[str, float] | None = None) -> None:
-        """Record one batch's clean predictions (key "clean") or one attack's robust flags and seconds (an
-        ensemble's also per stage, as "name/stage"), and write the file."""
+            stages: dict[str, float] | None = None, iterations: dict[str, int] | None = None) -> None:
+        """Record one chunk's clean predictions (key "clean") or one attack's robust flags and seconds (an
+        ensemble's also per stage, as "name/stage"; our PGD's also its iterations run and in full), and
+        write the file."""
         r = self.route(route)
         r["batches"].setdefault(str(batch), {})[key] = verdicts
         for name, s in {key: seconds, **{f"{key}/{stage}": t for stage, t in (stages or {}).items()}}.items():
             r["seconds"][name] = r["seconds"].get(name, 0.0) + s
+        if iterations:
+            counts = r.setdefault("iterations", {}).setdefault(key, {})
+            for name, n in iterations.items():
+                counts[name] = counts.get(name, 0) + n
         self.save()
 
     def done(self, route: str, batch: int) -> dict[str, list]:
@@ -89,6 +94,15 @@ class EvalState:
         for r in self.routes.values():
             for key, s in r["seconds"].items():
                 total[key] = total.get(key, 0.0) + s
+        return total
+
+    def iterations(self) -> dict[str, dict[str, int]]:
+        """Per attack that counts them, its iterations run and in full, summed over routes, chunks and processes."""
+        total: dict[str, dict[str, int]] = {}
+        for r in self.routes.values():
+            for key, counts in r.get("iterations", {}).items():
+                for name, n in counts.items():
+                    total.setdefault(key, {})[name] = total.setdefault(key, {}).get(name, 0) + n
         return total
 
     def save(self) -> None:

@@ -1,0 +1,142 @@
+"""Exact early stop of our PGD: an example whose iterates enter a cycle, or that an earlier restart
+already fooled, stops, and the returned examples are the full run's bit for bit. Tiny models, real
+images, fp32."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import robust
+from robust.attacks.pgd import EarlyStop, fp32_predictions, pgd_restarts
+from robust.attacks.registry import build_attack
+from robust.data.loader import to_float
+from robust.eval.evaluation import evaluate
+from robust.train.step import StepSettings, train_step
+
+EPS = {"linf": 0.1, "l2": 1.0}
+
+
+@pytest.fixture(scope="module")
+def model(fmnist):
+    """A width-4 model trained briefly with FGSM-RS: robust on some images, so PGD's iterates settle."""
+    torch.manual_seed(0)
+    net = robust.build_model(norm="sabn", num_classes=10, in_channels=1, width=4, mean=fmnist.mean, std=fmnist.std)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    settings = StepSettings.of("fast", EPS["linf"], clean_weight=0.5, attack_bn="eval")
+    for _ in range(60):
+        idx = torch.randint(0, 2000, (32,))
+        train_step(net, opt, None, to_float(fmnist.train_x[idx]), fmnist.train_y[idx], settings)
+    return robust.export_route(net, "adv").eval()
+
+
+@pytest.fixture(scope="module")
+def images(fmnist):
+    return to_float(fmnist.test_x[:64]), fmnist.test_y[:64]
+
+
+def _both(model, x, y, restarts: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor, EarlyStop]:
+    """The full run's and the early-stopped run's examples from the same seed, and the latter's counts."""
+    torch.manual_seed(1)
+    full = pgd_restarts(model, x, y, restarts=restarts, **kwargs)
+    memo = EarlyStop()
+    torch.manual_seed(1)
+    early = pgd_restarts(model, x, y, restarts=restarts, early_stop=memo, **kwargs)
+    return full, early, memo
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.precision
+@pytest.mark.parametrize("threat", ["linf", "l2"])
+@pytest.mark.parametrize("loss", ["ce", "cw"])
+@pytest.mark.parametrize("steps,restarts", [(20, 1), (50, 1), (20, 3)])
+def test_early_stopped_pgd_returns_the_full_runs_examples_bit_for_bit(model, images, threat, loss, steps, restarts):
+    x, y = images
+    eps = EPS[threat]
+    full, early, memo = _both(model, x, y, restarts, eps=eps, alpha=eps / 4, steps=steps, threat=threat, loss=loss)
+    assert torch.equal(_bits(early), _bits(full))
+    assert torch.equal(fp32_predictions(model, early), fp32_predictions(model, full))
+    # the full run: every example, every step, every restart it runs (it stops once all are fooled)
+    assert memo.full % (len(x) * steps) == 0 and len(x) * steps <= memo.full <= restarts * len(x) * steps
+    assert 0 < memo.run <= memo.full + len(x) * steps  # at most one step's checking on top
+
+
+@pytest.mark.precision
+def test_cycles_and_fooled_restarts_save_iterations(model, images):
+    x, y = images
+    _, _, memo = _both(model, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    assert memo.run < memo.full == len(x) * 50  # cycles found within 50 steps
+    _, _, memo = _both(model, x, y, 3, eps=0.1, alpha=0.025, steps=20, threat="linf", loss="ce")
+    assert memo.run < 0.75 * memo.full  # later restarts attack only the examples not yet fooled
+
+
+class SizeDependent(torch.nn.Module):
+    """``model`` whose first logit grows with the batch size: a kernel whose sums change with the rows."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(x)
+        return logits + torch.nn.functional.one_hot(torch.zeros_like(logits[:, 0]).long(), logits.shape[1]) * 1e-3 * len(x)
+
+
+def test_a_smaller_batch_is_used_only_where_it_gives_the_full_batchs_bits(model, images):
+    x, y = images
+    odd = SizeDependent(model).eval()
+    full, early, memo = _both(odd, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    assert torch.equal(_bits(early), _bits(full))
+    assert memo.sizes and not any(memo.sizes.values())  # each smaller size was checked and refused
+    _, _, plain = _both(model, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    assert any(plain.sizes.values())  # this model's kernels give the same bits on fewer rows (some sizes at least)
+
+
+def test_early_stop_refuses_a_loss_over_the_whole_batch(model, images):
+    x, y = images
+    with pytest.raises(ValueError, match="per-example loss"):
+        pgd_restarts(model, x, y, early_stop=EarlyStop(), eps=0.1, alpha=0.025, steps=2, loss=lambda logits, y: logits.sum())
+
+
+def test_the_registrys_pgd_stops_early_in_eval_mode_only(model, images):
+    x, y = images
+    attack = build_attack("pgd50", model, 0.1)
+    torch.manual_seed(1)
+    stopped = attack(x, y)
+    torch.manual_seed(1)
+    full = pgd_restarts(model, x, y, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    assert torch.equal(_bits(stopped), _bits(full))
+    assert attack.iterations["iterations_run"] < attack.iterations["iterations_full"] == len(x) * 50
+    model.train()
+    try:
+        attack.iterations.clear()
+        attack(x[:8], y[:8])  # batch statistics tie the examples together: no early stop, no counts
+        assert attack.iterations == {}
+    finally:
+        model.eval()
+
+
+def test_evaluation_reports_the_iterations_each_pgd_ran_and_would_have_run(model, fmnist):
+    data = (fmnist.test_x[:64], fmnist.test_y[:64])
+    result = evaluate(model, data, attacks=["fgsm", "pgd50", "cw20"], eps=0.1, attack_precision="fp32", per_example=True)
+    correct = sum(p == t for p, t in zip(result["per_example"]["adv"]["prediction"], fmnist.test_y[:64].tolist()))
+    assert set(result["iterations"]) == {"pgd50", "cw20"}  # FGSM has one step: nothing to save
+    pgd50 = result["iterations"]["pgd50"]
+    assert pgd50["iterations_full"] == 50 * correct  # only the clean-correct examples are attacked
+    assert 0 < pgd50["iterations_run"] < pgd50["iterations_full"]
+    assert result["iterations"]["cw20"]["iterations_full"] == 20 * correct
+
+
+def test_a_window_cut_to_fit_memory_finds_fewer_cycles_and_still_the_same_bits(model, images, monkeypatch):
+    engine = importlib.import_module(pgd_restarts.__module__)  # the package exports a function of the same name
+    x, y = images
+    _, _, wide = _both(model, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    monkeypatch.setattr(engine, "RING_BYTES", 1)  # one iterate kept: only fixed points are recognised
+    full, early, narrow = _both(model, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    assert torch.equal(_bits(early), _bits(full))
+    assert wide.run <= narrow.run <= narrow.full
