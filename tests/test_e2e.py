@@ -45,7 +45,7 @@ def test_robust_accuracy_is_well_above_chance(trained, tmp_path):
     # the native figures), on an Intel Xeon with AVX512-BF16 without AMX, 2026-12-07; min/mean/max (sd):
     #   adv route clean     native 60.6/66.4/70.4, AVX2 62.0/66.2/69.2 (sd 3.4 over all 10)
     #   adv route PGD-20    native 34.8/39.4/46.0, AVX2 36.2/41.3/46.4 (sd 4.3)
-    #   clean route clean   native 64.0/67.5/70.8, AVX2 63.6/65.3/68.6 (sd 2.7)
+    #   clean route clean   native 64.0/67.5/70.8, AVX2 63.6/65.3/68.6 (sd 2.5)
     # Each bound is the lower of (min - 10) and (mean - 4 sd), rounded down to a multiple of 5.
     # Chance is 10%.
     assert adv["clean"] > 50 and adv["pgd20"] > 20, adv

@@ -35,6 +35,11 @@ EPS = 0.1
 WIDTH = 4
 
 
+# The "something to compare" checks below (some examples robust, some broken) hold over the spread of this
+# training with torch.manual_seed(s), s = 0-4, each with native kernels and with ONEDNN_MAX_CPU_ISA=AVX2
+# ATEN_CPU_CAPABILITY=avx2 (ONEDNN_MAX_CPU_ISA=AVX512_CORE gave the native figures), on an Intel Xeon with
+# AVX512-BF16 without AMX, 2026-12-07; the figures measured are beside each check. Rule: the least robust
+# and the least broken count measured stay above 0 by at least 10 points of accuracy. The fixture keeps seed 0.
 @pytest.fixture(scope="module")
 def model(fmnist):
     """A width-4 SaBN model trained briefly with FGSM-RS on real images: well above chance, not robust to all."""
@@ -114,7 +119,9 @@ def test_bf16_pgd_iterations_and_every_broken_example_misclassified_in_fp32(mode
     with torch.no_grad():
         fp32_right = model(returned[0]).argmax(1) == y[clean]
     assert torch.equal(robust[clean], fp32_right)  # broken means misclassified in fp32, and only that
-    assert 0 < int(robust.sum()) < int(clean.sum())  # a comparison with something to compare
+    # a comparison with something to compare: robust 15/16.0/17 of 48 (min/mean/max), broken 5/6.8/11 of 48
+    # (native kernels only: an AVX2-only CPU skips bf16 tests)
+    assert 0 < int(robust.sum()) < int(clean.sum())
     result = evaluate(model, (x, y), attacks=["pgd5"], eps=EPS, attack_precision="bf16")
     assert result["attack_precision"] == "bf16"
 
@@ -154,7 +161,8 @@ def test_two_processes_give_one_process_verdicts_example_for_example(model, imag
     two = evaluate(model, images, jobs=2, **kwargs)
     assert (one["jobs"], two["jobs"], two["threads"]) == (1, 2, 1)
     assert two["per_example"] == one["per_example"] and two["routes"] == one["routes"]
-    assert 0 < one["routes"]["adv"]["worst_case"] < one["routes"]["adv"]["clean"]  # something to compare
+    # something to compare: robust 11-20 of 48 (22.9-41.7%, mean 30.2%), broken 6-13 of 48 (12.5-27.1%, mean 19.2%)
+    assert 0 < one["routes"]["adv"]["worst_case"] < one["routes"]["adv"]["clean"]
     assert set(two["attack_seconds"]) == {"clean", "fgsm", "pgd3", "apgd-ce"}
     assert all(s > 0 for s in two["attack_seconds"].values())
 
@@ -294,7 +302,7 @@ def test_cli_refuses_bad_jobs_and_state_in_one_line_and_loses_nothing(checkpoint
 
 
 def test_two_torchrun_ranks_give_one_process_verdicts_and_only_rank_zero_speaks(checkpoint, tmp_path):
-    args = ["eval", str(checkpoint), "--attack", "fgsm,pgd3", "--limit", "24", "--batch-size", "8", "--quiet",
+    args = ["eval", str(checkpoint), "--attack", "fgsm,pgd3,apgd-ce", "--limit", "48", "--batch-size", "8", "--quiet",
             "--attack-precision", "fp32", "--threads", "1"]
     one = invoke_in(tmp_path, [*args, "--json", "one.json", "--per-example", "one.jsonl"])
     assert one.exit_code == 0, one.output
@@ -308,8 +316,10 @@ def test_two_torchrun_ranks_give_one_process_verdicts_and_only_rank_zero_speaks(
     assert (a["ranks"], b["ranks"]) == (1, 2)
     assert b["routes"] == a["routes"] and b["per_class"] == a["per_class"]
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()  # example for example
-    assert 0 < a["routes"]["adv"]["worst_case"] < a["routes"]["adv"]["clean"]  # something to compare
-    assert set(b["attack_seconds"]) == {"clean", "fgsm", "pgd3"}
+    # something to compare: the figures of test_two_processes_give_one_process_verdicts_example_for_example (the
+    # same attacks, examples and batches); with fgsm,pgd3 alone as few as 2 of 24 (4 of 48) were broken
+    assert 0 < a["routes"]["adv"]["worst_case"] < a["routes"]["adv"]["clean"]
+    assert set(b["attack_seconds"]) == {"clean", "fgsm", "pgd3", "apgd-ce"}
 
 
 def _rank_evaluations(rank: int, init: str, model, images, kwargs: dict, out: str) -> None:
