@@ -536,10 +536,15 @@ def _check_sizes(c: TrainConfig) -> None:
 
 
 def _memory_bytes(device: str) -> int:
-    """The memory a model trains in: the GPU's when it trains on one, else this machine's RAM."""
-    if device != "cpu" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """The memory a model trains in: the first GPU's when it trains on one, else this machine's RAM (also where the
+    GPU cannot be asked yet, e.g. its driver is not loaded: the run's own start then reports the GPU)."""
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if device == "cpu" or not torch.cuda.is_available():
+        return ram
+    try:
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    except (RuntimeError, AssertionError):  # torch's words for "no driver" / "not compiled with CUDA"
+        return ram
 
 
 def _check_model_size(c: TrainConfig) -> None:
