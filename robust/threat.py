@@ -52,8 +52,11 @@ def resolve_eps(eps: float | str, threat: str) -> float:
 
 
 def parse_eps_list(text: str, threat: str = "linf") -> list[float]:
-    """``"0,2/255,4/255"`` -> sorted eps values (each parsed like --eps)."""
-    values = [resolve_eps(part, threat) for part in text.split(",") if part.strip()]
-    if not values:
+    """``"0,2/255,4/255"`` -> sorted eps values (each parsed like --eps). An empty item is refused, as in every
+    comma list (robust.checks.split_list, which this layer cannot import)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not any(parts):
         raise ConfigError(f"eps list {text!r} is empty; write it like 0,2/255,4/255,8/255")
-    return sorted(set(values))
+    if not all(parts):
+        raise ConfigError(f"eps list {text!r} has an empty item; write the values separated by single commas, e.g. 0,2/255,4/255")
+    return sorted({resolve_eps(part, threat) for part in parts})

@@ -479,6 +479,8 @@ def test_eval_refuses_bad_flags(tmp_path, good_checkpoint, args, problem):
 @pytest.mark.parametrize("args, problem", [
     (["--eps-sweep", ""], "--eps-sweep is empty"),
     (["--eps-sweep", ","], "eps list ',' is empty"),
+    (["--eps-sweep", "0,,0.1"], "eps list '0,,0.1' has an empty item"),
+    (["--eps-sweep", "0,0.1,"], "eps list '0,0.1,' has an empty item"),
     (["--attack", ""], "--attack is empty"),
     (["--json", ""], "--json is empty"),
     (["--data-dir", ""], "--data-dir is empty"),
