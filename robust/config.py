@@ -452,7 +452,7 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     for f in dataclasses.fields(TrainConfig):
         old, new = getattr(before, f.name), getattr(config, f.name)
         if f.name not in RESUMABLE and not _same_value(f, old, new):
-            out.append(f"--{f.name.replace('_', '-')} {_shown(old)} (given: {_shown(new)})")
+            out.append(f"--{f.name.replace('_', '-')} {shown_setting(old)} (given: {shown_setting(new)})")
     return out
 
 
@@ -503,7 +503,8 @@ def _same_value(f: dataclasses.Field, old: Any, new: Any) -> bool:
     return False
 
 
-def _shown(value: Any) -> str:
+def shown_setting(value: Any) -> str:
+    """A saved or given setting as a refusal quotes it: None as the default, booleans as the flags write them."""
     if value is None:
         return "unset (the default)"
     if isinstance(value, bool):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from robust.checks import MAX_SEED, check_fields
-from robust.config import TrainConfig
+from robust.config import TrainConfig, shown_setting
 from robust.errors import CompareExistsError, ConfigError, check_ascii_number
 from robust.eval.evaluation import check_attack_names
 from robust.nn.norms import NORMS, check_norm
@@ -242,17 +242,9 @@ def check_same_grid(saved: dict[str, Any], settings: CompareSettings) -> None:
             same = old == new
         if not same:
             flag = "--" + f.name.replace("_", "-")
-            raise ConfigError(f"cannot resume {settings.out}: its runs were trained with {flag} {_shown(old)}, "
-                              f"not {_shown(new)}; resume without {flag} (or with {flag} {_shown(old)}), or start "
+            raise ConfigError(f"cannot resume {settings.out}: its runs were trained with {flag} {shown_setting(old)}, "
+                              f"not {shown_setting(new)}; resume without {flag} (or with {flag} {shown_setting(old)}), or start "
                               "a new comparison with another --out")
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "unset (the default)"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
 
 
 def check_compare_dir(out: Path, resume: bool, force: bool) -> None:
