@@ -13,11 +13,11 @@ from robust.cli.common import SEED, check_output_file, model_file
 from robust.cli.train import config_options
 from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
 from robust.errors import ConfigError
-from robust.lab.analysis import analyze_checkpoint, check_poolable, spread_by_norm
-from robust.lab.compare.grid import run_compare
-from robust.lab.compare.report import markdown_table, mean_sd_table
-from robust.lab.compare.settings import CompareSettings, load_settings, parse_seeds
-from robust.lab.plots import (CurveRun, plot_gradient_analysis, plot_learning_curves, read_config_quietly, run_folders,
+from robust.analysis.gradients import analyze_checkpoint, check_poolable, spread_by_norm
+from robust.compare.grid import run_compare
+from robust.compare.tables import markdown_table, mean_sd_table
+from robust.compare.settings import CompareSettings, load_settings, parse_seeds
+from robust.curves import (CurveRun, plot_gradient_analysis, plot_learning_curves, read_config_quietly, run_folders,
                                run_labels, validation_attack)
 from robust.outputs import check_output_dir, write_output
 from robust.threat import parse_eps

@@ -21,8 +21,8 @@ from robust.eval.estimate import PROBED, estimate_lines
 from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, check_attack_names, check_threads, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
-from robust.lab.plots import plot_sweep
-from robust.lab.robustbench import eps_beside
+from robust.curves import plot_sweep
+from robust.export.robustbench import eps_beside
 from robust.nn.norms import routes_for
 from robust.outputs import write_output
 from robust.runtime import resolve_device

@@ -10,8 +10,8 @@ import torch
 
 from robust.checkpoint import build_checkpoint, model_from, read_checkpoint, save_checkpoint, weights_of
 from robust.cli.common import BadInput, check_output_file, model_file
-from robust.lab.report import EVAL_FILE
-from robust.lab.robustbench import check_name, write_robustbench
+from robust.report import EVAL_FILE
+from robust.export.robustbench import check_name, write_robustbench
 from robust.nn.external import constructor_call, is_external
 from robust.nn.norms import use_route
 from robust.outputs import RunFiles, check_output_dir

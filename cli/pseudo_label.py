@@ -12,7 +12,7 @@ from robust.checkpoint import model_from, read_checkpoint
 from robust.cli.common import BadInput, check_output_file, model_file
 from robust.config import TrainConfig
 from robust.data.unlabelled import SLICE, load_unlabelled
-from robust.lab.pseudo_label import select_confident, teacher_probabilities, why_nothing_kept, write_extra_file
+from robust.pseudo_label import select_confident, teacher_probabilities, why_nothing_kept, write_extra_file
 from robust.nn.norms import routes_for
 from robust.outputs import check_output_dir, same_file
 from robust.runtime import PRECISIONS, resolve_device

@@ -23,8 +23,8 @@ if not _os.path.isdir(_os.path.join(__path__[0], "attacks")):  # a source checko
 from robust.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from robust.config import TrainConfig  # noqa: E402
 from robust.eval import evaluate  # noqa: E402
-from robust.lab.analysis import analyze_checkpoint, gradient_analysis  # noqa: E402
-from robust.lab.compare import CompareSettings, run_compare  # noqa: E402
+from robust.analysis import analyze_checkpoint, gradient_analysis  # noqa: E402
+from robust.compare import CompareSettings, run_compare  # noqa: E402
 from robust.nn import (  # noqa: E402
     NORMS,
     ROUTES,

@@ -384,7 +384,7 @@ def test_torchattacks_attacks_run_in_bf16_on_fp32_logits_and_leave_the_mode_alon
 
 
 def test_the_benchmark_reads_the_official_codes_stage_times_from_its_log():
-    from robust.lab.autoattack_bench import _StageLog
+    from robust.bench.autoattack import _StageLog
 
     log = _StageLog()
     for line in ["initial accuracy: 75.00%", "robust accuracy after APGD-CE: 62.50% (total time 2.5 s)",
@@ -396,7 +396,7 @@ def test_the_benchmark_reads_the_official_codes_stage_times_from_its_log():
 
 
 def test_the_benchmark_refuses_an_unknown_variant_before_reading_anything(tmp_path, capsys):
-    from robust.lab.autoattack_bench import main
+    from robust.bench.autoattack import main
 
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path / "missing.pt"), "--variants", "jobs,fast16"])

@@ -25,7 +25,7 @@ from helpers import assert_refused, invoke_in, snapshot
 import robust
 from robust.checkpoint import build_checkpoint, load_model, read_checkpoint, save_checkpoint
 from robust.errors import CheckpointError, ConfigError, DataError
-from robust.lab import attack_gradients, autoattack_bench
+from robust.bench import attack_gradients, autoattack
 from robust.nn.factory import build_model
 from robust.nn.norms import export_route
 from robust.outputs import FolderLock
@@ -82,8 +82,8 @@ def bad_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def bench_refused(folder: Path, args: list, *expected: str, command=autoattack_bench.command) -> str:
-    """``assert_refused`` for ``python -m robust.lab.autoattack_bench`` (or another developer ``command``: click's
+def bench_refused(folder: Path, args: list, *expected: str, command=autoattack.command) -> str:
+    """``assert_refused`` for ``python -m robust.bench.autoattack`` (or another developer ``command``: click's
     runner, in ``folder``)."""
     before = snapshot(folder)
     cwd = os.getcwd()
@@ -144,7 +144,7 @@ def test_the_benchmark_never_replaces_the_run_even_with_force(lab, json_arg):
 
 def test_the_benchmark_module_refuses_to_write_over_the_checkpoint_as_a_user_runs_it(lab):
     before = snapshot(lab)
-    done = subprocess.run([sys.executable, "-m", "robust.lab.autoattack_bench", "runs/a", "--limit", "4",
+    done = subprocess.run([sys.executable, "-m", "robust.bench.autoattack", "runs/a", "--limit", "4",
                            "--json", "runs/a/best.pt"], cwd=lab, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 2, done.stderr

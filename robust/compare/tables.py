@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from robust.config import TrainConfig
-from robust.lab.compare.settings import NORM_TITLES, CompareSettings, parse_select, select_epoch
-from robust.lab.plots import CurveRun, plot_learning_curves
-from robust.lab.reference import PAPER_CIFAR10
-from robust.lab.stats import UNINFORMATIVE, mean_sd, paired_difference, uninformative
+from robust.compare.settings import NORM_TITLES, CompareSettings, parse_select, select_epoch
+from robust.curves import CurveRun, plot_learning_curves
+from robust.compare.reference import PAPER_CIFAR10
+from robust.stats import UNINFORMATIVE, mean_sd, paired_difference, uninformative
 from robust.outputs import RunFiles
 from robust.train.rundir import read_metrics
 

@@ -45,7 +45,7 @@ from robust.config import TrainConfig
 from robust.data.load import load_dataset
 from robust.data.loader import BatchLoader, split_train_val
 from robust.errors import ConfigError
-from robust.lab.stats import mean_sd
+from robust.stats import mean_sd
 from robust.nn.layer_norms import DualAffineNorm, SandwichAffineNorm, is_affine_norm
 from robust.nn.norm_act import RoutedBatchNormAct
 from robust.nn.norms import ROUTES, DualBatchNorm2d, RoutedNorm, SandwichBatchNorm2d, SharedBatchNorm2d, bn_mode, use_route

@@ -1,4 +1,4 @@
-"""What the developer commands run with ``python -m robust.lab.NAME`` share with `robust`'s own: bad input
+"""What the developer commands run with ``python -m robust.bench.NAME`` share with `robust`'s own: bad input
 is one ``Error:`` line and exit code 2 (a library error included), and numbers take the digits 0-9 only.
 """
 

@@ -13,7 +13,7 @@ network and opens from disk. What a run folder gives:
 
 Several runs add a comparison: their figures side by side, and where runs differ only in the seed,
 mean, sd and 95% t interval; where settings differ, the paired differences seed by seed against the
-first setting (:mod:`robust.lab.stats`).
+first setting (:mod:`robust.stats`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from robust.checkpoint import model_from, read_checkpoint, resolve_checkpoint_pa
 from robust.errors import CheckpointError, ConfigError
 from robust.eval.evaluation import load_test_split, to_model_input
 from robust.data.builtin import CLASS_NAMES
-from robust.lab.plots import integer_epochs, legend_below, run_folders, run_labels, validation_attack
-from robust.lab.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
+from robust.curves import integer_epochs, legend_below, run_folders, run_labels, validation_attack
+from robust.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
 from robust.nn.norms import bn_mode, routes_for, use_route
 from robust.outputs import RunFiles
 from robust.runtime import describe_machine

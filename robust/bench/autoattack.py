@@ -14,7 +14,7 @@ agreement of each of ours with the official verdicts (every verdict an fp32 forw
 checked before any work (bad input: one line, exit code 2) and ``--json`` goes through the package's
 output checks (never the checkpoint or a run's own file; an existing file only with ``--force``).
 
-    python -m robust.lab.autoattack_bench runs/demo --route adv --limit 32 --threads 1 --jobs 2
+    python -m robust.bench.autoattack runs/demo --route adv --limit 32 --threads 1 --jobs 2
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from robust.checks import MAX_SEED
 from robust.data.loader import to_float
 from robust.errors import ConfigError
 from robust.eval.evaluation import check_threads, evaluate, load_test_split
-from robust.lab.dev_commands import AsciiInt, refusing_bad_input
+from robust.bench.commands import AsciiInt, refusing_bad_input
 from robust.nn.norms import export_route, is_dual_route, routes_for
 from robust.outputs import check_output_file, write_output
 from robust.runtime import cpu_has_amx, versions
@@ -228,8 +228,8 @@ def command(checkpoint: str, route: str, limit: int, eps: str | None, rounds: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m robust.lab.autoattack_bench ARGS``: exits 2 with one line on bad input, as `robust` does."""
-    command.main(args=argv, prog_name="python -m robust.lab.autoattack_bench")
+    """``python -m robust.bench.autoattack ARGS``: exits 2 with one line on bad input, as `robust` does."""
+    command.main(args=argv, prog_name="python -m robust.bench.autoattack")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ method's training attack at its own starting point (pgd, fast: uniform in the ep
 mart: ``x + 0.001 N(0, 1)``; nfgsm: ``U[-2 eps, 2 eps]``) and on the adv route in eval mode, the
 share of examples with a zero gradient in fp32 and under bf16 (and on CUDA fp16) autocast.
 
-    python -m robust.lab.attack_gradients RUN_DIR [--limit 1000] [--json FILE]
+    python -m robust.bench.attack_gradients RUN_DIR [--limit 1000] [--json FILE]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from robust.checkpoint import load_model, read_checkpoint, resolve_checkpoint_pa
 from robust.data.loader import to_float
 from robust.errors import ConfigError
 from robust.eval.evaluation import load_test_split
-from robust.lab.dev_commands import AsciiInt, refusing_bad_input
+from robust.bench.commands import AsciiInt, refusing_bad_input
 from robust.nn.norms import bn_mode, use_route
 from robust.outputs import check_output_file, write_output
 
@@ -110,8 +110,8 @@ def command(run: str, limit: int, json_path: str | None, force: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m robust.lab.attack_gradients ARGS``: exits 2 with one line on bad input, as `robust` does."""
-    command.main(args=argv, prog_name="python -m robust.lab.attack_gradients")
+    """``python -m robust.bench.attack_gradients ARGS``: exits 2 with one line on bad input, as `robust` does."""
+    command.main(args=argv, prog_name="python -m robust.bench.attack_gradients")
 
 
 if __name__ == "__main__":

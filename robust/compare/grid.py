@@ -56,8 +56,8 @@ from robust.data.load import load_dataset
 from robust.data.loader import split_train_val
 from robust.errors import ConfigError, TrainingInterrupted
 from robust.eval.evaluation import evaluate
-from robust.lab.compare.report import results_markdown, run_summary, seed_rows, seed_statistics, write_curves
-from robust.lab.compare.settings import (
+from robust.compare.tables import results_markdown, run_summary, seed_rows, seed_statistics, write_curves
+from robust.compare.settings import (
     EVAL_CACHE,
     RESULT_FILES,
     SETTINGS_FILE,
@@ -67,7 +67,7 @@ from robust.lab.compare.settings import (
     load_settings,
     parse_select,
 )
-from robust.lab.reference import PAPER_CIFAR10
+from robust.compare.reference import PAPER_CIFAR10
 from robust.outputs import FolderLock, RunFiles, check_output_dir, write_output
 from robust.runtime import available_cpus
 from robust.train.faults import SIGNAL_NAMES

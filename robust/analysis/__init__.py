@@ -1,0 +1,5 @@
+"""``robust analyze``: per-layer gradient analysis of dual-route norms, and its figures."""
+
+from robust.analysis.gradients import analyze_checkpoint, gradient_analysis
+
+__all__ = ["analyze_checkpoint", "gradient_analysis"]
