@@ -14,11 +14,12 @@ from robust.cli.train import config_options
 from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
 from robust.errors import ConfigError
 from robust.analysis.gradients import analyze_checkpoint, check_poolable, spread_by_norm
+from robust.analysis.plots import plot_gradient_analysis
 from robust.compare.grid import run_compare
 from robust.compare.tables import markdown_table, mean_sd_table
 from robust.compare.settings import CompareSettings, load_settings, parse_seeds
-from robust.curves import (CurveRun, plot_gradient_analysis, plot_learning_curves, read_config_quietly, run_folders,
-                               run_labels, validation_attack)
+from robust.curves import (CurveRun, plot_learning_curves, read_config_quietly, run_folders, run_labels,
+                           validation_attack)
 from robust.outputs import check_output_dir, write_output
 from robust.threat import parse_eps
 from robust.train.rundir import read_metrics

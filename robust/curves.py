@@ -1,8 +1,8 @@
-"""Figures: learning curves from metrics.jsonl and the per-layer gradient analysis.
+"""Curves: learning curves from runs' metrics.jsonl, eps sweeps, and the run folders they read.
 
-matplotlib is imported inside the functions and used through ``matplotlib.figure.Figure``
-(no pyplot, no global backend state), so the figures render headless (Agg) and importing
-:mod:`robust` stays fast.
+Shared by ``robust plot``, ``robust compare`` (curves.png) and ``robust report``. matplotlib is
+used through ``matplotlib.figure.Figure`` (no pyplot, no global backend state), so the figures
+render headless (Agg).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str 
     legend_below(fig, axes[1])
     if title:
         fig.suptitle(title)
-    return _save(fig, path, overwrite)
+    return save_png(fig, path, overwrite)
 
 
 def integer_epochs(ax, runs: Sequence[Any]) -> None:
@@ -137,42 +137,7 @@ def legend_below(fig: Figure, ax) -> None:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8, frameon=False)
 
 
-def plot_gradient_analysis(analysis: dict[str, Any], path: str | Path, overwrite: bool = True) -> Path:
-    """Per norm layer (x axis): gradient norms of the clean and adversarial losses, and their cosine."""
-
-    layers = analysis["layers"]
-    x = list(range(len(layers)))
-    fig = Figure(figsize=(max(8.0, 0.42 * len(layers) + 3), 7), layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    lines = [
-        ("shared_clean", "shared affine, clean loss", "C0", "-"),
-        ("shared_adv", "shared affine, adv loss", "C3", "-"),
-        ("route_clean", "clean-route affine, clean loss", "C0", "--"),
-        ("route_adv", "adv-route affine, adv loss", "C3", "--"),
-    ]
-    for key, label, colour, style in lines:
-        values = [layer[key] for layer in layers]
-        if all(v is not None for v in values):
-            top.plot(x, values, style, color=colour, marker="o", markersize=3, label=label)
-    top.set_yscale("log")
-    top.set_ylabel("gradient norm (mean over batches)")
-    top.legend(fontsize=8)
-    top.grid(alpha=0.3)
-    bottom.plot(x, [layer["cosine"] for layer in layers], color="C2", marker="o", markersize=3,
-                label=analysis.get("cosine_of", "cosine"))
-    bottom.axhline(0.0, color="grey", linewidth=0.8)
-    bottom.set_ylim(-1.05, 1.05)
-    bottom.set_ylabel("cosine(clean grad, adv grad)")
-    bottom.legend(fontsize=8)
-    bottom.grid(alpha=0.3)
-    bottom.set_xticks(x)
-    bottom.set_xticklabels([layer["layer"] for layer in layers], rotation=70, fontsize=7)
-    bottom.set_xlabel("norm layer")
-    fig.suptitle(f"gradient analysis: norm={analysis['norm']}, {analysis['settings']['batches']} batches, eps {analysis['settings']['eps']:.4g}")
-    return _save(fig, path, overwrite)
-
-
-def _save(fig, path: str | Path, overwrite: bool) -> Path:
+def save_png(fig, path: str | Path, overwrite: bool) -> Path:
     """Write the figure as PNG atomically (``overwrite=False`` never replaces an existing file)."""
     with atomic_output(path, overwrite) as fh:
         fig.savefig(fh, format="png", dpi=120)
