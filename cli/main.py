@@ -6,12 +6,14 @@ import functools
 
 import click
 
+from robust.cli.analyze import analyze
 from robust.cli.bench import bench
 from robust.cli.common import BAD_INPUT_ERRORS, BadInput, ascii_numbers
-from robust.cli.compare import analyze, compare, plot
+from robust.cli.compare import compare
 from robust.cli.demo import demo
 from robust.cli.evaluate import evaluate_command
 from robust.cli.export import export_command
+from robust.cli.plot import plot
 from robust.cli.pseudo_label import pseudo_label
 from robust.cli.report import report
 from robust.cli.train import train

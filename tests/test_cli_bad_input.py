@@ -66,8 +66,8 @@ def _work_must_not_start(monkeypatch) -> None:
         raise AssertionError("the work started before the output was checked")
 
     for module, name in [("robust.cli.evaluate", "evaluate"), ("robust.cli.evaluate", "model_from"),
-                         ("robust.cli.export", "model_from"), ("robust.cli.compare", "analyze_checkpoint"),
-                         ("robust.cli.bench", "run_bench"), ("robust.cli.compare", "plot_learning_curves"),
+                         ("robust.cli.export", "model_from"), ("robust.cli.analyze", "analyze_checkpoint"),
+                         ("robust.cli.bench", "run_bench"), ("robust.cli.plot", "plot_learning_curves"),
                          ("robust.cli.evaluate", "load_test_split"), ("robust.train.trainer", "train_step")]:
         monkeypatch.setattr(importlib.import_module(module), name, started)
 
@@ -754,7 +754,7 @@ def ctrl_c():
 
 @pytest.mark.parametrize("args, work", [
     (["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json"], ("robust.cli.evaluate", "evaluate")),
-    (["analyze", "run", "--batches", "1", "--out", "grads"], ("robust.cli.compare", "analyze_checkpoint")),
+    (["analyze", "run", "--batches", "1", "--out", "grads"], ("robust.cli.analyze", "analyze_checkpoint")),
     (["bench", "--width", "4", "--json", "b.json"], ("robust.cli.bench", "run_bench")),
     (["export", "run", "-o", "m.pt"], ("robust.cli.export", "model_from")),
 ])
