@@ -1,13 +1,23 @@
 """robust: adversarial training with dual-route Sandwich Batch Normalization, and honest evaluation.
 
-The package is built in layers; each imports only from the layers above it in this list:
+The package is built in layers; each imports only from the layers listed before it (rooms of one
+layer never import each other); the numbers are the ones ``tests/test_layers.py`` checks:
 
-0. ``errors``, ``runtime`` (device, precision, CPUs), ``threat`` (eps parsing), ``outputs`` (atomic writes, the folder lock)
-1. ``nn`` (dual-route norms, models, the ``build_model`` factory) and ``data`` (datasets, loaders)
-2. ``checkpoint``, ``objectives`` (the training methods), ``eval`` (robust accuracy, evaluation, sanity checks)
-3. ``config`` (``TrainConfig``: reads the registries of the layers above)
-4. ``train`` (the step, the run folder, faults, distributed, the ``Trainer`` loop)
-5. ``lab`` (compare grids, statistics, gradient analysis, bench, plots)
+0. ``attacks`` (standalone: knows nothing of robust)
+1. ``errors``
+2. ``runtime`` (device, CPUs), ``progress``, ``threat`` (eps parsing), ``checks``, ``recipes``,
+   ``outputs`` (atomic writes, the folder lock)
+2.5. ``precision`` (auto by measurement: reads runtime's flags, cached by the outputs' writer)
+3. ``nn`` (dual-route norms, models, the ``build_model`` factory) and ``data`` (datasets, loaders)
+4. ``checkpoint``, ``objectives`` (the training methods), ``eval`` (robust accuracy, evaluation, sanity checks)
+4.5. ``plain_model`` (models from outside robust: refuses to misread the checkpoint format)
+5. ``config`` (``TrainConfig``: reads the registries of the layers above)
+6. ``train`` (the step, the run folder, faults, distributed, the ``Trainer`` loop)
+7. the features, one room each: ``stats`` (means, t intervals), ``curves`` (learning curves, eps
+   sweeps), ``export`` (RobustBench), ``pseudo_label``, ``bench`` (developer benchmarks)
+7.5. the features that share ``stats`` and ``curves``: ``compare``, ``report``, ``analysis``
+   (gradient analysis)
+8. ``cli`` (click commands only)
 
 The attacks (``attacks/``) and the command line (``cli/``) sit at the top of the source tree but
 are subpackages of ``robust``: installed, they are ``robust/attacks`` and ``robust/cli``

@@ -4,6 +4,7 @@ knows nothing of robust, and the only imports inside functions are optional depe
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +73,23 @@ def test_only_optional_dependencies_are_imported_inside_functions():
                 if not any(name == o or name.startswith(o + ".") for o in OPTIONAL):
                     inside.append(f"{module_name(path)}: {ast.unparse(node)}")
     assert inside == []
+
+
+def layer_plan() -> dict[str, float]:
+    """The layer plan of robust/__init__.py's docstring: room -> its number ("7.5. ``compare``, ...")."""
+    plan: dict[str, float] = {}
+    number = None
+    for line in ast.get_docstring(ast.parse((ROOT / "robust" / "__init__.py").read_text())).splitlines():
+        item = re.match(r"(\d+(?:\.\d+)?)\. ", line)
+        if item:
+            number = float(item.group(1))
+        elif not line.startswith("   "):
+            number = None  # the list (and an item's continuation lines) ended
+        for name in re.findall(r"``(\w+)``", line) if number is not None else ():
+            if f"robust.{name}" in LAYERS:
+                plan.setdefault(f"robust.{name}", number)  # a room is listed where first named
+    return plan
+
+
+def test_the_docstring_states_the_layer_plan_checked_here():
+    assert layer_plan() == {room: n for room, n in LAYERS.items() if room != "robust"}
