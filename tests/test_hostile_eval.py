@@ -153,16 +153,20 @@ def test_the_benchmark_module_refuses_to_write_over_the_checkpoint_as_a_user_run
     assert snapshot(lab) == before
 
 
-@pytest.mark.parametrize("args, words", [
-    (["runs/a", "--json", "runs/a/best.pt", "--force"], "is the file this command reads"),
-    (["runs/a", "--json", "runs/a/config.json", "--force"], "a run's own files are never overwritten"),
-    (["runs/a", "--json", "old.json"], "already exists; pass --force"),
-    (["runs/a", "--limit", "0"], "0"), (["runs/a", "--limit", "-5"], "-5"), (["runs/a", "--limit", "３"], "not ASCII"),
-    (["missing.pt"], "does not exist"), (["bad/evil.pt"], "was refused and nothing of it ran"),
-    (["bad/a.json"], "is not a checkpoint"),
-])
-def test_the_attack_gradient_measurement_follows_the_same_rules(lab, args, words):
-    bench_refused(lab, args, words, command=attack_gradients.command)
+
+@pytest.mark.parametrize("command", [autoattack.command, attack_gradients.command])
+def test_a_developer_command_picks_a_run_folders_checkpoint_as_robust_eval_does(lab, command):
+    (lab / "runs" / "a" / "best.pt").rename(lab / "runs" / "a" / "last.pt")  # stopped early: no best.pt
+    args = ["runs/a", "--limit", "4", "--json", "runs/a/last.pt"]  # refused: the file it reads is last.pt
+    bench_refused(lab, args, "is the file this command reads", command=command)
+    cwd = os.getcwd()
+    os.chdir(lab)
+    try:
+        ours = CliRunner().invoke(command, args).output.splitlines()
+    finally:
+        os.chdir(cwd)
+    theirs = invoke_in(lab, ["eval", "runs/a", "--limit", "4", "--attack", "clean"]).output.splitlines()
+    assert ours[0] == theirs[0] == f"note: runs/a has no best.pt (no validation, or training stopped early); using {Path('runs/a/last.pt')}"
 
 
 # ---- robust.evaluate refuses what it cannot score -----------------------------------------------

@@ -33,12 +33,12 @@ import pyautoattack  # the official code, from the dev extra: this module is a b
 import torch
 from torch import nn
 
-from robust.checkpoint import model_from, read_checkpoint, resolve_checkpoint_path
+from robust.bench.commands import AsciiInt, checkpoint_file, refusing_bad_input
+from robust.checkpoint import model_from, read_checkpoint
 from robust.checks import MAX_SEED
 from robust.data.loader import to_float
 from robust.errors import ConfigError
 from robust.eval.evaluation import check_threads, evaluate, load_test_split
-from robust.bench.commands import AsciiInt, refusing_bad_input
 from robust.nn.norms import export_route, is_dual_route, routes_for
 from robust.outputs import check_output_file, write_output
 from robust.runtime import cpu_has_amx, versions
@@ -170,7 +170,8 @@ def bench_eps(eps: str | None, state: dict[str, Any], checkpoint: str) -> float:
     return value
 
 
-@click.command(help=__doc__.split("\n\n")[0] + "\n\nCHECKPOINT: a checkpoint, run folder (its best.pt) or export.",
+@click.command(help=__doc__.split("\n\n")[0] + "\n\nCHECKPOINT: a checkpoint, an export, or a run folder "
+                    "(its best.pt, else last.pt, as robust eval chooses).",
                context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint")
 @click.option("--route", type=click.Choice(["clean", "adv"]), default="adv", show_default=True,
@@ -199,7 +200,7 @@ def command(checkpoint: str, route: str, limit: int, eps: str | None, rounds: in
     check_threads(threads)
     if eps is not None:  # refused before any file is read
         bench_eps(eps, {}, checkpoint)
-    scored = resolve_checkpoint_path(checkpoint)
+    scored = checkpoint_file(checkpoint)
     json_file = (check_output_file(json_path, "--json", force, "autoattack_bench.json", inputs=(scored,))
                  if json_path is not None else None)
     state = read_checkpoint(scored)
