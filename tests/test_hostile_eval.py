@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from helpers import assert_refused, invoke_in, snapshot
 
@@ -83,24 +82,8 @@ def bad_files(folder: Path) -> dict[str, Path]:
 
 
 def bench_refused(folder: Path, args: list, *expected: str, command=autoattack.command) -> str:
-    """``assert_refused`` for ``python -m robust.bench.autoattack`` (or another developer ``command``: click's
-    runner, in ``folder``)."""
-    before = snapshot(folder)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        result = CliRunner().invoke(command, [str(a) for a in args])
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for text in expected:
-        assert text in errors[0], errors[0]
-    assert snapshot(folder) == before
-    return errors[0]
+    """``assert_refused`` for ``python -m robust.bench.autoattack`` (or another developer ``command``)."""
+    return assert_refused(folder, args, *expected, command=command)
 
 
 @pytest.fixture()
@@ -159,12 +142,7 @@ def test_a_developer_command_picks_a_run_folders_checkpoint_as_robust_eval_does(
     (lab / "runs" / "a" / "best.pt").rename(lab / "runs" / "a" / "last.pt")  # stopped early: no best.pt
     args = ["runs/a", "--limit", "4", "--json", "runs/a/last.pt"]  # refused: the file it reads is last.pt
     bench_refused(lab, args, "is the file this command reads", command=command)
-    cwd = os.getcwd()
-    os.chdir(lab)
-    try:
-        ours = CliRunner().invoke(command, args).output.splitlines()
-    finally:
-        os.chdir(cwd)
+    ours = invoke_in(lab, args, command=command).output.splitlines()
     theirs = invoke_in(lab, ["eval", "runs/a", "--limit", "4", "--attack", "clean"]).output.splitlines()
     assert ours[0] == theirs[0] == f"note: runs/a has no best.pt (no validation, or training stopped early); using {Path('runs/a/last.pt')}"
 
