@@ -21,7 +21,7 @@ from robust.lab.plots import (CurveRun, plot_gradient_analysis, plot_learning_cu
                                run_labels, validation_attack)
 from robust.outputs import check_output_dir, write_output
 from robust.threat import parse_eps
-from robust.train.rundir import read_metrics
+from robust.run import Run
 
 COMPARE_KEYS = ("norms", "attacks", "eval_limit", "eval_batch_size", "seeds", "baseline", "select", "methods")
 
@@ -193,7 +193,7 @@ def plot(run_dirs: tuple[str, ...], output: str, title: str | None, force: bool)
 
     path = check_output_file(output, "-o", force, "curves.png")
     folders = run_folders(run_dirs)  # a compare folder means the runs inside it
-    runs = [CurveRun(label, read_metrics(d)) for label, d in zip(run_labels(folders), folders)]
+    runs = [CurveRun(label, Run(d).metrics) for label, d in zip(run_labels(folders), folders)]
     attack = validation_attack([read_config_quietly(d) for d in folders])
     click.echo(f"wrote {plot_learning_curves(runs, path, title=title, overwrite=force, attack=attack)}")
 

@@ -2,7 +2,8 @@
 
 The package is built in layers; each imports only from the layers above it in this list:
 
-0. ``errors``, ``runtime`` (device, precision, CPUs), ``threat`` (eps parsing), ``outputs`` (atomic writes, the folder lock)
+0. ``errors``, ``run`` (a run folder's files, read: ``Run``), ``runtime`` (device, precision, CPUs), ``threat`` (eps
+   parsing), ``outputs`` (atomic writes, the folder lock)
 1. ``nn`` (dual-route norms, models, the ``build_model`` factory) and ``data`` (datasets, loaders)
 2. ``checkpoint``, ``objectives`` (the training methods), ``eval`` (robust accuracy, evaluation, sanity checks)
 3. ``config`` (``TrainConfig``: reads the registries of the layers above)
@@ -20,7 +21,7 @@ import os as _os
 if not _os.path.isdir(_os.path.join(__path__[0], "attacks")):  # a source checkout, not an installed wheel
     __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
-from robust.checkpoint import load_checkpoint, load_model, save_checkpoint  # noqa: E402
+from robust.checkpoint import load_checkpoint, load_model, read_checkpoint, save_checkpoint  # noqa: E402
 from robust.config import TrainConfig  # noqa: E402
 from robust.eval import evaluate  # noqa: E402
 from robust.lab.analysis import analyze_checkpoint, gradient_analysis  # noqa: E402
@@ -41,14 +42,15 @@ from robust.nn import (  # noqa: E402
     use_route,
 )
 from robust.objectives import OBJECTIVES, Objective, get_objective  # noqa: E402
+from robust.run import Run  # noqa: E402
 from robust.runtime import __version__  # noqa: E402
 from robust.threat import parse_eps  # noqa: E402
 from robust.train import Trainer  # noqa: E402
 
 __all__ = [
-    "NORMS", "OBJECTIVES", "ROUTES", "CompareSettings", "DualBatchNorm2d", "Objective", "SandwichBatchNorm2d",
+    "NORMS", "OBJECTIVES", "ROUTES", "CompareSettings", "Run", "DualBatchNorm2d", "Objective", "SandwichBatchNorm2d",
     "SharedBatchNorm2d", "TrainConfig", "Trainer", "__version__", "analyze_checkpoint", "available_archs",
     "build_model", "convert_norms", "evaluate", "export_route", "get_objective", "gradient_analysis",
-    "is_dual_route", "load_checkpoint", "load_model", "make_norm_layer", "parse_eps", "run_compare",
+    "is_dual_route", "load_checkpoint", "load_model", "make_norm_layer", "parse_eps", "read_checkpoint", "run_compare",
     "save_checkpoint", "split_routes", "use_route",
 ]

@@ -21,13 +21,14 @@ import torch.nn as nn
 
 from robust.attacks import ce_loss, gaussian_start, kl_loss_from
 from robust.attacks.pgd import LinfBall, input_gradient
-from robust.checkpoint import load_model, read_checkpoint, resolve_checkpoint_path
+from robust.checkpoint import load_model, read_checkpoint
 from robust.data.loader import to_float
 from robust.errors import ConfigError
 from robust.eval.evaluation import load_test_split
 from robust.lab.dev_commands import AsciiInt, refusing_bad_input
 from robust.nn.norms import bn_mode, use_route
 from robust.outputs import check_output_file, write_output
+from robust.run import checkpoint_path
 
 STARTS = ("pgd", "trades", "mart", "fast", "nfgsm")
 
@@ -90,7 +91,7 @@ def measure(run: str, limit: int = 1000, batch_size: int = 250) -> dict[str, Any
 @click.option("--force", is_flag=True, help="overwrite an existing --json file")
 @refusing_bad_input
 def command(run: str, limit: int, json_path: str | None, force: bool) -> None:
-    source = resolve_checkpoint_path(run)
+    source = checkpoint_path(run)
     json_file = (check_output_file(json_path, "--json", force, "attack_gradients.json", inputs=(source,))
                  if json_path is not None else None)
     state = read_checkpoint(source)

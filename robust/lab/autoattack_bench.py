@@ -33,7 +33,7 @@ import pyautoattack  # the official code, from the dev extra: this module is a b
 import torch
 from torch import nn
 
-from robust.checkpoint import model_from, read_checkpoint, resolve_checkpoint_path
+from robust.checkpoint import load_model, read_checkpoint
 from robust.checks import MAX_SEED
 from robust.data.loader import to_float
 from robust.errors import ConfigError
@@ -41,6 +41,7 @@ from robust.eval.evaluation import check_threads, evaluate, load_test_split
 from robust.lab.dev_commands import AsciiInt, refusing_bad_input
 from robust.nn.norms import export_route, is_dual_route, routes_for
 from robust.outputs import check_output_file, write_output
+from robust.run import checkpoint_path
 from robust.runtime import cpu_has_amx, versions
 from robust.threat import resolve_eps
 
@@ -199,14 +200,14 @@ def command(checkpoint: str, route: str, limit: int, eps: str | None, rounds: in
     check_threads(threads)
     if eps is not None:  # refused before any file is read
         bench_eps(eps, {}, checkpoint)
-    scored = resolve_checkpoint_path(checkpoint)
+    scored = checkpoint_path(checkpoint)
     json_file = (check_output_file(json_path, "--json", force, "autoattack_bench.json", inputs=(scored,))
                  if json_path is not None else None)
     state = read_checkpoint(scored)
     if "dataset" not in state:
         raise ConfigError(f"{checkpoint} records no dataset; re-export it with `robust export`")
     eps_value = bench_eps(eps, state, checkpoint)
-    model = model_from(state)
+    model = load_model(state)
     routes_for(model, route)  # a single-route model has only its own
     model = (export_route(model, route) if is_dual_route(model) else model).eval()
     x, y = load_test_split(state, None, limit)
