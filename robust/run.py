@@ -15,7 +15,7 @@ beside it; eval, report, export, compare, plot, pseudo-label and the benchmarks 
 Its layer sits just above :mod:`robust.errors` and below everything else: it reads JSON and names
 files, nothing more, so the output checks (:mod:`robust.outputs`: a run's own files are never
 overwritten), the checkpoint reader (a run folder means its best.pt) and every reader above can use
-it. The settings come back as the saved dict; :meth:`robust.config.TrainConfig.from_dict` makes
+it. The settings come back as the saved dict; :meth:`robust.config.TrainConfig.from_saved` makes
 them a config where one is needed. Loading the model is :func:`robust.checkpoint.read_checkpoint`
 and :func:`robust.checkpoint.load_model`, which take a run folder as well as a file.
 """
@@ -102,7 +102,7 @@ class Run:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = _checked_path(path)
         if not self.path.is_dir():
-            what = "does not exist" if not self.path.exists() else "is a file, not a folder"
+            what = "is not a folder (it does not exist)" if not self.path.exists() else "is a file, not a folder"
             raise ConfigError(f"{self.path} {what}; pass a run folder written by `robust train`")
         if not Run.holds_run(self.path):
             raise ConfigError(f"{self.path} is not a run folder: it holds no {', '.join(RunFiles.MARKERS[:-1])} or "
