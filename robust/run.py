@@ -103,7 +103,8 @@ class Run:
         self.path = _checked_path(path)
         if not self.path.is_dir():
             what = "is not a folder (it does not exist)" if not self.path.exists() else "is a file, not a folder"
-            raise ConfigError(f"{self.path} {what}; pass a run folder written by `robust train`")
+            raise ConfigError(f"{self.path} {what}; pass a run folder written by `robust train` (its "
+                              f"{', '.join(RunFiles.MARKERS)})")
         if not Run.holds_run(self.path):
             raise ConfigError(f"{self.path} is not a run folder: it holds no {', '.join(RunFiles.MARKERS[:-1])} or "
                               f"{RunFiles.MARKERS[-1]}; pass a folder written by `robust train`")
