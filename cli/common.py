@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from robust.checkpoint import resolve_checkpoint_path
 from robust.checks import MAX_SEED
 from robust.cli.refusals import BAD_INPUT_ERRORS, BadInput, ascii_numbers  # noqa: F401 (the commands import them from here)
-from robust.outputs import RunFiles, check_output_file  # noqa: F401 (the commands' output check)
+from robust.outputs import check_output_file  # noqa: F401 (the commands' output check)
+from robust.run import RunFiles, checkpoint_path, newest_run as newest_run_under
 
 
 SEED = click.IntRange(0, MAX_SEED)  # what torch.manual_seed and our step seeds accept
@@ -20,20 +20,16 @@ RUNS = Path("runs")
 
 def newest_run(runs: Path = RUNS) -> str:
     """The run folder under ``runs`` whose checkpoint was written last (what `robust eval` scores by default)."""
-    candidates = []
-    for folder in (runs.iterdir() if runs.is_dir() else []):
-        written = [f.stat().st_mtime for f in (folder / name for name in RunFiles.CHECKPOINTS) if f.is_file()]
-        if written:
-            candidates.append((max(written), str(folder)))
-    if not candidates:
+    run = newest_run_under(runs)
+    if run is None:
         raise BadInput(f"no CHECKPOINT given and no run folder with a checkpoint under ./{runs}; "
                        f"pass a checkpoint file or run folder, e.g. robust eval {runs}/NAME")
-    return max(candidates)[1]
+    return str(run.path)
 
 
 def model_file(path: str) -> Path:
     """The checkpoint file a CHECKPOINT argument means; says so when a run folder without best.pt gives last.pt."""
-    resolved = resolve_checkpoint_path(path)
+    resolved = checkpoint_path(path)
     if Path(path).is_dir() and resolved.name == RunFiles.LAST:
         click.echo(f"note: {path} has no best.pt (no validation, or training stopped early); using {resolved}", err=True)
     return resolved

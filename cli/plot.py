@@ -6,7 +6,7 @@ import click
 
 from robust.cli.common import check_output_file
 from robust.curves import CurveRun, plot_learning_curves, read_config_quietly, run_folders, run_labels, validation_attack
-from robust.train.rundir import read_metrics
+from robust.run import Run
 
 
 @click.command()
@@ -26,6 +26,6 @@ def plot(run_dirs: tuple[str, ...], output: str, title: str | None, force: bool)
 
     path = check_output_file(output, "-o", force, "curves.png")
     folders = run_folders(run_dirs)  # a compare folder means the runs inside it
-    runs = [CurveRun(label, read_metrics(d)) for label, d in zip(run_labels(folders), folders)]
+    runs = [CurveRun(label, Run(d).metrics) for label, d in zip(run_labels(folders), folders)]
     attack = validation_attack([read_config_quietly(d) for d in folders])
     click.echo(f"wrote {plot_learning_curves(runs, path, title=title, overwrite=force, attack=attack)}")

@@ -5,6 +5,7 @@ layer never import each other); the numbers are the ones ``tests/test_layers.py`
 
 0. ``attacks`` (standalone: knows nothing of robust)
 1. ``errors``, ``version`` (the version string alone: imports nothing)
+1.5. ``run`` (a run folder's files, named and read: ``Run``)
 2. ``runtime`` (device, CPUs), ``torchrun`` (rank and world size from the environment, no torch), ``progress``, ``threat`` (eps parsing), ``checks``, ``recipes``,
    ``outputs`` (atomic writes, the folder lock)
 2.5. ``precision`` (auto by measurement: reads runtime's flags, cached by the outputs' writer)
@@ -42,6 +43,7 @@ _PUBLIC = {
     "NORMS": "robust.nn",
     "OBJECTIVES": "robust.objectives",
     "Objective": "robust.objectives",
+    "Run": "robust.run",
     "ROUTES": "robust.nn",
     "SandwichBatchNorm2d": "robust.nn",
     "SharedBatchNorm2d": "robust.nn",
@@ -60,6 +62,7 @@ _PUBLIC = {
     "load_model": "robust.checkpoint",
     "make_norm_layer": "robust.nn",
     "parse_eps": "robust.threat",
+    "read_checkpoint": "robust.checkpoint",
     "run_compare": "robust.compare",
     "save_checkpoint": "robust.checkpoint",
     "split_routes": "robust.nn",

@@ -7,7 +7,6 @@ render headless (Agg).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from robust.errors import ConfigError
-from robust.outputs import RunFiles, atomic_output
+from robust.outputs import atomic_output
+from robust.run import Run, RunFiles
 
 
 @dataclass
@@ -32,10 +32,9 @@ class CurveRun:
 def read_config_quietly(folder: str | Path) -> dict[str, Any]:
     """A run folder's config.json values, or {} where it has none readable (labels only: nothing depends on it)."""
     try:
-        value = json.loads((Path(folder) / RunFiles.CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return Run(folder).config
+    except ConfigError:
         return {}
-    return value if isinstance(value, dict) else {}
 
 
 def validation_attack(configs: Sequence[dict[str, Any]]) -> str:
@@ -51,7 +50,7 @@ def run_folders(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if (path / RunFiles.METRICS).is_file() or not path.is_dir():
-            found.append(path)  # a run, or a path whose error read_metrics / read_run gives
+            found.append(path)  # a run, or a path whose error Run gives
             continue
         inside = sorted(p.parent for depth in ("*", "*/*", "*/*/*") for p in path.glob(f"{depth}/{RunFiles.METRICS}"))
         if not inside:

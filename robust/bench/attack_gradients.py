@@ -28,6 +28,7 @@ from robust.errors import ConfigError
 from robust.eval.evaluation import load_test_split
 from robust.nn.norms import bn_mode, use_route
 from robust.outputs import check_output_file, write_output
+from robust.run import checkpoint_path
 
 STARTS = ("pgd", "trades", "mart", "fast", "nfgsm")
 

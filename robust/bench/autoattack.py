@@ -34,13 +34,14 @@ import torch
 from torch import nn
 
 from robust.bench.commands import AsciiInt, checkpoint_file, refusing_bad_input
-from robust.checkpoint import model_from, read_checkpoint
+from robust.checkpoint import load_model, read_checkpoint
 from robust.checks import MAX_SEED
 from robust.data.loader import to_float
 from robust.errors import ConfigError
 from robust.eval.evaluation import check_threads, evaluate, load_test_split
 from robust.nn.norms import export_route, is_dual_route, routes_for
 from robust.outputs import check_output_file, write_output
+from robust.run import checkpoint_path
 from robust.runtime import cpu_has_amx, versions
 from robust.threat import resolve_eps
 
@@ -207,7 +208,7 @@ def command(checkpoint: str, route: str, limit: int, eps: str | None, rounds: in
     if "dataset" not in state:
         raise ConfigError(f"{checkpoint} records no dataset; re-export it with `robust export`")
     eps_value = bench_eps(eps, state, checkpoint)
-    model = model_from(state)
+    model = load_model(state)
     routes_for(model, route)  # a single-route model has only its own
     model = (export_route(model, route) if is_dual_route(model) else model).eval()
     x, y = load_test_split(state, None, limit)

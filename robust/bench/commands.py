@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from robust.checkpoint import resolve_checkpoint_path
+from robust.run import checkpoint_path
 from robust.errors import CheckpointError, ConfigError, DataError, ModelError, check_ascii_number
-from robust.outputs import RunFiles
+from robust.run import RunFiles
 
 
 class Refused(click.ClickException):
@@ -48,7 +48,7 @@ def refusing_bad_input(body):
 def checkpoint_file(path: str) -> Path:
     """The checkpoint file CHECKPOINT means, chosen as `robust eval` chooses: a file as is, a run folder's
     best.pt, else its last.pt (said on stderr, as `robust eval` says it)."""
-    resolved = resolve_checkpoint_path(path)
+    resolved = checkpoint_path(path)
     if Path(path).is_dir() and resolved.name == RunFiles.LAST:
         click.echo(f"note: {path} has no best.pt (no validation, or training stopped early); using {resolved}", err=True)
     return resolved

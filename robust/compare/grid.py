@@ -50,7 +50,7 @@ from typing import Any, Callable
 import torch
 
 from robust import checkpoint as ckpt
-from robust.checkpoint import model_from, read_checkpoint, weights_of
+from robust.checkpoint import load_model, read_checkpoint, weights_of
 from robust.config import TrainConfig
 from robust.data.load import load_dataset
 from robust.data.loader import split_train_val
@@ -125,7 +125,7 @@ def evaluate_run(settings: CompareSettings, config: TrainConfig, data, log: Call
             log(f"{config.norm}: reusing the evaluation in {cache}")
             return best, saved["result"]
     log(f"{config.norm}: evaluating {config.run_dir / name} ({', '.join(settings.attacks)}, eps {config.eps})")
-    result = evaluate(model_from(state), (data.test_x, data.test_y), attacks=list(settings.attacks),
+    result = evaluate(load_model(state), (data.test_x, data.test_y), attacks=list(settings.attacks),
                       eps=config.eps_value, route="both", batch_size=settings.eval_batch_size,
                       limit=settings.eval_limit, device=config.device, seed=config.seed)
     result["weights"] = weights_of(state)
