@@ -19,6 +19,7 @@ from robust.lab.compare.report import markdown_table, mean_sd_table
 from robust.lab.compare.settings import CompareSettings, load_settings, parse_seeds
 from robust.lab.plots import (CurveRun, plot_gradient_analysis, plot_learning_curves, read_config_quietly, run_folders,
                                run_labels, validation_attack)
+from robust.nn.norms import NORMS, norms_help
 from robust.outputs import check_output_dir, write_output
 from robust.threat import parse_eps
 from robust.train.rundir import read_metrics
@@ -117,7 +118,8 @@ def command_line(flags: dict[str, Any], compare_flags: dict[str, Any], config_fi
 
 
 @click.command()
-@click.option("--norms", default=None, help="comma-separated norm kinds to compare  [default: bn,auxbn,sabn]")
+@click.option("--norms", default=None,
+              help=f"comma-separated norm kinds to compare: {norms_help()}  [default: {','.join(NORMS)}]")
 @click.option("--attacks", default=None, help="comma-separated test attacks; add autoattack for its column  [default: pgd10,pgd20]")
 @click.option("--eval-limit", type=int, default=None, help="evaluate on the first N test examples  [default: all]")
 @click.option("--eval-batch-size", type=int, default=None, help="evaluation batch size  [default: 256]")
