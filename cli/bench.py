@@ -12,15 +12,17 @@ from robust.checks import check_fields
 from robust.cli.common import check_output_file
 from robust.config import TrainConfig
 from robust.bench.training import BENCH_METHODS, BenchConfig, run_bench
-from robust.nn.norms import NORMS
-from robust.nn.resnet import available_archs
+from robust.data.types import DATASET_INFO
+from robust.nn.norms import NORMS, norms_help
+from robust.nn.resnet import ARCH_SPECS, available_archs
 from robust.outputs import write_output
 from robust.runtime import DEVICES, PRECISIONS
 
 
 @click.command()
-@click.option("--arch", type=click.Choice(available_archs()), default="preact_resnet18", show_default=True)
-@click.option("--norm", type=click.Choice(NORMS), default="sabn", show_default=True)
+@click.option("--arch", type=click.Choice(available_archs()), default="preact_resnet18", show_default=True,
+              help=f"architecture: {ARCH_SPECS.help()}")
+@click.option("--norm", type=click.Choice(NORMS), default="sabn", show_default=True, help=f"norm kind: {norms_help()}")
 @click.option("--width", type=click.IntRange(min=1), default=16, show_default=True, help="channels of the first stage")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=7, show_default=True, help="PGD attack steps (both variants)")
@@ -32,7 +34,7 @@ from robust.runtime import DEVICES, PRECISIONS
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--compile/--no-compile", default=False, show_default=True,
               help="torch.compile the project variant's model (the warm-up run pays the compilation)")
-@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "svhn", "mnist", "fashion-mnist"]), default="cifar10",
+@click.option("--dataset", type=click.Choice(list(DATASET_INFO)), default="cifar10",
               show_default=True, help="shape of the synthetic uint8 data (no files are read)")
 @click.option("--images", type=click.IntRange(min=1), default=None, help="synthetic training-set size [default: the dataset's]")
 @click.option("--iters", type=click.IntRange(min=1), default=2, show_default=True, help="training steps per timed run")

@@ -14,6 +14,7 @@ from robust.compare.settings import CompareSettings, load_settings, parse_seeds
 from robust.compare.tables import markdown_table, mean_sd_table
 from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
 from robust.errors import ConfigError
+from robust.nn.norms import NORMS, norms_help
 
 COMPARE_KEYS = ("norms", "attacks", "eval_limit", "eval_batch_size", "seeds", "baseline", "select", "methods")
 
@@ -109,7 +110,8 @@ def command_line(flags: dict[str, Any], compare_flags: dict[str, Any], config_fi
 
 
 @click.command()
-@click.option("--norms", default=None, help="comma-separated norm kinds to compare  [default: bn,auxbn,sabn]")
+@click.option("--norms", default=None,
+              help=f"comma-separated norm kinds to compare: {norms_help()}  [default: {','.join(NORMS)}]")
 @click.option("--attacks", default=None, help="comma-separated test attacks; add autoattack for its column  [default: pgd10,pgd20]")
 @click.option("--eval-limit", type=int, default=None, help="evaluate on the first N test examples  [default: all]")
 @click.option("--eval-batch-size", type=int, default=None, help="evaluation batch size  [default: 256]")

@@ -15,7 +15,7 @@ from robust.plain_model import (
     parse_channel_values,
     read_plain_model,
 )
-from robust.data.types import CUSTOM_DATASETS, DATASET_INFO
+from robust.data.types import CUSTOM_DATASETS, DATASET_INFO, DATASET_SPECS
 from robust.eval.evaluation import load_test_split, to_model_input
 
 PLAIN_OPTIONS = ("arch", "mean", "std", "dataset")
@@ -25,8 +25,8 @@ def plain_model_options(command):
     """The options that describe a plain model (a TorchScript file, or a state dict with --arch)."""
     options = [
         click.option("--dataset", "dataset", default=None,
-                     help="a plain model's test data: cifar10, cifar100, svhn, mnist, fashion-mnist, imagefolder or "
-                          "tensors (with --data-dir); robust checkpoints know theirs"),
+                     help=f"a plain model's test data: {', '.join(DATASET_SPECS.names())} "
+                          f"({', '.join(CUSTOM_DATASETS)} with --data-dir); robust checkpoints know theirs"),
         click.option("--std", "std", default=None, help="with --mean: the std per channel, e.g. 0.2470,0.2435,0.2616"),
         click.option("--mean", "mean", default=None,
                      help="a plain model's input normalization: (x - mean) / std is applied before it, mean per channel "
@@ -69,7 +69,7 @@ def load_plain_model(path: Path, plain: dict[str, Any], data_dir: str | None, li
     state: dict[str, Any] = {"dataset": dataset, "data": {"data_dir": data_dir}}
     x, y = load_test_split(state, data_dir, limit)
     channels = int(x.shape[1])
-    classes = DATASET_INFO[dataset][0] if dataset in DATASET_INFO else int(y.max()) + 1
+    classes = DATASET_INFO[dataset].num_classes if dataset in DATASET_INFO else int(y.max()) + 1
     mean = parse_channel_values(plain.get("mean"), "--mean", channels)
     std = parse_channel_values(plain.get("std"), "--std", channels)
     model = read_plain_model(path, plain.get("arch"), classes, channels, mean, std)

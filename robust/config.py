@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from robust.checks import MAX_SEED, check_fields, split_list
-from robust.data import DATA_MODES, DATASETS
+from robust.data import CUSTOM_DATASETS, DATA_MODES, DATASET_SPECS, DATASETS, datasets_help
 from robust.errors import ConfigError, ModelError
-from robust.nn import NORMS, available_archs
+from robust.nn import NORMS, archs_help, norms_help
 from robust.nn.external import check_arch
 from robust.nn.factory import parameter_count
-from robust.nn.resnet import ACTIVATIONS, MAX_WIDTH, WIDE_RESNET_FAMILY, arch_constructor, arch_size_problem
+from robust.nn.resnet import ACTIVATIONS, MAX_WIDTH, arch_size_problem, arch_spec, unknown_arch
 from robust.objectives import (
     ATTACK_BN_MODES,
     Objective,
@@ -65,7 +65,8 @@ class TrainConfig:
                                   "sources and differences in docs/methods.md [default: none, the SaBN reference's "
                                   "defaults]", choices=recipe_names)
     # data
-    dataset: str = _f("cifar10", "dataset name; imagefolder and tensors read your own data from --data-dir", choices=DATASETS)
+    dataset: str = _f("cifar10", f"dataset: {datasets_help()} (your own data is read from --data-dir)",
+                      choices=DATASETS)
     data_dir: str | None = _f(None, "folder with the dataset files (looked up before system folders and download); "
                                     "imagefolder: DIR with train/<class>/ (and test/ or val/); tensors: FILE.npz or .pt", kind="path")
     image_size: int | None = _f(None, "imagefolder: resize images to N x N (shorter side to N, centre crop); needed when the files differ in size", min=1)
@@ -83,11 +84,9 @@ class TrainConfig:
     epoch_size: int | None = _f(None, "with --extra-data: examples per epoch, whatever the sizes of the two pools "
                                       "[default: one pass over the labelled set]", min=1)
     # model
-    arch: str = _f("preact_resnet18", f"architecture: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
-                                      "torchvision:NAME or timm:NAME (e.g. torchvision:resnet18)")
-    norm: str = _f("sabn", "norm kind: bn (shared), auxbn (dual BN), sabn (sandwich BN); a LayerNorm/GroupNorm has no "
-                           "running statistics, so there its routes differ in their affines only (bn keeps the "
-                           "model's own layer)", choices=NORMS)
+    arch: str = _f("preact_resnet18", f"architecture: {archs_help()} (e.g. torchvision:resnet18)")
+    norm: str = _f("sabn", f"norm kind: {norms_help()}; a LayerNorm/GroupNorm has no running statistics, so there its "
+                           "routes differ in their affines only (bn keeps the model's own layer)", choices=NORMS)
     width: int | None = _f(None, "channels of the first stage (default: the architecture's; 16 is CPU-sized)", min=1,
                            max=MAX_WIDTH, max_note="the most channels we build in a first stage")
     patch_size: int | None = _f(None, "timm ViTs: the patch side (default: the model's own; it must divide the image side, "
@@ -586,14 +585,12 @@ def _check_data_and_arch(c: TrainConfig) -> None:
             raise ConfigError(f"--width applies to our own architectures, not to {c.arch}; drop --width")
         if c.activation != "relu":
             raise ConfigError(f"--activation applies to our own architectures, not to {c.arch}; drop --activation")
-    elif arch_constructor(c.arch) is None:
-        raise ConfigError(f"unknown arch {c.arch!r}; valid: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
-                          "torchvision:NAME, timm:NAME")
+    elif arch_spec(c.arch) is None:
+        raise ConfigError(unknown_arch(c.arch))
     elif c.patch_size is not None:
         raise ConfigError(f"--patch-size applies to timm ViTs (timm:NAME), not to {c.arch}; drop --patch-size")
-    if c.dataset in ("imagefolder", "tensors") and not c.data_dir:
-        what = "DIR with train/<class>/ images" if c.dataset == "imagefolder" else "FILE.npz (or .pt) with arrays x and y"
-        raise ConfigError(f"--dataset {c.dataset} needs --data-dir {what}")
+    if c.dataset in CUSTOM_DATASETS and not c.data_dir:
+        raise ConfigError(f"--dataset {c.dataset} needs --data-dir {DATASET_SPECS.get(c.dataset).expected_files}")
     if c.image_size is not None and c.image_size < 1:
         raise ConfigError(f"image-size must be >= 1, got {c.image_size}")
     if c.workers is not None and c.workers < 0:

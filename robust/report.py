@@ -36,8 +36,8 @@ from robust.attacks.registry import build_attack
 from robust.checkpoint import load_model, read_checkpoint
 from robust.errors import CheckpointError, ConfigError
 from robust.eval.evaluation import load_test_split, to_model_input
-from robust.data.builtin import CLASS_NAMES
 from robust.curves import integer_epochs, legend_below, run_folders, run_labels, validation_attack
+from robust.data.types import dataset_class_names
 from robust.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
 from robust.nn.norms import bn_mode, routes_for, use_route
 from robust.run import Run, RunFiles
@@ -238,7 +238,7 @@ def attacked_examples(checkpoint: Path, count: int, attack: str = "pgd10", data_
 
 def class_names(classes: Sequence[str] | None, n: int, dataset: str | None = None) -> list[str]:
     """The classes' names: the recorded ones, else the built-in dataset's, else their numbers."""
-    classes = classes or CLASS_NAMES.get(str(dataset))
+    classes = classes or dataset_class_names(dataset)
     return [str(c) for c in classes] if classes and len(classes) >= n else [str(c) for c in range(n)]
 
 

@@ -140,7 +140,7 @@ def synthetic_data(config: BenchConfig) -> ImageData:
     g = torch.Generator().manual_seed(config.seed)
     n = config.num_images
     x = torch.empty((n, c, h, w), dtype=torch.uint8).random_(0, 256, generator=g)  # in place: no int64 temporary
-    y = torch.randint(0, DATASET_INFO[config.dataset][0], (n,), generator=g)
+    y = torch.randint(0, DATASET_INFO[config.dataset].num_classes, (n,), generator=g)
     return ImageData(config.dataset, x, y, x[:1], y[:1])
 
 

@@ -8,16 +8,41 @@ from pathlib import Path
 
 import torch
 
-from robust.data.builtin import DEFAULT_CACHE, EXPECTED_FILES, SYSTEM_DIRS, load_idx_folder, load_torchvision
+from robust.data.builtin import DEFAULT_CACHE, load_torchvision
 from robust.data.folders import load_imagefolder
 from robust.data.lazy import default_workers
 from robust.data.tensors import load_tensor_file
-from robust.data.types import CUSTOM_DATASETS, DATASET_INFO, ImageData
-from robust.errors import DataError, did_you_mean
+from robust.data.types import DATASET_SPECS, DatasetSpec, ImageData
+from robust.errors import DataError
 from robust.runtime import available_cpus
 
-DATASETS = (*DATASET_INFO, *CUSTOM_DATASETS)  # the names --dataset takes
 DATA_MODES = ("auto", "memory", "stream")
+
+
+@DATASET_SPECS.register("imagefolder", custom=True, summary="your images in DIR/train/<class>/, and test/ or val/",
+                        expected_files="DIR with train/<class>/ images")
+def read_imagefolder(data_dir: str | Path | None, image_size: int | None, mode: str, budget: int | None,
+                     workers: int) -> ImageData:
+    """A folder of class folders (see :mod:`robust.data.folders`)."""
+    return load_imagefolder(data_dir, image_size, mode, budget, workers)
+
+
+@DATASET_SPECS.register("tensors", custom=True, summary="your arrays x and y in FILE.npz or .pt",
+                        expected_files="FILE.npz (or .pt) with arrays x and y")
+def read_tensors(data_dir: str | Path | None, image_size: int | None, mode: str, budget: int | None,
+                 workers: int) -> ImageData:
+    """Arrays in one file (see :mod:`robust.data.tensors`); they are used at their own size."""
+    if image_size is not None:
+        raise DataError("--image-size resizes image folders only; save the arrays at the size to train on")
+    return load_tensor_file(data_dir, mode, budget, workers)
+
+
+DATASETS = DATASET_SPECS.names()  # the names --dataset takes: the built-in sets, then the custom kinds
+
+
+def datasets_help() -> str:
+    """``cifar10 (10 classes, 3x32x32), ...`` for --help, from the specs."""
+    return DATASET_SPECS.help()
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True, *,
@@ -31,35 +56,33 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     is the number of decoding processes (default: the CPUs, at most 8). Built-in datasets are
     always held in memory.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}{did_you_mean(name, DATASETS)}")
+    spec = DATASET_SPECS.get(name)
     if mode not in DATA_MODES:
         raise DataError(f"unknown data mode {mode!r}; valid: {', '.join(DATA_MODES)}")
-    if name in CUSTOM_DATASETS:
-
+    if spec.custom:
         workers = default_workers() if workers is None else int(workers)
         if workers < 0:
             raise DataError(f"workers must be >= 0 (0 reads in the training process), got {workers}")
         if workers > available_cpus():
             raise DataError(f"workers {workers} is more than the {available_cpus()} CPU(s) available here; pass "
                             f"--workers {available_cpus()} or fewer (0 reads in the training process)")
-        if name == "imagefolder":
-            return load_imagefolder(data_dir, image_size, mode, budget, workers)
-        if image_size is not None:
-            raise DataError("--image-size resizes image folders only; save the arrays at the size to train on")
-        return load_tensor_file(data_dir, mode, budget, workers)
+        return spec.build(data_dir, image_size, mode, budget, workers)
     if image_size is not None:
         raise DataError(f"--image-size applies to --dataset imagefolder, not to {name}; drop it")
-    folders = ([Path(data_dir)] if data_dir else []) + [Path(p) for p in SYSTEM_DIRS.get(name, [])]
+    return load_builtin(spec, data_dir, download)
+
+
+def load_builtin(spec: DatasetSpec, data_dir: str | Path | None, download: bool) -> ImageData:
+    """A built-in set from ``data_dir``, then its system folders, then torchvision's download; DataError naming
+    where it looked and the files a --data-dir needs otherwise."""
+    name = spec.name
+    folders = ([Path(data_dir)] if data_dir else []) + [Path(p) for p in spec.system_dirs]
     looked = []
     for folder in folders:
         looked.append(str(folder))
         if not folder.is_dir():
             continue
-        if name in ("mnist", "fashion-mnist"):
-            data = load_idx_folder(name, folder)
-        else:
-            data = load_torchvision(name, folder, download=False)
+        data = spec.build(name, folder)
         if data is not None:
             return data
     root = Path(data_dir) if data_dir else DEFAULT_CACHE
@@ -76,9 +99,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
             shutil.rmtree(root, ignore_errors=True)  # leave no empty or partial folder behind
     else:
         looked.append("download disabled")
-    hint = " (Debian: apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
     raise DataError(f"{name} not found; looked in: {'; '.join(looked) or 'nowhere'}. Pass --data-dir FOLDER holding "
-                    f"{EXPECTED_FILES[name]}{hint}")
+                    f"{spec.expected_files}{spec.hint}")
 
 
 def memory_budget(device: torch.device | str | None = None) -> int:

@@ -1,25 +1,16 @@
-"""What a dataset is: :class:`ImageData` (uint8 images, int64 labels, its :class:`DatasetInfo`) and the built-in sets' facts."""
+"""What a dataset is: :class:`ImageData` (uint8 images, int64 labels, its :class:`DatasetInfo`), and the registry of
+the names --dataset takes (:data:`DATASET_SPECS`, a :class:`DatasetSpec` each: built-in sets are registered in
+:mod:`robust.data.builtin`, the custom kinds in :mod:`robust.data.load`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import torch
 
+from robust.attacks.named import Registry, Spec
 from robust.errors import DataError
-
-# name: (classes, channels, mean, std, horizontal flip is a valid augmentation)
-DATASET_INFO = {
-    "cifar10": (10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-    "cifar100": (100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
-    "svhn": (10, 3, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False),
-    "mnist": (10, 1, (0.1307,), (0.3081,), False),
-    "fashion-mnist": (10, 1, (0.2860,), (0.3530,), True),
-}
-
-
-CUSTOM_DATASETS = ("imagefolder", "tensors")
 
 
 class DatasetInfo(NamedTuple):
@@ -31,6 +22,76 @@ class DatasetInfo(NamedTuple):
     std: tuple[float, ...]
     flip: bool  # horizontal flip is a valid augmentation
     classes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec(Spec):
+    """A name --dataset takes, and every fact of it.
+
+    A built-in set (``custom`` False) has its shape facts (``num_classes``, ``channels``, ``mean``, ``std``, ``flip``),
+    its ``class_names`` where known, the files a --data-dir must hold (``expected_files``, with an install ``hint``),
+    the ``system_dirs`` looked in first and the ``torchvision`` class that downloads it; ``build(name, folder)``
+    reads it from a folder (None when the folder does not hold it). A custom kind (``custom`` True) learns its
+    facts from the user's files: ``build(data_dir, image_size, mode, budget, workers)`` reads them, and
+    ``expected_files`` says what --data-dir must name.
+    """
+
+    num_classes: int = 0
+    channels: int = 0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    flip: bool = False
+    class_names: tuple[str, ...] | None = None
+    expected_files: str = ""
+    hint: str = ""
+    system_dirs: tuple[str, ...] = ()
+    torchvision: str = ""
+    custom: bool = False
+
+    @property
+    def info(self) -> DatasetInfo:
+        """A built-in set's :class:`DatasetInfo`."""
+        return DatasetInfo(self.num_classes, self.channels, self.mean, self.std, self.flip, self.class_names)
+
+
+DATASET_SPECS: Registry[DatasetSpec] = Registry("dataset", DatasetSpec, error=DataError)
+
+
+def builtin_specs() -> list[DatasetSpec]:
+    """The built-in sets' specs, in registration order."""
+    return [spec for spec in DATASET_SPECS if not spec.custom]
+
+
+class BuiltinInfo(Mapping[str, DatasetInfo]):
+    """``DATASET_INFO``: built-in name -> :class:`DatasetInfo`, read from the registry on each access (so it is
+    complete whichever module imported it first)."""
+
+    def __getitem__(self, name: str) -> DatasetInfo:
+        spec = DATASET_SPECS.get(name) if name in DATASET_SPECS else None
+        if spec is None or spec.custom:
+            raise KeyError(name)
+        return spec.info
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([spec.name for spec in builtin_specs()])
+
+    def __len__(self) -> int:
+        return len(builtin_specs())
+
+
+DATASET_INFO = BuiltinInfo()
+
+
+def __getattr__(name: str) -> Any:
+    """``CUSTOM_DATASETS``: the custom kinds' names (imagefolder, tensors), registered by :mod:`robust.data.load`."""
+    if name == "CUSTOM_DATASETS":
+        return tuple(spec.name for spec in DATASET_SPECS if spec.custom)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dataset_class_names(name: object) -> tuple[str, ...] | None:
+    """A built-in set's class names in label order, or None (unknown set, or one without names)."""
+    return DATASET_SPECS.get(str(name)).class_names if str(name) in DATASET_SPECS else None
 
 
 @dataclass
@@ -54,7 +115,7 @@ class ImageData:
         if self.info is None:
             if self.name not in DATASET_INFO:
                 raise DataError(f"ImageData {self.name!r} needs info=DatasetInfo(...): it is not a built-in dataset")
-            self.info = DatasetInfo(*DATASET_INFO[self.name])
+            self.info = DATASET_INFO[self.name]
 
     @property
     def num_classes(self) -> int:

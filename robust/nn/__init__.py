@@ -6,7 +6,9 @@ from robust.nn.factory import build_model, unwrap
 from robust.nn.layer_norms import DualAffineNorm, SandwichAffineNorm
 from robust.nn.norm_act import RoutedBatchNormAct
 from robust.nn.norms import (
+    NORM_SPECS,
     NORMS,
+    NormSpec,
     ROUTES,
     DualBatchNorm2d,
     SandwichBatchNorm2d,
@@ -15,13 +17,15 @@ from robust.nn.norms import (
     export_route,
     is_dual_route,
     make_norm_layer,
+    norms_help,
     split_routes,
     use_route,
 )
-from robust.nn.resnet import available_archs
+from robust.nn.resnet import ARCH_SPECS, ArchSpec, archs_help, available_archs
 
 __all__ = [
-    "NORMS", "ROUTES", "DualAffineNorm", "DualBatchNorm2d", "RoutedBatchNormAct", "SandwichAffineNorm",
-    "SandwichBatchNorm2d", "SharedBatchNorm2d", "available_archs", "bn_mode", "build_model", "convert_norms",
-    "export_route", "is_dual_route", "make_norm_layer", "split_routes", "unwrap", "use_route",
+    "ARCH_SPECS", "ArchSpec", "NORMS", "NORM_SPECS", "NormSpec", "ROUTES", "DualAffineNorm", "DualBatchNorm2d",
+    "RoutedBatchNormAct", "SandwichAffineNorm", "SandwichBatchNorm2d", "SharedBatchNorm2d", "archs_help",
+    "available_archs", "bn_mode", "build_model", "convert_norms", "export_route", "is_dual_route", "make_norm_layer",
+    "norms_help", "split_routes", "unwrap", "use_route",
 ]

@@ -10,9 +10,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from robust.errors import ModelError
 from robust.nn.external import build_external
 from robust.nn.norms import make_norm_layer
-from robust.nn.resnet import REFERENCE_MEAN, REFERENCE_STD, WIDE_RESNET_FAMILY, arch_constructor, available_archs
+from robust.nn.resnet import REFERENCE_MEAN, REFERENCE_STD, arch_spec, unknown_arch
 
 
 def unwrap(model: nn.Module, keep_compiled: bool = False) -> nn.Module:
@@ -76,10 +77,9 @@ def build_model(
     built for, and ``patch_size`` a timm ViT's patch side; our architectures take any input size.
     """
     external = ":" in str(arch)
-    ours = None if external else arch_constructor(arch)
+    ours = None if external else arch_spec(arch)
     if not external and ours is None:
-        raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, "
-                         "torchvision:NAME, timm:NAME")
+        raise ModelError(unknown_arch(arch))
     norm_layer = make_norm_layer(norm)
     if external and width is not None:
         raise ValueError(f"width applies to our own architectures, not to {arch}; drop --width")
@@ -87,7 +87,7 @@ def build_model(
         raise ValueError(f"activation applies to our own architectures, not to {arch}; drop --activation")
     if not external and patch_size is not None:
         raise ValueError(f"patch size applies to ViT-style timm models, not to {arch}; drop --patch-size")
-    width = None if external else ours[1] if width is None else int(width)
+    width = None if external else ours.width if width is None else int(width)
     if (width is not None and width < 1) or num_classes < 2 or in_channels < 1:
         raise ValueError(f"need width >= 1, num_classes >= 2, in_channels >= 1 (got {width}, {num_classes}, {in_channels})")
     default_mean, default_std = default_mean_std(in_channels)
@@ -102,7 +102,7 @@ def build_model(
         model = build_external(arch, norm, num_classes, in_channels, mean, std, _side(image_size), patch_size)
     else:
         options = ({} if final_norm is None else {"final_norm": bool(final_norm)}) | {"activation": activation}
-        model = ours[0](width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+        model = ours.build(width, norm_layer, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
                         **options)
     model.build_args = dict(
         arch=arch, norm=norm, num_classes=num_classes, in_channels=in_channels,

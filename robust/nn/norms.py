@@ -7,12 +7,15 @@ are :class:`RoutedNorm` layers, so the route context managers and the export her
 A route is state on the norm layers, never an argument of ``forward``: models keep
 ``forward(x) -> logits`` so any attack library, DDP or torch.compile sees an ordinary model.
 
-Norm kinds (built by :func:`make_norm_layer` from a name):
+Norm kinds, each a class registered in :data:`NORM_SPECS` (a :class:`NormSpec` per name, the one source
+of its facts; :func:`make_norm_layer` builds one from a name):
 
 - ``bn``    :class:`SharedBatchNorm2d`, one BatchNorm2d shared by both routes.
 - ``auxbn`` :class:`DualBatchNorm2d`, a full BatchNorm2d (statistics and affine) per route.
 - ``sabn``  :class:`SandwichBatchNorm2d`, per-route statistics, one shared affine, then the
   route's own affine: ``y = g_r * (g_s * x_hat_r + b_s) + b_r`` (Gong et al., WACV 2022).
+
+A new kind is one class decorated with ``@NORM_SPECS.register("name", summary=...)``.
 
 Every kind also supports a *split* mode for the fused training step: one forward over a
 concatenated batch whose first ``n`` rows take route ``clean`` and the rest route ``adv``, each
@@ -26,13 +29,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robust.errors import ConfigError, did_you_mean
+from robust.attacks.named import Registry, Spec
+from robust.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -74,7 +79,13 @@ def routes_for(model: nn.Module, route: str | None) -> list[str]:
 ROUTES = ("clean", "adv")
 
 
-NORMS = ("bn", "auxbn", "sabn")
+@dataclass(frozen=True)
+class NormSpec(Spec):
+    """A norm kind: ``build`` is its :class:`RoutedNorm` class (``f(num_features) -> layer``), ``summary`` the
+    words --help and docs show."""
+
+
+NORM_SPECS: Registry[NormSpec] = Registry("norm", NormSpec, error=ConfigError)
 
 
 DEFAULT_ROUTE = "adv"
@@ -88,10 +99,13 @@ def check_route(route: str) -> str:
 
 
 def check_norm(norm: str) -> str:
-    """Return ``norm`` if it names a norm kind, else raise ValueError listing the valid ones."""
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(NORMS)}{did_you_mean(norm, NORMS)}")
-    return norm
+    """Return ``norm`` if it names a norm kind, else raise ConfigError (a ValueError) listing the valid ones."""
+    return NORM_SPECS.get(norm).name
+
+
+def norms_help() -> str:
+    """``bn (summary), auxbn (summary), ...`` for --help, from the specs."""
+    return NORM_SPECS.help()
 
 
 class RoutedNorm(nn.Module):
@@ -123,6 +137,7 @@ class RoutedNorm(nn.Module):
         raise NotImplementedError
 
 
+@NORM_SPECS.register("bn", summary="one BN shared by both routes")
 class SharedBatchNorm2d(RoutedNorm, nn.BatchNorm2d):
     """One BatchNorm2d for both routes (the paper's BN baseline).
 
@@ -144,6 +159,7 @@ class SharedBatchNorm2d(RoutedNorm, nn.BatchNorm2d):
         return plain_batch_norm(self)
 
 
+@NORM_SPECS.register("auxbn", summary="per-route BN")
 class DualBatchNorm2d(RoutedNorm):
     """AuxBN / dual BN (AdvProp): a full BatchNorm2d, statistics and affine, per route."""
 
@@ -165,6 +181,7 @@ class DualBatchNorm2d(RoutedNorm):
         return plain_batch_norm(self.bns[check_route(route)])
 
 
+@NORM_SPECS.register("sabn", summary="per-route BN + shared sandwich affine")
 class SandwichBatchNorm2d(RoutedNorm):
     """Sandwich BN with per-route statistics ("SaAuxBN" in the reference code).
 
@@ -268,16 +285,12 @@ def _batch_norm_with_affine(bn: nn.BatchNorm2d, x: torch.Tensor, weight: torch.T
                         weight, bias, use_batch_stats, factor, bn.eps)
 
 
-_NORM_CLASSES: dict[str, type[RoutedNorm]] = {
-    "bn": SharedBatchNorm2d,
-    "auxbn": DualBatchNorm2d,
-    "sabn": SandwichBatchNorm2d,
-}
+NORMS = NORM_SPECS.names()  # ("bn", "auxbn", "sabn"): the names --norm takes, in registration order
 
 
 def make_norm_layer(norm: str) -> Callable[[int], nn.Module]:
     """The norm factory: a name becomes a callable ``f(num_features) -> module``."""
-    return _NORM_CLASSES[check_norm(norm)]
+    return NORM_SPECS.get(norm).build
 
 
 def routed_norms(model: nn.Module) -> Iterator[RoutedNorm]:

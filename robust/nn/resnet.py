@@ -3,17 +3,25 @@
 Every model takes inputs in [0, 1] and normalizes them inside (``InputNormalization``), so eps
 is in pixel units and any attack library works on it unchanged. Blocks receive ``norm_layer``,
 a callable ``f(num_features)`` from :func:`robust.nn.norms.make_norm_layer`.
+
+Each named architecture is a constructor ``f(width, norm_layer, **kwargs)`` registered in :data:`ARCH_SPECS`
+(an :class:`ArchSpec`: the constructor, its default width, the summary --help shows); any other WRN-D-K is
+built by :func:`arch_spec` from its name.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from robust.attacks.named import Registry, Spec
+from robust.errors import ModelError, did_you_mean
 
 NormLayer = Callable[[int], nn.Module]
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "silu": F.silu}
@@ -26,25 +34,20 @@ REFERENCE_MEAN = (0.485, 0.456, 0.406)
 REFERENCE_STD = (0.229, 0.224, 0.225)
 
 
-ARCHS: dict[str, Callable[..., nn.Module]] = {}
+@dataclass(frozen=True)
+class ArchSpec(Spec):
+    """One of our architectures: ``build(width, norm_layer, **kwargs)`` makes it, ``width`` is the first
+    stage's channels when --width is not given, ``summary`` the words --help shows."""
+
+    width: int = 64
 
 
-ARCH_DEFAULT_WIDTH: dict[str, int] = {}
-
-
-def register_arch(name: str, default_width: int):
-    """Decorator: make a model constructor buildable by name through :func:`build_model`."""
-
-    def wrap(fn):
-        ARCHS[name] = fn
-        ARCH_DEFAULT_WIDTH[name] = default_width
-        return fn
-
-    return wrap
+ARCH_SPECS: Registry[ArchSpec] = Registry("arch", ArchSpec, error=ModelError)
 
 
 def available_archs() -> list[str]:
-    return sorted(ARCHS)
+    """Our named architectures, in registration order (which is alphabetical)."""
+    return list(ARCH_SPECS.names())
 
 
 WIDE_RESNET_NAME = re.compile(r"^wide_resnet(\d+)_(\d+)$")
@@ -61,7 +64,7 @@ MAX_WRN_DEPTH = 1000
 def arch_size_problem(name: str, width: int | None) -> str | None:
     """Why ``name`` (one of our architectures) with first-stage ``width`` is too large to build, or None."""
     match = WIDE_RESNET_NAME.match(str(name))
-    if match and name not in ARCHS:
+    if match and name not in ARCH_SPECS:
         depth, factor = int(match[1]), int(match[2])
         if depth > MAX_WRN_DEPTH:
             return f"{name} has depth {depth}, above the {MAX_WRN_DEPTH} we build; pick a depth D = 6n + 4 <= {MAX_WRN_DEPTH}"
@@ -73,17 +76,29 @@ def arch_size_problem(name: str, width: int | None) -> str | None:
     return None
 
 
-def arch_constructor(name: str) -> tuple[Callable[..., nn.Module], int] | None:
-    """(constructor, default width) of one of our architectures: a registered name, or ``wide_resnetD_K``
-    for any WRN-D-K (the registered WRNs are members of that family); None for another name."""
-    if name in ARCHS:
-        return ARCHS[name], ARCH_DEFAULT_WIDTH[name]
+def arch_spec(name: str) -> ArchSpec | None:
+    """The spec of one of our architectures: a registered name, or ``wide_resnetD_K`` for any WRN-D-K (the
+    registered WRNs are members of that family); None for another name."""
+    if name in ARCH_SPECS:
+        return ARCH_SPECS.get(name)
     match = WIDE_RESNET_NAME.match(str(name))
     if match:
         depth, factor = int(match[1]), int(match[2])
         if depth >= 10 and (depth - 4) % 6 == 0 and factor >= 1:
-            return functools.partial(wide_resnet, depth), 16 * factor
+            return ArchSpec(name, build=functools.partial(wide_resnet, depth), width=16 * factor,
+                            summary=f"WRN-{depth}-{factor}")
     return None
+
+
+def archs_help() -> str:
+    """Every name --arch takes, with the specs' summaries, for --help and refusals."""
+    return f"{ARCH_SPECS.help()}, {WIDE_RESNET_FAMILY}, torchvision:NAME or timm:NAME"
+
+
+def unknown_arch(name: str) -> str:
+    """The refusal of an architecture name that is none of ours and not ``torchvision:``/``timm:``."""
+    valid = f"{', '.join(available_archs())}, {WIDE_RESNET_FAMILY}, torchvision:NAME, timm:NAME"
+    return f"unknown arch {name!r}; valid: {valid}{did_you_mean(name, available_archs())}"
 
 
 class InputNormalization(nn.Module):
@@ -177,26 +192,16 @@ class PreActResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register_arch("preact_resnet18", default_width=64)
+@ARCH_SPECS.register("preact_resnet18", width=64, summary="PreAct ResNet-18, the SaBN reference")
 def preact_resnet18(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
     """PreAct ResNet-18; ``width`` is the first stage's channels (64 gives 64-128-256-512)."""
     return PreActResNet([2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width], width, norm_layer, **kwargs)
 
 
-@register_arch("preact_resnet34", default_width=64)
+@ARCH_SPECS.register("preact_resnet34", width=64, summary="PreAct ResNet-34")
 def preact_resnet34(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
     """PreAct ResNet-34 (3-4-6-3 blocks)."""
     return PreActResNet([3, 4, 6, 3], [width, 2 * width, 4 * width, 8 * width], width, norm_layer, **kwargs)
-
-
-@register_arch("wide_resnet34_10", default_width=160)
-def wide_resnet34_10(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
-    """WRN-34-10 (Zagoruyko & Komodakis; the Madry/TRADES benchmark model).
-
-    A 16-channel stem, three groups of five pre-activation blocks; ``width`` is the first
-    group's channels (160 = 16 x widen factor 10 gives 160-320-640).
-    """
-    return wide_resnet(34, width, norm_layer, **kwargs)
 
 
 def wide_resnet(depth: int, width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
@@ -208,13 +213,23 @@ def wide_resnet(depth: int, width: int, norm_layer: NormLayer, **kwargs) -> PreA
     return PreActResNet([n, n, n], [width, 2 * width, 4 * width], 16, norm_layer, **kwargs)
 
 
-@register_arch("wide_resnet28_10", default_width=160)
+@ARCH_SPECS.register("wide_resnet28_10", width=160, summary="WRN-28-10")
 def wide_resnet28_10(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
     """WRN-28-10 (Carmon et al. 2019, Wang et al. 2023): three groups of four blocks, 160-320-640 channels."""
     return wide_resnet(28, width, norm_layer, **kwargs)
 
 
-@register_arch("wide_resnet70_16", default_width=256)
+@ARCH_SPECS.register("wide_resnet34_10", width=160, summary="WRN-34-10")
+def wide_resnet34_10(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
+    """WRN-34-10 (Zagoruyko & Komodakis; the Madry/TRADES benchmark model).
+
+    A 16-channel stem, three groups of five pre-activation blocks; ``width`` is the first
+    group's channels (160 = 16 x widen factor 10 gives 160-320-640).
+    """
+    return wide_resnet(34, width, norm_layer, **kwargs)
+
+
+@ARCH_SPECS.register("wide_resnet70_16", width=256, summary="WRN-70-16")
 def wide_resnet70_16(width: int, norm_layer: NormLayer, **kwargs) -> PreActResNet:
     """WRN-70-16 (Gowal et al. 2020, Wang et al. 2023): three groups of eleven blocks, 256-512-1024 channels."""
     return wide_resnet(70, width, norm_layer, **kwargs)

@@ -21,10 +21,15 @@ checks: TRADES's and MART's ``beta``), ``one_step`` (the catastrophic-overfittin
 default) and ``attack_bn`` (the BN mode its official code attacks in). The config's choices, the
 CLI's flags and help and the training step follow from the registry: a new method is one module
 with a subclass of :class:`Objective` decorated with :func:`register`, imported before use.
+
+:func:`register` records the class in :data:`OBJECTIVE_SPECS`, the project's one registry shape (an
+:class:`ObjectiveSpec` per method: ``build`` is the class, ``summary`` and ``aliases`` its own).
+``OBJECTIVES`` (name -> class) and ``ALIASES`` (alias -> name) are views of that registry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -32,12 +37,75 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from robust.attacks.named import Registry, Spec
 from robust.checks import check_value, split_list
 from robust.errors import ConfigError, did_you_mean
 from robust.threat import parse_fraction
 
-OBJECTIVES: dict[str, type["Objective"]] = {}
-ALIASES: dict[str, str] = {}  # alias -> objective name
+
+@dataclass(frozen=True)
+class ObjectiveSpec(Spec):
+    """A training method: ``build`` is its :class:`Objective` subclass, whose class attributes hold the method's
+    other facts (options, attack BN mode, one-step, the settings each alias implies)."""
+
+
+OBJECTIVE_SPECS: Registry[ObjectiveSpec] = Registry("method", ObjectiveSpec, error=ConfigError)
+
+
+class ObjectiveTable(MutableMapping):
+    """``OBJECTIVES``: each registered method's own name -> its class, in registration order. Deleting a name
+    unregisters the method; its aliases stay in ``ALIASES`` until deleted there (as a test's clean-up does)."""
+
+    def __getitem__(self, name: str) -> type["Objective"]:
+        if name not in OBJECTIVE_SPECS.names():
+            raise KeyError(name)
+        return OBJECTIVE_SPECS.get(name).build
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(OBJECTIVE_SPECS.names())
+
+    def __len__(self) -> int:
+        return len(OBJECTIVE_SPECS)
+
+    def __setitem__(self, name: str, cls: type["Objective"]) -> None:
+        raise TypeError("register an objective with the @register class decorator")
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        aliases = OBJECTIVE_SPECS.get(name).aliases
+        OBJECTIVE_SPECS.remove(name)
+        _left_aliases.update({alias: name for alias in aliases})
+
+
+class AliasTable(MutableMapping):
+    """``ALIASES``: alias -> objective name (``hybrid`` -> ``pgd``), read from the registry; an alias of an
+    objective deleted from ``OBJECTIVES`` stays until it is deleted here, and keeps its name taken."""
+
+    def _table(self) -> dict[str, str]:
+        return {alias: spec.name for spec in OBJECTIVE_SPECS for alias in spec.aliases} | _left_aliases
+
+    def __getitem__(self, alias: str) -> str:
+        return self._table()[alias]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+    def __setitem__(self, alias: str, name: str) -> None:
+        raise TypeError("an alias is declared in its objective's class (aliases = {...})")
+
+    def __delitem__(self, alias: str) -> None:
+        if alias not in _left_aliases:
+            raise TypeError(f"{alias!r} is an alias of a registered objective; delete the objective first")
+        del _left_aliases[alias]
+
+
+_left_aliases: dict[str, str] = {}  # aliases of objectives deleted from OBJECTIVES, not yet deleted from ALIASES
+OBJECTIVES = ObjectiveTable()
+ALIASES = AliasTable()
 ATTACK_BN_MODES = ("train", "eval", "frozen")  # frozen: batch statistics, running statistics left as they were
 
 
@@ -69,13 +137,11 @@ def _parse_int(name: str, text: str) -> int:
 
 
 def register(cls: type["Objective"]) -> type["Objective"]:
-    """Class decorator: make ``cls`` available under ``cls.name`` and each of its aliases."""
+    """Class decorator: record ``cls`` in :data:`OBJECTIVE_SPECS` under ``cls.name`` and each of its aliases."""
     for name in (cls.name, *cls.aliases):
-        if name in OBJECTIVES or name in ALIASES:
+        if name in OBJECTIVE_SPECS or name in ALIASES:
             raise ValueError(f"method name {name!r} is taken")
-    OBJECTIVES[cls.name] = cls
-    ALIASES.update({alias: cls.name for alias in cls.aliases})
-    return cls
+    return OBJECTIVE_SPECS.register(cls.name, summary=cls.summary, aliases=tuple(cls.aliases))(cls)
 
 
 class Objective:
@@ -148,27 +214,27 @@ def hard_labels(y: torch.Tensor) -> torch.Tensor:
 
 def method_names() -> tuple[str, ...]:
     """Every name ``--method`` takes: each objective followed by its aliases, in registration order."""
-    return tuple(n for name, cls in OBJECTIVES.items() for n in (name, *cls.aliases))
+    return OBJECTIVE_SPECS.all_names()
 
 
 def methods_help() -> str:
     """Every method name with its summary, for --help: ``pgd (Madry et al. 2018), hybrid (pgd with clean_weight 0.5), ...``."""
     parts = []
-    for name, cls in OBJECTIVES.items():
-        parts.append(f"{name} ({cls.summary})" if cls.summary else name)
-        for alias, settings in cls.aliases.items():
+    for spec in OBJECTIVE_SPECS:
+        parts.append(f"{spec.name} ({spec.summary})" if spec.summary else spec.name)
+        for alias, settings in spec.build.aliases.items():
             implied = ", ".join(f"{k} {v:g}" for k, v in settings.items())
-            parts.append(f"{alias} ({name} with {implied})" if implied else alias)
+            parts.append(f"{alias} ({spec.name} with {implied})" if implied else alias)
     return ", ".join(parts)
 
 
 def get_objective(name: str) -> type[Objective]:
-    """The objective class called ``name`` or aliased so (``hybrid`` is ``pgd``); ValueError naming the valid ones."""
-    try:
-        return OBJECTIVES[ALIASES.get(name, name)]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join([*ALIASES, *OBJECTIVES])}"
-                         f"{did_you_mean(name, [*ALIASES, *OBJECTIVES])}") from None
+    """The objective class called ``name`` or aliased so (``hybrid`` is ``pgd``); ConfigError (a ValueError) naming
+    the valid ones."""
+    if name not in OBJECTIVE_SPECS:
+        valid = [*ALIASES, *OBJECTIVES]
+        raise ConfigError(f"unknown method {name!r}; valid: {', '.join(valid)}{did_you_mean(name, valid)}")
+    return OBJECTIVE_SPECS.get(name).build
 
 
 def alias_settings(name: str) -> Mapping[str, Any]:
@@ -193,7 +259,8 @@ def parse_method_options(text: str | None) -> dict[str, str]:
 def all_options() -> dict[str, tuple[Option, list[str]]]:
     """Every option any registered objective declares, with the methods declaring it (for the CLI's flags)."""
     out: dict[str, tuple[Option, list[str]]] = {}
-    for cls in OBJECTIVES.values():
+    for spec in OBJECTIVE_SPECS:
+        cls = spec.build
         for name, option in cls.options.items():
             out.setdefault(name, (option, []))[1].append(cls.name)
     return out
@@ -204,5 +271,6 @@ from robust.objectives import pgd, trades, mart, fast, nfgsm, standard  # noqa: 
 # The order of registration is the order of --method's choices: pgd first, as the default.
 METHODS = method_names()
 
-__all__ = ["ALIASES", "ATTACK_BN_MODES", "METHODS", "OBJECTIVES", "Objective", "Option", "alias_settings",
+__all__ = ["ALIASES", "ATTACK_BN_MODES", "METHODS", "OBJECTIVES", "OBJECTIVE_SPECS", "Objective", "ObjectiveSpec",
+           "Option", "alias_settings",
            "all_options", "get_objective", "method_names", "methods_help", "parse_method_options", "register"]
