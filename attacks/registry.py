@@ -105,13 +105,10 @@ def attack_help() -> str:
     return ", ".join(f"{spec.pattern} ({spec.summary})" if spec.summary else spec.pattern for spec in ATTACKS)
 
 
-def _stepped_example() -> str:
-    return next((f"{spec.name}20" for spec in ATTACKS if spec.stepped), "")
-
-
 def _unknown(name: str) -> ValueError:
     examples = [f"{spec.name}20" if spec.stepped else spec.name for spec in ATTACKS]
-    steps = f" (N = steps, e.g. {_stepped_example()})" if _stepped_example() else ""
+    stepped = [f"{spec.name}20" for spec in ATTACKS if spec.stepped]
+    steps = f" (N = steps, e.g. {stepped[0]})" if stepped else ""
     return ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(available_attacks())}{steps}"
                       + nearest(name, examples))
 
@@ -148,7 +145,7 @@ def attack_settings(name: str, eps: float, threat: str = "linf", restarts: int =
     return ATTACKS.get(kind), AttackSettings(eps, threat, steps, restarts, queries, seed, num_classes, step_size)
 
 
-def recorded(spec: AttackSpec, settings: AttackSettings) -> dict[str, Any]:
+def _recorded(spec: AttackSpec, settings: AttackSettings) -> dict[str, Any]:
     """What an attack records of itself: threat, eps, source, then its spec's own settings."""
     own = spec.params(settings) if spec.params is not None else {}
     return {"threat": settings.threat, "eps": settings.eps, "source": spec.source, **own}
@@ -156,7 +153,7 @@ def recorded(spec: AttackSpec, settings: AttackSettings) -> dict[str, Any]:
 
 def attack_params(name: str, eps: float, **settings: Any) -> dict[str, Any]:
     """The settings ``build_attack(name, model, eps, **settings)`` records in ``.params``, without building it."""
-    return recorded(*attack_settings(name, eps, **settings))
+    return _recorded(*attack_settings(name, eps, **settings))
 
 
 def build_attack(name: str, model: nn.Module, eps: float, threat: str = "linf", restarts: int = 1,
@@ -172,7 +169,7 @@ def build_attack(name: str, model: nn.Module, eps: float, threat: str = "linf", 
     made = spec.build(model, settings)
     attack = made if isinstance(made, Attack) else Attack("", made)
     attack.name = str(name).strip().lower()
-    attack.params = recorded(spec, settings)
+    attack.params = _recorded(spec, settings)
     return attack
 
 
