@@ -64,9 +64,13 @@ class AttackSpec(Spec):
     ``(x, y) -> x_adv`` function; ``params(settings)`` the settings it records (after threat, eps, source)."""
 
     stepped: bool = False  # the name takes a number of steps: "pgd" is written pgd20
-    source: str = "attacks.pgd"  # where its algorithm comes from: attacks.pgd, torchattacks, identity, ...
+    source: str = ""  # where its algorithm comes from: attacks.pgd, torchattacks, identity; "": the builder's module
     params: Callable[[AttackSettings], dict[str, Any]] | None = None
     slow: bool = False  # robust eval times it on a probe and says how long it will take before it starts
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            object.__setattr__(self, "source", str(getattr(self.build, "__module__", "")))
 
     @property
     def pattern(self) -> str:
@@ -181,7 +185,7 @@ def _clean(model: nn.Module, s: AttackSettings) -> AttackFn:
     return lambda x, y: x.detach().clone()
 
 
-@ATTACKS.register("fgsm", summary="one step of eps",
+@ATTACKS.register("fgsm", summary="one step of eps", source="attacks.pgd",
                   params=lambda s: {"steps": 1, "step_size": s.eps, "random_start": False, "loss": "ce"})
 def _fgsm(model: nn.Module, s: AttackSettings) -> AttackFn:
     """Plain FGSM (Goodfellow et al. 2015): one step of size eps from x, no random start."""
@@ -216,13 +220,14 @@ def _our_pgd(model: nn.Module, s: AttackSettings, loss: str) -> Attack:
     return attack
 
 
-@ATTACKS.register("pgd", summary="N steps of eps/4 from a random start", stepped=True,
+@ATTACKS.register("pgd", summary="N steps of eps/4 from a random start", stepped=True, source="attacks.pgd",
                   params=_pgd_params("ce"))
 def _pgd(model: nn.Module, s: AttackSettings) -> Attack:
     return _our_pgd(model, s, "ce")
 
 
-@ATTACKS.register("cw", summary="pgdN on the CW margin loss", stepped=True, params=_pgd_params("cw"))
+@ATTACKS.register("cw", summary="pgdN on the CW margin loss", stepped=True, source="attacks.pgd",
+                  params=_pgd_params("cw"))
 def _cw(model: nn.Module, s: AttackSettings) -> Attack:
     return _our_pgd(model, s, "cw")
 

@@ -57,7 +57,7 @@ def noise(model, s: AttackSettings):
 @pytest.fixture()
 def registered():
     ATTACKS.register("noise", summary="the first of N uniform noise patterns that fools", stepped=True,
-                     source="tests/test_new_attack.py", params=noise_params)(noise)
+                     params=noise_params)(noise)
     yield ATTACKS.get("noise")
     ATTACKS.remove("noise")
 
@@ -87,10 +87,10 @@ def by_hand(model, x, y, name: str) -> dict[str, tuple[float, float]]:
 
 
 def test_the_registry_gives_the_new_attack_its_facts(registered):
-    assert registered.build is noise and registered.pattern == "noiseN"
+    assert registered.build is noise and registered.pattern == "noiseN" and registered.source == noise.__module__
     assert parse_attack_name(" NOISE4 ") == ("noise", 4) and available_attacks()[-1] == "noiseN"
     assert check_attack_names("pgd20,noise4") == ["pgd20", "noise4"]
-    assert attack_params("noise4", EPS) == {"threat": "linf", "eps": EPS, "source": "tests/test_new_attack.py",
+    assert attack_params("noise4", EPS) == {"threat": "linf", "eps": EPS, "source": noise.__module__,
                                             **NOISE_PARAMS}
     assert build_attack("noise4", torch.nn.Flatten(), EPS).params == attack_params("noise4", EPS)
     with pytest.raises(ValueError, match="at least 1 step"):
@@ -104,7 +104,7 @@ def test_the_new_attack_is_evaluated_by_robust_evaluate_and_robust_eval(run_dir,
     model = robust.load_model(run_dir)
     result = robust.evaluate(model, (x, y), attacks=["noise4", "fgsm"], eps=EPS, batch_size=IMAGES,
                              attack_precision="fp32")
-    assert result["attacks"]["noise4"] == {"threat": "linf", "eps": EPS, "source": "tests/test_new_attack.py",
+    assert result["attacks"]["noise4"] == {"threat": "linf", "eps": EPS, "source": noise.__module__,
                                            **NOISE_PARAMS}
     hand = by_hand(model, to_float(x), y, "noise4")
     assert set(result["routes"]) == set(hand) == {"clean", "adv"}
