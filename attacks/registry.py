@@ -1,8 +1,17 @@
 """Attack names -> attacks: ``build_attack("pgd20", model, eps)`` returns a callable ``(x, y) -> x_adv``.
 
-Our own PGD engine (:mod:`attacks.pgd`) serves ``fgsm``, ``pgdN`` and ``cwN``; torchattacks serves
-the parameter-free attacks of Croce & Hein (APGD, APGD-T, FAB, Square and their ensemble,
-AutoAttack). Like the rest of this package it knows nothing of :mod:`robust`: the model is any
+Every attack is one entry of :data:`ATTACKS`, registered by a decorator on its builder with an
+:class:`AttackSpec` that holds its facts: the summary ``--help`` shows, whether its name takes a
+number of steps (``pgd20``), its source, and ``params``, the settings it records, read without
+building it (:func:`attack_params`). Our own PGD engine (:mod:`attacks.pgd`) serves ``fgsm``,
+``pgdN`` and ``cwN``; torchattacks serves the parameter-free attacks of Croce & Hein (APGD,
+APGD-T, FAB, Square and their ensemble, AutoAttack). Adding an attack is one decorated builder::
+
+    @ATTACKS.register("noise", summary="uniform noise in the ball", params=lambda s: {"draws": 1})
+    def noise(model, s: AttackSettings):
+        return lambda x, y: (x + torch.empty_like(x).uniform_(-s.eps, s.eps)).clamp(0, 1)
+
+Like the rest of this package it knows nothing of :mod:`robust`: the model is any
 ``model(x) -> logits`` module with inputs in [0, 1]. The caller chooses the model's route and mode;
 torchattacks calls ``model.eval()`` itself, so attack models that are already in eval mode.
 
@@ -12,8 +21,6 @@ Every attack's output should lie in the eps ball around x and in [0, 1];
 
 from __future__ import annotations
 
-import difflib
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,6 +29,7 @@ import torch
 import torch.nn as nn
 import torchattacks
 
+from .named import Registry, Spec, nearest
 from .pgd import EarlyStop, fp32_predictions, get_threat, pgd, pgd_restarts
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -31,17 +39,46 @@ APGD_STEPS = 100
 FAB_STEPS = 100
 DEFAULT_QUERIES = 5000
 
-_STEPPED = re.compile(r"^(pgd|cw)(\d+)$")
-_FIXED = ("clean", "fgsm", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square", "autoattack")
-
 
 class PerturbationError(RuntimeError):
     """An attack returned an input outside the eps ball or outside [0, 1]: a bug, never a result."""
 
 
-def available_attacks() -> list[str]:
-    """Every attack name (``N`` stands for the number of steps, e.g. pgd20)."""
-    return ["clean", "fgsm", "pgdN", "cwN", *_FIXED[2:]]
+@dataclass(frozen=True)
+class AttackSettings:
+    """What the caller chose for one attack: the ball, the steps its name gives, restarts, queries, seed."""
+
+    eps: float
+    threat: str = "linf"
+    steps: int | None = None  # N of a stepped name (pgd20 -> 20); None for the others
+    restarts: int = 1
+    queries: int = DEFAULT_QUERIES
+    seed: int = 0
+    num_classes: int = 10
+    step_size: float | None = None  # our PGD's step; None: eps/4
+
+
+@dataclass(frozen=True)
+class AttackSpec(Spec):
+    """An attack's facts. ``build(model, settings)`` returns the attack: an :class:`Attack`, or a plain
+    ``(x, y) -> x_adv`` function; ``params(settings)`` the settings it records (after threat, eps, source)."""
+
+    stepped: bool = False  # the name takes a number of steps: "pgd" is written pgd20
+    source: str = ""  # where its algorithm comes from: attacks.pgd, torchattacks, identity; "": the builder's module
+    params: Callable[[AttackSettings], dict[str, Any]] | None = None
+    slow: bool = False  # robust eval times it on a probe and says how long it will take before it starts
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            object.__setattr__(self, "source", str(getattr(self.build, "__module__", "")))
+
+    @property
+    def pattern(self) -> str:
+        """The name as users write it: ``pgdN`` for a stepped attack, the name otherwise."""
+        return f"{self.name}N" if self.stepped else self.name
+
+
+ATTACKS: Registry[AttackSpec] = Registry("attack", AttackSpec)
 
 
 @dataclass
@@ -59,60 +96,143 @@ class Attack:
         return self.run(x, y)
 
 
+# ---- names ---------------------------------------------------------------------------------------
+
+
+def available_attacks() -> list[str]:
+    """Every attack name (``N`` stands for the number of steps, e.g. pgd20)."""
+    return [spec.pattern for spec in ATTACKS]
+
+
+def attack_help() -> str:
+    """``clean (no attack), fgsm (...), pgdN (...), ...`` for --attack's help, in registration order."""
+    return ", ".join(f"{spec.pattern} ({spec.summary})" if spec.summary else spec.pattern for spec in ATTACKS)
+
+
 def _unknown(name: str) -> ValueError:
-    near = difflib.get_close_matches(name.strip().lower(), [*_FIXED, "pgd20", "cw20"], n=1, cutoff=0.6)
-    hint = f"; did you mean {near[0]}?" if near else ""
-    return ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(available_attacks())} (N = steps, e.g. pgd20)"
-                      + hint)
+    examples = [f"{spec.name}20" if spec.stepped else spec.name for spec in ATTACKS]
+    stepped = [f"{spec.name}20" for spec in ATTACKS if spec.stepped]
+    steps = f" (N = steps, e.g. {stepped[0]})" if stepped else ""
+    return ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(available_attacks())}{steps}"
+                      + nearest(name, examples))
 
 
 def parse_attack_name(name: str) -> tuple[str, int | None]:
     """``"pgd20"`` -> ``("pgd", 20)``, ``"square"`` -> ``("square", None)``; ValueError for unknown names."""
-    key = name.strip().lower()
-    match = _STEPPED.match(key)
-    if match:
-        steps = int(match.group(2))
-        if steps < 1:
-            raise ValueError(f"attack {name!r} needs at least 1 step, e.g. {match.group(1)}20")
-        return match.group(1), steps
-    if key in _FIXED:
-        return key, None
-    raise _unknown(name)
+    key = str(name).strip().lower()
+    own = ATTACKS.canonical(key)
+    if own is not None and not ATTACKS.get(own).stepped:
+        return own, None
+    for spec in ATTACKS:
+        for prefix in (spec.name, *spec.aliases) if spec.stepped else ():
+            digits = key[len(prefix):]
+            if key.startswith(prefix) and digits.isascii() and digits.isdigit():
+                if int(digits) < 1:
+                    raise ValueError(f"attack {name!r} needs at least 1 step, e.g. {spec.name}20")
+                return spec.name, int(digits)
+    raise _unknown(str(name))
 
 
-def _torchattacks_norm(threat: str) -> str:
-    return {"linf": "Linf", "l2": "L2"}[get_threat(threat).name]
+# ---- building and settings -----------------------------------------------------------------------
 
 
-def _our_pgd(model: nn.Module, eps: float, threat: str, steps: int, loss: str, restarts: int,
-             step_size: float | None) -> Attack:
-    alpha = eps / 4 if step_size is None else step_size
-    params = {"source": "attacks.pgd", "steps": steps, "step_size": alpha, "random_start": True,
-              "restarts": restarts, "loss": loss}
+def attack_settings(name: str, eps: float, threat: str = "linf", restarts: int = 1, queries: int = DEFAULT_QUERIES,
+                    seed: int = 0, num_classes: int = 10, step_size: float | None = None
+                    ) -> tuple[AttackSpec, AttackSettings]:
+    """The spec of attack ``name`` and the checked settings to build it with; ValueError naming what is wrong."""
+    kind, steps = parse_attack_name(name)
+    threat = get_threat(threat).name
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if restarts < 1 or queries < 1:
+        raise ValueError(f"restarts and queries must be >= 1, got {restarts} and {queries}")
+    return ATTACKS.get(kind), AttackSettings(eps, threat, steps, restarts, queries, seed, num_classes, step_size)
 
+
+def _recorded(spec: AttackSpec, settings: AttackSettings) -> dict[str, Any]:
+    """What an attack records of itself: threat, eps, source, then its spec's own settings."""
+    own = spec.params(settings) if spec.params is not None else {}
+    return {"threat": settings.threat, "eps": settings.eps, "source": spec.source, **own}
+
+
+def attack_params(name: str, eps: float, **settings: Any) -> dict[str, Any]:
+    """The settings ``build_attack(name, model, eps, **settings)`` records in ``.params``, without building it."""
+    return _recorded(*attack_settings(name, eps, **settings))
+
+
+def build_attack(name: str, model: nn.Module, eps: float, threat: str = "linf", restarts: int = 1,
+                 queries: int = DEFAULT_QUERIES, seed: int = 0, num_classes: int = 10,
+                 step_size: float | None = None) -> Attack:
+    """The attack called ``name`` against ``model`` within the ``threat`` ball of radius ``eps``.
+
+    ``pgdN``/``cwN`` take N steps of ``step_size`` (default eps/4) from a random start, keeping
+    the first of ``restarts`` runs that fools the model; ``fgsm`` is one step of size eps.
+    Raises ValueError for an unknown name or threat model, naming the valid ones.
+    """
+    spec, settings = attack_settings(name, eps, threat, restarts, queries, seed, num_classes, step_size)
+    made = spec.build(model, settings)
+    attack = made if isinstance(made, Attack) else Attack("", made)
+    attack.name = str(name).strip().lower()
+    attack.params = _recorded(spec, settings)
+    return attack
+
+
+# ---- our PGD engine ------------------------------------------------------------------------------
+
+
+@ATTACKS.register("clean", summary="no attack", source="identity")
+def _clean(model: nn.Module, s: AttackSettings) -> AttackFn:
+    return lambda x, y: x.detach().clone()
+
+
+@ATTACKS.register("fgsm", summary="one step of eps", source="attacks.pgd",
+                  params=lambda s: {"steps": 1, "step_size": s.eps, "random_start": False, "loss": "ce"})
+def _fgsm(model: nn.Module, s: AttackSettings) -> AttackFn:
+    """Plain FGSM (Goodfellow et al. 2015): one step of size eps from x, no random start."""
+    return lambda x, y: pgd(model, x, y, s.eps, alpha=s.eps, steps=1, threat=s.threat, random_start=False)
+
+
+def _step_size(s: AttackSettings) -> float:
+    return s.eps / 4 if s.step_size is None else s.step_size
+
+
+def _pgd_params(loss: str) -> Callable[[AttackSettings], dict[str, Any]]:
+    return lambda s: {"steps": s.steps, "step_size": _step_size(s), "random_start": True, "restarts": s.restarts,
+                      "loss": loss}
+
+
+def _our_pgd(model: nn.Module, s: AttackSettings, loss: str) -> Attack:
+    """N steps of eps/4 from a random start, the first of ``restarts`` runs that fools the model kept,
+    stopping early (exactly) on examples whose outcome is settled when the model is in eval mode."""
     memo = EarlyStop()
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # exact early stop needs a step that depends on the example alone: eval mode (no batch statistics, no dropout)
         exact = not any(m.training for m in model.modules())
         memo.reset_counts()
-        x_adv = pgd_restarts(model, x, y, restarts=restarts, early_stop=memo if exact else None, eps=eps, alpha=alpha,
-                             steps=steps, threat=threat, random_start=True, loss=loss)
+        x_adv = pgd_restarts(model, x, y, restarts=s.restarts, early_stop=memo if exact else None, eps=s.eps,
+                             alpha=_step_size(s), steps=s.steps, threat=s.threat, random_start=True, loss=loss)
         for key, n in (memo.counts() if exact else {}).items():
             attack.iterations[key] = attack.iterations.get(key, 0) + n
         return x_adv
 
-    attack = Attack("", run, params)
+    attack = Attack("", run)
     return attack
 
 
-def _fgsm(model: nn.Module, eps: float, threat: str) -> Attack:
-    """Plain FGSM (Goodfellow et al. 2015): one step of size eps from x, no random start."""
+@ATTACKS.register("pgd", summary="N steps of eps/4 from a random start", stepped=True, source="attacks.pgd",
+                  params=_pgd_params("ce"))
+def _pgd(model: nn.Module, s: AttackSettings) -> Attack:
+    return _our_pgd(model, s, "ce")
 
-    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return pgd(model, x, y, eps, alpha=eps, steps=1, threat=threat, random_start=False)
 
-    return Attack("", run, {"source": "attacks.pgd", "steps": 1, "step_size": eps, "random_start": False, "loss": "ce"})
+@ATTACKS.register("cw", summary="pgdN on the CW margin loss", stepped=True, source="attacks.pgd",
+                  params=_pgd_params("cw"))
+def _cw(model: nn.Module, s: AttackSettings) -> Attack:
+    return _our_pgd(model, s, "cw")
+
+
+# ---- torchattacks: Croce & Hein's attacks with AutoAttack's standard settings --------------------
 
 
 class FloatLogits(nn.Module):
@@ -138,66 +258,106 @@ class FloatLogits(nn.Module):
         return self.inner(x).float()
 
 
-def _torchattacks_attack(kind: str, model: nn.Module, eps: float, threat: str, restarts: int,
-                         queries: int, seed: int, num_classes: int):
-    """One torchattacks attack object with AutoAttack's standard settings."""
-
-    norm = _torchattacks_norm(threat)
-    model = FloatLogits(model)
-    common = dict(norm=norm, eps=eps, seed=seed, verbose=False)
-    if kind in ("apgd-ce", "apgd-dlr"):
-        return torchattacks.APGD(model, steps=APGD_STEPS, n_restarts=restarts, loss=kind[5:], **common)
-    if kind == "apgd-t":
-        return torchattacks.APGDT(model, steps=APGD_STEPS, n_restarts=restarts, n_classes=num_classes, **common)
-    if kind in ("fab", "fab-t"):
-        return torchattacks.FAB(model, steps=FAB_STEPS, n_restarts=restarts, multi_targeted=kind == "fab-t",
-                                n_classes=num_classes, **common)
-    if kind == "square":
-        # the official standard version's Square: no rescaled schedule (torchattacks' default is True)
-        return torchattacks.Square(model, n_queries=queries, n_restarts=restarts, p_init=0.8, loss="margin",
-                                   resc_schedule=False, **common)
-    raise _unknown(kind)  # pragma: no cover (parse_attack_name filters names first)
+TorchattacksMaker = Callable[[nn.Module, AttackSettings, dict[str, Any]], Any]
 
 
-def _torchattacks_params(kind: str, restarts: int, queries: int, seed: int, num_classes: int) -> dict[str, Any]:
-    params: dict[str, Any] = {"source": "torchattacks", "restarts": restarts, "seed": seed}
-    if kind.startswith("apgd"):
-        params.update(steps=APGD_STEPS, loss={"apgd-ce": "ce", "apgd-dlr": "dlr", "apgd-t": "targeted dlr"}[kind])
-    if kind == "apgd-t" or kind == "fab-t":
-        params["target_classes"] = num_classes - 1
-    if kind.startswith("fab"):
-        params["steps"] = FAB_STEPS
-    if kind == "square":
-        params.update(queries=queries, p_init=0.8, resc_schedule=False)
-    return params
+def torchattacks_builder(make: TorchattacksMaker) -> Callable[[nn.Module, AttackSettings], AttackFn]:
+    """A builder from ``make(model, settings, common)``, which returns a torchattacks attack object given
+    the fp32-logits model and the arguments every torchattacks attack takes (norm, eps, seed, verbose)."""
+
+    def build(model: nn.Module, s: AttackSettings) -> AttackFn:
+        norm = {"linf": "Linf", "l2": "L2"}[s.threat]
+        atk = make(FloatLogits(model), s, dict(norm=norm, eps=s.eps, seed=s.seed, verbose=False))
+
+        def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if s.eps == 0:  # torchattacks divides by eps in places; at eps 0 the only input is x itself
+                return x.detach().clone()
+            return atk(x, y).detach()
+
+        return run
+
+    return build
 
 
-def _wrap_torchattacks(kind: str, model: nn.Module, eps: float, threat: str, restarts: int, queries: int,
-                       seed: int, num_classes: int) -> Attack:
-    atk = _torchattacks_attack(kind, model, eps, threat, restarts, queries, seed, num_classes)
-
-    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if eps == 0:  # torchattacks divides by eps in places; at eps 0 the only input is x itself
-            return x.detach().clone()
-        return atk(x, y).detach()
-
-    return Attack("", run, _torchattacks_params(kind, restarts, queries, seed, num_classes))
+def _torchattacks_params(**facts: Callable[[AttackSettings], Any]) -> Callable[[AttackSettings], dict[str, Any]]:
+    """restarts and seed, then ``facts`` (each a function of the settings, read when asked)."""
+    return lambda s: {"restarts": s.restarts, "seed": s.seed, **{k: f(s) for k, f in facts.items()}}
 
 
-def _autoattack(model: nn.Module, eps: float, threat: str, restarts: int, queries: int, seed: int,
-                num_classes: int) -> Attack:
+def _targets(s: AttackSettings) -> int:
+    return s.num_classes - 1
+
+
+@ATTACKS.register("apgd-ce", summary="APGD, CE loss", source="torchattacks",
+                  slow=True, params=_torchattacks_params(steps=lambda s: APGD_STEPS, loss=lambda s: "ce"))
+@torchattacks_builder
+def _apgd_ce(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
+    return torchattacks.APGD(model, steps=APGD_STEPS, n_restarts=s.restarts, loss="ce", **common)
+
+
+@ATTACKS.register("apgd-dlr", summary="APGD, DLR loss", source="torchattacks", slow=True,
+                  params=_torchattacks_params(steps=lambda s: APGD_STEPS, loss=lambda s: "dlr"))
+@torchattacks_builder
+def _apgd_dlr(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
+    return torchattacks.APGD(model, steps=APGD_STEPS, n_restarts=s.restarts, loss="dlr", **common)
+
+
+@ATTACKS.register("apgd-t", summary="targeted APGD", source="torchattacks",
+                  slow=True, params=_torchattacks_params(steps=lambda s: APGD_STEPS, loss=lambda s: "targeted dlr",
+                                                         target_classes=_targets))
+@torchattacks_builder
+def _apgd_t(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
+    return torchattacks.APGDT(model, steps=APGD_STEPS, n_restarts=s.restarts, n_classes=s.num_classes, **common)
+
+
+@ATTACKS.register("fab", summary="FAB, minimal perturbation", source="torchattacks", slow=True,
+                  params=_torchattacks_params(steps=lambda s: FAB_STEPS))
+@torchattacks_builder
+def _fab(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
+    return torchattacks.FAB(model, steps=FAB_STEPS, n_restarts=s.restarts, multi_targeted=False,
+                            n_classes=s.num_classes, **common)
+
+
+@ATTACKS.register("fab-t", summary="targeted FAB", source="torchattacks", slow=True,
+                  params=_torchattacks_params(target_classes=_targets, steps=lambda s: FAB_STEPS))
+@torchattacks_builder
+def _fab_t(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
+    return torchattacks.FAB(model, steps=FAB_STEPS, n_restarts=s.restarts, multi_targeted=True,
+                            n_classes=s.num_classes, **common)
+
+
+@ATTACKS.register("square", summary="black-box, --queries", source="torchattacks", slow=True,
+                  params=_torchattacks_params(queries=lambda s: s.queries, p_init=lambda s: 0.8,
+                                              resc_schedule=lambda s: False))
+@torchattacks_builder
+def _square(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
+    # the official standard version's Square: no rescaled schedule (torchattacks' default is True)
+    return torchattacks.Square(model, n_queries=s.queries, n_restarts=s.restarts, p_init=0.8, loss="margin",
+                               resc_schedule=False, **common)
+
+
+AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+
+
+def _autoattack_params(s: AttackSettings) -> dict[str, Any]:
+    return {"version": "standard", "parts": list(AUTOATTACK_PARTS), "restarts": s.restarts, "seed": s.seed,
+            "steps": APGD_STEPS, "queries": s.queries, "target_classes": _targets(s)}
+
+
+@ATTACKS.register("autoattack", summary="standard version: APGD-CE, APGD-T, FAB-T, Square", source="torchattacks",
+                  slow=True, params=_autoattack_params)
+def _autoattack(model: nn.Module, s: AttackSettings) -> Attack:
     """AutoAttack, standard version: APGD-CE, APGD-T, FAB-T, Square, each run on the survivors.
 
     Built from torchattacks' components with AutoAttack's own settings (100 iterations, 9 target
     classes, 5000 queries); torchattacks.AutoAttack itself uses 10 iterations.
     """
-    parts = ("apgd-ce", "apgd-t", "fab-t", "square")
-    attacks = [_wrap_torchattacks(p, model, eps, threat, restarts, queries, seed, num_classes) for p in parts]
+    attacks = [ATTACKS.get(part).build(model, s) for part in AUTOATTACK_PARTS]
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = x.detach().clone()
         alive = fp32_predictions(model, x) == y
-        for part, attack in zip(parts, attacks):
+        for part, attack in zip(AUTOATTACK_PARTS, attacks):
             idx = alive.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
@@ -211,40 +371,11 @@ def _autoattack(model: nn.Module, eps: float, threat: str, restarts: int, querie
             ensemble.stage_seconds[part] = ensemble.stage_seconds.get(part, 0.0) + time.perf_counter() - start
         return x_adv
 
-    params = {"source": "torchattacks", "version": "standard", "parts": list(parts), "restarts": restarts,
-              "seed": seed, "steps": APGD_STEPS, "queries": queries, "target_classes": num_classes - 1}
-    ensemble = Attack("", run, params)
+    ensemble = Attack("", run)
     return ensemble
 
 
-def build_attack(name: str, model: nn.Module, eps: float, threat: str = "linf", restarts: int = 1,
-                 queries: int = DEFAULT_QUERIES, seed: int = 0, num_classes: int = 10,
-                 step_size: float | None = None) -> Attack:
-    """The attack called ``name`` against ``model`` within the ``threat`` ball of radius ``eps``.
-
-    ``pgdN``/``cwN`` take N steps of ``step_size`` (default eps/4) from a random start, keeping
-    the first of ``restarts`` runs that fools the model; ``fgsm`` is one step of size eps.
-    Raises ValueError for an unknown name or threat model, naming the valid ones.
-    """
-    kind, steps = parse_attack_name(name)
-    threat = get_threat(threat).name
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if restarts < 1 or queries < 1:
-        raise ValueError(f"restarts and queries must be >= 1, got {restarts} and {queries}")
-    if kind == "clean":
-        attack = Attack("", lambda x, y: x.detach().clone(), {"source": "identity"})
-    elif kind == "fgsm":
-        attack = _fgsm(model, eps, threat)
-    elif kind in ("pgd", "cw"):
-        attack = _our_pgd(model, eps, threat, steps, "ce" if kind == "pgd" else "cw", restarts, step_size)
-    elif kind == "autoattack":
-        attack = _autoattack(model, eps, threat, restarts, queries, seed, num_classes)
-    else:
-        attack = _wrap_torchattacks(kind, model, eps, threat, restarts, queries, seed, num_classes)
-    attack.name = name.strip().lower()
-    attack.params = {"threat": threat, "eps": eps, **attack.params}
-    return attack
+# ---- the one check every attack's output passes ----------------------------------------------------
 
 
 def check_perturbation(x: torch.Tensor, x_adv: torch.Tensor, eps: float, threat: str = "linf",

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import click
 
-from robust.attacks.registry import PerturbationError
+from robust.attacks.registry import PerturbationError, attack_help
 from robust.checkpoint import load_model, read_checkpoint, weights_of
 from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
 from robust.cli.plain_model import load_plain_model, plain_model_options, wants_plain_model
@@ -77,8 +77,7 @@ def print_checks(checks) -> None:
 @click.command("eval")
 @click.argument("checkpoint", required=False)
 @click.option("--attack", "attacks", default=None,
-              help="comma-separated attacks: clean, fgsm, pgdN, cwN, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, autoattack  "
-                   "[default: pgd20; clean with --corruptions]")
+              help=f"comma-separated attacks (N = steps): {attack_help()}  [default: pgd20; clean with --corruptions]")
 @click.option("--corruptions", default=None,
               help="also score the common corruptions: all, or names such as gaussian_noise,fog (generated from the test "
                    "images unless --corruptions-dir)")

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from robust.attacks import L2Ball, LinfBall, cw_margin_loss, fgsm_rs, pgd, pgd_restarts
 from robust.attacks.registry import (
+    ATTACKS,
     PerturbationError,
+    attack_params,
     available_attacks,
     build_attack,
     check_perturbation,
@@ -127,6 +129,19 @@ def test_pgd_attack_defaults_to_step_eps_over_4_with_random_start():
     assert attack.params["random_start"] and attack.params["steps"] == 10 and attack.params["restarts"] == 2
     assert build_attack("cw5", tiny_net(), 0.1).params["loss"] == "cw"
     assert build_attack("fgsm", tiny_net(), 0.1).params["step_size"] == 0.1
+
+
+def test_every_attacks_settings_are_read_from_its_spec_as_a_build_records_them():
+    """attack_params (no attack built) gives exactly the .params of the attack built with the same settings."""
+    settings = dict(threat="l2", restarts=2, queries=7, seed=3, num_classes=5, step_size=0.05)
+    for spec in ATTACKS:
+        name = f"{spec.name}3" if spec.stepped else spec.name
+        params = attack_params(name, 0.5, **settings)
+        assert build_attack(name, tiny_net(), 0.5, **settings).params == params, name
+        assert params["threat"] == "l2" and params["eps"] == 0.5 and params["source"] == spec.source
+    assert attack_params("pgd3", 0.5, **settings)["step_size"] == 0.05 and attack_params("cw3", 0.5)["steps"] == 3
+    assert attack_params("apgd-t", 0.5, **settings)["target_classes"] == 4
+    assert attack_params("autoattack", 0.5, **settings)["queries"] == 7
 
 
 @pytest.mark.parametrize("threat, eps", [("linf", 0.1), ("l2", 0.5)])

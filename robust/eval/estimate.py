@@ -15,12 +15,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from robust.attacks.registry import build_attack
+from robust.attacks.registry import ATTACKS, build_attack, parse_attack_name
 from robust.eval.jobs import to_model_input
 from robust.nn.norms import bn_mode, use_route
 from robust.progress import format_duration
 
-PROBED = ("autoattack", "square", "fab", "fab-t", "apgd-t", "apgd-ce", "apgd-dlr")  # announced before they start
+PROBED = tuple(spec.name for spec in ATTACKS if spec.slow)  # announced before they start (the specs marked slow)
 PROBE_IMAGES = 2
 TARGET_SECONDS = 600.0  # the --limit suggested when the estimate is hours takes about this long
 
@@ -45,7 +45,7 @@ def estimate_lines(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: Se
     """One line per expensive attack in ``names``: its estimated time over ``len(y)`` images x ``routes``, and
     a clear warning with a smaller ``--limit`` when that is hours. ``settings``: build_attack's eps, threat, ..."""
     lines = []
-    for name in (n for n in names if n in PROBED):
+    for name in (n for n in names if ATTACKS.get(parse_attack_name(n)[0]).slow):
         per_image = probe_seconds(model, x, y, name, routes[0], settings)
         count = len(y) * len(routes)
         total = per_image * count

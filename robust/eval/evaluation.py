@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from robust.attacks.registry import Attack, build_attack, parse_attack_name
+from robust.attacks.registry import Attack, attack_params, build_attack, parse_attack_name
 from robust.checks import MAX_SEED, check_value, split_list
 from robust.data.corruptions import check_corruption_names, check_severities, official_layout
 from robust.data.load import load_dataset
@@ -373,9 +373,11 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     if world > 1:
         for item in exchange(mine, failure, rank, world):
             record.add(*item)
+    params = {n: attack_params(n, eps, threat=threat, seed=seed, num_classes=num_classes_of(model), **settings)
+              for n in attack_names}  # each attack's settings, read from its spec
     result: dict[str, Any] = {"n": len(y), "eps": eps, "threat": threat, "seed": seed,
                               "attack_precision": precision_name(dtype), "attack_precision_why": precision.why,
-                              "attacks": {a.name: a.params for a in build(model)}, "routes": {}}
+                              "attacks": params, "routes": {}}
     for r in routes:
         result["routes"][r], examples = tally(record, r, attack_names, y, bounds)
         result.setdefault("per_class", {})[r] = per_class_accuracy(examples, y, num_classes_of(model))
