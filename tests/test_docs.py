@@ -1,6 +1,7 @@
 """The docs say what the code does: development.md's layout names exactly the modules that exist,
 every page is reachable from the README or docs/index.md, every relative link lands on a file, and
-every module path a docstring names (``robust.x.y``, :mod:/:func:/:class: references) exists."""
+every module path a docstring or page names (``robust.x.y``, :mod:/:func:/:class: references) exists,
+and the option lists the docs give are the choices the commands take."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import importlib
 import importlib.util
 import re
 from pathlib import Path
+
+import click
+
+from robust.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("robust", "attacks", "cli")
@@ -171,3 +176,55 @@ def test_docstrings_name_modules_and_attributes_that_exist():
                 wrong += [f"{path.relative_to(ROOT)}:{line}: {name}"
                           for name in sorted(named_paths(text)) if not resolves(name)]
     assert wrong == [], "docstrings name paths that do not exist:\n  " + "\n  ".join(wrong)
+
+
+# "--norm bn|auxbn|sabn": a flag and its values as the docs list them.
+CHOICE_LIST = re.compile(r"--(?P<flag>[a-z][a-z-]*) (?P<values>[a-z0-9_:-]+(?:\|[a-z0-9_:-]+)+)")
+
+
+def click_choices() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Every command's choice flags (flag -> the values any command accepts) and `robust train`'s own.
+    A flag that some command takes as free text (--arch of train) is left out of the first."""
+    choices: dict[str, set[str]] = {}
+    free: set[str] = set()
+    for command in cli.commands.values():
+        for param in command.params:
+            for flag in (o for o in param.opts if o.startswith("--")):
+                if isinstance(param.type, click.Choice):
+                    choices.setdefault(flag[2:], set()).update(param.type.choices)
+                else:
+                    free.add(flag[2:])
+    train = {flag[2:]: set(p.type.choices) for p in cli.commands["train"].params
+             if isinstance(p.type, click.Choice) for flag in p.opts if flag.startswith("--")}
+    return {k: v for k, v in choices.items() if k not in free}, train
+
+
+def test_option_lists_in_the_docs_name_the_choices_the_commands_take():
+    choices, train = click_choices()
+    wrong = []
+    for page in markdown_files():
+        for match in CHOICE_LIST.finditer(page.read_text()):
+            flag, values = match["flag"], set(match["values"].split("|"))
+            if flag in choices and not values <= choices[flag]:
+                wrong.append(f"{page.relative_to(ROOT)}: --{flag} lists {sorted(values - choices[flag])}, "
+                             f"which no command takes")
+            if page.name == "README.md" and flag in train and values != train[flag]:
+                wrong.append(f"README.md: --{flag} lists {match['values']}, "
+                             f"robust train takes {'|'.join(sorted(train[flag]))}")
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_the_developer_guide_lists_every_attack_bn_mode():
+    """The "- `attack_bn`: `train`, `eval` or ..., the BN mode ..." line of "Adding a training method"."""
+    lines = (DOCS / "development.md").read_text().splitlines()
+    line = next(line for line in lines if line.startswith("- `attack_bn`:"))
+    listed = set(re.findall(r"`(\w+)`", line.split(":", 1)[1].split(", the")[0]))
+    modes = click_choices()[1]["attack-bn"]
+    assert listed == modes, (f"development.md's attack_bn line lists {sorted(listed)}, "
+                             f"robust train --attack-bn takes {sorted(modes)}")
+
+
+def test_the_docs_name_modules_and_attributes_that_exist():
+    wrong = [f"{page.relative_to(ROOT)}: {name}" for page in markdown_files()
+             for name in sorted(named_paths(page.read_text())) if not resolves(name)]
+    assert wrong == [], "README.md / docs name module paths that do not exist:\n  " + "\n  ".join(wrong)
