@@ -119,7 +119,7 @@ def resized_crop_at(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 class BatchLoader:
     """Shuffled, augmented batches from images on the device or read from disk.
 
-    ``x`` is a uint8 tensor (already on the device) or :class:`robust.LazyImages`, whose
+    ``x`` is a uint8 tensor (already on the device) or :class:`robust.data.lazy.LazyImages`, whose
     batches ``workers`` DataLoader processes read (pinned for CUDA, prefetched) while the device
     trains. Either way the permutation and every augmentation draw come from one generator seeded
     by ``seed`` and the epoch, in the same order, and the augmentation runs on whole batches on

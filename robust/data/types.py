@@ -96,7 +96,7 @@ def dataset_class_names(name: object) -> tuple[str, ...] | None:
 
 @dataclass
 class ImageData:
-    """A dataset: images uint8 (N, C, H, W) as tensors (or :class:`robust.LazyImages` when
+    """A dataset: images uint8 (N, C, H, W) as tensors (or :class:`robust.data.lazy.LazyImages` when
     streamed), labels int64 (N,).
 
     ``info`` defaults to the built-in dataset's; ``source`` says where custom data came from (it

@@ -4,7 +4,7 @@ kept epochs, by the names of :class:`robust.run.RunFiles` (:class:`robust.run.Ru
 :class:`RunFolder` checks the folder before training (a file in the way, an existing run without
 --resume/--force, room for the checkpoints), makes this process its only writer (the OS lock of
 :mod:`robust.outputs`), and writes every file atomically on rank 0, so a kill -9 at any moment
-leaves a loadable last.pt. A failed write becomes :class:`robust.train.faults.CheckpointWriteError` on
+leaves a loadable last.pt. A failed write becomes :class:`robust.errors.CheckpointWriteError` on
 every rank. metrics.jsonl is kept in step with last.pt: a resume drops the lines of epochs after
 the checkpoint.
 """
