@@ -5,7 +5,8 @@ The package is built in layers; each imports only from the layers above it in th
 0. ``errors``, ``runtime`` (device, precision, CPUs), ``threat`` (eps parsing), ``outputs`` (atomic writes, the folder lock)
 1. ``nn`` (dual-route norms, models, the ``build_model`` factory) and ``data`` (datasets, loaders)
 2. ``checkpoint``, ``objectives`` (the training methods), ``eval`` (robust accuracy, evaluation, sanity checks)
-3. ``config`` (``TrainConfig``: reads the registries of the layers above)
+3. ``config`` (``TrainConfig``: reads the registries of the layers above), then ``plan`` (``load_config`` and
+   the ``TrainPlan`` it resolves a run's settings into, once)
 4. ``train`` (the step, the run folder, faults, distributed, the ``Trainer`` loop)
 5. ``lab`` (compare grids, statistics, gradient analysis, bench, plots)
 
@@ -41,14 +42,15 @@ from robust.nn import (  # noqa: E402
     use_route,
 )
 from robust.objectives import OBJECTIVES, Objective, get_objective  # noqa: E402
+from robust.plan import TrainPlan, load_config  # noqa: E402
 from robust.runtime import __version__  # noqa: E402
 from robust.threat import parse_eps  # noqa: E402
 from robust.train import Trainer  # noqa: E402
 
 __all__ = [
     "NORMS", "OBJECTIVES", "ROUTES", "CompareSettings", "DualBatchNorm2d", "Objective", "SandwichBatchNorm2d",
-    "SharedBatchNorm2d", "TrainConfig", "Trainer", "__version__", "analyze_checkpoint", "available_archs",
+    "SharedBatchNorm2d", "TrainConfig", "TrainPlan", "Trainer", "__version__", "analyze_checkpoint", "available_archs",
     "build_model", "convert_norms", "evaluate", "export_route", "get_objective", "gradient_analysis",
-    "is_dual_route", "load_checkpoint", "load_model", "make_norm_layer", "parse_eps", "run_compare",
+    "is_dual_route", "load_checkpoint", "load_config", "load_model", "make_norm_layer", "parse_eps", "run_compare",
     "save_checkpoint", "split_routes", "use_route",
 ]

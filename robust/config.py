@@ -275,11 +275,19 @@ class TrainConfig:
         the config of a run being continued, whose milestones stand as it was trained (a run saved
         with milestones past its last epoch resumes as it was).
         """
+        self.derive(resuming)
+        return self
+
+    def derive(self, resuming: bool = False) -> dict[str, Any]:
+        """Check every field (as :meth:`validate`) and return the values derived from them, each computed once:
+        ``eps``, ``step_size`` (numbers), ``options`` (the method's checked options), ``milestones`` and
+        ``kept_epochs`` (epochs). :class:`robust.plan.TrainPlan` is built from them."""
         for name, value in check_fields(type(self), self.__dict__).items():
             setattr(self, name, value)
-        self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs, self.objective_options  # noqa: B018
+        derived = {"eps": self.eps_value, "step_size": self.step_size_value, "milestones": self.milestone_epochs,
+                   "kept_epochs": self.kept_epochs, "options": self.objective_options}
         if not resuming:
-            _check_milestones_inside(self)
+            _check_milestones_inside(self, derived["milestones"])
         _check_data_and_arch(self)
         _check_sizes(self)
         _check_model_size(self)
@@ -294,7 +302,7 @@ class TrainConfig:
             raise ConfigError("--nesterov is SGD's momentum; drop it with --optimizer adamw")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs a momentum above 0; pass --momentum 0.9 or drop --nesterov")
-        return self
+        return derived
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -512,11 +520,11 @@ def shown_setting(value: Any) -> str:
     return str(value)
 
 
-def _check_milestones_inside(c: TrainConfig) -> None:
+def _check_milestones_inside(c: TrainConfig, milestones: list[int]) -> None:
     """A multistep milestone after the last epoch would never lower the lr: refused, not silently flat."""
     if c.schedule != "multistep":
         return
-    late = [m for m in c.milestone_epochs if m >= c.epochs]
+    late = [m for m in milestones if m >= c.epochs]
     fractions = "." in str(c.milestones)
     if late and not fractions:
         raise ConfigError(f"milestones {c.milestones!r}: epoch {late[0]} is not before the run's end (--epochs "

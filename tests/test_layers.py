@@ -10,11 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("timm", "torch.utils.tensorboard")  # extras: imported where used, so the package works without them
 # Lower numbers are lower layers; errors sits under the rest of layer 0, which raises its errors, and
 # plain_model (models from outside robust) on checkpoint, whose format it refuses to misread; precision
-# (auto by measurement) above runtime and outputs, whose flags it reads and whose writer caches it.
+# (auto by measurement) above runtime and outputs, whose flags it reads and whose writer caches it; plan (a
+# run's resolved settings) on config, whose fields it resolves.
 LAYERS = {
     "robust.attacks": 0, "robust.errors": 1, "robust.runtime": 2, "robust.progress": 2, "robust.threat": 2, "robust.checks": 2, "robust.recipes": 2,
     "robust.outputs": 2, "robust.precision": 2.5, "robust.nn": 3, "robust.data": 3, "robust.checkpoint": 4, "robust.plain_model": 4.5, "robust.objectives": 4,
-    "robust.eval": 4, "robust.config": 5, "robust.train": 6, "robust.lab": 7, "robust.cli": 8, "robust": 9,
+    "robust.eval": 4, "robust.config": 5, "robust.plan": 5.5, "robust.train": 6, "robust.lab": 7, "robust.cli": 8, "robust": 9,
 }
 
 
