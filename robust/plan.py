@@ -168,10 +168,9 @@ def command_words(flags: Mapping[str, Any], config_file: str | None = None, swit
     """The options of a command line that gives these ``flags`` (None: not given), the ``config_file``
     (``--config``) and the on/off ``switches`` (``resume``, ``force``)."""
     words = [f"--config={config_file}"] if config_file else []
-    words += [f"--{name}" for name in switches]
     for name, value in flags.items():
         if value is None:
             continue
         flag = "--" + name.replace("_", "-")
         words.append((flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag}={value}")
-    return words
+    return words + [f"--{name}" for name in switches]

@@ -99,4 +99,4 @@ def test_a_plan_pickles_as_its_settings():
 def test_one_command_line_rebuild_for_the_workers_and_results_md():
     words = command_words({"epochs": 5, "fused": False, "compile": True, "norm": None, "eps": "8/255"}, "run.toml",
                           ("resume",))
-    assert words == ["--config=run.toml", "--resume", "--epochs=5", "--no-fused", "--compile", "--eps=8/255"]
+    assert words == ["--config=run.toml", "--epochs=5", "--no-fused", "--compile", "--eps=8/255", "--resume"]
