@@ -452,10 +452,11 @@ def load_saved_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return upgrade_saved(saved)  # an older run resumes with the loss it trained with
 
 
-def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    """The fields outside :data:`RESUMABLE` where ``config`` differs from the ``saved`` run's config, each as
-    ``--flag SAVED (given: NEW)``; values are compared by meaning (8/255 is 0.0313..., beta=6 is beta=6.0)."""
-    before = TrainConfig.from_saved(saved)
+def resume_changes(saved: dict[str, Any] | TrainConfig, config: TrainConfig) -> list[str]:
+    """The fields outside :data:`RESUMABLE` where ``config`` differs from the ``saved`` run's config (a dict, or
+    already read as a TrainConfig), each as ``--flag SAVED (given: NEW)``; values are compared by meaning
+    (8/255 is 0.0313..., beta=6 is beta=6.0)."""
+    before = saved if isinstance(saved, TrainConfig) else TrainConfig.from_saved(saved)
     out = []
     for f in dataclasses.fields(TrainConfig):
         old, new = getattr(before, f.name), getattr(config, f.name)
@@ -483,13 +484,13 @@ def check_resume(saved: dict[str, Any], config: TrainConfig, run_dir: str | os.P
     """``config`` with the saved run's own values (and spelling: 8/255 stays 8/255) in every field outside
     :data:`RESUMABLE`; ConfigError naming every such field ``config`` changes, with its saved and given value:
     a resumed run goes on with the settings it was trained with."""
-    changed = resume_changes(saved, config)
+    before = TrainConfig.from_saved(saved)
+    changed = resume_changes(before, config)
     if changed:
         allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE if name != "out")
         raise ConfigError(f"cannot resume {run_dir} with other settings: it was trained with {'; '.join(changed)}; "
                           f"resume without those flags (a resume may change only {allowed}), or start a new run "
                           "with --out NEW")
-    before = TrainConfig.from_saved(saved)
     return dataclasses.replace(config, **{f.name: getattr(before, f.name) for f in dataclasses.fields(TrainConfig)
                                           if f.name not in RESUMABLE})
 

@@ -164,7 +164,8 @@ def load_config(flags: Mapping[str, Any] | None = None, config_file: str | None 
     return TrainPlan.of(check_resume(saved, config, out), resuming=True)
 
 
-def command_words(flags: Mapping[str, Any], config_file: str | None = None, switches: tuple[str, ...] = ()) -> list[str]:
+def command_words(flags: Mapping[str, Any], config_file: str | None = None,
+                  switches: tuple[str, ...] = ()) -> list[str]:
     """The options of a command line that gives these ``flags`` (None: not given), the ``config_file``
     (``--config``) and the on/off ``switches`` (``resume``, ``force``)."""
     words = [f"--config={config_file}"] if config_file else []
