@@ -2,7 +2,9 @@
 
 Every field of :class:`TrainConfig` is a flag of ``robust train`` (``--field-name``); its
 ``help`` metadata is the flag's help text, so the CLI and the library cannot drift apart.
-Defaults reproduce the SaBN reference recipe on CIFAR-10.
+Defaults reproduce the SaBN reference recipe on CIFAR-10. A run reads its settings from the
+:class:`robust.plan.TrainPlan` a config resolves into once; the ``resolved_*`` properties here
+compute the same values for a config being edited.
 """
 
 from __future__ import annotations
