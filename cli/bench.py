@@ -11,7 +11,7 @@ import torch
 from robust.checks import check_fields
 from robust.cli.common import check_output_file
 from robust.config import TrainConfig
-from robust.lab.bench import BENCH_METHODS, BenchConfig, run_bench
+from robust.bench.training import BENCH_METHODS, BenchConfig, run_bench
 from robust.nn.norms import NORMS
 from robust.nn.resnet import available_archs
 from robust.outputs import write_output

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import click
 
 from robust.attacks.registry import PerturbationError
-from robust.checkpoint import model_from, read_checkpoint, weights_of
+from robust.checkpoint import load_model, read_checkpoint, weights_of
 from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
 from robust.cli.plain_model import load_plain_model, plain_model_options, wants_plain_model
 from robust.data.corruptions import check_corruption_names, check_severities, official_layout
@@ -21,8 +21,8 @@ from robust.eval.estimate import PROBED, estimate_lines
 from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, check_attack_names, check_threads, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
-from robust.lab.plots import plot_sweep
-from robust.lab.robustbench import eps_beside
+from robust.curves import plot_sweep
+from robust.export.robustbench import eps_beside
 from robust.nn.norms import routes_for
 from robust.outputs import write_output
 from robust.runtime import resolve_device
@@ -240,7 +240,7 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     eps_value = resolve_eps(eps if eps is not None else state["eps"], threat)
     if "dataset" not in state:
         raise BadInput(f"{checkpoint} records no dataset; re-export it with `robust export`")
-    model = plain_model if plain_model is not None else model_from(state, weights=weights)
+    model = plain_model if plain_model is not None else load_model(state, weights=weights)
     if plain_model is None:
         test = load_test_split(state, data_dir, limit)
     options = dict(route=route, batch_size=batch_size, limit=limit, device=device, seed=seed, threat=threat,

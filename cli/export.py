@@ -8,13 +8,13 @@ from pathlib import Path
 import click
 import torch
 
-from robust.checkpoint import build_checkpoint, model_from, read_checkpoint, save_checkpoint, weights_of
+from robust.checkpoint import build_checkpoint, load_model, read_checkpoint, save_checkpoint, weights_of
 from robust.cli.common import BadInput, check_output_file, model_file
-from robust.lab.report import EVAL_FILE
-from robust.lab.robustbench import check_name, write_robustbench
+from robust.export.robustbench import check_name, write_robustbench
 from robust.nn.external import constructor_call, is_external
 from robust.nn.norms import use_route
-from robust.outputs import RunFiles, check_output_dir
+from robust.outputs import check_output_dir
+from robust.run import Run, RunFiles
 
 
 @click.command("export")
@@ -67,8 +67,8 @@ def export_command(checkpoint: str, route: str, out: str, force: bool, weights: 
     state = read_checkpoint(source)
     if state.get("kind") == "export":
         raise BadInput(f"{checkpoint} is already an export ({state.get('route')} route); export from the training checkpoint")
-    model = model_from(state, weights=weights)
-    exported = model_from(state, route, weights)
+    model = load_model(state, weights=weights)
+    exported = load_model(state, route, weights)
     input_size = (state.get("data") or {}).get("input_size")
     gap = _max_logit_gap(model, exported, route, input_size)
     if gap > 1e-3:
@@ -124,7 +124,7 @@ def export_robustbench(checkpoint: str, route: str, out: str, force: bool, weigh
     if "eps" not in state or "dataset" not in state:
         raise BadInput(f"{checkpoint} records no eps or dataset; export from a run folder of `robust train`")
     evaluation, eval_source = _evaluation_for(source, eval_json)
-    exported = model_from(state, route, weights)
+    exported = load_model(state, route, weights)
     input_size = (state.get("data") or {}).get("input_size") or (exported.build_args["in_channels"], 32, 32)
     threat = state.get("threat", "linf")
     written = write_robustbench(folder, name, exported, state["dataset"],
@@ -141,9 +141,13 @@ def export_robustbench(checkpoint: str, route: str, out: str, force: bool, weigh
 
 def _evaluation_for(source: Path, eval_json: str | None) -> tuple[dict | None, str | None]:
     """The evaluation whose figures go into model_info: --eval, else the run folder's eval.json, else none."""
-    path = Path(eval_json) if eval_json else source.parent / EVAL_FILE
-    if eval_json is None and not (source.name in RunFiles.CHECKPOINTS and path.is_file()):
-        return None, None
+    if eval_json is None:
+        if source.name not in RunFiles.CHECKPOINTS or not Run.holds_run(source.parent):
+            return None, None
+        run = Run(source.parent)
+        evaluation = run.evaluation
+        return (evaluation, str(run.file(RunFiles.EVALUATION))) if evaluation is not None else (None, None)
+    path = Path(eval_json)
     if not path.is_file():
         raise BadInput(f"--eval {eval_json} does not exist; write it with `robust eval RUN --attack autoattack --json FILE`")
     try:

@@ -3,21 +3,51 @@
 from __future__ import annotations
 
 import functools
+import importlib
+from typing import NamedTuple
 
 import click
 
-from robust.cli.bench import bench
-from robust.cli.common import BAD_INPUT_ERRORS, BadInput, ascii_numbers
-from robust.cli.compare import analyze, compare, plot
-from robust.cli.demo import demo
-from robust.cli.evaluate import evaluate_command
-from robust.cli.export import export_command
-from robust.cli.pseudo_label import pseudo_label
-from robust.cli.report import report
-from robust.cli.train import train
+from robust.cli.refusals import BAD_INPUT_ERRORS, BadInput, ascii_numbers
 from robust.errors import ConfigError, TrainingInterrupted
-from robust.runtime import __version__
-from robust.train.distributed import env_rank
+from robust.torchrun import env_rank
+from robust.version import __version__
+
+
+class Entry(NamedTuple):
+    """Where a command is defined, and the summary `robust --help` shows for it without importing that module."""
+
+    module: str
+    attribute: str
+    summary: str  # the first sentence of the command's docstring (a test keeps the two equal)
+
+
+# Every command, loaded only when it runs (or its own --help is asked for): `robust --help` and
+# `robust --version` import no command module and no torch. One line per command.
+COMMANDS: dict[str, Entry] = {
+    "analyze": Entry("robust.cli.analyze", "analyze",
+                     "Per norm layer: gradient norms of the clean and adversarial losses and their cosine."),
+    "bench": Entry("robust.cli.bench", "bench",
+                   "Images/s, peak memory and GFLOP/s of our trainer step vs a textbook adversarial-training loop."),
+    "compare": Entry("robust.cli.compare", "compare",
+                     "Train one model per norm with the same seed, split and budget; evaluate every route."),
+    "demo": Entry("robust.cli.demo", "demo",
+                  "Train a small SaBN model on real Fashion-MNIST, then report clean and PGD-20 accuracy."),
+    "eval": Entry("robust.cli.evaluate", "evaluate_command",
+                  "Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export)."),
+    "export": Entry("robust.cli.export", "export_command",
+                    "Write ROUTE of CHECKPOINT (a file or run folder) as a plain single-route model."),
+    "plot": Entry("robust.cli.plot", "plot",
+                  "Learning curves of runs from their metrics.jsonl: validation clean and robust accuracy per epoch."),
+    "pseudo-label": Entry("robust.cli.pseudo_label", "pseudo_label",
+                          "Label unlabelled images with a standard model and write them as an --extra-data file."),
+    "report": Entry("robust.cli.report", "report",
+                    "One HTML page of RUNS (run folders, or a `robust compare` folder for every run in it): "
+                    "everything embedded, it opens from disk without network."),
+    "train": Entry("robust.cli.train", "train",
+                   "Adversarial training (--method pgd, hybrid, trades, mart, fast, nfgsm, standard); "
+                   "defaults reproduce the SaBN reference recipe on CIFAR-10."),
+}
 
 
 class RobustGroup(click.Group):
@@ -25,7 +55,37 @@ class RobustGroup(click.Group):
 
     Also, for every subcommand: an empty value (``--out ''``) is bad input rather than a silent
     default, a number written with other than the digits 0-9 (``--epochs ３``) is bad input, and Ctrl-C exits 130 (as `robust train` does) instead of click's "Aborted!" with 1.
+
+    ``lazy`` names commands by where they are defined (:data:`COMMANDS`): each module is imported the first
+    time its command is asked for, and the group's own help lists them from their summaries.
     """
+
+    def __init__(self, *args, lazy: dict[str, Entry] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command ``cmd_name``, importing its module on first use."""
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            entry = self.lazy[cmd_name]
+            self.add_command(getattr(importlib.import_module(entry.module), entry.attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The Commands section as click writes it, the lazy commands shown by their summaries (nothing imported)."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names), default=0)
+        rows = []
+        for name in names:
+            cmd = click.Command(name, help=self.lazy[name].summary) if name in self.lazy else self.commands[name]
+            if not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         cmd.callback = _refusing_empty_values(cmd, cmd.callback)
@@ -88,7 +148,7 @@ def _refusing_empty_values(cmd: click.Command, callback):
     return checked
 
 
-@click.group(cls=RobustGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=RobustGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="robust")
 def cli() -> None:
     """Adversarial robustness training with dual-route Sandwich Batch Normalization.
@@ -97,18 +157,6 @@ def cli() -> None:
       robust train --norm sabn --eps 8/255     PGD adversarial training (CIFAR-10 by default)
       robust eval RUN_DIR --attack pgd20       clean and robust accuracy per route
     """
-
-
-cli.add_command(train)
-cli.add_command(pseudo_label)
-cli.add_command(bench)
-cli.add_command(compare)
-cli.add_command(plot)
-cli.add_command(analyze)
-cli.add_command(evaluate_command)
-cli.add_command(export_command)
-cli.add_command(report)
-cli.add_command(demo)
 
 
 def main() -> None:

@@ -8,13 +8,14 @@ from pathlib import Path
 import click
 import torch
 
-from robust.checkpoint import model_from, read_checkpoint
+from robust.checkpoint import load_model, read_checkpoint
 from robust.cli.common import BadInput, check_output_file, model_file
 from robust.config import TrainConfig
 from robust.data.unlabelled import SLICE, load_unlabelled
-from robust.lab.pseudo_label import select_confident, teacher_probabilities, why_nothing_kept, write_extra_file
+from robust.pseudo_label import select_confident, teacher_probabilities, why_nothing_kept, write_extra_file
 from robust.nn.norms import routes_for
 from robust.outputs import check_output_dir, same_file
+from robust.run import Run
 from robust.runtime import PRECISIONS, resolve_device
 from robust.train.trainer import Trainer
 
@@ -107,7 +108,7 @@ def pseudo_label(unlabelled: str, out: str, model_path: str | None, teacher_epoc
     if source is not None:
         state = read_checkpoint(source)
         shape = tuple(state.get("data", {}).get("input_size") or ())
-        model = model_from(state, None)
+        model = load_model(state)
         routes_for(model, route)  # the rule export and eval apply: a single-route teacher has only its own
     else:
         config = TrainConfig.from_dict(dict(
@@ -116,9 +117,9 @@ def pseudo_label(unlabelled: str, out: str, model_path: str | None, teacher_epoc
             precision=precision, quiet=quiet, device=device, out=str(teacher_dir),
         )).validate()
         Trainer(config, force=force).fit()
-        state = read_checkpoint(model_file(str(config.run_dir)))
+        state = read_checkpoint(Run(config.run_dir).checkpoint())
         shape = tuple(state["data"]["input_size"])
-        model = model_from(state, None)
+        model = load_model(state)
     if len(shape) != 3:
         raise BadInput(f"{model_path} does not record its input size; label with a run of robust train")
     images = load_unlabelled(unlabelled, shape, data_dir)

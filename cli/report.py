@@ -6,8 +6,8 @@ import click
 from robust.cli.common import check_output_file
 
 from robust.eval.evaluation import check_attack_names
-from robust.lab.plots import run_folders
-from robust.lab.report import build_report
+from robust.curves import run_folders
+from robust.report import build_report
 from robust.outputs import write_output
 
 

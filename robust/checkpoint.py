@@ -4,6 +4,9 @@ A checkpoint is a dict of tensors and plain Python values, written atomically (t
 fsync, os.replace: a kill at any moment leaves the previous file intact) and read with
 ``torch.load(weights_only=True)``, which never runs code from the file. It carries the model's
 build arguments, so a model is rebuilt from the file alone.
+
+Two verbs load: :func:`read_checkpoint` gives the dict (of a file, an export or a run folder) and
+:func:`load_model` the model (from a path or from that dict). :func:`save_checkpoint` writes.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import torch.nn as nn
 from robust.errors import CheckpointError, ConfigError, unreadable_file
 from robust.nn.factory import build_model, unwrap
 from robust.nn.norms import ROUTES, export_route, routes_for
-from robust.outputs import RunFiles, atomic_output, write_output
+from robust.outputs import atomic_output, write_output
+from robust.run import checkpoint_path
 
 FORMAT = "robust-checkpoint"
 
@@ -105,22 +109,34 @@ def check_path_argument(path: Any, what: str = "checkpoint") -> Path:
     return Path(path)
 
 
-def resolve_checkpoint_path(path: str | Path) -> Path:
-    """A file as is; a run folder means its best.pt (last.pt when there is no best.pt)."""
-    path = check_path_argument(path)
-    if path.is_dir():
-        for name in RunFiles.CHECKPOINTS:
-            if (path / name).is_file():
-                return path / name
-        raise CheckpointError(f"{path} holds no best.pt or last.pt; pass a checkpoint file or a run folder")
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist; pass a checkpoint file or a run folder")
-    return path
+CHECKPOINT_KINDS = ("train", "export")
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The dict of a checkpoint, an export or a run folder (its best.pt, else last.pt), read safely and checked.
+
+    A ``.pt`` file is read with ``weights_only=True`` (no code from the file runs), a ``.safetensors``
+    file without pickle; either must be robust's format and hold a model (its build arguments and
+    weights). Anything else is a one-line CheckpointError naming the file and the fix.
+    """
+    path = checkpoint_path(check_path_argument(path))
+    checkpoint = _read_file(path, map_location)
+    kind = checkpoint.get("kind", "train")
+    if kind not in CHECKPOINT_KINDS:
+        raise CheckpointError(f"{path} is a {kind!r} checkpoint, not a model; pass a training checkpoint, run folder or export")
+    missing = [k for k in ("model_args", "model") if not isinstance(checkpoint.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is not a model checkpoint of robust")
+    return checkpoint
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely (weights_only=True); raise CheckpointError with the reason."""
-    path = resolve_checkpoint_path(path)
+    """:func:`read_checkpoint` under the name ``from robust import load_checkpoint`` has always given."""
+    return read_checkpoint(path, map_location)
+
+
+def _read_file(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    """A checkpoint file's dict in robust's format; CheckpointError with the reason otherwise."""
     if path.suffix == SAFETENSORS:
         checkpoint = _load_safetensors(path)
         if checkpoint.get("format") != FORMAT:
@@ -136,8 +152,53 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights."""
+def load_model(source: str | Path | dict[str, Any], route: str | None = None, weights: str | None = None) -> nn.Module:
+    """The model of a checkpoint, an export or a run folder (its best.pt), on the CPU, in eval mode.
+
+    ``source`` is a path or a dict :func:`read_checkpoint` returned (read once, when the caller needs
+    its other fields too). With ``route`` ('clean' or 'adv') a dual-route model comes back as the
+    plain single-route model of that route (``robust.export_route``). A run trained with ``--ema``
+    gives its averaged weights unless ``weights="live"`` (:func:`weights_of` says which were used).
+    """
+    checkpoint = source if isinstance(source, dict) else read_checkpoint(source)
+    model = _build_model(_with_weights(checkpoint, weights)).eval()
+    if route is None:
+        return model
+    if route not in ROUTES:
+        raise ConfigError(f"unknown route {route!r}; valid: {', '.join(ROUTES)}")
+    routes_for(model, route)  # the rule eval applies: a route the model has (bn and exports have one)
+    if checkpoint["model_args"].get("exported_route") is not None:
+        return model
+    return export_route(model, route).eval()
+
+
+WEIGHTS = ("ema", "live")
+
+
+def weights_of(checkpoint: dict[str, Any], weights: str | None = None) -> str | None:
+    """Which weights ``load_model(checkpoint, weights=weights)`` scores: ``ema`` (the averaged ones) or
+    ``live``; an export says what it was written from; None where nothing records it."""
+    if checkpoint.get("kind") == "export":
+        return checkpoint.get("weights") if checkpoint.get("weights") in WEIGHTS else None
+    return "ema" if weights != "live" and isinstance(checkpoint.get("ema"), dict) else "live"
+
+
+def _with_weights(checkpoint: dict[str, Any], weights: str | None = None) -> dict[str, Any]:
+    """The checkpoint with the chosen weights as its model: ``ema`` (the averaged weights, the default
+    when the run kept an average) or ``live`` (the weights the optimizer trained)."""
+    if weights not in (None, *WEIGHTS):
+        raise ConfigError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
+    average = checkpoint.get("ema")
+    if weights == "ema" and not isinstance(average, dict):
+        raise ConfigError("this checkpoint has no averaged weights (its run trained without --ema); drop --weights ema "
+                          "or pass --weights live")
+    if weights == "live" or not isinstance(average, dict):
+        return checkpoint
+    return {**checkpoint, "model": average["model"]}
+
+
+def _build_model(checkpoint: dict[str, Any]) -> nn.Module:
+    """Rebuild the model a checkpoint describes (in train mode, as built) and load its ``model`` weights."""
     args = dict(checkpoint["model_args"])
     args.pop("exported_route", None)
     if "final_norm" not in args and ":" not in str(args.get("arch")):  # written before the option existed: every model then had it
@@ -159,71 +220,6 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     if isinstance(recorded, (list, tuple)) and len(recorded) == 3:
         model.input_shape = tuple(int(v) for v in recorded)  # (C, H, W) it was trained on: robust.evaluate checks it
     return model
-
-
-CHECKPOINT_KINDS = ("train", "export")
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A training or export checkpoint (a run folder means its best.pt), checked for what eval needs."""
-    checkpoint = load_checkpoint(path)
-    kind = checkpoint.get("kind", "train")
-    if kind not in CHECKPOINT_KINDS:
-        raise CheckpointError(f"{path} is a {kind!r} checkpoint, not a model; pass a training checkpoint, run folder or export")
-    missing = [k for k in ("model_args", "model") if not isinstance(checkpoint.get(k), dict)]
-    if missing:
-        raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is not a model checkpoint of robust")
-    return checkpoint
-
-
-WEIGHTS = ("ema", "live")
-
-
-def with_weights(checkpoint: dict[str, Any], weights: str | None = None) -> dict[str, Any]:
-    """The checkpoint with the chosen weights as its model: ``ema`` (the averaged weights, the default
-    when the run kept an average) or ``live`` (the weights the optimizer trained)."""
-    if weights not in (None, *WEIGHTS):
-        raise ConfigError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
-    average = checkpoint.get("ema")
-    if weights == "ema" and not isinstance(average, dict):
-        raise ConfigError("this checkpoint has no averaged weights (its run trained without --ema); drop --weights ema "
-                          "or pass --weights live")
-    if weights == "live" or not isinstance(average, dict):
-        return checkpoint
-    return {**checkpoint, "model": average["model"]}
-
-
-def weights_of(checkpoint: dict[str, Any], weights: str | None = None) -> str | None:
-    """Which weights ``model_from(checkpoint, weights=weights)`` scores: ``ema`` (the averaged ones) or
-    ``live``; an export says what it was written from; None where nothing records it (a plain model)."""
-    if checkpoint.get("kind") == "export":
-        return checkpoint.get("weights") if checkpoint.get("weights") in WEIGHTS else None
-    return "ema" if weights != "live" and isinstance(checkpoint.get("ema"), dict) else "live"
-
-
-def model_from(checkpoint: dict[str, Any], route: str | None = None, weights: str | None = None) -> nn.Module:
-    """The checkpoint's model in eval mode; with ``route``, the exported single-route model. ``weights``:
-    ``ema`` (the averaged weights; the default where the run kept them) or ``live``."""
-    model = model_from_checkpoint(with_weights(checkpoint, weights)).eval()
-    exported = checkpoint["model_args"].get("exported_route")
-    if route is None:
-        return model
-    if route not in ROUTES:
-        raise ConfigError(f"unknown route {route!r}; valid: {', '.join(ROUTES)}")
-    routes_for(model, route)  # the rule eval applies: a route the model has (bn and exports have one)
-    if exported is not None:
-        return model
-    return export_route(model, route).eval()
-
-
-def load_model(path: str | Path, route: str | None = None, weights: str | None = None) -> nn.Module:
-    """Rebuild a model from a checkpoint, a run folder (its best.pt) or an export file.
-
-    With ``route`` ('clean' or 'adv') a dual-route model comes back as the plain single-route
-    model of that route (``robust.export_route``). A run trained with ``--ema`` gives its averaged
-    weights unless ``weights="live"``. The model is on the CPU, in eval mode.
-    """
-    return model_from(read_checkpoint(path), route, weights)
 
 
 # ---------------------------------------------------------------- models from outside robust

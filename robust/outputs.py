@@ -22,7 +22,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 import shutil
 import socket
 import sys
@@ -31,23 +30,9 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from robust.errors import FolderBusy, OutputError
+from robust.run import Run, RunFiles
 
 LOCK_NAME = ".lock"
-
-
-class RunFiles:
-    """The names of a run folder's files: ``robust train`` writes them; eval, compare, plot and export read them."""
-
-    CONFIG = "config.json"
-    METRICS = "metrics.jsonl"
-    LAST = "last.pt"
-    BEST = "best.pt"
-    CHECKPOINTS = (BEST, LAST)  # the checkpoints a run folder may hold besides kept epochs, preferred first
-
-    @staticmethod
-    def epoch(number: int) -> str:
-        """The checkpoint kept after epoch ``number`` (1-based) by --keep-epochs."""
-        return f"epoch{int(number)}.pt"
 
 
 MIN_FREE_BYTES = 1 << 20  # what a small output (JSON, PNG) needs at least
@@ -119,17 +104,15 @@ def check_output(path: str | os.PathLike[str], flag: str, force: bool = False, d
     return target
 
 
-# The files of a run folder (and of a compare folder) that no output option may replace, even with --force:
-# they are the run, not a result written from it.
-_RUN_MARKERS = (RunFiles.CONFIG, RunFiles.METRICS, *RunFiles.CHECKPOINTS)
+# The files of a run folder (RunFiles.written_by_training) and of a compare folder that no output option may
+# replace, even with --force: they are the run, not a result written from it.
 _COMPARE_SETTINGS = "compare.json"
 
 
 def protected_file(path: Path) -> str | None:
     """What ``path`` is when it is a file of a run or compare folder (``the best.pt of the run folder runs/a``)."""
     name, folder = path.name, path.parent
-    run_file = name in _RUN_MARKERS or re.fullmatch(r"epoch\d+\.pt", name)
-    if run_file and any((folder / marker).is_file() for marker in _RUN_MARKERS):
+    if RunFiles.written_by_training(name) and Run.holds_run(folder):
         return f"the {name} of the run folder {folder}"
     if name == _COMPARE_SETTINGS and folder.joinpath(_COMPARE_SETTINGS).is_file():
         return f"the settings of the comparison in {folder}"

@@ -10,8 +10,8 @@ import torch
 import torchattacks
 
 from robust.errors import ConfigError
+from robust.version import __version__
 
-__version__ = "0.1.0"
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

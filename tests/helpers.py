@@ -10,6 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import click
 from click.testing import CliRunner
 
 from robust.cli.main import cli
@@ -34,13 +35,14 @@ def tiny_config(out, **overrides) -> TrainConfig:
     return TrainConfig(**tiny_config_dict(out, **overrides))
 
 
-def invoke_in(folder, args: list[str]):
-    """Run the CLI (click's test runner) with ``folder`` as the working directory, so relative
-    paths in ``args`` resolve there; the caller's working directory is restored afterwards."""
+def invoke_in(folder, args: list[str], command: click.Command = cli):
+    """Run the CLI (click's test runner; ``command``: another click command, such as a developer
+    benchmark's) with ``folder`` as the working directory, so relative paths in ``args`` resolve
+    there; the caller's working directory is restored afterwards."""
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        return CliRunner().invoke(cli, [str(a) for a in args])  # paths may come as Path
+        return CliRunner().invoke(command, [str(a) for a in args])  # paths may come as Path
     finally:
         os.chdir(cwd)
 
@@ -52,12 +54,12 @@ def snapshot(folder) -> dict[str, str]:
             for p in sorted(folder.rglob("*"))}
 
 
-def assert_refused(folder, args: list[str], *expected: str, one_line: bool = False) -> str:
-    """Run the CLI in ``folder``; assert the bad-input contract (exit 2, one error line naming each of
-    ``expected``, no traceback, nothing written or overwritten); return the error line.
-    ``one_line``: the whole output is that line (no usage text either)."""
+def assert_refused(folder, args: list[str], *expected: str, one_line: bool = False, command: click.Command = cli) -> str:
+    """Run the CLI (or another click ``command``) in ``folder``; assert the bad-input contract (exit 2,
+    one error line naming each of ``expected``, no traceback, nothing written or overwritten); return
+    the error line. ``one_line``: the whole output is that line (no usage text either)."""
     before = snapshot(folder)
-    result = invoke_in(folder, args)
+    result = invoke_in(folder, args, command)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)

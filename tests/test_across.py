@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from robust.lab.compare.across import across_table, main
+from robust.compare.across import across_table, main
 
 
 def _folder(path, figures):

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from robust.cli.main import cli
 from robust.errors import ConfigError
-from robust.lab.bench import (
+from robust.bench.training import (
     BenchConfig,
     count_step_flops,
     peak_memory,

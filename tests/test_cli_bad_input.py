@@ -65,9 +65,9 @@ def _work_must_not_start(monkeypatch) -> None:
     def started(*args, **kwargs):
         raise AssertionError("the work started before the output was checked")
 
-    for module, name in [("robust.cli.evaluate", "evaluate"), ("robust.cli.evaluate", "model_from"),
-                         ("robust.cli.export", "model_from"), ("robust.cli.compare", "analyze_checkpoint"),
-                         ("robust.cli.bench", "run_bench"), ("robust.cli.compare", "plot_learning_curves"),
+    for module, name in [("robust.cli.evaluate", "evaluate"), ("robust.cli.evaluate", "load_model"),
+                         ("robust.cli.export", "load_model"), ("robust.cli.analyze", "analyze_checkpoint"),
+                         ("robust.cli.bench", "run_bench"), ("robust.cli.plot", "plot_learning_curves"),
                          ("robust.cli.evaluate", "load_test_split"), ("robust.train.trainer", "train_step")]:
         monkeypatch.setattr(importlib.import_module(module), name, started)
 
@@ -754,9 +754,9 @@ def ctrl_c():
 
 @pytest.mark.parametrize("args, work", [
     (["eval", "run", "--attack", "fgsm", "--limit", "8", "--json", "e.json"], ("robust.cli.evaluate", "evaluate")),
-    (["analyze", "run", "--batches", "1", "--out", "grads"], ("robust.cli.compare", "analyze_checkpoint")),
+    (["analyze", "run", "--batches", "1", "--out", "grads"], ("robust.cli.analyze", "analyze_checkpoint")),
     (["bench", "--width", "4", "--json", "b.json"], ("robust.cli.bench", "run_bench")),
-    (["export", "run", "-o", "m.pt"], ("robust.cli.export", "model_from")),
+    (["export", "run", "-o", "m.pt"], ("robust.cli.export", "load_model")),
 ])
 def test_sigint_exits_130_everywhere_and_writes_nothing(tmp_path, run, monkeypatch, ctrl_c, args, work):
     import importlib

@@ -17,13 +17,13 @@ from helpers import assert_refused
 from robust.cli.compare import resolve_compare_settings
 from robust.cli.main import cli
 from robust.config import TrainConfig
-from robust.lab.analysis import gradient_analysis, norm_layers, spread_by_norm
-from robust.lab.compare.report import (
+from robust.analysis.gradients import gradient_analysis, norm_layers, spread_by_norm
+from robust.compare.tables import (
     attack_title, mean_metrics, paper_comparable, paper_table_markdown, seed_statistics, settings_lines,
 )
-from robust.lab.compare.settings import CompareSettings
-from robust.lab.reference import PAPER_CIFAR10
-from robust.lab.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
+from robust.compare.settings import CompareSettings
+from robust.compare.reference import PAPER_CIFAR10
+from robust.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
 from robust.nn.factory import build_model
 from robust.train.schedule import lr_at
 

@@ -247,7 +247,7 @@ def test_cli_refuses_bad_corruption_flags(checkpoint, tmp_path, args, expected):
 
 
 def test_report_section_draws_the_heat_map_per_route_and_the_mean():
-    from robust.lab.report import corruptions_section
+    from robust.report import corruptions_section
 
     assert corruptions_section("run0", {"routes": {}}) == ""
     evaluation = {"corruptions": {"fog": {"1": {"clean": 90.0, "adv": 70.0}, "5": {"clean": 40.0, "adv": 50.0}},

@@ -9,27 +9,18 @@ import importlib
 import pytest
 import torch
 
-import robust
 from robust.attacks.pgd import EarlyStop, fp32_predictions, pgd_restarts
 from robust.attacks.registry import build_attack
 from robust.data.loader import to_float
 from robust.eval.evaluation import evaluate
-from robust.train.step import StepSettings, train_step
 
 EPS = {"linf": 0.1, "l2": 1.0}
 
 
 @pytest.fixture(scope="module")
-def model(fmnist):
-    """A width-4 model trained briefly with FGSM-RS: robust on some images, so PGD's iterates settle."""
-    torch.manual_seed(0)
-    net = robust.build_model(norm="sabn", num_classes=10, in_channels=1, width=4, mean=fmnist.mean, std=fmnist.std)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    settings = StepSettings.of("fast", EPS["linf"], clean_weight=0.5, attack_bn="eval")
-    for _ in range(60):
-        idx = torch.randint(0, 2000, (32,))
-        train_step(net, opt, None, to_float(fmnist.train_x[idx]), fmnist.train_y[idx], settings)
-    return robust.export_route(net, "adv").eval()
+def model(fgsm_model):
+    """conftest's briefly FGSM-trained width-4 model (adv route)."""
+    return fgsm_model
 
 
 @pytest.fixture(scope="module")

@@ -26,31 +26,17 @@ from robust.data.loader import to_float
 from robust.eval.accuracy import attack_dtype, correct_under_attack
 from robust.eval.evaluation import evaluate
 from robust.eval.jobs import batch_seed, chunk_bounds
-from robust.train.step import StepSettings, train_step
 
 # robust/__init__ exports the function evaluate, which hides the module of the same name.
 evaluation = importlib.import_module("robust.eval.evaluation")
 BUILD_ATTACKS = evaluation.build_attacks
-EPS = 0.1
-WIDTH = 4
+EPS = 0.1  # the fgsm_model fixture's training eps too
 
 
-# The "something to compare" checks below (some examples robust, some broken) hold over the spread of this
-# training with torch.manual_seed(s), s = 0-4, each with native kernels and with ONEDNN_MAX_CPU_ISA=AVX2
-# ATEN_CPU_CAPABILITY=avx2 (ONEDNN_MAX_CPU_ISA=AVX512_CORE gave the native figures), on an Intel Xeon with
-# AVX512-BF16 without AMX, 2026-12-07; the figures measured are beside each check. Rule: the least robust
-# and the least broken count measured stay above 0 by at least 10 points of accuracy. The fixture keeps seed 0.
 @pytest.fixture(scope="module")
-def model(fmnist):
-    """A width-4 SaBN model trained briefly with FGSM-RS on real images: well above chance, not robust to all."""
-    torch.manual_seed(0)
-    net = robust.build_model(norm="sabn", num_classes=10, in_channels=1, width=WIDTH, mean=fmnist.mean, std=fmnist.std)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    settings = StepSettings.of("fast", EPS, clean_weight=0.5, attack_bn="eval")
-    for _ in range(60):
-        idx = torch.randint(0, 2000, (32,))
-        train_step(net, opt, None, to_float(fmnist.train_x[idx]), fmnist.train_y[idx], settings)
-    return robust.export_route(net, "adv").eval()
+def model(fgsm_model):
+    """conftest's briefly FGSM-trained width-4 model (adv route)."""
+    return fgsm_model
 
 
 @pytest.fixture(scope="module")
@@ -384,7 +370,7 @@ def test_torchattacks_attacks_run_in_bf16_on_fp32_logits_and_leave_the_mode_alon
 
 
 def test_the_benchmark_reads_the_official_codes_stage_times_from_its_log():
-    from robust.lab.autoattack_bench import _StageLog
+    from robust.bench.autoattack import _StageLog
 
     log = _StageLog()
     for line in ["initial accuracy: 75.00%", "robust accuracy after APGD-CE: 62.50% (total time 2.5 s)",
@@ -396,7 +382,7 @@ def test_the_benchmark_reads_the_official_codes_stage_times_from_its_log():
 
 
 def test_the_benchmark_refuses_an_unknown_variant_before_reading_anything(tmp_path, capsys):
-    from robust.lab.autoattack_bench import main
+    from robust.bench.autoattack import main
 
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path / "missing.pt"), "--variants", "jobs,fast16"])

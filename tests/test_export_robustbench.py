@@ -15,7 +15,7 @@ from helpers import assert_refused, invoke_in, tiny_config
 
 import robust
 from robust.checkpoint import load_model
-from robust.lab.robustbench import eps_beside, model_info
+from robust.export.robustbench import eps_beside, model_info
 from robust.train.trainer import Trainer
 
 NAME = "Tiny2026Sandwich"

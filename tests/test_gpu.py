@@ -18,7 +18,7 @@ from helpers import tiny_config
 
 from robust.checkpoint import load_checkpoint
 from robust.data.types import ImageData
-from robust.lab.bench import BenchConfig, run_bench
+from robust.bench.training import BenchConfig, run_bench
 from robust.nn.factory import build_model
 from robust.nn.norms import use_route
 from robust.train.trainer import Trainer

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from helpers import assert_refused, invoke_in, snapshot
 
 import robust
 from robust.checkpoint import build_checkpoint, load_model, read_checkpoint, save_checkpoint
 from robust.errors import CheckpointError, ConfigError, DataError
-from robust.lab import attack_gradients, autoattack_bench
+from robust.bench import attack_gradients, autoattack
 from robust.nn.factory import build_model
 from robust.nn.norms import export_route
 from robust.outputs import FolderLock
@@ -82,25 +81,9 @@ def bad_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def bench_refused(folder: Path, args: list, *expected: str, command=autoattack_bench.command) -> str:
-    """``assert_refused`` for ``python -m robust.lab.autoattack_bench`` (or another developer ``command``: click's
-    runner, in ``folder``)."""
-    before = snapshot(folder)
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        result = CliRunner().invoke(command, [str(a) for a in args])
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for text in expected:
-        assert text in errors[0], errors[0]
-    assert snapshot(folder) == before
-    return errors[0]
+def bench_refused(folder: Path, args: list, *expected: str, command=autoattack.command) -> str:
+    """``assert_refused`` for ``python -m robust.bench.autoattack`` (or another developer ``command``)."""
+    return assert_refused(folder, args, *expected, command=command)
 
 
 @pytest.fixture()
@@ -144,7 +127,7 @@ def test_the_benchmark_never_replaces_the_run_even_with_force(lab, json_arg):
 
 def test_the_benchmark_module_refuses_to_write_over_the_checkpoint_as_a_user_runs_it(lab):
     before = snapshot(lab)
-    done = subprocess.run([sys.executable, "-m", "robust.lab.autoattack_bench", "runs/a", "--limit", "4",
+    done = subprocess.run([sys.executable, "-m", "robust.bench.autoattack", "runs/a", "--limit", "4",
                            "--json", "runs/a/best.pt"], cwd=lab, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 2, done.stderr
@@ -153,16 +136,15 @@ def test_the_benchmark_module_refuses_to_write_over_the_checkpoint_as_a_user_run
     assert snapshot(lab) == before
 
 
-@pytest.mark.parametrize("args, words", [
-    (["runs/a", "--json", "runs/a/best.pt", "--force"], "is the file this command reads"),
-    (["runs/a", "--json", "runs/a/config.json", "--force"], "a run's own files are never overwritten"),
-    (["runs/a", "--json", "old.json"], "already exists; pass --force"),
-    (["runs/a", "--limit", "0"], "0"), (["runs/a", "--limit", "-5"], "-5"), (["runs/a", "--limit", "３"], "not ASCII"),
-    (["missing.pt"], "does not exist"), (["bad/evil.pt"], "was refused and nothing of it ran"),
-    (["bad/a.json"], "is not a checkpoint"),
-])
-def test_the_attack_gradient_measurement_follows_the_same_rules(lab, args, words):
-    bench_refused(lab, args, words, command=attack_gradients.command)
+
+@pytest.mark.parametrize("command", [autoattack.command, attack_gradients.command])
+def test_a_developer_command_picks_a_run_folders_checkpoint_as_robust_eval_does(lab, command):
+    (lab / "runs" / "a" / "best.pt").rename(lab / "runs" / "a" / "last.pt")  # stopped early: no best.pt
+    args = ["runs/a", "--limit", "4", "--json", "runs/a/last.pt"]  # refused: the file it reads is last.pt
+    bench_refused(lab, args, "is the file this command reads", command=command)
+    ours = invoke_in(lab, args, command=command).output.splitlines()
+    theirs = invoke_in(lab, ["eval", "runs/a", "--limit", "4", "--attack", "clean"]).output.splitlines()
+    assert ours[0] == theirs[0] == f"note: runs/a has no best.pt (no validation, or training stopped early); using {Path('runs/a/last.pt')}"
 
 
 # ---- robust.evaluate refuses what it cannot score -----------------------------------------------

@@ -4,26 +4,16 @@ count and the batch size alone, so N processes give one process's verdicts, exam
 from __future__ import annotations
 
 import pytest
-import torch
 
-import robust
-from robust.data.loader import to_float
 from robust.eval.evaluation import evaluate
 from robust.eval.jobs import SPLIT_RULE, chunk_bounds, split
 from robust.eval.state import differences
-from robust.train.step import StepSettings, train_step
 
 
 @pytest.fixture(scope="module")
-def model(fmnist):
-    torch.manual_seed(0)
-    net = robust.build_model(norm="sabn", num_classes=10, in_channels=1, width=4, mean=fmnist.mean, std=fmnist.std)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    settings = StepSettings.of("fast", 0.1, clean_weight=0.5, attack_bn="eval")
-    for _ in range(60):
-        idx = torch.randint(0, 2000, (32,))
-        train_step(net, opt, None, to_float(fmnist.train_x[idx]), fmnist.train_y[idx], settings)
-    return robust.export_route(net, "adv").eval()
+def model(fgsm_model):
+    """conftest's briefly FGSM-trained width-4 model (adv route)."""
+    return fgsm_model
 
 
 @pytest.mark.parametrize("n,batch,count", [(100, 256, 12), (1000, 256, 16), (10_000, 256, 40), (48, 8, 6),

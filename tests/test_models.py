@@ -13,7 +13,7 @@ import torchvision
 
 from helpers import assert_refused
 
-from robust.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
+from robust.checkpoint import build_checkpoint, load_checkpoint, load_model, save_checkpoint
 from robust.nn.factory import build_model
 from robust.nn.convert import convert_norms
 from robust.nn.norms import (
@@ -335,13 +335,13 @@ def test_a_checkpoint_written_before_the_final_norm_option_still_loads():
     old = small_model("sabn", final_norm=True).eval()
     state = build_checkpoint(old)
     del state["model_args"]["final_norm"]
-    rebuilt = model_from_checkpoint(state).eval()
+    rebuilt = load_model(state)
     assert rebuilt.final_norm is not None
     x = images(2, seed=3)
     assert torch.equal(rebuilt(x), old(x))
     plain = build_checkpoint(small_model("sabn"))
     del plain["model_args"]["final_norm"]
-    assert model_from_checkpoint(plain).final_norm is None
+    assert load_model(plain).final_norm is None
 
 
 # ---------------------------------------------------------------- bring your own architecture
@@ -406,7 +406,7 @@ def test_silu_models_differ_from_relu_only_in_the_activation_and_round_trip_chec
     with torch.no_grad(), use_route(relu, "adv"), use_route(silu, "adv"):
         assert not torch.allclose(relu(x), silu(x))
         save_checkpoint(build_checkpoint(silu, dataset="fashion-mnist"), tmp_path / "s.pt")
-        rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "s.pt")).eval()
+        rebuilt = load_model(load_checkpoint(tmp_path / "s.pt"))
         assert torch.equal(rebuilt(x), silu(x))
     with pytest.raises(ValueError, match="activation applies to our own architectures"):
         build_model("torchvision:resnet18", norm="bn", activation="silu")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from robust.config import TrainConfig
 from robust.data.loader import to_float
 from robust.errors import ConfigError
-from robust.lab.bench import BenchConfig, run_bench
+from robust.bench.training import BenchConfig, run_bench
 from robust.nn.factory import build_model
 from robust.nn.norms import split_routes, use_route
 from robust.runtime import autocast, autocast_dtype, cpu_has_amx

@@ -13,7 +13,7 @@ from helpers import assert_refused, invoke_in, tiny_config
 from robust.checkpoint import load_model
 from robust.data.extra import load_extra_data
 from robust.data.loader import to_float
-from robust.lab.pseudo_label import select_confident, teacher_probabilities, write_extra_file
+from robust.pseudo_label import select_confident, teacher_probabilities, write_extra_file
 from robust.train.trainer import Trainer
 
 PROBS = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.95, 0.05], [0.45, 0.55], [0.7, 0.3]])

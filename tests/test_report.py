@@ -15,10 +15,10 @@ from helpers import assert_refused, invoke_in, tiny_config
 from robust.checkpoint import load_model, read_checkpoint
 from robust.eval.evaluation import load_test_split, per_class_accuracy
 from robust.eval.sanity import determinism_checks
-from robust.lab.plots import run_folders
-from robust.lab.report import (ReportRun, class_names, comparison, comparison_html, eval_command, figure_label, headline,
+from robust.curves import run_folders
+from robust.report import (ReportRun, class_names, comparison, comparison_html, eval_command, figure_label, headline,
                                learning_curves_figure, read_runs, report_html, run_styles, timing_table)
-from robust.lab.stats import UNINFORMATIVE, uninformative
+from robust.stats import UNINFORMATIVE, uninformative
 from robust.runtime import describe_machine
 from robust.train.trainer import Trainer
 

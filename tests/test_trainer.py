@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config
 
-from robust.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
+from robust.checkpoint import build_checkpoint, load_checkpoint, load_model, save_checkpoint
 from robust.data.types import ImageData
 from robust.errors import ConfigError
 from robust.nn.factory import build_model
@@ -74,7 +74,7 @@ def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
     path = save_checkpoint(build_checkpoint(model, dataset="fashion-mnist", eps=0.1, epoch=3), tmp_path / "m.pt")
     state = load_checkpoint(path)
     assert state["epoch"] == 3 and state["model_args"]["norm"] == "sabn" and state["model_args"]["width"] == 4
-    rebuilt = model_from_checkpoint(state).eval()
+    rebuilt = load_model(state)
     x = torch.rand(4, 1, 12, 12)
     for route in ("clean", "adv"):
         with use_route(model, route), use_route(rebuilt, route):

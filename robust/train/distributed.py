@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from robust.errors import CheckpointError, ConfigError, DataError, PeerFailed
 from robust.runtime import resolve_device
+from robust.torchrun import env_int, env_rank, env_world_size, local_world_size  # noqa: F401 (the trainer and commands read them here)
 
 
 @dataclass(frozen=True)
@@ -47,31 +48,6 @@ SINGLE = DistContext()
 _owned_group = False
 
 
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name)
-    if text is None or text == "":
-        return default
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={text!r} is not an integer; it is set by torchrun") from None
-
-
-def env_rank() -> int:
-    """This process's rank as torchrun sets it (0 outside torchrun)."""
-    return _env_int("RANK", 0)
-
-
-def local_world_size() -> int:
-    """The processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun): they share its memory."""
-    return max(1, _env_int("LOCAL_WORLD_SIZE", 1))
-
-
-def env_world_size() -> int:
-    """The world size as torchrun sets it (1 outside torchrun)."""
-    return _env_int("WORLD_SIZE", 1)
-
-
 def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
     """Join the process group torchrun describes (when WORLD_SIZE > 1) and pick this rank's device.
 
@@ -82,12 +58,12 @@ def setup(device_name: str = "auto") -> tuple[DistContext, torch.device]:
     device = resolve_device(device_name)
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = _env_int("LOCAL_RANK", rank)
+        local_rank = env_int("LOCAL_RANK", rank)
     else:
         world = env_world_size()
         if world <= 1:
             return SINGLE, device
-        rank, local_rank = env_rank(), _env_int("LOCAL_RANK", 0)
+        rank, local_rank = env_rank(), env_int("LOCAL_RANK", 0)
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(name):
                 raise ConfigError(f"WORLD_SIZE={world} but {name} is not set; start with torchrun or robust train --nproc N")

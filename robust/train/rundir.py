@@ -1,4 +1,5 @@
-"""The run folder: config.json, metrics.jsonl, last.pt (with the resume position) and best.pt.
+"""The run folder, written: config.json, metrics.jsonl, last.pt (with the resume position), best.pt and
+kept epochs, by the names of :class:`robust.run.RunFiles` (:class:`robust.run.Run` reads them).
 
 :class:`RunFolder` checks the folder before training (a file in the way, an existing run without
 --resume/--force, room for the checkpoints), makes this process its only writer (the OS lock of
@@ -18,7 +19,8 @@ from typing import Any, Callable
 
 from robust import checkpoint as ckpt
 from robust.errors import CheckpointWriteError, ConfigError, RunExistsError
-from robust.outputs import FolderLock, RunFiles, holds_files, probe_folder, write_output
+from robust.outputs import FolderLock, holds_files, probe_folder, write_output
+from robust.run import RunFiles
 from robust.train import distributed as dist_
 
 
@@ -42,25 +44,6 @@ def line_epoch(line: str) -> float:
         return float(json.loads(line)["epoch"])
     except (ValueError, KeyError, TypeError):
         return float("inf")
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch metric dicts of a run folder, in epoch order.
-
-    A malformed line (a run killed while appending) is skipped rather than failing the plot.
-    """
-    path = Path(run_dir) / RunFiles.METRICS
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} has no {RunFiles.METRICS}; pass a run folder written by `robust train`")
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "epoch" in row:
-            rows.append(row)
-    return sorted(rows, key=lambda r: r["epoch"])
 
 
 def describe(epoch: int, batch: int) -> str:
@@ -100,7 +83,7 @@ class RunFolder:
     def read_last(self, device) -> dict[str, Any]:
         """The last.pt to resume from (remembering which file it was)."""
         self._resumed_stamp = self._stamp()
-        return ckpt.load_checkpoint(self.last_pt, map_location=device)
+        return ckpt.read_checkpoint(self.last_pt, map_location=device)
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -146,7 +129,7 @@ class RunFolder:
                                              "free space or fix the folder, then rerun with --resume")
         dist_.agree(self.dist, error)
 
-    BACKUP = ".replaced"  # a replaced run's files (--force), until the new run's first epoch is saved
+    BACKUP = RunFiles.REPLACED  # a replaced run's files (--force), until the new run's first epoch is saved
 
     def prepare(self, config: dict[str, Any], start_epoch: int) -> None:
         """Set a replaced run's files aside (or, resuming, drop metric lines after the checkpoint); write config.json.
@@ -157,7 +140,7 @@ class RunFolder:
         def write() -> None:
             run = self.path
             run.mkdir(parents=True, exist_ok=True)
-            for name in (RunFiles.LAST, RunFiles.BEST, RunFiles.METRICS, RunFiles.CONFIG):
+            for name in RunFiles.MARKERS:
                 for stale in run.glob(f".{name}.*.tmp"):  # the temporary file of a write a kill -9 interrupted
                     stale.unlink(missing_ok=True)
             for stale in run.glob(".epoch*.pt.*.tmp"):
@@ -167,8 +150,8 @@ class RunFolder:
             if not self.resume:
                 if backup.exists():  # left by a replacing run killed in its first epoch: this run replaces both
                     shutil.rmtree(backup, ignore_errors=True)
-                names = [RunFiles.METRICS, RunFiles.LAST, RunFiles.BEST, RunFiles.CONFIG]
-                names += sorted(p.name for p in run.glob("epoch*.pt"))  # a replaced run's kept epochs
+                names = list(RunFiles.MARKERS)
+                names += sorted(p.name for p in run.glob("epoch*.pt") if RunFiles.is_epoch(p.name))  # a replaced run's kept epochs
                 for name in names:
                     if (run / name).is_file():
                         backup.mkdir(exist_ok=True)
@@ -204,8 +187,8 @@ class RunFolder:
         run, backup = self.path, self.path / self.BACKUP
         try:
             if not self.resume:  # everything of these names is this run's: prepare() set the old ones aside
-                written = [RunFiles.METRICS, RunFiles.LAST, RunFiles.BEST, RunFiles.CONFIG]
-                for name in written + [p.name for p in run.glob("epoch*.pt")]:
+                kept = [p.name for p in run.glob("epoch*.pt") if RunFiles.is_epoch(p.name)]
+                for name in [*RunFiles.MARKERS, *kept]:
                     (run / name).unlink(missing_ok=True)
             for name in self._moved:
                 os.replace(backup / name, run / name)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from robust.errors import ConfigError
-from robust.outputs import RunFiles
+from robust.run import Run
 
 SKIPPED = ("epoch",)  # the step itself
 
@@ -24,7 +24,7 @@ def check_tensorboard_dir(folder: str | Path, run_dir: str | Path) -> None:
     for place in (target, *target.parents):
         if place == own:
             return
-        if any((place / name).is_file() for name in (RunFiles.CONFIG, RunFiles.METRICS, *RunFiles.CHECKPOINTS)):
+        if Run.holds_run(place):
             raise ConfigError(f"--tensorboard {folder} is inside the run folder {place}, another run's; write this "
                               f"run's scalars into its own folder (e.g. {Path(run_dir) / 'tb'}) or a folder of no run")
 

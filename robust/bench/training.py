@@ -372,7 +372,7 @@ def peak_memory(variant: str, config: BenchConfig) -> dict[str, float]:
     """Peak memory of ``variant``: in this process on CUDA, in a fresh subprocess on the CPU."""
     if resolve_device(config.device).type == "cuda":
         return peak_memory_here(variant, config)
-    code = ("import json, sys\nfrom robust.lab.bench import BenchConfig, peak_memory_here\n"
+    code = ("import json, sys\nfrom robust.bench.training import BenchConfig, peak_memory_here\n"
             "cfg = BenchConfig(**json.loads(sys.stdin.read()))\n"
             f"print(json.dumps(peak_memory_here({variant!r}, cfg)))\n")
     done = subprocess.run([sys.executable, "-c", code], input=json.dumps(asdict(config)), capture_output=True,

@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from robust.config import TrainConfig
-from robust.lab.compare.settings import NORM_TITLES, CompareSettings, parse_select, select_epoch
-from robust.lab.plots import CurveRun, plot_learning_curves
-from robust.lab.reference import PAPER_CIFAR10
-from robust.lab.stats import UNINFORMATIVE, mean_sd, paired_difference, uninformative
-from robust.outputs import RunFiles
+from robust.compare.settings import NORM_TITLES, CompareSettings, parse_select, select_epoch
+from robust.curves import CurveRun, plot_learning_curves
+from robust.compare.reference import PAPER_CIFAR10
+from robust.stats import UNINFORMATIVE, mean_sd, paired_difference, uninformative
+from robust.run import Run, RunFiles
 from robust.plan import TrainPlan, plan_of
-from robust.train.rundir import read_metrics
 
 
 def seed_rows(runs: dict[str, dict[str, dict[str, Any]]], attacks: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -67,7 +66,7 @@ def seed_statistics(runs: dict[str, dict[str, dict[str, Any]]], attacks: tuple[s
 def run_summary(config: TrainConfig | TrainPlan) -> dict[str, Any]:
     """Training facts of one run from its metrics.jsonl: epochs, seconds, final validation figures."""
 
-    metrics = read_metrics(config.run_dir)
+    metrics = Run(config.run_dir).metrics
     final = metrics[-1] if metrics else {}
     return {"epochs": len(metrics), "train_seconds": sum(m.get("seconds", 0.0) for m in metrics),
             "final_val": {k: v for k, v in final.items() if k.startswith("val_")}, "metrics": metrics}

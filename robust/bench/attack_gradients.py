@@ -7,7 +7,7 @@ method's training attack at its own starting point (pgd, fast: uniform in the ep
 mart: ``x + 0.001 N(0, 1)``; nfgsm: ``U[-2 eps, 2 eps]``) and on the adv route in eval mode, the
 share of examples with a zero gradient in fp32 and under bf16 (and on CUDA fp16) autocast.
 
-    python -m robust.lab.attack_gradients RUN_DIR [--limit 1000] [--json FILE]
+    python -m robust.bench.attack_gradients RUN_DIR [--limit 1000] [--json FILE]
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import torch.nn as nn
 
 from robust.attacks import ce_loss, gaussian_start, kl_loss_from
 from robust.attacks.pgd import LinfBall, input_gradient
-from robust.checkpoint import load_model, read_checkpoint, resolve_checkpoint_path
+from robust.bench.commands import AsciiInt, checkpoint_file, refusing_bad_input
+from robust.checkpoint import load_model, read_checkpoint
 from robust.data.loader import to_float
 from robust.errors import ConfigError
 from robust.eval.evaluation import load_test_split
-from robust.lab.dev_commands import AsciiInt, refusing_bad_input
 from robust.nn.norms import bn_mode, use_route
 from robust.outputs import check_output_file, write_output
+from robust.run import checkpoint_path
 
 STARTS = ("pgd", "trades", "mart", "fast", "nfgsm")
 
@@ -90,7 +91,7 @@ def measure(run: str, limit: int = 1000, batch_size: int = 250) -> dict[str, Any
 @click.option("--force", is_flag=True, help="overwrite an existing --json file")
 @refusing_bad_input
 def command(run: str, limit: int, json_path: str | None, force: bool) -> None:
-    source = resolve_checkpoint_path(run)
+    source = checkpoint_file(run)
     json_file = (check_output_file(json_path, "--json", force, "attack_gradients.json", inputs=(source,))
                  if json_path is not None else None)
     state = read_checkpoint(source)
@@ -110,8 +111,8 @@ def command(run: str, limit: int, json_path: str | None, force: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m robust.lab.attack_gradients ARGS``: exits 2 with one line on bad input, as `robust` does."""
-    command.main(args=argv, prog_name="python -m robust.lab.attack_gradients")
+    """``python -m robust.bench.attack_gradients ARGS``: exits 2 with one line on bad input, as `robust` does."""
+    command.main(args=argv, prog_name="python -m robust.bench.attack_gradients")
 
 
 if __name__ == "__main__":

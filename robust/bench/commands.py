@@ -1,14 +1,17 @@
-"""What the developer commands run with ``python -m robust.lab.NAME`` share with `robust`'s own: bad input
+"""What the developer commands run with ``python -m robust.bench.NAME`` share with `robust`'s own: bad input
 is one ``Error:`` line and exit code 2 (a library error included), and numbers take the digits 0-9 only.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import click
 
+from robust.run import checkpoint_path
 from robust.errors import CheckpointError, ConfigError, DataError, ModelError, check_ascii_number
+from robust.run import RunFiles
 
 
 class Refused(click.ClickException):
@@ -40,3 +43,12 @@ def refusing_bad_input(body):
             raise Refused(str(exc)) from None
 
     return checked
+
+
+def checkpoint_file(path: str) -> Path:
+    """The checkpoint file CHECKPOINT means, chosen as `robust eval` chooses: a file as is, a run folder's
+    best.pt, else its last.pt (said on stderr, as `robust eval` says it)."""
+    resolved = checkpoint_path(path)
+    if Path(path).is_dir() and resolved.name == RunFiles.LAST:
+        click.echo(f"note: {path} has no best.pt (no validation, or training stopped early); using {resolved}", err=True)
+    return resolved

@@ -44,11 +44,12 @@ from robust import checkpoint as ckpt
 from robust.data.load import load_dataset
 from robust.data.loader import BatchLoader, split_train_val
 from robust.errors import ConfigError
-from robust.lab.stats import mean_sd
+from robust.stats import mean_sd
 from robust.nn.layer_norms import DualAffineNorm, SandwichAffineNorm, is_affine_norm
 from robust.nn.norm_act import RoutedBatchNormAct
 from robust.nn.norms import ROUTES, DualBatchNorm2d, RoutedNorm, SandwichBatchNorm2d, SharedBatchNorm2d, bn_mode, use_route
 from robust.plan import saved_plan
+from robust.run import checkpoint_path
 from robust.runtime import resolve_device
 from robust.train.step import StepSettings, make_adversarial, step_loss
 
@@ -218,7 +219,7 @@ def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | Non
     if batches < 1:
         raise ConfigError(f"batches must be >= 1, got {batches}")
     state = ckpt.load_checkpoint(path)
-    model = ckpt.model_from_checkpoint(state)
+    model = ckpt.load_model(state, weights="live").train()  # as built: gradient_analysis sets the modes
     config = saved_plan(state["config"]) if isinstance(state.get("config"), dict) else None
     dataset = state.get("dataset") or (config.dataset if config else None)
     if dataset is None:
@@ -242,7 +243,7 @@ def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | Non
     result = gradient_analysis(model, chosen, eps, alpha, steps, attack_train_mode=attack_train,
                                method=config.objective_name if config else "pgd",
                                options=dict(config.options) if config else None)
-    result["checkpoint"] = str(ckpt.resolve_checkpoint_path(path))
+    result["checkpoint"] = str(checkpoint_path(path))
     result["settings"].update(dataset=dataset, seed=seed)
     return result
 

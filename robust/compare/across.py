@@ -1,7 +1,7 @@
 """Comparisons across ``robust compare`` folders: each folder a recipe variant, trained with the same
 seeds; every row paired seed by seed against the first folder.
 
-``python -m robust.lab.compare.across BASE OTHER... [--norm sabn] [--route adv]`` prints a markdown
+``python -m robust.compare.across BASE OTHER... [--norm sabn] [--route adv]`` prints a markdown
 table: per folder the seeds, the mean training time, the route's clean and attack accuracies
 (mean ± sd) and their paired differences against BASE with 95% t intervals. The figures are the
 folders' own ``results.json``; nothing is trained or evaluated here.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from robust.errors import ConfigError
-from robust.lab.stats import mean_sd, paired_difference
+from robust.stats import mean_sd, paired_difference
 
 
 def read_results(folder: str | Path) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def across_table(folders: list[str], norm: str = "sabn", route: str = "adv", att
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m robust.lab.compare.across", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m robust.compare.across", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", help="robust compare output folders; the first is the baseline")
     parser.add_argument("--norm", default="sabn")
     parser.add_argument("--route", default="adv")

@@ -1,13 +1,12 @@
-"""Figures: learning curves from metrics.jsonl and the per-layer gradient analysis.
+"""Curves: learning curves from runs' metrics.jsonl, eps sweeps, and the run folders they read.
 
-matplotlib is imported inside the functions and used through ``matplotlib.figure.Figure``
-(no pyplot, no global backend state), so the figures render headless (Agg) and importing
-:mod:`robust` stays fast.
+Shared by ``robust plot``, ``robust compare`` (curves.png) and ``robust report``. matplotlib is
+used through ``matplotlib.figure.Figure`` (no pyplot, no global backend state), so the figures
+render headless (Agg).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from robust.errors import ConfigError
-from robust.outputs import RunFiles, atomic_output
+from robust.outputs import atomic_output
+from robust.run import Run, RunFiles
 
 
 @dataclass
@@ -32,10 +32,9 @@ class CurveRun:
 def read_config_quietly(folder: str | Path) -> dict[str, Any]:
     """A run folder's config.json values, or {} where it has none readable (labels only: nothing depends on it)."""
     try:
-        value = json.loads((Path(folder) / RunFiles.CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return Run(folder).config
+    except ConfigError:
         return {}
-    return value if isinstance(value, dict) else {}
 
 
 def validation_attack(configs: Sequence[dict[str, Any]]) -> str:
@@ -51,7 +50,7 @@ def run_folders(paths: Sequence[str | Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if (path / RunFiles.METRICS).is_file() or not path.is_dir():
-            found.append(path)  # a run, or a path whose error read_metrics / read_run gives
+            found.append(path)  # a run, or a path whose error Run gives
             continue
         inside = sorted(p.parent for depth in ("*", "*/*", "*/*/*") for p in path.glob(f"{depth}/{RunFiles.METRICS}"))
         if not inside:
@@ -118,7 +117,7 @@ def plot_learning_curves(runs: Sequence[CurveRun], path: str | Path, title: str 
     legend_below(fig, axes[1])
     if title:
         fig.suptitle(title)
-    return _save(fig, path, overwrite)
+    return save_png(fig, path, overwrite)
 
 
 def integer_epochs(ax, runs: Sequence[Any]) -> None:
@@ -137,42 +136,7 @@ def legend_below(fig: Figure, ax) -> None:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8, frameon=False)
 
 
-def plot_gradient_analysis(analysis: dict[str, Any], path: str | Path, overwrite: bool = True) -> Path:
-    """Per norm layer (x axis): gradient norms of the clean and adversarial losses, and their cosine."""
-
-    layers = analysis["layers"]
-    x = list(range(len(layers)))
-    fig = Figure(figsize=(max(8.0, 0.42 * len(layers) + 3), 7), layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True)
-    lines = [
-        ("shared_clean", "shared affine, clean loss", "C0", "-"),
-        ("shared_adv", "shared affine, adv loss", "C3", "-"),
-        ("route_clean", "clean-route affine, clean loss", "C0", "--"),
-        ("route_adv", "adv-route affine, adv loss", "C3", "--"),
-    ]
-    for key, label, colour, style in lines:
-        values = [layer[key] for layer in layers]
-        if all(v is not None for v in values):
-            top.plot(x, values, style, color=colour, marker="o", markersize=3, label=label)
-    top.set_yscale("log")
-    top.set_ylabel("gradient norm (mean over batches)")
-    top.legend(fontsize=8)
-    top.grid(alpha=0.3)
-    bottom.plot(x, [layer["cosine"] for layer in layers], color="C2", marker="o", markersize=3,
-                label=analysis.get("cosine_of", "cosine"))
-    bottom.axhline(0.0, color="grey", linewidth=0.8)
-    bottom.set_ylim(-1.05, 1.05)
-    bottom.set_ylabel("cosine(clean grad, adv grad)")
-    bottom.legend(fontsize=8)
-    bottom.grid(alpha=0.3)
-    bottom.set_xticks(x)
-    bottom.set_xticklabels([layer["layer"] for layer in layers], rotation=70, fontsize=7)
-    bottom.set_xlabel("norm layer")
-    fig.suptitle(f"gradient analysis: norm={analysis['norm']}, {analysis['settings']['batches']} batches, eps {analysis['settings']['eps']:.4g}")
-    return _save(fig, path, overwrite)
-
-
-def _save(fig, path: str | Path, overwrite: bool) -> Path:
+def save_png(fig, path: str | Path, overwrite: bool) -> Path:
     """Write the figure as PNG atomically (``overwrite=False`` never replaces an existing file)."""
     with atomic_output(path, overwrite) as fh:
         fig.savefig(fh, format="png", dpi=120)

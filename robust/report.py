@@ -13,7 +13,7 @@ network and opens from disk. What a run folder gives:
 
 Several runs add a comparison: their figures side by side, and where runs differ only in the seed,
 mean, sd and 95% t interval; where settings differ, the paired differences seed by seed against the
-first setting (:mod:`robust.lab.stats`).
+first setting (:mod:`robust.stats`).
 """
 
 from __future__ import annotations
@@ -33,20 +33,19 @@ import torch
 from matplotlib.figure import Figure
 
 from robust.attacks.registry import build_attack
-from robust.checkpoint import model_from, read_checkpoint, resolve_checkpoint_path
+from robust.checkpoint import load_model, read_checkpoint
 from robust.errors import CheckpointError, ConfigError
 from robust.eval.evaluation import load_test_split, to_model_input
 from robust.data.builtin import CLASS_NAMES
-from robust.lab.plots import integer_epochs, legend_below, run_folders, run_labels, validation_attack
-from robust.lab.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
+from robust.curves import integer_epochs, legend_below, run_folders, run_labels, validation_attack
+from robust.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
 from robust.nn.norms import bn_mode, routes_for, use_route
-from robust.outputs import RunFiles
+from robust.run import Run, RunFiles
 from robust.runtime import describe_machine
 from robust.threat import resolve_eps
-from robust.train.rundir import read_metrics
 
-EVAL_FILE = "eval.json"  # where the report looks for a run's evaluation: RUN/eval.json
-PER_EXAMPLE_FILE = "per_example.jsonl"  # and for its per-example verdicts (robust eval --per-example RUN/)
+EVAL_FILE = RunFiles.EVALUATION  # where the report looks for a run's evaluation: RUN/eval.json
+PER_EXAMPLE_FILE = RunFiles.PER_EXAMPLE  # and for its per-example verdicts (robust eval --per-example RUN/)
 # settings that do not change what a run learns: runs differing only in these (and the seed) are seeds of one setting
 _NOT_A_SETTING = ("seed", "out", "quiet", "tensorboard", "threads", "save_every", "device", "workers", "data_dir")
 
@@ -65,56 +64,34 @@ class ReportRun:
     broken_by: dict[str, dict[str, int]] | None = field(default=None)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path} is not readable JSON ({type(exc).__name__}); {what}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path} holds no JSON object; {what}")
-    return value
-
-
 def read_run(path: str | Path, label: str | None = None) -> ReportRun:
     """A run folder's config, metrics, evaluation and checkpoint; ConfigError when it is no run folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path} is not a folder; pass run folders written by `robust train`")
-    metrics = read_metrics(path)
+    run = Run(path)
+    metrics = run.metrics
     if not metrics:
-        raise ConfigError(f"{path}/{RunFiles.METRICS} holds no finished epoch; report a run after its first epoch")
-    config_file = path / RunFiles.CONFIG
-    config = _read_json(config_file, "it should be the config.json `robust train` wrote") if config_file.is_file() else {}
-    eval_file = path / EVAL_FILE
-    evaluation = None
-    if eval_file.is_file():
-        evaluation = _read_json(eval_file, f"write it again with `robust eval {path} --json {path}/ --force`")
-        if isinstance(evaluation.get("result"), dict) and "routes" not in evaluation:
-            evaluation = evaluation["result"]  # robust compare keeps each run's evaluation as {"key": ..., "result": ...}
-        if not isinstance(evaluation.get("routes"), dict):
-            raise ConfigError(f"{eval_file} has no per-route table; write it with `robust eval {path} --json {path}/`")
+        raise ConfigError(f"{run.file(RunFiles.METRICS)} holds no finished epoch; report a run after its first epoch")
+    config = run.config if run.file(RunFiles.CONFIG).is_file() else {}
     try:
-        checkpoint = resolve_checkpoint_path(path)
+        checkpoint = run.checkpoint()
     except CheckpointError:
         checkpoint = None
-    broken_by = read_broken_by(path / PER_EXAMPLE_FILE) if (path / PER_EXAMPLE_FILE).is_file() else None
-    return ReportRun(path, label or path.name, config, metrics, evaluation, checkpoint, broken_by=broken_by)
+    rows = run.per_example
+    broken_by = broken_by_counts(rows, run) if rows is not None else None
+    return ReportRun(run.path, label or run.path.name, config, metrics, run.evaluation, checkpoint, broken_by=broken_by)
 
 
-def read_broken_by(path: Path) -> dict[str, dict[str, int]]:
+def broken_by_counts(rows: list[dict[str, Any]], run: Run) -> dict[str, dict[str, int]]:
     """Per route, how many examples each attack broke first ('clean': misclassified; 'survived': none did),
-    from a `robust eval --per-example` file."""
+    from the rows of a `robust eval --per-example` file."""
     counts: dict[str, dict[str, int]] = {}
     try:
-        lines = path.read_text().splitlines()
-        for line in lines:
-            row = json.loads(line)
+        for row in rows:
             key = row["broken_by"] if row["broken_by"] is not None else "survived"
             per_route = counts.setdefault(str(row["route"]), {})
             per_route[str(key)] = per_route.get(str(key), 0) + 1
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path} is not a `robust eval --per-example` file ({type(exc).__name__}); write it again "
-                          f"with `robust eval {path.parent} --per-example {path.parent}/ --force`") from None
+    except KeyError as exc:
+        raise ConfigError(f"{run.file(RunFiles.PER_EXAMPLE)} is not a `robust eval --per-example` file (no {exc} in a "
+                          f"line); write it again with `robust eval {run.path} --per-example {run.path}/ --force`") from None
     return counts
 
 
@@ -238,7 +215,7 @@ def attacked_examples(checkpoint: Path, count: int, attack: str = "pgd10", data_
     state = read_checkpoint(checkpoint)
     if "dataset" not in state or "eps" not in state:
         raise CheckpointError(f"{checkpoint} records no dataset or eps; report it with --images 0")
-    model = model_from(state)
+    model = load_model(state)
     x, y = load_test_split(state, data_dir, count)
     x, y = x[:count], y[:count]
     threat = state.get("threat", "linf")

@@ -14,7 +14,7 @@ agreement of each of ours with the official verdicts (every verdict an fp32 forw
 checked before any work (bad input: one line, exit code 2) and ``--json`` goes through the package's
 output checks (never the checkpoint or a run's own file; an existing file only with ``--force``).
 
-    python -m robust.lab.autoattack_bench runs/demo --route adv --limit 32 --threads 1 --jobs 2
+    python -m robust.bench.autoattack runs/demo --route adv --limit 32 --threads 1 --jobs 2
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ import pyautoattack  # the official code, from the dev extra: this module is a b
 import torch
 from torch import nn
 
-from robust.checkpoint import model_from, read_checkpoint, resolve_checkpoint_path
+from robust.bench.commands import AsciiInt, checkpoint_file, refusing_bad_input
+from robust.checkpoint import load_model, read_checkpoint
 from robust.checks import MAX_SEED
 from robust.data.loader import to_float
 from robust.errors import ConfigError
 from robust.eval.evaluation import check_threads, evaluate, load_test_split
-from robust.lab.dev_commands import AsciiInt, refusing_bad_input
 from robust.nn.norms import export_route, is_dual_route, routes_for
 from robust.outputs import check_output_file, write_output
+from robust.run import checkpoint_path
 from robust.runtime import cpu_has_amx, versions
 from robust.threat import resolve_eps
 
@@ -170,7 +171,8 @@ def bench_eps(eps: str | None, state: dict[str, Any], checkpoint: str) -> float:
     return value
 
 
-@click.command(help=__doc__.split("\n\n")[0] + "\n\nCHECKPOINT: a checkpoint, run folder (its best.pt) or export.",
+@click.command(help=__doc__.split("\n\n")[0] + "\n\nCHECKPOINT: a checkpoint, an export, or a run folder "
+                    "(its best.pt, else last.pt, as robust eval chooses).",
                context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint")
 @click.option("--route", type=click.Choice(["clean", "adv"]), default="adv", show_default=True,
@@ -199,14 +201,14 @@ def command(checkpoint: str, route: str, limit: int, eps: str | None, rounds: in
     check_threads(threads)
     if eps is not None:  # refused before any file is read
         bench_eps(eps, {}, checkpoint)
-    scored = resolve_checkpoint_path(checkpoint)
+    scored = checkpoint_file(checkpoint)
     json_file = (check_output_file(json_path, "--json", force, "autoattack_bench.json", inputs=(scored,))
                  if json_path is not None else None)
     state = read_checkpoint(scored)
     if "dataset" not in state:
         raise ConfigError(f"{checkpoint} records no dataset; re-export it with `robust export`")
     eps_value = bench_eps(eps, state, checkpoint)
-    model = model_from(state)
+    model = load_model(state)
     routes_for(model, route)  # a single-route model has only its own
     model = (export_route(model, route) if is_dual_route(model) else model).eval()
     x, y = load_test_split(state, None, limit)
@@ -228,8 +230,8 @@ def command(checkpoint: str, route: str, limit: int, eps: str | None, rounds: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m robust.lab.autoattack_bench ARGS``: exits 2 with one line on bad input, as `robust` does."""
-    command.main(args=argv, prog_name="python -m robust.lab.autoattack_bench")
+    """``python -m robust.bench.autoattack ARGS``: exits 2 with one line on bad input, as `robust` does."""
+    command.main(args=argv, prog_name="python -m robust.bench.autoattack")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robust.checkpoint import model_from_checkpoint, state_dict_bytes
+from robust.checkpoint import load_model, state_dict_bytes
 from robust.errors import ConfigError
 from robust.eval.sanity import SanityCheck, determinism_checks
 from robust.outputs import write_output
@@ -58,7 +58,7 @@ def reloads_as_robustbench(data: bytes, args: dict[str, Any], reference: nn.Modu
     """Read the file's bytes as RobustBench does (``torch.load``, its ``state_dict``) and load them strictly
     into a fresh model of ``args``; the largest logit difference to ``reference`` on a random batch."""
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)["state_dict"]
-    fresh = model_from_checkpoint({"model_args": args, "model": state}).eval()
+    fresh = load_model({"model_args": args, "model": state})
     x = torch.rand(4, *input_size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         return (fresh(x) - reference.eval()(x)).abs().max().item()

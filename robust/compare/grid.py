@@ -50,14 +50,14 @@ from typing import Any, Callable
 import torch
 
 from robust import checkpoint as ckpt
-from robust.checkpoint import model_from, read_checkpoint, weights_of
+from robust.checkpoint import load_model, read_checkpoint, weights_of
 from robust.config import TrainConfig
 from robust.data.load import load_dataset
 from robust.data.loader import split_train_val
 from robust.errors import ConfigError, TrainingInterrupted
 from robust.eval.evaluation import evaluate
-from robust.lab.compare.report import results_markdown, run_summary, seed_rows, seed_statistics, write_curves
-from robust.lab.compare.settings import (
+from robust.compare.tables import results_markdown, run_summary, seed_rows, seed_statistics, write_curves
+from robust.compare.settings import (
     EVAL_CACHE,
     RESULT_FILES,
     SETTINGS_FILE,
@@ -67,7 +67,7 @@ from robust.lab.compare.settings import (
     load_settings,
     parse_select,
 )
-from robust.lab.reference import PAPER_CIFAR10
+from robust.compare.reference import PAPER_CIFAR10
 from robust.outputs import FolderLock, RunFiles, check_output_dir, write_output
 from robust.plan import TrainPlan
 from robust.runtime import available_cpus
@@ -126,7 +126,7 @@ def evaluate_run(settings: CompareSettings, plan: TrainPlan, data, log: Callable
             log(f"{plan.norm}: reusing the evaluation in {cache}")
             return best, saved["result"]
     log(f"{plan.norm}: evaluating {plan.run_dir / name} ({', '.join(settings.attacks)}, eps {plan.settings['eps']})")
-    result = evaluate(model_from(state), (data.test_x, data.test_y), attacks=list(settings.attacks),
+    result = evaluate(load_model(state), (data.test_x, data.test_y), attacks=list(settings.attacks),
                       eps=plan.eps, route="both", batch_size=settings.eval_batch_size,
                       limit=settings.eval_limit, device=plan.device, seed=plan.seed)
     result["weights"] = weights_of(state)
