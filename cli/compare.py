@@ -7,14 +7,15 @@ from typing import Any
 
 import click
 
-from robust.checks import check_fields, split_list
+from robust.checks import split_list
 from robust.cli.train import config_options
 from robust.compare.grid import run_compare
 from robust.compare.settings import CompareSettings, load_settings, parse_seeds
 from robust.compare.tables import markdown_table, mean_sd_table
-from robust.config import TrainConfig, fold_method_options, load_toml, upgrade_saved
+from robust.config import TrainConfig, load_toml, upgrade_saved
 from robust.errors import ConfigError
 from robust.nn.norms import NORMS, norms_help
+from robust.plan import command_words, layered
 
 COMPARE_KEYS = ("norms", "attacks", "eval_limit", "eval_batch_size", "seeds", "baseline", "select", "methods")
 
@@ -41,22 +42,19 @@ def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any
                              resume: bool):
     """Defaults <- the saved compare.json (with --resume) <- TOML file <- flags given on the command line."""
 
-    given = fold_method_options({k: v for k, v in flags.items() if v is not None})  # --beta 5: a method option
     toml = load_toml(config_file) if config_file else {}
     extra = {k: toml.pop(k) for k in COMPARE_KEYS if k in toml}
     extra.update({k: v for k, v in compare_flags.items() if v is not None})
-    toml = fold_method_options(toml)
-    for source in (toml, given):  # typed before any of it is used
-        check_fields(TrainConfig, source, partial=True)
+    values = layered(flags, toml)  # --beta 5: a method option
     norms, attacks = _split("norms", extra.get("norms")), _split("attacks", extra.get("attacks"))
     methods = _split("methods", extra.get("methods"))
     seeds = None if extra.get("seeds") is None else parse_seeds(extra["seeds"])
-    values: dict[str, Any] = {}
     saved: dict[str, Any] = {}
-    out = given.get("out") or toml.get("out") or default_out({**toml, **given}, seeds)
+    before: dict[str, Any] = {}
+    out = values.get("out") or default_out(values, seeds)
     if resume:
         saved = load_settings(out)
-        values.update(upgrade_saved(saved.get("config", {})))
+        before = dict(upgrade_saved(saved.get("config", {})))
         if seeds is not None and saved.get("seeds") is None:
             raise ConfigError(f"{out} was compared without --seeds (runs in <norm>/, not <norm>/seed<k>/); "
                               "start a new comparison with --seeds and another --out")
@@ -67,10 +65,8 @@ def resolve_compare_settings(flags: dict[str, Any], compare_flags: dict[str, Any
                               "start a new comparison with --methods and another --out")
         if methods is None and saved.get("methods") is not None:
             methods = tuple(saved["methods"])
-            values.pop("method", None)
-    values.update(toml)
-    values.update(given)
-    values["out"] = str(out)
+            before.pop("method", None)
+    values = {**before, **values, "out": str(out)}
     defaults = CompareSettings(TrainConfig())
     return CompareSettings(
         TrainConfig.from_dict(values),
@@ -93,20 +89,8 @@ def default_out(values: dict[str, Any], seeds: tuple[int, ...] | None = None) ->
 
 def command_line(flags: dict[str, Any], compare_flags: dict[str, Any], config_file: str | None, resume: bool) -> str:
     """The command as given, rebuilt from the parsed options (recorded in results.md)."""
-    words = ["robust", "compare"]
-    if config_file:
-        words += ["--config", config_file]
-    for name, value in [*compare_flags.items(), *flags.items()]:
-        if value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + flag[2:])
-        else:
-            words += [flag, str(value)]
-    if resume:
-        words.append("--resume")
-    return shlex.join(words)
+    switches = ("resume",) if resume else ()
+    return shlex.join(["robust", "compare", *command_words({**compare_flags, **flags}, config_file, switches)])
 
 
 @click.command()

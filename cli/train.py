@@ -8,7 +8,6 @@ Multi-process training: ``robust train --nproc N ...`` (one machine) or torchrun
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import click
@@ -17,12 +16,11 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
-from robust.checks import check_fields
 from robust.cli.common import BAD_INPUT_ERRORS, BadInput
-from robust.config import TrainConfig, check_resume, fold_method_options, load_saved_config, load_toml
+from robust.config import TrainConfig
 from robust.errors import CheckpointWriteError, ConfigError, NonFiniteLoss, PeerFailed, TrainingInterrupted
 from robust.objectives import Option, all_options, method_names
-from robust.outputs import RunFiles
+from robust.plan import TrainPlan, command_words, load_config
 from robust.runtime import resolve_device
 from robust.train import distributed
 from robust.train.trainer import Trainer
@@ -60,22 +58,8 @@ def config_options(fn):
 
 
 def resolve_config(flags: dict[str, Any], config_file: str | None, resume: bool) -> TrainConfig:
-    """Defaults <- the run's config.json (with --resume) <- TOML file <- flags given on the command line.
-
-    A resume that changes a field outside :data:`robust.config.RESUMABLE` is refused here, before anything
-    is read or written (the trainer checks it again against the run it opens)."""
-    values: dict[str, Any] = {}
-    given = fold_method_options({k: v for k, v in flags.items() if v is not None})
-    if config_file:
-        values.update(fold_method_options(load_toml(config_file)))
-    for source in (values, given):  # typed before any of it is used (a flag overriding a bad TOML value too)
-        check_fields(TrainConfig, source, partial=True)
-    if not resume:
-        return TrainConfig.from_dict({**values, **given}).validate()
-    out = given.get("out") or values.get("out") or TrainConfig(**{**values, **given}).run_dir
-    saved = load_saved_config(Path(out) / RunFiles.CONFIG)
-    config = TrainConfig.from_dict({**saved, **values, **given})
-    return check_resume(saved, config, out).validate(resuming=True)
+    """The settings :func:`robust.plan.load_config` resolves from these sources, as an editable TrainConfig."""
+    return load_config(flags, config_file, resume).config()
 
 
 TRAIN_HELP = f"""Adversarial training (--method {', '.join(method_names())}); defaults reproduce the SaBN reference recipe on CIFAR-10.
@@ -116,31 +100,31 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
     if nproc is not None and nproc > 1 and distributed.env_world_size() > 1:
         raise BadInput("--nproc cannot be used inside torchrun (WORLD_SIZE is already set); drop --nproc")
     try:
-        config = resolve_config(flags, config_file, resume)
+        plan = load_config(flags, config_file, resume)
     except BAD_INPUT_ERRORS as exc:
         _fail(exc, 2)
     if nproc is not None and nproc > 1:
-        device = resolve_device(config.device)
+        device = resolve_device(plan.device)
         if device.type == "cuda" and distributed.backend_for(device) == "nccl":
             try:
                 distributed.check_gpu_count(nproc)
             except ConfigError as exc:
                 _fail(exc, 2)
-        argv = forward_args(flags, config_file=config_file, resume=resume, force=force)
-        raise SystemExit(launch(nproc, argv))
+        switches = tuple(name for name, on in (("resume", resume), ("force", force)) if on)
+        raise SystemExit(launch(nproc, command_words(flags, config_file, switches)))
     try:
-        result = run_training(config, resume=resume, force=force)
+        result = run_training(plan, resume=resume, force=force)
     finally:
         distributed.shutdown()
     if distributed.env_rank() == 0:
         click.echo(summary_table(result))
 
 
-def run_training(config: TrainConfig, resume: bool, force: bool) -> dict[str, Any]:
+def run_training(plan: TrainPlan, resume: bool, force: bool) -> dict[str, Any]:
     """Train; turn the trainer's failures into one message from rank 0 and the right exit code."""
 
     try:
-        return Trainer(config, resume=resume, force=force, sync_bn=config.sync_bn).fit()
+        return Trainer(plan, resume=resume, force=force, sync_bn=plan.sync_bn).fit()
     except BAD_INPUT_ERRORS as exc:
         _fail(exc, 2)
     except PeerFailed as exc:
@@ -165,20 +149,6 @@ def _fail(exc: Exception, code: int):
     error = BadInput(message) if code == 2 else click.ClickException(message)
     error.exit_code = code
     raise error from None
-
-
-def forward_args(flags: dict[str, Any], **options: Any) -> list[str]:
-    """The command line that reproduces these options and the flags given (for the workers)."""
-    argv: list[str] = []
-    if options.get("config_file"):
-        argv.append(f"--config={options['config_file']}")
-    argv += [f"--{name}" for name in ("resume", "force") if options.get(name)]
-    for name, value in flags.items():
-        if value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        argv.append((flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag}={value}")
-    return argv
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -13,6 +13,7 @@ layer never import each other); the numbers are the ones ``tests/test_layers.py`
 4. ``checkpoint``, ``objectives`` (the training methods), ``eval`` (robust accuracy, evaluation, sanity checks)
 4.5. ``plain_model`` (models from outside robust: refuses to misread the checkpoint format)
 5. ``config`` (``TrainConfig``: reads the registries of the layers above)
+5.5. ``plan`` (``load_config`` and the frozen ``TrainPlan`` it resolves a run's settings into, once)
 6. ``train`` (the step, the run folder, faults, distributed, the ``Trainer`` loop)
 7. the features, one room each: ``stats`` (means, t intervals), ``curves`` (learning curves, eps
    sweeps), ``export`` (RobustBench), ``pseudo_label``, ``bench`` (developer benchmarks)
@@ -48,6 +49,7 @@ _PUBLIC = {
     "SandwichBatchNorm2d": "robust.nn",
     "SharedBatchNorm2d": "robust.nn",
     "TrainConfig": "robust.config",
+    "TrainPlan": "robust.plan",
     "Trainer": "robust.train",
     "analyze_checkpoint": "robust.analysis",
     "available_archs": "robust.nn",
@@ -59,6 +61,7 @@ _PUBLIC = {
     "gradient_analysis": "robust.analysis",
     "is_dual_route": "robust.nn",
     "load_checkpoint": "robust.checkpoint",
+    "load_config": "robust.plan",
     "load_model": "robust.checkpoint",
     "make_norm_layer": "robust.nn",
     "parse_eps": "robust.threat",

@@ -2,7 +2,9 @@
 
 Every field of :class:`TrainConfig` is a flag of ``robust train`` (``--field-name``); its
 ``help`` metadata is the flag's help text, so the CLI and the library cannot drift apart.
-Defaults reproduce the SaBN reference recipe on CIFAR-10.
+Defaults reproduce the SaBN reference recipe on CIFAR-10. A run reads its settings from the
+:class:`robust.plan.TrainPlan` a config resolves into once; the ``resolved_*`` properties here
+compute the same values for a config being edited.
 """
 
 from __future__ import annotations
@@ -274,11 +276,19 @@ class TrainConfig:
         the config of a run being continued, whose milestones stand as it was trained (a run saved
         with milestones past its last epoch resumes as it was).
         """
+        self.derive(resuming)
+        return self
+
+    def derive(self, resuming: bool = False) -> dict[str, Any]:
+        """Check every field (as :meth:`validate`) and return the values derived from them, each computed once:
+        ``eps``, ``step_size`` (numbers), ``options`` (the method's checked options), ``milestones`` and
+        ``kept_epochs`` (epochs). :class:`robust.plan.TrainPlan` is built from them."""
         for name, value in check_fields(type(self), self.__dict__).items():
             setattr(self, name, value)
-        self.eps_value, self.step_size_value, self.milestone_epochs, self.kept_epochs, self.objective_options  # noqa: B018
+        derived = {"eps": self.eps_value, "step_size": self.step_size_value, "milestones": self.milestone_epochs,
+                   "kept_epochs": self.kept_epochs, "options": self.objective_options}
         if not resuming:
-            _check_milestones_inside(self)
+            _check_milestones_inside(self, derived["milestones"])
         _check_data_and_arch(self)
         _check_sizes(self)
         _check_model_size(self)
@@ -293,7 +303,7 @@ class TrainConfig:
             raise ConfigError("--nesterov is SGD's momentum; drop it with --optimizer adamw")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs a momentum above 0; pass --momentum 0.9 or drop --nesterov")
-        return self
+        return derived
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -443,10 +453,11 @@ def load_saved_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return upgrade_saved(saved)  # an older run resumes with the loss it trained with
 
 
-def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
-    """The fields outside :data:`RESUMABLE` where ``config`` differs from the ``saved`` run's config, each as
-    ``--flag SAVED (given: NEW)``; values are compared by meaning (8/255 is 0.0313..., beta=6 is beta=6.0)."""
-    before = TrainConfig.from_saved(saved)
+def resume_changes(saved: dict[str, Any] | TrainConfig, config: TrainConfig) -> list[str]:
+    """The fields outside :data:`RESUMABLE` where ``config`` differs from the ``saved`` run's config (a dict, or
+    already read as a TrainConfig), each as ``--flag SAVED (given: NEW)``; values are compared by meaning
+    (8/255 is 0.0313..., beta=6 is beta=6.0)."""
+    before = saved if isinstance(saved, TrainConfig) else TrainConfig.from_saved(saved)
     out = []
     for f in dataclasses.fields(TrainConfig):
         old, new = getattr(before, f.name), getattr(config, f.name)
@@ -474,13 +485,13 @@ def check_resume(saved: dict[str, Any], config: TrainConfig, run_dir: str | os.P
     """``config`` with the saved run's own values (and spelling: 8/255 stays 8/255) in every field outside
     :data:`RESUMABLE`; ConfigError naming every such field ``config`` changes, with its saved and given value:
     a resumed run goes on with the settings it was trained with."""
-    changed = resume_changes(saved, config)
+    before = TrainConfig.from_saved(saved)
+    changed = resume_changes(before, config)
     if changed:
         allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE if name != "out")
         raise ConfigError(f"cannot resume {run_dir} with other settings: it was trained with {'; '.join(changed)}; "
                           f"resume without those flags (a resume may change only {allowed}), or start a new run "
                           "with --out NEW")
-    before = TrainConfig.from_saved(saved)
     return dataclasses.replace(config, **{f.name: getattr(before, f.name) for f in dataclasses.fields(TrainConfig)
                                           if f.name not in RESUMABLE})
 
@@ -511,11 +522,11 @@ def shown_setting(value: Any) -> str:
     return str(value)
 
 
-def _check_milestones_inside(c: TrainConfig) -> None:
+def _check_milestones_inside(c: TrainConfig, milestones: list[int]) -> None:
     """A multistep milestone after the last epoch would never lower the lr: refused, not silently flat."""
     if c.schedule != "multistep":
         return
-    late = [m for m in c.milestone_epochs if m >= c.epochs]
+    late = [m for m in milestones if m >= c.epochs]
     fractions = "." in str(c.milestones)
     if late and not fractions:
         raise ConfigError(f"milestones {c.milestones!r}: epoch {late[0]} is not before the run's end (--epochs "

@@ -12,13 +12,14 @@ OPTIONAL = ("timm", "torch.utils.tensorboard")  # extras: imported where used, s
 # Lower numbers are lower layers; errors (and version, which imports nothing) sits under the rest of layer 0, which raises its errors; run (the names
 # and readers of a run folder's files) on errors alone, so outputs, checkpoint and every reader above can use it; and
 # plain_model (models from outside robust) on checkpoint, whose format it refuses to misread; precision
-# (auto by measurement) above runtime and outputs, whose flags it reads and whose writer caches it.
+# (auto by measurement) above runtime and outputs, whose flags it reads and whose writer caches it; plan (a
+# run's resolved settings) on config, whose fields it resolves.
 # Layer 7 holds the features on top of training, one room each; stats (means, t intervals) and curves
 # (learning-curve and eps-sweep figures, the run folders they read) sit under the rooms that share them.
 LAYERS = {
     "robust.attacks": 0, "robust.version": 1, "robust.errors": 1, "robust.run": 1.5, "robust.torchrun": 2, "robust.runtime": 2, "robust.progress": 2, "robust.threat": 2, "robust.checks": 2, "robust.recipes": 2,
     "robust.outputs": 2, "robust.precision": 2.5, "robust.nn": 3, "robust.data": 3, "robust.checkpoint": 4, "robust.plain_model": 4.5, "robust.objectives": 4,
-    "robust.eval": 4, "robust.config": 5, "robust.train": 6,
+    "robust.eval": 4, "robust.config": 5, "robust.plan": 5.5, "robust.train": 6,
     "robust.stats": 7, "robust.curves": 7, "robust.export": 7, "robust.pseudo_label": 7, "robust.bench": 7,
     "robust.report": 7.5, "robust.compare": 7.5, "robust.analysis": 7.5, "robust.cli": 8, "robust": 9,
 }

@@ -41,7 +41,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robust import checkpoint as ckpt
-from robust.config import TrainConfig
 from robust.data.load import load_dataset
 from robust.data.loader import BatchLoader, split_train_val
 from robust.errors import ConfigError
@@ -49,6 +48,7 @@ from robust.stats import mean_sd
 from robust.nn.layer_norms import DualAffineNorm, SandwichAffineNorm, is_affine_norm
 from robust.nn.norm_act import RoutedBatchNormAct
 from robust.nn.norms import ROUTES, DualBatchNorm2d, RoutedNorm, SandwichBatchNorm2d, SharedBatchNorm2d, bn_mode, use_route
+from robust.plan import saved_plan
 from robust.run import checkpoint_path
 from robust.runtime import resolve_device
 from robust.train.step import StepSettings, make_adversarial, step_loss
@@ -220,28 +220,29 @@ def analyze_checkpoint(path: str | Path, batches: int = 4, batch_size: int | Non
         raise ConfigError(f"batches must be >= 1, got {batches}")
     state = ckpt.load_checkpoint(path)
     model = ckpt.load_model(state, weights="live").train()  # as built: gradient_analysis sets the modes
-    config = TrainConfig.from_saved(state["config"]) if isinstance(state.get("config"), dict) else None
+    config = saved_plan(state["config"]) if isinstance(state.get("config"), dict) else None
     dataset = state.get("dataset") or (config.dataset if config else None)
     if dataset is None:
         raise ConfigError(f"{path} does not say which dataset it was trained on; analyse the run's own checkpoint (best.pt)")
-    eps = float(eps if eps is not None else state.get("eps") or (config.eps_value if config else 8 / 255))
-    alpha = config.step_size_value * eps / config.eps_value if config else eps / 4  # the run's step/eps ratio
+    eps = float(eps if eps is not None else state.get("eps") or (config.eps if config else 8 / 255))
+    alpha = config.step_size * eps / config.eps if config else eps / 4  # the run's step/eps ratio
     steps = steps or (config.steps if config else 7)
     batch_size = batch_size or (config.batch_size if config else 128)
     seed = seed if seed is not None else (config.seed if config else 0)
     if data is None:
-        data = load_dataset(dataset, data_dir or (config.data_dir if config else None),
-                            image_size=config.image_size if config else None)
-    (train_x, train_y), _ = split_train_val(data, config.val_split if config else 0.1, seed, config.limit if config else None)
+        data = load_dataset(dataset, data_dir or (config.data.data_dir if config else None),
+                            image_size=config.data.image_size if config else None)
+    (train_x, train_y), _ = split_train_val(data, config.data.val_split if config else 0.1, seed,
+                                            config.data.limit if config else None)
     dev = resolve_device(device)
     loader = BatchLoader(train_x, train_y, batch_size, augment=True, flip=data.flip, seed=seed)
     model = model.to(dev)
     torch.manual_seed(seed)
     chosen = [(x.to(dev), y.to(dev)) for _, (x, y) in zip(range(batches), loader)]
-    attack_train = config.resolved_attack_bn == "train" if config else True
+    attack_train = config.attack_bn == "train" if config else True
     result = gradient_analysis(model, chosen, eps, alpha, steps, attack_train_mode=attack_train,
                                method=config.objective_name if config else "pgd",
-                               options=config.objective_options if config else None)
+                               options=dict(config.options) if config else None)
     result["checkpoint"] = str(checkpoint_path(path))
     result["settings"].update(dataset=dataset, seed=seed)
     return result

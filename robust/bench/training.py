@@ -61,6 +61,7 @@ from robust.data.types import DATASET_INFO, ImageData
 from robust.errors import ConfigError
 from robust.nn.factory import build_model
 from robust.nn.norms import use_route
+from robust.plan import TrainPlan
 from robust.runtime import precision_name, resolve_device
 from robust.threat import parse_eps
 from robust.train.build import build_training, training_precision
@@ -117,12 +118,16 @@ class BenchConfig:
         if self.images is not None and self.images < self.batch_size:
             raise ConfigError(f"images ({self.images}) must be at least the batch size ({self.batch_size})")
         parse_eps(self.eps)
-        self.train_config().validate()
+        self.train_plan()  # the project variant's settings, checked
         return self
 
     @property
     def num_images(self) -> int:
         return self.images or DATASET_SHAPES[self.dataset][3]
+
+    def train_plan(self) -> TrainPlan:
+        """The resolved plan the project variant trains with (ConfigError for a bad setting)."""
+        return TrainPlan.of(self.train_config())
 
     def train_config(self, out: str | None = None) -> TrainConfig:
         """The TrainConfig the project variant trains with."""
@@ -156,7 +161,7 @@ def _endless(loader, set_epoch: Callable[[int], None] | None = None) -> Iterator
 def project_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], None], nn.Module]:
     """A closure running one training step exactly as ``Trainer.train_one_epoch`` does (no run folder)."""
 
-    tc = config.train_config()
+    tc = config.train_plan()
     device = resolve_device(config.device)
     parts = build_training(tc, data, device, _project_precision(tc, data, device))
     batches = _endless(parts.loader, parts.loader.set_epoch)
@@ -217,15 +222,15 @@ def textbook_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
 
 def textbook_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], None], nn.Module]:
     """A closure running one textbook training step (fp32, NCHW, two forwards, naive PGD)."""
-    tc = config.train_config()
+    tc = config.train_plan()
     device = resolve_device(config.device)
     torch.manual_seed(tc.seed)
     model = build_model(tc.arch, tc.norm, data.num_classes, data.channels, tc.width, data.mean, data.std).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
     batches = _endless(textbook_loader(data, tc.batch_size, tc.seed))
-    eps = tc.eps_value
-    steps, alpha = (1, 1.25 * eps) if tc.objective_name == "fast" else (tc.steps, tc.step_size_value)
-    w = tc.resolved_clean_weight
+    eps = tc.eps
+    steps, alpha = (1, 1.25 * eps) if tc.objective_name == "fast" else (tc.steps, tc.step_size)
+    w = tc.clean_weight
 
     def step() -> None:
         x, y = next(batches)
@@ -464,11 +469,11 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
 PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _project_precision(tc: TrainConfig, data: ImageData, device: torch.device) -> torch.dtype | None:
+def _project_precision(tc: TrainPlan, data: ImageData, device: torch.device) -> torch.dtype | None:
     """The precision the project's step runs in: what ``robust train`` would choose for this config."""
     return training_precision(tc, data, device).dtype
 
 
 def _precision_name(config: BenchConfig, device: torch.device) -> str:
     """The project's precision by name (``auto`` resolved as training resolves it, from the cache it measured)."""
-    return precision_name(_project_precision(config.train_config(), synthetic_data(config), device))
+    return precision_name(_project_precision(config.train_plan(), synthetic_data(config), device))

@@ -69,65 +69,66 @@ from robust.compare.settings import (
 )
 from robust.compare.reference import PAPER_CIFAR10
 from robust.outputs import FolderLock, RunFiles, check_output_dir, write_output
+from robust.plan import TrainPlan
 from robust.runtime import available_cpus
 from robust.train.faults import SIGNAL_NAMES
 from robust.train.trainer import Trainer
 
 
-def run_state(config: TrainConfig) -> str:
+def run_state(plan: TrainPlan) -> str:
     """'done' (last.pt at the final epoch), 'partial' (an earlier epoch) or 'new' (no last.pt)."""
 
-    last = config.run_dir / RunFiles.LAST
+    last = plan.run_dir / RunFiles.LAST
     if not last.is_file():
         return "new"
     finished_epochs = int(ckpt.load_checkpoint(last)["epoch"]) + 1
-    return "done" if finished_epochs >= config.epochs and (config.run_dir / RunFiles.BEST).is_file() else "partial"
+    return "done" if finished_epochs >= plan.epochs and (plan.run_dir / RunFiles.BEST).is_file() else "partial"
 
 
-def train_norm(config: TrainConfig, state: str, data, log: Callable[[str], None]) -> None:
+def train_norm(plan: TrainPlan, state: str, data, log: Callable[[str], None]) -> None:
     """Train (or continue) one norm's run; a finished run is left as it is."""
 
     if state == "done":
-        log(f"{config.norm}: {config.run_dir} is complete ({config.epochs} epochs); not training it again")
+        log(f"{plan.norm}: {plan.run_dir} is complete ({plan.epochs} epochs); not training it again")
         return
-    (config.run_dir / EVAL_CACHE).unlink(missing_ok=True)  # a new best.pt needs a new evaluation
-    Trainer(config, data=data, resume=state == "partial", force=state == "new", log=log).fit()
+    (plan.run_dir / EVAL_CACHE).unlink(missing_ok=True)  # a new best.pt needs a new evaluation
+    Trainer(plan, data=data, resume=state == "partial", force=state == "new", log=log).fit()
 
 
-def eval_key(settings: CompareSettings, config: TrainConfig, best: dict[str, Any] | None,
+def eval_key(settings: CompareSettings, plan: TrainPlan, best: dict[str, Any] | None,
              checkpoint: str = RunFiles.BEST, epoch: int | None = None) -> dict[str, Any]:
     """What an evaluation depends on; a cached evaluation is reused only when all of it matches."""
-    key = {"attacks": list(settings.attacks), "eps": config.eps_value, "limit": settings.eval_limit,
-           "batch_size": settings.eval_batch_size, "seed": config.seed, "best": best, "dataset": config.dataset}
+    key = {"attacks": list(settings.attacks), "eps": plan.eps, "limit": settings.eval_limit,
+           "batch_size": settings.eval_batch_size, "seed": plan.seed, "best": best, "dataset": plan.data.dataset}
     if checkpoint != RunFiles.BEST:  # best.pt keys stay as before, so older eval.json files are reused
         key.update(checkpoint=checkpoint, epoch=epoch)
     return key
 
 
-def evaluate_run(settings: CompareSettings, config: TrainConfig, data, log: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def evaluate_run(settings: CompareSettings, plan: TrainPlan, data, log: Callable[[str], None]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """(best, evaluation): every route of the run's selected checkpoint (--select: best.pt or last.pt)
     on the test set (eval.json reused when unchanged)."""
 
     name = parse_select(settings.select)
-    if name.startswith("epoch") and not (config.run_dir / name).is_file():
-        raise epoch_not_kept(config.run_dir / name)
-    state = read_checkpoint(config.run_dir / name)
+    if name.startswith("epoch") and not (plan.run_dir / name).is_file():
+        raise epoch_not_kept(plan.run_dir / name)
+    state = read_checkpoint(plan.run_dir / name)
     best = state.get("best")
     epoch = None if state.get("epoch") is None else int(state["epoch"]) + 1
-    key = eval_key(settings, config, best, name, epoch)
-    cache = config.run_dir / EVAL_CACHE
+    key = eval_key(settings, plan, best, name, epoch)
+    cache = plan.run_dir / EVAL_CACHE
     if cache.is_file():
         try:
             saved = json.loads(cache.read_text())
         except json.JSONDecodeError:
             saved = {}
         if saved.get("key") == key:
-            log(f"{config.norm}: reusing the evaluation in {cache}")
+            log(f"{plan.norm}: reusing the evaluation in {cache}")
             return best, saved["result"]
-    log(f"{config.norm}: evaluating {config.run_dir / name} ({', '.join(settings.attacks)}, eps {config.eps})")
+    log(f"{plan.norm}: evaluating {plan.run_dir / name} ({', '.join(settings.attacks)}, eps {plan.settings['eps']})")
     result = evaluate(load_model(state), (data.test_x, data.test_y), attacks=list(settings.attacks),
-                      eps=config.eps_value, route="both", batch_size=settings.eval_batch_size,
-                      limit=settings.eval_limit, device=config.device, seed=config.seed)
+                      eps=plan.eps, route="both", batch_size=settings.eval_batch_size,
+                      limit=settings.eval_limit, device=plan.device, seed=plan.seed)
     result["weights"] = weights_of(state)
     write_output(cache, json.dumps({"key": key, "result": result}, indent=2) + "\n")
     return best, result
@@ -161,12 +162,12 @@ def run_compare(settings: CompareSettings, resume: bool = False, force: bool = F
 
 @dataclass
 class GridRun:
-    """One run of the grid: its method, seed, norm, config and state ('new', 'partial' or 'done')."""
+    """One run of the grid: its method, seed, norm, plan and state ('new', 'partial' or 'done')."""
 
     method: str
     seed: int
     norm: str
-    config: TrainConfig
+    plan: TrainPlan
     state: str
 
     @property
@@ -180,8 +181,8 @@ def grid_runs(settings: CompareSettings, force: bool) -> list[GridRun]:
     for seed in settings.seed_list:
         for method in settings.method_list:
             for norm in settings.norms:
-                config = settings.norm_config(norm, seed, method)
-                runs.append(GridRun(method, seed, norm, config, "new" if force else run_state(config)))
+                plan = settings.norm_plan(norm, seed, method)
+                runs.append(GridRun(method, seed, norm, plan, "new" if force else run_state(plan)))
     return runs
 
 
@@ -189,7 +190,7 @@ def check_selectable(settings: CompareSettings, runs: list[GridRun]) -> None:
     """--select epoch:N on finished runs that did not keep epochN.pt is refused before any work."""
     name = parse_select(settings.select)
     for run in runs:
-        path = run.config.run_dir / name
+        path = run.plan.run_dir / name
         if name.startswith("epoch") and run.state == "done" and not path.is_file():
             raise epoch_not_kept(path)
 
@@ -202,8 +203,8 @@ def epoch_not_kept(path: Path) -> ConfigError:
 
 def train_and_evaluate(settings: CompareSettings, run: GridRun, data, log: Callable[[str], None]):
     """(best, evaluation) of one run: train it (unless done), then evaluate the selected checkpoint."""
-    train_norm(run.config, run.state, data, log)
-    return evaluate_run(settings, run.config, data, log)
+    train_norm(run.plan, run.state, data, log)
+    return evaluate_run(settings, run.plan, data, log)
 
 
 def run_grid(settings: CompareSettings, runs: list[GridRun], data, log: Callable[[str], None], jobs: int) -> list:
@@ -219,7 +220,7 @@ def run_grid(settings: CompareSettings, runs: list[GridRun], data, log: Callable
 
     threads = settings.config.threads or max(1, available_cpus() // jobs)
     log(f"{len(runs)} runs in {min(jobs, len(runs))} processes side by side, {threads} torch thread(s) each")
-    runs = [dataclasses.replace(r, config=dataclasses.replace(r.config, threads=threads, quiet=True)) for r in runs]
+    runs = [dataclasses.replace(r, plan=r.plan.replace(threads=threads, quiet=True)) for r in runs]
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     previous_term = signal.getsignal(signal.SIGTERM)
     caught: list[int] = []
@@ -280,8 +281,8 @@ def _stop_pool(pool: ProcessPoolExecutor, futures: list, signum: int) -> None:
             signal.signal(signal.SIGINT, previous)
 
 
-def config_data(c: TrainConfig):
-    """The dataset a config trains on (the grid's runs share it)."""
+def config_data(c: TrainConfig | TrainPlan):
+    """The dataset a config or plan trains on (the grid's runs share it)."""
 
     return load_dataset(c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, workers=c.workers)
 
@@ -336,8 +337,7 @@ def _worker_run(settings: CompareSettings, run: GridRun):
     with _RunSignals() as signals:
         try:
             if "data" not in _WORKER_DATA:
-                c = run.config
-                _WORKER_DATA["data"] = config_data(c)
+                _WORKER_DATA["data"] = config_data(run.plan)
             return train_and_evaluate(settings, run, _WORKER_DATA["data"], log)
         except KeyboardInterrupt:
             signum = signals.signum or signal.SIGINT
@@ -349,7 +349,7 @@ def method_results(settings: CompareSettings, runs: list[GridRun], outcomes: lis
     per_norm: dict[str, dict[str, dict[str, Any]]] = {norm: {} for norm in settings.norms}
     for run, (best, evaluation) in zip(runs, outcomes):
         if run.method == method:
-            per_norm[run.norm][str(run.seed)] = {"run_dir": str(run.config.run_dir), **run_summary(run.config),
+            per_norm[run.norm][str(run.seed)] = {"run_dir": str(run.plan.run_dir), **run_summary(run.plan),
                                                  "best": best, "eval": evaluation}
     rows, paired = seed_statistics(per_norm, settings.attacks, settings.baseline_norm)
     return {"rows": rows, "seed_rows": seed_rows(per_norm, settings.attacks), "paired": paired, "runs": per_norm}

@@ -17,6 +17,7 @@ from robust.eval.evaluation import check_attack_names
 from robust.nn.norms import NORMS, check_norm
 from robust.objectives import METHODS
 from robust.outputs import RunFiles, holds_files
+from robust.plan import TrainPlan
 from robust.threat import parse_fraction
 
 SETTINGS_FILE = "compare.json"
@@ -100,6 +101,10 @@ class CompareSettings:
         seed = self.seed_list[0] if seed is None else seed
         return dataclasses.replace(self.config, norm=norm, method=method, clean_weight=self.clean_weight,
                                    seed=seed, out=str(base / norm / f"seed{seed}"), **extra)
+
+    def norm_plan(self, norm: str, seed: int | None = None, method: str | None = None) -> TrainPlan:
+        """The resolved plan of one run (:meth:`norm_config`)."""
+        return TrainPlan.of(self.norm_config(norm, seed, method))
 
     def validate(self) -> "CompareSettings":
         """Raise ConfigError naming the first bad value; check attack names before any training."""

@@ -11,6 +11,7 @@ from robust.curves import CurveRun, plot_learning_curves
 from robust.compare.reference import PAPER_CIFAR10
 from robust.stats import UNINFORMATIVE, mean_sd, paired_difference, uninformative
 from robust.run import Run, RunFiles
+from robust.plan import TrainPlan, plan_of
 
 
 def seed_rows(runs: dict[str, dict[str, dict[str, Any]]], attacks: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -62,7 +63,7 @@ def seed_statistics(runs: dict[str, dict[str, dict[str, Any]]], attacks: tuple[s
     return rows, paired
 
 
-def run_summary(config: TrainConfig) -> dict[str, Any]:
+def run_summary(config: TrainConfig | TrainPlan) -> dict[str, Any]:
     """Training facts of one run from its metrics.jsonl: epochs, seconds, final validation figures."""
 
     metrics = Run(config.run_dir).metrics
@@ -189,13 +190,13 @@ def paired_markdown(results: dict[str, Any], attacks: tuple[str, ...], n_seeds: 
 
 def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: int) -> list[str]:
     """The run's settings in plain words, for above the table."""
-    c = settings.config
+    c = TrainPlan.of(settings.config)
     arch = f"{c.arch}, width {c.width or 'default'}"
     steps_per_epoch = _steps_per_epoch(c, n_train)
     w = settings.clean_weight
     method = f"{', '.join(settings.method_list)} for every norm"
     if w > 0:
-        objectives = [settings.norm_config("bn", method=m).objective_name for m in settings.method_list]
+        objectives = [settings.norm_plan("bn", method=m).objective_name for m in settings.method_list]
         objective = "objective(adv route)" if len(objectives) > 1 else (
             "CE(adv route, x_adv)" if objectives[0] == "pgd" else f"{objectives[0]}(adv route)")
         method += (f" (loss {w:g}*CE(clean route, x) + {1 - w:g}*{objective}; "
@@ -211,28 +212,29 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
         f"- method{'s' if len(settings.method_list) > 1 else ''}: {method}",
         *_attack_lines(settings),
         _select_line(settings),
-        f"- evaluation: Linf eps {c.eps_value:.4g}, attacks {', '.join(settings.attacks)}, each route attacked and "
+        f"- evaluation: Linf eps {c.eps:.4g}, attacks {', '.join(settings.attacks)}, each route attacked and "
         f"scored through itself in eval mode; 'worst case' = per-example worst over all attacks",
     ]
 
 
 def _attack_lines(settings: CompareSettings) -> list[str]:
     """The training attack of each method (each method's own attack and BN mode)."""
-    c = settings.config
+    c = TrainPlan.of(settings.config)
     lines = []
     for method in settings.method_list:
-        m = settings.norm_config("bn", method=method)
+        m = settings.norm_plan("bn", method=method)
         attack = m.objective.describe_attack(m.steps)
-        step = f", step {m.step_size_value:.4g}" if not m.objective.one_step else ""
+        step = f", step {m.step_size:.4g}" if not m.objective.one_step else ""
         label = f" ({method})" if len(settings.method_list) > 1 else ""
         lines.append(f"- training attack{label}: {attack}, eps {_eps_text(c)}{step}, through the adv route, "
-                     f"BN in {m.resolved_attack_bn} mode")
+                     f"BN in {m.attack_bn} mode")
     return lines
 
 
-def paper_comparable(c: TrainConfig) -> bool:
+def paper_comparable(c: TrainConfig | TrainPlan) -> bool:
     """Whether a grid's setting is the paper's (CIFAR-10, Linf 8/255), so its table is shown beside ours."""
-    return c.dataset == "cifar10" and abs(c.eps_value - 8 / 255) < 1e-9
+    plan = plan_of(c)
+    return plan.data.dataset == "cifar10" and abs(plan.eps - 8 / 255) < 1e-9
 
 
 def _select_line(settings: CompareSettings) -> str:
@@ -247,17 +249,17 @@ def _select_line(settings: CompareSettings) -> str:
             f"{c.epochs}, a fixed epoch as the reference evaluates 190 of 200)")
 
 
-def _steps_per_epoch(c: TrainConfig, n_train: int) -> int:
+def _steps_per_epoch(c: TrainPlan, n_train: int) -> int:
     """Optimizer steps per epoch, as the trainer's loader counts them (with --extra-data: the mixed epoch)."""
     if not c.extra_data:
         return -(-n_train // c.batch_size)
     if c.epoch_size:
         return -(-c.epoch_size // c.batch_size)
-    labelled = c.batch_size - int(round(c.batch_size * c.resolved_extra_fraction))
+    labelled = c.batch_size - int(round(c.batch_size * c.data.extra_fraction))
     return -(-n_train // labelled) if labelled else 0
 
 
-def _optimizer_text(c: TrainConfig) -> str:
+def _optimizer_text(c: TrainPlan) -> str:
     if c.optimizer == "adamw":
         text = f"AdamW lr {c.lr:g}, beta1 {c.momentum:g}, decoupled weight decay {c.weight_decay:g}"
     else:
@@ -265,7 +267,7 @@ def _optimizer_text(c: TrainConfig) -> str:
     return text + ("" if c.decay_norms else " (not on norm affines and biases)")
 
 
-def _schedule_text(c: TrainConfig, steps_per_epoch: int) -> str:
+def _schedule_text(c: TrainPlan, steps_per_epoch: int) -> str:
     if c.schedule == "multistep":
         schedule = f"multistep x0.1 at milestones {c.milestones}{_milestone_note(c)}"
     elif c.schedule == "cosine":
@@ -278,7 +280,7 @@ def _schedule_text(c: TrainConfig, steps_per_epoch: int) -> str:
     return f"{schedule}, {f'linear warm-up from lr/10 over {warm} steps' if warm else 'no warm-up'}"
 
 
-def _modern_lines(c: TrainConfig) -> list[str]:
+def _modern_lines(c: TrainPlan) -> list[str]:
     """Weight averaging, label smoothing, extra data and the recipe, when used."""
     parts = [f"recipe {c.recipe} (flags over it)"] if c.recipe else []
     if c.ema:
@@ -287,18 +289,19 @@ def _modern_lines(c: TrainConfig) -> list[str]:
         parts.append(f"label smoothing {c.label_smoothing:g}")
     if c.extra_data:
         size = f", epochs of {c.epoch_size} examples" if c.epoch_size else ""
-        parts.append(f"extra data {c.extra_data} at {c.resolved_extra_fraction:g} of every batch{size}")
+        parts.append(f"extra data {c.extra_data} at {c.data.extra_fraction:g} of every batch{size}")
     return [f"- also: {'; '.join(parts)}"] if parts else []
 
 
-def _milestone_note(c: TrainConfig) -> str:
+def _milestone_note(c: TrainPlan) -> str:
     """' = epochs 50,150' when the milestones are fractions of the epochs."""
     return f" = epochs {','.join(map(str, c.milestone_epochs))}" if "." in str(c.milestones) else ""
 
 
-def _eps_text(c: TrainConfig) -> str:
+def _eps_text(c: TrainPlan) -> str:
     """eps as written, with its value when the text is a fraction (8/255 = 0.03137)."""
-    return c.eps if str(c.eps) == f"{c.eps_value:g}" else f"{c.eps} = {c.eps_value:.4g}"
+    text = c.settings["eps"]
+    return text if str(text) == f"{c.eps:g}" else f"{text} = {c.eps:.4g}"
 
 
 def results_markdown(results: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""Building a training run from its config and in-memory data: no file is read or written here.
+"""Building a training run from its plan and in-memory data: no file is read or written here.
 
 :func:`build_training` returns the data loader, the validation split, the model (weights from a
 checkpoint when resuming), the optimizer, the gradient scaler and the step settings: everything
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from robust.config import TrainConfig
+from robust.plan import TrainPlan
 from robust.data.extra import ExtraData
 from robust.data.loader import BatchLoader, augmentation_for, split_train_val
 from robust.data.mixed import MixedBatchLoader
@@ -41,13 +41,13 @@ class TrainingParts:
     sync_bn: bool
 
 
-def build_training(config: TrainConfig, data: ImageData, device: torch.device, amp: torch.dtype | None,
+def build_training(plan: TrainPlan, data: ImageData, device: torch.device, amp: torch.dtype | None,
                    state: dict[str, Any] | None = None, sync_bn: bool | None = None,
                    source: Path | None = None, extra: ExtraData | None = None) -> TrainingParts:
     """The run's parts on ``device``. ``state`` is a last.pt to take the weights from (``source`` names it in errors);
     ``extra`` the --extra-data pool (already read), mixed into every batch."""
-    c, d = config, data
-    (train_x, train_y), val = split_train_val(d, c.val_split, c.seed, c.limit, c.val_limit)
+    c, d = plan, data
+    (train_x, train_y), val = split_train_val(d, c.data.val_split, c.seed, c.data.limit, c.data.val_limit)
     # Every rank iterates the same global batches; the trainer takes this rank's rows.
     # In-memory images move to the device once; streamed ones are read batch by batch.
     train_x = train_x.to(device) if isinstance(train_x, torch.Tensor) else train_x
@@ -66,10 +66,10 @@ def build_training(config: TrainConfig, data: ImageData, device: torch.device, a
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     forward_model = torch.compile(model) if c.compile else model
     return TrainingParts(loader, val, model, forward_model, optimizer, scaler,
-                         StepSettings.from_config(c, amp, device), sync)
+                         StepSettings.from_plan(c, amp, device), sync)
 
 
-def new_model(c: TrainConfig, d: ImageData, image_size: tuple[int, ...]) -> nn.Module:
+def new_model(c: TrainPlan, d: ImageData, image_size: tuple[int, ...]) -> nn.Module:
     """A freshly initialised model of the run's architecture for ``d``'s images (drawn from the global RNG)."""
     return build_model(c.arch, c.norm, d.num_classes, d.channels, c.width, d.mean, d.std, activation=c.activation,
                        image_size=image_size, patch_size=c.patch_size)
@@ -78,7 +78,7 @@ def new_model(c: TrainConfig, d: ImageData, image_size: tuple[int, ...]) -> nn.M
 PROBE_BATCH = 128  # the largest batch the precision probe times: enough to show the kernels' speed, seconds at most
 
 
-def training_precision(c: TrainConfig, d: ImageData, device: torch.device, ranks: int = 1) -> PrecisionChoice:
+def training_precision(c: TrainPlan, d: ImageData, device: torch.device, ranks: int = 1) -> PrecisionChoice:
     """``--precision`` resolved; ``auto`` on a CPU times a copy of the run's model (see robust.precision).
 
     Several ranks must agree on one precision without timing each other's contention, so they keep the
@@ -95,7 +95,7 @@ def training_precision(c: TrainConfig, d: ImageData, device: torch.device, ranks
     return choose_precision("auto", device, model_signature(model, shape, "train"), training_step_probe(model, x, y))
 
 
-def make_loader(c: TrainConfig, d: ImageData, train_x, train_y: torch.Tensor, device: torch.device,
+def make_loader(c: TrainPlan, d: ImageData, train_x, train_y: torch.Tensor, device: torch.device,
                 extra: ExtraData | None) -> BatchLoader:
     """The training batches: the labelled set alone, or mixed with ``extra`` at --extra-fraction."""
     common = dict(augment=True, flip=d.flip, seed=c.seed, channels_last=c.channels_last, device=device,
@@ -104,11 +104,11 @@ def make_loader(c: TrainConfig, d: ImageData, train_x, train_y: torch.Tensor, de
         return BatchLoader(train_x, train_y, c.batch_size, workers=getattr(train_x, "workers", 0), **common)
     if not isinstance(train_x, torch.Tensor):
         raise DataError("--extra-data needs the labelled set in memory; pass --data-mode memory")
-    return MixedBatchLoader(train_x, train_y, extra, c.batch_size, extra_fraction=c.resolved_extra_fraction,
-                            num_classes=d.num_classes, epoch_size=c.epoch_size, **common)
+    return MixedBatchLoader(train_x, train_y, extra, c.batch_size, extra_fraction=c.data.extra_fraction,
+                            num_classes=d.num_classes, epoch_size=c.data.epoch_size, **common)
 
 
-def make_optimizer(c: TrainConfig, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(c: TrainPlan, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
     """SGD (momentum, optional Nesterov) or AdamW (beta1 = --momentum, beta2 0.999), fused on a GPU."""
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}  # one kernel for the update on a GPU
     if c.optimizer == "adamw":
@@ -139,9 +139,9 @@ def _no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def load_weights(model: nn.Module, state: dict[str, Any], config: TrainConfig, path: Path) -> None:
+def load_weights(model: nn.Module, state: dict[str, Any], plan: TrainPlan, path: Path) -> None:
     """Load a checkpoint's weights, refusing one of another model (arch, norm, width)."""
-    c = config
+    c = plan
     saved = state.get("model_args", {})
     asked = {"arch": c.arch, "norm": c.norm, "activation": c.activation}
     saved = {**saved, "activation": saved.get("activation", "relu")}  # checkpoints without the key are ReLU models

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 from robust.config import TrainConfig
+from robust.plan import TrainPlan
 
 
-def lr_at(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
-    """The learning rate before optimizer step ``step`` (0-based, counted over the whole run)."""
+def lr_at(step: int, config: TrainPlan | TrainConfig, steps_per_epoch: int) -> float:
+    """The learning rate before optimizer step ``step`` (0-based, counted over the whole run) of a plan or a config."""
     total = config.epochs * steps_per_epoch
     epoch = step / steps_per_epoch
     base = config.lr

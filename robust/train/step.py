@@ -26,7 +26,9 @@ import torch.nn as nn
 
 from robust.nn.factory import unwrap
 from robust.nn.norms import bn_mode, frozen_statistics, split_routes, use_route
+from robust.config import TrainConfig
 from robust.objectives import Objective, alias_settings, get_objective, hard_labels
+from robust.plan import TrainPlan, plan_of
 from robust.runtime import autocast
 from robust.train.awp import weight_perturbation
 
@@ -39,7 +41,7 @@ def attack_bn_flags(mode: str) -> dict[str, bool]:
 
 @dataclass
 class StepSettings:
-    """What one training step needs to know, resolved once from the config."""
+    """What one training step needs to know, read from the run's plan."""
 
     objective: Objective
     clean_weight: float = 0.0
@@ -51,12 +53,15 @@ class StepSettings:
     awp_gamma: float = 0.0
 
     @classmethod
-    def from_config(cls, config, amp: torch.dtype | None, device: torch.device) -> "StepSettings":
-        objective = config.objective(config.eps_value, config.step_size_value, config.steps,
-                                     label_smoothing=config.label_smoothing, **config.objective_options)
-        return cls(objective=objective, clean_weight=config.resolved_clean_weight,
-                   **attack_bn_flags(config.resolved_attack_bn), fused=config.fused, amp=amp, device=device,
-                   awp_gamma=config.awp_gamma)
+    def from_plan(cls, plan: TrainPlan, amp: torch.dtype | None, device: torch.device) -> "StepSettings":
+        """The step of a run's plan: its objective (with the method's options), clean weight and attack BN mode."""
+        return cls(objective=plan.objective, clean_weight=plan.clean_weight, **attack_bn_flags(plan.attack_bn),
+                   fused=plan.fused, amp=amp, device=device, awp_gamma=plan.awp_gamma)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig | TrainPlan, amp: torch.dtype | None, device: torch.device) -> "StepSettings":
+        """:meth:`from_plan` of a config, resolved (and so checked) into its plan first."""
+        return cls.from_plan(plan_of(config), amp, device)
 
     @classmethod
     def of(cls, method: str, eps: float, alpha: float | None = None, steps: int = 7, attack_bn: str | None = None,

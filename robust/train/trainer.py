@@ -6,7 +6,7 @@ Where things live (each a short module of :mod:`robust.train`, the methods in :m
   ``robust analyze`` and ``robust bench``; the clean weight and the fused forward live there.
 - ``awp``      — adversarial weight perturbation, an option of every objective.
 - ``co_guard`` — the catastrophic-overfitting guard of one-step methods (and its rollback).
-- ``build``    — config + data -> loader, model, optimizer, step settings (no IO).
+- ``build``    — plan + data -> loader, model, optimizer, step settings (no IO).
 - ``rundir``   — the run folder: config.json, metrics.jsonl, last.pt, best.pt, the lock.
 - ``faults``   — signals, non-finite losses, the in-epoch save timer.
 - this module  — setup (the IO) and the loop: :meth:`Trainer.fit` -> :meth:`Trainer.train_one_epoch` -> ``train_step``.
@@ -43,6 +43,7 @@ from robust.eval.accuracy import correct_under_attack
 from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
 from robust.objectives import hard_labels
 from robust.outputs import RunFiles, check_output_dir
+from robust.plan import TrainPlan, plan_of
 from robust.progress import Progress, run_estimate
 from robust.runtime import configure_kernels, describe_machine, precision_name
 from robust.train import distributed as dist_
@@ -121,7 +122,8 @@ def _to_stderr(msg: str) -> None:
 
 
 class Trainer:
-    """Adversarial training from a :class:`TrainConfig`: ``Trainer(config).fit()`` returns the final metrics.
+    """Adversarial training from a :class:`TrainConfig` or a :class:`~robust.plan.TrainPlan`: ``Trainer(config).fit()``
+    returns the final metrics. A config is resolved into a plan once, here (:attr:`plan`); the run reads only the plan.
 
     ``data`` may be passed to skip loading (tests, notebooks); ``resume`` continues from the run
     folder's last.pt (also from inside an epoch); ``force`` replaces an existing run folder's
@@ -138,33 +140,36 @@ class Trainer:
     and builds the model, optimizer and loader (:func:`robust.train.build.build_training`, no IO).
     """
 
-    def __init__(self, config: TrainConfig | Mapping[str, Any], data: ImageData | None = None, resume: bool = False,
-                 force: bool = False, log: Callable[[str], None] | None = None, *, sync_bn: bool | None = None,
-                 check_every: int = 50, handle_signals: bool = True) -> None:
-        if isinstance(config, Mapping):
-            config = TrainConfig.from_dict(dict(config))
-        if not isinstance(config, TrainConfig):
+    def __init__(self, config: TrainConfig | TrainPlan | Mapping[str, Any], data: ImageData | None = None,
+                 resume: bool = False, force: bool = False, log: Callable[[str], None] | None = None, *,
+                 sync_bn: bool | None = None, check_every: int = 50, handle_signals: bool = True) -> None:
+        if not isinstance(config, (TrainConfig, TrainPlan, Mapping)):
             raise ConfigError(f"Trainer needs a TrainConfig or a dict of its fields, got {type(config).__name__}; "
                               "pass TrainConfig(...) or TrainConfig.from_dict({...})")
-        self.config = config.validate(resuming=resume)
+        self.plan = plan_of(config, resuming=resume)  # checked and resolved once, here
         self.data, self.resume, self.force, self._sync_bn_asked = data, resume, force, sync_bn
         self.check_every = max(1, int(check_every))
         self._log = log or _to_stderr
         self.signals = SignalCatcher(handle_signals)
-        self.saves = SaveTimer(config.save_every)  # the config is the one source of a run's settings
+        self.saves = SaveTimer(self.plan.save_every)  # the plan is the one source of a run's settings
         self.ready = False
         self._saved_epochs: int | None = None  # the epochs the resumed run was planned for
 
     @property
     def run_dir(self) -> Path:
-        return self.config.run_dir
+        return self.plan.run_dir
+
+    @property
+    def config(self) -> TrainConfig:
+        """The run's settings as an editable TrainConfig (a copy: the run trains with :attr:`plan`)."""
+        return self.plan.config()
 
     def setup(self) -> "Trainer":
         """Join the process group, check the folder, read last.pt, load the data, build; once (fit() calls it)."""
         if self.ready:
             return self
-        self.dist, self.device = dist_.setup(self.config.device)
-        configure_kernels(self.device, self.config.deterministic)
+        self.dist, self.device = dist_.setup(self.plan.device)
+        configure_kernels(self.device, self.plan.deterministic)
         self.log = self._log if self.dist.is_main else _silent
         self.folder = RunFolder(self.run_dir, self.dist, self.resume, self.force)
         error = None
@@ -191,34 +196,36 @@ class Trainer:
         state = self.folder.read_last(self.device) if self.resume else None  # a bad last.pt before the slow data
         if state is not None:
             self._check_same_run(state)
-        c = self.config
+        c = self.plan
         if c.threads:
             torch.set_num_threads(c.threads)
         if c.batch_size < self.dist.world_size:
             raise ConfigError(f"batch-size {c.batch_size} is the global batch and must be >= the {self.dist.world_size} ranks; raise --batch-size")
+        d = c.data
         self.data = self.data if self.data is not None else load_dataset(
-            c.dataset, c.data_dir, image_size=c.image_size, mode=c.data_mode, budget=memory_budget(self.device) // dist_.local_world_size(),
-            workers=c.workers)
+            d.dataset, d.data_dir, image_size=d.image_size, mode=d.mode, budget=memory_budget(self.device) // dist_.local_world_size(),
+            workers=d.workers)
         self.precision = training_precision(c, self.data, self.device, self.dist.world_size)
         self.amp = self.precision.dtype
-        extra = load_extra_data(c.extra_data, tuple(self.data.train_x.shape[1:]), self.data.num_classes, c.data_mode,
-                                memory_budget(self.device) // dist_.local_world_size()) if c.extra_data else None
+        extra = load_extra_data(d.extra_data, tuple(self.data.train_x.shape[1:]), self.data.num_classes, d.mode,
+                                memory_budget(self.device) // dist_.local_world_size()) if d.extra_data else None
         parts = build_training(c, self.data, self.device, self.amp, state, self._sync_bn_asked, self.folder.last_pt, extra)
         self.loader, self.val, self.model, self.forward_model = parts.loader, parts.val, parts.model, parts.forward_model
         self.optimizer, self.scaler, self.settings, self.sync_bn = parts.optimizer, parts.scaler, parts.settings, parts.sync_bn
         self.loss_model = self.forward_model
-        self.guard = self._make_guard() if c.resolved_co_guard else None
+        self.guard = self._make_guard() if c.co_guard else None
         self.ema = WeightAverage(self.model, c.ema) if c.ema > 0 else None
         self.start_epoch, self.start_batch, self.step, self.best = 0, 0, 0, None
         self.resume_tally: dict[str, float] | None = None
         if state is not None:
             self._load_state(state)
-            self.config = replan_milestones(self.config, self._saved_epochs or c.epochs, self.start_epoch,
-                                            self.start_batch)
+            replanned = replan_milestones(self.plan.config(), self._saved_epochs or c.epochs, self.start_epoch,
+                                          self.start_batch)
+            self.plan = self.plan.replace(milestones=replanned.milestones)
             if self.guard is not None and not self.start_batch:  # resumed at an epoch end: that epoch is the last good one
                 self._remember_good(state.get("metrics"))
         if self.dist.is_main:
-            self.folder.check_room(self._checkpoint_bytes(), len(self.config.kept_epochs))
+            self.folder.check_room(self._checkpoint_bytes(), len(self.plan.kept_epochs))
             if c.tensorboard:  # refused now, before anything is written
                 check_output_dir(c.tensorboard, "--tensorboard")
                 check_tensorboard_dir(c.tensorboard, self.run_dir)
@@ -229,17 +236,17 @@ class Trainer:
         path = self.run_dir / RunFiles.CONFIG
         saved = load_saved_config(path) if path.is_file() else upgrade_saved(state.get("config"))
         if isinstance(saved, dict):
-            self.config = check_resume(saved, self.config, self.run_dir)
+            self.plan = self.plan.replace(**check_resume(saved, self.plan.config(), self.run_dir).to_dict())
             self._saved_epochs = TrainConfig.from_saved(saved).epochs
 
     def _make_guard(self) -> COGuard:
         """The guard's fixed batch: the first training images, as they are (not augmented)."""
-        n = min(self.config.batch_size, 512, len(self.loader.y))
+        n = min(self.plan.batch_size, 512, len(self.loader.y))
         x = self.loader.x[:n]  # in memory: a view of the images already on the device
         if not isinstance(x, torch.Tensor):  # streamed (LazyImages): read these n images here, no worker processes
             x = x.load(workers=0).to(self.device)
-        x = to_float(x, self.config.channels_last)
-        return COGuard(x, self.loader.y[:n], self.config.eps_value)
+        x = to_float(x, self.plan.channels_last)
+        return COGuard(x, self.loader.y[:n], self.plan.eps)
 
     def _load_state(self, state: dict[str, Any]) -> None:
         path = self.folder.last_pt
@@ -283,12 +290,12 @@ class Trainer:
         """The last.pt / best.pt dict (built on rank 0 only; None elsewhere)."""
         if not self.dist.is_main:
             return None
-        c = self.config
+        c = self.plan
         guard = {"previous": self.guard.previous} if self.guard is not None else None
         return ckpt.build_checkpoint(
             self.model, optimizer=self.optimizer.state_dict(),
             scheduler={"step": self.step}, epoch=completed_epoch, best=self.best, metrics=metrics,
-            config=c.to_dict(), dataset=c.dataset, data=self.data.record(), eps=c.eps_value, method=c.resolved_method,
+            config=c.to_dict(), dataset=c.dataset, data=self.data.record(), eps=c.eps, method=c.method,
             scaler=self.scaler.state_dict() if self.scaler is not None else None, position=position,
             distributed={"world_size": self.dist.world_size, "sync_bn": self.sync_bn}, co_guard=guard,
             ema=self.ema.state_dict() if self.ema is not None else None,
@@ -308,7 +315,7 @@ class Trainer:
         if improved:
             self.best = {"epoch": epoch + 1, "metric": key if key in metrics else "last_epoch",
                          "value": metrics.get(key, float(epoch + 1))}
-        keep = epoch + 1 in self.config.kept_epochs
+        keep = epoch + 1 in self.plan.kept_epochs
         self.folder.save_epoch(self._checkpoint(epoch, metrics, None), epoch, metrics, improved, keep)
         self.saves.saved()
         if self.guard is not None:
@@ -362,7 +369,7 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns loss, adv accuracy, images/s, seconds."""
-        c = self.config
+        c = self.plan
         steps = len(self.loader)
         resuming = epoch == self.start_epoch and bool(self.resume_tally)
         first = self.start_batch if epoch == self.start_epoch else 0
@@ -417,12 +424,12 @@ class Trainer:
         """Clean and PGD-``val_steps`` accuracy of every route on the validation split (sharded over ranks)."""
         if self.val is None:
             return {}
-        c = self.config
+        c = self.plan
         routes = ROUTES if is_dual_route(self.model) else ("adv",)
         rows = slice(self.dist.rank, None, self.dist.world_size)
         x, y = self.val[0][rows], self.val[1][rows]
         model = self.ema.average if self.ema is not None else self.model  # the averaged weights, when kept
-        counts = torch.stack([route_correct_counts(model, x, y, route, c.eps_value, c.step_size_value, c.val_steps,
+        counts = torch.stack([route_correct_counts(model, x, y, route, c.eps, c.step_size, c.val_steps,
                                                    max(c.batch_size, 256), self.device, self.amp, c.channels_last)
                               for route in routes])
         counts = dist_.all_reduce_sum(counts, self.dist).tolist()
@@ -434,7 +441,7 @@ class Trainer:
 
     def _guard_check(self, epoch: int) -> dict[str, Any]:
         """The catastrophic-overfitting check after ``epoch`` (same verdict on every rank: same batch, seed, weights)."""
-        report = self.guard.check(self.model, step_seed(self.config.seed, epoch, len(self.loader), 0), self.amp)
+        report = self.guard.check(self.model, step_seed(self.plan.seed, epoch, len(self.loader), 0), self.amp)
         return {"co_guard_pgd_acc": report["pgd_acc"], **({"co_guard": report} if report["collapsed"] else {})}
 
     def _stop_collapsed(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -458,7 +465,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to ``config.epochs``; write config.json, metrics.jsonl, last.pt, best.pt; return the final metrics."""
-        c = self.setup().config
+        c = self.setup().plan
         self.folder.lock()  # nothing is written before this process is the folder's only writer
         if getattr(self, "resumed_note", None):
             self.log(self.resumed_note)
@@ -499,15 +506,15 @@ class Trainer:
             self.folder.unlock()
 
     def _header(self) -> str:
-        c = self.config
+        c = self.plan
         ranks = f" x {self.dist.world_size} ranks (DDP{', sync-bn' if self.sync_bn else ''})" if self.dist.enabled else ""
         extras = [f"recipe {c.recipe}"] if c.recipe else []
         extras.append(f"clean-weight {self.settings.clean_weight:g}")
-        extras += [f"{name} {value:g}" for name, value in c.objective_options.items()]
+        extras += [f"{name} {value:g}" for name, value in c.options.items()]
         if c.label_smoothing:
             extras.append(f"label smoothing {c.label_smoothing:g}")
-        if c.resolved_attack_bn != c.objective.attack_bn:
-            extras.append(f"attack BN {c.resolved_attack_bn}")
+        if c.attack_bn != c.objective.attack_bn:
+            extras.append(f"attack BN {c.attack_bn}")
         if c.awp_gamma > 0:
             extras.append(f"AWP gamma {c.awp_gamma:g} from epoch {c.awp_warmup + 1}")
         if self.guard is not None:
@@ -522,18 +529,18 @@ class Trainer:
         mixed = getattr(self.loader, "extra", None)
         if mixed is not None:
             streamed += (f"; + {len(mixed)} extra ({'soft' if mixed.soft else 'hard'} labels{', memory-mapped' if mixed.mode == 'stream' else ''}) "
-                         f"at {c.resolved_extra_fraction:g} of every batch, {len(self.loader)} batches per epoch")
-        return (f"training {c.arch} ({c.norm}{width}) on {c.dataset} "
+                         f"at {c.data.extra_fraction:g} of every batch, {len(self.loader)} batches per epoch")
+        return (f"training {c.arch} ({c.norm}{width}) on {c.data.dataset} "
                 f"[{len(self.loader.y)} training, {n_val} validation examples, {shape}{streamed}], "
-                f"method {c.resolved_method} ({', '.join(extras)}), eps {c.eps}{_attack_words(c)}, device {self.device}{ranks}, "
+                f"method {c.method} ({', '.join(extras)}), eps {c.settings['eps']}{_attack_words(c)}, device {self.device}{ranks}, "
                 f"precision {self.precision.describe()} -> {self.run_dir}")
 
 
-def _attack_words(c: TrainConfig) -> str:
+def _attack_words(c: TrainPlan) -> str:
     """The training attack's step in the run's first line (a recipe's step scales with the eps given)."""
     if "{steps}" not in c.objective.attack_text:  # one-step methods and clean training take no step size
         return ""
-    return f" (PGD-{c.steps}, step {c.step_size_value:.4g})"
+    return f" (PGD-{c.steps}, step {c.step_size:.4g})"
 
 
 def format_epoch(m: dict[str, Any]) -> str:
