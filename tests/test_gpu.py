@@ -72,7 +72,7 @@ def test_compiled_training_runs_and_matches_eager_logits(tmp_path, fmnist):
     x = torch.rand(8, 1, 28, 28, device="cuda")
     trainer.model.eval()
     with use_route(trainer.model, "adv"), torch.no_grad():
-        assert torch.allclose(trainer.forward_model(x), trainer.model(x), atol=1e-4)
+        assert torch.allclose(trainer.attack_model(x), trainer.model(x), atol=1e-4)
 
 
 NCCL_ONE_PROCESS = """

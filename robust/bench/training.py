@@ -171,7 +171,7 @@ def project_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], N
     def step() -> None:
         nonlocal loss_sum, correct
         x, y = next(batches)
-        loss, adv_logits = train_step(parts.forward_model, parts.optimizer, parts.scaler, x, y, parts.settings)
+        loss, adv_logits = train_step(parts.attack_model, parts.optimizer, parts.scaler, x, y, parts.settings)
         loss_sum += loss * len(y)
         correct += (adv_logits.argmax(1) == y).sum()
 

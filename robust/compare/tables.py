@@ -192,7 +192,7 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
     """The run's settings in plain words, for above the table."""
     c = TrainPlan.of(settings.config)
     arch = f"{c.arch}, width {c.width or 'default'}"
-    steps_per_epoch = _steps_per_epoch(c, n_train)
+    batches_per_epoch = _steps_per_epoch(c, n_train)
     w = settings.clean_weight
     method = f"{', '.join(settings.method_list)} for every norm"
     if w > 0:
@@ -206,8 +206,8 @@ def settings_lines(settings: CompareSettings, n_train: int, n_val: int, n_eval: 
         f"({'seed ' + str(c.seed) if settings.seeds is None else 'seeds ' + ','.join(map(str, settings.seed_list)) + ', each its own split and run'}), "
         f"test: the first {n_eval} test examples",
         f"- model: {arch}; norms: {', '.join(settings.norms)} (only the norm differs between runs)",
-        f"- training: {c.epochs} epochs of {steps_per_epoch} steps, batch {c.batch_size}, {_optimizer_text(c)}, "
-        f"{_schedule_text(c, steps_per_epoch)}",
+        f"- training: {c.epochs} epochs of {batches_per_epoch} steps, batch {c.batch_size}, {_optimizer_text(c)}, "
+        f"{_schedule_text(c, batches_per_epoch)}",
         *_modern_lines(c),
         f"- method{'s' if len(settings.method_list) > 1 else ''}: {method}",
         *_attack_lines(settings),
@@ -267,7 +267,7 @@ def _optimizer_text(c: TrainPlan) -> str:
     return text + ("" if c.decay_norms else " (not on norm affines and biases)")
 
 
-def _schedule_text(c: TrainPlan, steps_per_epoch: int) -> str:
+def _schedule_text(c: TrainPlan, batches_per_epoch: int) -> str:
     if c.schedule == "multistep":
         schedule = f"multistep x0.1 at milestones {c.milestones}{_milestone_note(c)}"
     elif c.schedule == "cosine":
@@ -276,7 +276,7 @@ def _schedule_text(c: TrainPlan, steps_per_epoch: int) -> str:
         return "one-cycle (linear up over 40% of the steps, then down to 0)"
     if c.warmup_epochs:
         return f"{schedule}, after a linear warm-up from 0 over {c.warmup_epochs:g} epochs"
-    warm = min(c.warmup_steps, steps_per_epoch)  # the trainer warms up within the first epoch only
+    warm = min(c.warmup_steps, batches_per_epoch)  # the trainer warms up within the first epoch only
     return f"{schedule}, {f'linear warm-up from lr/10 over {warm} steps' if warm else 'no warm-up'}"
 
 

@@ -29,12 +29,12 @@ from robust.train.step import StepSettings
 
 @dataclass
 class TrainingParts:
-    """What a run trains with. ``forward_model`` is ``model`` (or its torch.compile wrapper): attacks run on it."""
+    """What a run trains with. ``attack_model`` is ``model`` (or its torch.compile wrapper): attacks run on it."""
 
     loader: BatchLoader
     val: tuple[torch.Tensor, torch.Tensor] | None
     model: nn.Module
-    forward_model: nn.Module
+    attack_model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Any
     settings: StepSettings
@@ -64,8 +64,8 @@ def build_training(plan: TrainPlan, data: ImageData, device: torch.device, amp: 
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(c, parameter_groups(model, c.weight_decay, c.decay_norms), device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    forward_model = torch.compile(model) if c.compile else model
-    return TrainingParts(loader, val, model, forward_model, optimizer, scaler,
+    attack_model = torch.compile(model) if c.compile else model
+    return TrainingParts(loader, val, model, attack_model, optimizer, scaler,
                          StepSettings.from_plan(c, amp, device), sync)
 
 

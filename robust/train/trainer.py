@@ -182,7 +182,7 @@ class Trainer:
         dist_.agree(self.dist, error)
         if self.dist.enabled:  # DDP around the loss model (a collective: it broadcasts rank 0's weights)
             unused = self.settings.clean_weight == 0 and is_dual_route(self.model)  # the clean route is idle
-            self.loss_model = dist_.wrap_ddp(self.forward_model, self.dist, self.device, unused)
+            self.step_model = dist_.wrap_ddp(self.attack_model, self.dist, self.device, unused)
         self.ready = True
         return self
 
@@ -210,9 +210,9 @@ class Trainer:
         extra = load_extra_data(d.extra_data, tuple(self.data.train_x.shape[1:]), self.data.num_classes, d.mode,
                                 memory_budget(self.device) // dist_.local_world_size()) if d.extra_data else None
         parts = build_training(c, self.data, self.device, self.amp, state, self._sync_bn_asked, self.folder.last_pt, extra)
-        self.loader, self.val, self.model, self.forward_model = parts.loader, parts.val, parts.model, parts.forward_model
+        self.loader, self.val, self.model, self.attack_model = parts.loader, parts.val, parts.model, parts.attack_model
         self.optimizer, self.scaler, self.settings, self.sync_bn = parts.optimizer, parts.scaler, parts.settings, parts.sync_bn
-        self.loss_model = self.forward_model
+        self.step_model = self.attack_model
         self.guard = self._make_guard() if c.co_guard else None
         self.ema = WeightAverage(self.model, c.ema) if c.ema > 0 else None
         self.start_epoch, self.start_batch, self.step, self.best = 0, 0, 0, None
@@ -370,7 +370,7 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set; returns loss, adv accuracy, images/s, seconds."""
         c = self.plan
-        steps = len(self.loader)
+        batches = len(self.loader)
         resuming = epoch == self.start_epoch and bool(self.resume_tally)
         first = self.start_batch if epoch == self.start_epoch else 0
         self.loader.set_epoch(epoch, skip=first)  # resuming inside the epoch: skipped batches are not read
@@ -378,10 +378,10 @@ class Trainer:
         tally = EpochTally(self.device, saved.get("loss_sum", 0.0), saved.get("correct", 0), saved.get("seen", 0),
                            saved.get("seconds", 0.0))
         watch = FiniteWatch(self.device, first, self.step)
-        progress = Progress(steps - first, f"epoch {epoch + 1}/{c.epochs}", not c.quiet and self.dist.is_main)
+        progress = Progress(batches - first, f"epoch {epoch + 1}/{c.epochs}", not c.quiet and self.dist.is_main)
         awp = c.awp_gamma > 0 and epoch >= c.awp_warmup
         start = time.perf_counter()
-        lr = lr_at(self.step, c, steps)
+        lr = lr_at(self.step, c, batches)
         for i, (x, y) in enumerate(self.loader):
             if i < first:  # resuming inside the epoch: the loader yields (None, None) for these
                 continue
@@ -389,28 +389,28 @@ class Trainer:
             if part is None:
                 break
             x, y, weight = part
-            lr = lr_at(self.step, c, steps)
+            lr = lr_at(self.step, c, batches)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             torch.manual_seed(step_seed(c.seed, epoch, i, self.dist.rank))
-            loss, adv_logits = train_step(self.loss_model, self.optimizer, self.scaler, x, y, self.settings,
-                                          attack_model=self.forward_model, loss_scale=weight, awp=awp,
+            loss, adv_logits = train_step(self.step_model, self.optimizer, self.scaler, x, y, self.settings,
+                                          attack_model=self.attack_model, loss_scale=weight, awp=awp,
                                           reduce=self._average_over_ranks if self.dist.enabled else None)
             if self.ema is not None:
                 self.ema.update(self.model)
             tally.add(loss, adv_logits, hard_labels(y))
             watch.update(loss)
             self.step += 1
-            if i + 1 - first == min(ESTIMATE_AFTER, steps - first) and epoch == self.start_epoch and progress.enabled:
+            if i + 1 - first == min(ESTIMATE_AFTER, batches - first) and epoch == self.start_epoch and progress.enabled:
                 self.log(run_estimate((time.perf_counter() - start) / (i + 1 - first),
-                                      steps * (c.epochs - epoch) - (i + 1), QUICK_RUN))
-            if progress.enabled and (i % 10 == 0 or i == steps - 1):
+                                      batches * (c.epochs - epoch) - (i + 1), QUICK_RUN))
+            if progress.enabled and (i % 10 == 0 or i == batches - 1):
                 progress.show(loss=f"{tally.loss_sum.item() / tally.seen:.3f}",
                               adv_acc=f"{100 * tally.correct.item() / tally.seen:.1f}")
             progress.update()
-            self._between_steps(epoch, i + 1, steps, tally, watch, tally.seconds_before + time.perf_counter() - start)
+            self._between_steps(epoch, i + 1, batches, tally, watch, tally.seconds_before + time.perf_counter() - start)
         progress.close()
-        self._check_finite(epoch, steps, watch, steps)
+        self._check_finite(epoch, batches, watch, batches)
         totals = tally.totals(self.dist)
         dist_.average_running_stats(self.model, self.dist)
         if self.ema is not None:  # without SyncBN each rank's averaged statistics followed its own shard
@@ -420,7 +420,7 @@ class Trainer:
         return {"lr": lr, "train_loss": totals["loss_sum"] / seen, "train_adv_acc": 100.0 * totals["correct"] / seen,
                 "seconds": seconds, "images_per_s": totals["seen"] / max(seconds, 1e-9)}
 
-    def validate(self) -> dict[str, float]:
+    def validation_metrics(self) -> dict[str, float]:
         """Clean and PGD-``val_steps`` accuracy of every route on the validation split (sharded over ranks)."""
         if self.val is None:
             return {}
@@ -488,7 +488,7 @@ class Trainer:
                         scalars.add(metrics)
                         self.folder.settle()
                         return result
-                metrics.update(self.validate())
+                metrics.update(self.validation_metrics())
                 self._save_epoch(epoch, metrics)
                 scalars.add(metrics)
                 self.folder.settle()  # an epoch is saved: the files it replaced (--force) go for good
