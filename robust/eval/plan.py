@@ -75,7 +75,7 @@ class StateFile:
     """Where an evaluation keeps its verdicts after each attack on each batch, and what to do with the file there."""
 
     path: str = field(metadata={"help": "the state file (written atomically after each attack on each batch)",
-                                "kind": "path"})
+                                "kind": "path", "label": "state"})
     resume: bool = _f(False, "finish the evaluation the file holds, running only what it lacks")
     force: bool = _f(False, "start the file again although it exists")
 
