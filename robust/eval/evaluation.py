@@ -250,7 +250,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str | None = 
     :func:`robust.load_model`, another image size than it was trained on (DataError). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attack_precision",
     "attacks": {name: params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "split", "iterations",
-    "jobs", "threads", "ranks", "attack_seconds", "seconds", "versions"}`` (``split``: the rule of the chunks
+    "jobs", "threads", "ranks", "attack_seconds", "seconds", "versions", and the plan's "route", "batch_size",
+    "limit", "restarts", "queries", "device"}`` (``split``: the rule of the chunks
     the images are attacked in and their number; ``iterations``: per PGD/CW attack, the example-steps
     computed and those the full run computes, the difference saved by exact early stop); with
     ``"per_class": {route: [{"class", "n", "clean", "worst_case"}, ...]}`` (the worst case per class:
