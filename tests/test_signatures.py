@@ -17,7 +17,7 @@ KNOWN = {
     ("attacks/pgd.py", "_pgd_active"): 11,
     ("robust/data/lazy.py", "finish_custom_data"): 12,
     ("robust/data/loader.py", "__init__"): 11,
-    ("robust/lab/robustbench.py", "write_robustbench"): 12,
+    ("robust/export/robustbench.py", "write_robustbench"): 12,
     ("robust/nn/factory.py", "build_model"): 11,
     ("robust/train/trainer.py", "route_correct_counts"): 11,
 }
