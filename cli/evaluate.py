@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,20 +14,19 @@ import click
 from robust.attacks.registry import PerturbationError, attack_help
 from robust.checkpoint import load_model, read_checkpoint, weights_of
 from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
-from robust.cli.plain_model import load_plain_model, plain_model_options, wants_plain_model
-from robust.data.corruptions import check_corruption_names, check_severities, official_layout
+from robust.cli.plain_model import PLAIN_OPTIONS, load_plain_model, plain_model_options, wants_plain_model
 from robust.eval.accuracy import ATTACK_PRECISIONS
 from robust.eval.corruptions import format_corruptions
 from robust.eval.estimate import PROBED, estimate_lines
-from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, check_attack_names, check_threads, evaluate, load_test_split
+from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, evaluate, load_test_split
 from robust.eval.evaluation import eps_sweep as run_sweep
+from robust.eval.plan import ALL_SEVERITIES, EvalPlan, ModelFacts
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
 from robust.curves import plot_sweep
-from robust.export.robustbench import eps_beside
 from robust.nn.norms import routes_for
 from robust.outputs import write_output
 from robust.runtime import resolve_device
-from robust.threat import parse_eps_list, resolve_eps
+from robust.threat import parse_eps_list
 from robust.train.distributed import SINGLE, env_world_size, setup, shutdown
 
 
@@ -124,13 +124,7 @@ def print_checks(checks) -> None:
 @click.option("--force", is_flag=True, help="overwrite existing --json / --plot / --per-example files, and start a --state file again")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @plain_model_options
-def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str,
-                     limit: int | None, batch_size: int, device: str, seed: int, restarts: int, queries: int,
-                     data_dir: str | None, sanity: bool, eps_sweep: str | None, plot: str | None,
-                     json_path: str | None, force: bool, quiet: bool, weights: str | None, per_example: str | None,
-                     attack_precision: str, jobs: int, threads: int | None, state_path: str | None,
-                     resume: bool, corruptions: str | None, severities: str | None, corruptions_dir: str | None,
-                     **plain: str | None) -> None:
+def evaluate_command(checkpoint: str | None, **flags: Any) -> None:
     """Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export).
 
     Without CHECKPOINT, the newest run folder under ./runs is scored (and named).
@@ -162,17 +156,13 @@ def evaluate_command(checkpoint: str, attacks: str, eps: str | None, route: str 
     if checkpoint is None:
         checkpoint = newest_run()
         click.echo(f"no CHECKPOINT given: evaluating the newest run, {checkpoint}", err=True)
-    if env_world_size() > 1 and (state_path is not None or resume):
+    if env_world_size() > 1 and (flags["state_path"] is not None or flags["resume"]):
         raise BadInput(NO_STATE_ACROSS_RANKS)  # before the process group and any file
-    ctx, rank_device = setup(device) if env_world_size() > 1 else (SINGLE, None)
+    ctx, rank_device = setup(flags["device"]) if env_world_size() > 1 else (SINGLE, None)
     try:
         with only_rank_zero_speaks(ctx.is_main):
-            run_eval(checkpoint, attacks, eps, route, threat, limit, batch_size,
-                     device if rank_device is None else str(rank_device), seed, restarts, queries,
-                     data_dir, sanity, eps_sweep, plot, json_path, force, quiet, weights=weights, per_example=per_example,
-                     attack_precision=attack_precision, jobs=jobs, threads=threads, state_file=state_path, resume=resume,
-                     plain=plain, writes=ctx.is_main,
-                     corruption_options=corruption_settings(corruptions, severities, corruptions_dir))
+            device = flags["device"] if rank_device is None else str(rank_device)
+            run_eval(eval_request(checkpoint, flags, device, writes=ctx.is_main))
     except PerturbationError as exc:
         raise click.ClickException(f"{exc}; this is a bug in the attack, so no figures were reported") from None
     finally:
@@ -189,79 +179,132 @@ def only_rank_zero_speaks(main: bool):
         yield
 
 
-def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, threat: str, limit: int | None,
-             batch_size: int, device: str, seed: int, restarts: int, queries: int, data_dir: str | None,
-             sanity: bool, eps_sweep: str | None, plot: str | None, json_path: str | None, force: bool,
-             quiet: bool, weights: str | None = None, per_example: str | None = None,
-             attack_precision: str = "auto", jobs: int = 1, threads: int | None = None, state_file: str | None = None,
-             resume: bool = False, plain: dict[str, Any] | None = None, writes: bool = True,
-             corruption_options: dict[str, Any] | None = None) -> None:
-    """The body of `robust eval` (see its help); ``writes`` False (a torchrun rank other than 0) writes no file."""
+@dataclass(frozen=True)
+class ModelSource:
+    """The model `robust eval` scores: CHECKPOINT as given and the file it means, where its test data lies, which
+    of a checkpoint's weights, and a plain model's options (--arch, --mean, --std, --dataset)."""
 
-    if jobs < 1:
-        raise BadInput(f"--jobs must be >= 1, got {jobs}")
-    check_threads(threads)
-    if resume and state_file is None:
-        raise BadInput("--resume needs --state FILE, the state file of the evaluation to finish")
+    checkpoint: str
+    path: Path
+    data_dir: str | None
+    weights: str | None
+    plain: dict[str, Any]
 
-    if plot is not None and eps_sweep is None:
+
+@dataclass(frozen=True)
+class EvalOutputs:
+    """The files `robust eval` writes (each checked before any work), whether it may overwrite them, and whether
+    this process writes at all (a torchrun rank other than 0 does not)."""
+
+    json: Path | None
+    plot: Path | None
+    per_example: Path | None
+    force: bool
+    writes: bool
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """`robust eval` as its flags ask, checked: the model, the plan (its eps None until the model's training
+    eps fills it), the --sanity checks, the --eps-sweep values and the outputs."""
+
+    source: ModelSource
+    plan: EvalPlan
+    sanity: bool
+    sweep: tuple[float, ...] | None
+    outputs: EvalOutputs
+
+
+def eval_plan(flags: dict[str, Any], device: str) -> EvalPlan:
+    """The evaluation plan of `robust eval`'s flags (attacks default to pgd20, or clean with --corruptions)."""
+    corruptions = flags["corruptions"]
+    if corruptions is None and (flags["corruptions_dir"] is not None or flags["severities"] is not None):
+        raise BadInput("--severities and --corruptions-dir need --corruptions, e.g. --corruptions all")
+    attacks = flags["attacks"] if flags["attacks"] is not None else "clean" if corruptions is not None else "pgd20"
+    return EvalPlan.build(
+        attacks=attacks, eps=flags["eps"], threat=flags["threat"], route=flags["route"],
+        batch_size=flags["batch_size"], limit=flags["limit"], device=device, seed=flags["seed"],
+        restarts=flags["restarts"], queries=flags["queries"], attack_precision=flags["attack_precision"],
+        jobs=flags["jobs"], threads=flags["threads"], progress=not flags["quiet"],
+        per_example=flags["per_example"] is not None, state=flags["state_path"], resume=flags["resume"],
+        force=flags["force"], corruptions=corruptions, severities=flags["severities"] or ALL_SEVERITIES,
+        corruptions_dir=flags["corruptions_dir"])
+
+
+def eval_request(checkpoint: str, flags: dict[str, Any], device: str, writes: bool) -> EvalRequest:
+    """`robust eval`'s flags checked, every refusal before any model or data is read: the plan, the output files
+    (never the checkpoint, never one another), the state file and the eps sweep."""
+    plan = eval_plan(flags, device)
+    if flags["plot"] is not None and flags["eps_sweep"] is None:
         raise BadInput("--plot needs --eps-sweep, e.g. --eps-sweep 0,2/255,4/255,8/255 --plot curve.png")
-    json_file = check_output_file(json_path, "--json", force, "eval.json") if json_path is not None else None
-    plot_file = check_output_file(plot, "--plot", force, "eps_sweep.png") if plot is not None else None
-    examples_file = check_output_file(per_example, "--per-example", force, "per_example.jsonl") if per_example else None
-    names = check_attack_names(attacks if attacks is not None else "clean" if corruption_options else "pgd20")
-    if eps is not None:  # refused before any file is read
-        resolve_eps(eps, threat)
-    sweep_values = parse_eps_list(eps_sweep, threat) if eps_sweep is not None else None
+    force = flags["force"]
+    written = {flag: check_output_file(flags[key], flag, force, name) if flags[key] is not None else None
+               for flag, key, name in (("--json", "json_path", "eval.json"), ("--plot", "plot", "eps_sweep.png"),
+                                       ("--per-example", "per_example", "per_example.jsonl"))}
+    sweep = tuple(parse_eps_list(flags["eps_sweep"], plan.threat)) if flags["eps_sweep"] is not None else None
     scored = model_file(checkpoint)
-    written = {"--json": json_file, "--plot": plot_file, "--per-example": examples_file}
-    if state_file is not None:  # never the checkpoint, a run's file or another output
-        check_state_file(state_file, resume, force, inputs=(scored,), outputs=written)
+    if plan.state is not None:  # never the checkpoint, a run's file or another output
+        check_state_file(plan.state.path, plan.state.resume, force, inputs=(scored,), outputs=written)
     for flag, target in written.items():  # never the checkpoint it reads (even outside a run) nor another output
         if target is not None:
             others = {f: t for f, t in written.items() if f != flag}
             check_output_file(target, flag, force, inputs=(scored,), outputs=others)
-    plain_model = None
-    if wants_plain_model(scored, plain or {}):
-        state, plain_model, test = load_plain_model(scored, plain, data_dir, limit, weights)
-    else:
-        state = read_checkpoint(scored)
-    beside = eps_beside(scored) if plain_model is not None and eps is None else None
-    if beside is not None:  # a RobustBench entry: its model_info names the eps
-        state.update(eps=beside[0], threat=beside[1])
-        click.echo(f"eps {beside[0]:.6g} ({beside[1]}) from {beside[2]}", err=True)
-    trained_threat = state.get("threat", "linf")
-    if eps is None and "eps" not in state:
-        raise BadInput(f"{checkpoint} records no training eps; pass --eps, e.g. --eps 8/255")
-    if eps is None and threat != trained_threat:
-        raise BadInput(f"{checkpoint} was trained with a {trained_threat} eps of {state['eps']:.6g}, which is no {threat} radius; "
-                       f"pass --eps for --threat {threat}, e.g. --eps 0.5")
-    eps_value = resolve_eps(eps if eps is not None else state["eps"], threat)
-    if "dataset" not in state:
-        raise BadInput(f"{checkpoint} records no dataset; re-export it with `robust export`")
-    model = plain_model if plain_model is not None else load_model(state, weights=weights)
-    if plain_model is None:
-        test = load_test_split(state, data_dir, limit)
-    options = dict(route=route, batch_size=batch_size, limit=limit, device=device, seed=seed, threat=threat,
-                   restarts=restarts, queries=queries, progress=not quiet,
-                   attack_precision=attack_precision, jobs=jobs, threads=threads)
+    plain = {k: flags[k] for k in PLAIN_OPTIONS}
+    source = ModelSource(checkpoint, scored, flags["data_dir"], flags["weights"], plain)
+    outputs = EvalOutputs(written["--json"], written["--plot"], written["--per-example"], force, writes)
+    return EvalRequest(source, plan, flags["sanity"], sweep, outputs)
 
-    if not quiet and writes and any(n in PROBED for n in names):  # say minutes or hours before the wait
-        model.to(resolve_device(device))
-        x_test, y_test = test[0][:limit], test[1][:limit]
-        for line in estimate_lines(model, x_test, y_test, names, routes_for(model, route), dict(
-                eps=eps_value, threat=threat, seed=seed, restarts=restarts, queries=queries,
+
+def load_scored(source: ModelSource, plan: EvalPlan) -> tuple[Any, ModelFacts, tuple, EvalPlan]:
+    """(model, its facts, test split, the plan at its eps): a plain model (--arch or TorchScript) or a checkpoint.
+    A checkpoint's training eps and dataset are refused when missing before its model or data is read."""
+    if wants_plain_model(source.path, source.plain):
+        model, facts, test = load_plain_model(source.path, source.plain, source.data_dir, plan.limit, source.weights,
+                                              eps_wanted=plan.eps is None)
+        if facts.eps_from is not None:
+            click.echo(f"eps {facts.eps:.6g} ({facts.threat}) from {facts.eps_from}", err=True)
+        return model, facts, test, at_model_eps(plan, facts, source.checkpoint)
+    state = read_checkpoint(source.path)
+    facts = ModelFacts(state.get("dataset"), state.get("eps"), state.get("threat", "linf"),
+                       weights_of(state, source.weights))
+    plan = at_model_eps(plan, facts, source.checkpoint)
+    if facts.dataset is None:
+        raise BadInput(f"{source.checkpoint} records no dataset; re-export it with `robust export`")
+    model = load_model(state, weights=source.weights)
+    return model, facts, load_test_split(state, source.data_dir, plan.limit), plan
+
+
+def at_model_eps(plan: EvalPlan, facts: ModelFacts, checkpoint: str) -> EvalPlan:
+    """``plan`` as it is when --eps was given, else at the model's training eps (refused where there is none, or
+    where it is a radius of another threat model than --threat)."""
+    if plan.eps is not None:
+        return plan
+    if facts.eps is None:
+        raise BadInput(f"{checkpoint} records no training eps; pass --eps, e.g. --eps 8/255")
+    if plan.threat != facts.threat:
+        raise BadInput(f"{checkpoint} was trained with a {facts.threat} eps of {facts.eps:.6g}, which is no {plan.threat} "
+                       f"radius; pass --eps for --threat {plan.threat}, e.g. --eps 0.5")
+    return plan.at_eps(facts.eps)
+
+
+def run_eval(request: EvalRequest) -> None:
+    """The body of `robust eval` (see its help): score the model, print the table, run the extra checks, write."""
+    model, facts, test, plan = load_scored(request.source, request.plan)
+    outputs = request.outputs
+    if plan.progress and outputs.writes and any(n in PROBED for n in plan.attacks):  # say minutes or hours before the wait
+        model.to(resolve_device(plan.device or "auto"))
+        x_test, y_test = test[0][:plan.limit], test[1][:plan.limit]
+        for line in estimate_lines(model, x_test, y_test, plan.attacks, routes_for(model, plan.route), dict(
+                eps=plan.eps, threat=plan.threat, seed=plan.seed, restarts=plan.restarts, queries=plan.queries,
                 num_classes=int(model.build_args.get("num_classes", 10)))):
             click.echo(line, err=True)
-    result = evaluate(model, test, attacks=names, eps=eps_value, per_example=examples_file is not None,
-                      state=state_file, resume=resume, force=force, **options, **(corruption_options or {}))
+    result = evaluate(model, test, plan=plan)
     examples = result.pop("per_example", None)
     corruption_examples = result.pop("corruption_per_example", None)
     args = model.build_args
     width = f", width {args['width']}" if args.get("width") else ""
-    scored_weights = weights_of(state, weights) if plain_model is None else None
-    click.echo(f"{scored}: {args['arch']} ({args['norm']}{width}{describe_weights(scored_weights)}), {state['dataset']} test, "
-               f"{result['n']} examples, {describe_eps(eps_value, threat)}, seed {seed}, "
+    click.echo(f"{request.source.path}: {args['arch']} ({args['norm']}{width}{describe_weights(facts.weights)}), "
+               f"{facts.dataset} test, {result['n']} examples, {describe_eps(plan.eps, plan.threat)}, seed {plan.seed}, "
                f"attacks in {result['attack_precision']} ({result['attack_precision_why']}; verdicts in fp32)")
     click.echo(format_table(result))
     if "corruptions" in result:
@@ -269,32 +312,41 @@ def run_eval(checkpoint: str, attacks: str, eps: str | None, route: str | None, 
     ranks = f" on each of {result['ranks']} torchrun ranks" if result["ranks"] > 1 else ""
     click.echo(f"{result['seconds']:.1f} s ({result['jobs']} process(es) of {result['threads']} thread(s){ranks}); per attack: "
                + ", ".join(f"{k} {v:.1f} s" for k, v in result["attack_seconds"].items()))
-    report: dict[str, Any] = {"checkpoint": str(scored), "dataset": state["dataset"], "model": args,
-                              "weights": scored_weights, **result}
+    report: dict[str, Any] = {"checkpoint": str(request.source.path), "dataset": facts.dataset, "model": args,
+                              "weights": facts.weights, **result}
+    report.update(extra_checks(model, test, plan, request, result))
+    if outputs.json and outputs.writes:
+        write_output(outputs.json, json.dumps(report, indent=2) + "\n", overwrite=outputs.force)
+        click.echo(f"wrote {outputs.json}")
+    if outputs.per_example and outputs.writes:
+        write_output(outputs.per_example, per_example_lines(examples, test[1]) + corruption_lines(corruption_examples),
+                     overwrite=outputs.force)
+        click.echo(f"wrote {outputs.per_example}")
 
+
+def extra_checks(model: Any, test: tuple, plan: EvalPlan, request: EvalRequest, result: dict[str, Any]) -> dict[str, Any]:
+    """--sanity and --eps-sweep: their figures printed (failed checks as warnings), the sweep plotted with --plot;
+    returns what the JSON report gets of them ("eps_sweep", "checks")."""
+    report: dict[str, Any] = {}
     checks = []
-    if sanity:
+    if request.sanity:
         click.echo("sanity checks:")
-        checks = sanity_checks(model, test, eps_value, reuse=result, **options)
-    if sweep_values:
-        sweep = run_sweep(model, test, sweep_values, attacks=names, **options)
+        checks = sanity_checks(model, test, plan.eps, reuse=result, plan=plan)
+    if request.sweep:
+        sweep = run_sweep(model, test, request.sweep, plan=plan)
         click.echo("eps sweep (worst case over the attacks, %):")
         click.echo(format_sweep(sweep))
         report["eps_sweep"] = sweep
         checks += eps_monotonic_checks(sweep)
-        if plot_file and writes:
-            plot_sweep(sweep, plot_file, f"{Path(checkpoint).name}: {', '.join(names)}", overwrite=force)
+        plot_file = request.outputs.plot
+        if plot_file and request.outputs.writes:
+            plot_sweep(sweep, plot_file, f"{Path(request.source.checkpoint).name}: {', '.join(plan.attacks)}",
+                       overwrite=request.outputs.force)
             click.echo(f"wrote {plot_file}")
     if checks:
         print_checks(checks)
         report["checks"] = [c._asdict() for c in checks]
-    if json_file and writes:
-        write_output(json_file, json.dumps(report, indent=2) + "\n", overwrite=force)
-        click.echo(f"wrote {json_file}")
-    if examples_file and writes:
-        write_output(examples_file, per_example_lines(examples, test[1]) + corruption_lines(corruption_examples),
-                     overwrite=force)
-        click.echo(f"wrote {examples_file}")
+    return report
 
 
 def check_state_file(path: str, resume: bool, force: bool, inputs: tuple, outputs: dict) -> None:
@@ -317,18 +369,6 @@ def per_example_lines(examples: dict[str, dict[str, list]], labels) -> str:
             lines.append(json.dumps({"route": route, "index": i, "label": label, "prediction": pred,
                                      "broken_by": broken, "robust": robust}))
     return "\n".join(lines) + "\n"
-
-
-def corruption_settings(corruptions: str | None, severities: str | None, folder: str | None) -> dict[str, Any] | None:
-    """evaluate's corruption keywords from the flags, refused before any file is read (None without --corruptions)."""
-    if corruptions is None:
-        if folder is not None or severities is not None:
-            raise BadInput("--severities and --corruptions-dir need --corruptions, e.g. --corruptions all")
-        return None
-    names, levels = check_corruption_names(corruptions), check_severities(severities or "1,2,3,4,5")
-    if folder is not None:
-        official_layout(folder, names)
-    return {"corruptions": names, "severities": levels, "corruptions_dir": folder}
 
 
 def corruption_lines(examples: dict[str, Any] | None) -> str:

@@ -1,4 +1,4 @@
-"""`robust eval` of a model from outside robust: its options and the loading branch (model, test data, checks)."""
+"""`robust eval` of a model from outside robust: its options and the loading branch (model, its facts, test data)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch.nn as nn
+
 from robust.cli.common import BadInput
 
 from robust.plain_model import (
@@ -16,7 +18,9 @@ from robust.plain_model import (
     read_plain_model,
 )
 from robust.data.types import CUSTOM_DATASETS, DATASET_INFO, DATASET_SPECS
-from robust.eval.evaluation import load_test_split, to_model_input
+from robust.eval.evaluation import eval_dataset, first_images, to_model_input
+from robust.eval.plan import ModelFacts
+from robust.export.robustbench import eps_beside
 
 PLAIN_OPTIONS = ("arch", "mean", "std", "dataset")
 
@@ -56,9 +60,10 @@ def wants_plain_model(path: Path, plain: dict[str, Any]) -> bool:
 
 
 def load_plain_model(path: Path, plain: dict[str, Any], data_dir: str | None, limit: int | None,
-                     weights: str | None) -> tuple[dict[str, Any], Any, tuple]:
-    """(state, model, test split) of a plain model: the test data of --dataset, the model built for its
-    classes and channels, its output checked to be (N, classes) logits on the first test images."""
+                     weights: str | None, eps_wanted: bool = True) -> tuple[nn.Module, ModelFacts, tuple]:
+    """(model, facts, test split) of a plain model: the test data of --dataset, the model built for its classes
+    and channels, its output checked to be (N, classes) logits on the first test images. Its facts are the
+    dataset and, with ``eps_wanted``, the eps and threat of a RobustBench entry's model_info beside it."""
     if weights is not None:
         raise BadInput("--weights applies to robust checkpoints of runs trained with --ema; drop it for a plain model")
     dataset = plain.get("dataset")
@@ -66,13 +71,13 @@ def load_plain_model(path: Path, plain: dict[str, Any], data_dir: str | None, li
         raise BadInput(f"{path} is a plain model, which records no dataset; pass --dataset, e.g. --dataset cifar10")
     if dataset not in DATASET_INFO and dataset not in CUSTOM_DATASETS:
         raise BadInput(f"unknown --dataset {dataset!r}; valid: {', '.join([*DATASET_INFO, *CUSTOM_DATASETS])}")
-    state: dict[str, Any] = {"dataset": dataset, "data": {"data_dir": data_dir}}
-    x, y = load_test_split(state, data_dir, limit)
+    x, y = first_images(eval_dataset(dataset, data_dir), limit)
     channels = int(x.shape[1])
     classes = DATASET_INFO[dataset].num_classes if dataset in DATASET_INFO else int(y.max()) + 1
     mean = parse_channel_values(plain.get("mean"), "--mean", channels)
     std = parse_channel_values(plain.get("std"), "--std", channels)
     model = read_plain_model(path, plain.get("arch"), classes, channels, mean, std)
     check_logits(model, to_model_input(x[:2], x.device), classes, path)
-    state["model_args"] = model.build_args
-    return state, model, (x, y)
+    beside = eps_beside(path) if eps_wanted else None  # a RobustBench entry: its model_info names the eps
+    facts = ModelFacts(dataset) if beside is None else ModelFacts(dataset, beside[0], beside[1], eps_from=str(beside[2]))
+    return model, facts, (x, y)

@@ -35,12 +35,13 @@ def _looks_like(text: str, kind: type) -> bool:
 
 def check_value(name: str, annotation: Any, meta: Mapping[str, Any], value: Any) -> Any:
     """``value`` checked against a field's annotation (``int``, ``float``, ``str``, ``bool``, ``X | None``) and
-    metadata; returns it (a path-like as str) or raises ConfigError naming the field, the value and the fix.
+    metadata; returns it (a path-like as str) or raises ConfigError naming the field (as ``label`` in the metadata
+    says, else the name with dashes), the value and the fix.
 
     Integers must be integers (not 1.5, not "3"), numbers finite, booleans true/false, strings
     non-empty; types it does not know are passed through unchecked.
     """
-    label = name.replace("_", "-")
+    label = meta.get("label") or name.replace("_", "-")
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
     parts = {p.strip() for p in text.split("|")}
     base = next(iter(parts - {"None"}), None) if len(parts - {"None"}) == 1 else None

@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 
 from robust.attacks.pgd import fp32_predictions
-from robust.data.corruptions import (check_corruption_names, check_severities, generated, images_hash,
-                                     official_layout, read_cifar_c, read_imagenet_c)
+from robust.data.corruptions import generated, images_hash, official_layout, read_cifar_c, read_imagenet_c
 from robust.errors import ConfigError, DataError
 from robust.eval.jobs import to_model_input
+from robust.eval.plan import CorruptionPlan
 from robust.nn.norms import bn_mode, routes_for, use_route
 
 GENERATED = "generated (not the CIFAR-10-C files)"
@@ -55,24 +55,28 @@ def corrupted_sets(x: torch.Tensor, y: torch.Tensor, names: Sequence[str], sever
             yield name, severity, xc, yc, time.perf_counter() - start, cached
 
 
-def evaluate_corruptions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, corruptions: Iterable[str] | str = "all",
-                         severities: Iterable[int] | str = (1, 2, 3, 4, 5), route: str | None = None,
-                         batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
-                         source_dir: str | None = None, per_example: bool = False,
-                         classes: list[str] | None = None) -> dict[str, Any]:
+def evaluate_corruptions(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         corruptions: CorruptionPlan | Iterable[str] | str = "all",
+                         severities: Iterable[int] | str = (1, 2, 3, 4, 5), source_dir: str | None = None,
+                         per_example: bool = False, route: str | None = None, batch_size: int = 256,
+                         seed: int = 0) -> dict[str, Any]:
     """Accuracy (%) of each route of ``model`` on each corruption at each severity, and the mean over them.
 
     ``x``, ``y``: the clean test images (uint8 or floats in [0, 1]) and labels; the generated copies corrupt
     them, the official files (``source_dir``) replace them with their own images of the same count (CIFAR-C:
-    the first ``len(y)`` of each severity block; ImageNet-C: up to 5,000). Returns ``{"corruptions": {name:
+    the first ``len(y)`` of each severity block; ImageNet-C: up to 5,000). ``corruptions`` is the names (or
+    'all') with ``severities`` and ``source_dir``, or a :class:`CorruptionPlan` that holds all three (and an
+    ImageNet-C model's class names). The model is scored on the device it is on. Returns ``{"corruptions": {name:
     {severity: {route: accuracy}}}, "corruption_mean": {route: mean}, "corruption_source",
     "corruption_severities", "corruption_n", "corruption_seed", "corruption_seconds": {"data", "predict"},
     "corruption_cached"}`` (how many cells' generated images came from the cache);
     with ``per_example``, ``"corruption_per_example": {route: {name: {severity: [prediction, ...]}}}``.
     """
-    names = check_corruption_names(corruptions)
-    levels = check_severities(severities)
-    device = torch.device(device)
+    if not isinstance(corruptions, CorruptionPlan):
+        corruptions = CorruptionPlan(corruptions, severities, source_dir)
+    names, levels, source_dir = list(corruptions.names), list(corruptions.severities), corruptions.folder
+    classes = None if corruptions.classes is None else list(corruptions.classes)
+    device = device_of(model)
     routes = list(routes_for(model, route))
     table: dict[str, dict[str, dict[str, float]]] = {}
     examples: dict[str, dict[str, dict[str, list[int]]]] = {r: {} for r in routes}
@@ -80,7 +84,6 @@ def evaluate_corruptions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cor
     counts: set[int] = set()
     cached_cells = 0
     num_classes = int((getattr(model, "build_args", None) or {}).get("num_classes", 10))
-    model.to(device)
     for name, severity, xc, yc, took, cached in corrupted_sets(x, y, names, levels, seed, source_dir, classes):
         seconds["data"] += took
         counts.add(len(yc))
@@ -105,6 +108,14 @@ def evaluate_corruptions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cor
     if per_example:
         result["corruption_per_example"] = examples
     return result
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for a model with neither)."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
 
 
 def mean_accuracy(table: dict[str, dict[str, dict[str, float]]], route: str) -> float:

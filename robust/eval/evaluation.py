@@ -13,55 +13,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from robust.attacks.registry import Attack, attack_params, build_attack, parse_attack_name
-from robust.checks import MAX_SEED, check_value, split_list
-from robust.data.corruptions import check_corruption_names, check_severities, official_layout
+from robust.attacks.registry import Attack, attack_params, build_attack
+from robust.checks import check_value
 from robust.data.load import load_dataset
 from robust.data.types import CUSTOM_DATASETS, ImageData
 from robust.errors import ConfigError, DataError
 from robust.eval.accuracy import PROBE_BATCH, choose_attack_precision
 from robust.eval.corruptions import evaluate_corruptions
-from robust.eval.jobs import SPLIT_RULE, chunk_bounds, exchange, run_processes, score_units, split, world_position
+from robust.eval.jobs import SPLIT_RULE, Scoring, chunk_bounds, exchange, run_processes, score_units, split, world_position
 from robust.eval.jobs import to_model_input  # also where robust.report finds it
+from robust.eval.plan import EvalPlan, check_attack_names  # noqa: F401 (check_attack_names: where commands find it)
 from robust.eval.state import EvalState, fingerprint, open_state
 from robust.nn.norms import RoutedNorm, routes_for
 from robust.progress import Progress
 from robust.runtime import THREADS_RANGE, available_cpus, precision_name, resolve_device, versions
-from robust.threat import resolve_eps
 
 
 NO_STATE_ACROSS_RANKS = ("--state and --resume keep one machine's evaluation; under torchrun drop them, or run one "
                          "process with --jobs N --state FILE")
-
-
-def check_attack_names(attacks: Iterable[str] | str) -> list[str]:
-    """Normalized, de-duplicated attack names; ConfigError listing the valid ones for an unknown name."""
-    names = split_list("attack", attacks) if isinstance(attacks, str) else list(attacks)
-    out: list[str] = []
-    for name in names:
-        if not str(name).strip():
-            continue
-        if not str(name).isascii():
-            raise ConfigError(f"attack {str(name).strip()!r} has characters that are not ASCII; write its name "
-                              "with the letters and digits 0-9, e.g. pgd20")
-        try:
-            parse_attack_name(str(name))
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        key = str(name).strip().lower()
-        if key not in out:
-            out.append(key)
-    if not out:
-        raise ConfigError("no attack given; pass e.g. --attack pgd20 or --attack pgd20,autoattack")
-    return out
 
 
 def as_tensors(data: Any, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,28 +167,26 @@ def tally(state: EvalState, route: str, names: Sequence[str], y: torch.Tensor,
     return {k: 100.0 * v / n for k, v in correct.items()}, examples
 
 
-def check_counts(**counts: Any) -> None:
-    """Whole numbers of ``evaluate``'s settings checked as the commands check them (``batch_size=2.5``, ``seed=-1``,
-    ``jobs=0`` refused; ``limit`` may be None), so a bad one fails here with its name, not deep in a loop."""
-    for name, value in counts.items():
-        low, high = (0, MAX_SEED) if name == "seed" else (1, None)
-        check_value(name, "int | None" if name == "limit" else "int", {"min": low, "max": high}, value)
-
-
 def check_threads(threads: int | None) -> None:
     """The torch thread count of a process, checked as training checks its --threads (at most the CPUs here)."""
     check_value("threads", "int | None", THREADS_RANGE, threads)
 
 
 def plan_jobs(jobs: int, threads: int | None, n: int, batches: int) -> tuple[int, int]:
-    """(processes, torch threads each): ``jobs`` (at most one per batch) of CPUs/jobs threads unless ``threads``;
-    one process keeps torch's thread count unless ``threads``."""
+    """(processes, torch threads each) of ``jobs`` and ``threads`` given as they are (checked here): see
+    :func:`share_jobs`."""
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
-    if jobs > n:
-        raise ConfigError(f"--jobs {jobs} is more than the {n} images to evaluate; use at most --jobs {n}")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
+    return share_jobs(jobs, threads, n, batches)
+
+
+def share_jobs(jobs: int, threads: int | None, n: int, batches: int) -> tuple[int, int]:
+    """(processes, torch threads each): ``jobs`` (at most one per batch) of CPUs/jobs threads unless ``threads``;
+    one process keeps torch's thread count unless ``threads``. More jobs than images is refused."""
+    if jobs > n:
+        raise ConfigError(f"--jobs {jobs} is more than the {n} images to evaluate; use at most --jobs {n}")
     processes = min(jobs, batches)
     if threads is None:  # one process keeps torch's setting (its default is the CPU count)
         threads = torch.get_num_threads() if jobs == 1 else max(1, available_cpus() // jobs)
@@ -260,15 +235,13 @@ def route_now(model: nn.Module) -> str:
     return next((m.route for m in model.modules() if isinstance(m, RoutedNorm)), "adv")
 
 
-def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20",), eps: float | str | None = None,
-             route: str | None = None, batch_size: int = 256, limit: int | None = None,
-             device: str | torch.device | None = None, seed: int = 0, threat: str = "linf", restarts: int = 1,
-             queries: int = 5000, progress: bool = False, per_example: bool = False,
-             attack_precision: str = "auto", jobs: int = 1, threads: int | None = None,
-             state: str | os.PathLike[str] | None = None, resume: bool = False, force: bool = False,
-             across_ranks: bool = True, corruptions: Iterable[str] | str | None = None,
-             severities: Iterable[int] | str = (1, 2, 3, 4, 5), corruptions_dir: str | None = None) -> dict[str, Any]:
+def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str | None = None, eps: float | str | None = None,
+             *, plan: EvalPlan | None = None, **settings: Any) -> dict[str, Any]:
     """Clean and robust accuracy (%) of every route of ``model`` under each attack.
+
+    The keywords are the settings of an :class:`robust.eval.plan.EvalPlan` (checked once, before any work:
+    :meth:`EvalPlan.build <robust.eval.plan.EvalPlan.build>`), or pass the plan itself as ``plan``; the work is
+    :func:`evaluate_plan`'s. ``attacks`` defaults to pgd20.
 
     ``data`` is ``(x, y)`` with x uint8 or float in [0, 1] of shape (N, C, H, W) (an ImageData
     means its test split) and y integer class indices. What cannot be scored is refused before any
@@ -277,7 +250,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     :func:`robust.load_model`, another image size than it was trained on (DataError). ``route`` None/'both' scores both routes of a dual-route model; a
     single-route model has one. Returns ``{"n", "eps", "threat", "seed", "attack_precision",
     "attacks": {name: params}, "routes": {route: {"clean", <attack>..., "worst_case"}}, "split", "iterations",
-    "jobs", "threads", "ranks", "attack_seconds", "seconds", "versions"}`` (``split``: the rule of the chunks
+    "jobs", "threads", "ranks", "attack_seconds", "seconds", "versions", and the plan's "route", "batch_size",
+    "limit", "restarts", "queries", "device"}`` (``split``: the rule of the chunks
     the images are attacked in and their number; ``iterations``: per PGD/CW attack, the example-steps
     computed and those the full run computes, the difference saved by exact early stop); with
     ``"per_class": {route: [{"class", "n", "clean", "worst_case"}, ...]}`` (the worst case per class:
@@ -304,43 +278,103 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     from the images or read from the official files in ``corruptions_dir`` (:mod:`robust.eval.corruptions`).
     The model is moved to ``device``; its train/eval modes are restored afterwards.
     """
-    if eps is None:
+    if plan is None:
+        return evaluate_plan(model, data, EvalPlan.build(attacks=("pgd20",) if attacks is None else attacks, eps=eps,
+                                                         **settings))
+    if attacks is not None or eps is not None or settings:
+        raise ConfigError("evaluate takes a plan or its settings as keywords, not both; change a plan with "
+                          "dataclasses.replace(plan, ...) or plan.at_eps(eps)")
+    return evaluate_plan(model, data, plan)
+
+
+@dataclass(frozen=True)
+class Work:
+    """How an evaluation's work is laid out: the routes, the chunks' bounds, the attacks (no "clean"), the device
+    and attack dtype, the processes and their threads, this process's rank among ``world`` torchrun ranks."""
+
+    routes: list[str]
+    bounds: list[tuple[int, int]]
+    attack_names: list[str]
+    device: torch.device
+    dtype: torch.dtype | None
+    processes: int
+    threads: int
+    rank: int
+    world: int
+
+
+def evaluate_plan(model: nn.Module, data: Any, plan: EvalPlan) -> dict[str, Any]:
+    """Clean and robust accuracy (%) of every route of ``model`` on ``data`` as ``plan`` says: the one evaluation
+    behind :func:`evaluate` and ``robust eval`` (the result and every refusal as :func:`evaluate` describes)."""
+    if plan.eps is None:
         raise ConfigError("eps is required, e.g. eps=8/255 (robust eval defaults to the checkpoint's training eps)")
-    eps = resolve_eps(eps, threat)
-    names = check_attack_names(attacks)
-    if corruptions is not None:  # refused before any work
-        corruptions, severities = check_corruption_names(corruptions), check_severities(severities)
-        if corruptions_dir is not None:
-            official_layout(corruptions_dir, corruptions)
-    check_counts(batch_size=batch_size, restarts=restarts, queries=queries, jobs=jobs, seed=seed, limit=limit)
-    check_threads(threads)
-    rank, world = world_position() if across_ranks else (0, 1)
-    if world > 1 and (state is not None or resume):
+    rank, world = world_position() if plan.across_ranks else (0, 1)
+    if world > 1 and plan.state is not None:
         raise ConfigError(NO_STATE_ACROSS_RANKS)
-    x, y = as_tensors(data, limit)
+    x, y = as_tensors(data, plan.limit)
     check_fits(model, x, y)
-    routes = list(routes_for(model, route))
-    bounds = chunk_bounds(len(y), batch_size)
-    batches = len(bounds)
-    processes, per_process = plan_jobs(jobs, threads, len(y), batches)
-    device = resolve_device("auto" if device is None else str(device))
+    routes = list(routes_for(model, plan.route))
+    bounds = chunk_bounds(len(y), plan.batch_size)
+    processes, per_process = share_jobs(plan.jobs, plan.threads, len(y), len(bounds))
+    device = resolve_device("auto" if plan.device is None else plan.device)
     model.to(device)
-    precision = choose_attack_precision(attack_precision, device, model, to_model_input(x[:PROBE_BATCH], device),
+    precision = choose_attack_precision(plan.attack_precision, device, model, to_model_input(x[:PROBE_BATCH], device),
                                         y[:PROBE_BATCH].to(device), per_process, world)
-    dtype = precision.dtype
-    settings = {"restarts": restarts, "queries": queries}
-    attack_names = [n for n in names if n != "clean"]
-    record = open_state(state, resume, force, {} if state is None else fingerprint(
-        model, x, y, eps=eps, threat=threat, attacks=attack_names, routes=routes, seed=seed, batch_size=batch_size,
-        restarts=restarts, queries=queries, attack_precision=precision_name(dtype), split=SPLIT_RULE))
+    work = Work(routes, bounds, [n for n in plan.attacks if n != "clean"], device, precision.dtype, processes,
+                per_process, rank, world)
+    record = open_record(plan, model, (x, y), work)
     start = time.perf_counter()
-    units = [(r, b) for r in routes for b in range(batches)
-             if not all(k in record.done(r, b) for k in ("clean", *attack_names))]
+    build = functools.partial(build_attacks, names=work.attack_names, eps=plan.eps, threat=plan.threat, seed=plan.seed,
+                              settings={"restarts": plan.restarts, "queries": plan.queries})
+    score(model, (x, y), plan, work, record, build)
+    dtype = work.dtype
+    params = {n: attack_params(n, plan.eps, threat=plan.threat, seed=plan.seed, num_classes=num_classes_of(model),
+                               restarts=plan.restarts, queries=plan.queries)
+              for n in work.attack_names}  # each attack's settings, read from its spec
+    result: dict[str, Any] = {"n": len(y), "eps": plan.eps, "threat": plan.threat, "seed": plan.seed,
+                              "attack_precision": precision_name(dtype), "attack_precision_why": precision.why,
+                              "attacks": params, "routes": {}}
+    for r in routes:
+        result["routes"][r], examples = tally(record, r, work.attack_names, y, bounds)
+        result.setdefault("per_class", {})[r] = per_class_accuracy(examples, y, num_classes_of(model))
+        if plan.per_example:
+            result.setdefault("per_example", {})[r] = examples
+    result.update(split={"rule": SPLIT_RULE, "chunks": len(bounds)}, iterations=record.iterations(),
+                  jobs=processes, threads=per_process, ranks=world, attack_seconds=record.seconds(),
+                  seconds=time.perf_counter() - start, versions=versions())
+    result.update(route=plan.route, batch_size=plan.batch_size, limit=plan.limit, restarts=plan.restarts,
+                  queries=plan.queries, device=str(device))
+    if plan.corruptions is not None:
+        result.update(evaluate_corruptions(model, x, y, plan.corruptions, route=plan.route, batch_size=plan.batch_size,
+                                           seed=plan.seed, per_example=plan.per_example))
+    return result
+
+
+def open_record(plan: EvalPlan, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], work: Work) -> EvalState:
+    """The verdicts to fill: the plan's state file (checked, or read for a resume) or a record in memory."""
+    state = plan.state
+    if state is None:
+        return open_state(None, False, False, {})
+    x, y = data
+    return open_state(state.path, state.resume, state.force, fingerprint(
+        model, x, y, eps=plan.eps, threat=plan.threat, attacks=work.attack_names, routes=work.routes, seed=plan.seed,
+        batch_size=plan.batch_size, restarts=plan.restarts, queries=plan.queries,
+        attack_precision=precision_name(work.dtype), split=SPLIT_RULE))
+
+
+def score(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], plan: EvalPlan, work: Work, record: EvalState,
+          build: Callable[[nn.Module], list[Attack]]) -> None:
+    """Run every (route, chunk) the record lacks (this rank's share under torchrun), in this process or in
+    ``work.processes``, each verdict into ``record`` as it comes; under torchrun the ranks then exchange theirs."""
+    x, y = data
+    bounds, world = work.bounds, work.world
+    units = [(r, b) for r in work.routes for b in range(len(bounds))
+             if not all(k in record.done(r, b) for k in ("clean", *work.attack_names))]
     if world > 1:  # this rank's share; the others' verdicts come in the exchange below
-        units = split(units, world)[rank]
+        units = split(units, world)[work.rank]
     known = {u: record.done(*u) for u in units if record.done(*u)}
-    bars = Bars(["clean", *attack_names], sum(bounds[b][1] - bounds[b][0] for _, b in units),
-                work_text(units, routes, len(y), bounds), progress and rank == 0)
+    bars = Bars(["clean", *work.attack_names], sum(bounds[b][1] - bounds[b][0] for _, b in units),
+                work_text(units, work.routes, len(y), bounds), plan.progress and work.rank == 0)
     labels = y.tolist()
     mine: list[tuple] = []
 
@@ -352,18 +386,18 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
         right = sum(p == t for p, t in zip(verdicts, labels[bounds[b][0]:])) if key == "clean" else sum(verdicts)
         bars.update(key, verdicts, right)
 
-    options = {"eps": eps, "threat": threat, "bounds": bounds, "device": device, "seed": seed, "dtype": dtype}
-    build = functools.partial(build_attacks, names=attack_names, eps=eps, threat=threat, seed=seed, settings=settings)
+    device = work.device
+    options = Scoring(plan.eps, plan.threat, bounds, device, plan.seed, work.dtype)
     failure: BaseException | None = None
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if processes == 1:
-                with torch_threads(per_process):
+            if work.processes == 1:
+                with torch_threads(work.threads):
                     built = build(model)
                     bars.watch(built, model)
-                    score_units(model, x, y, built, units, known, report, **options)
+                    score_units(model, x, y, built, units, known, report, options)
             elif units:
-                run_processes(processes, per_process, build, model, x, y, units, known, report, options)
+                run_processes(work.processes, work.threads, build, model, x, y, units, known, report, options)
     except BaseException as exc:  # noqa: BLE001 (under torchrun the other ranks hear of it, then it is raised)
         if world == 1:
             raise
@@ -371,25 +405,8 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str = ("pgd20
     finally:
         bars.close()
     if world > 1:
-        for item in exchange(mine, failure, rank, world):
+        for item in exchange(mine, failure, work.rank, world):
             record.add(*item)
-    params = {n: attack_params(n, eps, threat=threat, seed=seed, num_classes=num_classes_of(model), **settings)
-              for n in attack_names}  # each attack's settings, read from its spec
-    result: dict[str, Any] = {"n": len(y), "eps": eps, "threat": threat, "seed": seed,
-                              "attack_precision": precision_name(dtype), "attack_precision_why": precision.why,
-                              "attacks": params, "routes": {}}
-    for r in routes:
-        result["routes"][r], examples = tally(record, r, attack_names, y, bounds)
-        result.setdefault("per_class", {})[r] = per_class_accuracy(examples, y, num_classes_of(model))
-        if per_example:
-            result.setdefault("per_example", {})[r] = examples
-    result.update(split={"rule": SPLIT_RULE, "chunks": len(bounds)}, iterations=record.iterations(),
-                  jobs=processes, threads=per_process, ranks=world, attack_seconds=record.seconds(),
-                  seconds=time.perf_counter() - start, versions=versions())
-    if corruptions is not None:
-        result.update(evaluate_corruptions(model, x, y, corruptions, severities, route=route, batch_size=batch_size,
-                                           device=device, seed=seed, source_dir=corruptions_dir, per_example=per_example))
-    return result
 
 
 @contextlib.contextmanager
@@ -414,23 +431,26 @@ def per_class_accuracy(examples: dict[str, list], y: torch.Tensor, num_classes: 
              "worst_case": 100.0 * int(robust[c]) / int(n[c]) if n[c] else None} for c in range(classes)]
 
 
-def eps_sweep(model: nn.Module, data: Any, eps_values: Sequence[float | str], **kwargs: Any) -> list[dict[str, Any]]:
-    """``evaluate`` at each eps (same attacks, seed and examples); one result per eps, in order."""
-    return [evaluate(model, data, eps=e, **kwargs) for e in eps_values]
+def eps_sweep(model: nn.Module, data: Any, eps_values: Sequence[float | str], plan: EvalPlan | None = None,
+              **settings: Any) -> list[dict[str, Any]]:
+    """``evaluate`` at each eps (same attacks, seed and examples); one result per eps, in order. The settings are
+    ``plan`` (its attacks; no state file, corruptions or per-example verdicts) or :func:`evaluate`'s keywords."""
+    if plan is not None:
+        if settings:
+            raise ConfigError("eps_sweep takes a plan or its settings as keywords, not both")
+        return [evaluate_plan(model, data, plan.again(plan.attacks, e)) for e in eps_values]
+    return [evaluate(model, data, eps=e, **settings) for e in eps_values]
 
 
 def load_test_split(state: dict[str, Any], data_dir: str | None, limit: int | None):
-    """The test images and labels of the checkpoint's dataset (your own data: from where it was trained).
+    """The test images and labels of the checkpoint's dataset (your own data: from where it was trained), refused
+    when they are not the data it was trained on (other classes, image size or more classes than its model's).
 
     Streamed data is read here, only the first ``limit`` images of it.
     """
 
     record = state.get("data") or {}
-    custom = state["dataset"] in CUSTOM_DATASETS
-    # Your own data streams (only the first ``limit`` images are read) where it can: a compressed .npz cannot,
-    # so auto holds it in memory when it fits; eval has no --data-mode to ask for it.
-    data = load_dataset(state["dataset"], data_dir or record.get("data_dir"), image_size=record.get("image_size"),
-                        mode="auto" if custom else "memory", budget=0 if custom else None)
+    data = eval_dataset(state["dataset"], data_dir or record.get("data_dir"), record.get("image_size"))
     if record.get("classes") and list(data.info.classes or []) != list(record["classes"]):
         raise DataError(f"the classes of {data.source['data_dir']} ({', '.join(data.info.classes or [])}) differ from "
                        f"the checkpoint's ({', '.join(record['classes'])}); pass --data-dir with the data it was trained on")
@@ -444,6 +464,20 @@ def load_test_split(state: dict[str, Any], data_dir: str | None, limit: int | No
     if args.get("num_classes") is not None and data.num_classes > int(args["num_classes"]):
         raise DataError(f"{data.source.get('data_dir') if data.source else state['dataset']} has {data.num_classes} classes "
                         f"but the checkpoint's model has {args['num_classes']}; pass --data-dir with the data it was trained on")
+    return first_images(data, limit)
+
+
+def eval_dataset(dataset: str, data_dir: str | None, image_size: int | None = None) -> ImageData:
+    """The dataset whose test split an evaluation scores (built-in sets in memory; your own data streamed)."""
+    custom = dataset in CUSTOM_DATASETS
+    # Your own data streams (only the first ``limit`` images are read) where it can: a compressed .npz cannot,
+    # so auto holds it in memory when it fits; eval has no --data-mode to ask for it.
+    return load_dataset(dataset, data_dir, image_size=image_size, mode="auto" if custom else "memory",
+                        budget=0 if custom else None)
+
+
+def first_images(data: ImageData, limit: int | None) -> tuple[Any, Any]:
+    """The test split of ``data``; of streamed data, only its first ``limit`` images, read now."""
     x, y = data.test_x, data.test_y
     if not isinstance(x, torch.Tensor):
         x, y = x[:limit].load(), y[:limit]

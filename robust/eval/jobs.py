@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue as queue_
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,12 +77,27 @@ def checked(attack: Attack, eps: float, threat: str):
     return run
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What every chunk is scored with: the radius and threat model the attacks are checked against, the chunks'
+    bounds (chunk b holds images ``bounds[b]``), the device, the seed the chunks' seeds come from, and the
+    attacks' autocast dtype (None: fp32)."""
+
+    eps: float
+    threat: str
+    bounds: Sequence[tuple[int, int]]
+    device: torch.device
+    seed: int
+    dtype: torch.dtype | None
+
+
 def score_units(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[Attack], units: Sequence[tuple[str, int]],
-                known: dict[tuple[str, int], dict[str, list]], report: Report, *, eps: float, threat: str,
-                bounds: Sequence[tuple[int, int]], device: torch.device, seed: int, dtype: torch.dtype | None) -> None:
-    """Score each (route, chunk) of ``units`` (chunk b holds images ``bounds[b]``), skipping what ``known``
-    already holds; every clean pass and every attack's verdicts go to
+                known: dict[tuple[str, int], dict[str, list]], report: Report, scoring: Scoring) -> None:
+    """Score each (route, chunk) of ``units`` as ``scoring`` says, skipping what ``known`` already holds; every
+    clean pass and every attack's verdicts go to
     ``report(route, chunk, "clean" or name, list, seconds, stage seconds, iterations)``."""
+    eps, threat, bounds, device, seed, dtype = (scoring.eps, scoring.threat, scoring.bounds, scoring.device,
+                                                scoring.seed, scoring.dtype)
     with bn_mode(model, False), torch.autocast(device.type, enabled=False):  # eval mode; fp32 unless an attack asks
         for route, b in units:
             done = known.get((route, b), {})
@@ -120,13 +136,12 @@ def split(units: Sequence[Any], parts: int) -> list[list[Any]]:
 
 
 def _worker(messages, threads: int, build: Callable[[nn.Module], list[Attack]], model: nn.Module, x: torch.Tensor,
-            y: torch.Tensor, units, known, options: dict[str, Any]) -> None:
+            y: torch.Tensor, units, known, options: Scoring) -> None:
     """One spawned process: its share of the units, each verdict sent to the parent as it comes."""
     try:
         torch.set_num_threads(threads)
-        model.to(options["device"])
-        score_units(model, x, y, build(model), units, known,
-                    lambda *result: messages.put(("result", *result)), **options)
+        model.to(options.device)
+        score_units(model, x, y, build(model), units, known, lambda *result: messages.put(("result", *result)), options)
         messages.put(("done",))
     except BaseException as exc:  # noqa: BLE001 (sent to the parent, which re-raises it)
         messages.put(("error", exc))
@@ -134,7 +149,7 @@ def _worker(messages, threads: int, build: Callable[[nn.Module], list[Attack]], 
 
 def run_processes(jobs: int, threads: int, build: Callable[[nn.Module], list[Attack]], model: nn.Module,
                   x: torch.Tensor, y: torch.Tensor, units: Sequence[tuple[str, int]],
-                  known: dict[tuple[str, int], dict[str, list]], report: Report, options: dict[str, Any]) -> None:
+                  known: dict[tuple[str, int], dict[str, list]], report: Report, options: Scoring) -> None:
     """``score_units`` over ``jobs`` spawned processes of ``threads`` torch threads each, reporting here.
 
     ``build(model)`` makes the attacks inside each process (attack objects hold the model). An
@@ -172,7 +187,7 @@ def run_processes(jobs: int, threads: int, build: Callable[[nn.Module], list[Att
             if p.is_alive():
                 p.terminate()
             p.join()
-        model.to(options["device"])
+        model.to(options.device)
 
 
 def world_position() -> tuple[int, int]:

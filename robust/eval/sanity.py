@@ -11,7 +11,9 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
-from robust.eval.evaluation import as_tensors, evaluate
+from robust.errors import ConfigError
+from robust.eval.evaluation import as_tensors, evaluate_plan
+from robust.eval.plan import EvalPlan
 from robust.eval.jobs import to_model_input
 from robust.nn.norms import bn_mode, routes_for, use_route
 from robust.runtime import resolve_device
@@ -99,40 +101,43 @@ SANITY_ATTACKS = ("pgd10", "pgd20", "pgd50", "square", "autoattack")
 
 
 def sanity_checks(model: nn.Module, data: Any, eps: float | str, route: str | None = None,
-                  reuse: dict[str, Any] | None = None, **kwargs: Any) -> list[SanityCheck]:
+                  reuse: dict[str, Any] | None = None, plan: EvalPlan | None = None, **settings: Any) -> list[SanityCheck]:
     """Run every --sanity check on ``model`` (evaluation.md); ``reuse`` is an earlier ``evaluate`` result.
 
-    Attacks already in ``reuse`` (same eps, threat, seed and examples) are not run again.
-    ``kwargs`` go to :func:`evaluate` (limit, batch_size, device, seed, threat, restarts, queries, progress).
+    Attacks already in ``reuse`` (same eps, threat, seed and examples) are not run again. The evaluations'
+    settings are ``plan`` (its route, limit, batch size, device, seed, threat, restarts, queries, progress; its
+    attacks, state file and corruptions are not used) or :func:`evaluate`'s keywords in ``settings``.
     """
-    threat = kwargs.get("threat", "linf")
-    eps = resolve_eps(eps, threat)
-    if _reusable(reuse, data, eps, kwargs):
-        at_eps = _complete(reuse, model, data, eps, route, kwargs)
+    if plan is None:
+        plan = EvalPlan.build(route=route, **settings)
+    elif settings or route is not None:
+        raise ConfigError("sanity_checks takes a plan or its settings as keywords, not both")
+    eps = resolve_eps(eps, plan.threat)
+    if _reusable(reuse, data, eps, plan):
+        at_eps = _complete(reuse, model, data, plan.again(SANITY_ATTACKS, eps))
     else:
-        at_eps = evaluate(model, data, attacks=SANITY_ATTACKS, eps=eps, route=route, **kwargs)
-    at_zero = evaluate(model, data, attacks=["pgd20"], eps=0, route=route, **kwargs)
-    big = 1.0 if threat == "linf" else math.sqrt(x_size(data))
-    at_one = evaluate(model, data, attacks=["pgd20"], eps=big, route=route, **kwargs)
+        at_eps = evaluate_plan(model, data, plan.again(SANITY_ATTACKS, eps))
+    at_zero = evaluate_plan(model, data, plan.again(["pgd20"], 0))
+    big = 1.0 if plan.threat == "linf" else math.sqrt(x_size(data))
+    at_one = evaluate_plan(model, data, plan.again(["pgd20"], big))
     checks = sanity_verdicts(at_eps, at_zero, at_one)
-    return checks + determinism_checks(model, data, route, kwargs.get("device"))
+    return checks + determinism_checks(model, data, plan.route, plan.device)
 
 
-def _reusable(reuse: dict[str, Any] | None, data: Any, eps: float, kwargs: dict[str, Any]) -> bool:
+def _reusable(reuse: dict[str, Any] | None, data: Any, eps: float, plan: EvalPlan) -> bool:
     """True when an earlier result was computed on the same examples, eps, threat and seed."""
     if not reuse:
         return False
-    n = len(as_tensors(data, kwargs.get("limit"))[1])
-    return (reuse["n"], reuse["eps"], reuse["threat"], reuse["seed"]) == (n, eps, kwargs.get("threat", "linf"), kwargs.get("seed", 0))
+    n = len(as_tensors(data, plan.limit)[1])
+    return (reuse["n"], reuse["eps"], reuse["threat"], reuse["seed"]) == (n, eps, plan.threat, plan.seed)
 
 
-def _complete(reuse: dict[str, Any], model: nn.Module, data: Any, eps: float, route: str | None,
-              kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``reuse`` plus the sanity attacks it lacks (run now), route by route."""
-    missing = [a for a in SANITY_ATTACKS if any(a not in accs for accs in reuse["routes"].values())]
+def _complete(reuse: dict[str, Any], model: nn.Module, data: Any, plan: EvalPlan) -> dict[str, Any]:
+    """``reuse`` plus the attacks of ``plan`` it lacks (run now), route by route."""
+    missing = [a for a in plan.attacks if any(a not in accs for accs in reuse["routes"].values())]
     if not missing:
         return reuse
-    extra = evaluate(model, data, attacks=missing, eps=eps, route=route, **kwargs)
+    extra = evaluate_plan(model, data, plan.again(missing, plan.eps))
     return {**reuse, "routes": {r: {**reuse["routes"].get(r, {}), **accs} for r, accs in extra["routes"].items()}}
 
 
