@@ -41,6 +41,7 @@ from robust.version import __version__  # noqa: E402
 _PUBLIC = {
     "CompareSettings": "robust.compare",
     "DualBatchNorm2d": "robust.nn",
+    "EvalPlan": "robust.eval.plan",
     "NORMS": "robust.nn",
     "OBJECTIVES": "robust.objectives",
     "Objective": "robust.objectives",
