@@ -8,6 +8,7 @@ and the projection; one PGD loop uses them. The caller chooses train/eval mode a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -205,10 +206,12 @@ def pgd_restarts(
     an example stops when its iterates enter a cycle or once an earlier restart fooled it; the result
     is bit for bit the full run's (:func:`_pgd_active`), and ``early_stop`` counts the steps saved.
     """
+    settings = None if early_stop is None else PGDSettings(**kwargs)
+
     def run(active: torch.Tensor) -> torch.Tensor:
-        if early_stop is None:
+        if settings is None:
             return pgd(model, x, y, **kwargs)
-        return _pgd_active(model, x, y, active=active, early_stop=early_stop, **kwargs)
+        return _pgd_active(model, x, y, settings, active=active, early_stop=early_stop)
 
     best = run(torch.ones(len(x), dtype=torch.bool, device=x.device))
     if restarts <= 1:
@@ -309,10 +312,22 @@ class _Gradients:
         return small
 
 
-def _pgd_active(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
-                threat: str = "linf", random_start: bool = True, loss: str = "ce", *, active: torch.Tensor,
+@dataclass(frozen=True)
+class PGDSettings:
+    """One PGD run's settings, named as :func:`pgd` takes them (its ``start`` aside: the early-stopped run
+    draws the threat model's own start)."""
+
+    eps: float
+    alpha: float
+    steps: int
+    threat: str = "linf"
+    random_start: bool = True
+    loss: str | LossFn = "ce"
+
+
+def _pgd_active(model: Model, x: torch.Tensor, y: torch.Tensor, settings: PGDSettings, *, active: torch.Tensor,
                 early_stop: EarlyStop) -> torch.Tensor:
-    """:func:`pgd`'s result on the rows ``active`` (a mask), bit for bit, computing fewer steps.
+    """:func:`pgd`'s result with ``settings`` on the rows ``active`` (a mask), bit for bit, computing fewer steps.
 
     The step is a function of the iterate alone (fixed step size, a per-example loss, a model in eval
     mode), so an iterate equal in every bit to one ``p`` steps earlier repeats the same ``p`` iterates
@@ -320,13 +335,14 @@ def _pgd_active(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, alph
     rows (inactive) are returned as their start: the caller discards them. The random start is drawn
     for every row, as :func:`pgd` draws it, so the random stream is the full run's.
     """
+    eps, alpha, steps, loss = settings.eps, settings.alpha, settings.steps, settings.loss
     if loss not in LOSSES:
         raise ValueError(f"early stop needs a per-example loss ({', '.join(LOSSES)}), got {loss!r}")
-    ball = get_threat(threat)
+    ball = get_threat(settings.threat)
     x = x.detach()
     if eps == 0:
         return x.clone()
-    delta = ball.random_start(x, eps) if random_start else torch.zeros_like(x)
+    delta = ball.random_start(x, eps) if settings.random_start else torch.zeros_like(x)
     z = (x + delta).clamp(0, 1)
     early_stop.full += len(x) * steps
     rows = active.nonzero().squeeze(1)
