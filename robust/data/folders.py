@@ -18,6 +18,7 @@ from robust.data.lazy import (
     MAX_IMAGE_SIDE,
     SPLIT_SEED,
     TEST_FRACTION,
+    CustomSplit,
     FileReader,
     LazyImages,
     choose_mode,
@@ -133,6 +134,7 @@ def load_imagefolder(data_dir: str | Path | None, image_size: int | None = None,
     train_x, test_x = LazyImages(reader, train_idx, shape, workers), LazyImages(reader, test_idx, shape, workers)
     nbytes = train_x.nbytes + test_x.nbytes
     mode = choose_mode(mode, nbytes, budget)
-    return finish_custom_data("imagefolder", root, train_x, y[train_idx], test_x, y[test_idx], classes, len(classes), mode,
-                   workers, shape[-1] if image_size else None,
-                   {"test": test_dir.name if test_dir is not None else f"seeded {TEST_FRACTION:.0%} of train/"})
+    split = CustomSplit(train_x, y[train_idx], test_x, y[test_idx])
+    return finish_custom_data("imagefolder", root, split, classes, len(classes), mode, workers,
+                              shape[-1] if image_size else None,
+                              {"test": test_dir.name if test_dir is not None else f"seeded {TEST_FRACTION:.0%} of train/"})

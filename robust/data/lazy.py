@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import signal
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -275,9 +276,21 @@ def seeded_test_split(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
-def finish_custom_data(name: str, data_dir: Path, train_x, train_y, test_x, test_y, classes: Sequence[str] | None,
-            num_classes: int, mode: str, workers: int, image_size: int | None, source: dict[str, Any]) -> ImageData:
+@dataclass(frozen=True)
+class CustomSplit:
+    """A custom dataset's training and test images (lazy, not yet read) with their int64 labels."""
+
+    train_x: LazyImages
+    train_y: torch.Tensor
+    test_x: LazyImages
+    test_y: torch.Tensor
+
+
+def finish_custom_data(name: str, data_dir: Path, split: CustomSplit, classes: Sequence[str] | None,
+                       num_classes: int, mode: str, workers: int, image_size: int | None,
+                       source: dict[str, Any]) -> ImageData:
     """Statistics from the training images, then (memory mode) every image read once into a tensor."""
+    train_x, test_x = split.train_x, split.test_x
     channels = train_x.shape[1]
     if mode == "memory":  # worker processes pay off for decoding files, not for copying arrays
         workers = workers if isinstance(train_x.reader, FileReader) else 0
@@ -289,7 +302,7 @@ def finish_custom_data(name: str, data_dir: Path, train_x, train_y, test_x, test
     info = DatasetInfo(num_classes, channels, mean, std, True, tuple(classes) if classes else None)
     meta = {"dataset": name, "data_dir": str(data_dir.resolve()), "image_size": image_size,
             "classes": list(classes) if classes else None, "input_size": list(train_x.shape[1:]), **source}
-    return ImageData(name, train_x, train_y, test_x, test_y, info=info, source=meta)
+    return ImageData(name, train_x, split.train_y, test_x, split.test_y, info=info, source=meta)
 
 
 def choose_mode(mode: str, nbytes: int, budget: int | None) -> str:

@@ -11,7 +11,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from robust.data.lazy import TEST_FRACTION, ArrayReader, LazyImages, choose_mode, finish_custom_data, seeded_test_split
+from robust.data.lazy import (TEST_FRACTION, ArrayReader, CustomSplit, LazyImages, choose_mode, finish_custom_data,
+                              seeded_test_split)
 from robust.data.types import ImageData
 from robust.errors import DataError, unreadable_file
 
@@ -236,5 +237,5 @@ def load_tensor_file(path: str | Path | None, mode: str = "memory", budget: int 
                             f"fix {key}{'' if classes else ', or save a classes array naming every class'}")
     if num_classes < 2:
         raise DataError(f"{path}: every label is {int(labels[0])}; a classifier needs at least 2 classes")
-    return finish_custom_data("tensors", path, train_x, train_y, test_x, test_y, classes, num_classes, mode, workers, None,
-                   {"test": test_note})
+    return finish_custom_data("tensors", path, CustomSplit(train_x, train_y, test_x, test_y), classes, num_classes, mode,
+                              workers, None, {"test": test_note})
