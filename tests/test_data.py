@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from robust.data.load import load_dataset
-from robust.data.loader import BatchLoader, random_crop, random_flip, split_train_val
+from robust.data.loader import Augmentation, BatchLoader, random_crop, random_flip, split_train_val
 from robust.errors import DataError
 
 
@@ -62,6 +62,16 @@ def test_loader_is_a_function_of_seed_and_epoch(fmnist_small):
     loader.set_epoch(1)
     assert not torch.equal(next(iter(loader))[0], batches[0][0])
     assert sorted(torch.cat([by for _, by in batches]).tolist()) == sorted(y.tolist())
+
+
+def test_loader_keywords_make_one_augmentation_and_an_unknown_one_is_refused(fmnist_small):
+    x, y = fmnist_small.train_x[:8], fmnist_small.train_y[:8]
+    assert BatchLoader(x, y, 4, augment=True, flip=True).augmentation == Augmentation(flip=True, pad=4, resized_crop=False)
+    assert BatchLoader(x, y, 4, augment=True, flip=False, pad=0).augmentation == Augmentation(False, 0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'padding'.*flip, pad, resized_crop"):
+        BatchLoader(x, y, 4, augment=True, flip=True, padding=2)
+    with pytest.raises(TypeError, match="missing required keyword argument: 'flip'"):
+        BatchLoader(x, y, 4, augment=True)
 
 
 def test_missing_and_corrupt_files_give_a_data_error(tmp_path):

@@ -8,7 +8,8 @@ same random draws, so both give the same batches. ``split_train_val`` draws a ru
 
 from __future__ import annotations
 
-from typing import Iterator
+from dataclasses import dataclass, fields
+from typing import Any, Iterator
 
 import torch
 
@@ -116,6 +117,28 @@ def resized_crop_at(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """The random changes of each training batch: a horizontal flip of half the images, and either a random
+    crop of the images padded by ``pad`` pixels (0: none) or, with ``resized_crop``, a random-resized crop."""
+
+    flip: bool
+    pad: int = 4
+    resized_crop: bool = False
+
+    @classmethod
+    def of(cls, owner: str, options: dict[str, Any]) -> "Augmentation":
+        """The augmentation ``owner``'s keyword ``options`` name; TypeError on a keyword it does not take."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}; "
+                            f"its augmentation options are {', '.join(names)}")
+        if "flip" not in options:
+            raise TypeError(f"{owner}() missing required keyword argument: 'flip'")
+        return cls(**options)
+
+
 class BatchLoader:
     """Shuffled, augmented batches from images on the device or read from disk.
 
@@ -126,15 +149,17 @@ class BatchLoader:
     the device: the two give the same batches, and a resumed run sees exactly the batches an
     uninterrupted one would. ``set_epoch(epoch, skip=k)`` yields ``(None, None)`` for the first
     ``k`` batches without reading them (their draws are still made).
+
+    ``augment`` shuffles and augments (False: the images in order, unchanged); the keywords ``flip``
+    (required), ``pad`` (default 4) and ``resized_crop`` (default False) are the :class:`Augmentation`.
     """
 
-    def __init__(self, x, y: torch.Tensor, batch_size: int, *, augment: bool, flip: bool,
-                 pad: int = 4, seed: int = 0, channels_last: bool = False, resized_crop: bool = False,
-                 device: torch.device | str | None = None,
-                 workers: int = 0) -> None:
+    def __init__(self, x, y: torch.Tensor, batch_size: int, *, augment: bool, seed: int = 0,
+                 channels_last: bool = False, device: torch.device | str | None = None, workers: int = 0,
+                 **augmentation: Any) -> None:
         self.x, self.y = x, y
-        self.batch_size, self.augment, self.flip, self.pad = batch_size, augment, flip, pad
-        self.resized_crop = resized_crop
+        self.batch_size, self.augment = batch_size, augment
+        self.augmentation = Augmentation.of(type(self).__name__, augmentation)
         self.seed, self.channels_last = seed, channels_last
         self.streamed = not isinstance(x, torch.Tensor)
         self.device = torch.device(device) if device is not None else (y.device if self.streamed else x.device)
@@ -156,12 +181,13 @@ class BatchLoader:
         """One batch's augmentation parameters (drawn whether or not the batch is read)."""
         params = {}
         height, width = self.x.shape[-2:]
-        if self.resized_crop:
+        pad = self.augmentation.pad
+        if self.augmentation.resized_crop:
             params["boxes"] = draw_resized_crops(b, height, width, generator)
-        elif self.pad:
-            params["dy"] = torch.randint(0, 2 * self.pad + 1, (b,), generator=generator)
-            params["dx"] = torch.randint(0, 2 * self.pad + 1, (b,), generator=generator)
-        if self.flip:
+        elif pad:
+            params["dy"] = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+            params["dx"] = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+        if self.augmentation.flip:
             params["flip"] = torch.rand(b, generator=generator) < 0.5
         return params
 
@@ -169,7 +195,7 @@ class BatchLoader:
         if "boxes" in params:
             xb = resized_crop_at(to_float(xb), params["boxes"])
         elif "dy" in params:  # pad the batch, not the dataset: no second, larger copy of the data
-            xb = crop_at(F.pad(xb, (self.pad,) * 4), xb.shape[-2:], params["dy"], params["dx"])
+            xb = crop_at(F.pad(xb, (self.augmentation.pad,) * 4), xb.shape[-2:], params["dy"], params["dx"])
         if "flip" in params:
             xb = flip_where(xb, params["flip"])
         return xb
