@@ -10,7 +10,7 @@ import torch
 
 from robust.checkpoint import build_checkpoint, load_model, read_checkpoint, save_checkpoint, weights_of
 from robust.cli.common import BadInput, check_output_file, model_file
-from robust.export.robustbench import check_name, write_robustbench
+from robust.export.robustbench import Scores, ZooEntry, check_name, write_robustbench
 from robust.nn.external import constructor_call, is_external
 from robust.nn.norms import use_route
 from robust.outputs import check_output_dir
@@ -127,8 +127,8 @@ def export_robustbench(checkpoint: str, route: str, out: str, force: bool, weigh
     exported = load_model(state, route, weights)
     input_size = (state.get("data") or {}).get("input_size") or (exported.build_args["in_channels"], 32, 32)
     threat = state.get("threat", "linf")
-    written = write_robustbench(folder, name, exported, state["dataset"],
-                                float(state["eps"]), threat, input_size, evaluation, route, eval_source,
+    entry = ZooEntry(name, state["dataset"], threat, float(state["eps"]))
+    written = write_robustbench(folder, entry, exported, route, input_size, Scores(evaluation, eval_source),
                                 run=state, overwrite=force)
     for check in written["checks"]:
         click.echo(f"  ok    {check.name}: {check.detail}")

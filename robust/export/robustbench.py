@@ -16,6 +16,7 @@ import io
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +102,32 @@ def used_additional_data(run: dict[str, Any]) -> bool:
     return bool(config.get("extra_data"))
 
 
-def write_robustbench(folder: Path, name: str, exported: nn.Module, dataset: str, eps: float, threat: str,
-                      input_size, evaluation: dict[str, Any] | None, route: str, eval_source: str | None,
-                      run: dict[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Check RobustBench's rules on ``exported``, write its weights and model_info under ``folder``, read the
-    weights back as RobustBench does. ``run``: the training checkpoint, whose norm and data model_info
-    states. Returns the paths, the checks and the model_info."""
-    name = check_name(name)
+@dataclass(frozen=True)
+class ZooEntry:
+    """A zoo entry's place: its name and the leaderboard it goes on (dataset, threat model, eps)."""
+
+    name: str
+    dataset: str
+    threat: str
+    eps: float
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The evaluation whose accuracies go into model_info (a `robust eval --json` file's dict, or None) and the
+    file it came from (named in model_info's footnote)."""
+
+    evaluation: dict[str, Any] | None = None
+    source: str | None = None
+
+
+def write_robustbench(folder: Path, entry: ZooEntry, exported: nn.Module, route: str, input_size,
+                      scores: Scores = Scores(), run: dict[str, Any] | None = None,
+                      overwrite: bool = False) -> dict[str, Any]:
+    """Check RobustBench's rules on ``exported`` (the ``route`` of a run), write its weights and model_info under
+    ``folder``, read the weights back as RobustBench does. ``run``: the training checkpoint, whose norm and
+    data model_info states. Returns the paths, the checks and the model_info."""
+    name, dataset, threat, eps = check_name(entry.name), entry.dataset, entry.threat, entry.eps
     if threat not in THREAT_FOLDERS:
         raise ConfigError(f"RobustBench has no {threat} leaderboard; it has {', '.join(THREAT_FOLDERS)}")
     state = {k: v.detach().cpu().contiguous() for k, v in exported.state_dict().items()}
@@ -121,7 +141,7 @@ def write_robustbench(folder: Path, name: str, exported: nn.Module, dataset: str
     if failed:
         raise ConfigError(f"the model breaks RobustBench's rules ({failed[0].name}: {failed[0].detail}); not written")
     run = run or {}
-    info = model_info(name, args, dataset, eps, threat, evaluation, route, eval_source,
+    info = model_info(name, args, dataset, eps, threat, scores.evaluation, route, scores.source,
                       (run.get("model_args") or {}).get("norm", "bn"), used_additional_data(run))
     weights, info_file = entry_paths(folder, name, dataset, threat)
     for path in (weights, info_file):
