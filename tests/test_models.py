@@ -410,3 +410,15 @@ def test_silu_models_differ_from_relu_only_in_the_activation_and_round_trip_chec
         assert torch.equal(rebuilt(x), silu(x))
     with pytest.raises(ValueError, match="activation applies to our own architectures"):
         build_model("torchvision:resnet18", norm="bn", activation="silu")
+
+
+def test_build_model_takes_its_options_by_keyword_and_refuses_an_unknown_one():
+    from robust.nn.factory import ModelOptions
+    model = build_model("preact_resnet18", "sabn", 10, 1, 4, (0.5,), (0.25,), final_norm=True, activation="silu")
+    assert model.build_args["mean"] == [0.5] and model.build_args["std"] == [0.25]
+    assert model.build_args["final_norm"] and model.build_args["activation"] == "silu"
+    rebuilt = build_model(**model.build_args)  # what a checkpoint does
+    assert rebuilt.build_args == model.build_args
+    with pytest.raises(TypeError, match="unexpected keyword argument 'final_nrom'.*final_norm, activation, image_size, patch_size"):
+        build_model("preact_resnet18", "sabn", 10, 1, 4, final_nrom=True)
+    assert ModelOptions() == ModelOptions(final_norm=None, activation="relu", image_size=None, patch_size=None)

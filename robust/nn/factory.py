@@ -5,7 +5,8 @@ with the chosen norm kind, and ``unwrap`` (the model inside DDP / torch.compile 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -54,6 +55,27 @@ def _side(image_size: int | Sequence[int] | None) -> int | tuple[int, int] | Non
     return h if h == w else (h, w)
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """The keyword options of :func:`build_model` beyond the architecture, its norm, its sizes and its input
+    normalization: settings that apply to some architectures only."""
+
+    final_norm: bool | None = None  # ours: a norm + activation before the pooling (None: the architecture's choice)
+    activation: str = "relu"  # ours: the activation function
+    image_size: int | Sequence[int] | None = None  # external: the input a constructor fixes (a ViT), a side or (H, W)
+    patch_size: int | None = None  # a timm ViT's patch side
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> "ModelOptions":
+        """The options ``options`` names; TypeError, as for any unknown keyword, on one build_model does not take."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            raise TypeError(f"build_model() got an unexpected keyword argument {unknown[0]!r}; "
+                            f"its options beyond arch, norm, num_classes, in_channels, width, mean, std: {', '.join(names)}")
+        return cls(**options)
+
+
 def build_model(
     arch: str = "preact_resnet18",
     norm: str = "sabn",
@@ -62,20 +84,22 @@ def build_model(
     width: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    final_norm: bool | None = None,
-    activation: str = "relu",
-    image_size: int | Sequence[int] | None = None,
-    patch_size: int | None = None,
+    **options: Any,
 ) -> nn.Module:
     """Build a model by name. The arguments are kept as ``model.build_args`` for checkpoints.
 
+    ``options`` are the keywords of :class:`ModelOptions`: ``final_norm``, ``activation``, ``image_size``,
+    ``patch_size`` (any other keyword is a TypeError).
     ``final_norm`` adds a norm + ReLU before the pooling; None takes the architecture's own choice
     (PreAct ResNets: none, as the SaBN reference; WRN-34-10: one, as TRADES's WideResNet).
     ``arch`` is one of :func:`available_archs` or ``torchvision:NAME`` / ``timm:NAME`` (see
-    :mod:`robust.nn.external`; ``width`` and ``final_norm`` do not apply to those).
+    :mod:`robust.nn.external`; ``width``, ``final_norm`` and ``activation`` do not apply to those).
     ``image_size`` (a side or (H, W)) is the input an external model whose constructor fixes one (a ViT) is
     built for, and ``patch_size`` a timm ViT's patch side; our architectures take any input size.
     """
+    chosen = ModelOptions.of(options)
+    final_norm, activation, image_size, patch_size = (chosen.final_norm, chosen.activation, chosen.image_size,
+                                                      chosen.patch_size)
     external = ":" in str(arch)
     ours = None if external else arch_spec(arch)
     if not external and ours is None:
