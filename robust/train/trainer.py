@@ -67,13 +67,18 @@ def _count_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).sum()
 
 
-def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, route: str, eps: float, alpha: float,
-                         steps: int, batch_size: int, device: torch.device, amp: torch.dtype | None = None,
-                         channels_last: bool = False) -> torch.Tensor:
-    """``[clean correct, robust]`` counts (a device tensor) of one route under PGD, in eval mode.
+VALIDATION_BATCH = 256  # the smallest batch validation runs in (no parameter gradients: larger than training's)
+
+
+def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, route: str, plan: TrainPlan,
+                         device: torch.device, amp: torch.dtype | None = None) -> torch.Tensor:
+    """``[clean correct, robust]`` counts (a device tensor) of one route under the plan's validation PGD
+    (``val_steps`` steps of ``step_size`` at ``eps``), in eval mode, in batches of at least :data:`VALIDATION_BATCH`.
 
     Robust is :func:`robust.eval.accuracy.correct_under_attack`'s definition, the same as ``robust.evaluate``'s.
     """
+    eps, alpha, steps, channels_last = plan.eps, plan.step_size, plan.val_steps, plan.channels_last
+    batch_size = max(plan.batch_size, VALIDATION_BATCH)
     counts = torch.zeros(2, device=device, dtype=torch.long)
     with use_route(model, route), bn_mode(model, False):
         for i in range(0, len(y), batch_size):
@@ -429,9 +434,7 @@ class Trainer:
         rows = slice(self.dist.rank, None, self.dist.world_size)
         x, y = self.val[0][rows], self.val[1][rows]
         model = self.ema.average if self.ema is not None else self.model  # the averaged weights, when kept
-        counts = torch.stack([route_correct_counts(model, x, y, route, c.eps, c.step_size, c.val_steps,
-                                                   max(c.batch_size, 256), self.device, self.amp, c.channels_last)
-                              for route in routes])
+        counts = torch.stack([route_correct_counts(model, x, y, route, c, self.device, self.amp) for route in routes])
         counts = dist_.all_reduce_sum(counts, self.dist).tolist()
         n = max(len(self.val[1]), 1)
         out = {}
