@@ -4,8 +4,8 @@ Two variants train the same model (same architecture, width, init seed), on the 
 with the same attack steps:
 
 - ``project``  the trainer's own pieces: :func:`robust.train.build.build_training` builds the data loader
-  (uint8 tensors on the device, batched crop/flip), the channels_last model, the foreach SGD and
-  the step settings, as for a run; each step is :func:`robust.train.step.train_step`, the trainer's
+  (uint8 tensors on the device, batched crop/flip), the channels_last model and the foreach SGD, and
+  :meth:`robust.train.step.StepSettings.from_plan` the step settings, as for a run; each step is :func:`robust.train.step.train_step`, the trainer's
   (input-only attack gradients, fused split-route hybrid forward, one backward, the configured precision).
 - ``textbook`` written the way research code does it: fp32, NCHW, a ``torch.utils.data.DataLoader``
   over a Dataset that turns each image into a PIL image and applies torchvision's
@@ -65,7 +65,7 @@ from robust.plan import TrainPlan
 from robust.runtime import precision_name, resolve_device
 from robust.threat import parse_eps
 from robust.train.build import build_training, training_precision
-from robust.train.step import train_step
+from robust.train.step import StepSettings, train_step
 
 VARIANTS = ("project", "textbook")
 
@@ -163,7 +163,9 @@ def project_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], N
 
     tc = config.train_plan()
     device = resolve_device(config.device)
-    parts = build_training(tc, data, device, _project_precision(tc, data, device))
+    amp = _project_precision(tc, data, device)
+    parts = build_training(tc, data, device, amp)
+    settings = StepSettings.from_plan(tc, amp, device)
     batches = _endless(parts.loader, parts.loader.set_epoch)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -171,7 +173,7 @@ def project_runner(config: BenchConfig, data: ImageData) -> tuple[Callable[[], N
     def step() -> None:
         nonlocal loss_sum, correct
         x, y = next(batches)
-        loss, adv_logits = train_step(parts.attack_model, parts.optimizer, parts.scaler, x, y, parts.settings)
+        loss, adv_logits = train_step(parts.attack_model, parts.optimizer, parts.scaler, x, y, settings)
         loss_sum += loss * len(y)
         correct += (adv_logits.argmax(1) == y).sum()
 

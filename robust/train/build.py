@@ -1,8 +1,9 @@
 """Building a training run from its plan and in-memory data: no file is read or written here.
 
 :func:`build_training` returns the data loader, the validation split, the model (weights from a
-checkpoint when resuming), the optimizer, the gradient scaler and the step settings: everything
-:class:`robust.train.trainer.Trainer` trains and ``robust bench`` times.
+checkpoint when resuming), the optimizer and the gradient scaler: everything
+:class:`robust.train.trainer.Trainer` trains and ``robust bench`` times. The step's own settings come
+from the plan directly (:meth:`robust.train.step.StepSettings.from_plan`), where the step is run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from robust.nn.factory import build_model
 from robust.nn.syncbn import convert_sync_batchnorm
 from robust.outputs import RunFiles
 from robust.precision import PrecisionChoice, choose_precision, model_signature, probe_inputs, training_step_probe
-from robust.train.step import StepSettings
 
 
 @dataclass
@@ -37,7 +37,6 @@ class TrainingParts:
     attack_model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: Any
-    settings: StepSettings
     sync_bn: bool
 
 
@@ -65,8 +64,7 @@ def build_training(plan: TrainPlan, data: ImageData, device: torch.device, amp: 
     optimizer = make_optimizer(c, parameter_groups(model, c.weight_decay, c.decay_norms), device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     attack_model = torch.compile(model) if c.compile else model
-    return TrainingParts(loader, val, model, attack_model, optimizer, scaler,
-                         StepSettings.from_plan(c, amp, device), sync)
+    return TrainingParts(loader, val, model, attack_model, optimizer, scaler, sync)
 
 
 def new_model(c: TrainPlan, d: ImageData, image_size: tuple[int, ...]) -> nn.Module:

@@ -6,7 +6,7 @@ Where things live (each a short module of :mod:`robust.train`, the methods in :m
   ``robust analyze`` and ``robust bench``; the clean weight and the fused forward live there.
 - ``awp``      — adversarial weight perturbation, an option of every objective.
 - ``co_guard`` — the catastrophic-overfitting guard of one-step methods (and its rollback).
-- ``build``    — plan + data -> loader, model, optimizer, step settings (no IO).
+- ``build``    — plan + data -> loader, model, optimizer (no IO).
 - ``rundir``   — the run folder: config.json, metrics.jsonl, last.pt, best.pt, the lock.
 - ``faults``   — signals, non-finite losses, the in-epoch save timer.
 - this module  — setup (the IO) and the loop: :meth:`Trainer.fit` -> :meth:`Trainer.train_one_epoch` -> ``train_step``.
@@ -53,7 +53,7 @@ from robust.train.ema import WeightAverage
 from robust.train.faults import SIGNAL_NAMES, FiniteWatch, SaveTimer, SignalCatcher
 from robust.train.rundir import RunFolder, describe
 from robust.train.schedule import lr_at
-from robust.train.step import train_step
+from robust.train.step import StepSettings, train_step
 from robust.train.tensorboard import ScalarLog, check_tensorboard_dir, summary_writer_class
 
 
@@ -216,7 +216,8 @@ class Trainer:
                                 memory_budget(self.device) // dist_.local_world_size()) if d.extra_data else None
         parts = build_training(c, self.data, self.device, self.amp, state, self._sync_bn_asked, self.folder.last_pt, extra)
         self.loader, self.val, self.model, self.attack_model = parts.loader, parts.val, parts.model, parts.attack_model
-        self.optimizer, self.scaler, self.settings, self.sync_bn = parts.optimizer, parts.scaler, parts.settings, parts.sync_bn
+        self.optimizer, self.scaler, self.sync_bn = parts.optimizer, parts.scaler, parts.sync_bn
+        self.settings = StepSettings.from_plan(c, self.amp, self.device)  # the step reads the plan's objective directly
         self.step_model = self.attack_model
         self.guard = self._make_guard() if c.co_guard else None
         self.ema = WeightAverage(self.model, c.ema) if c.ema > 0 else None
