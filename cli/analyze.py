@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -11,7 +10,7 @@ from robust.analysis.gradients import analyze_checkpoint, check_poolable, spread
 from robust.analysis.plots import plot_gradient_analysis
 from robust.cli.common import SEED, check_output_file, model_file
 from robust.errors import ConfigError
-from robust.outputs import check_output_dir, write_output
+from robust.outputs import check_output_dir, write_json
 from robust.threat import parse_eps
 
 
@@ -122,7 +121,7 @@ def analyze(checkpoints: tuple[str, ...], batches: int, batch_size: int | None, 
         click.echo(analysis_table(result))
     written = []
     if json_file:
-        written.append(write_output(json_file, json.dumps(result, indent=2) + "\n", overwrite=force))
+        written.append(write_json(json_file, result, overwrite=force))
     if png_file:
         written.append(plot_gradient_analysis(result, png_file, overwrite=force))
     if written:

@@ -15,7 +15,7 @@ from robust.bench.training import BENCH_METHODS, BenchConfig, run_bench
 from robust.data.types import DATASET_INFO
 from robust.nn.norms import NORMS, norms_help
 from robust.nn.resnet import ARCH_SPECS, available_archs
-from robust.outputs import write_output
+from robust.outputs import write_json
 from robust.runtime import DEVICES, PRECISIONS
 
 
@@ -69,7 +69,7 @@ def bench(threads: int | None, json_path: str | None, force: bool, quiet: bool, 
     if json_path == "-":
         click.echo(json.dumps(result, indent=2))
     elif json_file:
-        write_output(json_file, json.dumps(result, indent=2) + "\n", overwrite=force)
+        write_json(json_file, result, overwrite=force)
     if json_path != "-":
         click.echo(format_report(result))
     else:

@@ -24,10 +24,11 @@ from robust.eval.plan import ALL_SEVERITIES, EvalPlan, ModelFacts
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
 from robust.curves import plot_sweep
 from robust.nn.norms import routes_for
-from robust.outputs import write_output
+from robust.outputs import write_json, write_output
 from robust.runtime import resolve_device
 from robust.threat import parse_eps_list
-from robust.train.distributed import SINGLE, env_world_size, setup, shutdown
+from robust.torchrun import env_world_size
+from robust.train.distributed import SINGLE, setup, shutdown
 
 
 COLUMN_TITLES = {"clean": "natural", "worst_case": "worst_case"}  # the accuracy without attack is "natural"
@@ -316,7 +317,7 @@ def run_eval(request: EvalRequest) -> None:
                               "weights": facts.weights, **result}
     report.update(extra_checks(model, test, plan, request, result))
     if outputs.json and outputs.writes:
-        write_output(outputs.json, json.dumps(report, indent=2) + "\n", overwrite=outputs.force)
+        write_json(outputs.json, report, overwrite=outputs.force)
         click.echo(f"wrote {outputs.json}")
     if outputs.per_example and outputs.writes:
         write_output(outputs.per_example, per_example_lines(examples, test[1]) + corruption_lines(corruption_examples),

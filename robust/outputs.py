@@ -21,13 +21,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import shutil
 import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from robust.errors import FolderBusy, OutputError
 from robust.run import Run, RunFiles
@@ -217,6 +218,11 @@ def write_output(path: str | os.PathLike[str], data: str | bytes, overwrite: boo
     with atomic_output(path, overwrite) as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def write_json(path: str | os.PathLike[str], value: Any, overwrite: bool = True) -> Path:
+    """``value`` as indented JSON with a final newline, written atomically: every JSON file the package writes."""
+    return write_output(path, json.dumps(value, indent=2) + "\n", overwrite)
 
 
 def holds_files(folder: str | os.PathLike[str]) -> bool:

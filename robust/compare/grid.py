@@ -68,7 +68,7 @@ from robust.compare.settings import (
     parse_select,
 )
 from robust.compare.reference import PAPER_CIFAR10
-from robust.outputs import FolderLock, RunFiles, check_output_dir, write_output
+from robust.outputs import FolderLock, RunFiles, check_output_dir, write_json, write_output
 from robust.plan import TrainPlan
 from robust.runtime import available_cpus
 from robust.train.faults import SIGNAL_NAMES
@@ -130,7 +130,7 @@ def evaluate_run(settings: CompareSettings, plan: TrainPlan, data, log: Callable
                       eps=plan.eps, route="both", batch_size=settings.eval_batch_size,
                       limit=settings.eval_limit, device=plan.device, seed=plan.seed)
     result["weights"] = weights_of(state)
-    write_output(cache, json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    write_json(cache, {"key": key, "result": result})
     return best, result
 
 
@@ -369,7 +369,7 @@ def _compare_locked(settings: CompareSettings, out: Path, resume: bool, force: b
         (out / name).unlink(missing_ok=True)
     for stale in out.glob("curves-*.png"):
         stale.unlink(missing_ok=True)
-    write_output(out / SETTINGS_FILE, json.dumps({**settings.to_dict(), **history}, indent=2) + "\n")
+    write_json(out / SETTINGS_FILE, {**settings.to_dict(), **history})
     start = time.perf_counter()
     outcomes = run_grid(settings, runs, data, log, jobs)
     by_method = {m: method_results(settings, runs, outcomes, m) for m in settings.method_list}
@@ -394,7 +394,7 @@ def _compare_locked(settings: CompareSettings, out: Path, resume: bool, force: b
         "seconds": time.perf_counter() - start,
         "jobs": jobs,
     }
-    write_output(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results)
     write_output(out / "results.md", results_markdown(results))
     for method, part in by_method.items():
         name = "curves.png" if settings.methods is None else f"curves-{method}.png"

@@ -26,7 +26,7 @@ from torch import nn
 from robust.checkpoint import load_model, state_dict_bytes
 from robust.errors import ConfigError
 from robust.eval.sanity import SanityCheck, determinism_checks
-from robust.outputs import write_output
+from robust.outputs import write_json, write_output
 
 THREAT_FOLDERS = {"linf": "Linf", "l2": "L2"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -152,7 +152,7 @@ def write_robustbench(folder: Path, entry: ZooEntry, exported: nn.Module, route:
     if gap > 1e-4:
         raise ConfigError(f"the weights read back as RobustBench reads them differ from the model by {gap:.3g} in the logits; not written")
     write_output(weights, data, overwrite=overwrite)
-    write_output(info_file, json.dumps(info, indent=2) + "\n", overwrite=overwrite)
+    write_json(info_file, info, overwrite=overwrite)
     return {"weights": weights, "model_info": info_file, "checks": checks, "info": info, "args": args, "gap": gap}
 
 

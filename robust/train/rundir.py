@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from robust import checkpoint as ckpt
 from robust.errors import CheckpointWriteError, ConfigError, RunExistsError
-from robust.outputs import FolderLock, holds_files, probe_folder, write_output
+from robust.outputs import FolderLock, holds_files, probe_folder, write_json, write_output
 from robust.run import RunFiles
 from robust.train import distributed as dist_
 
@@ -151,7 +151,7 @@ class RunFolder:
                 if backup.exists():  # left by a replacing run killed in its first epoch: this run replaces both
                     shutil.rmtree(backup, ignore_errors=True)
                 names = list(RunFiles.MARKERS)
-                names += sorted(p.name for p in run.glob("epoch*.pt") if RunFiles.is_epoch(p.name))  # a replaced run's kept epochs
+                names += RunFiles.kept_epochs(run)  # a replaced run's kept epochs
                 for name in names:
                     if (run / name).is_file():
                         backup.mkdir(exist_ok=True)
@@ -166,7 +166,7 @@ class RunFolder:
                     backup.mkdir()
                     shutil.copy2(run / RunFiles.CONFIG, backup / RunFiles.CONFIG)
                     self._moved.append(RunFiles.CONFIG)
-            write_output(run / RunFiles.CONFIG, json.dumps(config, indent=2) + "\n")
+            write_json(run / RunFiles.CONFIG, config)
 
         self.on_main(write, RunFiles.CONFIG)
 
@@ -187,7 +187,7 @@ class RunFolder:
         run, backup = self.path, self.path / self.BACKUP
         try:
             if not self.resume:  # everything of these names is this run's: prepare() set the old ones aside
-                kept = [p.name for p in run.glob("epoch*.pt") if RunFiles.is_epoch(p.name)]
+                kept = RunFiles.kept_epochs(run)
                 for name in [*RunFiles.MARKERS, *kept]:
                     (run / name).unlink(missing_ok=True)
             for name in self._moved:
