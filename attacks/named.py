@@ -21,7 +21,6 @@ registry of robust uses this same class.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -118,7 +117,3 @@ class Registry(Generic[S]):
     def help(self) -> str:
         """``name (summary), name, ...`` for --help, in registration order."""
         return ", ".join(f"{s.name} ({s.summary})" if s.summary else s.name for s in self._specs.values())
-
-    def replace(self, name: str, **changes: Any) -> S:
-        """A copy of an entry's spec with some facts changed (the registry keeps the original)."""
-        return dataclasses.replace(self.get(name), **changes)

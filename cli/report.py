@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from robust.cli.common import check_output_file
 
-from robust.eval.evaluation import check_attack_names
+from robust.eval.plan import check_attack_names
 from robust.curves import run_folders
 from robust.report import build_report
 from robust.outputs import write_output

@@ -23,6 +23,7 @@ from robust.objectives import Option, all_options, method_names
 from robust.plan import TrainPlan, command_words, load_config
 from robust.runtime import resolve_device
 from robust.train import distributed
+from robust.torchrun import env_rank, env_world_size
 from robust.train.trainer import Trainer
 
 _TYPES = {"int": int, "float": float, "str": str}
@@ -97,7 +98,7 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
         raise click.UsageError("--resume and --force exclude each other; pick one")
     if nproc is not None and nproc < 1:
         raise BadInput(f"--nproc must be >= 1, got {nproc}; pass the number of processes to start")
-    if nproc is not None and nproc > 1 and distributed.env_world_size() > 1:
+    if nproc is not None and nproc > 1 and env_world_size() > 1:
         raise BadInput("--nproc cannot be used inside torchrun (WORLD_SIZE is already set); drop --nproc")
     try:
         plan = load_config(flags, config_file, resume)
@@ -116,7 +117,7 @@ def train(config_file: str | None, resume: bool, force: bool, nproc: int | None,
         result = run_training(plan, resume=resume, force=force)
     finally:
         distributed.shutdown()
-    if distributed.env_rank() == 0:
+    if env_rank() == 0:
         click.echo(summary_table(result))
 
 
@@ -130,7 +131,7 @@ def run_training(plan: TrainPlan, resume: bool, force: bool) -> dict[str, Any]:
     except PeerFailed as exc:
         _fail(exc, 2 if exc.bad_input else 1)
     except TrainingInterrupted as exc:
-        if distributed.env_rank() == 0:
+        if env_rank() == 0:
             click.echo(str(exc), err=True)
         raise SystemExit(exc.exit_code) from None
     except (NonFiniteLoss, CheckpointWriteError) as exc:
@@ -144,7 +145,7 @@ def run_training(plan: TrainPlan, resume: bool, force: bool) -> dict[str, Any]:
 def _fail(exc: Exception, code: int):
     """Rank 0 prints one ``Error: ...`` line; other ranks (and empty messages) exit quietly."""
     message = str(exc)
-    if distributed.env_rank() != 0 or not message:
+    if env_rank() != 0 or not message:
         raise SystemExit(code)
     error = BadInput(message) if code == 2 else click.ClickException(message)
     error.exit_code = code

@@ -170,11 +170,6 @@ class TrainConfig:
         return get_objective(self.resolved_method)
 
     @property
-    def objective_name(self) -> str:
-        """The objective that trains: ``hybrid`` is ``pgd`` (with clean-weight 0.5 by default)."""
-        return self.objective.name
-
-    @property
     def resolved_clean_weight(self) -> float:
         if self.clean_weight is not None:
             return float(self.clean_weight)
@@ -453,11 +448,9 @@ def load_saved_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return upgrade_saved(saved)  # an older run resumes with the loss it trained with
 
 
-def resume_changes(saved: dict[str, Any] | TrainConfig, config: TrainConfig) -> list[str]:
-    """The fields outside :data:`RESUMABLE` where ``config`` differs from the ``saved`` run's config (a dict, or
-    already read as a TrainConfig), each as ``--flag SAVED (given: NEW)``; values are compared by meaning
-    (8/255 is 0.0313..., beta=6 is beta=6.0)."""
-    before = saved if isinstance(saved, TrainConfig) else TrainConfig.from_saved(saved)
+def resume_changes(before: TrainConfig, config: TrainConfig) -> list[str]:
+    """The fields outside :data:`RESUMABLE` where ``config`` differs from the saved run's config ``before``,
+    each as ``--flag SAVED (given: NEW)``; values are compared by meaning (8/255 is 0.0313..., beta=6 is beta=6.0)."""
     out = []
     for f in dataclasses.fields(TrainConfig):
         old, new = getattr(before, f.name), getattr(config, f.name)

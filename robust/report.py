@@ -36,7 +36,7 @@ from robust.attacks.registry import build_attack
 from robust.checkpoint import load_model, read_checkpoint
 from robust.errors import CheckpointError, ConfigError
 from robust.eval.evaluation import load_test_split, to_model_input
-from robust.curves import integer_epochs, legend_below, run_folders, run_labels, validation_attack
+from robust.curves import integer_epochs, legend_below, routes_in, run_folders, run_labels, validation_attack
 from robust.data.types import dataset_class_names
 from robust.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
 from robust.nn.norms import bn_mode, routes_for, use_route
@@ -118,10 +118,6 @@ def png_data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def routes_of(metrics: list[dict[str, Any]]) -> list[str]:
-    return [r for r in ("adv", "clean") if any(f"val_{r}_clean" in m for m in metrics)]
-
-
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # one per run of a setting (its seeds)
 
 
@@ -151,7 +147,7 @@ def learning_curves_figure(runs: Sequence[ReportRun]) -> Figure:
     styles = run_styles(runs)
     for ax, (title, value, per_route) in zip(axes, panels):
         for run, (colour, marker) in zip(runs, styles):
-            for route in (routes_of(run.metrics) or ["adv"]) if per_route else [None]:
+            for route in (routes_in(run.metrics) or ["adv"]) if per_route else [None]:
                 points = [(m["epoch"], value(m, route)) for m in run.metrics if value(m, route) is not None]
                 if not points:
                     continue
@@ -419,7 +415,7 @@ def run_figures(run: ReportRun, evaluated: bool = True) -> dict[str, float]:
         return {f"{route} {k}": v for route, acc in run.evaluation["routes"].items() for k, v in acc.items()
                 if isinstance(v, (int, float))}
     last = run.metrics[-1]
-    return {f"{route} val {k}": last[f"val_{route}_{k}"] for route in routes_of(run.metrics)
+    return {f"{route} val {k}": last[f"val_{route}_{k}"] for route in routes_in(run.metrics)
             for k in ("clean", "robust") if isinstance(last.get(f"val_{route}_{k}"), (int, float))}
 
 
@@ -627,7 +623,7 @@ def run_headline(run: ReportRun) -> str:
         return (f"{run.label}: {attacked}{_num(acc.get('clean'), 1)}% natural accuracy on the {route} route, "
                 f"{ev.get('n')} test images, {weights_text(ev.get('weights'))}")
     last = run.metrics[-1]
-    route = next(iter(routes_of(run.metrics)), None)
+    route = next(iter(routes_in(run.metrics)), None)
     if route is None:
         return f"{run.label}: no validation figures and no {EVAL_FILE} yet"
     return (f"{run.label}: {_num(last.get(f'val_{route}_robust'), 1)}% validation robust "

@@ -57,6 +57,11 @@ class RunFiles:
         return _EPOCH.fullmatch(name) is not None
 
     @staticmethod
+    def kept_epochs(folder: Path) -> list[str]:
+        """The kept epochs' file names in ``folder``, sorted."""
+        return sorted(p.name for p in folder.glob("epoch*.pt") if RunFiles.is_epoch(p.name))
+
+    @staticmethod
     def written_by_training(name: str) -> bool:
         """True for the files ``robust train`` writes (config, metrics, checkpoints, kept epochs)."""
         return name in RunFiles.MARKERS or RunFiles.is_epoch(name)

@@ -23,7 +23,7 @@ from helpers import assert_refused, invoke_in, snapshot
 
 import robust
 from robust.checkpoint import build_checkpoint, load_model, read_checkpoint, save_checkpoint
-from robust.errors import CheckpointError, ConfigError, DataError
+from robust.errors import ConfigError, DataError
 from robust.bench import attack_gradients, autoattack
 from robust.nn.factory import build_model
 from robust.nn.norms import export_route

@@ -24,7 +24,7 @@ from robust.attacks.registry import (
 )
 from robust.data.loader import to_float
 from robust.errors import ConfigError
-from robust.eval.evaluation import check_attack_names
+from robust.eval.plan import check_attack_names
 from robust.nn.norms import routes_for, use_route
 
 EPS = 0.2  # twice the run's training eps: uniform noise breaks some of its examples there

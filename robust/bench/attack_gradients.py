@@ -12,7 +12,6 @@ share of examples with a zero gradient in fp32 and under bf16 (and on CUDA fp16)
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -27,8 +26,7 @@ from robust.data.loader import to_float
 from robust.errors import ConfigError
 from robust.eval.evaluation import load_test_split
 from robust.nn.norms import bn_mode, use_route
-from robust.outputs import check_output_file, write_output
-from robust.run import checkpoint_path
+from robust.outputs import check_output_file, write_json
 
 STARTS = ("pgd", "trades", "mart", "fast", "nfgsm")
 
@@ -59,10 +57,10 @@ def zero_gradient_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor, meth
     return 100.0 * (grad.flatten(1).abs().amax(dim=1) == 0).float().mean().item()
 
 
-def measure(run: str, limit: int = 1000, batch_size: int = 250) -> dict[str, Any]:
-    """Every method's zero-gradient share on the first ``limit`` test images of ``run``, per precision."""
-    state = read_checkpoint(run)
-    model = load_model(run)
+def measure(run: str, state: dict[str, Any], limit: int = 1000, batch_size: int = 250) -> dict[str, Any]:
+    """Every method's zero-gradient share on the first ``limit`` test images of the checkpoint ``state`` (read
+    from ``run``), per precision."""
+    model = load_model(state)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     x, y = load_test_split(state, None, limit)
@@ -98,7 +96,7 @@ def command(run: str, limit: int, json_path: str | None, force: bool) -> None:
     missing = [k for k in ("dataset", "eps") if k not in state]
     if missing:
         raise ConfigError(f"{run} records no {' or '.join(missing)}; measure a run of robust train (its folder)")
-    result = measure(str(source), limit)
+    result = measure(str(source), state, limit)
     precisions = list(next(iter(result["zero_gradient_percent"].values())))
     click.echo(f"{result['run']}: {result['images']} test images, eps {result['eps']:g}, {result['device']}; "
                "share of examples with an all-zero input gradient (%)")
@@ -106,7 +104,7 @@ def command(run: str, limit: int, json_path: str | None, force: bool) -> None:
     for method, row in result["zero_gradient_percent"].items():
         click.echo(f"{method:<8}" + "".join(f"{row[p]:>8.2f}" for p in precisions))
     if json_file is not None:
-        write_output(json_file, json.dumps(result, indent=2) + "\n", overwrite=force)
+        write_json(json_file, result, overwrite=force)
         click.echo(f"wrote {json_file}")
 
 

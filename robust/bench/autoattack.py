@@ -20,7 +20,6 @@ output checks (never the checkpoint or a run's own file; an existing file only w
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import statistics
@@ -40,8 +39,7 @@ from robust.data.loader import to_float
 from robust.errors import ConfigError
 from robust.eval.evaluation import check_threads, evaluate, load_test_split
 from robust.nn.norms import export_route, is_dual_route, routes_for
-from robust.outputs import check_output_file, write_output
-from robust.run import checkpoint_path
+from robust.outputs import check_output_file, write_json
 from robust.runtime import cpu_has_amx, versions
 from robust.threat import resolve_eps
 
@@ -225,7 +223,7 @@ def command(checkpoint: str, route: str, limit: int, eps: str | None, rounds: in
                   cpu_amx=cpu_has_amx(), versions=versions(), date=time.strftime("%Y-%m-%d"))
     click.echo(format_report(report))
     if json_file is not None:
-        write_output(json_file, json.dumps(report, indent=2) + "\n", overwrite=force)
+        write_json(json_file, report, overwrite=force)
         click.echo(f"wrote {json_file}")
 
 

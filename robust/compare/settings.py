@@ -13,7 +13,7 @@ from typing import Any
 from robust.checks import MAX_SEED, check_fields
 from robust.config import TrainConfig, shown_setting
 from robust.errors import CompareExistsError, ConfigError, check_ascii_number
-from robust.eval.evaluation import check_attack_names
+from robust.eval.plan import check_attack_names
 from robust.nn.norms import NORMS, check_norm
 from robust.objectives import METHODS
 from robust.outputs import RunFiles, holds_files

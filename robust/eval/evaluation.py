@@ -30,7 +30,7 @@ from robust.eval.accuracy import PROBE_BATCH, choose_attack_precision
 from robust.eval.corruptions import evaluate_corruptions
 from robust.eval.jobs import SPLIT_RULE, Scoring, chunk_bounds, exchange, run_processes, score_units, split, world_position
 from robust.eval.jobs import to_model_input  # also where robust.report finds it
-from robust.eval.plan import EvalPlan, check_attack_names  # noqa: F401 (check_attack_names: where commands find it)
+from robust.eval.plan import EvalPlan
 from robust.eval.state import EvalState, fingerprint, open_state
 from robust.nn.norms import RoutedNorm, routes_for
 from robust.progress import Progress

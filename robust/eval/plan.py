@@ -164,13 +164,13 @@ class EvalPlan:
 
     def at_eps(self, eps: float | str) -> "EvalPlan":
         """This plan at radius ``eps`` (text like 8/255 or a number, read for the plan's threat)."""
-        return dataclasses.replace(self, eps=resolve_eps(eps, self.threat))
+        return dataclasses.replace(self, eps=eps)  # __post_init__ reads and checks it
 
     def again(self, attacks: Iterable[str] | str, eps: float | str) -> "EvalPlan":
         """The same settings with other attacks at another eps, without the state file, the corruptions and the
         per-example verdicts: the extra runs of the sanity checks and of an eps sweep."""
-        return dataclasses.replace(self, attacks=tuple(check_attack_names(attacks)), eps=resolve_eps(eps, self.threat),
-                                   state=None, corruptions=None, per_example=False)
+        return dataclasses.replace(self, attacks=attacks, eps=eps, state=None, corruptions=None,
+                                   per_example=False)  # __post_init__ reads and checks attacks and eps
 
     def settings(self) -> dict[str, Any]:
         """The plan as plain values (the sub-plans as dicts), e.g. for a JSON file."""

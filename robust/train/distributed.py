@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from robust.errors import CheckpointError, ConfigError, DataError, PeerFailed
 from robust.runtime import resolve_device
-from robust.torchrun import env_int, env_rank, env_world_size, local_world_size  # noqa: F401 (the trainer and commands read them here)
+from robust.torchrun import env_int, env_rank, env_world_size
 
 
 @dataclass(frozen=True)

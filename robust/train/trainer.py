@@ -46,6 +46,7 @@ from robust.outputs import RunFiles, check_output_dir
 from robust.plan import TrainPlan, plan_of
 from robust.progress import Progress, run_estimate
 from robust.runtime import configure_kernels, describe_machine, precision_name
+from robust.torchrun import local_world_size
 from robust.train import distributed as dist_
 from robust.train.build import build_training, training_precision
 from robust.train.co_guard import COGuard
@@ -208,12 +209,12 @@ class Trainer:
             raise ConfigError(f"batch-size {c.batch_size} is the global batch and must be >= the {self.dist.world_size} ranks; raise --batch-size")
         d = c.data
         self.data = self.data if self.data is not None else load_dataset(
-            d.dataset, d.data_dir, image_size=d.image_size, mode=d.mode, budget=memory_budget(self.device) // dist_.local_world_size(),
+            d.dataset, d.data_dir, image_size=d.image_size, mode=d.mode, budget=memory_budget(self.device) // local_world_size(),
             workers=d.workers)
         self.precision = training_precision(c, self.data, self.device, self.dist.world_size)
         self.amp = self.precision.dtype
         extra = load_extra_data(d.extra_data, tuple(self.data.train_x.shape[1:]), self.data.num_classes, d.mode,
-                                memory_budget(self.device) // dist_.local_world_size()) if d.extra_data else None
+                                memory_budget(self.device) // local_world_size()) if d.extra_data else None
         parts = build_training(c, self.data, self.device, self.amp, state, self._sync_bn_asked, self.folder.last_pt, extra)
         self.loader, self.val, self.model, self.attack_model = parts.loader, parts.val, parts.model, parts.attack_model
         self.optimizer, self.scaler, self.sync_bn = parts.optimizer, parts.scaler, parts.sync_bn
