@@ -56,6 +56,7 @@ class AttackSettings:
     seed: int = 0
     num_classes: int = 10
     step_size: float | None = None  # our PGD's step; None: eps/4
+    eot: int = 1  # gradients averaged over this many forwards (expectation over transformation) for randomized models
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def parse_attack_name(name: str) -> tuple[str, int | None]:
 
 
 def attack_settings(name: str, eps: float, threat: str = "linf", restarts: int = 1, queries: int = DEFAULT_QUERIES,
-                    seed: int = 0, num_classes: int = 10, step_size: float | None = None
+                    seed: int = 0, num_classes: int = 10, step_size: float | None = None, eot: int = 1
                     ) -> tuple[AttackSpec, AttackSettings]:
     """The spec of attack ``name`` and the checked settings to build it with; ValueError naming what is wrong."""
     kind, steps = parse_attack_name(name)
@@ -146,13 +147,16 @@ def attack_settings(name: str, eps: float, threat: str = "linf", restarts: int =
         raise ValueError(f"eps must be >= 0, got {eps}")
     if restarts < 1 or queries < 1:
         raise ValueError(f"restarts and queries must be >= 1, got {restarts} and {queries}")
-    return ATTACKS.get(kind), AttackSettings(eps, threat, steps, restarts, queries, seed, num_classes, step_size)
+    if eot < 1:
+        raise ValueError(f"eot (forwards averaged per gradient) must be >= 1, got {eot}")
+    return ATTACKS.get(kind), AttackSettings(eps, threat, steps, restarts, queries, seed, num_classes, step_size, eot)
 
 
 def _recorded(spec: AttackSpec, settings: AttackSettings) -> dict[str, Any]:
     """What an attack records of itself: threat, eps, source, then its spec's own settings."""
     own = spec.params(settings) if spec.params is not None else {}
-    return {"threat": settings.threat, "eps": settings.eps, "source": spec.source, **own}
+    eot = {"eot": settings.eot} if settings.eot > 1 else {}  # recorded only where it changes the attack
+    return {"threat": settings.threat, "eps": settings.eps, "source": spec.source, **own, **eot}
 
 
 def attack_params(name: str, eps: float, **settings: Any) -> dict[str, Any]:
@@ -162,14 +166,14 @@ def attack_params(name: str, eps: float, **settings: Any) -> dict[str, Any]:
 
 def build_attack(name: str, model: nn.Module, eps: float, threat: str = "linf", restarts: int = 1,
                  queries: int = DEFAULT_QUERIES, seed: int = 0, num_classes: int = 10,
-                 step_size: float | None = None) -> Attack:
+                 step_size: float | None = None, eot: int = 1) -> Attack:
     """The attack called ``name`` against ``model`` within the ``threat`` ball of radius ``eps``.
 
     ``pgdN``/``cwN`` take N steps of ``step_size`` (default eps/4) from a random start, keeping
     the first of ``restarts`` runs that fools the model; ``fgsm`` is one step of size eps.
     Raises ValueError for an unknown name or threat model, naming the valid ones.
     """
-    spec, settings = attack_settings(name, eps, threat, restarts, queries, seed, num_classes, step_size)
+    spec, settings = attack_settings(name, eps, threat, restarts, queries, seed, num_classes, step_size, eot)
     made = spec.build(model, settings)
     attack = made if isinstance(made, Attack) else Attack("", made)
     attack.name = str(name).strip().lower()
