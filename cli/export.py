@@ -12,6 +12,7 @@ from robust.checkpoint import build_checkpoint, load_model, read_checkpoint, sav
 from robust.cli.common import BadInput, check_output_file, model_file
 from robust.export.robustbench import Scores, ZooEntry, check_name, write_robustbench
 from robust.nn.external import constructor_call, is_external
+from robust.nn.mixed import plain_mixture
 from robust.nn.norms import use_route
 from robust.outputs import check_output_dir
 from robust.run import Run, RunFiles
@@ -67,6 +68,9 @@ def export_command(checkpoint: str, route: str, out: str, force: bool, weights: 
     state = read_checkpoint(source)
     if state.get("kind") == "export":
         raise BadInput(f"{checkpoint} is already an export ({state.get('route')} route); export from the training checkpoint")
+    if state.get("kind") == "mix":
+        export_mixture(state, source, out_file, force)
+        return
     model = load_model(state, weights=weights)
     exported = load_model(state, route, weights)
     input_size = (state.get("data") or {}).get("input_size")
@@ -89,6 +93,21 @@ def export_command(checkpoint: str, route: str, out: str, force: bool, weights: 
     if "constructor" in meta:
         click.echo(f"its state_dict (the file's 'model') loads into {meta['constructor']}; "
                    f"apply (x - mean) / std first, mean {_short(args['mean'])}, std {_short(args['std'])}")
+
+
+def export_mixture(state: dict, source: Path, out_file: Path, force: bool) -> None:
+    """A mixture file as a plain module: both routes exported to plain norm layers, the mixture kept around them."""
+    model = load_model(state)
+    exported = plain_mixture(model)
+    input_size = (state.get("data") or {}).get("input_size")
+    gap = _max_logit_gap(model, exported, "adv", input_size)
+    if gap > 1e-3:
+        raise click.ClickException(f"the exported mixture differs from the file by {gap:.3g} in the logits; not written")
+    meta = {k: state[k] for k in ("dataset", "data", "eps", "threat", "method", "calibration") if k in state}
+    save_checkpoint(build_checkpoint(exported, kind="export", route="mixture", source=str(source), **meta), out_file,
+                    overwrite=force)
+    click.echo(f"wrote {out_file}: the mixture with plain norm layers; inputs in [0, 1], log mixed probabilities out "
+               f"(largest logit gap to the file's: {gap:.2g})")
 
 
 def _stem(source: Path) -> str:

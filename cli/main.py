@@ -37,6 +37,8 @@ COMMANDS: dict[str, Entry] = {
                   "Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export)."),
     "export": Entry("robust.cli.export", "export_command",
                     "Write ROUTE of CHECKPOINT (a file or run folder) as a plain single-route model."),
+    "mix": Entry("robust.cli.mix", "mix",
+                 "Mix a run's clean and adv routes into one model, calibrated on its validation images."),
     "plot": Entry("robust.cli.plot", "plot",
                   "Learning curves of runs from their metrics.jsonl: validation clean and robust accuracy per epoch."),
     "pseudo-label": Entry("robust.cli.pseudo_label", "pseudo_label",

@@ -42,6 +42,7 @@ _PUBLIC = {
     "CompareSettings": "robust.compare",
     "DualBatchNorm2d": "robust.nn",
     "EvalPlan": "robust.eval.plan",
+    "MixedClassifier": "robust.nn.mixed",
     "NORMS": "robust.nn",
     "OBJECTIVES": "robust.objectives",
     "Objective": "robust.objectives",

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from robust.errors import CheckpointError, ConfigError, unreadable_file
 from robust.nn.factory import build_model, unwrap
+from robust.nn.mixed import MixedClassifier, MixSettings, is_mixture_args
 from robust.nn.norms import ROUTES, export_route, routes_for
 from robust.outputs import atomic_output, write_output
 from robust.run import checkpoint_path
@@ -109,7 +110,7 @@ def check_path_argument(path: Any, what: str = "checkpoint") -> Path:
     return Path(path)
 
 
-CHECKPOINT_KINDS = ("train", "export")
+CHECKPOINT_KINDS = ("train", "export", "mix")
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -164,6 +165,9 @@ def load_model(source: str | Path | dict[str, Any], route: str | None = None, we
     model = _build_model(_with_weights(checkpoint, weights)).eval()
     if route is None:
         return model
+    if isinstance(model, MixedClassifier):
+        routes_for(model, route)  # a mixture is one classifier: its one route, or a one-line refusal
+        return model
     if route not in ROUTES:
         raise ConfigError(f"unknown route {route!r}; valid: {', '.join(ROUTES)}")
     routes_for(model, route)  # the rule eval applies: a route the model has (bn and exports have one)
@@ -200,6 +204,8 @@ def _with_weights(checkpoint: dict[str, Any], weights: str | None = None) -> dic
 def _build_model(checkpoint: dict[str, Any]) -> nn.Module:
     """Rebuild the model a checkpoint describes (in train mode, as built) and load its ``model`` weights."""
     args = dict(checkpoint["model_args"])
+    if is_mixture_args(args):
+        return _build_mixture(checkpoint)
     args.pop("exported_route", None)
     if "final_norm" not in args and ":" not in str(args.get("arch")):  # written before the option existed: every model then had it
         args["final_norm"] = any(k.startswith("final_norm.") for k in checkpoint.get("model", {}))
@@ -219,6 +225,31 @@ def _build_model(checkpoint: dict[str, Any]) -> nn.Module:
     recorded = (checkpoint.get("data") or {}).get("input_size") if isinstance(checkpoint.get("data"), dict) else None
     if isinstance(recorded, (list, tuple)) and len(recorded) == 3:
         model.input_shape = tuple(int(v) for v in recorded)  # (C, H, W) it was trained on: robust.evaluate checks it
+    return model
+
+
+def _build_mixture(checkpoint: dict[str, Any]) -> nn.Module:
+    """A :class:`MixedClassifier` from its checkpoint: each part rebuilt from its own build arguments and weights."""
+    args, state = checkpoint["model_args"], checkpoint["model"]
+    parts = {}
+    for part in ("robust", "accurate"):
+        if args.get(part) is None:
+            parts[part] = None
+            continue
+        prefix = f"{part}."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        parts[part] = _build_model({"model_args": args[part], "model": weights, "data": checkpoint.get("data")})
+    try:
+        settings = MixSettings(**args["mixture"])
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint describes a mixture we cannot build: {exc}") from None
+    model = MixedClassifier(parts["robust"], parts["accurate"], settings)
+    unread = [k for k in state if not k.startswith(("robust.", "accurate."))]
+    if unread:
+        raise CheckpointError(f"checkpoint weights do not fit its mixture ({len(unread)} unexpected, e.g. {unread[0]})")
+    recorded = (checkpoint.get("data") or {}).get("input_size") if isinstance(checkpoint.get("data"), dict) else None
+    if isinstance(recorded, (list, tuple)) and len(recorded) == 3:
+        model.input_shape = tuple(int(v) for v in recorded)
     return model
 
 

@@ -160,3 +160,25 @@ def plot_sweep(sweep: Sequence[dict[str, Any]], path: str | Path, title: str, ov
     fig.tight_layout()
     with atomic_output(path, overwrite) as fh:
         fig.savefig(fh, format="png", dpi=120)
+
+
+def plot_tradeoff(points: Sequence[dict[str, Any]], references: dict[str, dict[str, float]], chosen: dict[str, float],
+                  path: str | Path, title: str, overwrite: bool = True) -> Path:
+    """Clean against robust accuracy of a mixture over its weight (one point per weight, labelled), with the clean
+    route, the adv route and the calibrated mixture marked; written as PNG (atomically)."""
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    ax.plot([p["robust"] for p in points], [p["clean"] for p in points], marker="o", ms=3, label="mixture over weight")
+    for p in points[::max(1, len(points) // 5)]:
+        ax.annotate(f"{p['weight']:g}", (p["robust"], p["clean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for name, marker in (("clean_route", "s"), ("adv_route", "^")):
+        ref = references[name]
+        ax.plot([ref["robust"]], [ref["clean"]], marker=marker, ls="", ms=8, label=name.replace("_", " "))
+    ax.plot([chosen["robust"]], [chosen["clean"]], marker="*", ls="", ms=14, label="calibrated mixture")
+    ax.set_xlabel("robust accuracy (%)")
+    ax.set_ylabel("clean accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_png(fig, path, overwrite)

@@ -29,12 +29,19 @@ def split_train_val(data: ImageData, val_fraction: float, seed: int, limit: int 
     x, y = (data.train_x, data.train_y) if not limit else (data.train_x[:limit], data.train_y[:limit])
     if val_fraction <= 0:
         return (x, y), None
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(len(y) * val_fraction)))
+    train_idx, val_idx = split_indices(len(y), val_fraction, seed, val_limit)
+    return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])
+
+
+def split_indices(n: int, val_fraction: float, seed: int, val_limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices into the first ``n`` training examples, as :func:`split_train_val` draws them
+    (so a run's validation images can be found again from its seed, fraction and limits)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n * val_fraction)))
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
     if val_limit:
         val_idx = val_idx[:val_limit]
-    return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])
+    return train_idx, val_idx
 
 
 RESIZED_CROP_FROM = 128  # images at least this large (shorter side) get random-resized crops

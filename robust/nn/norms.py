@@ -299,8 +299,9 @@ def routed_norms(model: nn.Module) -> Iterator[RoutedNorm]:
 
 
 def is_dual_route(model: nn.Module) -> bool:
-    """True when the model's norms keep separate statistics per route (auxbn, sabn)."""
-    return any(m.dual for m in routed_norms(model))
+    """True when the model's norms keep separate statistics per route (auxbn, sabn), unless the model fixes its
+    routes itself (``single_route``: a mixture of both routes is one classifier)."""
+    return not getattr(model, "single_route", False) and any(m.dual for m in routed_norms(model))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,199 @@
+"""Calibrating a mixture (:class:`robust.nn.mixed.MixedClassifier`) on the run's validation images, never the test set.
+
+The weight and the robust route's transform are chosen to maximize clean accuracy subject to a robust accuracy at
+most ``max_drop`` points below the robust route's own, both measured on the validation images the run held out
+(the indices its seed, ``val_split``, ``limit`` and ``val_limit`` give, :func:`validation_indices`). Robust accuracy
+is measured by attacking the mixture itself, end to end (gradients through both routes and the transform), with
+fp32 verdicts (:func:`robust.eval.accuracy.correct_under_attack`); the robust route's reference is the same attack
+on that route alone. Clean accuracy needs no attack: each route's validation logits are computed once and every
+candidate's clean accuracy comes from them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from robust.attacks.registry import build_attack, check_perturbation
+from robust.data.loader import split_indices, to_float
+from robust.data.types import ImageData
+from robust.errors import ConfigError
+from robust.eval.accuracy import correct_under_attack
+from robust.nn.mixed import MixedClassifier, MixSettings, mix_log_probs
+from robust.nn.norms import bn_mode
+
+MAX_DROP_RANGE = (0.0, 100.0)
+
+
+def check_max_drop(value: object) -> float:
+    """``--max-drop`` in points of robust accuracy, a finite number in [0, 100]; ConfigError otherwise."""
+    low, high = MAX_DROP_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ConfigError(f"--max-drop must be a number of points in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """The calibration's settings: the allowed robust-accuracy drop, the attack on the mixture, the candidate grid."""
+
+    eps: float
+    threat: str = "linf"
+    max_drop: float = 1.0
+    attack: str = "pgd20"
+    weights: tuple[float, ...] = tuple(i / 20 for i in range(21))
+    scales: tuple[float, ...] = (1.0, 2.0, 4.0)
+    powers: tuple[float, ...] = (1.0, 2.0)
+    offsets: tuple[float, ...] = (0.0, 1.0)
+    batch_size: int = 250
+    seed: int = 0
+    touched: list = field(default_factory=list, compare=False)  # the training-set indices read (the tests check them)
+
+    def __post_init__(self) -> None:
+        check_max_drop(self.max_drop)
+        for name, values in (("scale", self.scales), ("power", self.powers), ("offset", self.offsets),
+                             ("weight", self.weights)):
+            for v in values:
+                MixSettings().replace(**{name: v})  # each candidate inside its parameter's range
+
+    def transforms(self) -> list[MixSettings]:
+        """Every candidate transform (weight left at 1)."""
+        return [MixSettings(1.0, s, p, c) for s, p, c in itertools.product(self.scales, self.powers, self.offsets)]
+
+
+def validation_indices(config: dict[str, Any], n_train: int) -> torch.Tensor:
+    """The indices (into the training set) of the validation images a run held out, from its saved config."""
+    fraction = float(config.get("val_split") or 0)
+    if fraction <= 0:
+        raise ConfigError("the run held out no validation images (val_split 0); calibrate a run trained with "
+                          "--val-split above 0 (never on the test set)")
+    limit = config.get("limit")
+    n = min(n_train, int(limit)) if limit else n_train
+    return split_indices(n, fraction, int(config.get("seed", 0)), config.get("val_limit"))[1]
+
+
+def validation_images(data: ImageData, indices: torch.Tensor, plan: CalibrationPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation images (floats in [0, 1]) and labels at ``indices`` of the training set; recorded in the plan."""
+    plan.touched.extend(int(i) for i in indices)
+    return to_float(data.train_x[indices]), data.train_y[indices]
+
+
+def route_logits(mix: MixedClassifier, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each route's logits of ``x`` (fp32, eval mode), batch by batch."""
+    parts = []
+    with torch.no_grad(), bn_mode(mix, False):
+        for i in range(0, len(x), batch_size):
+            parts.append(mix.route_logits(x[i:i + batch_size]))
+    return torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts]).float()
+
+
+def clean_accuracy(logits: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, settings: MixSettings) -> float:
+    """Clean accuracy (%) of the mixture ``settings`` from cached route logits."""
+    return 100.0 * (mix_log_probs(*logits, settings).argmax(1) == y).float().mean().item()
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan) -> float:
+    """Robust accuracy (%) of ``model`` under ``plan.attack``, judged in fp32, every example checked inside the ball."""
+    robust = []
+    with bn_mode(model, False):
+        attack = build_attack(plan.attack, model, plan.eps, plan.threat, seed=plan.seed,
+                              num_classes=int(y.max().item()) + 1 if len(y) else 10)
+
+        def checked(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            x_adv = attack(xb, yb)
+            check_perturbation(xb, x_adv, plan.eps, plan.threat)
+            return x_adv
+
+        for i in range(0, len(x), plan.batch_size):
+            robust.append(correct_under_attack(model, x[i:i + plan.batch_size], y[i:i + plan.batch_size], checked)[1])
+    return 100.0 * torch.cat(robust).float().mean().item() if robust else 0.0
+
+
+def adv_route(mix: MixedClassifier) -> nn.Module:
+    """The robust route alone, as a model: the adv half of the mixture's forward (untransformed logits)."""
+    return _RouteOf(mix, 1)
+
+
+def clean_route(mix: MixedClassifier) -> nn.Module:
+    """The accurate route alone, as a model."""
+    return _RouteOf(mix, 0)
+
+
+class _RouteOf(nn.Module):
+    """One route of a mixture as ``forward(x) -> logits`` (the mixture's batched forward, one half kept)."""
+
+    def __init__(self, mix: MixedClassifier, which: int) -> None:
+        super().__init__()
+        self.mix, self.which = mix, which
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix.route_logits(x)[self.which]
+
+
+def point(mix: MixedClassifier, logits, x, y, settings: MixSettings, plan: CalibrationPlan) -> dict[str, Any]:
+    """One candidate's validation figures: clean accuracy from the cache, robust accuracy by attacking the mixture."""
+    attacked = MixedClassifier(mix.robust, mix.accurate, settings)
+    return {**settings.to_dict(), "clean": clean_accuracy(logits, y, settings),
+            "robust": robust_accuracy(attacked, x, y, plan)}
+
+
+def smallest_feasible(probe: Callable[[float], dict[str, Any]], weights: list[float], target: float) -> dict[str, Any] | None:
+    """The smallest weight whose robust accuracy reaches ``target`` (robust accuracy grows with the weight: a
+    binary search over the sorted grid), its figures; None when even the largest weight falls short."""
+    lo, hi, best = 0, len(weights) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        figures = probe(weights[mid])
+        if figures["robust"] >= target:
+            best, hi = figures, mid - 1
+        else:
+            lo = mid + 1
+    return best
+
+
+def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan,
+              log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The chosen settings and the validation figures: for each candidate transform the smallest weight whose robust
+    accuracy is within ``max_drop`` of the robust route's, then the candidate with the best clean accuracy."""
+    logits = route_logits(mix, x, plan.batch_size)
+    reference = {"clean_route": {"clean": _accuracy(logits[0], y), "robust": robust_accuracy(clean_route(mix), x, y, plan)},
+                 "adv_route": {"clean": _accuracy(logits[1], y), "robust": robust_accuracy(adv_route(mix), x, y, plan)}}
+    target = reference["adv_route"]["robust"] - plan.max_drop
+    log(f"validation: clean route {reference['clean_route']['clean']:.1f}% clean, adv route "
+        f"{reference['adv_route']['clean']:.1f}% clean {reference['adv_route']['robust']:.1f}% robust; "
+        f"target robust >= {target:.1f}%")
+    tried, chosen = [], None
+    weights = sorted(set(plan.weights))
+    for transform in plan.transforms():
+        def probe(w: float, transform: MixSettings = transform) -> dict[str, Any]:
+            figures = point(mix, logits, x, y, transform.replace(weight=w), plan)
+            tried.append(figures)
+            return figures
+        found = smallest_feasible(probe, weights, target)
+        if found is not None:
+            log(f"  scale {transform.scale:g} power {transform.power:g} offset {transform.offset:g}: weight "
+                f"{found['weight']:g}, clean {found['clean']:.1f}% robust {found['robust']:.1f}%")
+        if found is not None and (chosen is None or (found["clean"], found["robust"]) > (chosen["clean"], chosen["robust"])):
+            chosen = found
+    if chosen is None:
+        raise ConfigError(f"no mixture keeps robust accuracy within {plan.max_drop:g} points of the adv route's on the "
+                          "validation images; raise --max-drop")
+    return {"settings": {k: chosen[k] for k in ("weight", "scale", "power", "offset")},
+            "validation": {"n": len(y), "attack": plan.attack, "eps": plan.eps, "threat": plan.threat,
+                           "max_drop": plan.max_drop, "target_robust": target, **reference,
+                           "mixture": {"clean": chosen["clean"], "robust": chosen["robust"]}, "tried": tried}}
+
+
+def sweep(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, transform: MixSettings,
+          plan: CalibrationPlan) -> list[dict[str, Any]]:
+    """Clean and robust validation accuracy of the mixture at every weight of the plan's grid (``transform`` fixed)."""
+    logits = route_logits(mix, x, plan.batch_size)
+    return [point(mix, logits, x, y, transform.replace(weight=w), plan) for w in sorted(set(plan.weights))]
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * (logits.argmax(1) == y).float().mean().item()

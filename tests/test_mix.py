@@ -1,0 +1,172 @@
+"""The mixed classifier (robust/nn/mixed.py), its calibration (robust/eval/mix.py) and `robust mix`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_refused, invoke_in, tiny_config
+
+import robust
+from robust.checkpoint import load_model, read_checkpoint
+from robust.data.loader import split_indices
+from robust.errors import ConfigError
+from robust.eval.mix import CalibrationPlan, calibrate, validation_images, validation_indices
+from robust.nn.mixed import MixedClassifier, MixSettings, plain_mixture, transform_logits
+from robust.nn.norms import is_dual_route, use_route
+from robust.train.trainer import Trainer
+
+
+def _dual_model(seed: int = 0) -> torch.nn.Module:
+    """A width-4 SaBN model whose routes differ (random running statistics and route affines), in eval mode."""
+    torch.manual_seed(seed)
+    model = robust.build_model(norm="sabn", num_classes=10, in_channels=1, width=4)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.5)
+        for name, p in model.named_parameters():
+            if "route_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def _routes(model, x):
+    with torch.no_grad(), use_route(model, "clean"):
+        clean = model(x)
+    with torch.no_grad(), use_route(model, "adv"):
+        adv = model(x)
+    return clean, adv
+
+
+SETTINGS = MixSettings(weight=0.4, scale=2.0, power=2.0, offset=0.5)
+
+
+def test_weight_0_and_1_are_one_route_exactly():
+    model = _dual_model()
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    clean, adv = _routes(model, x)
+    with torch.no_grad():
+        at0 = MixedClassifier(model, None, SETTINGS.replace(weight=0.0))(x)
+        at1 = MixedClassifier(model, None, SETTINGS.replace(weight=1.0))(x)
+    # the batched pass gives the same logits bit for bit here (eval mode: each row's arithmetic is its own), so the
+    # predictions are exactly the routes'
+    assert torch.equal(at0.argmax(1), clean.argmax(1))
+    assert torch.equal(at1.argmax(1), transform_logits(adv, SETTINGS).argmax(1))
+    assert torch.equal(at1, F.log_softmax(transform_logits(MixedClassifier(model).route_logits(x)[1], SETTINGS), 1))
+
+
+def test_mixture_is_the_log_of_the_mixed_probabilities():
+    model = _dual_model()
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    clean, adv = _routes(model, x)
+    with torch.no_grad():
+        out = MixedClassifier(model, None, SETTINGS)(x)
+    expected = torch.log(0.6 * clean.softmax(1) + 0.4 * transform_logits(adv, SETTINGS).softmax(1))
+    # fp32: a log-probability of magnitude <= ~30 carries a few ulps (1.2e-7 relative) of rounding per operation
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(out.exp().sum(1), torch.ones(8), atol=1e-5)
+
+
+def test_batched_two_route_pass_equals_two_forwards():
+    model = _dual_model()
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    clean, adv = _routes(model, x)
+    with torch.no_grad():
+        batched_clean, batched_adv = MixedClassifier(model).route_logits(x)
+    # the same fp32 operations on the same rows; convolution kernels may block a batch of 24 differently from 12, so
+    # allow float32 rounding on logits of order 10 summed over a few hundred products: 1e-5 relative
+    scale = clean.abs().max().item()
+    assert (batched_clean - clean).abs().max().item() <= 1e-5 * max(1.0, scale)
+    assert (batched_adv - adv).abs().max().item() <= 1e-5 * max(1.0, scale)
+    assert (clean - adv).abs().max().item() > 1e-2  # the routes do differ: the check compares something
+
+
+def test_mixture_is_one_route_to_evaluation_and_refuses_a_bn_self_mix():
+    assert not is_dual_route(MixedClassifier(_dual_model()))
+    single = robust.build_model(norm="bn", num_classes=10, in_channels=1, width=4)
+    with pytest.raises(ConfigError, match="single route"):
+        MixedClassifier(single)
+
+
+@pytest.mark.parametrize("name,value", [("weight", -0.1), ("weight", 1.5), ("scale", 0.0), ("scale", float("nan")),
+                                        ("power", 0.5), ("offset", 11.0)])
+def test_transform_parameters_are_checked(name, value):
+    with pytest.raises(ConfigError, match=name):
+        SETTINGS.replace(**{name: value})
+
+
+def test_gradients_reach_both_routes():
+    model = _dual_model()
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    out = MixedClassifier(model, None, SETTINGS)(x)
+    grad, = torch.autograd.grad(out[:, 0].sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mix")
+    Trainer(tiny_config(root / "run", limit=200, val_limit=None, epochs=1)).fit()
+    return root
+
+
+def test_calibration_reads_only_the_runs_validation_images(run, fmnist):
+    state = read_checkpoint(run / "run")
+    indices = validation_indices(state["config"], len(fmnist.train_y))
+    assert torch.equal(indices, split_indices(200, 0.1, 0, None)[1])
+    plan = CalibrationPlan(eps=0.1, attack="pgd2", weights=(0.0, 0.5, 1.0), scales=(1.0,), powers=(1.0,),
+                           offsets=(0.0,), max_drop=100.0)
+    x, y = validation_images(fmnist, indices, plan)
+    result = calibrate(MixedClassifier(load_model(state)), x, y, plan)
+    assert plan.touched == indices.tolist()  # training-set indices, the run's held-out ones, nothing else
+    assert len(plan.touched) == 20 and max(plan.touched) < 200
+    assert result["validation"]["n"] == 20
+    # max-drop 100 admits every weight: the smallest, 0 (the clean route), maximizes nothing else
+    assert result["settings"]["weight"] == 0.0
+    assert result["validation"]["mixture"]["clean"] == result["validation"]["clean_route"]["clean"]
+
+
+def test_mix_file_reloads_bit_identically_and_exports_plain(run, fmnist):
+    out = run / "mix.pt"
+    result = invoke_in(run, ["mix", "run", "--attack", "pgd2", "--scale", "2", "--power", "1", "--offset", "0",
+                             "--max-drop", "100", "-o", out, "--json", run / "mix.json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "mix.json").read_text())
+    assert report["settings"]["scale"] == 2.0 and report["validation"]["n"] == 20
+    first, second = load_model(out), robust.load_model(out)
+    assert isinstance(first, MixedClassifier) and first.settings == MixSettings(**report["settings"])
+    for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), k
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(first(x), second(x))
+    assert read_checkpoint(out)["calibration"]["settings"] == report["settings"]
+    exported = run / "mix-plain.pt"
+    result = invoke_in(run, ["export", out, "-o", exported])
+    assert result.exit_code == 0, result.output
+    plain = load_model(exported)
+    assert not any(isinstance(m, robust.nn.norms.RoutedNorm) and m.dual for m in plain.modules())
+    with torch.no_grad():
+        # folded SaBN affines: fp32 rounding of g_r * g_s, logits of order 10
+        assert (plain(x) - first(x)).abs().max().item() < 1e-4
+        assert (plain_mixture(first)(x) - first(x)).abs().max().item() < 1e-4
+    result = invoke_in(run, ["eval", out, "--attack", "pgd2", "--limit", "16"])
+    assert result.exit_code == 0, result.output
+    assert "mixture" in result.output  # scored as one model, end to end
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--max-drop", "-1"], "--max-drop"), (["--max-drop", "101"], "--max-drop"),
+    (["--weight", "1.5"], "weight"), (["--scale", "0"], "scale"), (["--power", "0.5"], "power"),
+    (["--offset", "-20"], "offset"),
+])
+def test_bad_values_refused(run, flags, expected):
+    assert_refused(run, ["mix", "run", *flags, "-o", "m.pt"], expected)
+
+
+def test_sweep_needs_an_output_and_plot_needs_sweep(run):
+    assert_refused(run, ["mix", "run", "--sweep"], "--plot")
+    assert_refused(run, ["mix", "run", "--plot", "t.png", "-o", "m.pt"], "--sweep")
