@@ -170,3 +170,24 @@ def test_bad_values_refused(run, flags, expected):
 def test_sweep_needs_an_output_and_plot_needs_sweep(run):
     assert_refused(run, ["mix", "run", "--sweep"], "--plot")
     assert_refused(run, ["mix", "run", "--plot", "t.png", "-o", "m.pt"], "--sweep")
+
+
+def test_sweep_with_a_separate_accurate_model(run):
+    if not (run / "std").exists():
+        Trainer(tiny_config(run / "std", limit=200, val_limit=None, method="standard", norm="bn")).fit()
+    result = invoke_in(run, ["mix", "run", "--accurate", "std", "--attack", "pgd2", "--scale", "1", "--power", "1",
+                             "--offset", "0", "--max-drop", "100", "--sweep", "--plot", "t.png", "--json", "t.json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "t.json").read_text())
+    assert [p["weight"] for p in report["sweep"]] == [i / 20 for i in range(21)]
+    # weight 0 is the accurate model alone: its clean accuracy is the clean route's reference
+    assert report["sweep"][0]["clean"] == report["validation"]["clean_route"]["clean"]
+    assert (run / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run / "m.pt").exists()
+
+
+def test_accurate_model_of_another_dataset_refused(run, tmp_path):
+    other = read_checkpoint(run / "run")
+    other["dataset"] = "cifar10"
+    torch.save(other, run / "other.pt")
+    assert_refused(run, ["mix", "run", "--accurate", "other.pt", "-o", "m.pt"], "same data")
