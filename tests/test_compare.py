@@ -486,7 +486,7 @@ def _per_seed_figures(results: dict, seed: int) -> dict:
 
 
 def test_a_methods_grid_in_two_processes_equals_the_same_runs_in_one(tmp_path, data_dir):
-    grid = ["--norms", "bn,sabn", "--methods", "pgd,trades", "--epochs", "2", "--select", "epoch:1", "--eval-limit", "16"]
+    grid = ["--norms", "bn,sabn", "--methods", "pgd,trades", "--epochs", "2", "--select", "epoch:1", "--eval-limit", "8"]
     parallel = invoke(tiny_args(data_dir, tmp_path / "par") + grid + ["--seeds", "0,1", "--jobs", "2"])
     assert parallel.exit_code == 0, parallel.output
     assert "8 runs in 2 processes side by side, 1 torch thread(s) each" in parallel.output

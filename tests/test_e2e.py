@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from robust.cli.main import cli
 
-TRAIN = ["train", "--dataset", "fashion-mnist", "--eps", "0.1", "--width", "8", "--limit", "3000", "--epochs", "2",
-         "--steps", "2", "--batch-size", "64", "--schedule", "onecycle", "--val-limit", "200", "--val-steps", "3",
+TRAIN = ["train", "--dataset", "fashion-mnist", "--eps", "0.1", "--width", "8", "--limit", "1500", "--epochs", "2",
+         "--steps", "2", "--batch-size", "64", "--schedule", "onecycle", "--val-limit", "100", "--val-steps", "3",
          "--quiet", "--seed", "0", "--precision", "fp32"]
 
 
@@ -34,23 +34,23 @@ def test_train_writes_the_run_folder_and_a_summary(trained):
 def test_robust_accuracy_is_well_above_chance(trained, tmp_path):
     out, _ = trained
     report = tmp_path / "eval.json"
-    result = CliRunner().invoke(cli, ["eval", str(out), "--attack", "pgd20", "--limit", "500", "--quiet",
+    result = CliRunner().invoke(cli, ["eval", str(out), "--attack", "pgd20", "--limit", "250", "--quiet",
                                       "--json", str(report)])
     assert result.exit_code == 0, result.output
     figures = json.loads(report.read_text())
-    assert figures["n"] == 500 and figures["eps"] == pytest.approx(0.1)
+    assert figures["n"] == 250 and figures["eps"] == pytest.approx(0.1)
     adv = figures["routes"]["adv"]
     # Bounds from the spread of this training and evaluation over --seed 0-4, each with native kernels
-    # and with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (ONEDNN_MAX_CPU_ISA=AVX512_CORE gave
-    # the native figures), on an Intel Xeon with AVX512-BF16 without AMX, 2026-12-07; min/mean/max (sd):
-    #   adv route clean     native 60.6/66.4/70.4, AVX2 62.0/66.2/69.2 (sd 3.4 over all 10)
-    #   adv route PGD-20    native 34.8/39.4/46.0, AVX2 36.2/41.3/46.4 (sd 4.3)
-    #   clean route clean   native 64.0/67.5/70.8, AVX2 63.6/65.3/68.6 (sd 2.5)
+    # and with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2, one torch thread, on an Intel Xeon with
+    # AVX512-BF16 without AMX, 2026-12-07; min/mean/max (sd):
+    #   adv route clean     native 46.0/53.9/60.4, AVX2 49.2/54.4/61.6 (sd 4.9 over all 10)
+    #   adv route PGD-20    native 28.0/32.7/35.6, AVX2 28.4/31.6/33.2 (sd 2.5)
+    #   clean route clean   native 42.0/49.9/56.8, AVX2 40.4/50.0/56.4 (sd 6.5)
     # Each bound is the lower of (min - 10) and (mean - 4 sd), rounded down to a multiple of 5.
     # Chance is 10%.
-    assert adv["clean"] > 50 and adv["pgd20"] > 20, adv
+    assert adv["clean"] > 30 and adv["pgd20"] > 15, adv
     assert adv["pgd20"] <= adv["clean"]
-    assert figures["routes"]["clean"]["clean"] > 50
+    assert figures["routes"]["clean"]["clean"] > 20
 
 
 def test_rerunning_into_the_same_folder_is_refused_and_changes_nothing(trained):

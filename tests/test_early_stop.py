@@ -38,6 +38,20 @@ def _both(model, x, y, restarts: int, **kwargs) -> tuple[torch.Tensor, torch.Ten
     return full, early, memo
 
 
+@pytest.fixture(scope="module")
+def pair(model, images):
+    """``_both`` on this module's model and images, each setting run once per module: the runs are seeded, so a
+    second call would give the same tensors and counts (the tests only read them)."""
+    done = {}
+
+    def run(restarts: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor, EarlyStop]:
+        key = (restarts, *sorted(kwargs.items()))
+        if key not in done:
+            done[key] = _both(model, *images, restarts, **kwargs)
+        return done[key]
+    return run
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
 
@@ -48,10 +62,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("steps,restarts,loss,threat", [
     (20, 1, "ce", "linf"), (20, 1, "cw", "l2"), (50, 1, "ce", "l2"), (50, 1, "cw", "linf"),
     (20, 3, "ce", "linf"), (20, 3, "cw", "l2")])
-def test_early_stopped_pgd_returns_the_full_runs_examples_bit_for_bit(model, images, threat, loss, steps, restarts):
+def test_early_stopped_pgd_returns_the_full_runs_examples_bit_for_bit(model, images, pair, threat, loss, steps, restarts):
     x, y = images
     eps = EPS[threat]
-    full, early, memo = _both(model, x, y, restarts, eps=eps, alpha=eps / 4, steps=steps, threat=threat, loss=loss)
+    full, early, memo = pair(restarts, eps=eps, alpha=eps / 4, steps=steps, threat=threat, loss=loss)
     assert torch.equal(_bits(early), _bits(full))
     assert torch.equal(fp32_predictions(model, early), fp32_predictions(model, full))
     # the full run: every example, every step, every restart it runs (it stops once all are fooled)
@@ -60,11 +74,11 @@ def test_early_stopped_pgd_returns_the_full_runs_examples_bit_for_bit(model, ima
 
 
 @pytest.mark.precision
-def test_cycles_and_fooled_restarts_save_iterations(model, images):
+def test_cycles_and_fooled_restarts_save_iterations(images, pair):
     x, y = images
-    _, _, memo = _both(model, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    _, _, memo = pair(1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
     assert memo.run < memo.full == len(x) * 50  # cycles found within 50 steps
-    _, _, memo = _both(model, x, y, 3, eps=0.1, alpha=0.025, steps=20, threat="linf", loss="ce")
+    _, _, memo = pair(3, eps=0.1, alpha=0.025, steps=20, threat="linf", loss="ce")
     assert memo.run < 0.75 * memo.full  # later restarts attack only the examples not yet fooled
 
 
@@ -80,13 +94,13 @@ class SizeDependent(torch.nn.Module):
         return logits + torch.nn.functional.one_hot(torch.zeros_like(logits[:, 0]).long(), logits.shape[1]) * 1e-3 * len(x)
 
 
-def test_a_smaller_batch_is_used_only_where_it_gives_the_full_batchs_bits(model, images):
+def test_a_smaller_batch_is_used_only_where_it_gives_the_full_batchs_bits(model, images, pair):
     x, y = images
     odd = SizeDependent(model).eval()
     full, early, memo = _both(odd, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
     assert torch.equal(_bits(early), _bits(full))
     assert memo.sizes and not any(memo.sizes.values())  # each smaller size was checked and refused
-    _, _, plain = _both(model, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    _, _, plain = pair(1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
     assert any(plain.sizes.values())  # this model's kernels give the same bits on fewer rows (some sizes at least)
 
 
@@ -96,13 +110,12 @@ def test_early_stop_refuses_a_loss_over_the_whole_batch(model, images):
         pgd_restarts(model, x, y, early_stop=EarlyStop(), eps=0.1, alpha=0.025, steps=2, loss=lambda logits, y: logits.sum())
 
 
-def test_the_registrys_pgd_stops_early_in_eval_mode_only(model, images):
+def test_the_registrys_pgd_stops_early_in_eval_mode_only(model, images, pair):
     x, y = images
     attack = build_attack("pgd50", model, 0.1)
     torch.manual_seed(1)
     stopped = attack(x, y)
-    torch.manual_seed(1)
-    full = pgd_restarts(model, x, y, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    full, _, _ = pair(1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")  # the full run from seed 1
     assert torch.equal(_bits(stopped), _bits(full))
     assert attack.iterations["iterations_run"] < attack.iterations["iterations_full"] == len(x) * 50
     model.train()
@@ -125,10 +138,10 @@ def test_evaluation_reports_the_iterations_each_pgd_ran_and_would_have_run(model
     assert result["iterations"]["cw20"]["iterations_full"] == 20 * correct
 
 
-def test_a_window_cut_to_fit_memory_finds_fewer_cycles_and_still_the_same_bits(model, images, monkeypatch):
+def test_a_window_cut_to_fit_memory_finds_fewer_cycles_and_still_the_same_bits(model, images, pair, monkeypatch):
     engine = importlib.import_module(pgd_restarts.__module__)  # the package exports a function of the same name
     x, y = images
-    _, _, wide = _both(model, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
+    _, _, wide = pair(1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
     monkeypatch.setattr(engine, "RING_BYTES", 1)  # one iterate kept: only fixed points are recognised
     full, early, narrow = _both(model, x, y, 1, eps=0.1, alpha=0.025, steps=50, threat="linf", loss="ce")
     assert torch.equal(_bits(early), _bits(full))
