@@ -66,7 +66,7 @@ def resolve_config(flags: dict[str, Any], config_file: str | None, resume: bool)
 TRAIN_HELP = f"""Adversarial training (--method {', '.join(method_names())}); defaults reproduce the SaBN reference recipe on CIFAR-10.
 
     Writes config.json, metrics.jsonl (one line per epoch), last.pt (for --resume) and best.pt
-    (best adv-route validation robust accuracy) into the run folder. Ctrl-C (SIGINT) or SIGTERM
+    (best adv-route validation robust accuracy, or --select-by corruption) into the run folder. Ctrl-C (SIGINT) or SIGTERM
     finishes the current step, writes last.pt and exits 130 / 143; --resume continues from there,
     with the run's own settings: a resume may change --epochs and how the run executes (device,
     threads, precision, ...), any other changed flag is refused (docs/methods.md).

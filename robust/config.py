@@ -23,6 +23,7 @@ import torch
 
 from robust.checks import MAX_SEED, check_fields, split_list
 from robust.data import CUSTOM_DATASETS, DATA_MODES, DATASET_SPECS, DATASETS, datasets_help
+from robust.data.corruptions import check_corruption_names
 from robust.errors import ConfigError, ModelError
 from robust.nn import NORMS, archs_help, norms_help
 from robust.nn.external import check_arch
@@ -50,6 +51,7 @@ MAX_EPOCH_SIZE = 10_000_000
 BYTES_PER_PARAMETER = 16  # fp32 weights, their gradients, the optimizer's buffer and a checkpoint's copy
 
 SCHEDULES = ("multistep", "cosine", "onecycle")
+SELECT_BY = ("robust", "corruption")  # best.pt's figure: val_adv_robust or val_adv_corruption
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -136,6 +138,13 @@ class TrainConfig:
                                 min=0, below=1)
     val_steps: int = _f(10, "PGD steps of the per-epoch validation attack", min=1)
     val_limit: int | None = _f(None, "score at most N validation examples per epoch", min=1)
+    val_corruptions: str | None = _f(None, "also score each epoch's validation images under these generated common "
+                                           "corruptions (comma-separated names, or all; made once per run) at "
+                                           "--val-severity: the mean accuracy per route joins the epoch's line and "
+                                           "metrics.jsonl as val_<route>_corruption")
+    val_severity: int = _f(3, "the severity (1-5) of --val-corruptions", min=1, max=5)
+    select_by: str = _f("robust", "the adv-route validation figure best.pt has the best of: robust (PGD-val-steps "
+                                  "accuracy) or corruption (accuracy under --val-corruptions)", choices=SELECT_BY)
     keep_epochs: str | None = _f(None, "also keep the checkpoint after these epochs as epoch<N>.pt (comma-separated, e.g. 190; "
                                        "robust compare --select epoch:N sets it)")
     # engine
@@ -288,6 +297,7 @@ class TrainConfig:
         _check_sizes(self)
         _check_model_size(self)
         _check_extra_data(self)
+        _check_val_corruptions(self)
         if self.warmup_epochs and self.warmup_steps:
             raise ConfigError("--warmup-epochs and --warmup-steps are two warm-ups; pass --warmup-steps 0 with --warmup-epochs")
         if self.warmup_epochs and self.schedule == "onecycle":
@@ -575,6 +585,21 @@ def _check_extra_data(c: TrainConfig) -> None:
     for name in ("extra_fraction", "epoch_size"):
         if getattr(c, name) is not None and not c.extra_data:
             raise ConfigError(f"--{name.replace('_', '-')} applies to --extra-data FILE; pass the extra data or drop it")
+
+
+def _check_val_corruptions(c: TrainConfig) -> None:
+    """--val-corruptions names known corruptions and needs validation images; --select-by corruption needs it."""
+    if c.val_corruptions is not None:
+        try:
+            check_corruption_names(c.val_corruptions)
+        except ConfigError as exc:
+            raise ConfigError(f"val-corruptions: {exc}".replace("--corruptions", "--val-corruptions")) from None
+        if not c.val_split:
+            raise ConfigError("--val-corruptions scores the validation images, and --val-split 0 holds none out; "
+                              "pass --val-split 0.1 or drop --val-corruptions")
+    if c.select_by == "corruption" and c.val_corruptions is None:
+        raise ConfigError("--select-by corruption picks best.pt on the validation accuracy under --val-corruptions; "
+                          "pass --val-corruptions NAME,... (or all), or --select-by robust")
 
 
 def _check_data_and_arch(c: TrainConfig) -> None:

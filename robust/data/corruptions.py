@@ -417,6 +417,17 @@ def cache_path(name: str, severity: int, seed: int, digest: str) -> Path:
     return cache_root() / f"v{CACHE_VERSION}-{name}-s{severity}-seed{seed}-{digest}.pt"
 
 
+def corrupted_copy(x: torch.Tensor, name: str, severity: int, seed: int = 0, chunk: int = 256) -> torch.Tensor:
+    """The uint8 corrupted copy of ``x`` (uint8 or floats in [0, 1], on the CPU), made ``chunk`` images at a time
+    (image i draws from its own generator whatever the chunk), rounded to uint8 as the cache stores it."""
+    parts = []
+    for start in range(0, len(x), chunk):
+        xb = x[start:start + chunk]
+        xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()
+        parts.append((corrupt(xb, name, severity, seed, start) * 255).round().to(torch.uint8))
+    return torch.cat(parts) if parts else torch.empty_like(x, dtype=torch.uint8)
+
+
 def generated(x: torch.Tensor, name: str, severity: int, seed: int = 0, digest: str | None = None,
               chunk: int = 256) -> tuple[torch.Tensor, bool]:
     """The uint8 corrupted copy of ``x`` (uint8 or floats in [0, 1]) and whether it came from the cache.
@@ -432,12 +443,7 @@ def generated(x: torch.Tensor, name: str, severity: int, seed: int = 0, digest: 
                 return cached, True
         except (OSError, RuntimeError, EOFError):
             pass  # a damaged entry is generated again and replaced
-    parts = []
-    for start in range(0, len(x), chunk):
-        xb = x[start:start + chunk]
-        xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()
-        parts.append((corrupt(xb, name, severity, seed, start) * 255).round().to(torch.uint8))
-    out = torch.cat(parts) if parts else torch.empty_like(x, dtype=torch.uint8)
+    out = corrupted_copy(x, name, severity, seed, chunk)
     try:
         with atomic_output(path) as fh:
             torch.save(out, fh)

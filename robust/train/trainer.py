@@ -34,12 +34,14 @@ import torch.nn as nn
 from robust import checkpoint as ckpt
 from robust.attacks import pgd
 from robust.config import TrainConfig, check_resume, load_saved_config, replan_milestones, upgrade_saved
+from robust.data.corruptions import check_corruption_names, corrupted_copy
 from robust.data.extra import load_extra_data
 from robust.data.load import load_dataset, memory_budget
 from robust.data.loader import to_float
 from robust.data.types import ImageData
 from robust.errors import CheckpointError, ConfigError, NonFiniteLoss, TrainingInterrupted
 from robust.eval.accuracy import correct_under_attack
+from robust.eval.corruptions import predictions
 from robust.nn.norms import ROUTES, bn_mode, is_dual_route, use_route
 from robust.objectives import hard_labels
 from robust.outputs import RunFiles, check_output_dir
@@ -90,6 +92,16 @@ def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rou
             counts[0] += clean.sum()
             counts[1] += robust.sum()
     return counts
+
+
+def corruption_correct_counts(model: nn.Module, sets: list[torch.Tensor], y: torch.Tensor, route: str,
+                              device: torch.device) -> torch.Tensor:
+    """Correct predictions of one route on each corrupted copy in ``sets`` (a device tensor, one count per copy):
+    fp32 forwards in eval mode, as ``robust.evaluate(..., corruptions=...)`` scores them."""
+    labels = y.tolist()
+    counts = [sum(p == t for p, t in zip(predictions(model, xc, route, VALIDATION_BATCH, device), labels))
+              for xc in sets]
+    return torch.tensor(counts, device=device, dtype=torch.long)
 
 
 class EpochTally:
@@ -159,6 +171,7 @@ class Trainer:
         self.signals = SignalCatcher(handle_signals)
         self.saves = SaveTimer(self.plan.save_every)  # the plan is the one source of a run's settings
         self.ready = False
+        self._val_corrupted: list[torch.Tensor] | None = None  # the corrupted validation images, made once
         self._saved_epochs: int | None = None  # the epochs the resumed run was planned for
 
     @property
@@ -317,7 +330,7 @@ class Trainer:
         self.saves.saved()
 
     def _save_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
-        key = "val_adv_robust"
+        key = "val_adv_corruption" if self.plan.select_by == "corruption" else "val_adv_robust"
         improved = key not in metrics or self.best is None or metrics[key] > self.best["value"]
         if improved:
             self.best = {"epoch": epoch + 1, "metric": key if key in metrics else "last_epoch",
@@ -442,7 +455,29 @@ class Trainer:
         out = {}
         for route, (clean, robust) in zip(routes, counts):
             out[f"val_{route}_clean"], out[f"val_{route}_robust"] = 100.0 * clean / n, 100.0 * robust / n
+        if c.val_corruptions is not None:
+            out.update(self.corruption_metrics(model, routes, rows))
         return out
+
+    def corrupted_validation(self) -> list[torch.Tensor]:
+        """The validation images under each of --val-corruptions at --val-severity (uint8, on the CPU), generated
+        on the first call and kept for the run: every epoch scores the same images (image i corrupted by the
+        run's seed and its index, as ``robust.evaluate`` corrupts it)."""
+        if self._val_corrupted is None:
+            c, x = self.plan, self.val[0].cpu()
+            self._val_corrupted = [corrupted_copy(x, name, c.val_severity, c.seed)
+                                   for name in check_corruption_names(c.val_corruptions)]
+        return self._val_corrupted
+
+    def corruption_metrics(self, model: nn.Module, routes: tuple[str, ...], rows: slice) -> dict[str, float]:
+        """``val_<route>_corruption``: each route's accuracy (%) on the validation images, the mean over
+        --val-corruptions at --val-severity (each corruption's accuracy first, as robust eval's mean)."""
+        sets = [xc[rows] for xc in self.corrupted_validation()]
+        y = self.val[1][rows].cpu()
+        counts = torch.stack([corruption_correct_counts(model, sets, y, route, self.device) for route in routes])
+        counts = dist_.all_reduce_sum(counts, self.dist).tolist()
+        n = max(len(self.val[1]), 1)
+        return {f"val_{route}_corruption": sum(100.0 * k / n for k in row) / len(row) for route, row in zip(routes, counts)}
 
     def _guard_check(self, epoch: int) -> dict[str, Any]:
         """The catastrophic-overfitting check after ``epoch`` (same verdict on every rank: same batch, seed, weights)."""
@@ -553,7 +588,9 @@ def format_epoch(m: dict[str, Any]) -> str:
     parts = [f"epoch {m['epoch']}", f"lr {m['lr']:.4g}", f"loss {m['train_loss']:.3f}", f"train adv acc {m['train_adv_acc']:.1f}%"]
     for route in ROUTES:
         if f"val_{route}_clean" in m:
-            parts.append(f"val {route} route: natural {m[f'val_{route}_clean']:.1f}% robust {m[f'val_{route}_robust']:.1f}%")
+            corrupted = f" corrupted {m[f'val_{route}_corruption']:.1f}%" if f"val_{route}_corruption" in m else ""
+            parts.append(f"val {route} route: natural {m[f'val_{route}_clean']:.1f}% robust "
+                         f"{m[f'val_{route}_robust']:.1f}%{corrupted}")
     if "co_guard_pgd_acc" in m:
         parts.append(f"guard PGD-5 {m['co_guard_pgd_acc']:.1f}%")
     parts.append(f"{m['images_per_s']:.0f} img/s, {m['seconds']:.0f}s")
