@@ -16,6 +16,7 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
+from robust.checks import format_duration
 from robust.cli.common import BAD_INPUT_ERRORS, BadInput
 from robust.config import TrainConfig
 from robust.errors import CheckpointWriteError, ConfigError, NonFiniteLoss, PeerFailed, TrainingInterrupted
@@ -78,6 +79,7 @@ TRAIN_HELP = f"""Adversarial training (--method {', '.join(method_names())}); de
       robust train --method trades --beta 6 --awp-gamma 0.005 --awp-warmup 10
       robust train --method nfgsm --clean-weight 0.5     (the catastrophic-overfitting guard is on)
       robust train --out runs/a --resume --epochs 300
+      robust train --dataset fashion-mnist --eps 0.1 --recipe fast --time-budget 10m
       robust train --dataset imagefolder --data-dir pets --image-size 64 --arch torchvision:resnet18
       robust train --dataset tensors --data-dir mine.npz --eps 4/255
       robust train --nproc 4 --sync-bn                    DDP on 4 GPUs (or CPU processes)
@@ -185,4 +187,6 @@ def summary_table(result: dict[str, Any]) -> str:
     if rows:
         lines.append(f"{'route':<8}{'val natural %':>15}{'val PGD %':>12}")
         lines += [f"{r:<8}{c:>15.2f}{a:>12.2f}" for r, c, a in rows]
+    if result.get("time_budget"):
+        lines.append(f"took {format_duration(result['took_s'])} of the {result['time_budget']} time budget")
     return "\n".join(lines)
