@@ -24,6 +24,7 @@ from robust.objectives import Option, all_options, method_names
 from robust.plan import TrainPlan, command_words, load_config
 from robust.runtime import resolve_device
 from robust.train import distributed
+from robust.train.budget import process_started
 from robust.torchrun import env_rank, env_world_size
 from robust.train.trainer import Trainer
 
@@ -127,7 +128,7 @@ def run_training(plan: TrainPlan, resume: bool, force: bool) -> dict[str, Any]:
     """Train; turn the trainer's failures into one message from rank 0 and the right exit code."""
 
     try:
-        return Trainer(plan, resume=resume, force=force, sync_bn=plan.sync_bn).fit()
+        return Trainer(plan, resume=resume, force=force, sync_bn=plan.sync_bn, started=process_started()).fit()
     except BAD_INPUT_ERRORS as exc:
         _fail(exc, 2)
     except PeerFailed as exc:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -61,6 +63,18 @@ class Bought:
                 f"({self.steps / self.batches_per_epoch:.2f} epochs, {self.steps * self.batch_size:,} images): "
                 f"{c.step_s:.3g}s a step, {c.val_s:.3g}s a validation, {c.spent_s:.0f}s spent before training, "
                 f"{MARGIN:.0%} kept as margin; the same steps anywhere: --train-steps {self.steps}")
+
+
+def process_started() -> float:
+    """``time.perf_counter``'s reading when this process started (Linux's /proc; elsewhere: now), so a command's
+    budget counts Python's start and its imports too."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        uptime = float(open("/proc/uptime").read().split()[0])
+        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        age = 0.0
+    return time.perf_counter() - max(0.0, age)
 
 
 def epochs_for(steps: int, batches_per_epoch: int) -> int:

@@ -138,7 +138,8 @@ class Trainer:
     files. Keyword-only options: ``sync_bn`` (route-aware SyncBatchNorm; None keeps the resumed
     checkpoint's choice), ``check_every`` (steps between non-finite-loss checks),
     ``handle_signals`` (turn SIGINT/SIGTERM into a checkpoint and :class:`TrainingInterrupted`
-    while fit() runs), ``clock`` (seconds; what --time-budget's probe and the run's time read, from construction). ``config`` may also be a dict of field values (:meth:`TrainConfig.from_dict`).
+    while fit() runs), ``clock`` (seconds; what --time-budget's probe and the run's time read) and ``started`` (the
+    clock's reading where the budget began: by default construction; ``robust train`` gives the process's start). ``config`` may also be a dict of field values (:meth:`TrainConfig.from_dict`).
     A resume is refused (ConfigError, nothing written) when the config differs from the run's saved one
     in a field outside :data:`robust.config.RESUMABLE`.
 
@@ -151,7 +152,7 @@ class Trainer:
     def __init__(self, config: TrainConfig | TrainPlan | Mapping[str, Any], data: ImageData | None = None,
                  resume: bool = False, force: bool = False, log: Callable[[str], None] | None = None, *,
                  sync_bn: bool | None = None, check_every: int = 50, handle_signals: bool = True,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, started: float | None = None) -> None:
         if not isinstance(config, (TrainConfig, TrainPlan, Mapping)):
             raise ConfigError(f"Trainer needs a TrainConfig or a dict of its fields, got {type(config).__name__}; "
                               "pass TrainConfig(...) or TrainConfig.from_dict({...})")
@@ -162,7 +163,8 @@ class Trainer:
         self.signals = SignalCatcher(handle_signals)
         self.saves = SaveTimer(self.plan.save_every)  # the plan is the one source of a run's settings
         self.ready = False
-        self.clock, self.started = clock, clock()  # the budget counts from here: data loading included
+        self.clock = clock  # the budget counts from ``started`` (a reading of it; default: now), data loading included
+        self.started = clock() if started is None else started
         self.bought: Bought | None = None  # what --time-budget bought (a new run only)
         self._saved_epochs: int | None = None  # the epochs the resumed run was planned for
 
