@@ -16,6 +16,7 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
+from robust.checks import format_duration
 from robust.cli.common import BAD_INPUT_ERRORS, BadInput
 from robust.config import TrainConfig
 from robust.errors import CheckpointWriteError, ConfigError, NonFiniteLoss, PeerFailed, TrainingInterrupted
@@ -23,6 +24,7 @@ from robust.objectives import Option, all_options, method_names
 from robust.plan import TrainPlan, command_words, load_config
 from robust.runtime import resolve_device
 from robust.train import distributed
+from robust.train.budget import process_started
 from robust.torchrun import env_rank, env_world_size
 from robust.train.trainer import Trainer
 
@@ -78,6 +80,7 @@ TRAIN_HELP = f"""Adversarial training (--method {', '.join(method_names())}); de
       robust train --method trades --beta 6 --awp-gamma 0.005 --awp-warmup 10
       robust train --method nfgsm --clean-weight 0.5     (the catastrophic-overfitting guard is on)
       robust train --out runs/a --resume --epochs 300
+      robust train --dataset fashion-mnist --eps 0.1 --recipe fast --time-budget 10m
       robust train --dataset imagefolder --data-dir pets --image-size 64 --arch torchvision:resnet18
       robust train --dataset tensors --data-dir mine.npz --eps 4/255
       robust train --nproc 4 --sync-bn                    DDP on 4 GPUs (or CPU processes)
@@ -125,7 +128,7 @@ def run_training(plan: TrainPlan, resume: bool, force: bool) -> dict[str, Any]:
     """Train; turn the trainer's failures into one message from rank 0 and the right exit code."""
 
     try:
-        return Trainer(plan, resume=resume, force=force, sync_bn=plan.sync_bn).fit()
+        return Trainer(plan, resume=resume, force=force, sync_bn=plan.sync_bn, started=process_started()).fit()
     except BAD_INPUT_ERRORS as exc:
         _fail(exc, 2)
     except PeerFailed as exc:
@@ -185,4 +188,6 @@ def summary_table(result: dict[str, Any]) -> str:
     if rows:
         lines.append(f"{'route':<8}{'val natural %':>15}{'val PGD %':>12}")
         lines += [f"{r:<8}{c:>15.2f}{a:>12.2f}" for r, c, a in rows]
+    if result.get("time_budget"):
+        lines.append(f"took {format_duration(result['took_s'])} of the {result['time_budget']} time budget")
     return "\n".join(lines)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Any, Mapping
 
 from robust.errors import ConfigError, non_ascii_digits
 
 MAX_SEED = 2 ** 63 - 1
+MAX_DURATION_S = 7 * 24 * 3600  # a week: a longer budget is a typo or belongs in several resumed runs
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
 
 def _describe(value: Any) -> str:
@@ -50,6 +53,9 @@ def check_value(name: str, annotation: Any, meta: Mapping[str, Any], value: Any)
             return None
         raise ConfigError(f"{label} needs a value; give one or leave it out for the default")
     kind = meta.get("kind")
+    if kind == "duration":
+        parse_duration(value, label)
+        return str(value).strip()
     if kind == "path" and isinstance(value, os.PathLike):
         value = os.fspath(value)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -84,6 +90,41 @@ def check_value(name: str, annotation: Any, meta: Mapping[str, Any], value: Any)
     if choices and value not in choices:
         raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(choices)}")
     return value
+
+
+def parse_duration(text: Any, name: str = "time-budget") -> float:
+    """Seconds of a duration written with units: ``90s``, ``10m``, ``2h``, ``1h30m``, ``1.5h``. A bare number is
+    refused (seconds or minutes?), so are zero, negative values and more than a week; ConfigError naming ``name``."""
+    example = "write it with a unit, e.g. 90s, 10m, 2h or 1h30m"
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ConfigError(f"{name} must be a duration such as 10m, got {_describe(text)}; {example}")
+    words = str(text).strip().lower()
+    if non_ascii_digits(words):
+        raise ConfigError(f"{name} {text!r} has digits that are not ASCII; write numbers with the digits 0-9")
+    if words.startswith("-"):
+        raise ConfigError(f"{name} {text!r} is negative; give a positive duration, e.g. 10m")
+    if isinstance(text, (int, float)) or _looks_like(words, float):
+        raise ConfigError(f"{name} {text!r} has no unit (seconds? minutes?); {example}")
+    match = _DURATION.fullmatch(words)
+    if not words or match is None:
+        raise ConfigError(f"{name} {text!r} is not a duration; {example}")
+    hours, minutes, seconds = (float(part or 0) for part in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ConfigError(f"{name} {text!r} is no time at all; give a positive duration, e.g. 10m")
+    if total > MAX_DURATION_S:
+        raise ConfigError(f"{name} {text!r} is more than a week; give at most 168h (train longer in resumed runs)")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """``seconds`` as the budgets are written: 9m31s, 1h02m, 45s."""
+    whole = int(round(seconds))
+    if whole >= 3600:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    if whole >= 60:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole}s"
 
 
 def _check_range(label: str, value: float, meta: Mapping[str, Any]) -> None:

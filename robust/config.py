@@ -98,7 +98,12 @@ class TrainConfig:
     activation: str = _f("relu", "our architectures' activation: relu (the SaBN reference) or silu (the modern recipes' "
                                  "wide ResNets)", choices=tuple(ACTIVATIONS))
     # optimization
-    epochs: int = _f(200, "training epochs", min=1)
+    epochs: int = _f(200, "training epochs (with --train-steps or --time-budget: the epochs those steps need)", min=1)
+    time_budget: str | None = _f(None, "the whole run's time (data loading, training, validation), e.g. 90s, 10m, 2h, "
+                                       "1h30m: the run times its first steps and trains the most steps that fit, "
+                                       "recorded as --train-steps (docs/training.md#time-budget)", kind="duration")
+    train_steps: int | None = _f(None, "optimizer steps of the whole run, the schedule spread over them (the last epoch "
+                                       "stops part-way); --time-budget records the steps it bought here", min=1)
     batch_size: int = _f(128, "training batch size", min=1)
     optimizer: str = _f("sgd", "sgd (the reference's) or adamw (the transformer recipes': Singh et al. 2023, Liu et al. 2023, "
                                "with --weight-decay 0.05 and a smaller --lr)", choices=OPTIMIZERS)
@@ -464,6 +469,8 @@ def resume_changes(before: TrainConfig, config: TrainConfig) -> list[str]:
     out = []
     for f in dataclasses.fields(TrainConfig):
         old, new = getattr(before, f.name), getattr(config, f.name)
+        if f.name == "train_steps" and new is None:
+            continue  # the steps a --time-budget bought stand: the resume takes them from the run
         if f.name not in RESUMABLE and not _same_value(f, old, new):
             out.append(f"--{f.name.replace('_', '-')} {shown_setting(old)} (given: {shown_setting(new)})")
     return out

@@ -81,8 +81,13 @@ def run_state(plan: TrainPlan) -> str:
     last = plan.run_dir / RunFiles.LAST
     if not last.is_file():
         return "new"
-    finished_epochs = int(ckpt.load_checkpoint(last)["epoch"]) + 1
-    return "done" if finished_epochs >= plan.epochs and (plan.run_dir / RunFiles.BEST).is_file() else "partial"
+    state = ckpt.load_checkpoint(last)
+    steps = (state.get("config") or {}).get("train_steps")  # what a --time-budget bought, recorded by the run
+    if steps:
+        finished = int(state["scheduler"]["step"]) >= steps and state.get("position") is None
+    else:
+        finished = int(state["epoch"]) + 1 >= plan.epochs
+    return "done" if finished and (plan.run_dir / RunFiles.BEST).is_file() else "partial"
 
 
 def train_norm(plan: TrainPlan, state: str, data, log: Callable[[str], None]) -> None:

@@ -10,7 +10,7 @@ from robust.plan import TrainPlan
 
 def lr_at(step: int, config: TrainPlan | TrainConfig, batches_per_epoch: int) -> float:
     """The learning rate before optimizer step ``step`` (0-based, counted over the whole run) of a plan or a config."""
-    total = config.epochs * batches_per_epoch
+    total = config.train_steps or config.epochs * batches_per_epoch
     epoch = step / batches_per_epoch
     base = config.lr
     warm = config.warmup_epochs * batches_per_epoch

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from robust import checkpoint as ckpt
 from robust.attacks import pgd
+from robust.checks import format_duration, parse_duration
 from robust.config import TrainConfig, check_resume, load_saved_config, replan_milestones, upgrade_saved
 from robust.data.corruptions import check_corruption_names, corrupted_copy
 from robust.data.extra import load_extra_data
@@ -50,6 +51,7 @@ from robust.progress import Progress, run_estimate
 from robust.runtime import configure_kernels, describe_machine, precision_name
 from robust.torchrun import local_world_size
 from robust.train import distributed as dist_
+from robust.train.budget import Bought, Probe, buy_steps, epochs_for, steps_in_epoch
 from robust.train.build import build_training, training_precision
 from robust.train.co_guard import COGuard
 from robust.train.ema import WeightAverage
@@ -148,7 +150,8 @@ class Trainer:
     files. Keyword-only options: ``sync_bn`` (route-aware SyncBatchNorm; None keeps the resumed
     checkpoint's choice), ``check_every`` (steps between non-finite-loss checks),
     ``handle_signals`` (turn SIGINT/SIGTERM into a checkpoint and :class:`TrainingInterrupted`
-    while fit() runs). ``config`` may also be a dict of field values (:meth:`TrainConfig.from_dict`).
+    while fit() runs), ``clock`` (seconds; what --time-budget's probe and the run's time read) and ``started`` (the
+    clock's reading where the budget began: by default construction; ``robust train`` gives the process's start). ``config`` may also be a dict of field values (:meth:`TrainConfig.from_dict`).
     A resume is refused (ConfigError, nothing written) when the config differs from the run's saved one
     in a field outside :data:`robust.config.RESUMABLE`.
 
@@ -160,7 +163,8 @@ class Trainer:
 
     def __init__(self, config: TrainConfig | TrainPlan | Mapping[str, Any], data: ImageData | None = None,
                  resume: bool = False, force: bool = False, log: Callable[[str], None] | None = None, *,
-                 sync_bn: bool | None = None, check_every: int = 50, handle_signals: bool = True) -> None:
+                 sync_bn: bool | None = None, check_every: int = 50, handle_signals: bool = True,
+                 clock: Callable[[], float] = time.perf_counter, started: float | None = None) -> None:
         if not isinstance(config, (TrainConfig, TrainPlan, Mapping)):
             raise ConfigError(f"Trainer needs a TrainConfig or a dict of its fields, got {type(config).__name__}; "
                               "pass TrainConfig(...) or TrainConfig.from_dict({...})")
@@ -172,6 +176,9 @@ class Trainer:
         self.saves = SaveTimer(self.plan.save_every)  # the plan is the one source of a run's settings
         self.ready = False
         self._val_corrupted: list[torch.Tensor] | None = None  # the corrupted validation images, made once
+        self.clock = clock  # the budget counts from ``started`` (a reading of it; default: now), data loading included
+        self.started = clock() if started is None else started
+        self.bought: Bought | None = None  # what --time-budget bought (a new run only)
         self._saved_epochs: int | None = None  # the epochs the resumed run was planned for
 
     @property
@@ -202,6 +209,7 @@ class Trainer:
         if self.dist.enabled:  # DDP around the loss model (a collective: it broadcasts rank 0's weights)
             unused = self.settings.clean_weight == 0 and is_dual_route(self.model)  # the clean route is idle
             self.step_model = dist_.wrap_ddp(self.attack_model, self.dist, self.device, unused)
+        self._resolve_steps()
         self.ready = True
         return self
 
@@ -250,6 +258,53 @@ class Trainer:
                 check_output_dir(c.tensorboard, "--tensorboard")
                 check_tensorboard_dir(c.tensorboard, self.run_dir)
                 summary_writer_class()
+
+    def _resolve_steps(self) -> None:
+        """--time-budget (a new run): time the steps and buy the most that fit; --train-steps (given, or bought
+        before a resume): the epochs they need. Before anything is written: a refusal leaves the folder as it was."""
+        batches = len(self.loader)
+        steps = self.plan.train_steps
+        if steps is None and self.plan.time_budget:
+            self.bought = self._buy(batches)
+            steps = self.bought.steps
+        if steps is not None:
+            self.plan = self.plan.replace(train_steps=steps, epochs=epochs_for(steps, batches))
+
+    def _buy(self, batches: int) -> Bought:
+        """Time one training step and one validation batch of this run (after a warm-up step; the weights and the
+        optimizer are restored) and buy the steps; every rank trains the fewest any rank could afford."""
+        c = self.plan
+        n = min(c.batch_size, len(self.loader.y))
+        x = self.loader.x[:n]
+        if not isinstance(x, torch.Tensor):  # streamed: read these n images here
+            x = x.load(workers=0).to(self.device)
+        x, y = to_float(x, c.channels_last), self.loader.y[:n]
+        x, y, weight = self._local_part(x, y) or (x, y, 1.0)
+        reduce = self._average_over_ranks if self.dist.enabled else None
+
+        def train_once() -> float:
+            return float(train_step(self.step_model, self.optimizer, self.scaler, x, y, self.settings,
+                                    attack_model=self.attack_model, loss_scale=weight, awp=c.awp_gamma > 0,
+                                    reduce=reduce)[0])  # float(): waits for the device
+
+        vx, vy = (self.val[0][self.dist.rank::self.dist.world_size], self.val[1][self.dist.rank::self.dist.world_size]) \
+            if self.val is not None else (None, None)
+        k = 0 if vy is None else min(len(vy), max(c.batch_size, VALIDATION_BATCH))
+        routes = ROUTES if is_dual_route(self.model) else ("adv",)
+
+        def validate_part() -> list[int]:
+            return [route_correct_counts(self.model, vx[:k], vy[:k], r, c, self.device, self.amp).tolist() for r in routes]
+
+        costs = Probe(self.clock, [self.model, self.optimizer, self.scaler]).measure(
+            train_once, validate_part, len(vy) / k if k else 0.0, self.started)
+        bought, error = None, None
+        try:
+            bought = buy_steps(parse_duration(c.time_budget), costs, batches, c.batch_size)
+        except ConfigError as exc:
+            error = exc
+        dist_.agree(self.dist, error)
+        fewest = -dist_.control_max([-bought.steps], self.dist)[0]
+        return Bought(bought.budget_s, fewest, batches, c.batch_size, costs)
 
     def _check_same_run(self, state: dict[str, Any]) -> None:
         """Refuse to resume with settings the run was not trained with (its config.json, else last.pt's config)."""
@@ -391,6 +446,7 @@ class Trainer:
         """One pass over the training set; returns loss, adv accuracy, images/s, seconds."""
         c = self.plan
         batches = len(self.loader)
+        end = steps_in_epoch(epoch, batches, c.train_steps)  # the last epoch of --train-steps stops part-way
         resuming = epoch == self.start_epoch and bool(self.resume_tally)
         first = self.start_batch if epoch == self.start_epoch else 0
         self.loader.set_epoch(epoch, skip=first)  # resuming inside the epoch: skipped batches are not read
@@ -398,13 +454,15 @@ class Trainer:
         tally = EpochTally(self.device, saved.get("loss_sum", 0.0), saved.get("correct", 0), saved.get("seen", 0),
                            saved.get("seconds", 0.0))
         watch = FiniteWatch(self.device, first, self.step)
-        progress = Progress(batches - first, f"epoch {epoch + 1}/{c.epochs}", not c.quiet and self.dist.is_main)
+        progress = Progress(end - first, f"epoch {epoch + 1}/{c.epochs}", not c.quiet and self.dist.is_main)
         awp = c.awp_gamma > 0 and epoch >= c.awp_warmup
         start = time.perf_counter()
         lr = lr_at(self.step, c, batches)
         for i, (x, y) in enumerate(self.loader):
             if i < first:  # resuming inside the epoch: the loader yields (None, None) for these
                 continue
+            if i >= end:
+                break
             part = self._local_part(x, y)
             if part is None:
                 break
@@ -421,16 +479,16 @@ class Trainer:
             tally.add(loss, adv_logits, hard_labels(y))
             watch.update(loss)
             self.step += 1
-            if i + 1 - first == min(ESTIMATE_AFTER, batches - first) and epoch == self.start_epoch and progress.enabled:
+            if i + 1 - first == min(ESTIMATE_AFTER, end - first) and epoch == self.start_epoch and progress.enabled:
                 self.log(run_estimate((time.perf_counter() - start) / (i + 1 - first),
-                                      batches * (c.epochs - epoch) - (i + 1), QUICK_RUN))
-            if progress.enabled and (i % 10 == 0 or i == batches - 1):
+                                      (c.train_steps or batches * c.epochs) - self.step, QUICK_RUN))
+            if progress.enabled and (i % 10 == 0 or i == end - 1):
                 progress.show(loss=f"{tally.loss_sum.item() / tally.seen:.3f}",
                               adv_acc=f"{100 * tally.correct.item() / tally.seen:.1f}")
             progress.update()
-            self._between_steps(epoch, i + 1, batches, tally, watch, tally.seconds_before + time.perf_counter() - start)
+            self._between_steps(epoch, i + 1, end, tally, watch, tally.seconds_before + time.perf_counter() - start)
         progress.close()
-        self._check_finite(epoch, batches, watch, batches)
+        self._check_finite(epoch, end, watch, end)
         totals = tally.totals(self.dist)
         dist_.average_running_stats(self.model, self.dist)
         if self.ema is not None:  # without SyncBN each rank's averaged statistics followed its own shard
@@ -514,6 +572,8 @@ class Trainer:
         try:
             self.folder.prepare(c.to_dict(), self.start_epoch)
             scalars = ScalarLog(c.tensorboard, self.start_epoch + 1, self.dist.is_main)
+            if self.bought is not None:
+                self.log(self.bought.describe())
             self.log(self._header())
             self.saves.saved()
             if not self.resume:  # from now on a loadable last.pt always exists
@@ -527,14 +587,14 @@ class Trainer:
                         result = self._stop_collapsed(epoch, metrics)
                         scalars.add(metrics)
                         self.folder.settle()
-                        return result
+                        return self._timed(result)
                 metrics.update(self.validation_metrics())
                 self._save_epoch(epoch, metrics)
                 scalars.add(metrics)
                 self.folder.settle()  # an epoch is saved: the files it replaced (--force) go for good
                 self.log(format_epoch(metrics))
             self.folder.settle()
-            return {"run_dir": str(self.run_dir), "best": self.best, **metrics}
+            return self._timed({"run_dir": str(self.run_dir), "best": self.best, **metrics})
         except Exception as exc:
             if not isinstance(exc, TrainingInterrupted):  # an interrupted run keeps its last.pt to resume from
                 self.folder.undo()  # failed before its first epoch was saved: the folder as it was, no blocked rerun
@@ -544,6 +604,15 @@ class Trainer:
             scalars.close()
             self.signals.restore()
             self.folder.unlock()
+
+    def _timed(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The result with the process's time (``took_s``, from construction) and, under a budget, the budget."""
+        took = self.clock() - self.started
+        budget = self.plan.time_budget
+        if budget:
+            self.log(f"trained {self.plan.train_steps:,} steps; took {format_duration(took)} of the "
+                     f"{format_duration(parse_duration(budget))} time budget")
+        return {**result, "took_s": took, **({"time_budget": budget} if budget else {})}
 
     def _header(self) -> str:
         c = self.plan
