@@ -100,15 +100,16 @@ def tiny_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
     with torch.no_grad():
-        net[3].weight.mul_(20)
-    return net
+        net[3].weight.mul_(20)  # confident logits, so the loss moves visibly within small balls
+        net[3].bias.sub_(net(torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(99))).mean(0))
+    return net  # centred logits: the classes it predicts vary
 
 
 def tiny_batch(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, 8, 8, generator=g)
     with torch.no_grad():
-        y = tiny_net()(x).argmax(1)  # every example clean-correct
+        y = tiny_net()(x).argmax(1)  # every example clean-correct, of 10 classes
     return x, y
 
 
@@ -141,7 +142,7 @@ def test_our_apgd_ce_l1_gives_the_official_verdicts_image_for_image():
     sitting on the decision boundary, so at most one verdict in 32 may differ."""
     x, y = tiny_batch()
     net = tiny_net()
-    eps = 1.0
+    eps = 0.5
     ours = apgd(net, x, y, APGDSettings(eps, "l1", "ce", restarts=5, larger_eps=True))
     theirs = official_apgd(net, x, y, eps, n_restarts=5, use_largereps=True, loss="ce")
     ours_robust, theirs_robust = net(ours).argmax(1) == y, net(theirs).argmax(1) == y
@@ -157,7 +158,7 @@ def test_the_l1_standard_version_gives_the_official_verdicts():
     they can only lower the official figure). At most one verdict may differ (the projection's last bits)."""
     x, y = tiny_batch()
     net = tiny_net()
-    eps = 1.0
+    eps = 0.5
     official = pyautoattack.AutoAttack(net, norm="L1", eps=eps, version="standard", seed=0, device="cpu")
     assert official.apgd.n_restarts == 5 and official.apgd.use_largereps and official.apgd_targeted.n_target_classes == 5
     official.attacks_to_run = ["apgd-ce", "apgd-t"]
