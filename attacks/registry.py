@@ -495,7 +495,8 @@ def _version_params(version: str) -> Callable[[AttackSettings], dict[str, Any]]:
                 other = THREAT_VERSIONS.get((part, how.threat))
                 parts[part] = {"source": "attacks.apgd" if other else spec.source,
                                **(other.params if other else spec.params)(how)}
-        return {"version": version, "parts": list(parts), "seed": s.seed, "steps": APGD_STEPS, "settings": parts}
+        return {"version": version, "parts": list(parts), "restarts": s.restarts, "seed": s.seed, "steps": APGD_STEPS,
+                "queries": s.queries, "settings": parts}
 
     return params
 
