@@ -1,9 +1,12 @@
 """Adversarial attacks on any callable ``model(x) -> logits`` with inputs in [0, 1].
 
 This package knows nothing of the rest of :mod:`robust` (installed, it is ``robust.attacks``): our PGD engine lives in :mod:`attacks.pgd`, the
-name -> attack registry (which also wraps torchattacks) in :mod:`attacks.registry`.
+name -> attack registry (which also wraps torchattacks) in :mod:`attacks.registry`, the L1 ball in :mod:`attacks.l1` and
+APGD in :mod:`attacks.apgd`.
 """
 
+from .apgd import APGDSettings, apgd
+from .l1 import L1Ball
 from .pgd import (
     THREATS,
     L2Ball,
@@ -21,6 +24,6 @@ from .pgd import (
 )
 
 __all__ = [
-    "L2Ball", "LinfBall", "THREATS", "ce_loss", "cw_margin_loss", "fgsm_rs", "gaussian_start", "get_threat",
+    "APGDSettings", "L1Ball", "apgd", "L2Ball", "LinfBall", "THREATS", "ce_loss", "cw_margin_loss", "fgsm_rs", "gaussian_start", "get_threat",
     "fp32_predictions", "kl_loss_from", "nfgsm", "pgd", "pgd_restarts",
 ]

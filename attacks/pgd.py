@@ -2,7 +2,7 @@
 N-FGSM (de Jorge et al. 2022), plus the KL loss TRADES's attack ascends (Zhang et al. 2019).
 
 The only contract with the model is ``model(x) -> logits`` with x in [0, 1]; eps is in pixel
-units. A threat model (:class:`LinfBall`, :class:`L2Ball`) owns the random start, the ascent step
+units. A threat model (:class:`LinfBall`, :class:`L2Ball`, :class:`attacks.l1.L1Ball`) owns the random start, the ascent step
 and the projection; one PGD loop uses them. The caller chooses train/eval mode and precision.
 """
 
@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .l1 import L1Ball
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,11 +71,11 @@ class L2Ball:
         return delta.flatten(1).norm(dim=1)
 
 
-THREATS = {"linf": LinfBall, "l2": L2Ball}
+THREATS = {"linf": LinfBall, "l2": L2Ball, "l1": L1Ball}
 
 
 def get_threat(name: str):
-    """The threat model class for ``name`` ('linf' or 'l2')."""
+    """The threat model class for ``name`` ('linf', 'l2' or 'l1')."""
     try:
         return THREATS[name]
     except KeyError:

@@ -22,15 +22,16 @@ Every attack's output should lie in the eps ball around x and in [0, 1];
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torchattacks
 
+from .apgd import APGDSettings, apgd
 from .named import Registry, Spec, nearest
-from .pgd import EarlyStop, fp32_predictions, get_threat, pgd, pgd_restarts
+from .pgd import THREATS, EarlyStop, fp32_predictions, get_threat, pgd, pgd_restarts
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -149,12 +150,15 @@ def attack_settings(name: str, eps: float, threat: str = "linf", restarts: int =
         raise ValueError(f"restarts and queries must be >= 1, got {restarts} and {queries}")
     if eot < 1:
         raise ValueError(f"eot (forwards averaged per gradient) must be >= 1, got {eot}")
+    check_threat(kind, threat)
     return ATTACKS.get(kind), AttackSettings(eps, threat, steps, restarts, queries, seed, num_classes, step_size, eot)
 
 
 def _recorded(spec: AttackSpec, settings: AttackSettings) -> dict[str, Any]:
     """What an attack records of itself: threat, eps, source, then its spec's own settings."""
-    own = spec.params(settings) if spec.params is not None else {}
+    other = THREAT_VERSIONS.get((spec.name, settings.threat))
+    params = other.params if other is not None else spec.params
+    own = params(settings) if params is not None else {}
     eot = {"eot": settings.eot} if settings.eot > 1 else {}  # recorded only where it changes the attack
     return {"threat": settings.threat, "eps": settings.eps, "source": spec.source, **own, **eot}
 
@@ -174,7 +178,7 @@ def build_attack(name: str, model: nn.Module, eps: float, threat: str = "linf", 
     Raises ValueError for an unknown name or threat model, naming the valid ones.
     """
     spec, settings = attack_settings(name, eps, threat, restarts, queries, seed, num_classes, step_size, eot)
-    made = spec.build(model, settings)
+    made = build_part(spec.name, model, settings)
     attack = made if isinstance(made, Attack) else Attack("", made)
     attack.name = str(name).strip().lower()
     attack.params = _recorded(spec, settings)
@@ -340,43 +344,186 @@ def _square(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
                                resc_schedule=False, **common)
 
 
-AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+# ---- threat models: which attacks serve which, and our own APGD where torchattacks has none -------
 
 
-def _autoattack_params(s: AttackSettings) -> dict[str, Any]:
-    return {"version": "standard", "parts": list(AUTOATTACK_PARTS), "restarts": s.restarts, "seed": s.seed,
-            "steps": APGD_STEPS, "queries": s.queries, "target_classes": _targets(s)}
+@dataclass(frozen=True)
+class ThreatVersion:
+    """An attack's builder and recorded settings for a threat model its registered builder does not serve."""
+
+    build: Callable[[nn.Module, AttackSettings], Any]
+    params: Callable[[AttackSettings], dict[str, Any]]
 
 
-@ATTACKS.register("autoattack", summary="standard version: APGD-CE, APGD-T, FAB-T, Square", source="torchattacks",
-                  slow=True, params=_autoattack_params)
-def _autoattack(model: nn.Module, s: AttackSettings) -> Attack:
-    """AutoAttack, standard version: APGD-CE, APGD-T, FAB-T, Square, each run on the survivors.
+# the threats a registered builder serves, where not every threat model: torchattacks has no L1 APGD or Square
+# (its FAB's L1 branch fails: torchattacks 3.5.1, fab.py, `res` unset for L1), and the official AutoAttack has
+# its plus version for Linf and L2 only
+OWN_THREATS: dict[str, tuple[str, ...]] = {name: ("linf", "l2") for name in (
+    "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square", "autoattack-plus")}
 
-    Built from torchattacks' components with AutoAttack's own settings (100 iterations, 9 target
-    classes, 5000 queries); torchattacks.AutoAttack itself uses 10 iterations.
-    """
-    attacks = [ATTACKS.get(part).build(model, s) for part in AUTOATTACK_PARTS]
+
+def served_threats(name: str) -> tuple[str, ...]:
+    """The threat models attack ``name`` (a registered name) takes."""
+    own = OWN_THREATS.get(name, tuple(THREATS))
+    return tuple(t for t in THREATS if t in own or (name, t) in THREAT_VERSIONS)
+
+
+def check_threat(name: str, threat: str) -> None:
+    """ValueError in one line when attack ``name`` has no version for ``threat``."""
+    served = served_threats(name)
+    if threat not in served:
+        raise ValueError(f"attack {name!r} has no {threat} version; its threat models: {', '.join(served)}")
+
+
+def build_part(name: str, model: nn.Module, s: AttackSettings) -> Any:
+    """Attack ``name`` (registered) built for ``s.threat``: its own builder, or the threat's version of it."""
+    check_threat(name, s.threat)
+    other = THREAT_VERSIONS.get((name, s.threat))
+    return other.build(model, s) if other is not None else ATTACKS.get(name).build(model, s)
+
+
+L1_APGD_TARGETS = 5  # the official L1 standard version's APGD-T target classes
+L1_APGD_RESTARTS = 5  # and its APGD-CE restarts
+
+
+def _apgd_settings(s: AttackSettings, loss: str, **official: Any) -> APGDSettings:
+    """Our APGD's settings: 100 steps, the larger-eps schedule in L1 (the official L1 APGD), ``official``'s overrides."""
+    base = dict(eps=s.eps, threat=s.threat, loss=loss, steps=APGD_STEPS, restarts=s.restarts,
+                target_classes=_targets(s), eot=s.eot, seed=s.seed, larger_eps=s.threat == "l1")
+    return APGDSettings(**{**base, **official})
+
+
+def own_apgd(loss: str, **official: Any) -> ThreatVersion:
+    """Our APGD (:mod:`attacks.apgd`) on ``loss``, with its recorded settings."""
+
+    def build(model: nn.Module, s: AttackSettings) -> AttackFn:
+        settings = _apgd_settings(s, loss, **official)
+        return lambda x, y: apgd(model, x, y, settings)
+
+    def params(s: AttackSettings) -> dict[str, Any]:
+        a = _apgd_settings(s, loss, **official)
+        targets = {"target_classes": a.target_classes} if loss == "dlr-targeted" else {}
+        eot = {"eot": a.eot} if a.eot > 1 else {}
+        return {"restarts": a.restarts, "seed": a.seed, "steps": a.steps, "loss": loss.replace("-", " "),
+                "larger_eps": a.larger_eps, **targets, **eot}
+
+    return ThreatVersion(build, params)
+
+
+THREAT_VERSIONS: dict[tuple[str, str], ThreatVersion] = {
+    ("apgd-ce", "l1"): own_apgd("ce"), ("apgd-dlr", "l1"): own_apgd("dlr"), ("apgd-t", "l1"): own_apgd("dlr-targeted"),
+}
+
+
+# ---- AutoAttack's versions: one ensemble runner, each version a list of parts ----------------------
+
+
+def ensemble(model: nn.Module, parts: list[tuple[str, AttackFn]]) -> Attack:
+    """Each part in turn on the examples still robust (verdicts in fp32); seconds per stage in ``stage_seconds``."""
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = x.detach().clone()
         alive = fp32_predictions(model, x) == y
-        for part, attack in zip(AUTOATTACK_PARTS, attacks):
+        for part, attack in parts:
             idx = alive.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
-            if ensemble.on_stage is not None:
-                ensemble.on_stage(part, len(idx))
+            if made.on_stage is not None:
+                made.on_stage(part, len(idx))
             start = time.perf_counter()
             candidate = attack(x[idx], y[idx])
             fooled = fp32_predictions(model, candidate) != y[idx]  # a stage's verdict is fp32 whatever it searched in
             x_adv[idx[fooled]] = candidate[fooled]
             alive[idx[fooled]] = False
-            ensemble.stage_seconds[part] = ensemble.stage_seconds.get(part, 0.0) + time.perf_counter() - start
+            made.stage_seconds[part] = made.stage_seconds.get(part, 0.0) + time.perf_counter() - start
         return x_adv
 
-    ensemble = Attack("", run)
-    return ensemble
+    made = Attack("", run)
+    return made
+
+
+AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square")
+PLUS_PARTS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+PLUS_RESTARTS = 5  # the plus version's restarts of APGD-CE, APGD-DLR and FAB
+RAND_EOT = 20  # the rand version's forwards per gradient
+
+
+def _standard_parts(s: AttackSettings) -> list[tuple[str, AttackSettings | ThreatVersion]]:
+    """The official standard version: Linf/L2 APGD-CE (1 restart), APGD-T (9 targets), FAB-T, Square; L1 APGD-CE
+    with 5 restarts and APGD-T with 5 targets, both on the larger-eps schedule (the official's FAB-T and Square
+    in L1 have no implementation here)."""
+    if s.threat != "l1":
+        return [(part, s) for part in AUTOATTACK_PARTS]
+    return [("apgd-ce", own_apgd("ce", restarts=max(L1_APGD_RESTARTS, s.restarts))),
+            ("apgd-t", own_apgd("dlr-targeted", target_classes=L1_APGD_TARGETS, restarts=1))]
+
+
+def _plus_parts(s: AttackSettings) -> list[tuple[str, AttackSettings | ThreatVersion]]:
+    """The official plus version (Linf, L2): APGD-CE, APGD-DLR, FAB (5 restarts each), Square, APGD-T, FAB-T (9 targets)."""
+    more = replace(s, restarts=max(PLUS_RESTARTS, s.restarts))
+    return [(part, more if part in ("apgd-ce", "apgd-dlr", "fab") else replace(s, restarts=1)) for part in PLUS_PARTS]
+
+
+def _rand_parts(s: AttackSettings) -> list[tuple[str, AttackSettings | ThreatVersion]]:
+    """The official rand version: APGD-CE and APGD-DLR, 1 restart, 20 forwards per gradient (ours, every threat;
+    in L1 without the larger-eps schedule, as the official rand version runs it)."""
+    official = dict(restarts=1, eot=max(RAND_EOT, s.eot), larger_eps=False)
+    return [("apgd-ce", own_apgd("ce", **official)), ("apgd-dlr", own_apgd("dlr", **official))]
+
+
+VERSIONS: dict[str, Callable[[AttackSettings], list[tuple[str, AttackSettings | ThreatVersion]]]] = {
+    "standard": _standard_parts, "plus": _plus_parts, "rand": _rand_parts}
+
+
+def _build_version(version: str, model: nn.Module, s: AttackSettings) -> Attack:
+    parts = []
+    for part, how in VERSIONS[version](s):
+        parts.append((part, how.build(model, s) if isinstance(how, ThreatVersion) else build_part(part, model, how)))
+    return ensemble(model, parts)
+
+
+def _version_params(version: str) -> Callable[[AttackSettings], dict[str, Any]]:
+    """What a version records: its parts, each with its own recorded settings."""
+
+    def params(s: AttackSettings) -> dict[str, Any]:
+        parts = {}
+        for part, how in VERSIONS[version](s):
+            if isinstance(how, ThreatVersion):
+                parts[part] = {"source": "attacks.apgd", **how.params(s)}
+            else:
+                spec = ATTACKS.get(part)
+                other = THREAT_VERSIONS.get((part, how.threat))
+                parts[part] = {"source": "attacks.apgd" if other else spec.source,
+                               **(other.params if other else spec.params)(how)}
+        return {"version": version, "parts": list(parts), "restarts": s.restarts, "seed": s.seed, "steps": APGD_STEPS,
+                "queries": s.queries, "settings": parts}
+
+    return params
+
+
+@ATTACKS.register("autoattack", summary="standard version: APGD-CE, APGD-T, FAB-T, Square (L1: APGD-CE, APGD-T)",
+                  source="torchattacks", slow=True, params=_version_params("standard"))
+def _autoattack(model: nn.Module, s: AttackSettings) -> Attack:
+    """AutoAttack, standard version: each part run on the survivors of the ones before.
+
+    Linf and L2 from torchattacks' components with AutoAttack's own settings (100 iterations, 9 target
+    classes, 5000 queries; torchattacks.AutoAttack itself uses 10 iterations); L1 with our APGD.
+    """
+    return _build_version("standard", model, s)
+
+
+@ATTACKS.register("autoattack-plus", summary="plus version: APGD-CE, APGD-DLR, FAB, Square, APGD-T, FAB-T",
+                  source="torchattacks", slow=True, params=_version_params("plus"))
+def _autoattack_plus(model: nn.Module, s: AttackSettings) -> Attack:
+    """AutoAttack, plus version (Linf, L2): 5 restarts of APGD-CE, APGD-DLR and FAB, then Square, APGD-T, FAB-T."""
+    return _build_version("plus", model, s)
+
+
+@ATTACKS.register("autoattack-rand", summary="rand version: APGD-CE, APGD-DLR, 20 EOT forwards",
+                  source="attacks.apgd", slow=True, params=_version_params("rand"))
+def _autoattack_rand(model: nn.Module, s: AttackSettings) -> Attack:
+    """AutoAttack, rand version for randomized models: APGD-CE and APGD-DLR averaging 20 forwards per gradient."""
+    return _build_version("rand", model, s)
 
 
 # ---- the one check every attack's output passes ----------------------------------------------------

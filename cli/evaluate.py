@@ -26,7 +26,7 @@ from robust.curves import plot_sweep
 from robust.nn.norms import routes_for
 from robust.outputs import write_json, write_output
 from robust.runtime import resolve_device
-from robust.threat import parse_eps_list
+from robust.threat import THREATS, parse_eps_list
 from robust.torchrun import env_world_size
 from robust.train.distributed import SINGLE, setup, shutdown
 
@@ -110,7 +110,7 @@ def print_checks(checks) -> None:
 @click.option("--resume", is_flag=True,
               help="finish the evaluation whose --state file is given, running only what it lacks (refused when the "
                    "model, images, eps, attacks or settings differ)")
-@click.option("--threat", type=click.Choice(["linf", "l2"]), default="linf", show_default=True, help="threat model")
+@click.option("--threat", type=click.Choice(list(THREATS)), default="linf", show_default=True, help="threat model")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N test examples only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
@@ -131,7 +131,7 @@ def evaluate_command(checkpoint: str | None, **flags: Any) -> None:
     Without CHECKPOINT, the newest run folder under ./runs is scored (and named).
 
     The output files are checked before any attack runs and written atomically at the end;
-    existing ones are kept unless --force. --threat l2 needs an explicit --eps (the checkpoint's
+    existing ones are kept unless --force. --threat l2 or l1 needs an explicit --eps (the checkpoint's
     eps is a Linf radius).
 
     Each route is attacked and scored through itself, with the model in eval mode; with several

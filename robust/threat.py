@@ -1,4 +1,4 @@
-"""The threat model's numbers: eps and step sizes parsed exactly (fractions, never eval), per threat (linf, l2)."""
+"""The threat model's numbers: eps and step sizes parsed exactly (fractions, never eval), per threat (linf, l2, l1)."""
 
 from __future__ import annotations
 
@@ -40,15 +40,31 @@ THREATS = tuple(BALLS)  # the attacks' table of threat models is the one source 
 
 
 def resolve_eps(eps: float | str, threat: str) -> float:
-    """eps in pixel units: [0, 1] for Linf; any value >= 0 for L2 (its ball grows with the image)."""
+    """eps in pixel units: [0, 1] for Linf; any finite value >= 0 for L2 and L1 (their balls grow with the image).
+
+    An L1 radius is a sum over every input value (the official CIFAR-10 radius is 12), so one written as a
+    fraction of 255 (12/255, a per-pixel Linf habit) is refused rather than read as a ball too small to matter.
+    """
     if threat not in THREATS:
         raise ConfigError(f"unknown threat {threat!r}; valid: {', '.join(THREATS)}")
     if threat == "linf":
         return parse_eps(eps, allow_zero=True)
+    if threat == "l1" and isinstance(eps, str) and re.search(r"/\s*255\s*$", eps):
+        raise ConfigError(f"eps {eps!r} is a fraction of 255, but an L1 radius is a sum over all pixels, not a "
+                          f"per-pixel step: write e.g. 12, not 12/255")
     value = parse_fraction(eps, "eps")
     if not (value >= 0 and math.isfinite(value)):
-        raise ConfigError(f"eps {eps!r} must be >= 0 for the L2 threat model")
+        raise ConfigError(f"eps {eps!r} must be a finite number >= 0 for the {threat.upper()} threat model")
     return value
+
+
+def check_radius(eps: float, threat: str, values: int) -> None:
+    """Refuse an L2 or L1 radius no perturbation of an input of ``values`` numbers in [0, 1] can reach
+    (above sqrt(values) in L2, above values in L1): a radius in the wrong units."""
+    largest = {"linf": 1.0, "l2": math.sqrt(values), "l1": float(values)}[threat]
+    if eps > largest:
+        raise ConfigError(f"eps {eps:g} is larger than any {threat} perturbation of these inputs "
+                          f"({values} values in [0, 1]: at most {largest:g}); give the radius in pixel units")
 
 
 def parse_eps_list(text: str, threat: str = "linf") -> list[float]:

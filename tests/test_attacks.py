@@ -119,8 +119,9 @@ def test_attack_names_parse_and_unknown_ones_list_the_valid():
     assert set(available_attacks()) >= {"clean", "fgsm", "pgdN", "cwN", "apgd-dlr", "fab-t"}
     with pytest.raises(ValueError, match="at least 1 step"):
         parse_attack_name("pgd0")
-    with pytest.raises(ValueError, match="threat"):
-        build_attack("pgd10", tiny_net(), 0.1, threat="l1")
+    assert build_attack("pgd10", tiny_net(), 0.1, threat="l1").params["threat"] == "l1"
+    with pytest.raises(ValueError, match="threat model 'l0'; valid: linf, l2, l1"):
+        build_attack("pgd10", tiny_net(), 0.1, threat="l0")
 
 
 def test_pgd_attack_defaults_to_step_eps_over_4_with_random_start():

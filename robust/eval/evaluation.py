@@ -34,6 +34,7 @@ from robust.eval.plan import EvalPlan
 from robust.eval.state import EvalState, fingerprint, open_state
 from robust.nn.norms import RoutedNorm, routes_for
 from robust.progress import Progress
+from robust.threat import check_radius
 from robust.runtime import THREADS_RANGE, available_cpus, precision_name, resolve_device, versions
 
 
@@ -193,7 +194,8 @@ def share_jobs(jobs: int, threads: int | None, n: int, batches: int) -> tuple[in
     return processes, threads
 
 
-STAGE_TITLES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}
+STAGE_TITLES = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "fab": "FAB", "fab-t": "FAB-T",
+                "square": "Square"}
 
 
 class Bars:
@@ -313,6 +315,7 @@ def evaluate_plan(model: nn.Module, data: Any, plan: EvalPlan) -> dict[str, Any]
         raise ConfigError(NO_STATE_ACROSS_RANKS)
     x, y = as_tensors(data, plan.limit)
     check_fits(model, x, y)
+    check_radius(plan.eps, plan.threat, x[0].numel())
     routes = list(routes_for(model, plan.route))
     bounds = chunk_bounds(len(y), plan.batch_size)
     processes, per_process = share_jobs(plan.jobs, plan.threads, len(y), len(bounds))

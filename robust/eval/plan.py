@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from robust.attacks.registry import parse_attack_name
+from robust.attacks.registry import check_threat, parse_attack_name
 from robust.checks import MAX_SEED, check_fields, split_list
 from robust.data.corruptions import check_corruption_names, check_severities, official_layout
 from robust.errors import ConfigError
@@ -136,6 +136,11 @@ class EvalPlan:
         if isinstance(self.device, torch.device):
             object.__setattr__(self, "device", str(self.device))
         _checked(self)
+        for name in self.attacks:
+            try:
+                check_threat(parse_attack_name(name)[0], self.threat)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         for name, kind in (("state", StateFile), ("corruptions", CorruptionPlan)):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"{name} of an EvalPlan must be a {kind.__name__} or None, got "

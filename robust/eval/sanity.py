@@ -11,6 +11,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
+from robust.attacks.registry import parse_attack_name, served_threats
 from robust.errors import ConfigError
 from robust.eval.evaluation import as_tensors, evaluate_plan
 from robust.eval.plan import EvalPlan
@@ -100,6 +101,11 @@ def determinism_checks(model: nn.Module, data: Any, route: str | None = None, de
 SANITY_ATTACKS = ("pgd10", "pgd20", "pgd50", "square", "autoattack")
 
 
+def _sanity_attacks(threat: str) -> list[str]:
+    """The sanity attacks that have a version for ``threat`` (Square has none in L1)."""
+    return [name for name in SANITY_ATTACKS if threat in served_threats(parse_attack_name(name)[0])]
+
+
 def sanity_checks(model: nn.Module, data: Any, eps: float | str, route: str | None = None,
                   reuse: dict[str, Any] | None = None, plan: EvalPlan | None = None, **settings: Any) -> list[SanityCheck]:
     """Run every --sanity check on ``model`` (evaluation.md); ``reuse`` is an earlier ``evaluate`` result.
@@ -114,11 +120,11 @@ def sanity_checks(model: nn.Module, data: Any, eps: float | str, route: str | No
         raise ConfigError("sanity_checks takes a plan or its settings as keywords, not both")
     eps = resolve_eps(eps, plan.threat)
     if _reusable(reuse, data, eps, plan):
-        at_eps = _complete(reuse, model, data, plan.again(SANITY_ATTACKS, eps))
+        at_eps = _complete(reuse, model, data, plan.again(_sanity_attacks(plan.threat), eps))
     else:
-        at_eps = evaluate_plan(model, data, plan.again(SANITY_ATTACKS, eps))
+        at_eps = evaluate_plan(model, data, plan.again(_sanity_attacks(plan.threat), eps))
     at_zero = evaluate_plan(model, data, plan.again(["pgd20"], 0))
-    big = 1.0 if plan.threat == "linf" else math.sqrt(x_size(data))
+    big = {"linf": 1.0, "l2": math.sqrt(x_size(data)), "l1": float(x_size(data))}[plan.threat]
     at_one = evaluate_plan(model, data, plan.again(["pgd20"], big))
     checks = sanity_verdicts(at_eps, at_zero, at_one)
     return checks + determinism_checks(model, data, plan.route, plan.device)
