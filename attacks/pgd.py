@@ -96,8 +96,10 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_margin_loss}
 
 
-def input_gradient(model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``d loss_fn(model(x), y) / dx`` for an ``x`` that requires grad, never weakened by fp16.
+def input_gradient(model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, eot: int = 1) -> torch.Tensor:
+    """``d loss_fn(model(x), y) / dx`` for an ``x`` that requires grad, never weakened by fp16; with ``eot`` > 1 the
+    mean of that gradient over ``eot`` forwards (expectation over transformation: a randomized model draws its
+    randomness anew in each, so the attack follows the expected loss instead of one sample of it).
 
     Under fp16 autocast the forward and backward of the attack run in fp32: the softmax gradient
     ``p - onehot`` of a confident example lies below fp16's smallest number (6e-8), so its input
@@ -106,11 +108,28 @@ def input_gradient(model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tens
     one's in the same batch, and a per-example scale changes the gradient of a train-mode (batch-
     statistics) forward. bf16 has fp32's exponent range and is left as it is.
     """
+    if eot == 1:
+        return _one_gradient(model, loss_fn, x, y)
+    total = _one_gradient(model, loss_fn, x, y)
+    for _ in range(eot - 1):
+        total = total + _one_gradient(model, loss_fn, x, y)
+    return total / eot
+
+
+def _one_gradient(model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One forward's input gradient (:func:`input_gradient`'s fp16 rule)."""
     device = x.device.type
     if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
         with torch.autocast(device, enabled=False):
             return torch.autograd.grad(loss_fn(model(x.float()), y), x)[0]
     return torch.autograd.grad(loss_fn(model(x), y), x)[0]
+
+
+@torch.no_grad()
+def forward_is_deterministic(model: Model, x: torch.Tensor) -> bool:
+    """Whether two forwards of ``x`` give the same bits: False for a randomized model (input noise, dropout kept on,
+    random transforms), whose attack step is then no function of the iterate alone."""
+    return torch.equal(model(x), model(x))
 
 
 def pgd(
@@ -124,6 +143,7 @@ def pgd(
     random_start: bool = True,
     loss: str | LossFn = "ce",
     start: torch.Tensor | None = None,
+    eot: int = 1,
 ) -> torch.Tensor:
     """Untargeted PGD: ``steps`` ascent steps of size ``alpha`` on ``loss`` inside the eps ball.
 
@@ -131,7 +151,8 @@ def pgd(
     Gradients are taken w.r.t. the input only (``autograd.grad``), so no parameter gradient is
     computed or accumulated. eps = 0 or steps = 0 without random start returns ``x`` itself.
     ``start`` is an initial perturbation (TRADES and MART start from ``0.001 * N(0, 1)``); it
-    replaces the threat model's random start.
+    replaces the threat model's random start. ``eot`` > 1 averages each step's gradient over that many forwards
+    (:func:`input_gradient`), for a randomized model.
     """
     ball = get_threat(threat)
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
@@ -145,7 +166,7 @@ def pgd(
     x_adv = (x + delta).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        grad = input_gradient(model, loss_fn, x_adv, y)
+        grad = input_gradient(model, loss_fn, x_adv, y, eot)
         delta = ball.project(x_adv.detach() + ball.step(grad, alpha) - x, eps)
         x_adv = (x + delta).clamp(0, 1)
     return x_adv.detach()
@@ -202,7 +223,7 @@ def pgd_restarts(
 ) -> torch.Tensor:
     """PGD run ``restarts`` times; each example keeps the first restart that fools the model (in fp32).
 
-    With ``early_stop`` (an :class:`EarlyStop`, for a model in eval mode and the "ce" or "cw" loss)
+    With ``early_stop`` (an :class:`EarlyStop`, for a deterministic model in eval mode and the "ce" or "cw" loss)
     an example stops when its iterates enter a cycle or once an earlier restart fooled it; the result
     is bit for bit the full run's (:func:`_pgd_active`), and ``early_stop`` counts the steps saved.
     """
@@ -277,8 +298,9 @@ class _Gradients:
     rows are padded with others (whose results are dropped) up to the size.
     """
 
-    def __init__(self, model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, memo: EarlyStop) -> None:
-        self.model, self.loss_fn, self.x, self.y, self.memo = model, loss_fn, x, y, memo
+    def __init__(self, model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, memo: EarlyStop,
+                 eot: int = 1) -> None:
+        self.model, self.loss_fn, self.x, self.y, self.memo, self.eot = model, loss_fn, x, y, memo, eot
         self.full = len(x)
 
     def _key(self, size: int) -> tuple:
@@ -288,8 +310,8 @@ class _Gradients:
 
     def _on(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         zr = z[rows].requires_grad_(True)
-        self.memo.run += len(rows)
-        return input_gradient(self.model, self.loss_fn, zr, self.y[rows])
+        self.memo.run += len(rows) * self.eot
+        return input_gradient(self.model, self.loss_fn, zr, self.y[rows], self.eot)
 
     def __call__(self, z: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """The gradients of rows ``active`` (indices) of the iterates ``z`` (all ``full`` rows)."""
@@ -323,6 +345,7 @@ class PGDSettings:
     threat: str = "linf"
     random_start: bool = True
     loss: str | LossFn = "ce"
+    eot: int = 1
 
 
 def _pgd_active(model: Model, x: torch.Tensor, y: torch.Tensor, settings: PGDSettings, *, active: torch.Tensor,
@@ -344,11 +367,11 @@ def _pgd_active(model: Model, x: torch.Tensor, y: torch.Tensor, settings: PGDSet
         return x.clone()
     delta = ball.random_start(x, eps) if settings.random_start else torch.zeros_like(x)
     z = (x + delta).clamp(0, 1)
-    early_stop.full += len(x) * steps
+    early_stop.full += len(x) * steps * settings.eot
     rows = active.nonzero().squeeze(1)
     if steps == 0 or len(rows) == 0:
         return z
-    gradients = _Gradients(model, LOSSES[loss], x, y, early_stop)
+    gradients = _Gradients(model, LOSSES[loss], x, y, early_stop, settings.eot)
     out = z.clone()
     window = max(1, min(WINDOW, steps, RING_BYTES // (z.numel() * z.element_size())))
     ring = torch.empty((window + 1, *x.shape), dtype=z.dtype, device=z.device)
