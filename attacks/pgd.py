@@ -143,7 +143,6 @@ def pgd(
     random_start: bool = True,
     loss: str | LossFn = "ce",
     start: torch.Tensor | None = None,
-    eot: int = 1,
 ) -> torch.Tensor:
     """Untargeted PGD: ``steps`` ascent steps of size ``alpha`` on ``loss`` inside the eps ball.
 
@@ -151,22 +150,30 @@ def pgd(
     Gradients are taken w.r.t. the input only (``autograd.grad``), so no parameter gradient is
     computed or accumulated. eps = 0 or steps = 0 without random start returns ``x`` itself.
     ``start`` is an initial perturbation (TRADES and MART start from ``0.001 * N(0, 1)``); it
-    replaces the threat model's random start. ``eot`` > 1 averages each step's gradient over that many forwards
-    (:func:`input_gradient`), for a randomized model.
+    replaces the threat model's random start. :func:`pgd_with` takes the settings as one :class:`PGDSettings`,
+    the number of forwards each gradient averages (``eot``) included.
     """
-    ball = get_threat(threat)
-    loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
+    return pgd_with(model, x, y, PGDSettings(eps, alpha, steps, threat, random_start, loss), start)
+
+
+def pgd_with(model: Model, x: torch.Tensor, y: torch.Tensor, settings: "PGDSettings",
+             start: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`pgd` with ``settings``; ``settings.eot`` > 1 averages each step's gradient over that many forwards
+    (:func:`input_gradient`), for a randomized model."""
+    eps, alpha = settings.eps, settings.alpha
+    ball = get_threat(settings.threat)
+    loss_fn = LOSSES[settings.loss] if isinstance(settings.loss, str) else settings.loss
     x = x.detach()
     if eps == 0:
         return x.clone()
     if start is not None:
         delta = start.detach()
     else:
-        delta = ball.random_start(x, eps) if random_start else torch.zeros_like(x)
+        delta = ball.random_start(x, eps) if settings.random_start else torch.zeros_like(x)
     x_adv = (x + delta).clamp(0, 1)
-    for _ in range(steps):
+    for _ in range(settings.steps):
         x_adv.requires_grad_(True)
-        grad = input_gradient(model, loss_fn, x_adv, y, eot)
+        grad = input_gradient(model, loss_fn, x_adv, y, settings.eot)
         delta = ball.project(x_adv.detach() + ball.step(grad, alpha) - x, eps)
         x_adv = (x + delta).clamp(0, 1)
     return x_adv.detach()
@@ -227,11 +234,11 @@ def pgd_restarts(
     an example stops when its iterates enter a cycle or once an earlier restart fooled it; the result
     is bit for bit the full run's (:func:`_pgd_active`), and ``early_stop`` counts the steps saved.
     """
-    settings = None if early_stop is None else PGDSettings(**kwargs)
+    settings = PGDSettings(**kwargs)
 
     def run(active: torch.Tensor) -> torch.Tensor:
-        if settings is None:
-            return pgd(model, x, y, **kwargs)
+        if early_stop is None:
+            return pgd_with(model, x, y, settings)
         return _pgd_active(model, x, y, settings, active=active, early_stop=early_stop)
 
     best = run(torch.ones(len(x), dtype=torch.bool, device=x.device))
@@ -337,7 +344,7 @@ class _Gradients:
 @dataclass(frozen=True)
 class PGDSettings:
     """One PGD run's settings, named as :func:`pgd` takes them (its ``start`` aside: the early-stopped run
-    draws the threat model's own start)."""
+    draws the threat model's own start), and ``eot``, the forwards each gradient averages."""
 
     eps: float
     alpha: float

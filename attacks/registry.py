@@ -30,7 +30,7 @@ import torch.nn as nn
 import torchattacks
 
 from .named import Registry, Spec, nearest
-from .pgd import EarlyStop, forward_is_deterministic, fp32_predictions, get_threat, pgd, pgd_restarts
+from .pgd import EarlyStop, PGDSettings, forward_is_deterministic, fp32_predictions, get_threat, pgd_restarts, pgd_with
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -198,7 +198,8 @@ def _clean(model: nn.Module, s: AttackSettings) -> AttackFn:
                   params=lambda s: {"steps": 1, "step_size": s.eps, "random_start": False, "loss": "ce", **_eot(s)})
 def _fgsm(model: nn.Module, s: AttackSettings) -> AttackFn:
     """Plain FGSM (Goodfellow et al. 2015): one step of size eps from x, no random start."""
-    return lambda x, y: pgd(model, x, y, s.eps, alpha=s.eps, steps=1, threat=s.threat, random_start=False, eot=s.eot)
+    settings = PGDSettings(s.eps, alpha=s.eps, steps=1, threat=s.threat, random_start=False, eot=s.eot)
+    return lambda x, y: pgd_with(model, x, y, settings)
 
 
 def _step_size(s: AttackSettings) -> float:
