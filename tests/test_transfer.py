@@ -17,7 +17,7 @@ from robust.errors import ConfigError
 from robust.eval.evaluation import evaluate, route_now
 from robust.eval.plan import EvalPlan
 from robust.eval.sanity import transfer_checks
-from robust.eval.transfer import Surrogate, other_route, transfer_verdict
+from robust.eval.transfer import other_route, transfer_verdict
 from robust.nn.factory import build_model
 
 EPS = 0.1

@@ -10,7 +10,7 @@ more examples the white-box figures overstate the robustness: the model's gradie
 from __future__ import annotations
 
 import contextlib
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -72,8 +72,3 @@ def transfer_verdict(transfer: float, white: dict[str, float], source: str, tol:
                                   "or shattered gradients, a randomized forward: try --eot and --repeats) and the "
                                   "white-box figures overstate its robustness")
 
-
-def describe(result: dict[str, Any]) -> str:
-    """The surrogate an evaluation's adversarial examples were made on, for the table's header ('' for none)."""
-    source = result.get("transfer_from")
-    return f"; adversarial examples made on {source} (transfer)" if source else ""
