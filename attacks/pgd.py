@@ -98,8 +98,10 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_margin_loss}
 
 
-def input_gradient(model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``d loss_fn(model(x), y) / dx`` for an ``x`` that requires grad, never weakened by fp16.
+def input_gradient(model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, eot: int = 1) -> torch.Tensor:
+    """``d loss_fn(model(x), y) / dx`` for an ``x`` that requires grad, never weakened by fp16; with ``eot`` > 1 the
+    mean of that gradient over ``eot`` forwards (expectation over transformation: a randomized model draws its
+    randomness anew in each, so the attack follows the expected loss instead of one sample of it).
 
     Under fp16 autocast the forward and backward of the attack run in fp32: the softmax gradient
     ``p - onehot`` of a confident example lies below fp16's smallest number (6e-8), so its input
@@ -108,11 +110,28 @@ def input_gradient(model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tens
     one's in the same batch, and a per-example scale changes the gradient of a train-mode (batch-
     statistics) forward. bf16 has fp32's exponent range and is left as it is.
     """
+    if eot == 1:
+        return _one_gradient(model, loss_fn, x, y)
+    total = _one_gradient(model, loss_fn, x, y)
+    for _ in range(eot - 1):
+        total = total + _one_gradient(model, loss_fn, x, y)
+    return total / eot
+
+
+def _one_gradient(model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One forward's input gradient (:func:`input_gradient`'s fp16 rule)."""
     device = x.device.type
     if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16:
         with torch.autocast(device, enabled=False):
             return torch.autograd.grad(loss_fn(model(x.float()), y), x)[0]
     return torch.autograd.grad(loss_fn(model(x), y), x)[0]
+
+
+@torch.no_grad()
+def forward_is_deterministic(model: Model, x: torch.Tensor) -> bool:
+    """Whether two forwards of ``x`` give the same bits: False for a randomized model (input noise, dropout kept on,
+    random transforms), whose attack step is then no function of the iterate alone."""
+    return torch.equal(model(x), model(x))
 
 
 def pgd(
@@ -133,21 +152,30 @@ def pgd(
     Gradients are taken w.r.t. the input only (``autograd.grad``), so no parameter gradient is
     computed or accumulated. eps = 0 or steps = 0 without random start returns ``x`` itself.
     ``start`` is an initial perturbation (TRADES and MART start from ``0.001 * N(0, 1)``); it
-    replaces the threat model's random start.
+    replaces the threat model's random start. :func:`pgd_with` takes the settings as one :class:`PGDSettings`,
+    the number of forwards each gradient averages (``eot``) included.
     """
-    ball = get_threat(threat)
-    loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
+    return pgd_with(model, x, y, PGDSettings(eps, alpha, steps, threat, random_start, loss), start)
+
+
+def pgd_with(model: Model, x: torch.Tensor, y: torch.Tensor, settings: "PGDSettings",
+             start: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`pgd` with ``settings``; ``settings.eot`` > 1 averages each step's gradient over that many forwards
+    (:func:`input_gradient`), for a randomized model."""
+    eps, alpha = settings.eps, settings.alpha
+    ball = get_threat(settings.threat)
+    loss_fn = LOSSES[settings.loss] if isinstance(settings.loss, str) else settings.loss
     x = x.detach()
     if eps == 0:
         return x.clone()
     if start is not None:
         delta = start.detach()
     else:
-        delta = ball.random_start(x, eps) if random_start else torch.zeros_like(x)
+        delta = ball.random_start(x, eps) if settings.random_start else torch.zeros_like(x)
     x_adv = (x + delta).clamp(0, 1)
-    for _ in range(steps):
+    for _ in range(settings.steps):
         x_adv.requires_grad_(True)
-        grad = input_gradient(model, loss_fn, x_adv, y)
+        grad = input_gradient(model, loss_fn, x_adv, y, settings.eot)
         delta = ball.project(x_adv.detach() + ball.step(grad, alpha) - x, eps)
         x_adv = (x + delta).clamp(0, 1)
     return x_adv.detach()
@@ -204,15 +232,15 @@ def pgd_restarts(
 ) -> torch.Tensor:
     """PGD run ``restarts`` times; each example keeps the first restart that fools the model (in fp32).
 
-    With ``early_stop`` (an :class:`EarlyStop`, for a model in eval mode and the "ce" or "cw" loss)
+    With ``early_stop`` (an :class:`EarlyStop`, for a deterministic model in eval mode and the "ce" or "cw" loss)
     an example stops when its iterates enter a cycle or once an earlier restart fooled it; the result
     is bit for bit the full run's (:func:`_pgd_active`), and ``early_stop`` counts the steps saved.
     """
-    settings = None if early_stop is None else PGDSettings(**kwargs)
+    settings = PGDSettings(**kwargs)
 
     def run(active: torch.Tensor) -> torch.Tensor:
-        if settings is None:
-            return pgd(model, x, y, **kwargs)
+        if early_stop is None:
+            return pgd_with(model, x, y, settings)
         return _pgd_active(model, x, y, settings, active=active, early_stop=early_stop)
 
     best = run(torch.ones(len(x), dtype=torch.bool, device=x.device))
@@ -279,8 +307,9 @@ class _Gradients:
     rows are padded with others (whose results are dropped) up to the size.
     """
 
-    def __init__(self, model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, memo: EarlyStop) -> None:
-        self.model, self.loss_fn, self.x, self.y, self.memo = model, loss_fn, x, y, memo
+    def __init__(self, model: Model, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, memo: EarlyStop,
+                 eot: int = 1) -> None:
+        self.model, self.loss_fn, self.x, self.y, self.memo, self.eot = model, loss_fn, x, y, memo, eot
         self.full = len(x)
 
     def _key(self, size: int) -> tuple:
@@ -290,8 +319,8 @@ class _Gradients:
 
     def _on(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         zr = z[rows].requires_grad_(True)
-        self.memo.run += len(rows)
-        return input_gradient(self.model, self.loss_fn, zr, self.y[rows])
+        self.memo.run += len(rows) * self.eot
+        return input_gradient(self.model, self.loss_fn, zr, self.y[rows], self.eot)
 
     def __call__(self, z: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """The gradients of rows ``active`` (indices) of the iterates ``z`` (all ``full`` rows)."""
@@ -317,7 +346,7 @@ class _Gradients:
 @dataclass(frozen=True)
 class PGDSettings:
     """One PGD run's settings, named as :func:`pgd` takes them (its ``start`` aside: the early-stopped run
-    draws the threat model's own start)."""
+    draws the threat model's own start), and ``eot``, the forwards each gradient averages."""
 
     eps: float
     alpha: float
@@ -325,6 +354,7 @@ class PGDSettings:
     threat: str = "linf"
     random_start: bool = True
     loss: str | LossFn = "ce"
+    eot: int = 1
 
 
 def _pgd_active(model: Model, x: torch.Tensor, y: torch.Tensor, settings: PGDSettings, *, active: torch.Tensor,
@@ -346,11 +376,11 @@ def _pgd_active(model: Model, x: torch.Tensor, y: torch.Tensor, settings: PGDSet
         return x.clone()
     delta = ball.random_start(x, eps) if settings.random_start else torch.zeros_like(x)
     z = (x + delta).clamp(0, 1)
-    early_stop.full += len(x) * steps
+    early_stop.full += len(x) * steps * settings.eot
     rows = active.nonzero().squeeze(1)
     if steps == 0 or len(rows) == 0:
         return z
-    gradients = _Gradients(model, LOSSES[loss], x, y, early_stop)
+    gradients = _Gradients(model, LOSSES[loss], x, y, early_stop, settings.eot)
     out = z.clone()
     window = max(1, min(WINDOW, steps, RING_BYTES // (z.numel() * z.element_size())))
     ring = torch.empty((window + 1, *x.shape), dtype=z.dtype, device=z.device)

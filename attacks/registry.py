@@ -31,7 +31,7 @@ import torchattacks
 
 from .apgd import APGDSettings, apgd
 from .named import Registry, Spec, nearest
-from .pgd import THREATS, EarlyStop, fp32_predictions, get_threat, pgd, pgd_restarts
+from .pgd import THREATS, EarlyStop, PGDSettings, forward_is_deterministic, fp32_predictions, get_threat, pgd_restarts, pgd_with
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -159,8 +159,13 @@ def _recorded(spec: AttackSpec, settings: AttackSettings) -> dict[str, Any]:
     other = THREAT_VERSIONS.get((spec.name, settings.threat))
     params = other.params if other is not None else spec.params
     own = params(settings) if params is not None else {}
-    eot = {"eot": settings.eot} if settings.eot > 1 else {}  # recorded only where it changes the attack
-    return {"threat": settings.threat, "eps": settings.eps, "source": spec.source, **own, **eot}
+    return {"threat": settings.threat, "eps": settings.eps, "source": spec.source, **own}
+
+
+def _eot(s: AttackSettings) -> dict[str, int]:
+    """``{"eot": N}`` in the params of an attack that averages its gradients over N > 1 forwards (recorded only
+    where it changes the attack; FAB and Square take none)."""
+    return {"eot": s.eot} if s.eot > 1 else {}
 
 
 def attack_params(name: str, eps: float, **settings: Any) -> dict[str, Any]:
@@ -194,10 +199,11 @@ def _clean(model: nn.Module, s: AttackSettings) -> AttackFn:
 
 
 @ATTACKS.register("fgsm", summary="one step of eps", source="attacks.pgd",
-                  params=lambda s: {"steps": 1, "step_size": s.eps, "random_start": False, "loss": "ce"})
+                  params=lambda s: {"steps": 1, "step_size": s.eps, "random_start": False, "loss": "ce", **_eot(s)})
 def _fgsm(model: nn.Module, s: AttackSettings) -> AttackFn:
     """Plain FGSM (Goodfellow et al. 2015): one step of size eps from x, no random start."""
-    return lambda x, y: pgd(model, x, y, s.eps, alpha=s.eps, steps=1, threat=s.threat, random_start=False)
+    settings = PGDSettings(s.eps, alpha=s.eps, steps=1, threat=s.threat, random_start=False, eot=s.eot)
+    return lambda x, y: pgd_with(model, x, y, settings)
 
 
 def _step_size(s: AttackSettings) -> float:
@@ -206,20 +212,24 @@ def _step_size(s: AttackSettings) -> float:
 
 def _pgd_params(loss: str) -> Callable[[AttackSettings], dict[str, Any]]:
     return lambda s: {"steps": s.steps, "step_size": _step_size(s), "random_start": True, "restarts": s.restarts,
-                      "loss": loss}
+                      "loss": loss, **_eot(s)}
 
 
 def _our_pgd(model: nn.Module, s: AttackSettings, loss: str) -> Attack:
-    """N steps of eps/4 from a random start, the first of ``restarts`` runs that fools the model kept,
-    stopping early (exactly) on examples whose outcome is settled when the model is in eval mode."""
+    """N steps of eps/4 from a random start, each gradient averaged over ``eot`` forwards, the first of ``restarts``
+    runs that fools the model kept, stopping early (exactly) on examples whose outcome is settled when the model is
+    in eval mode and its forward deterministic."""
     memo = EarlyStop()
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # exact early stop needs a step that depends on the example alone: eval mode (no batch statistics, no dropout)
-        exact = not any(m.training for m in model.modules())
+        # exact early stop needs a step that depends on the example alone: eval mode (no batch statistics, no
+        # dropout) and a forward without randomness (two forwards checked to agree; that draws nothing from the
+        # random stream of a deterministic model, so its attack is the same with or without the check)
+        exact = not any(m.training for m in model.modules()) and forward_is_deterministic(model, x)
         memo.reset_counts()
         x_adv = pgd_restarts(model, x, y, restarts=s.restarts, early_stop=memo if exact else None, eps=s.eps,
-                             alpha=_step_size(s), steps=s.steps, threat=s.threat, random_start=True, loss=loss)
+                             alpha=_step_size(s), steps=s.steps, threat=s.threat, random_start=True, loss=loss,
+                             eot=s.eot)
         for key, n in (memo.counts() if exact else {}).items():
             attack.iterations[key] = attack.iterations.get(key, 0) + n
         return x_adv
@@ -296,26 +306,32 @@ def _targets(s: AttackSettings) -> int:
     return s.num_classes - 1
 
 
+def _with_eot(params: Callable[[AttackSettings], dict[str, Any]]) -> Callable[[AttackSettings], dict[str, Any]]:
+    """``params`` plus APGD's ``eot_iter`` as the "eot" :func:`_eot` records."""
+    return lambda s: {**params(s), **_eot(s)}
+
+
 @ATTACKS.register("apgd-ce", summary="APGD, CE loss", source="torchattacks",
-                  slow=True, params=_torchattacks_params(steps=lambda s: APGD_STEPS, loss=lambda s: "ce"))
+                  slow=True, params=_with_eot(_torchattacks_params(steps=lambda s: APGD_STEPS, loss=lambda s: "ce")))
 @torchattacks_builder
 def _apgd_ce(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
-    return torchattacks.APGD(model, steps=APGD_STEPS, n_restarts=s.restarts, loss="ce", **common)
+    return torchattacks.APGD(model, steps=APGD_STEPS, n_restarts=s.restarts, loss="ce", eot_iter=s.eot, **common)
 
 
 @ATTACKS.register("apgd-dlr", summary="APGD, DLR loss", source="torchattacks", slow=True,
-                  params=_torchattacks_params(steps=lambda s: APGD_STEPS, loss=lambda s: "dlr"))
+                  params=_with_eot(_torchattacks_params(steps=lambda s: APGD_STEPS, loss=lambda s: "dlr")))
 @torchattacks_builder
 def _apgd_dlr(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
-    return torchattacks.APGD(model, steps=APGD_STEPS, n_restarts=s.restarts, loss="dlr", **common)
+    return torchattacks.APGD(model, steps=APGD_STEPS, n_restarts=s.restarts, loss="dlr", eot_iter=s.eot, **common)
 
 
 @ATTACKS.register("apgd-t", summary="targeted APGD", source="torchattacks",
-                  slow=True, params=_torchattacks_params(steps=lambda s: APGD_STEPS, loss=lambda s: "targeted dlr",
-                                                         target_classes=_targets))
+                  slow=True, params=_with_eot(_torchattacks_params(steps=lambda s: APGD_STEPS,
+                                                                   loss=lambda s: "targeted dlr", target_classes=_targets)))
 @torchattacks_builder
 def _apgd_t(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
-    return torchattacks.APGDT(model, steps=APGD_STEPS, n_restarts=s.restarts, n_classes=s.num_classes, **common)
+    return torchattacks.APGDT(model, steps=APGD_STEPS, n_restarts=s.restarts, n_classes=s.num_classes,
+                              eot_iter=s.eot, **common)
 
 
 @ATTACKS.register("fab", summary="FAB, minimal perturbation", source="torchattacks", slow=True,

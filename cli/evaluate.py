@@ -15,10 +15,11 @@ from robust.attacks.registry import PerturbationError, attack_help
 from robust.checkpoint import load_model, read_checkpoint, weights_of
 from robust.cli.common import SEED, BadInput, check_output_file, model_file, newest_run
 from robust.cli.plain_model import PLAIN_OPTIONS, load_plain_model, plain_model_options, wants_plain_model
+from robust.plain_model import is_torchscript, read_plain_model
 from robust.eval.accuracy import ATTACK_PRECISIONS
 from robust.eval.corruptions import format_corruptions
 from robust.eval.estimate import PROBED, estimate_lines
-from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, evaluate, load_test_split
+from robust.eval.evaluation import NO_STATE_ACROSS_RANKS, evaluate, load_test_split, num_classes_of
 from robust.eval.evaluation import eps_sweep as run_sweep
 from robust.eval.plan import ALL_SEVERITIES, EvalPlan, ModelFacts
 from robust.eval.sanity import eps_monotonic_checks, sanity_checks
@@ -44,7 +45,35 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{'route':<8}" + "".join(f"{c:>{width}}" for c in titles)]
     for route, acc in result["routes"].items():
         lines.append(f"{route:<8}" + "".join(f"{acc[c]:>{width}.2f}" for c in columns))
-    return "\n".join(lines)
+    return "\n".join(lines + repeat_lines(result) + randomized_lines(result))
+
+
+def repeat_lines(result: dict[str, Any]) -> list[str]:
+    """Under the table: how many repeats ran with which seeds, and each route's worst case per repeat."""
+    repeats = result.get("repeats")
+    if not repeats:
+        return []
+    if repeats["count"] == 1:
+        return [f"--repeats {repeats['asked']}: one pass, {repeats['why']}"]
+    lines = [f"worst case over {repeats['count']} repeats (seeds {', '.join(map(str, repeats['seeds']))}): an example "
+             "counts as robust only if it survived every repeat; attack columns: the lowest single repeat"]
+    for route, figures in repeats["per_repeat"].items():
+        spread = repeats["spread"][route]["worst_case"]
+        lines.append(f"  {route}: per repeat " + ", ".join(f"{f['worst_case']:.2f}" for f in figures)
+                     + f" (min {spread['min']:.2f}, mean {spread['mean']:.2f}, max {spread['max']:.2f})")
+    return lines
+
+
+def randomized_lines(result: dict[str, Any]) -> list[str]:
+    """Under the table: a randomized forward, and what the evaluation did about it."""
+    routes = result.get("randomized_routes")
+    if not routes:
+        return []
+    where = f"randomized forward ({', '.join(routes)} route{'s' if len(routes) > 1 else ''})"
+    repeats = (result.get("repeats") or {}).get("count", 1)
+    if result.get("eot", 1) > 1 and repeats > 1:
+        return [f"{where}: gradients averaged over {result['eot']} forwards (--eot), worst case over {repeats} repeats"]
+    return [f"WARNING {where}: {result['randomized']}"]
 
 
 def describe_weights(weights: str | None) -> str:
@@ -110,6 +139,20 @@ def print_checks(checks) -> None:
 @click.option("--resume", is_flag=True,
               help="finish the evaluation whose --state file is given, running only what it lacks (refused when the "
                    "model, images, eps, attacks or settings differ)")
+@click.option("--eot", type=int, default=1, show_default=True,
+              help="for a randomized model (noise, dropout kept on, random transforms): each gradient of the gradient "
+                   "attacks (fgsm, pgdN, cwN, apgd-ce, apgd-dlr, apgd-t and AutoAttack's APGD stages) is the mean over N "
+                   "forwards (expectation over transformation), so the attack follows the expected loss instead of one "
+                   "draw of the noise; FAB and Square take none. N forwards cost N times the time")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="evaluate a randomized model K times with seeds --seed, --seed+1, ...; an example counts as robust "
+                   "only if it survives every repeat (the table also shows each repeat's figure). A model whose forward "
+                   "is deterministic runs once")
+@click.option("--transfer-from", "transfer_from", default=None,
+              help="make the adversarial examples on this model (a run folder, checkpoint, export or TorchScript file of "
+                   "the same images and classes; a dual-route one through its adv route) and score them on CHECKPOINT: a "
+                   "transfer attack. With --sanity it is also the transfer check's surrogate (else a dual-route "
+                   "model's other route)")
 @click.option("--threat", type=click.Choice(list(THREATS)), default="linf", show_default=True, help="threat model")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="evaluate the first N test examples only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
@@ -151,6 +194,8 @@ def evaluate_command(checkpoint: str | None, **flags: Any) -> None:
       robust eval runs/a --corruptions all --severities 1,2,3,4,5 --json runs/a/
       robust eval runs/a --attack autoattack --jobs 2 --state aa.state --json aa.json
       robust eval runs/a --attack autoattack --jobs 2 --state aa.state --json aa.json --resume
+      robust eval noisy.pt --attack pgd20,apgd-ce --eot 20 --repeats 5
+      robust eval runs/a --transfer-from runs/b --attack pgd20
       torchrun --nproc-per-node 4 -m robust.cli eval runs/a --attack autoattack --json aa.json
     """
 
@@ -214,6 +259,7 @@ class EvalRequest:
     sanity: bool
     sweep: tuple[float, ...] | None
     outputs: EvalOutputs
+    surrogate: Path | None = None  # --transfer-from: the model the adversarial examples are made on
 
 
 def eval_plan(flags: dict[str, Any], device: str) -> EvalPlan:
@@ -225,7 +271,8 @@ def eval_plan(flags: dict[str, Any], device: str) -> EvalPlan:
     return EvalPlan.build(
         attacks=attacks, eps=flags["eps"], threat=flags["threat"], route=flags["route"],
         batch_size=flags["batch_size"], limit=flags["limit"], device=device, seed=flags["seed"],
-        restarts=flags["restarts"], queries=flags["queries"], attack_precision=flags["attack_precision"],
+        restarts=flags["restarts"], eot=flags["eot"], repeats=flags["repeats"], queries=flags["queries"],
+        attack_precision=flags["attack_precision"],
         jobs=flags["jobs"], threads=flags["threads"], progress=not flags["quiet"],
         per_example=flags["per_example"] is not None, state=flags["state_path"], resume=flags["resume"],
         force=flags["force"], corruptions=corruptions, severities=flags["severities"] or ALL_SEVERITIES,
@@ -244,16 +291,18 @@ def eval_request(checkpoint: str, flags: dict[str, Any], device: str, writes: bo
                                        ("--per-example", "per_example", "per_example.jsonl"))}
     sweep = tuple(parse_eps_list(flags["eps_sweep"], plan.threat)) if flags["eps_sweep"] is not None else None
     scored = model_file(checkpoint)
+    surrogate = model_file(flags["transfer_from"]) if flags["transfer_from"] is not None else None
+    inputs = (scored,) if surrogate is None else (scored, surrogate)
     if plan.state is not None:  # never the checkpoint, a run's file or another output
-        check_state_file(plan.state.path, plan.state.resume, force, inputs=(scored,), outputs=written)
+        check_state_file(plan.state.path, plan.state.resume, force, inputs=inputs, outputs=written)
     for flag, target in written.items():  # never the checkpoint it reads (even outside a run) nor another output
         if target is not None:
             others = {f: t for f, t in written.items() if f != flag}
-            check_output_file(target, flag, force, inputs=(scored,), outputs=others)
+            check_output_file(target, flag, force, inputs=inputs, outputs=others)
     plain = {k: flags[k] for k in PLAIN_OPTIONS}
     source = ModelSource(checkpoint, scored, flags["data_dir"], flags["weights"], plain)
     outputs = EvalOutputs(written["--json"], written["--plot"], written["--per-example"], force, writes)
-    return EvalRequest(source, plan, flags["sanity"], sweep, outputs)
+    return EvalRequest(source, plan, flags["sanity"], sweep, outputs, surrogate)
 
 
 def load_scored(source: ModelSource, plan: EvalPlan) -> tuple[Any, ModelFacts, tuple, EvalPlan]:
@@ -288,9 +337,19 @@ def at_model_eps(plan: EvalPlan, facts: ModelFacts, checkpoint: str) -> EvalPlan
     return plan.at_eps(facts.eps)
 
 
+def load_surrogate(path: Path, model: Any, test: tuple) -> Any:
+    """The --transfer-from model: a TorchScript file (read as `robust eval` reads a plain one, for the scored model's
+    channels and classes) or a robust checkpoint, run folder or export. Its fit to the images and classes is
+    checked when the evaluation starts."""
+    if is_torchscript(path):
+        return read_plain_model(path, None, num_classes_of(model), int(test[0].shape[1]))
+    return load_model(read_checkpoint(path))
+
+
 def run_eval(request: EvalRequest) -> None:
     """The body of `robust eval` (see its help): score the model, print the table, run the extra checks, write."""
     model, facts, test, plan = load_scored(request.source, request.plan)
+    surrogate = load_surrogate(request.surrogate, model, test) if request.surrogate is not None else None
     outputs = request.outputs
     if plan.progress and outputs.writes and any(n in PROBED for n in plan.attacks):  # say minutes or hours before the wait
         model.to(resolve_device(plan.device or "auto"))
@@ -299,14 +358,15 @@ def run_eval(request: EvalRequest) -> None:
                 eps=plan.eps, threat=plan.threat, seed=plan.seed, restarts=plan.restarts, queries=plan.queries,
                 num_classes=int(model.build_args.get("num_classes", 10)))):
             click.echo(line, err=True)
-    result = evaluate(model, test, plan=plan)
+    result = evaluate(model, test, plan=plan, surrogate=surrogate)
     examples = result.pop("per_example", None)
     corruption_examples = result.pop("corruption_per_example", None)
     args = model.build_args
     width = f", width {args['width']}" if args.get("width") else ""
     click.echo(f"{request.source.path}: {args['arch']} ({args['norm']}{width}{describe_weights(facts.weights)}), "
                f"{facts.dataset} test, {result['n']} examples, {describe_eps(plan.eps, plan.threat)}, seed {plan.seed}, "
-               f"attacks in {result['attack_precision']} ({result['attack_precision_why']}; verdicts in fp32)")
+               f"attacks in {result['attack_precision']} ({result['attack_precision_why']}; verdicts in fp32)"
+               + (f"; adversarial examples made on {request.surrogate} (transfer)" if surrogate is not None else ""))
     click.echo(format_table(result))
     if "corruptions" in result:
         click.echo(format_corruptions(result))
@@ -315,7 +375,9 @@ def run_eval(request: EvalRequest) -> None:
                + ", ".join(f"{k} {v:.1f} s" for k, v in result["attack_seconds"].items()))
     report: dict[str, Any] = {"checkpoint": str(request.source.path), "dataset": facts.dataset, "model": args,
                               "weights": facts.weights, **result}
-    report.update(extra_checks(model, test, plan, request, result))
+    if request.surrogate is not None:
+        report["transfer_from"] = str(request.surrogate)
+    report.update(extra_checks(model, test, plan, request, result, surrogate))
     if outputs.json and outputs.writes:
         write_json(outputs.json, report, overwrite=outputs.force)
         click.echo(f"wrote {outputs.json}")
@@ -325,14 +387,15 @@ def run_eval(request: EvalRequest) -> None:
         click.echo(f"wrote {outputs.per_example}")
 
 
-def extra_checks(model: Any, test: tuple, plan: EvalPlan, request: EvalRequest, result: dict[str, Any]) -> dict[str, Any]:
+def extra_checks(model: Any, test: tuple, plan: EvalPlan, request: EvalRequest, result: dict[str, Any],
+                 surrogate: Any = None) -> dict[str, Any]:
     """--sanity and --eps-sweep: their figures printed (failed checks as warnings), the sweep plotted with --plot;
     returns what the JSON report gets of them ("eps_sweep", "checks")."""
     report: dict[str, Any] = {}
     checks = []
     if request.sanity:
         click.echo("sanity checks:")
-        checks = sanity_checks(model, test, plan.eps, reuse=result, plan=plan)
+        checks = sanity_checks(model, test, plan.eps, reuse=result, plan=plan, surrogate=surrogate)
     if request.sweep:
         sweep = run_sweep(model, test, request.sweep, plan=plan)
         click.echo("eps sweep (worst case over the attacks, %):")

@@ -151,7 +151,8 @@ def test_autoattack_end_to_end_is_at_most_pgd20_and_sanity_passes(sabn, eval_dat
     assert acc["worst_case"] <= min(acc[a] for a in sanity.SANITY_ATTACKS)
     assert result["attacks"]["autoattack"]["parts"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     checks = sanity_checks(sabn, data, EPS, route="clean", reuse=result, queries=100)
-    assert len(checks) == 7
+    assert len(checks) == 8  # with the transfer check from the adv route (a dual-route model)
+    assert "clean: transfer attack not stronger than white-box" in [c.name for c in checks]
     assert all(c.passed for c in checks), [c for c in checks if not c.passed]
 
 

@@ -12,6 +12,7 @@ file for a resume (:mod:`robust.eval.jobs`, :mod:`robust.eval.state`); neither c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -31,8 +32,10 @@ from robust.eval.corruptions import evaluate_corruptions
 from robust.eval.jobs import SPLIT_RULE, Scoring, chunk_bounds, exchange, run_processes, score_units, split, world_position
 from robust.eval.jobs import to_model_input  # also where robust.report finds it
 from robust.eval.plan import EvalPlan
-from robust.eval.state import EvalState, fingerprint, open_state
-from robust.nn.norms import RoutedNorm, routes_for
+from robust.eval.repeats import RANDOMIZED_ADVICE, combine_repeats, randomized_routes, repeat_seeds, single_pass
+from robust.eval.state import EvalState, digest_tensors, fingerprint, open_state
+from robust.eval.transfer import Surrogate, as_surrogate
+from robust.nn.norms import RoutedNorm, bn_mode, routes_for
 from robust.progress import Progress
 from robust.threat import check_radius
 from robust.runtime import THREADS_RANGE, available_cpus, precision_name, resolve_device, versions
@@ -136,10 +139,41 @@ def num_classes_of(model: nn.Module) -> int:
 
 
 def build_attacks(model: nn.Module, names: Sequence[str], eps: float, threat: str, seed: int,
-                  settings: dict[str, Any]) -> list[Attack]:
-    """The attacks called ``names`` ("clean" is no attack) against ``model``, in the given order."""
-    return [build_attack(n, model, eps, threat=threat, seed=seed, num_classes=num_classes_of(model), **settings)
+                  settings: dict[str, Any], surrogate: Surrogate | None = None) -> list[Attack]:
+    """The attacks called ``names`` ("clean" is no attack) against ``model``, in the given order; made on
+    ``surrogate`` instead where one is given (a transfer attack; it is moved to the model's device)."""
+    target: nn.Module = model
+    if surrogate is not None:
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        target = surrogate.to(device)
+    return [build_attack(n, target, eps, threat=threat, seed=seed, num_classes=num_classes_of(model), **settings)
             for n in names if n != "clean"]
+
+
+def check_surrogate(surrogate: nn.Module, model: nn.Module, x: torch.Tensor) -> None:
+    """ConfigError unless ``surrogate`` takes the scored images and gives as many logits as ``model`` (two test
+    images, model inputs on the models' device): examples made on another task cannot be scored on this one."""
+    inner = surrogate.inner if isinstance(surrogate, Surrogate) else surrogate
+    shape = input_shape_of(inner)
+    images = "x".join(map(str, x.shape[1:]))
+    fix = "make the examples on a model of the same data (--transfer-from)"
+    channels = (getattr(inner, "build_args", None) or {}).get("in_channels")
+    if shape is not None and tuple(shape) != tuple(x.shape[1:]):
+        raise ConfigError(f"the surrogate takes {'x'.join(map(str, shape))} (C x H x W) images but the scored ones are "
+                          f"{images}; {fix}")
+    if channels is not None and int(channels) != x.shape[1]:
+        raise ConfigError(f"the surrogate takes images of {channels} channel(s) but the scored ones are {images} "
+                          f"(C x H x W); {fix}")
+    with torch.no_grad(), bn_mode(model, False):
+        try:
+            theirs = surrogate(x)
+        except RuntimeError as exc:
+            raise ConfigError(f"the surrogate cannot take the scored {images} (C x H x W) images "
+                              f"({str(exc).splitlines()[0]}); {fix}") from None
+        ours = model(x)
+    if theirs.dim() != 2 or theirs.shape[1] != ours.shape[1]:
+        raise ConfigError(f"the surrogate gives {tuple(theirs.shape[1:])} outputs per image but the scored model "
+                          f"{ours.shape[1]} classes; {fix}")
 
 
 def tally(state: EvalState, route: str, names: Sequence[str], y: torch.Tensor,
@@ -238,7 +272,7 @@ def route_now(model: nn.Module) -> str:
 
 
 def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str | None = None, eps: float | str | None = None,
-             *, plan: EvalPlan | None = None, **settings: Any) -> dict[str, Any]:
+             *, plan: EvalPlan | None = None, surrogate: nn.Module | None = None, **settings: Any) -> dict[str, Any]:
     """Clean and robust accuracy (%) of every route of ``model`` under each attack.
 
     The keywords are the settings of an :class:`robust.eval.plan.EvalPlan` (checked once, before any work:
@@ -279,14 +313,21 @@ def evaluate(model: nn.Module, data: Any, attacks: Iterable[str] | str | None = 
     ``corruptions`` (names or 'all') at ``severities`` adds accuracy under the common corruptions, generated
     from the images or read from the official files in ``corruptions_dir`` (:mod:`robust.eval.corruptions`).
     The model is moved to ``device``; its train/eval modes are restored afterwards.
+
+    ``eot`` (N >= 1) averages each gradient of the gradient attacks (fgsm, pgdN, cwN, APGD, APGD-T; FAB and Square
+    take none) over N forwards, for a randomized model; ``repeats`` (K >= 1) runs the evaluation K times with seeds
+    seed, seed+1, ... where the model's forward is randomized, and an example is robust only if it survives all K
+    (:mod:`robust.eval.repeats`: ``repeats`` in the result holds each repeat's figures and their spread).
+    ``surrogate`` (another model of the same images and classes) makes the adversarial examples instead of
+    ``model``, which scores them: a transfer attack (:mod:`robust.eval.transfer`; ``"transfer": True``).
     """
     if plan is None:
         return evaluate_plan(model, data, EvalPlan.build(attacks=("pgd20",) if attacks is None else attacks, eps=eps,
-                                                         **settings))
+                                                         **settings), surrogate)
     if attacks is not None or eps is not None or settings:
         raise ConfigError("evaluate takes a plan or its settings as keywords, not both; change a plan with "
                           "dataclasses.replace(plan, ...) or plan.at_eps(eps)")
-    return evaluate_plan(model, data, plan)
+    return evaluate_plan(model, data, plan, surrogate)
 
 
 @dataclass(frozen=True)
@@ -305,9 +346,34 @@ class Work:
     world: int
 
 
-def evaluate_plan(model: nn.Module, data: Any, plan: EvalPlan) -> dict[str, Any]:
+def evaluate_plan(model: nn.Module, data: Any, plan: EvalPlan, surrogate: nn.Module | None = None) -> dict[str, Any]:
     """Clean and robust accuracy (%) of every route of ``model`` on ``data`` as ``plan`` says: the one evaluation
-    behind :func:`evaluate` and ``robust eval`` (the result and every refusal as :func:`evaluate` describes)."""
+    behind :func:`evaluate` and ``robust eval`` (the result and every refusal as :func:`evaluate` describes), once,
+    or ``plan.repeats`` times for a randomized model (:mod:`robust.eval.repeats`)."""
+    if plan.repeats == 1:
+        return evaluate_pass(model, data, plan, surrogate)
+    x, y = as_tensors(data, plan.limit)
+    device = resolve_device("auto" if plan.device is None else plan.device)
+    model.to(device)
+    randomized = randomized_routes(model, to_model_input(x[:PROBE_BATCH], device), routes_for(model, plan.route))
+    if not randomized:
+        return single_pass(evaluate_pass(model, data, dataclasses.replace(plan, repeats=1), surrogate), plan.repeats,
+                           plan.seed)
+    seeds = repeat_seeds(plan.seed, plan.repeats)
+    results = [evaluate_pass(model, data, dataclasses.replace(
+        plan, seed=seed, repeats=1, per_example=True, corruptions=plan.corruptions if k == 0 else None), surrogate)
+        for k, seed in enumerate(seeds)]
+    result = combine_repeats(results, seeds, y.tolist(), randomized)
+    result["seed"] = plan.seed
+    result["per_class"] = {r: per_class_accuracy(examples, y, num_classes_of(model))
+                           for r, examples in result["per_example"].items()}
+    if not plan.per_example:
+        del result["per_example"]
+    return result
+
+
+def evaluate_pass(model: nn.Module, data: Any, plan: EvalPlan, surrogate: nn.Module | None = None) -> dict[str, Any]:
+    """One pass of :func:`evaluate_plan` (its repeats aside)."""
     if plan.eps is None:
         raise ConfigError("eps is required, e.g. eps=8/255 (robust eval defaults to the checkpoint's training eps)")
     rank, world = world_position() if plan.across_ranks else (0, 1)
@@ -321,18 +387,22 @@ def evaluate_plan(model: nn.Module, data: Any, plan: EvalPlan) -> dict[str, Any]
     processes, per_process = share_jobs(plan.jobs, plan.threads, len(y), len(bounds))
     device = resolve_device("auto" if plan.device is None else plan.device)
     model.to(device)
+    if surrogate is not None:
+        surrogate = as_surrogate(surrogate).to(device)
+        check_surrogate(surrogate, model, to_model_input(x[:2], device))
     precision = choose_attack_precision(plan.attack_precision, device, model, to_model_input(x[:PROBE_BATCH], device),
                                         y[:PROBE_BATCH].to(device), per_process, world)
     work = Work(routes, bounds, [n for n in plan.attacks if n != "clean"], device, precision.dtype, processes,
                 per_process, rank, world)
-    record = open_record(plan, model, (x, y), work)
+    record = open_record(plan, model, (x, y), work, surrogate)
     start = time.perf_counter()
     build = functools.partial(build_attacks, names=work.attack_names, eps=plan.eps, threat=plan.threat, seed=plan.seed,
-                              settings={"restarts": plan.restarts, "queries": plan.queries})
+                              settings={"restarts": plan.restarts, "queries": plan.queries, "eot": plan.eot},
+                              surrogate=surrogate)
     score(model, (x, y), plan, work, record, build)
     dtype = work.dtype
     params = {n: attack_params(n, plan.eps, threat=plan.threat, seed=plan.seed, num_classes=num_classes_of(model),
-                               restarts=plan.restarts, queries=plan.queries)
+                               restarts=plan.restarts, queries=plan.queries, eot=plan.eot)
               for n in work.attack_names}  # each attack's settings, read from its spec
     result: dict[str, Any] = {"n": len(y), "eps": plan.eps, "threat": plan.threat, "seed": plan.seed,
                               "attack_precision": precision_name(dtype), "attack_precision_why": precision.why,
@@ -346,23 +416,32 @@ def evaluate_plan(model: nn.Module, data: Any, plan: EvalPlan) -> dict[str, Any]
                   jobs=processes, threads=per_process, ranks=world, attack_seconds=record.seconds(),
                   seconds=time.perf_counter() - start, versions=versions())
     result.update(route=plan.route, batch_size=plan.batch_size, limit=plan.limit, restarts=plan.restarts,
-                  queries=plan.queries, device=str(device))
+                  queries=plan.queries, eot=plan.eot, device=str(device))
+    if surrogate is not None:
+        result["transfer"] = True
+    result["randomized_routes"] = randomized_routes(model, to_model_input(x[:PROBE_BATCH], device), routes)
+    if result["randomized_routes"]:
+        result["randomized"] = RANDOMIZED_ADVICE
     if plan.corruptions is not None:
         result.update(evaluate_corruptions(model, x, y, plan.corruptions, route=plan.route, batch_size=plan.batch_size,
                                            seed=plan.seed, per_example=plan.per_example))
     return result
 
 
-def open_record(plan: EvalPlan, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], work: Work) -> EvalState:
+def open_record(plan: EvalPlan, model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], work: Work,
+                surrogate: nn.Module | None = None) -> EvalState:
     """The verdicts to fill: the plan's state file (checked, or read for a resume) or a record in memory."""
     state = plan.state
     if state is None:
         return open_state(None, False, False, {})
     x, y = data
+    extra: dict[str, Any] = {"eot": plan.eot} if plan.eot > 1 else {}  # recorded where it changes the verdicts
+    if surrogate is not None:
+        extra["surrogate"] = digest_tensors(list(surrogate.state_dict().items()))
     return open_state(state.path, state.resume, state.force, fingerprint(
         model, x, y, eps=plan.eps, threat=plan.threat, attacks=work.attack_names, routes=work.routes, seed=plan.seed,
         batch_size=plan.batch_size, restarts=plan.restarts, queries=plan.queries,
-        attack_precision=precision_name(work.dtype), split=SPLIT_RULE))
+        attack_precision=precision_name(work.dtype), split=SPLIT_RULE, **extra))
 
 
 def score(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], plan: EvalPlan, work: Work, record: EvalState,

@@ -1,8 +1,8 @@
 """An evaluation's plan: every setting of ``robust.evaluate`` and ``robust eval``, checked once, frozen.
 
 :class:`EvalPlan` holds what is attacked and how (attacks, eps as a number, threat, route, batch size,
-limit, device, seed, restarts, queries, attack precision, processes and threads, per-example verdicts,
-progress), with the state file (:class:`StateFile`) and the common corruptions (:class:`CorruptionPlan`)
+limit, device, seed, restarts, EOT forwards, repeats, queries, attack precision, processes and threads,
+per-example verdicts, progress), with the state file (:class:`StateFile`) and the common corruptions (:class:`CorruptionPlan`)
 as sub-plans. Each field is checked when the plan is made, by the machinery that checks a training
 config's fields (:func:`robust.checks.check_fields`: its annotation and its metadata), then by the rules
 that tie fields together; a bad value is a one-line ConfigError naming it. What depends on the model or
@@ -119,6 +119,10 @@ class EvalPlan:
     device: str | None = _f(None, "auto, cpu or cuda [default: auto]")
     seed: int = _f(0, "seed of the attacks' random starts", min=0, max=MAX_SEED)
     restarts: int = _f(1, "random restarts per attack", min=1)
+    eot: int = _f(1, "gradient attacks: each gradient the mean over this many forwards (expectation over "
+                     "transformation), for a randomized model", min=1, label="--eot")
+    repeats: int = _f(1, "the whole evaluation run this many times with seeds seed, seed+1, ...; an example is robust "
+                         "only if it survives every repeat (a deterministic model runs once)", min=1, label="--repeats")
     queries: int = _f(5000, "Square: query budget", min=1)
     attack_precision: str = _f("auto", "precision of the attacks' iterations", choices=ATTACK_PRECISIONS)
     jobs: int = _f(1, "processes the chunks are split across", min=1, label="--jobs")
@@ -141,6 +145,11 @@ class EvalPlan:
                 check_threat(parse_attack_name(name)[0], self.threat)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if self.repeats > 1 and self.state is not None:
+            raise ConfigError("--state keeps the verdicts of one pass; drop --state or --repeats")
+        if self.seed + self.repeats - 1 > MAX_SEED:
+            raise ConfigError(f"--seed {self.seed} with --repeats {self.repeats} runs seeds above {MAX_SEED}; "
+                              "choose a smaller --seed")
         for name, kind in (("state", StateFile), ("corruptions", CorruptionPlan)):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), kind):
                 raise ConfigError(f"{name} of an EvalPlan must be a {kind.__name__} or None, got "

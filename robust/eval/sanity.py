@@ -1,10 +1,12 @@
 """The sanity checks of docs/evaluation.md, each a verdict with its numbers: eps 0 equals clean accuracy,
 an unbounded eps gives about 0%, more steps never help, AutoAttack <= PGD-20, Square no stronger than
-the white-box attacks (gradient masking), non-zero input gradients, a deterministic forward.
+the white-box attacks (gradient masking), non-zero input gradients, a deterministic forward, and a transfer
+attack (from a dual-route model's other route or a ``--transfer-from`` surrogate) no stronger than the white-box ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -13,10 +15,13 @@ import torch.nn as nn
 
 from robust.attacks.registry import parse_attack_name, served_threats
 from robust.errors import ConfigError
+from robust.attacks.pgd import forward_is_deterministic
 from robust.eval.evaluation import as_tensors, evaluate_plan
 from robust.eval.plan import EvalPlan
+from robust.eval.repeats import RANDOMIZED_ADVICE
 from robust.eval.jobs import to_model_input
-from robust.nn.norms import bn_mode, routes_for, use_route
+from robust.eval.transfer import as_surrogate, other_route, transfer_verdict
+from robust.nn.norms import bn_mode, is_dual_route, routes_for, use_route
 from robust.runtime import resolve_device
 from robust.threat import resolve_eps
 
@@ -85,13 +90,12 @@ def determinism_checks(model: nn.Module, data: Any, route: str | None = None, de
     with bn_mode(model, False):
         for r in routes_for(model, route):
             with use_route(model, r):
-                with torch.no_grad():
-                    same = torch.equal(model(xb), model(xb))
+                same = forward_is_deterministic(model, xb)
                 xg = xb.clone().requires_grad_(True)
                 grad, = torch.autograd.grad(nn.functional.cross_entropy(model(xg), yb, reduction="sum"), xg)
             nonzero = grad.flatten(1).abs().sum(1).gt(0).float().mean().item() * 100
             checks.append(SanityCheck(f"{r}: deterministic forward", same, "two eval forwards agree" if same else
-                                      "two eval forwards differ; a randomized forward (dropout, noise) makes attacks look weaker"))
+                                      f"two eval forwards differ; {RANDOMIZED_ADVICE}"))
             checks.append(SanityCheck(f"{r}: input gradients non-zero", nonzero > 50,
                                       f"{nonzero:.0f}% of examples have a non-zero input gradient" +
                                       ("" if nonzero > 50 else "; gradient masking (saturated or non-differentiable layers)")))
@@ -107,8 +111,12 @@ def _sanity_attacks(threat: str) -> list[str]:
 
 
 def sanity_checks(model: nn.Module, data: Any, eps: float | str, route: str | None = None,
-                  reuse: dict[str, Any] | None = None, plan: EvalPlan | None = None, **settings: Any) -> list[SanityCheck]:
+                  reuse: dict[str, Any] | None = None, plan: EvalPlan | None = None, surrogate: nn.Module | None = None,
+                  **settings: Any) -> list[SanityCheck]:
     """Run every --sanity check on ``model`` (evaluation.md); ``reuse`` is an earlier ``evaluate`` result.
+
+    The transfer check makes pgd20 on ``surrogate`` (another model of the same images and classes) or, without one,
+    on a dual-route model's other route; a single-route model without a surrogate has none.
 
     Attacks already in ``reuse`` (same eps, threat, seed and examples) are not run again. The evaluations'
     settings are ``plan`` (its route, limit, batch size, device, seed, threat, restarts, queries, progress; its
@@ -127,12 +135,36 @@ def sanity_checks(model: nn.Module, data: Any, eps: float | str, route: str | No
     big = {"linf": 1.0, "l2": math.sqrt(x_size(data)), "l1": float(x_size(data))}[plan.threat]
     at_one = evaluate_plan(model, data, plan.again(["pgd20"], big))
     checks = sanity_verdicts(at_eps, at_zero, at_one)
+    checks += transfer_checks(model, data, plan.again(["pgd20"], eps), at_eps, surrogate)
     return checks + determinism_checks(model, data, plan.route, plan.device)
+
+
+WHITE_BOX = ("pgd10", "pgd20", "pgd50", "autoattack")
+
+
+def transfer_checks(model: nn.Module, data: Any, plan: EvalPlan, at_eps: dict[str, Any],
+                    surrogate: nn.Module | None = None) -> list[SanityCheck]:
+    """Per route, pgd20 made on ``surrogate`` (or the model's other route) and scored on the route, judged against
+    the white-box figures of ``at_eps`` (:func:`robust.eval.transfer.transfer_verdict`)."""
+    checks = []
+    tol = noise_points(at_eps["n"])
+    for route, acc in at_eps["routes"].items():
+        white = {k: v for k, v in acc.items() if k in WHITE_BOX}
+        if surrogate is not None:
+            source = as_surrogate(surrogate, "the --transfer-from model")
+        elif is_dual_route(model):
+            source = other_route(model, route)
+        else:
+            continue
+        result = evaluate_plan(model, data, dataclasses.replace(plan, route=route), source)
+        verdict = transfer_verdict(result["routes"][route]["pgd20"], white, source.name, tol)
+        checks.append(SanityCheck(f"{route}: transfer attack not stronger than white-box", *verdict))
+    return checks
 
 
 def _reusable(reuse: dict[str, Any] | None, data: Any, eps: float, plan: EvalPlan) -> bool:
     """True when an earlier result was computed on the same examples, eps, threat and seed."""
-    if not reuse:
+    if not reuse or reuse.get("transfer"):  # a transfer attack's figures are no white-box figures
         return False
     n = len(as_tensors(data, plan.limit)[1])
     return (reuse["n"], reuse["eps"], reuse["threat"], reuse["seed"]) == (n, eps, plan.threat, plan.seed)

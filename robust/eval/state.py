@@ -28,7 +28,8 @@ _WHAT = {"model": "another model (its weights differ)", "images": "other images 
          "n": "another number of images", "eps": "another eps", "threat": "another threat model",
          "attacks": "another attack list", "routes": "other routes", "seed": "another seed",
          "batch_size": "another batch size", "restarts": "another number of restarts", "queries": "another query budget",
-         "attack_precision": "another attack precision", "split": "another rule of chunks"}
+         "attack_precision": "another attack precision", "split": "another rule of chunks",
+         "eot": "another number of EOT forwards", "surrogate": "another surrogate (--transfer-from)"}
 
 
 def digest_tensors(tensors: list[tuple[str, torch.Tensor]]) -> str:
