@@ -34,8 +34,9 @@ DEMO_TRAIN = dict(
               help="training precision: auto = bf16 on CUDA, and on a CPU where bf16 ran the model's step at least 1.2x faster than fp32 (timed once, cached), else fp32")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def demo(out: str, force: bool, eval_limit: int, data_dir: str | None, seed: int, precision: str, quiet: bool) -> None:
-    """Train a small SaBN model on real Fashion-MNIST for as many steps as 2m20s buys, then report clean and
-    PGD-20 accuracy (about 3 minutes in all on any machine; a faster one trains more steps).
+    """Train a small SaBN model on real Fashion-MNIST for as many steps as 2m20s buys, then report clean and PGD-20 accuracy.
+
+    About 3 minutes in all on any machine; a faster one trains more steps.
 
     \b
     The same as:

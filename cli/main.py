@@ -32,7 +32,8 @@ COMMANDS: dict[str, Entry] = {
     "compare": Entry("robust.cli.compare", "compare",
                      "Train one model per norm with the same seed, split and budget; evaluate every route."),
     "demo": Entry("robust.cli.demo", "demo",
-                  "Train a small SaBN model on real Fashion-MNIST, then report clean and PGD-20 accuracy."),
+                  "Train a small SaBN model on real Fashion-MNIST for as many steps as 2m20s buys, then report clean and "
+                  "PGD-20 accuracy."),
     "eval": Entry("robust.cli.evaluate", "evaluate_command",
                   "Clean and robust accuracy of CHECKPOINT (a file, a run folder meaning its best.pt, or an export)."),
     "export": Entry("robust.cli.export", "export_command",
