@@ -26,7 +26,7 @@ TRANSFORM = ("weight", "scale", "power", "offset")
                    "`robust train --method standard`) instead of the run's own clean route")
 @click.option("--max-drop", type=float, default=1.0, show_default=True,
               help="the most points of validation robust accuracy the mixture may lose against the adv route")
-@click.option("-o", "--out", default=None, help="the mixture's model file (read by robust eval, export, report, load_model)")
+@click.option("-o", "--out", default=None, help="the mixture's model file (read by robust eval, robust export and robust.load_model)")
 @click.option("--sweep", "do_sweep", is_flag=True, help="also measure clean and robust accuracy at every weight")
 @click.option("--plot", default=None, help="with --sweep: the trade-off figure (PNG)")
 @click.option("--json", "json_path", default=None, help="the calibration (and with --sweep, every weight's figures) as JSON")
