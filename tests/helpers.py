@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 
 import click
+import torch
+import torch.nn as nn
 from click.testing import CliRunner
 
 from robust.cli.main import cli
@@ -71,3 +73,23 @@ def assert_refused(folder, args: list[str], *expected: str, one_line: bool = Fal
         assert len(result.output.strip().splitlines()) == 1, result.output
     assert snapshot(folder) == before  # nothing written or overwritten
     return errors[0]
+
+
+def confident_net(seed: int = 0) -> nn.Module:
+    """A tiny 1x8x8 classifier with confident, centred logits: the loss moves visibly within small balls and the
+    classes it predicts vary, so attack verdicts tell something."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
+    with torch.no_grad():
+        net[3].weight.mul_(20)
+        net[3].bias.sub_(net(torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(99))).mean(0))
+    return net
+
+
+def confident_batch(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random 1x8x8 images labelled with :func:`confident_net`'s predictions (every one clean-correct)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        y = confident_net()(x).argmax(1)
+    return x, y

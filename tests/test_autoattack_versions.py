@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_refused
+from helpers import assert_refused, confident_batch, confident_net
 from robust.attacks.apgd import APGDSettings, apgd
 from robust.attacks.registry import attack_params, build_attack, check_perturbation, served_threats
 from robust.checkpoint import build_checkpoint, save_checkpoint
@@ -16,23 +16,6 @@ from robust.errors import ConfigError
 from robust.eval.evaluation import evaluate
 from robust.eval.plan import EvalPlan
 from robust.nn.factory import build_model
-
-
-def tiny_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
-    with torch.no_grad():
-        net[3].weight.mul_(20)  # confident logits, so the loss moves visibly within small balls
-        net[3].bias.sub_(net(torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(99))).mean(0))
-    return net  # centred logits: the classes it predicts vary
-
-
-def tiny_batch(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 8, 8, generator=g)
-    with torch.no_grad():
-        y = tiny_net()(x).argmax(1)  # every example clean-correct, of 10 classes
-    return x, y
 
 
 def official_verdicts(net, x, y, eps, norm, version):
@@ -54,8 +37,8 @@ def test_rand_version_gives_the_official_verdicts_image_for_image(threat, norm, 
     """Same seed, same random starts: our APGD is the official algorithm. In Linf and L2 the arithmetic is the
     official's operation for operation and the verdicts are equal; in L1 only the projection's last bits differ
     (see test_l1), which may move at most one example sitting on the boundary."""
-    x, y = tiny_batch()
-    net = tiny_net()
+    x, y = confident_batch()
+    net = confident_net()
     theirs = official_verdicts(net, x, y, eps, norm, "rand")
     ours, attack = our_verdicts(net, x, y, eps, threat, "autoattack-rand")
     assert 4 <= int(theirs.sum()) <= 28
@@ -67,8 +50,8 @@ def test_rand_version_gives_the_official_verdicts_image_for_image(threat, norm, 
 def test_rand_version_on_a_deterministic_model_equals_apgd_ce_then_apgd_dlr():
     """20 forwards of a deterministic model average to its one gradient up to the rounding of a sum of 20 equal
     numbers (relative 20 ulps), far below what moves a sign or a top-k choice here: the verdicts are equal."""
-    x, y = tiny_batch()
-    net = tiny_net()
+    x, y = confident_batch()
+    net = confident_net()
     eps = 0.03
     rand, _ = our_verdicts(net, x, y, eps, "linf", "autoattack-rand")
     robust = net(x).argmax(1) == y
@@ -83,8 +66,8 @@ def test_plus_version_gives_the_official_verdicts():
     """The plus version (Linf): APGD-CE, APGD-DLR (5 restarts), FAB (5 restarts), Square, APGD-T, FAB-T. Ours runs
     torchattacks' components, whose random streams are not the official's: APGD-CE with 5 restarts decides
     almost every example, and the verdicts may differ on at most 2 of 32 (the examples a restart's start decides)."""
-    x, y = tiny_batch()
-    net = tiny_net()
+    x, y = confident_batch()
+    net = confident_net()
     eps = 0.04
     theirs = official_verdicts(net, x, y, eps, "Linf", "plus")
     ours, attack = our_verdicts(net, x, y, eps, "linf", "autoattack-plus")
@@ -101,16 +84,16 @@ def test_versions_and_their_threat_models():
     assert served_threats("autoattack-rand") == ("linf", "l2", "l1")
     assert served_threats("autoattack-plus") == ("linf", "l2")
     with pytest.raises(ValueError, match=r"^attack 'autoattack-plus' has no l1 version; its threat models: linf, l2$"):
-        build_attack("autoattack-plus", tiny_net(), 1.0, threat="l1")
+        build_attack("autoattack-plus", confident_net(), 1.0, threat="l1")
     with pytest.raises(ConfigError, match="'autoattack-plus' has no l1 version"):
         EvalPlan.build(attacks="autoattack-plus", eps=1.0, threat="l1")
     assert attack_params("autoattack-rand", 1.0, threat="l1")["settings"]["apgd-ce"]["larger_eps"] is False
 
 
 def test_a_version_goes_where_the_standard_one_goes_with_stage_seconds_and_per_example(tmp_path):
-    x, y = tiny_batch(12)
+    x, y = confident_batch(12)
     data = (x, y)
-    result = evaluate(tiny_net(), data, attacks="autoattack-rand", eps=0.03, per_example=True,
+    result = evaluate(confident_net(), data, attacks="autoattack-rand", eps=0.03, per_example=True,
                       state=tmp_path / "rand.state")
     route = next(iter(result["routes"].values()))
     assert set(route) >= {"clean", "autoattack-rand"}
@@ -119,7 +102,7 @@ def test_a_version_goes_where_the_standard_one_goes_with_stage_seconds_and_per_e
     assert {"autoattack-rand/apgd-ce", "autoattack-rand/apgd-dlr"} <= set(result["attack_seconds"])
     broken = next(iter(result["per_example"].values()))["broken_by"]
     assert set(broken) <= {None, "autoattack-rand"}
-    again = evaluate(tiny_net(), data, attacks="autoattack-rand", eps=0.03, per_example=True,
+    again = evaluate(confident_net(), data, attacks="autoattack-rand", eps=0.03, per_example=True,
                      state=tmp_path / "rand.state", resume=True)
     assert again["routes"] == result["routes"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import assert_refused
+from helpers import assert_refused, confident_batch, confident_net
 from robust.attacks.apgd import APGDSettings, apgd
 from robust.attacks.l1 import L1Ball, l1_norm, project_l1_ball, project_l1_box, sparse_sign
 from robust.attacks.pgd import get_threat
@@ -96,35 +96,18 @@ def test_the_l1_ball_is_a_threat_model_with_start_step_and_distance():
     assert ball.project(torch.full((1, 4), 1.0), 2.0).tolist() == [[0.5, 0.5, 0.5, 0.5]]
 
 
-def tiny_net(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
-    with torch.no_grad():
-        net[3].weight.mul_(20)  # confident logits, so the loss moves visibly within small balls
-        net[3].bias.sub_(net(torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(99))).mean(0))
-    return net  # centred logits: the classes it predicts vary
-
-
-def tiny_batch(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 8, 8, generator=g)
-    with torch.no_grad():
-        y = tiny_net()(x).argmax(1)  # every example clean-correct, of 10 classes
-    return x, y
-
-
 @pytest.mark.parametrize("name", ["pgd20", "fgsm", "cw10", "apgd-ce", "apgd-dlr", "apgd-t"])
 def test_attacks_in_l1_stay_in_the_ball_and_the_box(name):
-    x, y = tiny_batch(8)
-    attack = build_attack(name, tiny_net(), 1.5, threat="l1")
+    x, y = confident_batch(8)
+    attack = build_attack(name, confident_net(), 1.5, threat="l1")
     x_adv = attack(x, y)
     check_perturbation(x, x_adv, 1.5, "l1", name=name)
     assert attack.params["threat"] == "l1"
 
 
 def test_our_pgd_in_l1_fools_more_as_the_ball_grows():
-    x, y = tiny_batch()
-    net = tiny_net()
+    x, y = confident_batch()
+    net = confident_net()
     fooled = [int((net(build_attack("pgd20", net, eps, threat="l1")(x, y)).argmax(1) != y).sum()) for eps in (0.2, 3.0)]
     assert fooled[0] < fooled[1] and fooled[1] >= 16
 
@@ -140,8 +123,8 @@ def test_our_apgd_ce_l1_gives_the_official_verdicts_image_for_image():
     The only arithmetic that differs is the projection (ours solves for the shrinkage, the official bisects
     over sorted kinks and adds a correction to the point): last-bit differences that can move an example
     sitting on the decision boundary, so at most one verdict in 32 may differ."""
-    x, y = tiny_batch()
-    net = tiny_net()
+    x, y = confident_batch()
+    net = confident_net()
     eps = 0.5
     ours = apgd(net, x, y, APGDSettings(eps, "l1", "ce", restarts=5, larger_eps=True))
     theirs = official_apgd(net, x, y, eps, n_restarts=5, use_largereps=True, loss="ce")
@@ -156,8 +139,8 @@ def test_the_l1_standard_version_gives_the_official_verdicts():
     with the official standard version's same two stages (its settings from set_version, its FAB-T and Square
     left out: they have no L1 implementation here, and they attack only what the two APGD stages left, so
     they can only lower the official figure). At most one verdict may differ (the projection's last bits)."""
-    x, y = tiny_batch()
-    net = tiny_net()
+    x, y = confident_batch()
+    net = confident_net()
     eps = 0.5
     official = pyautoattack.AutoAttack(net, norm="L1", eps=eps, version="standard", seed=0, device="cpu")
     assert official.apgd.n_restarts == 5 and official.apgd.use_largereps and official.apgd_targeted.n_target_classes == 5
@@ -192,7 +175,7 @@ def test_l1_eps_is_read_in_pixel_units_and_nonsense_is_refused_in_one_line():
 
 def test_attacks_without_an_l1_version_are_refused_naming_their_threats():
     with pytest.raises(ValueError, match=r"'square' has no l1 version; its threat models: linf, l2"):
-        build_attack("square", tiny_net(), 1.0, threat="l1")
+        build_attack("square", confident_net(), 1.0, threat="l1")
     with pytest.raises(ConfigError, match="'square' has no l1 version"):
         EvalPlan.build(attacks="pgd20,square", eps=1.0, threat="l1")
     assert EvalPlan.build(attacks="pgd20,apgd-ce,autoattack", eps=12, threat="l1").threat == "l1"
