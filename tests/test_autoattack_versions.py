@@ -118,3 +118,30 @@ def checkpoint(tmp_path):
 def test_cli_refuses_a_version_the_threat_lacks_with_exit_2_and_nothing_written(tmp_path, checkpoint):
     assert_refused(tmp_path, ["eval", str(checkpoint), "--threat", "l1", "--eps", "12", "--attack", "autoattack-plus",
                               "--limit", "8", "--json", "out.json"], "'autoattack-plus' has no l1 version")
+
+
+def test_the_benchmark_runs_the_chosen_version_and_threat_on_both_sides():
+    """The rand version in Linf on both sides: the official verdicts image for image (the test above says why),
+    the stages its two parts, the report naming threat and version."""
+    from robust.bench.autoattack import bench
+
+    x, y = confident_batch(16)
+    net = confident_net()
+    report = bench(net, x, y, 0.02, {"fp32": {"precision": "fp32", "jobs": 1, "threads": None}}, rounds=1,
+                   batch_size=16, seed=0, attack=("linf", "rand"))
+    ours = report["variants"]["fp32"]
+    assert (report["threat"], report["version"], report["stages"]) == ("linf", "rand", ["apgd-ce", "apgd-dlr"])
+    assert ours["agree_with_official"] == 16 and 25 <= ours["robust_accuracy"] <= 75  # verdicts that tell something
+    assert ours["robust_accuracy"] == report["variants"]["official"]["robust_accuracy"]
+    assert set(ours["stage_seconds"]) == {"apgd-ce", "apgd-dlr"} and ours["stage_seconds"]["apgd-ce"] > 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--version", "plus", "--threat", "l1"], "--version plus --threat l1: attack 'autoattack-plus' has no l1 version"),
+    (["--threat", "l1", "--eps", "12/255"], "is a fraction of 255"),
+    (["--version", "quick"], "Invalid value for '--version'"),
+])
+def test_the_benchmark_refuses_a_version_or_radius_its_threat_lacks_before_reading_anything(tmp_path, args, expected):
+    from robust.bench import autoattack
+
+    assert_refused(tmp_path, ["missing.pt", *args], expected, command=autoattack.command)
