@@ -90,11 +90,11 @@ def test_the_probe_times_with_its_clock_and_restores_what_it_trained():
         model(torch.ones(4, 3)).sum().backward()
         optimizer.step()
 
-    clock = TickingClock(3.0)  # readings 0 (start), 3 (after the warm-up), 6 (3 steps), 9 (one val batch), 12
+    clock = TickingClock(3.0)  # readings 0 (start), 3 (after the warm-up), 6 (5 steps), 9 (one val batch), 12
     costs = Probe(clock, [model, optimizer]).measure(train_once, lambda: calls.append("val"), val_parts=2.5,
                                                      started=clock())
-    assert calls == ["step"] * 4 + ["val"]
-    assert costs == Costs(step_s=1.0, val_s=7.5, spent_s=12.0)
+    assert calls == ["step"] * 7 + ["val"]
+    assert costs == Costs(step_s=0.6, val_s=7.5, spent_s=12.0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert optimizer.state_dict()["state"] == {}
 
@@ -108,11 +108,11 @@ def _data(fmnist_small) -> ImageData:
     return ImageData(d.name, d.train_x[:64], d.train_y[:64], d.test_x[:16], d.test_y[:16])
 
 
-def _budget_run(out, data, budget="97s", **kw):
+def _budget_run(out, data, budget="90s", **kw):
     lines: list[str] = []
-    # Clock readings 10 s apart: started 0; the probe reads 10, 20 (3 steps: 3.33 s each), 30 (the whole
-    # validation set in one batch: 10 s), 40 (spent). 97 s less 10% and 40 s spent leave 47.3 s: 2 epochs of
-    # 2 steps and a validation (16.7 s each) and 1 step (3.3 s) with its validation (10 s): 5 steps, 3 epochs.
+    # Clock readings 10 s apart: started 0; the probe reads 10, 20 (5 steps: 2 s each), 30 (the whole
+    # validation set in one batch: 10 s), 40 (spent). 90 s less 10% and 40 s spent leave 41 s: 2 epochs of
+    # 2 steps and a validation (14 s each) and 1 step (2 s) with its validation (10 s): 5 steps, 3 epochs.
     trainer = Trainer(_config(out, time_budget=budget, **kw), data=data, log=lines.append, clock=TickingClock(10.0))
     return trainer, trainer.fit(), lines
 
@@ -121,10 +121,10 @@ def test_the_budget_buys_records_and_trains_exactly_those_steps(tmp_path, fmnist
     data = _data(fmnist_small)
     trainer, result, lines = _budget_run(tmp_path / "a", data)
     saved = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert (saved["time_budget"], saved["train_steps"], saved["epochs"]) == ("97s", 5, 3)
-    assert lines[0].startswith("time budget 1m37s buys 5 steps of batch 32 (2.50 epochs, 160 images)")
-    assert lines[-1].startswith("trained 5 steps; took ") and lines[-1].endswith("of the 1m37s time budget")
-    assert result["epoch"] == 3 and result["time_budget"] == "97s" and result["took_s"] > 0
+    assert (saved["time_budget"], saved["train_steps"], saved["epochs"]) == ("90s", 5, 3)
+    assert lines[0].startswith("time budget 1m30s buys 5 steps of batch 32 (2.50 epochs, 160 images)")
+    assert lines[-1].startswith("trained 5 steps; took ") and lines[-1].endswith("of the 1m30s time budget")
+    assert result["epoch"] == 3 and result["time_budget"] == "90s" and result["took_s"] > 0
     assert load_checkpoint(tmp_path / "a" / "last.pt")["scheduler"]["step"] == 5
     metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
@@ -150,10 +150,10 @@ def test_a_resume_trains_the_recorded_steps_not_a_new_budget(tmp_path, fmnist_sm
             raise _Stop
 
     with pytest.raises(_Stop):
-        Trainer(_config(tmp_path / "b", time_budget="97s"), data=data, log=stop_after_first_epoch,
+        Trainer(_config(tmp_path / "b", time_budget="90s"), data=data, log=stop_after_first_epoch,
                 clock=TickingClock(10.0)).fit()
     # resumed on a "machine" 100x faster: it would buy far more steps, and trains the 5 recorded
-    resumed = Trainer(_config(tmp_path / "b", time_budget="97s"), data=data, resume=True, log=lambda m: None,
+    resumed = Trainer(_config(tmp_path / "b", time_budget="90s"), data=data, resume=True, log=lambda m: None,
                       clock=TickingClock(0.1))
     result = resumed.fit()
     assert resumed.bought is None and resumed.plan.train_steps == 5 and result["epoch"] == 3

@@ -1,6 +1,6 @@
 """--time-budget: a wall-clock budget turned into a number of optimizer steps, once, before training.
 
-The run times its own work after a warm-up step (a few training steps and one validation batch; the
+The run times its own work after two warm-up steps (a few training steps and one validation batch; the
 model, optimizer and scaler are put back as they were, so the probe trains nothing) and buys the most
 steps whose training, per-epoch validation and the time already spent (start, data loading, the probe)
 fit in the budget less :data:`MARGIN`. The steps bought are recorded as ``train_steps`` in config.json
@@ -23,8 +23,8 @@ from robust.checks import format_duration
 from robust.errors import ConfigError
 
 MARGIN = 0.10  # of the budget kept back: checkpoint writes, the CO guard's check, timing noise, the process's end
-WARMUP_STEPS = 1  # untimed: the first step pays for allocations and kernel choice
-TIMED_STEPS = 3
+WARMUP_STEPS = 2  # untimed: the first steps pay for allocations and kernel choice (on a CPU the second one too)
+TIMED_STEPS = 5
 
 
 @dataclass(frozen=True)
