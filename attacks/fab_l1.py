@@ -59,6 +59,7 @@ def fab_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: FABSettings) -
         return adv
     robust = fp32_predictions(model, x) == y
     runs = _single_runs(model, s)
+    runs.set_device(x.device)  # where its bookkeeping tensors live: the inputs' device, whatever the model holds
     torch.manual_seed(s.seed)
     targets = [None] if s.target_classes is None else list(range(2, s.target_classes + 2))
     with torch.no_grad():

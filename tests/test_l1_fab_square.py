@@ -176,3 +176,19 @@ def test_the_l1_standard_version_records_its_four_parts_and_their_sources():
         assert "l1" in served_threats(name)
     assert "l1" not in served_threats("autoattack-plus")
     assert attack_params("square", 3.0, threat="l1")["source"] == "attacks.square_l1"
+
+
+@pytest.mark.parametrize("name", ["fab", "fab-t", "square"])
+def test_l1_fab_and_square_under_bf16_autocast_keep_fp32_verdicts_and_eps_zero_returns_the_inputs(name):
+    """Searching in bf16 (their logits taken in fp32), they return fp32 points inside the ball and the box, and
+    every example they count as fooled is misclassified by the fp32 forward; at eps 0 the inputs come back."""
+    x, y = confident_batch(8)
+    net = confident_net()
+    attack = build_attack(name, net, 1.0, threat="l1", queries=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = attack(x, y)
+    check_perturbation(x, x_adv, 1.0, "l1", name=name)
+    assert x_adv.dtype == torch.float32
+    moved = (x_adv != x).flatten(1).any(dim=1)
+    assert moved.any() and not robust_flags(net, x, y, x_adv)[moved].any()
+    assert torch.equal(build_attack(name, net, 0.0, threat="l1", queries=50)(x, y), x)
