@@ -1,8 +1,8 @@
 """Adversarial attacks on any callable ``model(x) -> logits`` with inputs in [0, 1].
 
 This package knows nothing of the rest of :mod:`robust` (installed, it is ``robust.attacks``): our PGD engine lives in :mod:`attacks.pgd`, the
-name -> attack registry (which also wraps torchattacks) in :mod:`attacks.registry`, the L1 ball in :mod:`attacks.l1` and
-APGD in :mod:`attacks.apgd`.
+name -> attack registry (which also wraps torchattacks) in :mod:`attacks.registry`, the L1 ball in :mod:`attacks.l1`,
+APGD in :mod:`attacks.apgd`, and FAB and Square in L1 in :mod:`attacks.fab_l1` and :mod:`attacks.square_l1`.
 """
 
 from .apgd import APGDSettings, apgd

@@ -5,7 +5,8 @@ Every attack is one entry of :data:`ATTACKS`, registered by a decorator on its b
 number of steps (``pgd20``), its source, and ``params``, the settings it records, read without
 building it (:func:`attack_params`). Our own PGD engine (:mod:`attacks.pgd`) serves ``fgsm``,
 ``pgdN`` and ``cwN``; torchattacks serves the parameter-free attacks of Croce & Hein (APGD,
-APGD-T, FAB, Square and their ensemble, AutoAttack). Adding an attack is one decorated builder::
+APGD-T, FAB, Square and their ensemble, AutoAttack) in Linf and L2; in L1 they are ours
+(:mod:`attacks.apgd`, :mod:`attacks.fab_l1` on torchattacks' FAB runs, :mod:`attacks.square_l1`). Adding an attack is one decorated builder::
 
     @ATTACKS.register("noise", summary="uniform noise in the ball", params=lambda s: {"draws": 1})
     def noise(model, s: AttackSettings):
@@ -30,8 +31,10 @@ import torch.nn as nn
 import torchattacks
 
 from .apgd import APGDSettings, apgd
+from .fab_l1 import FABSettings, fab_l1
 from .named import Registry, Spec, nearest
 from .pgd import THREATS, EarlyStop, PGDSettings, forward_is_deterministic, fp32_predictions, get_threat, pgd_restarts, pgd_with
+from .square_l1 import SquareSettings, square_l1
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -159,7 +162,8 @@ def _recorded(spec: AttackSpec, settings: AttackSettings) -> dict[str, Any]:
     other = THREAT_VERSIONS.get((spec.name, settings.threat))
     params = other.params if other is not None else spec.params
     own = params(settings) if params is not None else {}
-    return {"threat": settings.threat, "eps": settings.eps, "source": spec.source, **own}
+    source = other.source if other is not None else spec.source
+    return {"threat": settings.threat, "eps": settings.eps, "source": source, **own}
 
 
 def _eot(s: AttackSettings) -> dict[str, int]:
@@ -365,15 +369,16 @@ def _square(model: nn.Module, s: AttackSettings, common: dict[str, Any]) -> Any:
 
 @dataclass(frozen=True)
 class ThreatVersion:
-    """An attack's builder and recorded settings for a threat model its registered builder does not serve."""
+    """An attack's builder, recorded settings and source for a threat model its registered builder does not serve."""
 
     build: Callable[[nn.Module, AttackSettings], Any]
     params: Callable[[AttackSettings], dict[str, Any]]
+    source: str = "attacks.apgd"
 
 
 # the threats a registered builder serves, where not every threat model: torchattacks has no L1 APGD or Square
-# (its FAB's L1 branch fails: torchattacks 3.5.1, fab.py, `res` unset for L1), and the official AutoAttack has
-# its plus version for Linf and L2 only
+# and its FAB driver fails in L1 (torchattacks 3.5.1, fab.py: `res` unset for L1), so their L1 versions are
+# ours (THREAT_VERSIONS); the official AutoAttack has its plus version for Linf and L2 only
 OWN_THREATS: dict[str, tuple[str, ...]] = {name: ("linf", "l2") for name in (
     "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square", "autoattack-plus")}
 
@@ -400,6 +405,7 @@ def build_part(name: str, model: nn.Module, s: AttackSettings) -> Any:
 
 L1_APGD_TARGETS = 5  # the official L1 standard version's APGD-T target classes
 L1_APGD_RESTARTS = 5  # and its APGD-CE restarts
+L1_FAB_TARGETS = 9  # and its FAB-T target classes
 
 
 def _apgd_settings(s: AttackSettings, loss: str, **official: Any) -> APGDSettings:
@@ -426,8 +432,51 @@ def own_apgd(loss: str, **official: Any) -> ThreatVersion:
     return ThreatVersion(build, params)
 
 
+def _fab_settings(s: AttackSettings, targeted: bool, **official: Any) -> FABSettings:
+    """FAB's L1 settings: 100 iterations, ``s``'s restarts, FAB-T towards ``num_classes - 1`` classes, ``official``'s overrides."""
+    base = dict(eps=s.eps, steps=FAB_STEPS, restarts=s.restarts, target_classes=_targets(s) if targeted else None,
+                seed=s.seed, num_classes=s.num_classes)
+    return FABSettings(**{**base, **official})
+
+
+def own_fab(targeted: bool, **official: Any) -> ThreatVersion:
+    """FAB or FAB-T in L1 (:mod:`attacks.fab_l1`: torchattacks' single runs, our driver), with its recorded settings."""
+
+    def build(model: nn.Module, s: AttackSettings) -> AttackFn:
+        settings, wrapped = _fab_settings(s, targeted, **official), FloatLogits(model)
+        return lambda x, y: fab_l1(wrapped, x, y, settings)
+
+    def params(s: AttackSettings) -> dict[str, Any]:
+        f = _fab_settings(s, targeted, **official)
+        targets = {"target_classes": f.target_classes} if targeted else {}
+        return {"restarts": f.restarts, "seed": f.seed, "steps": f.steps, **targets}
+
+    return ThreatVersion(build, params, source="attacks.fab_l1")
+
+
+def _square_settings(s: AttackSettings, **official: Any) -> SquareSettings:
+    """Square's L1 settings: ``s``'s queries and restarts, p_init 0.8, ``official``'s overrides."""
+    return SquareSettings(**{**dict(eps=s.eps, queries=s.queries, p_init=0.8, restarts=s.restarts, seed=s.seed),
+                             **official})
+
+
+def own_square(**official: Any) -> ThreatVersion:
+    """Square in L1 (:mod:`attacks.square_l1`), with its recorded settings."""
+
+    def build(model: nn.Module, s: AttackSettings) -> AttackFn:
+        settings = _square_settings(s, **official)
+        return lambda x, y: square_l1(model, x, y, settings)
+
+    def params(s: AttackSettings) -> dict[str, Any]:
+        q = _square_settings(s, **official)
+        return {"restarts": q.restarts, "seed": q.seed, "queries": q.queries, "p_init": q.p_init, "resc_schedule": False}
+
+    return ThreatVersion(build, params, source="attacks.square_l1")
+
+
 THREAT_VERSIONS: dict[tuple[str, str], ThreatVersion] = {
     ("apgd-ce", "l1"): own_apgd("ce"), ("apgd-dlr", "l1"): own_apgd("dlr"), ("apgd-t", "l1"): own_apgd("dlr-targeted"),
+    ("fab", "l1"): own_fab(targeted=False), ("fab-t", "l1"): own_fab(targeted=True), ("square", "l1"): own_square(),
 }
 
 
@@ -466,12 +515,14 @@ RAND_EOT = 20  # the rand version's forwards per gradient
 
 def _standard_parts(s: AttackSettings) -> list[tuple[str, AttackSettings | ThreatVersion]]:
     """The official standard version: Linf/L2 APGD-CE (1 restart), APGD-T (9 targets), FAB-T, Square; L1 APGD-CE
-    with 5 restarts and APGD-T with 5 targets, both on the larger-eps schedule (the official's FAB-T and Square
-    in L1 have no implementation here)."""
+    with 5 restarts and APGD-T with 5 targets, both on the larger-eps schedule, FAB-T with 9 targets and Square
+    (5000 queries), all four ours in L1."""
     if s.threat != "l1":
         return [(part, s) for part in AUTOATTACK_PARTS]
     return [("apgd-ce", own_apgd("ce", restarts=max(L1_APGD_RESTARTS, s.restarts))),
-            ("apgd-t", own_apgd("dlr-targeted", target_classes=L1_APGD_TARGETS, restarts=1))]
+            ("apgd-t", own_apgd("dlr-targeted", target_classes=L1_APGD_TARGETS, restarts=1)),
+            ("fab-t", own_fab(targeted=True, target_classes=min(L1_FAB_TARGETS, _targets(s)))),
+            ("square", own_square())]
 
 
 def _plus_parts(s: AttackSettings) -> list[tuple[str, AttackSettings | ThreatVersion]]:
@@ -505,11 +556,11 @@ def _version_params(version: str) -> Callable[[AttackSettings], dict[str, Any]]:
         parts = {}
         for part, how in VERSIONS[version](s):
             if isinstance(how, ThreatVersion):
-                parts[part] = {"source": "attacks.apgd", **how.params(s)}
+                parts[part] = {"source": how.source, **how.params(s)}
             else:
                 spec = ATTACKS.get(part)
                 other = THREAT_VERSIONS.get((part, how.threat))
-                parts[part] = {"source": "attacks.apgd" if other else spec.source,
+                parts[part] = {"source": other.source if other else spec.source,
                                **(other.params if other else spec.params)(how)}
         return {"version": version, "parts": list(parts), "restarts": s.restarts, "seed": s.seed, "steps": APGD_STEPS,
                 "queries": s.queries, "settings": parts}
@@ -517,13 +568,14 @@ def _version_params(version: str) -> Callable[[AttackSettings], dict[str, Any]]:
     return params
 
 
-@ATTACKS.register("autoattack", summary="standard version: APGD-CE, APGD-T, FAB-T, Square (L1: APGD-CE, APGD-T)",
+@ATTACKS.register("autoattack", summary="standard version: APGD-CE, APGD-T, FAB-T, Square",
                   source="torchattacks", slow=True, params=_version_params("standard"))
 def _autoattack(model: nn.Module, s: AttackSettings) -> Attack:
     """AutoAttack, standard version: each part run on the survivors of the ones before.
 
     Linf and L2 from torchattacks' components with AutoAttack's own settings (100 iterations, 9 target
-    classes, 5000 queries; torchattacks.AutoAttack itself uses 10 iterations); L1 with our APGD.
+    classes, 5000 queries; torchattacks.AutoAttack itself uses 10 iterations); L1 with our APGD, FAB driver
+    and Square, with the official L1 settings.
     """
     return _build_version("standard", model, s)
 

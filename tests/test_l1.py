@@ -1,5 +1,6 @@
-"""The L1 threat model: the exact projection against a brute force, the ball's pieces, our APGD-L1 and the L1
-standard version against the official AutoAttack code, and the one-line refusals of L1 input."""
+"""The L1 threat model: the exact projection against a brute force, the ball's pieces, our APGD-L1 against the
+official AutoAttack code, and the one-line refusals of L1 input (FAB, Square and the L1 standard version:
+test_l1_fab_square)."""
 
 from __future__ import annotations
 
@@ -134,31 +135,6 @@ def test_our_apgd_ce_l1_gives_the_official_verdicts_image_for_image():
     check_perturbation(x, ours, eps, "l1")
 
 
-def test_the_l1_standard_version_gives_the_official_verdicts():
-    """AutoAttack standard, L1: APGD-CE (5 restarts) and APGD-T (5 targets) on the larger-eps schedule, compared
-    with the official standard version's same two stages (its settings from set_version, its FAB-T and Square
-    left out: they have no L1 implementation here, and they attack only what the two APGD stages left, so
-    they can only lower the official figure). At most one verdict may differ (the projection's last bits)."""
-    x, y = confident_batch()
-    net = confident_net()
-    eps = 0.5
-    official = pyautoattack.AutoAttack(net, norm="L1", eps=eps, version="standard", seed=0, device="cpu")
-    assert official.apgd.n_restarts == 5 and official.apgd.use_largereps and official.apgd_targeted.n_target_classes == 5
-    official.attacks_to_run = ["apgd-ce", "apgd-t"]
-    theirs = net(official.run_standard_evaluation(x, y, batch_size=len(x))[0]).argmax(1) == y
-    attack = build_attack("autoattack", net, eps, threat="l1", seed=0)
-    x_adv = attack(x, y)
-    check_perturbation(x, x_adv, eps, "l1")
-    ours = net(x_adv).argmax(1) == y
-    assert 2 <= int(theirs.sum()) <= 28
-    assert int((ours != theirs).sum()) <= 1
-    assert list(attack.stage_seconds) == ["apgd-ce", "apgd-t"]
-    params = attack.params
-    assert params["parts"] == ["apgd-ce", "apgd-t"]
-    assert params["settings"]["apgd-ce"]["restarts"] == 5 and params["settings"]["apgd-ce"]["larger_eps"]
-    assert params["settings"]["apgd-t"]["target_classes"] == 5 and params["settings"]["apgd-t"]["restarts"] == 1
-
-
 def test_l1_eps_is_read_in_pixel_units_and_nonsense_is_refused_in_one_line():
     assert resolve_eps("12", "l1") == 12.0 and resolve_eps(0, "l1") == 0.0 and resolve_eps("3/2", "l1") == 1.5
     with pytest.raises(ConfigError, match="write e.g. 12, not 12/255") as info:
@@ -174,10 +150,10 @@ def test_l1_eps_is_read_in_pixel_units_and_nonsense_is_refused_in_one_line():
 
 
 def test_attacks_without_an_l1_version_are_refused_naming_their_threats():
-    with pytest.raises(ValueError, match=r"'square' has no l1 version; its threat models: linf, l2"):
-        build_attack("square", confident_net(), 1.0, threat="l1")
-    with pytest.raises(ConfigError, match="'square' has no l1 version"):
-        EvalPlan.build(attacks="pgd20,square", eps=1.0, threat="l1")
+    with pytest.raises(ValueError, match=r"'autoattack-plus' has no l1 version; its threat models: linf, l2"):
+        build_attack("autoattack-plus", confident_net(), 1.0, threat="l1")
+    with pytest.raises(ConfigError, match="'autoattack-plus' has no l1 version"):
+        EvalPlan.build(attacks="pgd20,autoattack-plus", eps=1.0, threat="l1")
     assert EvalPlan.build(attacks="pgd20,apgd-ce,autoattack", eps=12, threat="l1").threat == "l1"
 
 
@@ -192,7 +168,7 @@ def checkpoint(tmp_path):
 @pytest.mark.parametrize("args, problem", [
     (["--eps", "12/255"], "write e.g. 12, not 12/255"),
     (["--eps", "-3"], "must be a finite number >= 0"),
-    (["--eps", "2", "--attack", "square"], "'square' has no l1 version"),
+    (["--eps", "2", "--attack", "autoattack-plus"], "'autoattack-plus' has no l1 version"),
 ])
 def test_cli_refuses_bad_l1_input_with_exit_2_and_nothing_written(tmp_path, checkpoint, args, problem):
     assert_refused(tmp_path, ["eval", str(checkpoint), "--threat", "l1", "--limit", "8", "--json", "out.json", *args],
