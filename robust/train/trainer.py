@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -271,18 +271,16 @@ class Trainer:
             self.plan = self.plan.replace(train_steps=steps, epochs=epochs_for(steps, batches))
 
     def _buy(self, batches: int) -> Bought:
-        """Time one training step and one validation batch of this run (after a warm-up step; the weights and the
-        optimizer are restored) and buy the steps; every rank trains the fewest any rank could afford."""
+        """Time training steps on the loop's own batches (reading and augmentation included), one validation batch
+        and the CO guard's check (after warm-up steps; the weights and the optimizer are restored) and buy the
+        steps; every rank trains the fewest any rank could afford."""
         c = self.plan
-        n = min(c.batch_size, len(self.loader.y))
-        x = self.loader.x[:n]
-        if not isinstance(x, torch.Tensor):  # streamed: read these n images here
-            x = x.load(workers=0).to(self.device)
-        x, y = to_float(x, c.channels_last), self.loader.y[:n]
-        x, y, weight = self._local_part(x, y) or (x, y, 1.0)
         reduce = self._average_over_ranks if self.dist.enabled else None
+        batches_again = self._probe_batches()
 
         def train_once() -> float:
+            x, y = next(batches_again)
+            x, y, weight = self._local_part(x, y) or (x, y, 1.0)
             return float(train_step(self.step_model, self.optimizer, self.scaler, x, y, self.settings,
                                     attack_model=self.attack_model, loss_scale=weight, awp=c.awp_gamma > 0,
                                     reduce=reduce)[0])  # float(): waits for the device
@@ -295,8 +293,13 @@ class Trainer:
         def validate_part() -> list[int]:
             return [route_correct_counts(self.model, vx[:k], vy[:k], r, c, self.device, self.amp).tolist() for r in routes]
 
-        costs = Probe(self.clock, [self.model, self.optimizer, self.scaler]).measure(
-            train_once, validate_part, len(vy) / k if k else 0.0, self.started)
+        guard = self.guard
+        check = (lambda: guard.accuracy(self.model, 0, self.amp)) if guard is not None else None
+        try:
+            costs = Probe(self.clock, [self.model, self.optimizer, self.scaler]).measure(
+                train_once, validate_part, len(vy) / k if k else 0.0, self.started, per_epoch=check)
+        finally:
+            self.loader.close()  # a streamed pass's reading workers end here; epoch 0 starts its own pass
         bought, error = None, None
         try:
             bought = buy_steps(parse_duration(c.time_budget), costs, batches, c.batch_size)
@@ -305,6 +308,18 @@ class Trainer:
         dist_.agree(self.dist, error)
         fewest = -dist_.control_max([-bought.steps], self.dist)[0]
         return Bought(bought.budget_s, fewest, batches, c.batch_size, costs)
+
+    def _probe_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The training loop's batches, epoch 0's over and over, for the budget's probe: each epoch's order and
+        augmentation come from the seed and the epoch alone, so reading them here changes nothing the run trains."""
+        while True:
+            self.loader.set_epoch(0)
+            seen = 0
+            for batch in self.loader:
+                seen += 1
+                yield batch
+            if not seen:
+                raise ConfigError("the training split gives no batch to time; lower --batch-size or give more images")
 
     def _check_same_run(self, state: dict[str, Any]) -> None:
         """Refuse to resume with settings the run was not trained with (its config.json, else last.pt's config)."""
