@@ -37,14 +37,17 @@ class COGuard:
         self.x, self.y, self.eps, self.steps, self.drop, self.previous = x, y, float(eps), steps, drop, previous
         self.good: dict[str, Any] | None = None  # the last good epoch's state, once remembered
 
-    def accuracy(self, model: nn.Module, seed: int, amp: torch.dtype | None = None) -> float:
-        """PGD accuracy (%) of the adv route on the guard's batch; the global RNG is left as it was."""
+    def accuracy(self, model: nn.Module, seed: int, amp: torch.dtype | None = None, attack_all: bool = False) -> float:
+        """PGD accuracy (%) of the adv route on the guard's batch; the global RNG is left as it was. ``attack_all``:
+        attack every example, the misclassified too (what the check costs once the model classifies them all:
+        the time budget's probe times that)."""
         devices = [self.x.device] if self.x.device.type == "cuda" else []
+        every = torch.ones_like(self.y, dtype=torch.bool) if attack_all else None
         with torch.random.fork_rng(devices=devices), use_route(model, "adv"), bn_mode(model, False), \
                 autocast(self.x.device, amp):
             torch.manual_seed(seed)
             _, robust = correct_under_attack(model, self.x, self.y, lambda xa, ya: pgd(
-                model, xa, ya, self.eps, self.eps / 4, self.steps, random_start=True))
+                model, xa, ya, self.eps, self.eps / 4, self.steps, random_start=True), clean=every)
         return 100.0 * robust.float().mean().item()
 
     def check(self, model: nn.Module, seed: int, amp: torch.dtype | None = None) -> dict[str, Any]:

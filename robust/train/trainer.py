@@ -76,11 +76,13 @@ VALIDATION_BATCH = 256  # the smallest batch validation runs in (no parameter gr
 
 
 def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, route: str, plan: TrainPlan,
-                         device: torch.device, amp: torch.dtype | None = None) -> torch.Tensor:
+                         device: torch.device, amp: torch.dtype | None = None, attack_all: bool = False) -> torch.Tensor:
     """``[clean correct, robust]`` counts (a device tensor) of one route under the plan's validation PGD
     (``val_steps`` steps of ``step_size`` at ``eps``), in eval mode, in batches of at least :data:`VALIDATION_BATCH`.
 
     Robust is :func:`robust.eval.accuracy.correct_under_attack`'s definition, the same as ``robust.evaluate``'s.
+    ``attack_all`` attacks the misclassified examples too (then robust is not that definition): what validation
+    costs once the model classifies every example, which the time budget's probe times on a model still untrained.
     """
     eps, alpha, steps, channels_last = plan.eps, plan.step_size, plan.val_steps, plan.channels_last
     batch_size = max(plan.batch_size, VALIDATION_BATCH)
@@ -89,8 +91,10 @@ def route_correct_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rou
         for i in range(0, len(y), batch_size):
             xb = to_float(x[i:i + batch_size].to(device), channels_last)
             yb = y[i:i + batch_size].to(device)
+            every = torch.ones_like(yb, dtype=torch.bool) if attack_all else None
             clean, robust = correct_under_attack(  # PGD iterations in amp, both verdicts in fp32
-                model, xb, yb, lambda xa, ya: pgd(model, xa, ya, eps, alpha, steps, random_start=True), dtype=amp)
+                model, xb, yb, lambda xa, ya: pgd(model, xa, ya, eps, alpha, steps, random_start=True), clean=every,
+                dtype=amp)
             counts[0] += clean.sum()
             counts[1] += robust.sum()
     return counts
@@ -291,10 +295,11 @@ class Trainer:
         routes = ROUTES if is_dual_route(self.model) else ("adv",)
 
         def validate_part() -> list[int]:
-            return [route_correct_counts(self.model, vx[:k], vy[:k], r, c, self.device, self.amp).tolist() for r in routes]
+            return [route_correct_counts(self.model, vx[:k], vy[:k], r, c, self.device, self.amp, attack_all=True).tolist()
+                    for r in routes]
 
         guard = self.guard
-        check = (lambda: guard.accuracy(self.model, 0, self.amp)) if guard is not None else None
+        check = (lambda: guard.accuracy(self.model, 0, self.amp, attack_all=True)) if guard is not None else None
         try:
             costs = Probe(self.clock, [self.model, self.optimizer, self.scaler]).measure(
                 train_once, validate_part, len(vy) / k if k else 0.0, self.started, per_epoch=check)
