@@ -87,12 +87,17 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
-def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Summed Carlini-Wagner margin: best wrong logit minus the true logit."""
+def logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per example, in fp32: the true logit minus the best wrong one (below 0: misclassified)."""
     logits = logits.float()
     true = logits.gather(1, y[:, None]).squeeze(1)
     wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
-    return (wrong - true).sum()
+    return true - wrong
+
+
+def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed Carlini-Wagner margin: best wrong logit minus the true logit."""
+    return (-logit_margin(logits, y)).sum()
 
 
 LOSSES: dict[str, LossFn] = {"ce": ce_loss, "cw": cw_margin_loss}

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .l1 import l1_norm, project_l1_box
-from .pgd import fp32_predictions
+from .pgd import fp32_predictions, logit_margin
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -122,12 +122,7 @@ def _in_ball(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
 
 def margin(model: Model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per example, the true class's logit minus the largest other logit (below 0: fooled)."""
-    logits = model(x).float()
-    rows = torch.arange(len(y), device=y.device)
-    true = logits[rows, y]
-    others = logits.clone()
-    others[rows, y] = -float("inf")
-    return true - others.max(dim=1)[0]
+    return logit_margin(model(x), y)
 
 
 def _proposal(x: torch.Tensor, best: torch.Tensor, eps: float, side: int) -> torch.Tensor:
