@@ -131,9 +131,10 @@ def _plan(state: dict[str, Any], max_drop: float, attack: str, fixed: dict[str, 
 
 def _write_mixture(model: MixedClassifier, state: dict[str, Any], source: Path, report: dict[str, Any], out: Path,
                    force: bool) -> None:
-    """The self-contained mixture file: both parts' weights, the settings and the validation figures."""
+    """The self-contained mixture file: both parts' weights, the settings and the validation figures (with --sweep,
+    every weight's, which `robust report MIX.pt` draws)."""
     meta = {k: state[k] for k in ("dataset", "data", "eps", "threat", "method") if k in state}
-    calibration = {k: v for k, v in report.items() if k != "sweep"}
+    calibration = dict(report)
     calibration["validation"] = {k: v for k, v in calibration["validation"].items() if k != "tried"}
     model.eval()
     save_checkpoint(build_checkpoint(model, kind="mix", source=str(source), calibration=calibration, **meta), out,

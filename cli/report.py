@@ -24,14 +24,16 @@ from robust.outputs import write_output
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
 def report(runs: tuple[str, ...], out: str, images: int, attack: str, data_dir: str | None, title: str | None,
            force: bool) -> None:
-    """One HTML page of RUNS (run folders, or a `robust compare` folder for every run in it): everything
-    embedded, it opens from disk without network.
+    """One HTML page of RUNS (run folders, a `robust compare` folder for every run in it, or `robust mix`
+    files): everything embedded, it opens from disk without network.
 
     From each run folder: config.json (the resolved settings), metrics.jsonl (learning curves per
     route: train loss, validation clean and robust accuracy, lr; epoch times and images/s), and,
     when present, eval.json (the final table per route, accuracy per class, sanity verdicts,
     accuracy against eps), as `robust eval RUN --sanity --eps-sweep ... --json RUN/` writes it.
     A few test images are attacked now with --attack through each route of the run's checkpoint.
+    A mixture file shows its calibration (and its trade-off curve, with --sweep) and its evaluation from
+    MIX.eval.json beside it (`robust eval MIX.pt --json MIX.eval.json`).
     Several runs add a comparison: mean, sd and 95% interval over seeds of one setting, paired
     differences by seed between settings.
 
@@ -41,6 +43,7 @@ def report(runs: tuple[str, ...], out: str, images: int, attack: str, data_dir: 
       robust report runs/a -o report.html
       robust report runs/sabn-s0 runs/sabn-s1 runs/bn-s0 runs/bn-s1 -o compare.html
       robust report runs/cmp -o cmp.html
+      robust report runs/sabn-s0 mix.pt -o mix.html
     """
     out_file = check_output_file(out, "-o", force, "report.html", inputs=runs)
     if images:

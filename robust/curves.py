@@ -164,8 +164,14 @@ def plot_sweep(sweep: Sequence[dict[str, Any]], path: str | Path, title: str, ov
 
 def plot_tradeoff(points: Sequence[dict[str, Any]], references: dict[str, dict[str, float]], chosen: dict[str, float],
                   path: str | Path, title: str, overwrite: bool = True) -> Path:
+    """:func:`tradeoff_figure` written as PNG (atomically)."""
+    return save_png(tradeoff_figure(points, references, chosen, title), path, overwrite)
+
+
+def tradeoff_figure(points: Sequence[dict[str, Any]], references: dict[str, dict[str, float]], chosen: dict[str, float],
+                    title: str) -> Figure:
     """Clean against robust accuracy of a mixture over its weight (one point per weight, labelled), with the clean
-    route, the adv route and the calibrated mixture marked; written as PNG (atomically)."""
+    route, the adv route and the calibrated mixture marked."""
     fig = Figure(figsize=(6, 4.5))
     ax = fig.subplots()
     ax.plot([p["robust"] for p in points], [p["clean"] for p in points], marker="o", ms=3, label="mixture over weight")
@@ -181,4 +187,4 @@ def plot_tradeoff(points: Sequence[dict[str, Any]], references: dict[str, dict[s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return save_png(fig, path, overwrite)
+    return fig

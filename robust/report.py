@@ -11,6 +11,11 @@ network and opens from disk. What a run folder gives:
   (``--eps-sweep``);
 - ``best.pt`` (else ``last.pt``): a few test images attacked with PGD now, shown with their predictions.
 
+A `robust mix` file stands beside run folders as one entry: its settings, its calibration on the run's
+validation images (with the trade-off curve where ``--sweep`` recorded it), its evaluation from
+``MIX.eval.json`` beside it (``robust eval MIX.pt --json MIX.eval.json``) and its test images attacked end
+to end through the mixture.
+
 Several runs add a comparison: their figures side by side, and where runs differ only in the seed,
 mean, sd and 95% t interval; where settings differ, the paired differences seed by seed against the
 first setting (:mod:`robust.stats`).
@@ -36,16 +41,18 @@ from robust.attacks.registry import build_attack
 from robust.checkpoint import load_model, read_checkpoint
 from robust.errors import CheckpointError, ConfigError
 from robust.eval.evaluation import load_test_split, to_model_input
-from robust.curves import integer_epochs, legend_below, routes_in, run_folders, run_labels, validation_attack
+from robust.curves import (integer_epochs, legend_below, routes_in, run_folders, run_labels, tradeoff_figure,
+                           validation_attack)
 from robust.data.types import dataset_class_names
 from robust.stats import UNINFORMATIVE, mean_sd, paired_difference, t_quantile, uninformative
 from robust.nn.norms import bn_mode, routes_for, use_route
-from robust.run import Run, RunFiles
+from robust.run import Run, RunFiles, read_evaluation
 from robust.runtime import describe_machine
 from robust.threat import resolve_eps
 
 EVAL_FILE = RunFiles.EVALUATION  # where the report looks for a run's evaluation: RUN/eval.json
 PER_EXAMPLE_FILE = RunFiles.PER_EXAMPLE  # and for its per-example verdicts (robust eval --per-example RUN/)
+MIXTURE_EVAL_SUFFIX = ".eval.json"  # a mixture file's evaluation: MIX.eval.json beside MIX.pt
 # settings that do not change what a run learns: runs differing only in these (and the seed) are seeds of one setting
 _NOT_A_SETTING = ("seed", "out", "quiet", "tensorboard", "threads", "save_every", "device", "workers", "data_dir")
 
@@ -62,10 +69,20 @@ class ReportRun:
     checkpoint: Path | None
     images: dict[str, Any] | None = field(default=None)
     broken_by: dict[str, dict[str, int]] | None = field(default=None)
+    mixture: dict[str, Any] | None = field(default=None)  # a `robust mix` file's calibration record
+
+
+def mixture_eval_file(path: str | Path) -> Path:
+    """Where the report reads a mixture file's evaluation: MIX.eval.json beside MIX.pt."""
+    path = Path(path)
+    return path.with_name(path.stem + MIXTURE_EVAL_SUFFIX)
 
 
 def read_run(path: str | Path, label: str | None = None) -> ReportRun:
-    """A run folder's config, metrics, evaluation and checkpoint; ConfigError when it is no run folder."""
+    """A run folder's config, metrics, evaluation and checkpoint (a `robust mix` file: :func:`read_mixture`);
+    ConfigError when it is neither."""
+    if Path(path).is_file():
+        return read_mixture(path, label)
     run = Run(path)
     metrics = run.metrics
     if not metrics:
@@ -78,6 +95,23 @@ def read_run(path: str | Path, label: str | None = None) -> ReportRun:
     rows = run.per_example
     broken_by = broken_by_counts(rows, run) if rows is not None else None
     return ReportRun(run.path, label or run.path.name, config, metrics, run.evaluation, checkpoint, broken_by=broken_by)
+
+
+def read_mixture(path: str | Path, label: str | None = None) -> ReportRun:
+    """A `robust mix` file as a report entry: what it mixes and how (its config), its calibration, and its
+    evaluation where MIX.eval.json sits beside it; ConfigError for any other file."""
+    path = Path(path)
+    state = read_checkpoint(path)
+    if state.get("kind") != "mix" or not isinstance(state.get("calibration"), dict):
+        raise ConfigError(f"{path} is a file but no `robust mix` file; report the run folder it came from "
+                          "(robust report RUN), or a mixture written by `robust mix RUN -o MIX.pt`")
+    calibration = state["calibration"]
+    config = {k: state[k] for k in ("dataset", "eps", "threat", "method") if k in state}
+    config.update(mixed=str(calibration.get("source")), accurate=calibration.get("accurate"),
+                  **(state["model_args"].get("mixture") or {}))
+    eval_file = mixture_eval_file(path)
+    evaluation = read_evaluation(eval_file, f"robust eval {path} --json {eval_file}") if eval_file.is_file() else None
+    return ReportRun(path, label or path.name, config, [], evaluation, path, mixture=calibration)
 
 
 def broken_by_counts(rows: list[dict[str, Any]], run: Run) -> dict[str, dict[str, int]]:
@@ -336,6 +370,10 @@ def checks_list(checks: Sequence[dict[str, Any]]) -> str:
 
 
 def config_table(run: ReportRun) -> str:
+    if run.mixture is not None:
+        rows = [[k, json.dumps(v)] for k, v in run.config.items()]
+        return ("<p>The mixture's record: the model it mixes, its weight and the robust route's transform.</p>" +
+                html_table(["setting", "value"], rows, numeric_from=2))
     if not run.config:
         return f"<p>{_esc(run.path)} has no {RunFiles.CONFIG}.</p>"
     rows = [[k, json.dumps(v)] for k, v in run.config.items()]
@@ -359,6 +397,10 @@ def _trained_on(run: ReportRun, config: dict[str, Any]) -> list[list[Any]]:
 
 
 def timing_table(run: ReportRun) -> str:
+    if not run.metrics:  # a mixture file: no training of its own
+        ev = run.evaluation or {}
+        return html_table(["", "value"], [["evaluation seconds", ev.get("seconds")],
+                                          *([f"evaluated with {k}", v] for k, v in (ev.get("versions") or {}).items())])
     seconds = [m["seconds"] for m in run.metrics if isinstance(m.get("seconds"), (int, float))]
     rates = [m["images_per_s"] for m in run.metrics if isinstance(m.get("images_per_s"), (int, float))]
     c = run.config
@@ -414,6 +456,9 @@ def run_figures(run: ReportRun, evaluated: bool = True) -> dict[str, float]:
     if evaluated and run.evaluation:
         return {f"{route} {k}": v for route, acc in run.evaluation["routes"].items() for k, v in acc.items()
                 if isinstance(v, (int, float))}
+    if run.mixture is not None:
+        figures = (run.mixture.get("validation") or {}).get("mixture") or {}
+        return {f"mixture val {k}": figures[k] for k in ("clean", "robust") if isinstance(figures.get(k), (int, float))}
     last = run.metrics[-1]
     return {f"{route} val {k}": last[f"val_{route}_{k}"] for route in routes_in(run.metrics)
             for k in ("clean", "robust") if isinstance(last.get(f"val_{route}_{k}"), (int, float))}
@@ -544,7 +589,7 @@ def eval_command(run: ReportRun, sanity: bool = False) -> str:
         parts.append("--weights live")
     if sanity:
         parts.append("--sanity")
-    parts.append(f"--json {path}/")
+    parts.append(f"--json {mixture_eval_file(path) if run.mixture is not None else path + '/'}")
     return " ".join(parts)
 
 
@@ -567,6 +612,8 @@ def run_html(index: int, run: ReportRun) -> str:
     ident = f"run{index}"
     parts = [f'<h2 id="{ident}">{_esc(run.label)}</h2><p class="note">{_esc(run.path)}</p>',
              section(f"{ident}-config", "Configuration", f"<details><summary>the resolved config</summary>{config_table(run)}</details>")]
+    if run.mixture is not None:
+        parts.append(mixture_section(ident, run))
     ev = run.evaluation
     if ev:
         parts.append(section(f"{ident}-final", "Final evaluation (%)", f"<p>{eval_caption(ev)}</p>{final_table(ev)}"))
@@ -596,6 +643,11 @@ def run_html(index: int, run: ReportRun) -> str:
                                  f"<p>Not run. To add them, evaluate again with the recorded settings and --sanity: "
                                  f"<code>{_esc(eval_command(run, sanity=True))} --force</code> (--force replaces "
                                  f"{_esc(EVAL_FILE)}: the evaluation runs again, its attacks included).</p>"))
+    elif run.mixture is not None:
+        parts.append(section(f"{ident}-final", "Final evaluation",
+                             f"<p>No {_esc(mixture_eval_file(run.path).name)} beside the mixture; write one with "
+                             f"`robust eval {_esc(run.path)} --attack pgd20,autoattack --sanity --json "
+                             f"{_esc(mixture_eval_file(run.path))}`.</p>"))
     else:
         parts.append(section(f"{ident}-final", "Final evaluation",
                              f"<p>No {EVAL_FILE} in the run folder; write one with "
@@ -610,6 +662,31 @@ def run_html(index: int, run: ReportRun) -> str:
     return "\n".join(parts)
 
 
+def mixture_section(ident: str, run: ReportRun) -> str:
+    """A mixture's calibration: what it mixes, the chosen weight and transform, the validation figures of the two
+    routes and of the mixture, and with a recorded sweep the trade-off over the weight."""
+    cal = run.mixture or {}
+    val, chosen = cal.get("validation") or {}, cal.get("settings") or {}
+    parts = ("its clean and adv routes" if not cal.get("accurate")
+             else f"its adv route with the accurate model {_esc(cal['accurate'])}")
+    text = (f"<p>Mixes {_esc(cal.get('source'))}: {parts}. Chosen on {_esc(val.get('n'))} of the run's validation "
+            f"images (never the test set): weight {_num(chosen.get('weight'), 3)}, scale {_num(chosen.get('scale'), 3)}, "
+            f"power {_num(chosen.get('power'), 3)}, offset {_num(chosen.get('offset'), 3)}, the most clean accuracy whose "
+            f"robust accuracy ({_esc(val.get('attack'))} on the mixture itself, {_esc(val.get('threat'))} eps "
+            f"{_num(val.get('eps'), 4)}) is at most {_num(val.get('max_drop'), 2)} points below the adv route's.</p>")
+    rows = [[name, (val.get(key) or {}).get("clean"), (val.get(key) or {}).get("robust")]
+            for name, key in (("clean route", "clean_route"), ("adv route", "adv_route"), ("mixture", "mixture"))]
+    body = text + html_table(["validation", "natural %", f"{val.get('attack', 'robust')} %"], rows)
+    if cal.get("sweep"):
+        title = f"validation, {val.get('attack')} at eps {_num(val.get('eps'), 4)}"
+        body += figure_html(tradeoff_figure(cal["sweep"], val, val.get("mixture") or {}, title),
+                            "clean against robust accuracy over the mixing weight")
+    else:
+        body += (f'<p class="note">No trade-off curve recorded; `robust mix {_esc(cal.get("source"))} --sweep -o '
+                 f"{_esc(run.path)}` records one.</p>")
+    return section(f"{ident}-mixture", "The mixture and its calibration", body)
+
+
 def run_headline(run: ReportRun) -> str:
     """One sentence of a run's result: the adv route's worst case and natural accuracy from eval.json, else
     its last validation figures."""
@@ -622,6 +699,13 @@ def run_headline(run: ReportRun) -> str:
         attacked = f"{_num(robust, 1)}% robust ({', '.join(attacks) or 'no attack'}, worst case), " if attacks else ""
         return (f"{run.label}: {attacked}{_num(acc.get('clean'), 1)}% natural accuracy on the {route} route, "
                 f"{ev.get('n')} test images, {weights_text(ev.get('weights'))}")
+    if run.mixture is not None:
+        val = run.mixture.get("validation") or {}
+        mixed = val.get("mixture") or {}
+        return (f"{run.label}: {_num(mixed.get('robust'), 1)}% validation robust ({val.get('attack')} on the mixture) "
+                f"and {_num(mixed.get('clean'), 1)}% natural accuracy on {val.get('n')} validation images "
+                f"(adv route: {_num((val.get('adv_route') or {}).get('clean'), 1)}% natural; no "
+                f"{mixture_eval_file(run.path).name} yet)")
     last = run.metrics[-1]
     route = next(iter(routes_in(run.metrics)), None)
     if route is None:
@@ -656,9 +740,12 @@ def report_html(runs: Sequence[ReportRun], title: str | None = None) -> str:
              "and adv routes are the model's two norm routes.</p>")]
     if len(runs) > 1:
         body.append('<section id="comparison"><h2>Comparison</h2>' + comparison_html(runs) + "</section>")
-    body.append('<section id="curves"><h2>Learning curves</h2>' + figure_html(learning_curves_figure(runs), "learning curves") +
-                '<p class="note">Per route: adv solid, clean dashed; one colour per setting, one marker per run '
-                "(its seeds).</p></section>")
+    trained = [r for r in runs if r.metrics]  # a mixture file has no curves of its own
+    if trained:
+        body.append('<section id="curves"><h2>Learning curves</h2>' +
+                    figure_html(learning_curves_figure(trained), "learning curves") +
+                    '<p class="note">Per route: adv solid, clean dashed; one colour per setting, one marker per run '
+                    "(its seeds).</p></section>")
     body += [run_html(i, run) for i, run in enumerate(runs)]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

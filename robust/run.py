@@ -97,6 +97,17 @@ def _read_json(path: Path, fix: str) -> Any:
         raise ConfigError(f"{path} is not readable JSON ({type(exc).__name__}); {fix}") from None
 
 
+def read_evaluation(path: Path, command: str) -> dict[str, Any]:
+    """A `robust eval --json` file: its table per route and what came with it; ConfigError naming ``command``
+    (the `robust eval` that writes it) when it is unreadable or holds no table."""
+    value = _read_json(path, f"write it again with `{command} --force`")
+    if isinstance(value, dict) and isinstance(value.get("result"), dict) and "routes" not in value:
+        value = value["result"]  # robust compare keeps each run's evaluation as {"key": ..., "result": ...}
+    if not isinstance(value, dict) or not isinstance(value.get("routes"), dict):
+        raise ConfigError(f"{path} has no per-route table; write it with `{command}`")
+    return value
+
+
 class Run:
     """One run folder. Each attribute reads its file when asked (a run in progress changes under us).
 
@@ -176,15 +187,7 @@ class Run:
     def evaluation(self) -> dict[str, Any] | None:
         """The run's evaluation (eval.json: the table per route and what came with it); None without one."""
         path = self.file(RunFiles.EVALUATION)
-        if not path.is_file():
-            return None
-        fix = f"write it again with `robust eval {self.path} --json {self.path}/ --force`"
-        value = _read_json(path, fix)
-        if isinstance(value, dict) and isinstance(value.get("result"), dict) and "routes" not in value:
-            value = value["result"]  # robust compare keeps each run's evaluation as {"key": ..., "result": ...}
-        if not isinstance(value, dict) or not isinstance(value.get("routes"), dict):
-            raise ConfigError(f"{path} has no per-route table; write it with `robust eval {self.path} --json {self.path}/`")
-        return value
+        return read_evaluation(path, f"robust eval {self.path} --json {self.path}/") if path.is_file() else None
 
     @property
     def per_example(self) -> list[dict[str, Any]] | None:

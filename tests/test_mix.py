@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 
 import pytest
 import torch
@@ -191,3 +193,54 @@ def test_accurate_model_of_another_dataset_refused(run, tmp_path):
     other["dataset"] = "cifar10"
     torch.save(other, run / "other.pt")
     assert_refused(run, ["mix", "run", "--accurate", "other.pt", "-o", "m.pt"], "same data")
+
+
+@pytest.fixture(scope="module")
+def swept(run):
+    """A mixture file calibrated with --sweep, so it records the trade-off curve."""
+    out = run / "swept.pt"
+    result = invoke_in(run, ["mix", "run", "--attack", "pgd2", "--scale", "2", "--power", "1", "--offset", "0",
+                             "--max-drop", "100", "--sweep", "--json", run / "swept.json", "-o", out])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _page_images(page: str) -> list[bytes]:
+    return [base64.b64decode(src) for src in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+def test_report_of_a_mixture_shows_its_calibration_and_then_its_evaluation(run, swept):
+    result = invoke_in(run, ["report", swept, "--images", "4", "-o", "page.html"])
+    assert result.exit_code == 0, result.output
+    page = (run / "page.html").read_text()
+    calibration = read_checkpoint(swept)["calibration"]
+    assert calibration == {**json.loads((run / "swept.json").read_text()),
+                           "validation": {k: v for k, v in json.loads((run / "swept.json").read_text())["validation"].items()
+                                          if k != "tried"}}
+    val = calibration["validation"]
+    assert 'id="run0-mixture"' in page and 'id="curves"' not in page  # no learning curves: it trained nothing
+    for key in ("clean_route", "adv_route", "mixture"):  # the validation table is the file's record
+        assert f"<td class=\"num\">{val[key]['clean']:.2f}</td><td class=\"num\">{val[key]['robust']:.2f}</td>" in page
+    images = _page_images(page)
+    assert len(images) == 2 and all(im[:8] == b"\x89PNG\r\n\x1a\n" for im in images)  # trade-off curve, test images
+    assert f"robust eval {swept} --attack pgd20,autoattack --sanity --json {run / 'swept.eval.json'}" in page  # none yet
+
+    result = invoke_in(run, ["eval", swept, "--attack", "pgd2", "--limit", "16", "--json", run / "swept.eval.json"])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((run / "swept.eval.json").read_text())
+    result = invoke_in(run, ["report", swept, "--images", "0", "-o", "page.html", "--force"])
+    assert result.exit_code == 0, result.output
+    page = (run / "page.html").read_text()
+    mixture = next(iter(evaluation["routes"].values()))  # a mixture is one classifier: one route
+    assert f"{mixture['worst_case']:.1f}% robust (pgd2, worst case), {mixture['clean']:.1f}% natural" in page
+    assert f"robust eval {swept} --attack pgd2 --limit 16 --sanity --json {run / 'swept.eval.json'}" in page
+
+
+def test_report_beside_the_run_it_mixes_and_a_file_that_is_no_mixture_refused(run, swept):
+    result = invoke_in(run, ["report", "run", swept, "--images", "0", "-o", "both.html"])
+    assert result.exit_code == 0, result.output
+    page = (run / "both.html").read_text()
+    assert 'id="curves"' in page and 'id="run1-mixture"' in page and 'id="run0-mixture"' not in page
+    assert_refused(run, ["report", "run/best.pt", "--images", "0", "-o", "no.html"], "no `robust mix` file")
+    (run / "notes.txt").write_text("not a model")
+    assert_refused(run, ["report", "notes.txt", "--images", "0", "-o", "no.html"], "notes.txt")
