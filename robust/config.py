@@ -51,7 +51,7 @@ MAX_EPOCH_SIZE = 10_000_000
 BYTES_PER_PARAMETER = 16  # fp32 weights, their gradients, the optimizer's buffer and a checkpoint's copy
 
 SCHEDULES = ("multistep", "cosine", "onecycle")
-SELECT_BY = ("robust", "corruption")  # best.pt's figure: val_adv_robust or val_adv_corruption
+SELECT_BY = ("robust", "clean", "corruption")  # best.pt's figure: val_adv_robust, val_adv_clean or val_adv_corruption
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -148,8 +148,9 @@ class TrainConfig:
                                            "--val-severity: the mean accuracy per route joins the epoch's line and "
                                            "metrics.jsonl as val_<route>_corruption")
     val_severity: int = _f(3, "the severity (1-5) of --val-corruptions", min=1, max=5)
-    select_by: str = _f("robust", "the adv-route validation figure best.pt has the best of: robust (PGD-val-steps "
-                                  "accuracy) or corruption (accuracy under --val-corruptions)", choices=SELECT_BY)
+    select_by: str | None = _f(None, "the adv-route validation figure best.pt has the best of: robust (PGD-val-steps "
+                                     "accuracy), clean (natural accuracy) or corruption (accuracy under --val-corruptions) "
+                                     "[default: robust; clean for --method standard]", choices=SELECT_BY)
     keep_epochs: str | None = _f(None, "also keep the checkpoint after these epochs as epoch<N>.pt (comma-separated, e.g. 190; "
                                        "robust compare --select epoch:N sets it)")
     # engine
@@ -209,6 +210,10 @@ class TrainConfig:
         if self.attack_bn is not None:
             return self.attack_bn
         return self.objective.attack_bn
+
+    @property
+    def resolved_select_by(self) -> str:
+        return self.select_by or self.objective.select_by
 
     @property
     def resolved_co_guard(self) -> bool:

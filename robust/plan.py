@@ -46,7 +46,7 @@ class TrainPlan:
     ``settings`` holds every :class:`~robust.config.TrainConfig` field as given (config.json stores it); each
     also reads as an attribute (``plan.batch_size``), except the fields resolved here, whose attribute is
     the resolved value: ``method`` (default pgd; ``hybrid`` kept), ``eps`` and ``step_size`` (numbers),
-    ``clean_weight``, ``attack_bn``, ``co_guard``. ``objective`` is the objective the step trains with,
+    ``clean_weight``, ``attack_bn``, ``co_guard``, ``select_by``. ``objective`` is the objective the step trains with,
     ``options`` its checked options (trades: ``{"beta": 6.0}``).
     """
 
@@ -59,6 +59,7 @@ class TrainPlan:
     clean_weight: float
     attack_bn: str
     co_guard: bool
+    select_by: str
     milestone_epochs: tuple[int, ...]
     kept_epochs: tuple[int, ...]
     data: DataSpec
@@ -78,6 +79,7 @@ class TrainPlan:
                         c.extra_data, c.resolved_extra_fraction, c.epoch_size)
         return cls(MappingProxyType(c.to_dict()), c.resolved_method, objective, options, derived["eps"],
                    derived["step_size"], c.resolved_clean_weight, c.resolved_attack_bn, c.resolved_co_guard,
+                   c.resolved_select_by,
                    tuple(derived["milestones"]), tuple(derived["kept_epochs"]), data, c.run_dir, resuming)
 
     def __getattr__(self, name: str) -> Any:

@@ -117,3 +117,18 @@ def test_a_config_written_before_the_fields_loads_and_resumes(tmp_path, fmnist_s
     assert (plan.val_corruptions, plan.val_severity, plan.select_by) == (None, 3, "robust")
     result = Trainer(_config(out, epochs=2), data=data, resume=True, log=lambda m: None).fit()
     assert result["epoch"] == 2 and "val_adv_corruption" not in result
+
+
+def test_a_standard_run_keeps_its_most_accurate_epoch_not_its_most_robust(tmp_path, fmnist_small):
+    out = tmp_path / "std"
+    result = Trainer(_config(out, epochs=3, method="standard", keep_epochs="1,2,3"), data=_data(fmnist_small),
+                     log=lambda m: None).fit()
+    lines = _metrics(out)
+    assert result["best"]["metric"] == "val_adv_clean"
+    first_best = max(range(3), key=lambda i: (lines[i]["val_adv_clean"], -i))
+    assert result["best"]["epoch"] == first_best + 1
+    best, kept = load_checkpoint(out / "best.pt"), load_checkpoint(out / f"epoch{first_best + 1}.pt")
+    assert all(torch.equal(best["model"][k], kept["model"][k]) for k in kept["model"])
+    assert load_config({"method": "standard"}).select_by == "clean"
+    assert load_config({"method": "standard", "select_by": "robust"}).select_by == "robust"
+    assert load_config({"method": "trades"}).select_by == "robust"

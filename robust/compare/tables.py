@@ -240,8 +240,8 @@ def paper_comparable(c: TrainConfig | TrainPlan) -> bool:
 def _select_line(settings: CompareSettings) -> str:
     c = settings.config
     if settings.select == "best":
-        figure = (f"accuracy under {c.val_corruptions} at severity {c.val_severity}" if c.select_by == "corruption"
-                  else f"PGD-{c.val_steps} accuracy")
+        figure = {"corruption": f"accuracy under {c.val_corruptions} at severity {c.val_severity}",
+                  "clean": "natural accuracy"}.get(c.resolved_select_by, f"PGD-{c.val_steps} accuracy")
         return (f"- checkpoint (--select best): best.pt of each run (best adv-route validation {figure}"
                 f"{f' on {c.val_limit} validation examples' if c.val_limit else ''})")
     if settings.select == "last":

@@ -72,6 +72,8 @@ def _count_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).sum()
 
 
+# --select-by -> the metrics.jsonl figure best.pt has the best of (the adv route's)
+SELECTED_FIGURE = {"robust": "val_adv_robust", "clean": "val_adv_clean", "corruption": "val_adv_corruption"}
 VALIDATION_BATCH = 256  # the smallest batch validation runs in (no parameter gradients: larger than training's)
 
 
@@ -405,7 +407,7 @@ class Trainer:
         self.saves.saved()
 
     def _save_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
-        key = "val_adv_corruption" if self.plan.select_by == "corruption" else "val_adv_robust"
+        key = SELECTED_FIGURE[self.plan.select_by]
         improved = key not in metrics or self.best is None or metrics[key] > self.best["value"]
         if improved:
             self.best = {"epoch": epoch + 1, "metric": key if key in metrics else "last_epoch",
