@@ -642,7 +642,8 @@ def run_html(index: int, run: ReportRun) -> str:
             parts.append(section(f"{ident}-sanity", "Sanity checks",
                                  f"<p>Not run. To add them, evaluate again with the recorded settings and --sanity: "
                                  f"<code>{_esc(eval_command(run, sanity=True))} --force</code> (--force replaces "
-                                 f"{_esc(EVAL_FILE)}: the evaluation runs again, its attacks included).</p>"))
+                                 f"{_esc(mixture_eval_file(run.path).name if run.mixture is not None else EVAL_FILE)}: "
+                                 "the evaluation runs again, its attacks included).</p>"))
     elif run.mixture is not None:
         parts.append(section(f"{ident}-final", "Final evaluation",
                              f"<p>No {_esc(mixture_eval_file(run.path).name)} beside the mixture; write one with "
@@ -677,6 +678,13 @@ def mixture_section(ident: str, run: ReportRun) -> str:
     rows = [[name, (val.get(key) or {}).get("clean"), (val.get(key) or {}).get("robust")]
             for name, key in (("clean route", "clean_route"), ("adv route", "adv_route"), ("mixture", "mixture"))]
     body = text + html_table(["validation", "natural %", f"{val.get('attack', 'robust')} %"], rows)
+    mixed, robust_part = (val.get("mixture") or {}).get("robust"), (val.get("adv_route") or {}).get("robust")
+    if isinstance(mixed, (int, float)) and isinstance(robust_part, (int, float)) and mixed > robust_part:
+        body += (f'<p class="warning"><b>Warning:</b> under {_esc(val.get("attack"))} the mixture keeps more ({mixed:.2f}%) '
+                 f"than its robust part, the adv route ({robust_part:.2f}%). A mixture is no more robust than the route "
+                 "that makes it robust: the transform weakens the attack's gradients. Trust AutoAttack on the mixture and "
+                 f"a transfer attack from the adv route (`robust eval {_esc(run.path)} --attack autoattack "
+                 f"--transfer-from {_esc(cal.get('source'))}`), not this figure.</p>")
     if cal.get("sweep"):
         title = f"validation, {val.get('attack')} at eps {_num(val.get('eps'), 4)}"
         body += figure_html(tradeoff_figure(cal["sweep"], val, val.get("mixture") or {}, title),

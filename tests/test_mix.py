@@ -18,6 +18,7 @@ from robust.errors import ConfigError
 from robust.eval.mix import CalibrationPlan, calibrate, validation_images, validation_indices
 from robust.nn.mixed import MixedClassifier, MixSettings, plain_mixture, transform_logits
 from robust.nn.norms import is_dual_route, use_route
+from robust.report import ReportRun, mixture_section
 from robust.train.trainer import Trainer
 
 
@@ -244,3 +245,19 @@ def test_report_beside_the_run_it_mixes_and_a_file_that_is_no_mixture_refused(ru
     assert_refused(run, ["report", "run/best.pt", "--images", "0", "-o", "no.html"], "no `robust mix` file")
     (run / "notes.txt").write_text("not a model")
     assert_refused(run, ["report", "notes.txt", "--images", "0", "-o", "no.html"], "notes.txt")
+
+
+def test_a_mixture_more_robust_than_its_robust_part_is_flagged_on_its_page(tmp_path):
+    validation = {"n": 500, "attack": "pgd20", "eps": 0.1, "threat": "linf", "max_drop": 1.0,
+                  "clean_route": {"clean": 79.0, "robust": 20.0}, "adv_route": {"clean": 77.6, "robust": 60.4}}
+    settings = {"weight": 1.0, "scale": 1.0, "power": 1.0, "offset": 0.0}
+
+    def page(mixture_robust: float) -> str:
+        calibration = {"source": "runs/sabn", "accurate": None, "settings": settings,
+                       "validation": {**validation, "mixture": {"clean": 77.6, "robust": mixture_robust}}}
+        return mixture_section("run0", ReportRun(tmp_path / "m.pt", "m.pt", {}, [], None, None, mixture=calibration))
+
+    flagged = page(61.8)
+    assert "Warning:" in flagged and "61.80%" in flagged and "60.40%" in flagged
+    assert "--transfer-from runs/sabn" in flagged
+    assert "Warning:" not in page(60.4) and "Warning:" not in page(59.6)  # equal or below its robust part: no flag
