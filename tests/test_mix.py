@@ -15,7 +15,8 @@ import robust
 from robust.checkpoint import load_model, read_checkpoint
 from robust.data.loader import split_indices
 from robust.errors import ConfigError
-from robust.eval.mix import CalibrationPlan, calibrate, validation_images, validation_indices
+from robust.eval.mix import (CalibrationPlan, adv_route, attacked, calibrate, fp32_predictions_batched, robust_accuracy,
+                             validation_images, validation_indices)
 from robust.nn.mixed import MixedClassifier, MixSettings, plain_mixture, transform_logits
 from robust.nn.norms import is_dual_route, use_route
 from robust.report import ReportRun, mixture_section
@@ -261,3 +262,26 @@ def test_a_mixture_more_robust_than_its_robust_part_is_flagged_on_its_page(tmp_p
     assert "Warning:" in flagged and "61.80%" in flagged and "60.40%" in flagged
     assert "--transfer-from runs/sabn" in flagged
     assert "Warning:" not in page(60.4) and "Warning:" not in page(59.6)  # equal or below its robust part: no flag
+
+
+def test_a_transform_cannot_make_the_robust_route_look_more_robust_in_calibration():
+    """At weight 1 the mixture predicts what the adv route predicts (the transform keeps the top class), so with the
+    adv route's own adversarial images counted, every example the calibration calls robust is one the adv route keeps."""
+    model = _dual_model()
+    mix = MixedClassifier(model)
+    x = torch.rand(48, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), use_route(model, "adv"):
+        y = model(x).argmax(1)  # labels the adv route gets right: every example is attacked
+    plan = CalibrationPlan(eps=0.05, attack="pgd5")
+    adv_robust, transfer = attacked(adv_route(mix), x, y, plan)
+    assert 0 < adv_robust.sum() < len(y)  # the attack breaks some and not all: the check compares something
+    for settings in (MixSettings(1.0, 2.0, 2.0, 0.5), MixSettings(1.0, 4.0, 1.0, 0.0)):
+        candidate = MixedClassifier(model, None, settings)
+        white_box, _ = attacked(candidate, x, y, plan)
+        counted = white_box & (fp32_predictions_batched(candidate, transfer, plan.batch_size) == y)
+        assert not (counted & ~adv_robust).any()
+        assert robust_accuracy(candidate, x, y, plan, transfer) == pytest.approx(100.0 * counted.float().mean().item())
+    torch.manual_seed(1)
+    first = attacked(mix, x, y, plan)[0]
+    torch.manual_seed(2)
+    assert torch.equal(attacked(mix, x, y, plan)[0], first)  # the random starts are the plan's, not the caller's

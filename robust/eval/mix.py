@@ -2,10 +2,12 @@
 
 The weight and the robust route's transform are chosen to maximize clean accuracy subject to a robust accuracy at
 most ``max_drop`` points below the robust route's own, both measured on the validation images the run held out
-(the indices its seed, ``val_split``, ``limit`` and ``val_limit`` give, :func:`validation_indices`). Robust accuracy
-is measured by attacking the mixture itself, end to end (gradients through both routes and the transform), with
-fp32 verdicts (:func:`robust.eval.accuracy.correct_under_attack`); the robust route's reference is the same attack
-on that route alone. Clean accuracy needs no attack: each route's validation logits are computed once and every
+(the indices its seed, ``val_split``, ``limit`` and ``val_limit`` give, :func:`validation_indices`). The robust
+route's reference is the attack on that route alone. A candidate's robust accuracy counts the examples that survive
+both the attack on the mixture itself, end to end (gradients through both routes and the transform), and the
+robust route's own adversarial examples (a transfer attack from the robust part), with fp32 verdicts
+(:func:`robust.eval.accuracy.correct_under_attack`): a transform that weakens the attack's gradients cannot
+make a mixture look more robust than its robust part. Clean accuracy needs no attack: each route's validation logits are computed once and every
 candidate's clean accuracy comes from them.
 """
 
@@ -18,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from robust.attacks.pgd import fp32_predictions
 from robust.attacks.registry import build_attack, check_perturbation
 from robust.data.loader import split_indices, to_float
 from robust.data.types import ImageData
@@ -27,6 +30,7 @@ from robust.nn.mixed import MixedClassifier, MixSettings, mix_log_probs
 from robust.nn.norms import bn_mode
 
 MAX_DROP_RANGE = (0.0, 100.0)
+ROBUST_RULE = "survives the attack on the mixture and the adv route's own adversarial images (transfer)"
 
 
 def check_max_drop(value: object) -> float:
@@ -96,21 +100,47 @@ def clean_accuracy(logits: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, s
     return 100.0 * (mix_log_probs(*logits, settings).argmax(1) == y).float().mean().item()
 
 
-def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan) -> float:
-    """Robust accuracy (%) of ``model`` under ``plan.attack``, judged in fp32, every example checked inside the ball."""
-    robust = []
-    with bn_mode(model, False):
+def attacked(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: robust under ``plan.attack`` (fp32 verdicts, every example checked inside the ball), and the
+    attacked image (the clean one where the model is wrong without attack, as the attack never sees it). The
+    random starts come from ``plan.seed``, the caller's random state untouched."""
+    robust, images = [], []
+    devices = [x.device] if x.device.type == "cuda" else []
+    with bn_mode(model, False), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(plan.seed)  # every candidate meets the same random starts: a reproducible calibration
         attack = build_attack(plan.attack, model, plan.eps, plan.threat, seed=plan.seed,
                               num_classes=int(y.max().item()) + 1 if len(y) else 10)
-
-        def checked(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            x_adv = attack(xb, yb)
-            check_perturbation(xb, x_adv, plan.eps, plan.threat)
-            return x_adv
-
         for i in range(0, len(x), plan.batch_size):
-            robust.append(correct_under_attack(model, x[i:i + plan.batch_size], y[i:i + plan.batch_size], checked)[1])
-    return 100.0 * torch.cat(robust).float().mean().item() if robust else 0.0
+            xb, yb, made = x[i:i + plan.batch_size], y[i:i + plan.batch_size], {}
+
+            def checked(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+                made["x"] = attack(xs, ys)
+                check_perturbation(xs, made["x"], plan.eps, plan.threat)
+                return made["x"]
+
+            clean, survived = correct_under_attack(model, xb, yb, checked)
+            x_adv = xb.clone()
+            if "x" in made:
+                x_adv[clean] = made["x"].detach().to(x_adv.dtype)
+            robust.append(survived)
+            images.append(x_adv)
+    return (torch.cat(robust), torch.cat(images)) if robust else (torch.zeros(0, dtype=torch.bool), x)
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan,
+                    transfer: torch.Tensor | None = None) -> float:
+    """Robust accuracy (%) of ``model`` under ``plan.attack``; with ``transfer`` (adversarial images made on another
+    model), an example counts only if the model also classifies its transferred image right."""
+    robust, _ = attacked(model, x, y, plan)
+    if transfer is not None and len(y):
+        robust &= fp32_predictions_batched(model, transfer, plan.batch_size) == y
+    return 100.0 * robust.float().mean().item() if len(y) else 0.0
+
+
+def fp32_predictions_batched(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``model``'s fp32 predictions of ``x`` (eval mode), batch by batch."""
+    with torch.no_grad(), bn_mode(model, False):
+        return torch.cat([fp32_predictions(model, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def adv_route(mix: MixedClassifier) -> nn.Module:
@@ -134,11 +164,13 @@ class _RouteOf(nn.Module):
         return self.mix.route_logits(x)[self.which]
 
 
-def point(mix: MixedClassifier, logits, x, y, settings: MixSettings, plan: CalibrationPlan) -> dict[str, Any]:
-    """One candidate's validation figures: clean accuracy from the cache, robust accuracy by attacking the mixture."""
-    attacked = MixedClassifier(mix.robust, mix.accurate, settings)
+def point(mix: MixedClassifier, logits, x, y, settings: MixSettings, plan: CalibrationPlan,
+          transfer: torch.Tensor) -> dict[str, Any]:
+    """One candidate's validation figures: clean accuracy from the cache, robust accuracy by attacking the mixture
+    and by the robust route's own adversarial images (``transfer``)."""
+    candidate = MixedClassifier(mix.robust, mix.accurate, settings)
     return {**settings.to_dict(), "clean": clean_accuracy(logits, y, settings),
-            "robust": robust_accuracy(attacked, x, y, plan)}
+            "robust": robust_accuracy(candidate, x, y, plan, transfer)}
 
 
 def smallest_feasible(probe: Callable[[float], dict[str, Any]], weights: list[float], target: float) -> dict[str, Any] | None:
@@ -160,8 +192,9 @@ def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: Cali
     """The chosen settings and the validation figures: for each candidate transform the smallest weight whose robust
     accuracy is within ``max_drop`` of the robust route's, then the candidate with the best clean accuracy."""
     logits = route_logits(mix, x, plan.batch_size)
+    adv_robust, transfer = attacked(adv_route(mix), x, y, plan)
     reference = {"clean_route": {"clean": _accuracy(logits[0], y), "robust": robust_accuracy(clean_route(mix), x, y, plan)},
-                 "adv_route": {"clean": _accuracy(logits[1], y), "robust": robust_accuracy(adv_route(mix), x, y, plan)}}
+                 "adv_route": {"clean": _accuracy(logits[1], y), "robust": _percent(adv_robust)}}
     target = reference["adv_route"]["robust"] - plan.max_drop
     log(f"validation: clean route {reference['clean_route']['clean']:.1f}% clean, adv route "
         f"{reference['adv_route']['clean']:.1f}% clean {reference['adv_route']['robust']:.1f}% robust; "
@@ -170,7 +203,7 @@ def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: Cali
     weights = sorted(set(plan.weights))
     for transform in plan.transforms():
         def probe(w: float, transform: MixSettings = transform) -> dict[str, Any]:
-            figures = point(mix, logits, x, y, transform.replace(weight=w), plan)
+            figures = point(mix, logits, x, y, transform.replace(weight=w), plan, transfer)
             tried.append(figures)
             return figures
         found = smallest_feasible(probe, weights, target)
@@ -184,6 +217,7 @@ def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: Cali
                           "validation images; raise --max-drop")
     return {"settings": {k: chosen[k] for k in ("weight", "scale", "power", "offset")},
             "validation": {"n": len(y), "attack": plan.attack, "eps": plan.eps, "threat": plan.threat,
+                           "robust_rule": ROBUST_RULE,
                            "max_drop": plan.max_drop, "target_robust": target, **reference,
                            "mixture": {"clean": chosen["clean"], "robust": chosen["robust"]}, "tried": tried}}
 
@@ -192,8 +226,13 @@ def sweep(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, transform: Mix
           plan: CalibrationPlan) -> list[dict[str, Any]]:
     """Clean and robust validation accuracy of the mixture at every weight of the plan's grid (``transform`` fixed)."""
     logits = route_logits(mix, x, plan.batch_size)
-    return [point(mix, logits, x, y, transform.replace(weight=w), plan) for w in sorted(set(plan.weights))]
+    transfer = attacked(adv_route(mix), x, y, plan)[1]
+    return [point(mix, logits, x, y, transform.replace(weight=w), plan, transfer) for w in sorted(set(plan.weights))]
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == y).float().mean().item()
+
+
+def _percent(mask: torch.Tensor) -> float:
+    return 100.0 * mask.float().mean().item() if len(mask) else 0.0
