@@ -213,7 +213,7 @@ class TrainConfig:
 
     @property
     def resolved_select_by(self) -> str:
-        return self.select_by or self.objective.select_by
+        return self.select_by or ("robust" if self.objective.adversarial else "clean")
 
     @property
     def resolved_co_guard(self) -> bool:

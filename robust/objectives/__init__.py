@@ -153,8 +153,8 @@ class Objective:
     attributes say what the training step needs: ``uses_natural`` (the loss also takes the adv
     route's logits of the clean input x), ``attack_bn`` (the BN mode its official code attacks in,
     used when the config leaves it open), ``one_step`` (a single-step attack: the catastrophic-
-    overfitting guard is on by default), ``select_by`` (the validation figure best.pt has the best of when
-    the config leaves it open) and ``aliases`` (other names, each with the step settings
+    overfitting guard is on by default), ``adversarial`` (it trains on adversarial examples; a method that
+    does not keeps as best.pt its most accurate epoch, not its most robust) and ``aliases`` (other names, each with the step settings
     it implies, e.g. ``{"hybrid": {"clean_weight": 0.5}}``).
     """
 
@@ -163,7 +163,7 @@ class Objective:
     uses_natural: ClassVar[bool] = False
     attack_bn: ClassVar[str] = "train"
     one_step: ClassVar[bool] = False
-    select_by: ClassVar[str] = "robust"
+    adversarial: ClassVar[bool] = True
     options: ClassVar[Mapping[str, Option]] = {}
     attack_text: ClassVar[str] = "Linf PGD-{steps}"  # the training attack in words ({steps} filled in)
     aliases: ClassVar[Mapping[str, Mapping[str, Any]]] = {}

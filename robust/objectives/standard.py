@@ -16,7 +16,7 @@ class Standard(Objective):
     name = "standard"
     summary = "clean training, no attack"
     attack_text = "none (clean inputs)"
-    select_by = "clean"
+    adversarial = False
 
     def examples(self, model, x, y):
         return x.detach()

@@ -614,7 +614,7 @@ class Trainer:
                 self._save_epoch(epoch, metrics)
                 scalars.add(metrics)
                 self.folder.settle()  # an epoch is saved: the files it replaced (--force) go for good
-                self.log(format_epoch(metrics))
+                self.log(format_epoch(metrics, attacked=self.plan.objective.adversarial))
             self.folder.settle()
             return self._timed({"run_dir": str(self.run_dir), "best": self.best, **metrics})
         except Exception as exc:
@@ -674,9 +674,10 @@ def _attack_words(c: TrainPlan) -> str:
     return f" (PGD-{c.steps}, step {c.step_size:.4g})"
 
 
-def format_epoch(m: dict[str, Any]) -> str:
-    """One plain line per epoch."""
-    parts = [f"epoch {m['epoch']}", f"lr {m['lr']:.4g}", f"loss {m['train_loss']:.3f}", f"train adv acc {m['train_adv_acc']:.1f}%"]
+def format_epoch(m: dict[str, Any], attacked: bool = True) -> str:
+    """One plain line per epoch (``attacked``: the method trains on adversarial examples, else on clean ones)."""
+    parts = [f"epoch {m['epoch']}", f"lr {m['lr']:.4g}", f"loss {m['train_loss']:.3f}",
+             f"train {'adv ' if attacked else ''}acc {m['train_adv_acc']:.1f}%"]
     for route in ROUTES:
         if f"val_{route}_clean" in m:
             corrupted = f" corrupted {m[f'val_{route}_corruption']:.1f}%" if f"val_{route}_corruption" in m else ""
