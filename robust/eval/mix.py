@@ -7,8 +7,8 @@ route's reference is the attack on that route alone. A candidate's robust accura
 both the attack on the mixture itself, end to end (gradients through both routes and the transform), and the
 robust route's own adversarial examples (a transfer attack from the robust part), with fp32 verdicts
 (:func:`robust.eval.accuracy.correct_under_attack`): a transform that weakens the attack's gradients cannot
-make a mixture look more robust than its robust part. Clean accuracy needs no attack: each route's validation logits are computed once and every
-candidate's clean accuracy comes from them.
+make a mixture look more robust than its robust part. Clean accuracy needs no attack: each route's validation
+logits are computed once and every candidate's clean accuracy comes from them.
 """
 
 from __future__ import annotations

@@ -154,8 +154,8 @@ class Objective:
     route's logits of the clean input x), ``attack_bn`` (the BN mode its official code attacks in,
     used when the config leaves it open), ``one_step`` (a single-step attack: the catastrophic-
     overfitting guard is on by default), ``adversarial`` (it trains on adversarial examples; a method that
-    does not keeps as best.pt its most accurate epoch, not its most robust) and ``aliases`` (other names, each with the step settings
-    it implies, e.g. ``{"hybrid": {"clean_weight": 0.5}}``).
+    does not keeps as best.pt its most accurate epoch, not its most robust) and ``aliases`` (other names,
+    each with the step settings it implies, e.g. ``{"hybrid": {"clean_weight": 0.5}}``).
     """
 
     name: ClassVar[str]
