@@ -45,8 +45,8 @@ COMMANDS: dict[str, Entry] = {
     "pseudo-label": Entry("robust.cli.pseudo_label", "pseudo_label",
                           "Label unlabelled images with a standard model and write them as an --extra-data file."),
     "report": Entry("robust.cli.report", "report",
-                    "One HTML page of RUNS (run folders, or a `robust compare` folder for every run in it): "
-                    "everything embedded, it opens from disk without network."),
+                    "One HTML page of RUNS (run folders, a `robust compare` folder for every run in it, or "
+                    "`robust mix` files): everything embedded, it opens from disk without network."),
     "train": Entry("robust.cli.train", "train",
                    "Adversarial training (--method pgd, hybrid, trades, mart, fast, nfgsm, standard); "
                    "defaults reproduce the SaBN reference recipe on CIFAR-10."),
