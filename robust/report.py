@@ -478,10 +478,12 @@ def comparison(runs: Sequence[ReportRun]) -> dict[str, Any]:
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
         groups.setdefault(setting_of(run), []).append(i)
-    keys = list(groups)
-    differing = sorted({k for g in keys for k, _ in g} - {k for k, v in set.intersection(*(set(g) for g in keys))}) \
-        if len(keys) > 1 else []
-    names = [", ".join(f"{k}={json.loads(dict(g)[k]) if k in dict(g) else '–'}" for k in differing) or "all runs" for g in keys]
+    trained = [g for g, members in groups.items() if runs[members[0]].mixture is None]  # a mixture has no training
+    differing = sorted({k for g in trained for k, _ in g} - {k for k, v in set.intersection(*(set(g) for g in trained))}) \
+        if len(trained) > 1 else []
+    names = [runs[members[0]].label if runs[members[0]].mixture is not None else
+             ", ".join(f"{k}={json.loads(dict(g)[k]) if k in dict(g) else '–'}" for k in differing) or
+             ("all runs" if len(trained) == len(groups) else "trained runs") for g, members in groups.items()]
     spread = []
     for name, members in zip(names, groups.values()):
         for metric in common:

@@ -243,6 +243,9 @@ def test_report_beside_the_run_it_mixes_and_a_file_that_is_no_mixture_refused(ru
     assert result.exit_code == 0, result.output
     page = (run / "both.html").read_text()
     assert 'id="curves"' in page and 'id="run1-mixture"' in page and 'id="run0-mixture"' not in page
+    comparison = page.split('<section id="comparison">')[1].split("</section>")[0]
+    # the mixture is named by its file and the run by what it is, not by a diff of every training setting
+    assert "trained runs" in comparison and "swept.pt" in comparison and "activation=" not in comparison
     assert_refused(run, ["report", "run/best.pt", "--images", "0", "-o", "no.html"], "no `robust mix` file")
     (run / "notes.txt").write_text("not a model")
     assert_refused(run, ["report", "notes.txt", "--images", "0", "-o", "no.html"], "notes.txt")
