@@ -15,9 +15,10 @@ import robust
 from robust.checkpoint import load_model, read_checkpoint
 from robust.data.loader import split_indices
 from robust.errors import ConfigError
-from robust.eval.mix import (CalibrationPlan, adv_route, attacked, calibrate, fp32_predictions_batched, robust_accuracy,
+from robust.eval.mix import (CalibrationPlan, FoundImages, adv_route, attacked, calibrate, clean_accuracy,
+                             fp32_predictions_batched, robust_accuracy, robust_under_all, route_logits, search_order,
                              validation_images, validation_indices)
-from robust.nn.mixed import MixedClassifier, MixSettings, plain_mixture, transform_logits
+from robust.nn.mixed import MixedClassifier, MixSettings, mix_log_probs, plain_mixture, transform_logits
 from robust.nn.norms import is_dual_route, use_route
 from robust.report import ReportRun, mixture_section
 from robust.train.trainer import Trainer
@@ -128,9 +129,11 @@ def test_calibration_reads_only_the_runs_validation_images(run, fmnist):
     assert plan.touched == indices.tolist()  # training-set indices, the run's held-out ones, nothing else
     assert len(plan.touched) == 20 and max(plan.touched) < 200
     assert result["validation"]["n"] == 20
-    # max-drop 100 admits every weight: the smallest, 0 (the clean route), maximizes nothing else
-    assert result["settings"]["weight"] == 0.0
-    assert result["validation"]["mixture"]["clean"] == result["validation"]["clean_route"]["clean"]
+    # max-drop 100 admits every candidate: the first tried, the most accurate one, wins after one attack
+    logits = route_logits(MixedClassifier(load_model(state)), x, 250)
+    best = max(clean_accuracy(logits, y, MixSettings(w)) for w in (0.0, 0.5, 1.0))
+    assert result["validation"]["mixture"]["clean"] == best >= result["validation"]["clean_route"]["clean"]
+    assert result["validation"]["attacked"] == 1 and result["validation"]["candidates"] == 3
 
 
 def test_mix_file_reloads_bit_identically_and_exports_plain(run, fmnist):
@@ -288,3 +291,68 @@ def test_a_transform_cannot_make_the_robust_route_look_more_robust_in_calibratio
     first = attacked(mix, x, y, plan)[0]
     torch.manual_seed(2)
     assert torch.equal(attacked(mix, x, y, plan)[0], first)  # the random starts are the plan's, not the caller's
+
+
+def _labelled_by_adv_route(model, n=48, seed=6):
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad(), use_route(model, "adv"):
+        return x, model(x).argmax(1)
+
+
+def test_found_images_count_against_every_candidate_as_a_forward_pass_would():
+    """A candidate is robust on an example only if it survives its own attack and classifies right every image found
+    before (here the adv route's and another candidate's), and the cached-logit check equals real forwards."""
+    model = _dual_model()
+    mix = MixedClassifier(model)
+    x, y = _labelled_by_adv_route(model)
+    plan = CalibrationPlan(eps=0.05, attack="pgd5")
+    transfer = attacked(adv_route(mix), x, y, plan)[1]
+    other = attacked(MixedClassifier(model, None, MixSettings(0.5, 4.0, 2.0, 1.0)), x, y, plan)[1]
+    found = FoundImages(mix, y, 250)
+    found.add(transfer)
+    found.add(other)
+    settings = MixSettings(0.8, 2.0, 1.0, 0.0)
+    candidate = MixedClassifier(model, None, settings)
+    own = attacked(candidate, x, y, plan)[0]
+    by_hand = own.clone()
+    for images in (transfer, other):
+        by_hand &= fp32_predictions_batched(candidate, images, 250) == y
+    assert torch.equal(robust_under_all(mix, x, y, plan, settings, found), by_hand)
+    assert len(found.logits) == 3  # the candidate's own attacked images joined the found ones
+    assert (own & ~by_hand).any()  # the found images break examples the candidate's own attack missed
+
+
+def test_calibration_attacks_down_from_the_most_accurate_and_every_more_accurate_candidate_is_refuted():
+    """Replaying the search: the chosen candidate meets the bound, every candidate attacked before it fell short, and
+    every candidate more accurate than it that was never attacked is refuted by the images found (or lies below a
+    failed weight of its transform)."""
+    model = _dual_model()
+    mix = MixedClassifier(model)
+    x = torch.rand(48, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    clean, adv = _routes(model, x)
+    y = torch.where(torch.arange(48) % 2 == 0, clean.argmax(1), adv.argmax(1))  # each route right on half
+    plan = CalibrationPlan(eps=0.05, attack="pgd5", weights=(0.3, 0.5, 0.8, 1.0), scales=(1.0, 4.0), max_drop=10.0)
+    result = calibrate(mix, x, y, plan)
+    tried, target = result["validation"]["tried"], result["validation"]["target_robust"]
+    assert result["validation"]["attacked"] == len(tried) < result["validation"]["candidates"] == 32
+    assert [t["clean"] for t in tried] == sorted((t["clean"] for t in tried), reverse=True)
+    assert all(t["robust"] < target for t in tried[:-1]) and tried[-1]["robust"] >= target
+    chosen = MixSettings(**result["settings"])
+    assert {k: tried[-1][k] for k in result["settings"]} == result["settings"]
+    logits = route_logits(mix, x, 250)
+    found = FoundImages(mix, y, 250)
+    found.add(attacked(adv_route(mix), x, y, plan)[1])
+    for t in tried:
+        found.add(attacked(MixedClassifier(model, None, MixSettings(**{k: t[k] for k in result["settings"]})),
+                           x, y, plan)[1])
+    failed = [MixSettings(**{k: t[k] for k in result["settings"]}) for t in tried[:-1]]
+    refuted_by_images = 0
+    for candidate in search_order(plan):
+        if clean_accuracy(logits, y, candidate) <= clean_accuracy(logits, y, chosen) or candidate in failed:
+            continue
+        below_a_failure = any(f.replace(weight=1.0) == candidate.replace(weight=1.0) and candidate.weight <= f.weight
+                              for f in failed)
+        right = (mix_log_probs(*logits, candidate).argmax(1) == y) & found.right(candidate)
+        refuted_by_images += not below_a_failure
+        assert below_a_failure or 100.0 * right.float().mean().item() < target
+    assert result["validation"]["screened"] >= 1 and refuted_by_images >= 1  # the screen did some of the work

@@ -4,11 +4,12 @@ The weight and the robust route's transform are chosen to maximize clean accurac
 most ``max_drop`` points below the robust route's own, both measured on the validation images the run held out
 (the indices its seed, ``val_split``, ``limit`` and ``val_limit`` give, :func:`validation_indices`). The robust
 route's reference is the attack on that route alone. A candidate's robust accuracy counts the examples that survive
-both the attack on the mixture itself, end to end (gradients through both routes and the transform), and the
-robust route's own adversarial examples (a transfer attack from the robust part), with fp32 verdicts
-(:func:`robust.eval.accuracy.correct_under_attack`): a transform that weakens the attack's gradients cannot
-make a mixture look more robust than its robust part. Clean accuracy needs no attack: each route's validation
-logits are computed once and every candidate's clean accuracy comes from them.
+the attack on the mixture itself, end to end (gradients through both routes and the transform), the robust route's
+own adversarial examples (a transfer attack from the robust part) and every adversarial image found for the
+candidates tried before it, with fp32 verdicts (:func:`robust.eval.accuracy.correct_under_attack`): a transform
+that weakens the attack's gradients cannot make a mixture look more robust than its robust part. Clean accuracy
+needs no attack: each route's validation logits are computed once and every candidate's clean accuracy comes from
+them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from robust.nn.mixed import MixedClassifier, MixSettings, mix_log_probs
 from robust.nn.norms import bn_mode
 
 MAX_DROP_RANGE = (0.0, 100.0)
-ROBUST_RULE = "survives the attack on the mixture and the adv route's own adversarial images (transfer)"
+ROBUST_RULE = ("survives the attack on the mixture, the adv route's own adversarial images (transfer) and every "
+               "adversarial image the calibration found for the candidates tried before")
 
 
 def check_max_drop(value: object) -> float:
@@ -164,70 +166,115 @@ class _RouteOf(nn.Module):
         return self.mix.route_logits(x)[self.which]
 
 
-def point(mix: MixedClassifier, logits, x, y, settings: MixSettings, plan: CalibrationPlan,
-          transfer: torch.Tensor) -> dict[str, Any]:
-    """One candidate's validation figures: clean accuracy from the cache, robust accuracy by attacking the mixture
-    and by the robust route's own adversarial images (``transfer``)."""
-    candidate = MixedClassifier(mix.robust, mix.accurate, settings)
-    return {**settings.to_dict(), "clean": clean_accuracy(logits, y, settings),
-            "robust": robust_accuracy(candidate, x, y, plan, transfer)}
+def search_order(plan: CalibrationPlan) -> list[MixSettings]:
+    """Every candidate of the grid: each transform at each weight."""
+    weights = sorted(set(plan.weights))
+    return [t.replace(weight=w) for t in plan.transforms() for w in weights]
 
 
-def smallest_feasible(probe: Callable[[float], dict[str, Any]], weights: list[float], target: float) -> dict[str, Any] | None:
-    """The smallest weight whose robust accuracy reaches ``target`` (robust accuracy grows with the weight: a
-    binary search over the sorted grid), its figures; None when even the largest weight falls short."""
-    lo, hi, best = 0, len(weights) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        figures = probe(weights[mid])
-        if figures["robust"] >= target:
-            best, hi = figures, mid - 1
-        else:
-            lo = mid + 1
-    return best
+def by_clean_accuracy(logits, y: torch.Tensor, plan: CalibrationPlan) -> list[tuple[float, MixSettings]]:
+    """Every candidate with its clean accuracy, the most accurate first (among equals, the larger weight, then the
+    grid's order)."""
+    ranked = sorted(((clean_accuracy(logits, y, c), c.weight, -i, c) for i, c in enumerate(search_order(plan))),
+                    key=lambda r: r[:3], reverse=True)
+    return [(clean, c) for clean, _, _, c in ranked]
+
+
+class FoundImages:
+    """The adversarial images a calibration has found so far (the adv route's own, then each attacked candidate's),
+    kept as each route's logits: any of them, inside the eps ball, attacks every candidate, and checking a candidate
+    against them all needs no forward pass."""
+
+    def __init__(self, mix: MixedClassifier, y: torch.Tensor, batch_size: int) -> None:
+        self.mix, self.y, self.batch_size, self.logits = mix, y, batch_size, []
+
+    def add(self, images: torch.Tensor) -> None:
+        self.logits.append(route_logits(self.mix, images, self.batch_size))
+
+    def right(self, settings: MixSettings) -> torch.Tensor:
+        """Per example: ``settings``' mixture classifies every found image right."""
+        right = torch.ones_like(self.y, dtype=torch.bool)
+        for logits in self.logits:
+            right &= mix_log_probs(*logits, settings).argmax(1) == self.y
+        return right
+
+
+def robust_under_all(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan,
+                     settings: MixSettings, found: FoundImages) -> torch.Tensor:
+    """Per example: ``settings``' mixture survives the attack on itself and every image in ``found``; its attacked
+    images join ``found``."""
+    survived, images = attacked(MixedClassifier(mix.robust, mix.accurate, settings), x, y, plan)
+    found.add(images)
+    return survived & found.right(settings)
 
 
 def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan,
               log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """The chosen settings and the validation figures: for each candidate transform the smallest weight whose robust
-    accuracy is within ``max_drop`` of the robust route's, then the candidate with the best clean accuracy."""
+    """The chosen settings and the validation figures: the candidate with the most clean accuracy whose robust
+    accuracy is within ``max_drop`` of the robust route's (among equals, the larger weight, then the grid's order).
+
+    A candidate's example counts as robust if it survives the attack on the mixture itself and every adversarial
+    image found so far (:class:`FoundImages`: the adv route's own, a transfer attack from the robust part, and each
+    earlier candidate's). Candidates are tried from the most clean accuracy down (free from cached logits) and the
+    first that meets the bound wins, so only the candidates above it are attacked. Two rules skip an attack: a
+    candidate already below the target on the clean and found images cannot meet it; and robust accuracy grows with
+    the weight, so a transform that failed at one weight fails at every smaller one."""
     logits = route_logits(mix, x, plan.batch_size)
     adv_robust, transfer = attacked(adv_route(mix), x, y, plan)
+    found = FoundImages(mix, y, plan.batch_size)
+    found.add(transfer)
     reference = {"clean_route": {"clean": _accuracy(logits[0], y), "robust": robust_accuracy(clean_route(mix), x, y, plan)},
                  "adv_route": {"clean": _accuracy(logits[1], y), "robust": _percent(adv_robust)}}
     target = reference["adv_route"]["robust"] - plan.max_drop
     log(f"validation: clean route {reference['clean_route']['clean']:.1f}% clean, adv route "
         f"{reference['adv_route']['clean']:.1f}% clean {reference['adv_route']['robust']:.1f}% robust; "
         f"target robust >= {target:.1f}%")
-    tried, chosen = [], None
-    weights = sorted(set(plan.weights))
-    for transform in plan.transforms():
-        def probe(w: float, transform: MixSettings = transform) -> dict[str, Any]:
-            figures = point(mix, logits, x, y, transform.replace(weight=w), plan, transfer)
-            tried.append(figures)
-            return figures
-        found = smallest_feasible(probe, weights, target)
-        if found is not None:
-            log(f"  scale {transform.scale:g} power {transform.power:g} offset {transform.offset:g}: weight "
-                f"{found['weight']:g}, clean {found['clean']:.1f}% robust {found['robust']:.1f}%")
-        if found is not None and (chosen is None or (found["clean"], found["robust"]) > (chosen["clean"], chosen["robust"])):
-            chosen = found
+    ranked = by_clean_accuracy(logits, y, plan)
+    tried, failed_at, screened, chosen = [], {}, 0, None
+    for clean, candidate in ranked:
+        transform, weight = candidate.replace(weight=1.0), candidate.weight
+        if weight <= failed_at.get(transform, -1.0):
+            continue
+        clean_right = mix_log_probs(*logits, candidate).argmax(1) == y
+        if _percent(clean_right & found.right(candidate)) < target:
+            screened += 1
+            continue
+        robust = robust_under_all(mix, x, y, plan, candidate, found)
+        figures = {**candidate.to_dict(), "clean": clean, "robust": _percent(robust)}
+        tried.append(figures)
+        log(f"  weight {weight:g} scale {candidate.scale:g} power {candidate.power:g} offset {candidate.offset:g}: "
+            f"clean {clean:.1f}% robust {figures['robust']:.1f}%")
+        if figures["robust"] >= target:
+            chosen = figures
+            break
+        failed_at[transform] = max(weight, failed_at.get(transform, -1.0))
     if chosen is None:
         raise ConfigError(f"no mixture keeps robust accuracy within {plan.max_drop:g} points of the adv route's on the "
                           "validation images; raise --max-drop")
+    log(f"  {len(tried)} of {len(ranked)} candidates attacked, {screened} ruled out by images already found")
     return {"settings": {k: chosen[k] for k in ("weight", "scale", "power", "offset")},
             "validation": {"n": len(y), "attack": plan.attack, "eps": plan.eps, "threat": plan.threat,
-                           "robust_rule": ROBUST_RULE,
+                           "robust_rule": ROBUST_RULE, "candidates": len(ranked), "attacked": len(tried),
+                           "screened": screened,
                            "max_drop": plan.max_drop, "target_robust": target, **reference,
                            "mixture": {"clean": chosen["clean"], "robust": chosen["robust"]}, "tried": tried}}
 
 
 def sweep(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, transform: MixSettings,
           plan: CalibrationPlan) -> list[dict[str, Any]]:
-    """Clean and robust validation accuracy of the mixture at every weight of the plan's grid (``transform`` fixed)."""
+    """Clean and robust validation accuracy of the mixture at every weight of the plan's grid (``transform`` fixed),
+    an example robust at a weight if it survives the attack there and every image found at any weight."""
     logits = route_logits(mix, x, plan.batch_size)
-    transfer = attacked(adv_route(mix), x, y, plan)[1]
-    return [point(mix, logits, x, y, transform.replace(weight=w), plan, transfer) for w in sorted(set(plan.weights))]
+    found = FoundImages(mix, y, plan.batch_size)
+    found.add(attacked(adv_route(mix), x, y, plan)[1])
+    weights = sorted(set(plan.weights))
+    survived = [attacked(MixedClassifier(mix.robust, mix.accurate, transform.replace(weight=w)), x, y, plan)
+                for w in weights]
+    for _, images in survived:
+        found.add(images)
+    return [{**transform.replace(weight=w).to_dict(), "clean": clean_accuracy(logits, y, transform.replace(weight=w)),
+             "robust": _percent(mask & found.right(transform.replace(weight=w)))}
+            for w, (mask, _) in zip(weights, survived)]
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
