@@ -99,7 +99,7 @@ def route_logits(mix: MixedClassifier, x: torch.Tensor, batch_size: int) -> tupl
 
 def clean_accuracy(logits: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, settings: MixSettings) -> float:
     """Clean accuracy (%) of the mixture ``settings`` from cached route logits."""
-    return 100.0 * (mix_log_probs(*logits, settings).argmax(1) == y).float().mean().item()
+    return _percent(mix_log_probs(*logits, settings).argmax(1) == y)
 
 
 def attacked(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +136,7 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: Ca
     robust, _ = attacked(model, x, y, plan)
     if transfer is not None and len(y):
         robust &= fp32_predictions_batched(model, transfer, plan.batch_size) == y
-    return 100.0 * robust.float().mean().item() if len(y) else 0.0
+    return _percent(robust)
 
 
 def fp32_predictions_batched(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -236,7 +236,7 @@ def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: Cali
         if weight <= failed_at.get(transform, -1.0):
             continue
         clean_right = mix_log_probs(*logits, candidate).argmax(1) == y
-        if _percent(clean_right & found.right(candidate)) < target:
+        if not meets(_percent(clean_right & found.right(candidate)), target):
             screened += 1
             continue
         robust = robust_under_all(mix, x, y, plan, candidate, found)
@@ -244,7 +244,7 @@ def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: Cali
         tried.append(figures)
         log(f"  weight {weight:g} scale {candidate.scale:g} power {candidate.power:g} offset {candidate.offset:g}: "
             f"clean {clean:.1f}% robust {figures['robust']:.1f}%")
-        if figures["robust"] >= target:
+        if meets(figures["robust"], target):
             chosen = figures
             break
         failed_at[transform] = max(weight, failed_at.get(transform, -1.0))
@@ -277,9 +277,16 @@ def sweep(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, transform: Mix
             for w, (mask, _) in zip(weights, survived)]
 
 
+def meets(robust: float, target: float) -> bool:
+    """``robust`` reaches ``target`` (percentages of one set of images): a count exactly ``max_drop`` points below
+    the reference meets it, whatever the rounding of the two percentages."""
+    return robust >= target - 1e-9
+
+
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * (logits.argmax(1) == y).float().mean().item()
+    return _percent(logits.argmax(1) == y)
 
 
 def _percent(mask: torch.Tensor) -> float:
-    return 100.0 * mask.float().mean().item() if len(mask) else 0.0
+    """The percentage of true entries, in float64 from the exact count."""
+    return 100.0 * int(mask.sum()) / len(mask) if len(mask) else 0.0
