@@ -32,7 +32,8 @@ from robust.nn.norms import bn_mode
 
 MAX_DROP_RANGE = (0.0, 100.0)
 ROBUST_RULE = ("survives the attack on the mixture, the adv route's own adversarial images (transfer) and every "
-               "adversarial image the calibration found for the candidates tried before")
+               "adversarial image the calibration found for the candidates tried before; the adv route's reference "
+               "(robust_found) counts the same images")
 
 
 def check_max_drop(value: object) -> float:
@@ -198,6 +199,13 @@ class FoundImages:
             right &= mix_log_probs(*logits, settings).argmax(1) == self.y
         return right
 
+    def adv_route_right(self) -> torch.Tensor:
+        """Per example: the robust route alone classifies every found image right."""
+        right = torch.ones_like(self.y, dtype=torch.bool)
+        for _, adv in self.logits:
+            right &= adv.argmax(1) == self.y
+        return right
+
 
 def robust_under_all(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan,
                      settings: MixSettings, found: FoundImages) -> torch.Tensor:
@@ -215,20 +223,28 @@ def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: Cali
 
     A candidate's example counts as robust if it survives the attack on the mixture itself and every adversarial
     image found so far (:class:`FoundImages`: the adv route's own, a transfer attack from the robust part, and each
-    earlier candidate's). Candidates are tried from the most clean accuracy down (free from cached logits) and the
-    first that meets the bound wins, so only the candidates above it are attacked. Two rules skip an attack: a
-    candidate already below the target on the clean and found images cannot meet it; and robust accuracy grows with
-    the weight, so a transform that failed at one weight fails at every smaller one."""
+    earlier candidate's); the robust route's reference counts the same found images, so a stronger image found
+    through a mixture lowers the reference as well as the candidates (each comparison is like with like).
+    Candidates are tried from the most clean accuracy down (free from cached logits) and the first that meets the
+    bound wins, so only the candidates above it are attacked. Two rules skip an attack: a candidate already below
+    the target on the clean and found images; and a transform that failed at a weight is not tried at a smaller
+    one (robust accuracy grows with the weight)."""
     logits = route_logits(mix, x, plan.batch_size)
     adv_robust, transfer = attacked(adv_route(mix), x, y, plan)
     found = FoundImages(mix, y, plan.batch_size)
     found.add(transfer)
+
+    def adv_route_robust() -> float:
+        return _percent(adv_robust & found.adv_route_right())
+
+    def target() -> float:
+        return adv_route_robust() - plan.max_drop
+
     reference = {"clean_route": {"clean": _accuracy(logits[0], y), "robust": robust_accuracy(clean_route(mix), x, y, plan)},
                  "adv_route": {"clean": _accuracy(logits[1], y), "robust": _percent(adv_robust)}}
-    target = reference["adv_route"]["robust"] - plan.max_drop
     log(f"validation: clean route {reference['clean_route']['clean']:.1f}% clean, adv route "
         f"{reference['adv_route']['clean']:.1f}% clean {reference['adv_route']['robust']:.1f}% robust; "
-        f"target robust >= {target:.1f}%")
+        f"target robust >= {target():.1f}%")
     ranked = by_clean_accuracy(logits, y, plan)
     tried, failed_at, screened, chosen = [], {}, 0, None
     for clean, candidate in ranked:
@@ -236,15 +252,15 @@ def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: Cali
         if weight <= failed_at.get(transform, -1.0):
             continue
         clean_right = mix_log_probs(*logits, candidate).argmax(1) == y
-        if not meets(_percent(clean_right & found.right(candidate)), target):
+        if not meets(_percent(clean_right & found.right(candidate)), target()):
             screened += 1
             continue
         robust = robust_under_all(mix, x, y, plan, candidate, found)
-        figures = {**candidate.to_dict(), "clean": clean, "robust": _percent(robust)}
+        figures = {**candidate.to_dict(), "clean": clean, "robust": _percent(robust), "target": target()}
         tried.append(figures)
         log(f"  weight {weight:g} scale {candidate.scale:g} power {candidate.power:g} offset {candidate.offset:g}: "
-            f"clean {clean:.1f}% robust {figures['robust']:.1f}%")
-        if meets(figures["robust"], target):
+            f"clean {clean:.1f}% robust {figures['robust']:.1f}% (target {figures['target']:.1f}%)")
+        if meets(figures["robust"], figures["target"]):
             chosen = figures
             break
         failed_at[transform] = max(weight, failed_at.get(transform, -1.0))
@@ -252,11 +268,12 @@ def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: Cali
         raise ConfigError(f"no mixture keeps robust accuracy within {plan.max_drop:g} points of the adv route's on the "
                           "validation images; raise --max-drop")
     log(f"  {len(tried)} of {len(ranked)} candidates attacked, {screened} ruled out by images already found")
+    reference["adv_route"]["robust_found"] = adv_route_robust()
     return {"settings": {k: chosen[k] for k in ("weight", "scale", "power", "offset")},
             "validation": {"n": len(y), "attack": plan.attack, "eps": plan.eps, "threat": plan.threat,
                            "robust_rule": ROBUST_RULE, "candidates": len(ranked), "attacked": len(tried),
                            "screened": screened,
-                           "max_drop": plan.max_drop, "target_robust": target, **reference,
+                           "max_drop": plan.max_drop, "target_robust": chosen["target"], **reference,
                            "mixture": {"clean": chosen["clean"], "robust": chosen["robust"]}, "tried": tried}}
 
 
