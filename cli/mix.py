@@ -86,7 +86,8 @@ def mix(run: str, accurate: str | None, max_drop: float, out: str | None, do_swe
     report: dict[str, Any] = {"source": str(source), "accurate": accurate, **result}
     click.echo(f"chosen: weight {chosen.weight:g}, scale {chosen.scale:g}, power {chosen.power:g}, offset "
                f"{chosen.offset:g}: validation clean {result['validation']['mixture']['clean']:.1f}%, "
-               f"{plan.attack} {result['validation']['mixture']['robust']:.1f}% on {len(y)} images")
+               f"{plan.attack} {result['validation']['mixture']['robust']:.1f}% on {len(y)} images (adv route "
+               f"{result['validation']['adv_route']['robust_found']:.1f}% on the same attacks)")
     if do_sweep:
         report["sweep"] = sweep(model, x, y, chosen, plan)
     if "-o" in written:

@@ -226,6 +226,9 @@ def test_report_of_a_mixture_shows_its_calibration_and_then_its_evaluation(run, 
     assert 'id="run0-mixture"' in page and 'id="curves"' not in page  # no learning curves: it trained nothing
     for key in ("clean_route", "adv_route", "mixture"):  # the validation table is the file's record
         assert f"<td class=\"num\">{val[key]['clean']:.2f}</td><td class=\"num\">{val[key]['robust']:.2f}</td>" in page
+    found_row = (f"<td class=\"key\">adv route, images found through mixtures counted</td><td class=\"num\">"
+                 f"{val['adv_route']['clean']:.2f}</td><td class=\"num\">{val['adv_route']['robust_found']:.2f}</td>")
+    assert found_row in page  # the reference the bound was taken from
     images = _page_images(page)
     assert len(images) == 2 and all(im[:8] == b"\x89PNG\r\n\x1a\n" for im in images)  # trade-off curve, test images
     assert f"robust eval {swept} --attack pgd20,autoattack --sanity --json {run / 'swept.eval.json'}" in page  # none yet
