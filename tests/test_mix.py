@@ -16,9 +16,9 @@ from robust.checkpoint import load_model, read_checkpoint
 from robust.data.loader import split_indices
 from robust.errors import ConfigError
 from robust.eval.mix import (CalibrationPlan, FoundImages, adv_route, attacked, calibrate, clean_accuracy,
-                             fp32_predictions_batched, meets, robust_accuracy, robust_under_all, route_logits, search_order,
+                             fp32_predictions_batched, meets, robust_accuracy, robust_under_all, route_logits,
                              validation_images, validation_indices)
-from robust.nn.mixed import MixedClassifier, MixSettings, mix_log_probs, plain_mixture, transform_logits
+from robust.nn.mixed import MixedClassifier, MixSettings, plain_mixture, transform_logits
 from robust.nn.norms import is_dual_route, use_route
 from robust.report import ReportRun, mixture_section
 from robust.train.trainer import Trainer
