@@ -11,7 +11,8 @@ from robust.checkpoint import build_checkpoint, load_model, read_checkpoint, sav
 from robust.cli.common import BadInput, check_output_file, model_file
 from robust.curves import plot_tradeoff
 from robust.eval.evaluation import eval_dataset
-from robust.eval.mix import CalibrationPlan, calibrate, check_max_drop, sweep, validation_images, validation_indices
+from robust.eval.mix import (DEFAULT_ATTACK, RULES, CalibrationPlan, calibrate_by_rule, check_max_drop, sweep,
+                             validation_images, validation_indices)
 from robust.nn.mixed import MixedClassifier, MixSettings, check_mix_value
 from robust.nn.norms import is_dual_route
 from robust.outputs import write_json
@@ -34,26 +35,33 @@ TRANSFORM = ("weight", "scale", "power", "offset")
 @click.option("--scale", type=float, default=None, help="fix the transform's scale in (0, 1000]")
 @click.option("--power", type=float, default=None, help="fix the transform's power in [1, 16]")
 @click.option("--offset", type=float, default=None, help="fix the transform's offset in [-10, 10]")
-@click.option("--attack", default="pgd20", show_default=True, help="the attack on the mixture during calibration")
+@click.option("--calibration", "rule", type=click.Choice(RULES), default="attack", show_default=True,
+              help="attack: each candidate's robust accuracy is --attack on the mixture itself; margin: predicted from "
+                   "one --attack on the adv route alone, by MixedNUTS's margin rule (one attack in all; docs/mixing.md)")
+@click.option("--attack", default=None,
+              help="the calibration's attack  [default: pgd20 on the mixture; cw20 on the adv route with --calibration "
+                   "margin]")
 @click.option("--val-limit", type=click.IntRange(1), default=500, show_default=True,
               help="calibrate on at most N of the run's validation images")
 @click.option("--data-dir", default=None, help="where the run's data is, when not where it was trained from")
 @click.option("--force", is_flag=True, help="overwrite existing output files")
 def mix(run: str, accurate: str | None, max_drop: float, out: str | None, do_sweep: bool, plot: str | None,
         json_path: str | None, weight: float | None, scale: float | None, power: float | None, offset: float | None,
-        attack: str, val_limit: int, data_dir: str | None, force: bool) -> None:
+        rule: str, attack: str | None, val_limit: int, data_dir: str | None, force: bool) -> None:
     """Mix a run's clean and adv routes into one model, calibrated on its validation images.
 
     The mixture's logits are log((1 - w) softmax(clean) + w softmax(T(adv))), T the robust route's
     transform (scale, power, offset; docs/mixing.md). The weight and the transform are chosen to
-    maximize clean accuracy while robust accuracy (--attack on the mixture itself) stays within
-    --max-drop points of the adv route's, on the run's validation images only. Evaluate the file
+    maximize clean accuracy while robust accuracy (--attack on the mixture itself; with --calibration
+    margin, predicted from the adv route's margins) stays within --max-drop points of the adv
+    route's, on the run's validation images only. Evaluate the file
     end to end with `robust eval MIX.pt --attack autoattack` like any model.
 
     \b
     Example:
       robust mix runs/sabn-s0 --max-drop 1.0 -o mix.pt
       robust mix runs/sabn-s0 --accurate runs/standard-s0 -o mix_std.pt
+      robust mix runs/sabn-s0 --calibration margin -o mix_margin.pt
       robust mix runs/sabn-s0 --sweep --plot tradeoff.png --json tradeoff.json
     """
     fixed = {k: check_mix_value(k, v) for k, v in zip(TRANSFORM, (weight, scale, power, offset)) if v is not None}
@@ -75,19 +83,20 @@ def mix(run: str, accurate: str | None, max_drop: float, out: str | None, do_swe
         raise BadInput(f"{run} is no training checkpoint (an export or a mixture): mix a run folder of `robust train`, "
                        "whose validation split calibrates the mixture")
     model = _mixture(state, accurate, run)
-    plan = _plan(state, max_drop, attack, fixed)
+    plan = _plan(state, max_drop, attack or DEFAULT_ATTACK[rule], fixed, rule)
     data = eval_dataset(state["dataset"], data_dir or (state.get("data") or {}).get("data_dir"),
                         (state.get("data") or {}).get("image_size"))
     indices = validation_indices(state["config"], len(data.train_y))[:val_limit]
     x, y = validation_images(data, indices, plan)
-    result = calibrate(model, x, y, plan, log=lambda line: click.echo(line, err=True))
+    result = calibrate_by_rule(model, x, y, plan, log=lambda line: click.echo(line, err=True))
     chosen = MixSettings(**result["settings"])
     model.settings = chosen
     report: dict[str, Any] = {"source": str(source), "accurate": accurate, **result}
     click.echo(f"chosen: weight {chosen.weight:g}, scale {chosen.scale:g}, power {chosen.power:g}, offset "
                f"{chosen.offset:g}: validation clean {result['validation']['mixture']['clean']:.1f}%, "
-               f"{plan.attack} {result['validation']['mixture']['robust']:.1f}% on {len(y)} images (adv route "
-               f"{result['validation']['adv_route']['robust_found']:.1f}% on the same attacks)")
+               f"{plan.attack} {result['validation']['mixture']['robust']:.1f}%{' (predicted)' if rule == 'margin' else ''} "
+               f"on {len(y)} images (adv route {result['validation']['adv_route']['robust_found']:.1f}% on the same "
+               "attacks)")
     if do_sweep:
         report["sweep"] = sweep(model, x, y, chosen, plan)
     if "-o" in written:
@@ -120,14 +129,14 @@ def _mixture(state: dict[str, Any], accurate: str | None, run: str) -> MixedClas
     return MixedClassifier(robust, clean)
 
 
-def _plan(state: dict[str, Any], max_drop: float, attack: str, fixed: dict[str, float]) -> CalibrationPlan:
-    """The calibration plan at the run's eps, each fixed parameter's grid reduced to its value."""
+def _plan(state: dict[str, Any], max_drop: float, attack: str, fixed: dict[str, float], rule: str) -> CalibrationPlan:
+    """The calibration plan at the run's eps, by ``rule``, each fixed parameter's grid reduced to its value."""
     if state.get("eps") is None:
         raise BadInput("the run records no training eps; mix a run folder of `robust train`")
     grids = {"weights": "weight", "scales": "scale", "powers": "power", "offsets": "offset"}
     chosen = {grid: (fixed[name],) for grid, name in grids.items() if name in fixed}
     return CalibrationPlan(eps=float(state["eps"]), threat=state.get("threat", "linf"), max_drop=max_drop,
-                           attack=attack, **chosen)
+                           attack=attack, rule=rule, **chosen)
 
 
 def _write_mixture(model: MixedClassifier, state: dict[str, Any], source: Path, report: dict[str, Any], out: Path,

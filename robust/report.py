@@ -675,7 +675,7 @@ def mixture_section(ident: str, run: ReportRun) -> str:
     text = (f"<p>Mixes {_esc(cal.get('source'))}: {parts}. Chosen on {_esc(val.get('n'))} of the run's validation "
             f"images (never the test set): weight {_num(chosen.get('weight'), 3)}, scale {_num(chosen.get('scale'), 3)}, "
             f"power {_num(chosen.get('power'), 3)}, offset {_num(chosen.get('offset'), 3)}, the most clean accuracy whose "
-            f"robust accuracy ({_esc(val.get('attack'))} on the mixture itself, {_esc(val.get('threat'))} eps "
+            f"robust accuracy ({_robust_rule_text(val)}, {_esc(val.get('threat'))} eps "
             f"{_num(val.get('eps'), 4)}) is at most {_num(val.get('max_drop'), 2)} points below the adv route's.</p>")
     rows = [[name, (val.get(key) or {}).get("clean"), (val.get(key) or {}).get("robust")]
             for name, key in (("clean route", "clean_route"), ("adv route", "adv_route"), ("mixture", "mixture"))]
@@ -700,6 +700,14 @@ def mixture_section(ident: str, run: ReportRun) -> str:
     return section(f"{ident}-mixture", "The mixture and its calibration", body)
 
 
+def _robust_rule_text(val: dict) -> str:
+    """How the calibration counted a mixture's robust accuracy: an attack on it, or the margin rule's prediction."""
+    if val.get("rule") == "margin":
+        return (f"predicted from {_esc(val.get('attack'))} on the adv route alone by the margin rule, no attack on the "
+                "mixture: evaluate it end to end")
+    return f"{_esc(val.get('attack'))} on the mixture itself"
+
+
 def run_headline(run: ReportRun) -> str:
     """One sentence of a run's result: the adv route's worst case and natural accuracy from eval.json, else
     its last validation figures."""
@@ -715,7 +723,7 @@ def run_headline(run: ReportRun) -> str:
     if run.mixture is not None:
         val = run.mixture.get("validation") or {}
         mixed = val.get("mixture") or {}
-        return (f"{run.label}: {_num(mixed.get('robust'), 1)}% validation robust ({val.get('attack')} on the mixture) "
+        return (f"{run.label}: {_num(mixed.get('robust'), 1)}% validation robust ({_robust_rule_text(val)}) "
                 f"and {_num(mixed.get('clean'), 1)}% natural accuracy on {val.get('n')} validation images "
                 f"(adv route: {_num((val.get('adv_route') or {}).get('clean'), 1)}% natural; no "
                 f"{mixture_eval_file(run.path).name} yet)")

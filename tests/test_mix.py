@@ -15,10 +15,11 @@ import robust
 from robust.checkpoint import load_model, read_checkpoint
 from robust.data.loader import split_indices
 from robust.errors import ConfigError
-from robust.eval.mix import (CalibrationPlan, FoundImages, adv_route, attacked, calibrate, clean_accuracy,
-                             fp32_predictions_batched, meets, robust_accuracy, robust_under_all, route_logits,
-                             validation_images, validation_indices)
-from robust.nn.mixed import MixedClassifier, MixSettings, plain_mixture, transform_logits
+from robust.eval.mix import (CalibrationPlan, FoundImages, adv_route, attacked, by_clean_accuracy, calibrate,
+                             calibrate_by_margin, clean_accuracy, fp32_predictions_batched, meets, robust_accuracy,
+                             robust_under_all, route_logits, survives_any_accurate, validation_images,
+                             validation_indices)
+from robust.nn.mixed import MixedClassifier, MixSettings, mix_log_probs, plain_mixture, transform_logits
 from robust.nn.norms import is_dual_route, use_route
 from robust.report import ReportRun, mixture_section
 from robust.train.trainer import Trainer
@@ -358,3 +359,65 @@ def test_a_robust_count_exactly_max_drop_below_the_reference_meets_the_bound():
     reference, drop = torch.arange(500) < 302, 1.0
     target = 100.0 * int(reference.sum()) / 500 - drop
     assert meets(100.0 * 297 / 500, target) and not meets(100.0 * 296 / 500, target)
+
+
+@pytest.mark.parametrize("settings", [MixSettings(0.6, 4.0, 2.0, 0.0), MixSettings(0.75, 4.0, 2.0, 1.0),
+                                      MixSettings(0.9, 2.0, 1.0, 0.5), MixSettings(1.0, 1.0, 1.0, 0.0)])
+def test_margin_rule_is_exactly_the_accurate_parts_worst_case(settings):
+    """The margin rule holds on an example iff the mixture is right for every one-hot accurate part (the extreme points
+    of its probabilities): one-hot on each wrong class in turn, through the mixture's own forward arithmetic."""
+    gen = torch.Generator().manual_seed(3)
+    adv, y = torch.randn(400, 10, generator=gen) * 3, torch.randint(0, 10, (400,), generator=gen)
+    rule = survives_any_accurate(adv, y, settings)
+    right_whatever = torch.ones(400, dtype=torch.bool)
+    for k in range(10):
+        one_hot = torch.full((400, 10), -1e4).index_fill_(1, torch.tensor([k]), 0.0)  # softmax exactly one-hot
+        mixed = mix_log_probs(one_hot, adv, settings).argmax(1) == y
+        right_whatever &= mixed | (y == k)  # the accurate part on y itself only helps
+    # fp32: q and the mixed probabilities carry rounding of a few ulps of 1; examples whose margin is within 1e-5 of
+    # the threshold may go either way and are left out of the comparison
+    q = torch.softmax(transform_logits(adv, settings), 1)
+    gap = settings.weight * (q.gather(1, y[:, None]).squeeze(1) - q.scatter(1, y[:, None], -1.0).amax(1))
+    clear = (gap - (1 - settings.weight)).abs() > 1e-5
+    assert 0 < rule.sum() < 400 and clear.sum() > 390  # both outcomes occur; the comparison covers nearly all
+    assert torch.equal(rule[clear], right_whatever[clear])
+    assert not survives_any_accurate(adv, y, settings.replace(weight=0.0)).any()  # the accurate part alone: never
+
+
+def test_margin_calibration_chooses_the_most_accurate_candidate_the_rule_allows():
+    """Replayed by hand: one attack on the adv route alone, every candidate's prediction from its images, the chosen
+    candidate the first in clean-accuracy order whose prediction meets the target; no mixture attacked."""
+    model = _dual_model()
+    mix = MixedClassifier(model)
+    x = torch.rand(48, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    clean, adv = _routes(model, x)
+    y = torch.where(torch.arange(48) % 2 == 0, clean.argmax(1), adv.argmax(1))  # each route right on half
+    plan = CalibrationPlan(eps=0.05, attack="cw5", weights=(0.3, 0.5, 0.8, 1.0), scales=(1.0, 4.0), max_drop=3.0,
+                           rule="margin")
+    result = calibrate_by_margin(mix, x, y, plan)
+    v = result["validation"]
+    adv_robust, images = attacked(adv_route(mix), x, y, plan)
+    with torch.no_grad(), use_route(model, "adv"):
+        adv_logits = model(images)
+    target = 100.0 * int(adv_robust.sum()) / 48 - 3.0
+    predicted = [(clean_acc, c, 100.0 * int((adv_robust & survives_any_accurate(adv_logits, y, c)).sum()) / 48)
+                 for clean_acc, c in by_clean_accuracy(route_logits(mix, x, 250), y, plan)]
+    first = next(i for i, (_, _, p) in enumerate(predicted) if meets(p, target))
+    clean_acc, chosen, robust_acc = predicted[first]
+    assert first > 0  # more accurate candidates were ruled out: the rule decided something
+    assert result["settings"] == {k: getattr(chosen, k) for k in ("weight", "scale", "power", "offset")}
+    assert v["mixture"] == {"clean": clean_acc, "robust": robust_acc} and v["target_robust"] == target
+    assert v["rule"] == "margin" and v["attacked"] == 0 and v["adv_route"]["robust"] == target + 3.0
+
+
+def test_margin_calibration_from_the_command_line_and_its_report(run):
+    result = invoke_in(run, ["mix", "run", "--calibration", "margin", "--attack", "cw2", "--max-drop", "100",
+                             "-o", "mix-margin.pt", "--json", "mix-margin.json"])
+    assert result.exit_code == 0, result.output
+    assert "(predicted)" in result.output
+    report = json.loads((run / "mix-margin.json").read_text())
+    assert report["validation"]["rule"] == "margin" and report["validation"]["attack"] == "cw2"
+    page = mixture_section("m", ReportRun(run / "mix-margin.pt", "mix-margin.pt", {}, [], None, None,
+                                          mixture=read_checkpoint(run / "mix-margin.pt")["calibration"]))
+    assert "margin rule" in page and "on the mixture itself" not in page
+    assert_refused(run, ["mix", "run", "--calibration", "guess", "-o", "m2.pt"], "--calibration")

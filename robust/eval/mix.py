@@ -10,6 +10,12 @@ candidates tried before it, with fp32 verdicts (:func:`robust.eval.accuracy.corr
 that weakens the attack's gradients cannot make a mixture look more robust than its robust part. Clean accuracy
 needs no attack: each route's validation logits are computed once and every candidate's clean accuracy comes from
 them.
+
+A second rule, MixedNUTS's (Bai et al. 2024), predicts instead of attacking the mixture (:func:`calibrate_by_margin`):
+the robust route alone is attacked once with a minimum-margin attack, and a candidate counts as robust where the
+robust route's margin on those images keeps the mixture right whatever the accurate part says
+(:func:`survives_any_accurate`). It costs one attack in all; whether its choice keeps the bound under an attack on the
+mixture is for ``robust eval`` to measure.
 """
 
 from __future__ import annotations
@@ -27,13 +33,19 @@ from robust.data.loader import split_indices, to_float
 from robust.data.types import ImageData
 from robust.errors import ConfigError
 from robust.eval.accuracy import correct_under_attack
-from robust.nn.mixed import MixedClassifier, MixSettings, mix_log_probs
+from robust.nn.mixed import MixedClassifier, MixSettings, mix_log_probs, transform_logits
 from robust.nn.norms import bn_mode
 
 MAX_DROP_RANGE = (0.0, 100.0)
 ROBUST_RULE = ("survives the attack on the mixture, the adv route's own adversarial images (transfer) and every "
                "adversarial image the calibration found for the candidates tried before; the adv route's reference "
                "(robust_found) counts the same images")
+
+MARGIN_RULE = ("predicted from the adv route alone: robust where the adv route survives the attack on itself and its "
+               "transformed softmax q on that image keeps w (q_y - max_{j != y} q_j) > 1 - w, right whatever the accurate "
+               "part predicts (MixedNUTS's rule); no attack on the mixture")
+RULES = ("attack", "margin")  # the calibration's robust-accuracy rule: the attack on each mixture, or the margin prediction
+DEFAULT_ATTACK = {"attack": "pgd20", "margin": "cw20"}  # the margin rule wants the adv route's minimum-margin images
 
 
 def check_max_drop(value: object) -> float:
@@ -58,10 +70,13 @@ class CalibrationPlan:
     offsets: tuple[float, ...] = (0.0, 1.0)
     batch_size: int = 250
     seed: int = 0
+    rule: str = "attack"  # RULES: "attack" (calibrate) or "margin" (calibrate_by_margin)
     touched: list = field(default_factory=list, compare=False)  # the training-set indices read (the tests check them)
 
     def __post_init__(self) -> None:
         check_max_drop(self.max_drop)
+        if self.rule not in RULES:
+            raise ConfigError(f"the calibration rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         for name, values in (("scale", self.scales), ("power", self.powers), ("offset", self.offsets),
                              ("weight", self.weights)):
             for v in values:
@@ -270,11 +285,60 @@ def calibrate(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: Cali
     log(f"  {len(tried)} of {len(ranked)} candidates attacked, {screened} ruled out by images already found")
     reference["adv_route"]["robust_found"] = adv_route_robust()
     return {"settings": {k: chosen[k] for k in ("weight", "scale", "power", "offset")},
-            "validation": {"n": len(y), "attack": plan.attack, "eps": plan.eps, "threat": plan.threat,
+            "validation": {"n": len(y), "attack": plan.attack, "eps": plan.eps, "threat": plan.threat, "rule": "attack",
                            "robust_rule": ROBUST_RULE, "candidates": len(ranked), "attacked": len(tried),
                            "screened": screened,
                            "max_drop": plan.max_drop, "target_robust": chosen["target"], **reference,
                            "mixture": {"clean": chosen["clean"], "robust": chosen["robust"]}, "tried": tried}}
+
+
+def survives_any_accurate(adv_logits: torch.Tensor, y: torch.Tensor, settings: MixSettings) -> torch.Tensor:
+    """Per example: the mixture ``settings`` classifies right whatever probabilities its accurate part gives, from the
+    robust route's logits alone: ``w (q_y - max_{j != y} q_j) > 1 - w``, ``q`` the softmax of the transformed logits
+    (the accurate part's worst case puts all its mass on the robust part's strongest wrong class). Weight 0: never."""
+    q = torch.softmax(transform_logits(adv_logits.float(), settings), dim=1)
+    right = q.gather(1, y[:, None]).squeeze(1)
+    strongest_wrong = q.scatter(1, y[:, None], float("-inf")).amax(1)
+    return settings.weight * (right - strongest_wrong) > 1 - settings.weight
+
+
+def calibrate_by_margin(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan,
+                        log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """MixedNUTS's calibration: ``plan.attack`` (a minimum-margin attack such as cw20) on the robust route alone, once;
+    a candidate is robust on an example where the adv route survives it and :func:`survives_any_accurate` holds on the
+    attacked image. The most clean-accurate candidate whose predicted robust accuracy is within ``max_drop`` of the adv
+    route's wins (among equals, the larger weight, then the grid's order). The same record as :func:`calibrate`, the
+    mixture's robust figure a prediction (``rule`` "margin"): no mixture is attacked."""
+    logits = route_logits(mix, x, plan.batch_size)
+    adv_robust, images = attacked(adv_route(mix), x, y, plan)
+    adv_logits = route_logits(mix, images, plan.batch_size)[1]
+    target = _percent(adv_robust) - plan.max_drop
+    reference = {"clean_route": {"clean": _accuracy(logits[0], y), "robust": robust_accuracy(clean_route(mix), x, y, plan)},
+                 "adv_route": {"clean": _accuracy(logits[1], y), "robust": _percent(adv_robust),
+                               "robust_found": _percent(adv_robust)}}
+    log(f"validation: adv route {reference['adv_route']['clean']:.1f}% clean {reference['adv_route']['robust']:.1f}% "
+        f"robust under {plan.attack}; target predicted robust >= {target:.1f}% (margin rule)")
+    ranked = by_clean_accuracy(logits, y, plan)
+    chosen = None
+    for clean, candidate in ranked:
+        predicted = _percent(adv_robust & survives_any_accurate(adv_logits, y, candidate))
+        if meets(predicted, target):
+            chosen = {**candidate.to_dict(), "clean": clean, "robust": predicted, "target": target}
+            break
+    if chosen is None:
+        raise ConfigError(f"no mixture keeps predicted robust accuracy within {plan.max_drop:g} points of the adv "
+                          "route's on the validation images; raise --max-drop")
+    return {"settings": {k: chosen[k] for k in ("weight", "scale", "power", "offset")},
+            "validation": {"n": len(y), "attack": plan.attack, "eps": plan.eps, "threat": plan.threat, "rule": "margin",
+                           "robust_rule": MARGIN_RULE, "candidates": len(ranked), "attacked": 0, "screened": 0,
+                           "max_drop": plan.max_drop, "target_robust": target, **reference,
+                           "mixture": {"clean": chosen["clean"], "robust": chosen["robust"]}, "tried": [chosen]}}
+
+
+def calibrate_by_rule(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, plan: CalibrationPlan,
+                      log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The calibration ``plan.rule`` names: :func:`calibrate` (attack) or :func:`calibrate_by_margin` (margin)."""
+    return (calibrate_by_margin if plan.rule == "margin" else calibrate)(mix, x, y, plan, log)
 
 
 def sweep(mix: MixedClassifier, x: torch.Tensor, y: torch.Tensor, transform: MixSettings,
